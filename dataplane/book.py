@@ -1,0 +1,838 @@
+"""Full-depth (L3) price-time order books for every stock locate, in preallocated arrays.
+
+Structure (all numpy arrays; the jitted functions take them as arguments):
+
+- ``orders`` (``ORDER``): one row per live order: reference, locate, side, price, remaining
+  shares, its level, and ``prev``/``next`` links of the level's FIFO queue. Free rows are
+  chained through ``next``; rows past the high-water mark were never used.
+- ``htab`` (``HASH``): order reference -> order row, open addressing with linear probing and
+  backward-shift deletion (no tombstones), kept at most half full.
+- ``levels`` (``LEVEL``): one row per non-empty price level: price, aggregate shares, order
+  count, FIFO head and tail.
+- ``ladder`` (``RUNG``) + ``sides`` (``SIDE``): per (locate, side) a sorted run of
+  (key, level) in ``ladder[start:start+count]``, keys ascending with the best price last
+  (bid key = price, ask key = -price), so adds and removals near the top move few entries.
+  ``sides`` also caches the best level's price and shares (the BBO) and the live order count.
+- ``stocks`` (``STOCK``): the symbol from the stock directory and the trading state.
+- ``meta``: free-list heads, high-water marks, the hash shift and count.
+- ``counters``: the decoder's counters (``dataplane.itch``) plus the book's anomalies.
+
+Book semantics follow the ITCH 5.0 spec: ``A``/``F`` add at the back of the level's queue;
+``E``/``C``/``X`` reduce the resting order (it leaves at zero); ``D`` removes it; ``U``
+removes the original and adds the new reference with the original's stock and side at the
+back of its level; everything else leaves the visible book alone. The stock, side and
+price of ``E C X D U`` always come from the resting order, never from the message header.
+
+Anomalies never corrupt a book; each has one defined, counted outcome:
+
+===================  ================================================================
+``B_DUP_ADD``        ``A``/``F``/``U`` whose new reference is already live: not added
+                     (for ``U`` the original is still removed).
+``B_UNKNOWN_REF``    ``E C X D U`` on a reference that is not live: ignored.
+``B_OVER_EXEC``      ``E``/``C`` for more shares than rest: the order is removed.
+``B_OVER_CANCEL``    ``X`` for more shares than rest: the order is removed.
+``B_ZERO_SHARES``    an add/replace with 0 shares is not added; an ``E C X`` of 0 shares
+                     is ignored.
+``B_BAD_SIDE``       ``A``/``F`` with a side other than ``B``/``S``: ignored.
+===================  ================================================================
+
+Capacity: ``apply_stream`` checks, before it changes anything for a message, that the
+message fits; if not it stops and returns a ``NEED_*`` status with the message's offset,
+and the caller (``Book``) grows the array off the hot path and resumes at that offset. A
+growth beyond the configured maximum raises ``CapacityError``: never silent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from numba import njit
+
+from dataplane import itch
+from dataplane.itch import (
+    HEADER_LEN,
+    T_A,
+    T_C,
+    T_D,
+    T_E,
+    T_F,
+    T_H,
+    T_R,
+    T_U,
+    T_X,
+    TRUNCATED,
+    count_frame,
+    frame,
+    rd_u32,
+    rd_u64,
+)
+
+N_LOCATES = 65536
+BID = 0
+ASK = 1
+NIL = -1
+
+ORDER = np.dtype(
+    [("ref", np.uint64), ("price", np.uint32), ("shares", np.uint32), ("locate", np.uint16),
+     ("side", np.uint8), ("live", np.uint8), ("level", np.int32), ("prev", np.int32),
+     ("next", np.int32)],
+    align=True,
+)  # fmt: skip
+LEVEL = np.dtype(
+    [("price", np.uint32), ("count", np.int32), ("shares", np.int64), ("head", np.int32),
+     ("tail", np.int32)],
+    align=True,
+)  # fmt: skip
+SIDE = np.dtype(
+    [("start", np.int64), ("count", np.int32), ("cap", np.int32), ("best_px", np.int64),
+     ("best_qty", np.int64), ("orders", np.int64)],
+    align=True,
+)  # fmt: skip
+RUNG = np.dtype([("key", np.int64), ("level", np.int64)], align=True)
+HASH = np.dtype([("key", np.uint64), ("slot", np.int64)], align=True)
+STOCK = np.dtype([("symbol", np.uint64), ("named", np.uint8), ("state", np.uint8)], align=True)
+
+# meta indices
+M_ORDER_FREE = 0
+M_ORDER_HWM = 1
+M_LEVEL_FREE = 2
+M_LEVEL_HWM = 3
+M_LADDER_BUMP = 4
+M_HASH_COUNT = 5
+M_HASH_SHIFT = 6
+META_LEN = 8
+
+# book counters, after the decoder's in the shared counters array
+B_DUP_ADD = itch.N_DECODER_COUNTERS + 0
+B_UNKNOWN_REF = itch.N_DECODER_COUNTERS + 1
+B_OVER_EXEC = itch.N_DECODER_COUNTERS + 2
+B_OVER_CANCEL = itch.N_DECODER_COUNTERS + 3
+B_ZERO_SHARES = itch.N_DECODER_COUNTERS + 4
+B_BAD_SIDE = itch.N_DECODER_COUNTERS + 5
+B_GROWTHS = itch.N_DECODER_COUNTERS + 6
+ANOMALIES = {
+    "dup_add": B_DUP_ADD, "unknown_ref": B_UNKNOWN_REF, "over_exec": B_OVER_EXEC,
+    "over_cancel": B_OVER_CANCEL, "zero_shares": B_ZERO_SHARES, "bad_side": B_BAD_SIDE,
+}  # fmt: skip
+
+# apply_stream statuses (itch.OK and itch.TRUNCATED keep their meaning)
+NEED_ORDERS = 10
+NEED_LEVELS = 11
+NEED_LADDER = 12
+NEED_HASH = 13
+
+LADDER_MIN_CAP = 8
+LINEAR_STEPS = 8  # ladder search walks this far from the top before bisecting
+HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
+
+
+# --- order-reference hash ---------------------------------------------------------------
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _home(key, shift):
+    return np.int64((key * HASH_MULT) >> np.uint64(shift))
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def ht_find(htab, shift, key):
+    """Return ``(order row or NIL, table index of the entry or of the empty probe end)``."""
+    mask = htab.shape[0] - 1
+    i = _home(key, shift)
+    while True:
+        e = htab[i]
+        if e.slot < 0:
+            return NIL, i
+        if e.key == key:
+            return e.slot, i
+        i = (i + 1) & mask
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def ht_remove_at(htab, shift, i):
+    """Delete entry ``i`` and shift later members of its cluster back (no tombstones)."""
+    mask = htab.shape[0] - 1
+    j = i
+    while True:
+        j = (j + 1) & mask
+        if htab[j].slot < 0:
+            break
+        k = _home(htab[j].key, shift)
+        if i <= j:
+            stays = i < k and k <= j
+        else:
+            stays = i < k or k <= j
+        if not stays:
+            htab[i].key = htab[j].key
+            htab[i].slot = htab[j].slot
+            i = j
+    htab[i].slot = NIL
+
+
+@njit(cache=True, nogil=True)
+def ht_rehash(old, new, shift):
+    """Move every entry of ``old`` into the empty table ``new`` (growth, off the hot path)."""
+    mask = new.shape[0] - 1
+    for j in range(old.shape[0]):
+        if old[j].slot >= 0:
+            i = _home(old[j].key, shift)
+            while new[i].slot >= 0:
+                i = (i + 1) & mask
+            new[i].key = old[j].key
+            new[i].slot = old[j].slot
+
+
+# --- ladder -----------------------------------------------------------------------------
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _lower_bound(ladder, start, count, key):
+    """First index in ``ladder[start:start+count]`` whose key is >= ``key``.
+
+    Walks down from the top first (most activity is near the best price), then bisects.
+    """
+    i = count
+    steps = 0
+    while i > 0 and steps < LINEAR_STEPS:
+        if ladder[start + i - 1].key < key:
+            return i
+        i -= 1
+        steps += 1
+    lo = 0
+    hi = i
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if ladder[start + mid].key < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _side_key(side, price):
+    return np.int64(price) if side == BID else -np.int64(price)
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _refresh_bbo(sides, ladder, levels, sd):
+    s = sides[sd]
+    if s.count > 0:
+        lv = ladder[s.start + s.count - 1].level
+        s.best_px = levels[lv].price
+        s.best_qty = levels[lv].shares
+    else:
+        s.best_px = 0
+        s.best_qty = 0
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _fits_add(sides, ladder, orders, levels, htab, meta, sd):
+    """0 when an add to side ``sd`` fits the arrays as they are, else the NEED_* status."""
+    if meta[M_ORDER_FREE] == NIL and meta[M_ORDER_HWM] >= orders.shape[0]:
+        return NEED_ORDERS
+    if meta[M_LEVEL_FREE] == NIL and meta[M_LEVEL_HWM] >= levels.shape[0]:
+        return NEED_LEVELS
+    s = sides[sd]
+    if s.count == s.cap:
+        newcap = max(LADDER_MIN_CAP, 2 * s.cap)
+        if meta[M_LADDER_BUMP] + newcap > ladder.shape[0]:
+            return NEED_LADDER
+    if 2 * (meta[M_HASH_COUNT] + 1) > htab.shape[0]:
+        return NEED_HASH
+    return 0
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _add(orders, levels, sides, ladder, htab, meta, counters, ref, locate, side, price, shares):
+    """Add a visible order (capacity already checked by ``_fits_add``)."""
+    shift = meta[M_HASH_SHIFT]
+    found, hi = ht_find(htab, shift, ref)
+    if found != NIL:
+        counters[B_DUP_ADD] += 1
+        return
+    sd = locate * 2 + side
+    s = sides[sd]
+    key = _side_key(side, price)
+    j = _lower_bound(ladder, s.start, s.count, key)
+    if j < s.count and ladder[s.start + j].key == key:
+        lv = ladder[s.start + j].level
+    else:
+        if s.count == s.cap:  # relocate this side's run to a bigger segment at the bump
+            newcap = max(LADDER_MIN_CAP, 2 * s.cap)
+            dst = meta[M_LADDER_BUMP]
+            for k in range(s.count):
+                ladder[dst + k] = ladder[s.start + k]
+            s.start = dst
+            s.cap = newcap
+            meta[M_LADDER_BUMP] = dst + newcap
+        lv = meta[M_LEVEL_FREE]
+        if lv != NIL:
+            meta[M_LEVEL_FREE] = levels[lv].head
+        else:
+            lv = meta[M_LEVEL_HWM]
+            meta[M_LEVEL_HWM] = lv + 1
+        levels[lv].price = price
+        levels[lv].count = 0
+        levels[lv].shares = 0
+        levels[lv].head = NIL
+        levels[lv].tail = NIL
+        base = s.start
+        k = s.count
+        while k > j:
+            ladder[base + k] = ladder[base + k - 1]
+            k -= 1
+        ladder[base + j].key = key
+        ladder[base + j].level = lv
+        s.count += 1
+    o = meta[M_ORDER_FREE]
+    if o != NIL:
+        meta[M_ORDER_FREE] = orders[o].next
+    else:
+        o = meta[M_ORDER_HWM]
+        meta[M_ORDER_HWM] = o + 1
+    od = orders[o]
+    od.ref = ref
+    od.price = price
+    od.shares = shares
+    od.locate = locate
+    od.side = side
+    od.live = 1
+    od.level = lv
+    od.next = NIL
+    tail = levels[lv].tail
+    od.prev = tail
+    if tail != NIL:
+        orders[tail].next = o
+    else:
+        levels[lv].head = o
+    levels[lv].tail = o
+    levels[lv].count += 1
+    levels[lv].shares += shares
+    htab[hi].key = ref
+    htab[hi].slot = o
+    meta[M_HASH_COUNT] += 1
+    s.orders += 1
+    _refresh_bbo(sides, ladder, levels, sd)
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
+    """Remove live order row ``o`` whose hash entry is ``hi``; drop its level if emptied."""
+    od = orders[o]
+    lv = od.level
+    p = od.prev
+    n = od.next
+    if p != NIL:
+        orders[p].next = n
+    else:
+        levels[lv].head = n
+    if n != NIL:
+        orders[n].prev = p
+    else:
+        levels[lv].tail = p
+    levels[lv].count -= 1
+    levels[lv].shares -= od.shares
+    sd = np.int64(od.locate) * 2 + od.side
+    s = sides[sd]
+    s.orders -= 1
+    if levels[lv].count == 0:
+        key = _side_key(od.side, od.price)
+        j = _lower_bound(ladder, s.start, s.count, key)
+        base = s.start
+        for k in range(j, s.count - 1):
+            ladder[base + k] = ladder[base + k + 1]
+        s.count -= 1
+        levels[lv].head = meta[M_LEVEL_FREE]
+        meta[M_LEVEL_FREE] = lv
+    ht_remove_at(htab, meta[M_HASH_SHIFT], hi)
+    meta[M_HASH_COUNT] -= 1
+    od.live = 0
+    od.next = meta[M_ORDER_FREE]
+    meta[M_ORDER_FREE] = o
+    _refresh_bbo(sides, ladder, levels, sd)
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _reduce(orders, levels, sides, ladder, htab, meta, counters, ref, n, over_counter):
+    """Execute or cancel ``n`` shares of ``ref`` (E, C, X)."""
+    o, hi = ht_find(htab, meta[M_HASH_SHIFT], ref)
+    if o == NIL:
+        counters[B_UNKNOWN_REF] += 1
+        return
+    if n == 0:
+        counters[B_ZERO_SHARES] += 1
+        return
+    rest = np.int64(orders[o].shares)
+    if n >= rest:
+        if n > rest:
+            counters[over_counter] += 1
+        _remove(orders, levels, sides, ladder, htab, meta, o, hi)
+        return
+    orders[o].shares = rest - n
+    lv = orders[o].level
+    levels[lv].shares -= n
+    _refresh_bbo(sides, ladder, levels, np.int64(orders[o].locate) * 2 + orders[o].side)
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, counters):
+    """Apply one validated message at ``b[p]`` of type ``t``. Returns 0 or a NEED_* status
+    (then nothing was changed)."""
+    q = p + HEADER_LEN
+    if t == T_A or t == T_F:
+        sb = b[q + 8]
+        if sb == 66:  # 'B'
+            side = BID
+        elif sb == 83:  # 'S'
+            side = ASK
+        else:
+            counters[B_BAD_SIDE] += 1
+            return 0
+        shares = rd_u32(b, q + 9)
+        if shares == 0:
+            counters[B_ZERO_SHARES] += 1
+            return 0
+        locate = (np.int64(b[p + 1]) << 8) | np.int64(b[p + 2])
+        need = _fits_add(sides, ladder, orders, levels, htab, meta, locate * 2 + side)
+        if need != 0:
+            return need
+        _add(orders, levels, sides, ladder, htab, meta, counters,
+             rd_u64(b, q), locate, side, rd_u32(b, q + 21), shares)  # fmt: skip
+    elif t == T_D:
+        o, hi = ht_find(htab, meta[M_HASH_SHIFT], rd_u64(b, q))
+        if o == NIL:
+            counters[B_UNKNOWN_REF] += 1
+        else:
+            _remove(orders, levels, sides, ladder, htab, meta, o, hi)
+    elif t == T_E or t == T_C:
+        _reduce(orders, levels, sides, ladder, htab, meta, counters,
+                rd_u64(b, q), rd_u32(b, q + 8), B_OVER_EXEC)  # fmt: skip
+    elif t == T_X:
+        _reduce(orders, levels, sides, ladder, htab, meta, counters,
+                rd_u64(b, q), rd_u32(b, q + 8), B_OVER_CANCEL)  # fmt: skip
+    elif t == T_U:
+        o, hi = ht_find(htab, meta[M_HASH_SHIFT], rd_u64(b, q))
+        if o == NIL:
+            counters[B_UNKNOWN_REF] += 1
+            return 0
+        locate = np.int64(orders[o].locate)
+        side = np.int64(orders[o].side)
+        need = _fits_add(sides, ladder, orders, levels, htab, meta, locate * 2 + side)
+        if need != 0:
+            return need
+        _remove(orders, levels, sides, ladder, htab, meta, o, hi)
+        shares = rd_u32(b, q + 16)
+        if shares == 0:
+            counters[B_ZERO_SHARES] += 1
+            return 0
+        _add(orders, levels, sides, ladder, htab, meta, counters,
+             rd_u64(b, q + 8), locate, side, rd_u32(b, q + 20), shares)  # fmt: skip
+    elif t == T_R:
+        locate = (np.int64(b[p + 1]) << 8) | np.int64(b[p + 2])
+        stocks[locate].symbol = rd_u64(b, q)
+        stocks[locate].named = 1
+    elif t == T_H:
+        locate = (np.int64(b[p + 1]) << 8) | np.int64(b[p + 2])
+        stocks[locate].state = b[q + 8]
+    return 0
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, stocks, meta, counters):
+    """Decode and apply every message of ``b[pos:end]`` (2-byte length framing).
+
+    Returns ``(status, pos)``: ``itch.OK`` with ``pos == end``; ``itch.TRUNCATED`` with
+    ``pos`` at the length prefix of a message running past ``end``; or a ``NEED_*`` status
+    with ``pos`` at the message that did not fit (not applied, not counted).
+    """
+    while pos < end:
+        status, length = frame(b, pos, end)
+        if status == TRUNCATED:
+            return TRUNCATED, pos
+        p = pos + 2
+        t = b[p] if length > 0 else 0
+        if status == itch.OK:
+            need = apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta,
+                                 counters)  # fmt: skip
+            if need != 0:
+                return need, pos
+        count_frame(counters, status, t)
+        pos = p + length
+    return itch.OK, pos
+
+
+# --- growth (off the hot path) ----------------------------------------------------------
+@njit(cache=True, nogil=True)
+def _compact_ladder(sides, old, new):
+    """Repack every side's run into ``new`` with room to grow; returns the new bump."""
+    dst = 0
+    for sd in range(sides.shape[0]):
+        s = sides[sd]
+        if s.count == 0:
+            s.start = 0
+            s.cap = 0
+            continue
+        cap = LADDER_MIN_CAP
+        while cap < 2 * s.count:
+            cap *= 2
+        for k in range(s.count):
+            new[dst + k] = old[s.start + k]
+        s.start = dst
+        s.cap = cap
+        dst += cap
+    return dst
+
+
+@njit(cache=True, nogil=True)
+def _ladder_needed(sides):
+    total = 0
+    for sd in range(sides.shape[0]):
+        c = sides[sd].count
+        if c > 0:
+            cap = LADDER_MIN_CAP
+            while cap < 2 * c:
+                cap *= 2
+            total += cap
+    return total
+
+
+# --- queries and export (off the hot path) -----------------------------------------------
+@njit(cache=True, nogil=True)
+def depth(sides, ladder, levels, locate, side, out):
+    """Top levels of one side, best first, into ``out[:, 0:3]`` = (price, shares, orders).
+
+    Returns how many rows were written (at most ``out.shape[0]``)."""
+    s = sides[locate * 2 + side]
+    n = min(s.count, out.shape[0])
+    for k in range(n):
+        lv = ladder[s.start + s.count - 1 - k].level
+        out[k, 0] = levels[lv].price
+        out[k, 1] = levels[lv].shares
+        out[k, 2] = levels[lv].count
+    return n
+
+
+@njit(cache=True, nogil=True)
+def count_levels(sides):
+    total = 0
+    for sd in range(sides.shape[0]):
+        total += sides[sd].count
+    return total
+
+
+@njit(cache=True, nogil=True)
+def export_levels(sides, ladder, levels, out):
+    """Every non-empty level as rows (locate, side, price, shares, orders) in digest order:
+    locate, then bid before ask, then price ascending."""
+    r = 0
+    for sd in range(sides.shape[0]):
+        s = sides[sd]
+        for k in range(s.count):
+            idx = k if sd % 2 == BID else s.count - 1 - k
+            lv = ladder[s.start + idx].level
+            out[r, 0] = sd // 2
+            out[r, 1] = sd % 2
+            out[r, 2] = levels[lv].price
+            out[r, 3] = levels[lv].shares
+            out[r, 4] = levels[lv].count
+            r += 1
+    return r
+
+
+@njit(cache=True, nogil=True)
+def _put_int(buf, w, v):
+    if v == 0:
+        buf[w] = 48
+        return w + 1
+    n = 0
+    x = v
+    while x > 0:
+        n += 1
+        x //= 10
+    x = v
+    for k in range(n - 1, -1, -1):
+        buf[w + k] = 48 + x % 10
+        x //= 10
+    return w + n
+
+
+@njit(cache=True, nogil=True)
+def digest_text(rows, buf):
+    """Write the digest text (``locate,side,price,shares\\n`` per level) into ``buf``."""
+    w = 0
+    for r in range(rows.shape[0]):
+        w = _put_int(buf, w, rows[r, 0])
+        buf[w] = 44
+        buf[w + 1] = 66 if rows[r, 1] == BID else 83
+        buf[w + 2] = 44
+        w = _put_int(buf, w + 3, rows[r, 2])
+        buf[w] = 44
+        w = _put_int(buf, w + 1, rows[r, 3])
+        buf[w] = 10
+        w += 1
+    return w
+
+
+# --- invariant checker (tests, diagnostics) ----------------------------------------------
+CHECK_MESSAGES = {
+    1: "ladder keys not strictly ascending",
+    2: "level price disagrees with its ladder key",
+    3: "empty level left on the ladder",
+    4: "FIFO link broken (prev/next disagree)",
+    5: "order on a level belongs elsewhere (level/locate/side/price)",
+    6: "non-positive live quantity",
+    7: "level order count differs from its queue",
+    8: "level aggregate differs from the sum of its orders",
+    9: "FIFO tail differs from the last order",
+    10: "cached BBO differs from the best level",
+    11: "side live-order count differs from its levels",
+    12: "crossed or locked book",
+    13: "order index entry points at a wrong or dead order",
+    14: "order index count differs from the live orders",
+    15: "live order not reachable through the order index",
+}
+
+
+@njit(cache=True, nogil=True)
+def check_invariants(orders, levels, sides, ladder, htab, meta, allow_crossed):
+    """First broken invariant as ``(code, locate, side, detail)``; code 0 when all hold."""
+    live = 0
+    for sd in range(sides.shape[0]):
+        s = sides[sd]
+        side = sd % 2
+        locate = sd // 2
+        in_side = 0
+        for k in range(s.count):
+            rung = ladder[s.start + k]
+            if k > 0 and ladder[s.start + k - 1].key >= rung.key:
+                return 1, locate, side, k
+            lv = rung.level
+            if _side_key(side, levels[lv].price) != rung.key:
+                return 2, locate, side, levels[lv].price
+            if levels[lv].count <= 0:
+                return 3, locate, side, levels[lv].price
+            o = levels[lv].head
+            prev = NIL
+            n = 0
+            total = 0
+            while o != NIL and n <= levels[lv].count:
+                od = orders[o]
+                if od.prev != prev:
+                    return 4, locate, side, o
+                if (od.live != 1 or od.level != lv or od.locate != locate or od.side != side
+                        or od.price != levels[lv].price):  # fmt: skip
+                    return 5, locate, side, o
+                if od.shares <= 0:
+                    return 6, locate, side, o
+                total += od.shares
+                n += 1
+                prev = o
+                o = od.next
+            if n != levels[lv].count or o != NIL:
+                return 7, locate, side, levels[lv].price
+            if total != levels[lv].shares or total <= 0:
+                return 8, locate, side, levels[lv].price
+            if levels[lv].tail != prev:
+                return 9, locate, side, levels[lv].price
+            in_side += n
+        if s.count > 0:
+            top = ladder[s.start + s.count - 1].level
+            if s.best_px != levels[top].price or s.best_qty != levels[top].shares:
+                return 10, locate, side, s.best_px
+        elif s.best_px != 0 or s.best_qty != 0:
+            return 10, locate, side, s.best_px
+        if in_side != s.orders:
+            return 11, locate, side, in_side
+        live += in_side
+        if side == ASK and not allow_crossed:
+            b = sides[sd - 1]
+            if b.count > 0 and s.count > 0 and b.best_px >= s.best_px:
+                return 12, locate, side, b.best_px
+    indexed = 0
+    shift = meta[M_HASH_SHIFT]
+    for i in range(htab.shape[0]):
+        e = htab[i]
+        if e.slot >= 0:
+            indexed += 1
+            if orders[e.slot].live != 1 or orders[e.slot].ref != e.key:
+                return 13, -1, -1, e.slot
+            found, _ = ht_find(htab, shift, e.key)
+            if found != e.slot:
+                return 15, -1, -1, e.slot
+    if indexed != live or indexed != meta[M_HASH_COUNT]:
+        return 14, -1, -1, indexed
+    return 0, -1, -1, 0
+
+
+# --- the Python face ----------------------------------------------------------------------
+class CapacityError(MemoryError):
+    """A book structure would have to grow past its configured maximum."""
+
+
+def _symbol(packed: int) -> str:
+    return int(packed).to_bytes(8, "big").decode("ascii", "replace").rstrip(" \x00")
+
+
+class Book:
+    """All books of one feed: arrays plus the growth policy around ``apply_stream``.
+
+    Initial sizes are hints; each structure doubles when a message needs more room (off
+    the hot path, counted in ``B_GROWTHS``) up to ``max_orders``-derived limits, past which
+    ``CapacityError`` is raised.
+    """
+
+    def __init__(self, orders: int = 1 << 16, levels: int = 1 << 14, ladder: int = 1 << 16,
+                 max_orders: int = 1 << 28, counters: np.ndarray | None = None):  # fmt: skip
+        self.max_orders = max_orders
+        self.orders = np.zeros(orders, ORDER)
+        self.levels = np.zeros(levels, LEVEL)
+        self.sides = np.zeros(2 * N_LOCATES, SIDE)
+        self.ladder = np.zeros(ladder, RUNG)
+        bits = max(4, int(2 * orders - 1).bit_length())
+        self.htab = np.zeros(1 << bits, HASH)
+        self.htab["slot"] = NIL
+        self.stocks = np.zeros(N_LOCATES, STOCK)
+        self.meta = np.zeros(META_LEN, np.int64)
+        self.meta[M_ORDER_FREE] = NIL
+        self.meta[M_LEVEL_FREE] = NIL
+        self.meta[M_HASH_SHIFT] = 64 - bits
+        self.counters = itch.new_counters() if counters is None else counters
+
+    # -- feeding --
+    def _state(self):
+        return (self.orders, self.levels, self.sides, self.ladder, self.htab, self.stocks,
+                self.meta, self.counters)  # fmt: skip
+
+    def feed(self, buf: np.ndarray, start: int = 0, end: int | None = None,
+             partial_ok: bool = False) -> int:  # fmt: skip
+        """Apply every message of ``buf[start:end]``; returns the offset where it stopped.
+
+        A message running past ``end`` raises ``itch.TruncatedInput`` unless
+        ``partial_ok`` (then its offset is returned, for the caller to resume with more
+        bytes)."""
+        end = len(buf) if end is None else end
+        pos = start
+        while True:
+            status, pos = apply_stream(buf, pos, end, *self._state())
+            if status == itch.OK:
+                return pos
+            if status == TRUNCATED:
+                if partial_ok:
+                    return pos
+                raise itch.TruncatedInput(pos)
+            self._grow(status)
+
+    def _grow(self, need: int) -> None:
+        self.counters[B_GROWTHS] += 1
+        if need == NEED_ORDERS:
+            self.orders = self._doubled(self.orders, self.max_orders, "orders")
+        elif need == NEED_LEVELS:
+            self.levels = self._doubled(self.levels, self.max_orders, "price levels")
+        elif need == NEED_LADDER:
+            size = max(2 * len(self.ladder), 2 * _ladder_needed(self.sides) + LADDER_MIN_CAP)
+            if size > 4 * self.max_orders:
+                raise CapacityError(f"price ladder would exceed {4 * self.max_orders} entries")
+            new = np.zeros(size, RUNG)
+            self.meta[M_LADDER_BUMP] = _compact_ladder(self.sides, self.ladder, new)
+            self.ladder = new
+        elif need == NEED_HASH:
+            size = 2 * len(self.htab)
+            if size > 4 * self.max_orders:
+                raise CapacityError(f"order index would exceed {4 * self.max_orders} entries")
+            new = np.zeros(size, HASH)
+            new["slot"] = NIL
+            shift = 64 - (size.bit_length() - 1)
+            ht_rehash(self.htab, new, shift)
+            self.htab = new
+            self.meta[M_HASH_SHIFT] = shift
+        else:  # pragma: no cover - a status apply_stream never returns
+            raise AssertionError(f"unknown book status {need}")
+
+    @staticmethod
+    def _doubled(arr: np.ndarray, limit: int, what: str) -> np.ndarray:
+        if 2 * len(arr) > limit:
+            raise CapacityError(f"{what} would exceed the configured maximum of {limit}")
+        new = np.zeros(2 * len(arr), arr.dtype)
+        new[: len(arr)] = arr
+        return new
+
+    # -- queries --
+    @property
+    def live_orders(self) -> int:
+        return int(self.meta[M_HASH_COUNT])
+
+    def bbo(self, locate: int) -> tuple[int, int, int, int]:
+        b = self.sides[2 * locate]
+        a = self.sides[2 * locate + 1]
+        return int(b["best_px"]), int(b["best_qty"]), int(a["best_px"]), int(a["best_qty"])
+
+    def depth(self, locate: int, side: int, n: int = 5) -> list[tuple[int, int, int]]:
+        out = np.zeros((n, 3), np.int64)
+        k = depth(self.sides, self.ladder, self.levels, locate, side, out)
+        return [tuple(int(x) for x in out[i]) for i in range(k)]
+
+    def order(self, ref: int) -> dict | None:
+        o, _ = ht_find(self.htab, self.meta[M_HASH_SHIFT], np.uint64(ref))
+        if o == NIL:
+            return None
+        od = self.orders[o]
+        return {"ref": int(od["ref"]), "locate": int(od["locate"]),
+                "side": "BS"[int(od["side"])], "price": int(od["price"]),
+                "shares": int(od["shares"])}  # fmt: skip
+
+    def queue(self, locate: int, side: int, price: int) -> list[int]:
+        """References resting at one level, in time priority (oldest first)."""
+        s = self.sides[2 * locate + side]
+        start, count = int(s["start"]), int(s["count"])
+        keys = self.ladder["key"][start : start + count]
+        key = _key(side, price)
+        j = int(np.searchsorted(keys, key))
+        if j == count or keys[j] != key:
+            return []
+        refs, o = [], int(self.levels[int(self.ladder["level"][start + j])]["head"])
+        while o != NIL:
+            refs.append(int(self.orders[o]["ref"]))
+            o = int(self.orders[o]["next"])
+        return refs
+
+    def levels_table(self) -> np.ndarray:
+        """Every non-empty level, rows (locate, side, price, shares, orders), digest order."""
+        out = np.zeros((count_levels(self.sides), 5), np.int64)
+        export_levels(self.sides, self.ladder, self.levels, out)
+        return out
+
+    def digest(self) -> str:
+        rows = self.levels_table()
+        buf = np.zeros(max(1, 48 * len(rows)), np.uint8)
+        n = digest_text(rows, buf)
+        return hashlib.sha256(buf[:n].tobytes()).hexdigest()
+
+    def stocks_summary(self) -> dict[str, dict]:
+        """Per locate (decimal string) named by the directory or holding orders: symbol,
+        best bid/ask price and aggregate shares (0, 0 when empty), live orders."""
+        orders = self.sides["orders"].reshape(N_LOCATES, 2).sum(axis=1)
+        wanted = np.nonzero((self.stocks["named"] != 0) | (orders > 0))[0]
+        out = {}
+        for loc in wanted.tolist():
+            bp, bq, ap, aq = self.bbo(loc)
+            out[str(loc)] = {
+                "symbol": _symbol(self.stocks[loc]["symbol"]) if self.stocks[loc]["named"] else "",
+                "bid_px": bp, "bid_qty": bq, "ask_px": ap, "ask_qty": aq,
+                "orders": int(orders[loc]),
+            }  # fmt: skip
+        return out
+
+    def anomalies(self) -> dict[str, int]:
+        return {name: int(self.counters[i]) for name, i in ANOMALIES.items()}
+
+    def check(self, allow_crossed: bool = False) -> str | None:
+        """The first broken invariant as one line, or None when every invariant holds."""
+        code, locate, side, detail = check_invariants(
+            self.orders, self.levels, self.sides, self.ladder, self.htab, self.meta,
+            allow_crossed)  # fmt: skip
+        if code == 0:
+            return None
+        where = f"locate {locate} side {'BS'[side]}" if locate >= 0 else "order index"
+        return f"{CHECK_MESSAGES[code]} ({where}, detail {detail})"
+
+
+def _key(side: int, price: int) -> int:
+    return price if side == BID else -price

@@ -1,0 +1,165 @@
+"""Benchmarks (``tickwire bench ...``): rates measured in one run, reported as ratios
+against a baseline measured in the same run on the same input. Nothing here asserts.
+
+``bench book``: for each session (generated, or ``--session FILE``), after JIT warm-up:
+- decode only: ``itch.walk_checksum`` over the book-relevant fields of every message;
+- decode + book: ``book.apply_stream`` into a ``Book`` presized from a warm-up pass (an
+  appliance presizes from its config; growth is measured separately by the replay path);
+- baseline: ``itch_book.Session`` (C++23, PyPI) on the same buffer, with no tables (parse +
+  full book apply, its fastest mode) and with the ``bbo`` table (top-of-book tracking on,
+  which is what our book always maintains).
+Best of ``--repeat`` runs is kept for every contender.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dataplane import itch
+from dataplane.book import Book
+
+
+def _cache_dir() -> Path:
+    d = Path(os.environ.get("TICKWIRE_CACHE", Path.home() / ".cache" / "tickwire"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _session(messages: int, stocks: int, seed: int) -> tuple[str, np.ndarray]:
+    from host import itchgen
+
+    path = _cache_dir() / f"session-{messages}-{stocks}-{seed}.itch"
+    if not path.exists():
+        _say(f"  generating {messages:,} messages on {stocks:,} stocks (seed {seed}) ...")
+        tmp = path.with_suffix(".tmp")
+        itchgen.write_session(str(tmp), messages, stocks, seed)
+        tmp.rename(path)
+    return str(path), np.fromfile(path, np.uint8)
+
+
+def _best(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _presized(template: Book) -> Book:
+    return Book(orders=len(template.orders), levels=len(template.levels),
+                ladder=len(template.ladder))  # fmt: skip
+
+
+def bench_buffer(name: str, buf: np.ndarray, repeat: int) -> dict:
+    counters = itch.new_counters()
+    itch.walk_checksum(buf, 0, 0, counters)  # JIT warm-up
+    status, _, _ = itch.walk_checksum(buf, 0, len(buf), counters)
+    if status != itch.OK:
+        raise ValueError(f"{name}: truncated input")
+    messages = int(counters[itch.C_MESSAGES])
+
+    warm = Book()
+    warm.feed(buf)  # warm-up pass: JIT, page faults, learn the sizes
+    digest = warm.digest()
+
+    decode_s = _best(lambda: itch.walk_checksum(buf, 0, len(buf), itch.new_counters()), repeat)
+
+    def book_run():
+        b = _presized(warm)
+        t0 = time.perf_counter()
+        b.feed(buf)
+        return time.perf_counter() - t0
+
+    book_s = min(book_run() for _ in range(repeat))
+
+    out = {
+        "session": name,
+        "messages": messages,
+        "decode_msgs_per_s": messages / decode_s,
+        "decode_ns_per_msg": 1e9 * decode_s / messages,
+        "book_msgs_per_s": messages / book_s,
+        "book_ns_per_msg": 1e9 * book_s / messages,
+        "digest": digest,
+        "live_orders": warm.live_orders,
+    }
+    try:
+        import itch_book
+    except ImportError:
+        out["baseline"] = "itch-book not installed (pip install tickwire[bench])"
+        return out
+    for label, tables in (("itch_book", []), ("itch_book_bbo", ["bbo"])):
+        def run(tables=tables):
+            s = itch_book.Session(tables=tables, depth=0, symbols=[])
+            s.feed(buf)
+            return s.stats()
+
+        stats = run()  # warm-up
+        secs = _best(run, repeat)
+        out[f"{label}_msgs_per_s"] = messages / secs
+        out[f"{label}_messages"] = int(stats.get("messages", 0))
+        out[f"ratio_vs_{label}"] = out["book_msgs_per_s"] / out[f"{label}_msgs_per_s"]
+    return out
+
+
+def _row(r: dict) -> str:
+    lines = [
+        f"{r['session']}: {r['messages']:,} messages",
+        f"  decode only      {r['decode_msgs_per_s'] / 1e6:7.1f} M msg/s  "
+        f"{r['decode_ns_per_msg']:6.1f} ns/msg",
+        f"  decode + book    {r['book_msgs_per_s'] / 1e6:7.1f} M msg/s  "
+        f"{r['book_ns_per_msg']:6.1f} ns/msg",
+    ]
+    if "itch_book_msgs_per_s" in r:
+        lines += [
+            f"  itch-book        {r['itch_book_msgs_per_s'] / 1e6:7.1f} M msg/s   "
+            f"(parse + book, no tables)   ratio {r['ratio_vs_itch_book']:.2f}x",
+            f"  itch-book + bbo  {r['itch_book_bbo_msgs_per_s'] / 1e6:7.1f} M msg/s   "
+            f"(top-of-book tracking on)   ratio {r['ratio_vs_itch_book_bbo']:.2f}x",
+        ]
+    else:
+        lines.append(f"  baseline: {r['baseline']}")
+    return "\n".join(lines)
+
+
+def bench_book(args) -> list[dict]:
+    if args.session:
+        sessions = [(args.session, lambda: np.fromfile(args.session, np.uint8))]
+    else:
+        try:
+            counts = [int(x) for x in args.stocks.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--stocks takes comma-separated numbers, got {args.stocks!r}")
+        sessions = [
+            (f"generated {args.messages:,} msgs / {n:,} stocks",
+             lambda n=n: _session(args.messages, n, args.seed)[1])
+            for n in counts
+        ]  # fmt: skip
+    results = []
+    for name, load in sessions:
+        _say(f"bench book: {name}")
+        buf = load()
+        results.append(bench_buffer(name, buf, args.repeat))
+        if not args.json:
+            print(_row(results[-1]), flush=True)
+    return results
+
+
+def main(args) -> int:
+    if args.what == "book":
+        results = bench_book(args)
+        if args.json:
+            print(json.dumps({"bench": "book", "cpu": os.cpu_count(), "results": results},
+                             indent=2))  # fmt: skip
+        return 0
+    raise ValueError(f"unknown benchmark {args.what!r}")

@@ -1,0 +1,136 @@
+"""`tickwire book` end to end on generated sessions it has never seen, against two
+independent references (the dict model in tests/reference.py and the itch-book C++ book),
+plus the command's error paths."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from host import itchgen, replay
+from tests.reference import ReferenceBook
+
+SESSIONS = [(120_000, 50, 11), (80_000, 2_000, 12)]
+
+
+def tickwire(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "host.cli", *args], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module", params=SESSIONS, ids=lambda p: f"{p[0]}msgs-{p[1]}stocks")
+def session(request, tmp_path_factory):
+    n, stocks, seed = request.param
+    path = tmp_path_factory.mktemp("sessions") / f"s{seed}.itch"
+    itchgen.write_session(str(path), n, stocks, seed)
+    return path
+
+
+def test_book_json_matches_the_reference_model(session):
+    doc = json.loads(tickwire("book", str(session)).stdout)
+    ref = ReferenceBook().replay(session.read_bytes())
+    assert doc["messages"] == ref.counters["messages"]
+    assert doc["digest"] == ref.digest()
+    assert doc["stocks"] == ref.stocks()
+    assert set(doc) >= {"messages", "seconds", "msgs_per_s", "digest", "stocks"}
+    assert doc["msgs_per_s"] > 0 and doc["seconds"] > 0
+    assert all(v == 0 for v in doc["counters"].values())
+
+
+def test_book_bbo_matches_itch_book(session):
+    itch_book = pytest.importorskip("itch_book", reason="itch-book (bench extra) not installed")
+    buf = np.fromfile(session, np.uint8)
+    s = itch_book.Session(tables=["bbo"], depth=0, symbols=[])
+    s.feed(buf)
+    rows = s.take_bbo()
+    theirs = {}
+    for i in range(len(rows["locate"])):
+        theirs[int(rows["locate"][i])] = (int(rows["bid_px"][i]), int(rows["bid_sz"][i]),
+                                          int(rows["ask_px"][i]), int(rows["ask_sz"][i]))  # fmt: skip
+    book, _ = replay.replay_file(str(session))
+    assert len(theirs) > 10
+    for locate, bbo in theirs.items():
+        assert book.bbo(locate) == bbo, locate
+    assert s.stats()["live_orders"] == book.live_orders
+
+
+def test_invariants_hold_and_no_book_is_crossed(session):
+    book, result = replay.replay_file(str(session))
+    assert book.check(allow_crossed=False) is None
+    assert result.messages == len(list(_frames(session.read_bytes())))
+
+
+def _frames(data: bytes):
+    pos = 0
+    while pos < len(data):
+        n = int.from_bytes(data[pos : pos + 2], "big")
+        yield data[pos + 2 : pos + 2 + n]
+        pos += 2 + n
+
+
+def test_summary_is_short_and_human(session):
+    out = tickwire("book", str(session), "--summary").stdout
+    assert "M msg/s" in out and "top of book" in out and "digest" in out
+    assert len(out.splitlines()) <= 12
+
+
+def test_missing_file_is_one_clear_line(tmp_path):
+    done = tickwire("book", str(tmp_path / "nope.itch"), check=False)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [f"tickwire: no such file: {tmp_path / 'nope.itch'}"]
+
+
+def test_truncated_file_reports_the_offset(session, tmp_path):
+    data = session.read_bytes()
+    cut = tmp_path / "cut.itch"
+    cut.write_bytes(data[: len(data) - 5])
+    done = tickwire("book", str(cut), check=False)
+    assert done.returncode != 0
+    (line,) = done.stderr.strip().splitlines()
+    last = 0
+    for pos in _offsets(data):
+        last = pos
+    assert f"byte offset {last}" in line and "truncated" in line
+
+
+def _offsets(data: bytes):
+    pos = 0
+    while pos < len(data):
+        yield pos
+        pos += 2 + int.from_bytes(data[pos : pos + 2], "big")
+
+
+def test_empty_file_is_an_empty_session(tmp_path):
+    empty = tmp_path / "empty.itch"
+    empty.write_bytes(b"")
+    doc = json.loads(tickwire("book", str(empty)).stdout)
+    assert doc["messages"] == 0 and doc["stocks"] == {}
+
+
+def test_help_everywhere():
+    for args in (["--help"], ["book", "--help"], ["gen", "--help"], ["bench", "book", "--help"]):
+        done = tickwire(*args)
+        assert "usage: tickwire" in done.stdout
+
+
+def test_gen_then_book_round_trip(tmp_path):
+    out = tmp_path / "g.itch"
+    info = json.loads(tickwire("gen", str(out), "--messages", "5000", "--stocks", "20",
+                               "--seed", "3", "--json").stdout)  # fmt: skip
+    assert info["messages"] == 5000 and out.stat().st_size == info["bytes"]
+    doc = json.loads(tickwire("book", str(out)).stdout)
+    assert doc["messages"] == 5000
+    assert doc["digest"] == ReferenceBook().replay(out.read_bytes()).digest()
+
+
+def test_bad_arguments_are_one_line(tmp_path):
+    done = tickwire("gen", str(tmp_path / "x"), "--messages", "10", check=False)
+    assert done.returncode != 0 and "n_messages" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "x")

@@ -1,0 +1,75 @@
+"""The hot path allocates nothing and touches no Python object per message.
+
+Compiles the hot functions in a fresh process (numba will not show IR for cached code) and
+reads their LLVM IR: outside the CPython/cfunc wrappers, which run once per call and not
+per message, no function may call the NRT allocator, refcounting or any Python C-API.
+A negative control proves the checker sees an allocation when there is one.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    r"""
+    import json, re, sys
+    import numpy as np
+    from numba import njit
+    from dataplane import book, itch
+
+    FORBIDDEN = re.compile(r"^(NRT_|Py|_Py|numba_unpickle|numba_do_raise|numba_gil)")
+
+    def bad_calls(dispatcher):
+        out = {}
+        for ir in dispatcher.inspect_llvm().values():
+            current = None
+            for line in ir.splitlines():
+                m = re.match(r'^define [^@]*@"?([^"(\s]+)', line)
+                if m:
+                    current = m.group(1)
+                    continue
+                if current is None or "cpython" in current or current.startswith("cfunc"):
+                    continue
+                for callee in re.findall(r'call [^@]*@"?([\w.$]+)', line):
+                    if FORBIDDEN.match(callee):
+                        out.setdefault(callee, 0)
+                        out[callee] += 1
+            has_bswap = "llvm.bswap" in ir
+        return out, has_bswap
+
+    b = book.Book(orders=16, levels=16, ladder=16)
+    b.feed(np.zeros(0, np.uint8))
+    c = itch.new_counters()
+    itch.walk_checksum(np.zeros(0, np.uint8), 0, 0, c)
+
+    @njit
+    def allocates(n):
+        a = np.empty(n, np.int64)
+        a[:] = 1
+        return a.sum()
+    allocates(3)
+
+    result = {}
+    for name, fn in (("apply_stream", book.apply_stream), ("walk_checksum", itch.walk_checksum),
+                     ("control", allocates)):
+        calls, bswap = bad_calls(fn)
+        result[name] = {"calls": calls, "bswap": bswap}
+    print(json.dumps(result))
+    """
+)
+
+
+def test_hot_path_llvm_has_no_allocation_or_python_calls(tmp_path):
+    env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=str(tmp_path.parent))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # the checker works: an allocating function is caught
+    assert any(k.startswith("NRT_MemInfo") or k.startswith("NRT_Allocate")
+               for k in result["control"]["calls"]), result["control"]
+    # and it really read the hot functions (their byte loads are bswaps)
+    assert result["apply_stream"]["bswap"] and result["walk_checksum"]["bswap"]
+    assert result["apply_stream"]["calls"] == {}
+    assert result["walk_checksum"]["calls"] == {}
