@@ -11,7 +11,7 @@ Structure (all numpy arrays; the jitted functions take them as arguments):
   count, FIFO head and tail.
 - ``ladder`` (``RUNG``) + ``sides`` (``SIDE``): per (locate, side) a sorted run of
   (key, level) in ``ladder[start:start+count]``, keys ascending with the best price last
-  (bid key = price, ask key = -price), so adds and removals near the top move few entries.
+  (bid key = price, ask key = 2^32-1 - price), so adds and removals near the top move few entries.
   ``sides`` also caches the best level's price and shares (the BBO) and the live order count.
 - ``stocks`` (``STOCK``): the symbol from the stock directory and the trading state.
 - ``meta``: free-list heads, high-water marks, the hash shift and count.
@@ -47,7 +47,10 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from dataplane import itch
 from dataplane.itch import (
@@ -68,6 +71,28 @@ from dataplane.itch import (
     rd_u64,
 )
 
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Hint the CPU to fetch ``arr[idx]`` into cache (``llvm.prefetch``; never faults)."""
+    if not (isinstance(arr, types.Array) and isinstance(idx, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        idx64 = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [idx64],
+                                       wraparound=False)  # fmt: skip
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])  # fmt: skip
+        return context.get_dummy_value()
+
+    return types.none(arr, idx), codegen
+
+
 N_LOCATES = 65536
 BID = 0
 ASK = 1
@@ -85,11 +110,11 @@ LEVEL = np.dtype(
     align=True,
 )  # fmt: skip
 SIDE = np.dtype(
-    [("start", np.int64), ("count", np.int32), ("cap", np.int32), ("best_px", np.int64),
+    [("start", np.int32), ("count", np.int32), ("cap", np.int32), ("best_px", np.uint32),
      ("best_qty", np.int64), ("orders", np.int64)],
     align=True,
-)  # fmt: skip
-RUNG = np.dtype([("key", np.int64), ("level", np.int64)], align=True)
+)  # fmt: skip  -- 32 bytes: a stock's bid and ask share one cache line
+RUNG = np.dtype([("key", np.uint32), ("level", np.int32)], align=True)  # 8 bytes
 HASH = np.dtype([("key", np.uint64), ("slot", np.int64)], align=True)
 STOCK = np.dtype([("symbol", np.uint64), ("named", np.uint8), ("state", np.uint8)], align=True)
 
@@ -206,9 +231,12 @@ def _lower_bound(ladder, start, count, key):
     return lo
 
 
+ASK_KEY_BASE = 0xFFFFFFFF  # ask key = base - price: ascending keys, best price last
+
+
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
 def _side_key(side, price):
-    return np.int64(price) if side == BID else -np.int64(price)
+    return np.int64(price) if side == BID else ASK_KEY_BASE - np.int64(price)
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -310,7 +338,9 @@ def _add(orders, levels, sides, ladder, htab, meta, counters, ref, locate, side,
     htab[hi].slot = o
     meta[M_HASH_COUNT] += 1
     s.orders += 1
-    _refresh_bbo(sides, ladder, levels, sd)
+    if ladder[s.start + s.count - 1].level == lv:  # landed on the best level
+        s.best_px = price
+        s.best_qty = levels[lv].shares
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -333,6 +363,7 @@ def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
     sd = np.int64(od.locate) * 2 + od.side
     s = sides[sd]
     s.orders -= 1
+    at_top = s.best_px == od.price and s.count > 0
     if levels[lv].count == 0:
         key = _side_key(od.side, od.price)
         j = _lower_bound(ladder, s.start, s.count, key)
@@ -342,12 +373,15 @@ def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
         s.count -= 1
         levels[lv].head = meta[M_LEVEL_FREE]
         meta[M_LEVEL_FREE] = lv
+        if at_top:
+            _refresh_bbo(sides, ladder, levels, sd)
+    elif at_top:
+        s.best_qty = levels[lv].shares
     ht_remove_at(htab, meta[M_HASH_SHIFT], hi)
     meta[M_HASH_COUNT] -= 1
     od.live = 0
     od.next = meta[M_ORDER_FREE]
     meta[M_ORDER_FREE] = o
-    _refresh_bbo(sides, ladder, levels, sd)
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -366,10 +400,13 @@ def _reduce(orders, levels, sides, ladder, htab, meta, counters, ref, n, over_co
             counters[over_counter] += 1
         _remove(orders, levels, sides, ladder, htab, meta, o, hi)
         return
-    orders[o].shares = rest - n
-    lv = orders[o].level
+    od = orders[o]
+    od.shares = rest - n
+    lv = od.level
     levels[lv].shares -= n
-    _refresh_bbo(sides, ladder, levels, np.int64(orders[o].locate) * 2 + orders[o].side)
+    s = sides[np.int64(od.locate) * 2 + od.side]
+    if s.best_px == od.price:  # the best level is the only one cached
+        s.best_qty = levels[lv].shares
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -443,12 +480,19 @@ def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, stocks, meta,
     ``pos`` at the length prefix of a message running past ``end``; or a ``NEED_*`` status
     with ``pos`` at the message that did not fit (not applied, not counted).
     """
+    shift = meta[M_HASH_SHIFT]
     while pos < end:
         status, length = frame(b, pos, end)
         if status == TRUNCATED:
             return TRUNCATED, pos
         p = pos + 2
         t = b[p] if length > 0 else 0
+        # Overlap the next message's order-index miss with this message's work.
+        nxt = p + length + 2
+        if nxt + HEADER_LEN + 8 <= end:
+            t2 = b[nxt]
+            if t2 == T_A or t2 == T_D or t2 == T_E or t2 == T_X or t2 == T_U or t2 == T_F or t2 == T_C:
+                prefetch(htab, _home(rd_u64(b, nxt + HEADER_LEN), shift))
         if status == itch.OK:
             need = apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta,
                                  counters)  # fmt: skip
@@ -835,4 +879,4 @@ class Book:
 
 
 def _key(side: int, price: int) -> int:
-    return price if side == BID else -price
+    return price if side == BID else ASK_KEY_BASE - price
