@@ -67,9 +67,11 @@ from dataplane.itch import (
     TRUNCATED,
     count_frame,
     frame,
+    rd_u16,
     rd_u32,
     rd_u64,
 )
+
 
 @intrinsic
 def prefetch(typingctx, arr, idx):
@@ -363,7 +365,7 @@ def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
     sd = np.int64(od.locate) * 2 + od.side
     s = sides[sd]
     s.orders -= 1
-    at_top = s.best_px == od.price and s.count > 0
+    at_top = s.best_px == od.price  # the order is live, so its side is not empty
     if levels[lv].count == 0:
         key = _side_key(od.side, od.price)
         j = _lower_bound(ladder, s.start, s.count, key)
@@ -427,7 +429,7 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
         if shares == 0:
             counters[B_ZERO_SHARES] += 1
             return 0
-        locate = (np.int64(b[p + 1]) << 8) | np.int64(b[p + 2])
+        locate = rd_u16(b, p + 1)
         need = _fits_add(sides, ladder, orders, levels, htab, meta, locate * 2 + side)
         if need != 0:
             return need
@@ -463,11 +465,11 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
         _add(orders, levels, sides, ladder, htab, meta, counters,
              rd_u64(b, q + 8), locate, side, rd_u32(b, q + 20), shares)  # fmt: skip
     elif t == T_R:
-        locate = (np.int64(b[p + 1]) << 8) | np.int64(b[p + 2])
+        locate = rd_u16(b, p + 1)
         stocks[locate].symbol = rd_u64(b, q)
         stocks[locate].named = 1
     elif t == T_H:
-        locate = (np.int64(b[p + 1]) << 8) | np.int64(b[p + 2])
+        locate = rd_u16(b, p + 1)
         stocks[locate].state = b[q + 8]
     return 0
 
@@ -487,12 +489,11 @@ def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, stocks, meta,
             return TRUNCATED, pos
         p = pos + 2
         t = b[p] if length > 0 else 0
-        # Overlap the next message's order-index miss with this message's work.
+        # Overlap the next message's order-index miss with this message's work. Any type
+        # will do: a masked hash is always in the table, and a prefetch never faults.
         nxt = p + length + 2
         if nxt + HEADER_LEN + 8 <= end:
-            t2 = b[nxt]
-            if t2 == T_A or t2 == T_D or t2 == T_E or t2 == T_X or t2 == T_U or t2 == T_F or t2 == T_C:
-                prefetch(htab, _home(rd_u64(b, nxt + HEADER_LEN), shift))
+            prefetch(htab, _home(rd_u64(b, nxt + HEADER_LEN), shift))
         if status == itch.OK:
             need = apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta,
                                  counters)  # fmt: skip

@@ -109,15 +109,9 @@ def _be_loader(nbytes: int):
     return load
 
 
-_ld8 = _be_loader(1)
 _ld16 = _be_loader(2)
 _ld32 = _be_loader(4)
 _ld64 = _be_loader(8)
-
-
-@njit(cache=True, nogil=True, inline="always", _nrt=False)
-def rd_u8(b, p):
-    return _ld8(b, p)
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)

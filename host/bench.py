@@ -35,7 +35,7 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _session(messages: int, stocks: int, seed: int) -> tuple[str, np.ndarray]:
+def _session(messages: int, stocks: int, seed: int) -> np.ndarray:
     from host import itchgen
 
     path = _cache_dir() / f"session-{messages}-{stocks}-{seed}.itch"
@@ -44,7 +44,7 @@ def _session(messages: int, stocks: int, seed: int) -> tuple[str, np.ndarray]:
         tmp = path.with_suffix(".tmp")
         itchgen.write_session(str(tmp), messages, stocks, seed)
         tmp.rename(path)
-    return str(path), np.fromfile(path, np.uint8)
+    return np.fromfile(path, np.uint8)
 
 
 def _best(fn, repeat: int) -> float:
@@ -139,10 +139,12 @@ def bench_book(args) -> list[dict]:
         try:
             counts = [int(x) for x in args.stocks.split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"--stocks takes comma-separated numbers, got {args.stocks!r}")
+            raise ValueError(
+                f"--stocks takes comma-separated numbers, got {args.stocks!r}"
+            ) from None
         sessions = [
             (f"generated {args.messages:,} msgs / {n:,} stocks",
-             lambda n=n: _session(args.messages, n, args.seed)[1])
+             lambda n=n: _session(args.messages, n, args.seed))
             for n in counts
         ]  # fmt: skip
     results = []

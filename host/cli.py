@@ -65,6 +65,11 @@ def _positive(text: str) -> int:
     return value
 
 
+def _verb(sub, name: str, text: str, epilog: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tickwire",
@@ -72,16 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    b = sub.add_parser("book", help="decode an ITCH 5.0 file into books; print JSON",
-                       epilog=EPILOG_BOOK, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    b = _verb(sub, "book", "decode an ITCH 5.0 file into books; print JSON", EPILOG_BOOK)
     b.add_argument("file", metavar="FILE", help="Nasdaq binary ITCH 5.0 file (2-byte lengths)")
     b.add_argument("--summary", action="store_true", help="human summary instead of JSON")
     b.add_argument("--top", type=_positive, default=5, help="symbols in the summary (5)")
     b.add_argument("--indent", type=int, default=None, help="indent the JSON")
     b.set_defaults(func=_cmd_book)
 
-    g = sub.add_parser("gen", help="generate a deterministic ITCH 5.0 session file",
-                       epilog=EPILOG_GEN, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    g = _verb(sub, "gen", "generate a deterministic ITCH 5.0 session file", EPILOG_GEN)
     g.add_argument("out", metavar="OUT", help="file to write")
     g.add_argument("--messages", type=_positive, default=1_000_000, help="messages (1000000)")
     g.add_argument("--stocks", type=_positive, default=100, help="stocks (100)")
@@ -89,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="machine-readable output")
     g.set_defaults(func=_cmd_gen)
 
-    be = sub.add_parser("bench", help="benchmarks, as ratios against a baseline in the same run",
-                        epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    be = _verb(sub, "bench", "benchmarks, as ratios against a baseline in the same run",
+               EPILOG_BENCH)  # fmt: skip
     bsub = be.add_subparsers(dest="what", metavar="WHAT", required=True)
     bb = bsub.add_parser("book", help="decode and decode+book rates against itch-book")
     bb.add_argument("--messages", type=_positive, default=5_000_000, help="per session (5M)")

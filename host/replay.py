@@ -33,7 +33,8 @@ class ReplayResult:
     bytes: int
 
 
-def _map(path: str) -> tuple[np.ndarray, mmap.mmap | None]:
+def _map(path: str) -> np.ndarray:
+    """The file as a read-only uint8 array (released with its last view)."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -45,9 +46,9 @@ def _map(path: str) -> tuple[np.ndarray, mmap.mmap | None]:
     with f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            return np.zeros(0, np.uint8), None
+            return np.zeros(0, np.uint8)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return np.frombuffer(mm, np.uint8), mm
+    return np.frombuffer(mm, np.uint8)
 
 
 def warm_up() -> None:
@@ -55,8 +56,9 @@ def warm_up() -> None:
     Book(orders=16, levels=16, ladder=16).feed(np.zeros(0, np.uint8))
 
 
-def replay_buffer(buf: np.ndarray, book: Book | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> tuple[Book, ReplayResult]:  # fmt: skip
+def replay_buffer(
+    buf: np.ndarray, book: Book | None = None, progress: Callable[[int, int], None] | None = None
+) -> tuple[Book, ReplayResult]:
     """Apply a whole framed buffer; raises ``itch.TruncatedInput`` at a broken tail."""
     book = book or Book()
     warm_up()
@@ -74,7 +76,7 @@ def replay_buffer(buf: np.ndarray, book: Book | None = None,
 
 def replay_file(path: str, progress: Callable[[int, int], None] | None = None
                 ) -> tuple[Book, ReplayResult]:  # fmt: skip
-    buf, _ = _map(path)  # the mapping is released with the last view of it
+    buf = _map(path)
     try:
         return replay_buffer(buf, progress=progress)
     except itch.TruncatedInput as e:

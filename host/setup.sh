@@ -75,12 +75,12 @@ want=$(cat "$ROOT/pyproject.toml" "$ROOT"/dataplane/_*_build.py 2>/dev/null | sh
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c 'import dataplane, host' 2>/dev/null; then
   say "python environment: up to date"
 else
-  say "installing the project (editable, with test and bench extras) into $VENV"
+  say "installing the project (editable, with test, bench and dev extras) into $VENV"
   log=$(mktemp)
   if ! "$VENV/bin/python" -m pip install -q --upgrade pip >"$log" 2>&1; then
     tail -5 "$log" >&2; fail "pip" "could not upgrade pip in $VENV"
   fi
-  if ! "$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench]" >"$log" 2>&1; then
+  if ! "$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench,dev]" >"$log" 2>&1; then
     tail -20 "$log" >&2; fail "pip install" "could not install the project and its extras (see above)"
   fi
   rm -f "$log"

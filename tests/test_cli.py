@@ -49,14 +49,12 @@ def test_book_bbo_matches_itch_book(session):
     s = itch_book.Session(tables=["bbo"], depth=0, symbols=[])
     s.feed(buf)
     rows = s.take_bbo()
-    theirs = {}
-    for i in range(len(rows["locate"])):
-        theirs[int(rows["locate"][i])] = (int(rows["bid_px"][i]), int(rows["bid_sz"][i]),
-                                          int(rows["ask_px"][i]), int(rows["ask_sz"][i]))  # fmt: skip
+    cols = [rows[k].tolist() for k in ("locate", "bid_px", "bid_sz", "ask_px", "ask_sz")]
+    theirs = {loc: bbo for loc, *bbo in zip(*cols, strict=True)}  # last row per locate wins
     book, _ = replay.replay_file(str(session))
     assert len(theirs) > 10
     for locate, bbo in theirs.items():
-        assert book.bbo(locate) == bbo, locate
+        assert book.bbo(locate) == tuple(bbo), locate
     assert s.stats()["live_orders"] == book.live_orders
 
 

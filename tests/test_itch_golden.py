@@ -20,8 +20,8 @@ CASES = [
     ("S", header("S", **H) + b"Q", {"event_code": "Q"}),
     (
         "R",
-        header("R", **H) + alpha("BRK A") + b"NN" + struct.pack(">I", 100) + b"NC" + b"Z " + b"PNN1N"
-        + struct.pack(">I", 3) + b"Y",
+        header("R", **H) + alpha("BRK A") + b"NN" + struct.pack(">I", 100) + b"NC" + b"Z "
+        + b"PNN1N" + struct.pack(">I", 3) + b"Y",
         {"stock": "BRK A   ", "market_category": "N", "financial_status": "N",
          "round_lot_size": 100, "round_lots_only": "N", "issue_classification": "C",
          "issue_subtype": 0x5A20, "authenticity": "P", "short_sale_threshold": "N",
