@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 EPILOG_BOOK = """examples:
@@ -17,6 +18,18 @@ EPILOG_BOOK = """examples:
 EPILOG_GEN = """examples:
   tickwire gen session.itch                      1M messages, 100 stocks, seed 1
   tickwire gen big.itch --messages 5000000 --stocks 9000 --seed 7
+"""
+EPILOG_LAB = """examples:
+  tickwire lab up                                namespaces tw-exch and tw-appl, lines A and B
+  tickwire lab status --json
+  tickwire lab up --prefix t2 --config lab.toml  a second, independent lab
+  tickwire lab down                              remove the namespaces (and their veths)
+"""
+EPILOG_SIM = """examples:
+  tickwire lab up && tickwire sim --session s.itch       1M msgs/s on both lines, then EOS
+  tickwire sim --generate 2000000 --max --json           as fast as possible, JSON summary
+  tickwire sim --session s.itch --speed 100 --start-phase Q
+  tickwire sim --session s.itch --fault A:drop=1000-1999 --fault B:cut=50@200 --record r.json
 """
 EPILOG_BENCH = """examples:
   tickwire bench book                            5M messages on 100 and on 9,000 stocks
@@ -49,6 +62,85 @@ def _cmd_gen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lab(args: argparse.Namespace) -> int:
+    from host import config, lab
+
+    cfg = config.load(args.config, prefix=args.prefix).lab
+    say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    if args.action == "up":
+        st = lab.up(cfg, say=say)
+    elif args.action == "down":
+        removed = lab.down(cfg, say=say)
+        if args.json:
+            print(json.dumps({"prefix": cfg.prefix, "removed": removed}))
+        elif not removed:
+            print(f"lab {cfg.prefix}: nothing to remove")
+        return 0
+    else:
+        st = lab.status(cfg)
+    print(json.dumps(st) if args.json else lab.status_text(st, cfg))
+    return 0 if st["up"] or args.action == "status" else 1
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from host import config, lab
+    from host import simulator as sim
+
+    cfg = config.load(args.config, prefix=args.prefix)
+    if args.session and args.generate:
+        raise sim.SimError("give --session FILE or --generate N, not both")
+    if args.session:
+        session = sim.Session.from_file(args.session)
+    else:
+        from host import itchgen
+
+        n = args.generate or 1_000_000
+        print(f"sim: generating {n:,} messages on {args.stocks} stocks (seed {args.gen_seed})",
+              file=sys.stderr)  # fmt: skip
+        session = sim.Session.from_buffer(itchgen.generate(n, args.stocks, args.gen_seed))
+    if args.max:
+        pacing = sim.Pacing(mode="max")
+    elif args.speed is not None:
+        pacing = sim.Pacing(mode="realtime", speed=args.speed)
+    else:
+        pacing = sim.Pacing(mode="rate", rate=args.rate)
+    faults, seed = [], args.seed
+    if args.faults:
+        faults, file_seed = sim.load_faults(args.faults)
+        seed = file_seed if file_seed is not None and args.seed is None else seed
+    for spec in args.fault:
+        faults += sim.parse_fault(spec)
+    start = args.start_seq
+    if args.start_phase:
+        start = session.phase_seq(args.start_phase)
+    opts = sim.SimOptions(
+        session_name=args.session_name or cfg.feed.session, payload=args.payload,
+        pacing=pacing, start_seq=start, heartbeat=args.heartbeat, eos_for=args.eos_for,
+        preroll=args.preroll, faults=faults, seed=1 if seed is None else seed,
+        serve=not args.no_rerequest,
+        server=sim.ServerConfig(port=cfg.lab.rerequest_port, window=args.rr_window,
+                                max_messages=args.rr_max_messages,
+                                max_bytes=args.rr_max_bytes, rate=args.rr_rate,
+                                workers=args.rr_workers),
+    )  # fmt: skip
+    sim.validate_options(opts)
+    simulator = sim.Simulator(session, cfg.lab, opts)
+    if not args.no_netns:
+        if os.geteuid() != 0:
+            raise lab.LabError(1, "tickwire sim enters the lab's exchange namespace: run it "
+                               "as root, or pass --no-netns")  # fmt: skip
+        lab.enter(cfg.lab.exchange_ns)
+    sim.install_signal_handlers(simulator)
+    progress = None
+    if sys.stderr.isatty() and not args.json:
+        progress = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    stats = simulator.run(progress=progress)
+    if args.record:
+        sim.write_record(simulator, args.record)
+    print(json.dumps(stats) if args.json else sim.summary_text(stats), flush=True)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from host import bench
 
@@ -61,6 +153,16 @@ def _positive(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text}")
     return value
 
@@ -91,6 +193,64 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1, help="random seed (1)")
     g.add_argument("--json", action="store_true", help="machine-readable output")
     g.set_defaults(func=_cmd_gen)
+
+    la = _verb(sub, "lab", "build, inspect or remove the network-namespace lab", EPILOG_LAB)
+    la.add_argument("action", choices=["up", "down", "status"], help="what to do")
+    la.add_argument("--config", metavar="FILE", help="TOML configuration ([lab] table)")
+    la.add_argument("--prefix", help="lab name prefix, overrides the config (tw)")
+    la.add_argument("--json", action="store_true", help="machine-readable output")
+    la.set_defaults(func=_cmd_lab)
+
+    si = _verb(sub, "sim", "publish an ITCH session as MoldUDP64 on lines A and B, serve "
+               "re-requests", EPILOG_SIM)  # fmt: skip
+    src = si.add_argument_group("session")
+    src.add_argument("--session", metavar="FILE", help="ITCH 5.0 file to publish")
+    src.add_argument("--generate", type=_positive, metavar="N",
+                     help="publish a generated session of N messages (default 1M)")
+    src.add_argument("--stocks", type=_positive, default=100, help="stocks when generating")
+    src.add_argument("--gen-seed", type=int, default=1, help="generator seed (1)")
+    src.add_argument("--session-name", help="MoldUDP64 session, <= 10 chars (config feed.session)")
+    src.add_argument("--start-seq", type=_positive, default=1, help="first sequence to send (1)")
+    src.add_argument("--start-phase", metavar="CODE",
+                     help="start at the first system event S with this code (e.g. Q)")
+    pace = si.add_argument_group("pacing (default: --rate 1000000)")
+    pm = pace.add_mutually_exclusive_group()
+    pm.add_argument("--speed", type=_positive_float, help="real time x SPEED from timestamps")
+    pm.add_argument("--rate", type=_positive_float, default=1_000_000.0,
+                    help="fixed messages per second")
+    pm.add_argument("--max", action="store_true", help="as fast as possible")
+    pace.add_argument("--payload", type=_positive, default=1400, help="UDP payload limit (1400)")
+    pace.add_argument("--heartbeat", type=_positive_float, default=1.0,
+                      help="idle heartbeat interval, s (1)")
+    pace.add_argument("--eos-for", type=float, default=2.0,
+                      help="send end-of-session packets for this long, s (2)")
+    pace.add_argument("--preroll", type=float, default=0.0,
+                      help="heartbeats only for this long before data, s (0)")
+    fl = si.add_argument_group("faults (every fault applied is recorded)")
+    fl.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                    help="LINE:KIND=ARGS, e.g. A:drop=100-199, B:loss=0.01, A:cut=200@1000, "
+                         "AB:dup=0.001, B:reorder=4@0.1, B:delay=5")
+    fl.add_argument("--faults", metavar="FILE", help='TOML: faults = ["A:drop=1-9"], seed = 7')
+    fl.add_argument("--seed", type=int, default=None, help="fault randomness seed (1)")
+    fl.add_argument("--record", metavar="FILE",
+                    help="write what each line sent and every fault applied (JSON)")
+    rr = si.add_argument_group("re-request server")
+    rr.add_argument("--rr-window", type=_positive, default=1_000_000,
+                    help="messages retained (1000000)")
+    rr.add_argument("--rr-max-messages", type=_positive, default=1000,
+                    help="messages per answer (1000)")
+    rr.add_argument("--rr-max-bytes", type=_positive, default=64_000,
+                    help="bytes per answer (64000)")
+    rr.add_argument("--rr-rate", type=_positive_float, default=100_000.0,
+                    help="messages/s per requester (100000)")
+    rr.add_argument("--rr-workers", type=_positive, default=2, help="server threads (2)")
+    rr.add_argument("--no-rerequest", action="store_true", help="do not serve re-requests")
+    si.add_argument("--config", metavar="FILE", help="TOML configuration ([lab], [feed])")
+    si.add_argument("--prefix", help="lab prefix, overrides the config (tw)")
+    si.add_argument("--no-netns", action="store_true",
+                    help="stay in the current network namespace")
+    si.add_argument("--json", action="store_true", help="machine-readable summary")
+    si.set_defaults(func=_cmd_sim)
 
     be = _verb(sub, "bench", "benchmarks, as ratios against a baseline in the same run",
                EPILOG_BENCH)  # fmt: skip

@@ -1,0 +1,208 @@
+"""Configuration: one TOML file, frozen dataclasses, validated at load.
+
+Every table and key is checked: an unknown key, a wrong type or an out-of-range value
+raises ``ConfigError`` naming the key (``lab.line_b.group: ...``). Missing keys take the
+defaults below, so an empty file (or no file) is a working lab.
+
+```toml
+[lab]
+prefix = "tw"              # namespaces <prefix>-exch and <prefix>-appl
+mtu = 1500
+
+[lab.line_a]
+group = "239.77.1.1"
+port = 26477
+
+[feed]
+session = "TICKWIRE01"
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class LineConfig:
+    # multicast group and UDP port this line publishes on
+    group: str
+    port: int
+    # exchange-side and appliance-side ends of the line's veth pair
+    exchange_if: str
+    appliance_if: str
+    # point-to-point addresses of the two ends (the exchange end is the packets' source)
+    exchange_ip: str
+    appliance_ip: str
+    prefixlen: int = 30
+
+
+def _line(letter: str, octet: int) -> LineConfig:
+    return LineConfig(
+        group=f"239.77.{octet}.1", port=26476 + octet,
+        exchange_if=f"ex-{letter}", appliance_if=f"feed-{letter}",
+        exchange_ip=f"10.77.{octet}.1", appliance_ip=f"10.77.{octet}.2",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    # names every namespace this lab creates: <prefix>-exch, <prefix>-appl
+    prefix: str = "tw"
+    # MTU of both veth pairs
+    mtu: int = 1500
+    # RX/TX queues per veth end (AF_XDP binds one socket per queue)
+    queues: int = 1
+    line_a: LineConfig = field(default_factory=lambda: _line("a", 1))
+    line_b: LineConfig = field(default_factory=lambda: _line("b", 2))
+    # the re-request server's UDP port (it listens on every exchange-side address)
+    rerequest_port: int = 26500
+
+    @property
+    def exchange_ns(self) -> str:
+        return f"{self.prefix}-exch"
+
+    @property
+    def appliance_ns(self) -> str:
+        return f"{self.prefix}-appl"
+
+    @property
+    def lines(self) -> dict[str, LineConfig]:
+        return {"A": self.line_a, "B": self.line_b}
+
+
+@dataclass(frozen=True)
+class FeedConfig:
+    # MoldUDP64 session name: up to 10 ASCII characters (padded with spaces on the wire)
+    session: str = "TICKWIRE01"
+
+
+@dataclass(frozen=True)
+class Config:
+    lab: LabConfig = field(default_factory=LabConfig)
+    feed: FeedConfig = field(default_factory=FeedConfig)
+
+
+_PREFIX = re.compile(r"^[a-z][a-z0-9]{0,9}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+
+
+def _check_ip(key: str, text: str, multicast: bool = False) -> None:
+    try:
+        addr = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise ConfigError(f"{key}: not an IPv4 address: {text!r}") from None
+    if multicast and not addr.is_multicast:
+        raise ConfigError(f"{key}: {text} is not a multicast group (224.0.0.0/4)")
+    if not multicast and (addr.is_multicast or addr.is_unspecified):
+        raise ConfigError(f"{key}: {text} is not a unicast address")
+
+
+def _check_port(key: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{key}: port {port} is outside 1..65535")
+
+
+def _validate_line(key: str, line: LineConfig) -> None:
+    _check_ip(f"{key}.group", line.group, multicast=True)
+    _check_port(f"{key}.port", line.port)
+    for name in ("exchange_if", "appliance_if"):
+        if not _IFNAME.match(getattr(line, name)):
+            raise ConfigError(f"{key}.{name}: not a valid interface name (1-15 characters)")
+    _check_ip(f"{key}.exchange_ip", line.exchange_ip)
+    _check_ip(f"{key}.appliance_ip", line.appliance_ip)
+    if not 8 <= line.prefixlen <= 30:
+        raise ConfigError(f"{key}.prefixlen: {line.prefixlen} is outside 8..30")
+    net_x = ipaddress.IPv4Interface(f"{line.exchange_ip}/{line.prefixlen}").network
+    net_a = ipaddress.IPv4Interface(f"{line.appliance_ip}/{line.prefixlen}").network
+    if net_x != net_a or line.exchange_ip == line.appliance_ip:
+        raise ConfigError(f"{key}: exchange_ip and appliance_ip must be two addresses of one "
+                          f"/{line.prefixlen} network")  # fmt: skip
+
+
+def validate(cfg: Config) -> Config:
+    lab = cfg.lab
+    if not _PREFIX.match(lab.prefix):
+        raise ConfigError(f"lab.prefix: {lab.prefix!r} must be a lower-case letter followed "
+                          "by up to 9 letters or digits")  # fmt: skip
+    if not 576 <= lab.mtu <= 9000:
+        raise ConfigError(f"lab.mtu: {lab.mtu} is outside 576..9000")
+    if not 1 <= lab.queues <= 16:
+        raise ConfigError(f"lab.queues: {lab.queues} is outside 1..16")
+    _validate_line("lab.line_a", lab.line_a)
+    _validate_line("lab.line_b", lab.line_b)
+    a, b = lab.line_a, lab.line_b
+    if (a.group, a.port) == (b.group, b.port):
+        raise ConfigError("lab.line_b: lines A and B must use different group/port pairs")
+    if a.exchange_if == b.exchange_if or a.appliance_if == b.appliance_if:
+        raise ConfigError("lab.line_b: lines A and B must use different interfaces")
+    na = ipaddress.IPv4Interface(f"{a.exchange_ip}/{a.prefixlen}").network
+    nb = ipaddress.IPv4Interface(f"{b.exchange_ip}/{b.prefixlen}").network
+    if na.overlaps(nb):
+        raise ConfigError("lab.line_b: lines A and B must be on separate networks")
+    _check_port("lab.rerequest_port", lab.rerequest_port)
+    s = cfg.feed.session
+    if not (1 <= len(s) <= 10 and s.isascii() and s.isprintable()):
+        raise ConfigError(f"feed.session: {s!r} must be 1-10 printable ASCII characters")
+    return cfg
+
+
+def _build(cls, key: str, table: Any, defaults: Any):
+    """Build dataclass ``cls`` from a TOML table over ``defaults`` (an instance)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: expected a table, got {type(table).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for k, v in table.items():
+        sub = f"{key}.{k}" if key else k
+        if k not in names:
+            raise ConfigError(f"{sub}: unknown key (known: {', '.join(sorted(names))})")
+        current = getattr(defaults, k)
+        if dataclasses.is_dataclass(current):
+            values[k] = _build(type(current), sub, v, current)
+        else:
+            want = type(current)
+            if want is int and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ConfigError(f"{sub}: expected an integer, got {v!r}")
+            if want is str and not isinstance(v, str):
+                raise ConfigError(f"{sub}: expected a string, got {v!r}")
+            if want is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ConfigError(f"{sub}: expected a number, got {v!r}")
+            if want is bool and not isinstance(v, bool):
+                raise ConfigError(f"{sub}: expected true or false, got {v!r}")
+            values[k] = want(v)
+    return dataclasses.replace(defaults, **values)
+
+
+def from_dict(data: dict) -> Config:
+    return validate(_build(Config, "", data, Config()))
+
+
+def load(path: str | Path | None = None, prefix: str | None = None) -> Config:
+    """Load and validate ``path`` (defaults only when None); ``prefix`` overrides lab.prefix."""
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such configuration file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    cfg = _build(Config, "", data, Config())
+    if prefix is not None:
+        cfg = dataclasses.replace(cfg, lab=dataclasses.replace(cfg.lab, prefix=prefix))
+    try:
+        return validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None

@@ -1,0 +1,287 @@
+"""The netns lab: an exchange namespace and an appliance namespace joined by two veth
+pairs, line A and line B (``tickwire lab up|down|status``).
+
+``up`` is idempotent: it creates what is missing and corrects what drifted (addresses,
+MTU, queue counts cannot change on a live veth, so a mismatch there is an error that says
+to run ``down`` first). Both ends of each pair are created inside the lab's namespaces, so
+the root namespace is never touched. ``down`` deletes the two namespaces named by the
+prefix (which takes their veths with them) after stopping processes still running in
+them, and nothing else. Multicast sent inside the lab never leaves it: the exchange
+namespace has no interface but the two line ends and loopback.
+
+``entered(ns)`` switches the calling thread into a namespace for the duration of a
+``with`` block; sockets opened inside stay in that namespace afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+from host.config import LabConfig
+
+NETNS_RUN_DIR = "/var/run/netns"
+CLONE_NEWNET = 0x40000000
+
+
+class LabError(OSError):
+    """The lab cannot be built, entered or removed; the message says why and what to do."""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise LabError(e, f"setns failed: {os.strerror(e)}")
+
+
+def ns_path(name: str) -> str:
+    return os.path.join(NETNS_RUN_DIR, name)
+
+
+def exists(name: str) -> bool:
+    return os.path.exists(ns_path(name))
+
+
+@contextlib.contextmanager
+def entered(name: str) -> Iterator[None]:
+    """Run the block with the calling thread in network namespace ``name``."""
+    if not exists(name):
+        raise LabError(errno.ENOENT, f"network namespace {name} does not exist "
+                       "(run: tickwire lab up)")  # fmt: skip
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(ns_path(name), os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
+
+
+def enter(name: str) -> None:
+    """Move the calling thread (for a fresh process: the process) into ``name`` for good."""
+    if not exists(name):
+        raise LabError(errno.ENOENT, f"network namespace {name} does not exist "
+                       "(run: tickwire lab up)")  # fmt: skip
+    fd = os.open(ns_path(name), os.O_RDONLY)
+    try:
+        _setns(fd)
+    finally:
+        os.close(fd)
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError(errno.EPERM, "the lab needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN): "
+                       "run it with sudo")  # fmt: skip
+
+
+def _iproute(ns: str):
+    from pyroute2 import IPRoute
+
+    return IPRoute(netns=ns)
+
+
+def _link(ipr, name: str):
+    links = ipr.link_lookup(ifname=name)
+    return links[0] if links else None
+
+
+def _sysctl(ns: str, key: str, value: str) -> None:
+    with entered(ns):
+        path = "/proc/sys/" + key.replace(".", "/")
+        with open(path, "w") as f:
+            f.write(value)
+
+
+def up(cfg: LabConfig, say=lambda msg: None) -> dict:
+    """Create (or complete) the lab described by ``cfg``; returns ``status(cfg)``."""
+    _require_root()
+    from pyroute2 import NetlinkError, netns
+
+    for ns in (cfg.exchange_ns, cfg.appliance_ns):
+        if not exists(ns):
+            netns.create(ns)
+            say(f"created namespace {ns}")
+    for ns in (cfg.exchange_ns, cfg.appliance_ns):
+        with _iproute(ns) as ipr:
+            ipr.link("set", index=_link(ipr, "lo"), state="up")
+    for letter, line in cfg.lines.items():
+        with _iproute(cfg.exchange_ns) as ipr:
+            if _link(ipr, line.exchange_if) is None:
+                try:
+                    ipr.link("add", ifname=line.exchange_if, kind="veth",
+                             num_rx_queues=cfg.queues, num_tx_queues=cfg.queues,
+                             peer={"ifname": line.appliance_if, "net_ns_fd": cfg.appliance_ns,
+                                   "num_rx_queues": cfg.queues,
+                                   "num_tx_queues": cfg.queues})  # fmt: skip
+                except NetlinkError as e:
+                    raise LabError(e.code, f"cannot create line {letter} veth "
+                                   f"{line.exchange_if}/{line.appliance_if}: {e}") from None
+                say(f"created line {letter}: {cfg.exchange_ns}/{line.exchange_if} <-> "
+                    f"{cfg.appliance_ns}/{line.appliance_if}")
+        for ns, ifname, addr in ((cfg.exchange_ns, line.exchange_if, line.exchange_ip),
+                                 (cfg.appliance_ns, line.appliance_if, line.appliance_ip)):
+            with _iproute(ns) as ipr:
+                idx = _link(ipr, ifname)
+                if idx is None:
+                    raise LabError(errno.ENOENT, f"{ns}/{ifname} is missing but its veth "
+                                   f"peer exists: run tickwire lab down, then up")  # fmt: skip
+                info = ipr.get_links(idx)[0]
+                rxq = info.get("IFLA_NUM_RX_QUEUES")
+                if rxq is not None and rxq != cfg.queues:
+                    raise LabError(errno.EEXIST, f"{ns}/{ifname} has {rxq} queues, the "
+                                   f"config wants {cfg.queues}: run tickwire lab down, "
+                                   "then up")  # fmt: skip
+                if info.get("IFLA_MTU") != cfg.mtu:
+                    ipr.link("set", index=idx, mtu=cfg.mtu)
+                have = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
+                if (addr, line.prefixlen) not in have:
+                    ipr.addr("add", index=idx, address=addr, prefixlen=line.prefixlen)
+                ipr.link("set", index=idx, state="up")
+        with _iproute(cfg.exchange_ns) as ipr:
+            idx = _link(ipr, line.exchange_if)
+            ipr.route("replace", dst=f"{line.group}/32", oif=idx)
+        # the feed's sources are on-link; strict reverse-path filtering would still drop
+        # a line's packets if a route ever pointed the other way, so turn it off here
+        _sysctl(cfg.appliance_ns, f"net.ipv4.conf.{line.appliance_if}.rp_filter", "0")
+    _sysctl(cfg.appliance_ns, "net.ipv4.conf.all.rp_filter", "0")
+    deadline = time.monotonic() + 5.0  # carrier comes up a moment after both ends do
+    while True:
+        st = status(cfg)
+        if st["up"] or time.monotonic() > deadline:
+            return st
+        time.sleep(0.02)
+
+
+def _pids_in(ns: str) -> list[int]:
+    """Processes whose network namespace is ``ns``."""
+    try:
+        target = os.stat(ns_path(ns))
+    except FileNotFoundError:
+        return []
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def down(cfg: LabConfig, say=lambda msg: None, grace: float = 3.0) -> list[str]:
+    """Stop processes in the lab's namespaces and delete them; returns what was removed."""
+    _require_root()
+    from pyroute2 import netns
+
+    removed = []
+    for ns in (cfg.exchange_ns, cfg.appliance_ns):
+        if not exists(ns):
+            continue
+        pids = [p for p in _pids_in(ns) if p != os.getpid()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if os.path.exists(f"/proc/{p}")]
+            time.sleep(0.05)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if pids:
+            say(f"killed {len(pids)} process(es) still in {ns}")
+        netns.remove(ns)
+        removed.append(ns)
+        say(f"removed namespace {ns}")
+    return removed
+
+
+def _interfaces(ns: str) -> list[dict]:
+    out = []
+    with _iproute(ns) as ipr:
+        for link in ipr.get_links():
+            name = link.get("IFLA_IFNAME")
+            addrs = [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+                     for a in ipr.get_addr(index=link["index"], family=2)]  # fmt: skip
+            out.append({
+                "name": name, "state": link.get("IFLA_OPERSTATE", "").lower(),
+                "mtu": link.get("IFLA_MTU"), "queues": link.get("IFLA_NUM_RX_QUEUES"),
+                "addresses": addrs,
+            })  # fmt: skip
+    return out
+
+
+def _group_routes(ns: str) -> list[dict]:
+    out = []
+    with _iproute(ns) as ipr:
+        names = {ln["index"]: ln.get("IFLA_IFNAME") for ln in ipr.get_links()}
+        for r in ipr.get_routes(family=2):
+            dst = r.get("RTA_DST")
+            if dst and r["dst_len"] == 32 and dst.split(".")[0].isdigit() and \
+                    224 <= int(dst.split(".")[0]) <= 239:  # fmt: skip
+                out.append({"group": dst, "dev": names.get(r.get("RTA_OIF"))})
+    return out
+
+
+def status(cfg: LabConfig) -> dict:
+    """What of the lab exists: namespaces, interfaces, group routes, processes inside."""
+    out = {"prefix": cfg.prefix, "up": True, "namespaces": {}}
+    for role, ns in (("exchange", cfg.exchange_ns), ("appliance", cfg.appliance_ns)):
+        if not exists(ns):
+            out["namespaces"][ns] = {"role": role, "exists": False}
+            out["up"] = False
+            continue
+        info = {"role": role, "exists": True, "interfaces": _interfaces(ns),
+                "processes": _pids_in(ns)}  # fmt: skip
+        if role == "exchange":
+            info["group_routes"] = _group_routes(ns)
+        out["namespaces"][ns] = info
+    if out["up"]:
+        for line in cfg.lines.values():
+            for ns, ifname in ((cfg.exchange_ns, line.exchange_if),
+                               (cfg.appliance_ns, line.appliance_if)):  # fmt: skip
+                ifs = {i["name"]: i for i in out["namespaces"][ns]["interfaces"]}
+                if ifname not in ifs or ifs[ifname]["state"] not in ("up", "unknown"):
+                    out["up"] = False
+    return out
+
+
+def status_text(st: dict, cfg: LabConfig) -> str:
+    lines = [f"lab {st['prefix']}: {'up' if st['up'] else 'not up'}"]
+    for ns, info in st["namespaces"].items():
+        if not info["exists"]:
+            lines.append(f"  {ns} ({info['role']}): missing")
+            continue
+        lines.append(f"  {ns} ({info['role']})")
+        for i in info["interfaces"]:
+            if i["name"] == "lo":
+                continue
+            lines.append(f"    {i['name']:<10} {i['state']:<8} mtu {i['mtu']:<5} "
+                         f"queues {i['queues']}  {' '.join(i['addresses'])}")  # fmt: skip
+        for r in info.get("group_routes", []):
+            lines.append(f"    route {r['group']} dev {r['dev']}")
+        if info["processes"]:
+            lines.append(f"    processes: {' '.join(map(str, info['processes']))}")
+    if st["up"]:
+        for letter, line in cfg.lines.items():
+            lines.append(f"  line {letter}: {line.group}:{line.port} from {line.exchange_ip}")
+        lines.append(f"  re-request server port {cfg.rerequest_port} on the exchange addresses")
+    return "\n".join(lines)
