@@ -35,6 +35,7 @@ EPILOG_BENCH = """examples:
   tickwire bench book                            5M messages on 100 and on 9,000 stocks
   tickwire bench book --messages 1000000 --json
   tickwire bench book --session 01302019.NASDAQ_ITCH50
+  tickwire bench sim                             publisher rate, 5M messages, private lab
 """
 
 
@@ -262,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--repeat", type=_positive, default=3, help="timed runs, best kept (3)")
     bb.add_argument("--seed", type=int, default=1, help="generator seed (1)")
     bb.add_argument("--json", action="store_true", help="machine-readable output")
+    bs = bsub.add_parser("sim", help="publisher rate (both lines) against per-packet sends")
+    bs.add_argument("--messages", type=_positive, default=5_000_000, help="session size (5M)")
+    bs.add_argument("--stocks", type=_positive, default=100, help="stocks (100)")
+    bs.add_argument("--session", metavar="FILE", help="use this ITCH file instead")
+    bs.add_argument("--repeat", type=_positive, default=3, help="timed runs, best kept (3)")
+    bs.add_argument("--seed", type=int, default=1, help="generator seed (1)")
+    bs.add_argument("--json", action="store_true", help="machine-readable output")
     be.set_defaults(func=_cmd_bench)
     return p
 
