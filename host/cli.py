@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 EPILOG_BOOK = """examples:
@@ -30,6 +31,15 @@ EPILOG_SIM = """examples:
   tickwire sim --generate 2000000 --max --json           as fast as possible, JSON summary
   tickwire sim --session s.itch --speed 100 --start-phase Q
   tickwire sim --session s.itch --fault A:drop=1000-1999 --fault B:cut=50@200 --record r.json
+"""
+EPILOG_RUN = """examples:
+  tickwire run --lab                             AF_XDP in the lab (kernel sockets if no XDP)
+  tickwire run --lab --mode socket --until-eos --json
+  tickwire run --config /etc/tickwire/tickwire.toml
+"""
+EPILOG_STATUS = """examples:
+  tickwire status                                counters of the running consumer
+  tickwire status --netns tw-appl --json
 """
 EPILOG_BENCH = """examples:
   tickwire bench book                            5M messages on 100 and on 9,000 stocks
@@ -139,6 +149,33 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     if args.record:
         sim.write_record(simulator, args.record)
     print(json.dumps(stats) if args.json else sim.summary_text(stats), flush=True)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from host import appliance, config
+
+    cfg = config.load(args.config, prefix=args.prefix)
+    if args.lab:
+        cfg = config.for_lab(cfg)
+    if args.mode:
+        import dataclasses
+
+        cfg = config.validate(dataclasses.replace(
+            cfg, run=dataclasses.replace(cfg.run, rx_mode=args.mode)))  # fmt: skip
+    app = appliance.Appliance(cfg)
+    signal.signal(signal.SIGTERM, app.stop)
+    signal.signal(signal.SIGINT, app.stop)
+    s = app.run(until_eos=args.until_eos, duration=args.duration)
+    print(json.dumps(s) if args.json else appliance.summary_text(s), flush=True)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from host import status
+
+    st = status.collect(args.channel, args.netns)
+    print(json.dumps(st) if args.json else status.text(st))
     return 0
 
 
@@ -252,6 +289,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stay in the current network namespace")
     si.add_argument("--json", action="store_true", help="machine-readable summary")
     si.set_defaults(func=_cmd_sim)
+
+    ru = _verb(sub, "run", "run the appliance: receive lines A and B into books", EPILOG_RUN)
+    ru.add_argument("--config", metavar="FILE", help="TOML configuration ([run], [feed])")
+    ru.add_argument("--lab", action="store_true",
+                    help="run in the lab's appliance namespace on its lines")
+    ru.add_argument("--prefix", help="lab prefix with --lab (tw)")
+    ru.add_argument("--mode", choices=["auto", "xdp", "socket"], help="override run.rx_mode")
+    ru.add_argument("--until-eos", action="store_true",
+                    help="stop once the end of session is seen and every sequence taken")
+    ru.add_argument("--duration", type=_positive_float, help="stop after this many seconds")
+    ru.add_argument("--json", action="store_true", help="machine-readable summary")
+    ru.set_defaults(func=_cmd_run)
+
+    stt = _verb(sub, "status", "what runs: consumer counters, attached XDP programs",
+                EPILOG_STATUS)  # fmt: skip
+    stt.add_argument("--channel", default="totalview", help="channel (totalview)")
+    stt.add_argument("--netns", help="also list XDP programs attached in this namespace")
+    stt.add_argument("--json", action="store_true", help="machine-readable output")
+    stt.set_defaults(func=_cmd_status)
 
     be = _verb(sub, "bench", "benchmarks, as ratios against a baseline in the same run",
                EPILOG_BENCH)  # fmt: skip

@@ -88,12 +88,61 @@ class FeedConfig:
 
 
 @dataclass(frozen=True)
+class RxLineConfig:
+    # interface the line arrives on, and the queue its packets land on
+    interface: str
+    queue: int
+    # the line's multicast group and UDP port
+    group: str
+    port: int
+    # address of ``interface`` used to join the group (IGMP); "" = let the kernel choose
+    address: str = ""
+
+
+def _rx_line(letter: str, octet: int) -> RxLineConfig:
+    lab = _line(letter, octet)
+    return RxLineConfig(interface=lab.appliance_if, queue=0, group=lab.group, port=lab.port,
+                        address=lab.appliance_ip)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # channel name: shared memory lives under /dev/shm/tickwire/<channel>/
+    channel: str = "totalview"
+    # network namespace to run in ("" = the current one); the lab's is <prefix>-appl
+    netns: str = ""
+    # "xdp" (AF_XDP), "socket" (kernel UDP sockets), or "auto" (xdp when it can attach)
+    rx_mode: str = "auto"
+    # XDP attach mode: "native", "generic", or "auto" (native, else generic)
+    xdp_mode: str = "auto"
+    # CPU the consumer process is pinned to (-1: not pinned)
+    core: int = -1
+    # packets taken from a ring (or recvmmsg) at a time
+    batch: int = 64
+    # AF_XDP rx and fill ring entries (power of two) and UMEM frames
+    ring_size: int = 8192
+    frames: int = 16384
+    # Prometheus endpoint "host:port" ("" = none)
+    metrics: str = "127.0.0.1:9108"
+    # order capacity the book starts with (it grows off the hot path when needed)
+    orders: int = 1 << 20
+    line_a: RxLineConfig = field(default_factory=lambda: _rx_line("a", 1))
+    line_b: RxLineConfig = field(default_factory=lambda: _rx_line("b", 2))
+
+    @property
+    def lines(self) -> dict[str, RxLineConfig]:
+        return {"A": self.line_a, "B": self.line_b}
+
+
+@dataclass(frozen=True)
 class Config:
     lab: LabConfig = field(default_factory=LabConfig)
     feed: FeedConfig = field(default_factory=FeedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 _PREFIX = re.compile(r"^[a-z][a-z0-9]{0,9}$")
+_CHANNEL = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 
 
@@ -130,6 +179,46 @@ def _validate_line(key: str, line: LineConfig) -> None:
                           f"/{line.prefixlen} network")  # fmt: skip
 
 
+def _validate_run(run: RunConfig) -> None:
+    if not _CHANNEL.match(run.channel):
+        raise ConfigError(f"run.channel: {run.channel!r} must be letters, digits, - or _ "
+                          "(1-32 characters)")  # fmt: skip
+    for key, value, allowed in (("rx_mode", run.rx_mode, ("auto", "xdp", "socket")),
+                                ("xdp_mode", run.xdp_mode, ("auto", "native", "generic"))):
+        if value not in allowed:
+            raise ConfigError(f"run.{key}: {value!r} is not one of {', '.join(allowed)}")
+    if run.core < -1 or run.core >= 4096:
+        raise ConfigError(f"run.core: {run.core} is not a CPU number (or -1)")
+    if not 1 <= run.batch <= 1024:
+        raise ConfigError(f"run.batch: {run.batch} is outside 1..1024")
+    if run.ring_size < 64 or run.ring_size & (run.ring_size - 1) or run.ring_size > 1 << 16:
+        raise ConfigError(f"run.ring_size: {run.ring_size} must be a power of two, 64..65536")
+    if run.frames < run.ring_size or run.frames > 1 << 20:
+        raise ConfigError(f"run.frames: {run.frames} must be at least ring_size and at most "
+                          "1048576")  # fmt: skip
+    if run.orders < 16 or run.orders > 1 << 28:
+        raise ConfigError(f"run.orders: {run.orders} is outside 16..268435456")
+    if run.metrics:
+        host, sep, port = run.metrics.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(f"run.metrics: {run.metrics!r} must be host:port")
+        _check_ip("run.metrics", host)
+        _check_port("run.metrics", int(port))
+    for letter, line in run.lines.items():
+        key = f"run.line_{letter.lower()}"
+        if not _IFNAME.match(line.interface):
+            raise ConfigError(f"{key}.interface: not a valid interface name")
+        if not 0 <= line.queue < 64:
+            raise ConfigError(f"{key}.queue: {line.queue} is outside 0..63")
+        _check_ip(f"{key}.group", line.group, multicast=True)
+        _check_port(f"{key}.port", line.port)
+        if line.address:
+            _check_ip(f"{key}.address", line.address)
+    a, b = run.line_a, run.line_b
+    if (a.group, a.port) == (b.group, b.port):
+        raise ConfigError("run.line_b: lines A and B must use different group/port pairs")
+
+
 def validate(cfg: Config) -> Config:
     lab = cfg.lab
     if not _PREFIX.match(lab.prefix):
@@ -151,6 +240,7 @@ def validate(cfg: Config) -> Config:
     if na.overlaps(nb):
         raise ConfigError("lab.line_b: lines A and B must be on separate networks")
     _check_port("lab.rerequest_port", lab.rerequest_port)
+    _validate_run(cfg.run)
     s = cfg.feed.session
     if not (1 <= len(s) <= 10 and s.isascii() and s.isprintable()):
         raise ConfigError(f"feed.session: {s!r} must be 1-10 printable ASCII characters")
@@ -186,6 +276,19 @@ def _build(cls, key: str, table: Any, defaults: Any):
 
 def from_dict(data: dict) -> Config:
     return validate(_build(Config, "", data, Config()))
+
+
+def for_lab(cfg: Config) -> Config:
+    """``cfg`` with its ``[run]`` pointed at the lab: the appliance namespace and the
+    appliance ends of the lab's lines (groups, ports, addresses from ``[lab]``)."""
+    lines = {}
+    for letter, line in cfg.lab.lines.items():
+        old = cfg.run.lines[letter]
+        lines[f"line_{letter.lower()}"] = dataclasses.replace(
+            old, interface=line.appliance_if, group=line.group, port=line.port,
+            address=line.appliance_ip)  # fmt: skip
+    run = dataclasses.replace(cfg.run, netns=cfg.lab.appliance_ns, **lines)
+    return validate(dataclasses.replace(cfg, run=run))
 
 
 def load(path: str | Path | None = None, prefix: str | None = None) -> Config:

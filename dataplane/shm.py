@@ -1,0 +1,245 @@
+"""Shared memory between the consumer and everyone else, under ``/dev/shm/tickwire/``.
+
+One directory per channel (``/dev/shm/tickwire/<channel>/``) holds flat files mapped by
+both sides; the consumer is the only writer of all but ``control``:
+
+- ``counters`` (int64, ``COUNTERS_LEN``): per line ``L_*`` at ``line * LINE_STRIDE``, the
+  sequencer's ``A_*``, the consumer's ``S_*``, and the book's counter array (decoder and
+  book anomalies, ``dataplane.itch`` / ``dataplane.book``) at ``BOOK_BASE``.
+- ``bbo`` (``BBO`` per locate, 65,536): best bid/ask price and shares under a seqlock --
+  ``seq`` is odd while the consumer writes; a reader copies the record and retries until
+  it saw the same even ``seq`` before and after.
+- ``latency`` (int64 histogram, ``LAT_BUCKETS``): receive-to-book nanoseconds per packet,
+  log-linear buckets (8 per power of two).
+- ``control`` (int64): requests from other processes: stop, level snapshots.
+- ``levels`` (int64 rows ``locate, side, price, shares, orders``): the snapshot answer.
+
+``Reader`` is the documented way in for other processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dataplane import book as bk
+
+SHM_ROOT = Path(os.environ.get("TICKWIRE_SHM", "/dev/shm/tickwire"))
+
+# --- counters -------------------------------------------------------------------------------
+LINE_STRIDE = 16
+L_PACKETS = 0  # packets received on the line (any kind)
+L_BYTES = 1  # their UDP payload bytes
+L_MESSAGES = 2  # messages carried by data packets
+L_DUPLICATES = 3  # messages already taken from either line (dropped before the book)
+L_MALFORMED = 4  # packets dropped: short, blocks inconsistent with count and length
+L_LAST_SEQ = 5  # the last sequence number seen on the line (end of its last packet)
+L_HEARTBEATS = 6
+L_END = 7  # end-of-session packets
+L_OTHER_SESSION = 8  # packets of another MoldUDP64 session (dropped)
+L_FIRST_TAKEN = 9  # messages this line delivered first (taken into the book)
+L_RX_NS = 10  # receive time of the line's last packet
+
+A_BASE = 2 * LINE_STRIDE
+A_NEXT = A_BASE + 0  # next sequence expected
+A_TAKEN = A_BASE + 1  # messages taken into the book, each sequence once
+A_GAP_MESSAGES = A_BASE + 2  # sequences skipped (neither line had them in time)
+A_GAP_EVENTS = A_BASE + 3
+A_END_SEQ = A_BASE + 4  # next sequence announced by end of session (0 until seen)
+A_PACKETS = A_BASE + 5  # packets that contributed messages
+
+S_BASE = A_BASE + 16
+S_RUNNING = S_BASE + 0  # 1 while the consumer loop runs
+S_ALIVE_NS = S_BASE + 1  # CLOCK_MONOTONIC of the consumer's last housekeeping
+S_LOOPS = S_BASE + 2
+S_RX_BATCHES = S_BASE + 3
+S_PID = S_BASE + 4
+S_CPU = S_BASE + 5
+S_MODE = S_BASE + 6  # 1 AF_XDP, 2 kernel sockets
+S_RING_FULL = S_BASE + 7  # fill ring had no room (frames held back)
+S_WAKEUPS = S_BASE + 8
+
+BOOK_BASE = 64
+COUNTERS_LEN = BOOK_BASE + 320
+MODE_XDP = 1
+MODE_SOCKET = 2
+
+# --- BBO ----------------------------------------------------------------------------------
+BBO = np.dtype(
+    [("seq", np.uint64), ("bid_px", np.uint32), ("ask_px", np.uint32), ("bid_qty", np.int64),
+     ("ask_qty", np.int64), ("feed_seq", np.int64), ("update_ns", np.int64),
+     ("_pad", np.int64, 2)],
+    align=True,
+)  # fmt: skip  -- 64 bytes: one cache line per instrument
+assert BBO.itemsize == 64
+
+# --- latency histogram -------------------------------------------------------------------
+LAT_SUB = 8
+LAT_BUCKETS = 64 * LAT_SUB
+
+# --- control -------------------------------------------------------------------------------
+C_STOP = 0
+C_SNAP_REQ = 1  # a reader bumps this to ask for a level snapshot
+C_SNAP_DONE = 2  # the consumer sets it to the request number it answered
+C_SNAP_ROWS = 3
+C_SNAP_TRUNC = 4  # 1 when the book had more levels than the snapshot area holds
+CONTROL_LEN = 16
+LEVELS_CAP = 1 << 20
+
+REGIONS = {
+    "counters": (np.int64, (COUNTERS_LEN,)),
+    "bbo": (BBO, (bk.N_LOCATES,)),
+    "latency": (np.int64, (LAT_BUCKETS,)),
+    "control": (np.int64, (CONTROL_LEN,)),
+    "levels": (np.int64, (LEVELS_CAP, 5)),
+}
+
+
+def channel_dir(channel: str, root: Path | None = None) -> Path:
+    return (root or SHM_ROOT) / channel
+
+
+def create(channel: str, root: Path | None = None) -> dict[str, np.ndarray]:
+    """Create (or reset) a channel's regions; returns writable maps by name."""
+    d = channel_dir(channel, root)
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, (dtype, shape) in REGIONS.items():
+        out[name] = np.memmap(d / name, dtype=dtype, mode="w+", shape=shape).view(np.ndarray)
+    return out
+
+
+def attach(channel: str, root: Path | None = None, writable_control: bool = True) -> dict:
+    d = channel_dir(channel, root)
+    if not d.is_dir():
+        raise FileNotFoundError(f"no consumer shared memory at {d} (is tickwire run running?)")
+    out = {}
+    for name, (dtype, shape) in REGIONS.items():
+        mode = "r+" if (name == "control" and writable_control) else "r"
+        try:
+            out[name] = np.memmap(d / name, dtype=dtype, mode=mode, shape=shape).view(np.ndarray)
+        except (FileNotFoundError, ValueError) as e:
+            raise FileNotFoundError(f"{d / name}: missing or the wrong size ({e})") from None
+    return out
+
+
+def remove(channel: str, root: Path | None = None) -> None:
+    d = channel_dir(channel, root)
+    for name in REGIONS:
+        try:
+            (d / name).unlink()
+        except FileNotFoundError:
+            pass
+    try:
+        d.rmdir()
+    except OSError:
+        pass
+
+
+def lat_bucket(ns: int) -> int:
+    """Python mirror of the consumer's bucket function (for tests and readers)."""
+    if ns < LAT_SUB:
+        return max(ns, 0)
+    e = ns.bit_length() - 1
+    return (e - 2) * LAT_SUB + ((ns >> (e - 3)) & (LAT_SUB - 1))
+
+
+def bucket_low(i: int) -> int:
+    """Smallest nanosecond value of bucket ``i``."""
+    if i < LAT_SUB:
+        return i
+    e = i // LAT_SUB + 2
+    return (1 << e) | ((i % LAT_SUB) << (e - 3))
+
+
+def percentiles(hist: np.ndarray, qs=(50, 99, 99.9)) -> dict[str, float | None]:
+    """Percentiles (ns, bucket lower bounds: accurate to 1/8 of the value) of a histogram."""
+    total = int(hist.sum())
+    out: dict[str, float | None] = {}
+    cum = np.cumsum(hist)
+    for q in qs:
+        key = f"p{q:g}"
+        if total == 0:
+            out[key] = None
+            continue
+        i = int(np.searchsorted(cum, total * q / 100.0, side="left"))
+        out[key] = float(bucket_low(min(i, LAT_BUCKETS - 1)))
+    out["count"] = total
+    return out
+
+
+class Reader:
+    """Read a running consumer's books, BBOs and counters from another process."""
+
+    def __init__(self, channel: str, root: Path | None = None):
+        self.channel = channel
+        self.m = attach(channel, root)
+
+    def counters(self) -> dict:
+        c = np.array(self.m["counters"])  # one copy: a consistent-enough view for metrics
+        lines = {}
+        names = {"packets": L_PACKETS, "bytes": L_BYTES, "messages": L_MESSAGES,
+                 "duplicates": L_DUPLICATES, "malformed": L_MALFORMED,
+                 "last_seq": L_LAST_SEQ, "heartbeats": L_HEARTBEATS, "end_of_session": L_END,
+                 "other_session": L_OTHER_SESSION, "first": L_FIRST_TAKEN}  # fmt: skip
+        for k, letter in enumerate("AB"):
+            lines[letter] = {n: int(c[k * LINE_STRIDE + i]) for n, i in names.items()}
+        book_c = c[BOOK_BASE:]
+        from dataplane import itch
+
+        return {
+            "lines": lines,
+            "next_seq": int(c[A_NEXT]), "taken": int(c[A_TAKEN]),
+            "gap_messages": int(c[A_GAP_MESSAGES]), "gap_events": int(c[A_GAP_EVENTS]),
+            "end_seq": int(c[A_END_SEQ]), "running": bool(c[S_RUNNING]),
+            "mode": {MODE_XDP: "xdp", MODE_SOCKET: "socket"}.get(int(c[S_MODE]), "none"),
+            "pid": int(c[S_PID]), "cpu": int(c[S_CPU]),
+            "book": {"messages": int(book_c[itch.C_MESSAGES]),
+                     "unknown_type": int(book_c[itch.C_UNKNOWN_TYPE]),
+                     "bad_length": int(book_c[itch.C_BAD_LENGTH]),
+                     **{name: int(book_c[i]) for name, i in bk.ANOMALIES.items()},
+                     "growths": int(book_c[bk.B_GROWTHS])},
+        }  # fmt: skip
+
+    def bbo(self, locate: int, tries: int = 1000) -> tuple[int, int, int, int]:
+        """``(bid_px, bid_qty, ask_px, ask_qty)`` of one locate, torn reads retried."""
+        rec = self.m["bbo"]
+        for _ in range(tries):
+            s1 = int(rec[locate]["seq"])
+            if s1 & 1:
+                continue
+            r = rec[locate].copy()
+            if int(rec[locate]["seq"]) == s1:
+                return int(r["bid_px"]), int(r["bid_qty"]), int(r["ask_px"]), int(r["ask_qty"])
+        raise TimeoutError(f"locate {locate}: BBO kept changing under the reader")
+
+    def latency(self) -> dict:
+        return percentiles(np.array(self.m["latency"]))
+
+    def levels(self, timeout: float = 5.0) -> np.ndarray:
+        """A consistent snapshot of every level (``locate, side, price, shares, orders``),
+        taken by the consumer between packets."""
+        ctl = self.m["control"]
+        want = int(ctl[C_SNAP_REQ]) + 1
+        ctl[C_SNAP_REQ] = want
+        deadline = time.monotonic() + timeout
+        while int(ctl[C_SNAP_DONE]) < want:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the consumer did not answer the snapshot request")
+            time.sleep(0.001)
+        if int(ctl[C_SNAP_TRUNC]):
+            raise OverflowError(f"more than {LEVELS_CAP} levels: snapshot truncated")
+        return np.array(self.m["levels"][: int(ctl[C_SNAP_ROWS])])
+
+    def digest(self, timeout: float = 5.0) -> str:
+        rows = self.levels(timeout)
+        buf = np.zeros(max(1, 48 * len(rows)), np.uint8)
+        n = bk.digest_text(rows, buf)
+        return hashlib.sha256(buf[:n].tobytes()).hexdigest()
+
+    def stop(self) -> None:
+        self.m["control"][C_STOP] = 1

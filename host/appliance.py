@@ -1,0 +1,364 @@
+"""``tickwire run``: the appliance process tree for one channel.
+
+The parent (control plane) preflights, enters the configured network namespace, joins the
+lines' multicast groups, attaches the XDP steering program (AF_XDP mode), creates the
+shared memory, then forks the consumer and serves metrics until told to stop. The
+consumer child pins itself to its core, opens its receive path -- one AF_XDP socket per
+line on (interface, queue), registered in the program's XSKMAP, or kernel UDP sockets --
+and runs the numba loop, returning to Python only to grow the book, answer a snapshot
+request or stop. On SIGTERM/SIGINT (or at the end of session with ``until_eos``) the
+parent asks the consumer to stop through shared memory, waits for its final report
+(``final.json``: digest, counters), detaches XDP and exits; every exit path detaches.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from dataplane import shm
+from host import lab
+from host.config import Config, RunConfig
+
+SO_RCVBUFFORCE = 33
+
+
+class RunError(OSError):
+    """The appliance cannot start or run; the message says why and what to do."""
+
+
+def _log(msg: str) -> None:
+    print(f"tickwire run: {msg}", file=sys.stderr, flush=True)
+
+
+# --- preflight --------------------------------------------------------------------------------
+def preflight(cfg: Config) -> list[str]:
+    """Problems that stop ``run`` before it changes anything (empty when ready)."""
+    run = cfg.run
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("needs root (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN): run with sudo")
+        return problems
+    if run.netns and not lab.exists(run.netns):
+        problems.append(f"network namespace {run.netns} does not exist (tickwire lab up?)")
+        return problems
+    if run.core >= 0 and run.core not in os.sched_getaffinity(0):
+        problems.append(f"run.core {run.core} is not a CPU this process may use "
+                        f"(allowed: {sorted(os.sched_getaffinity(0))})")  # fmt: skip
+    return problems
+
+
+def _check_interfaces(run: RunConfig) -> None:
+    for letter, line in run.lines.items():
+        try:  # not /sys/class/net: sysfs shows the namespace it was mounted in
+            socket.if_nametoindex(line.interface)
+        except OSError:
+            raise RunError(errno.ENODEV, f"line {letter}: interface {line.interface} does "
+                           f"not exist{' in ' + run.netns if run.netns else ''}") from None
+
+
+# --- receive paths ----------------------------------------------------------------------------
+def join_socket(line, bind: bool) -> socket.socket:
+    """A UDP socket joined to the line's group on its interface (IGMP); bound to the group
+    and port when it is also the receive socket."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if bind:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+        s.bind((line.group, line.port))
+        s.setblocking(False)
+    addr = line.address or "0.0.0.0"
+    mreq = socket.inet_aton(line.group) + socket.inet_aton(addr)
+    try:
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+    except OSError as e:
+        s.close()
+        raise RunError(e.errno, f"cannot join {line.group} on {line.interface} ({addr}): "
+                       f"{e.strerror}") from None  # fmt: skip
+    return s
+
+
+def _consumer_socket(cfg: Config, maps: dict, book, session: np.ndarray) -> None:
+    from dataplane import consumer as cs
+
+    run = cfg.run
+    socks = [join_socket(line, bind=True) for line in run.lines.values()]
+    fds = np.array([s.fileno() for s in socks], np.int64)
+    rbuf, _iov, mm = cs.socket_buffers(run.batch)
+    pstate = np.zeros(cs.PSTATE_LEN, np.int64)
+    ts = np.zeros(2, np.int64)
+    touched = np.zeros(256, np.int64)
+    ctr, bbo, lat, control = maps["counters"], maps["bbo"], maps["latency"], maps["control"]
+    ctr[shm.S_MODE] = shm.MODE_SOCKET
+    ctr[shm.S_RUNNING] = 1
+    try:
+        while True:
+            status, need = cs.socket_loop(fds, mm, rbuf, pstate, 50_000_000, session, ctr,
+                                          *book._state(), bbo, touched, lat, control,
+                                          ts)  # fmt: skip
+            if need:
+                book._grow(need)
+            elif status == cs.STOPPED:
+                return
+            elif status == cs.SNAPSHOT:
+                cs.snapshot(book.sides, book.ladder, book.levels, maps["levels"], control)
+            ctr[shm.S_ALIVE_NS] = time.monotonic_ns()
+    finally:
+        ctr[shm.S_RUNNING] = 0
+        for s in socks:
+            s.close()
+
+
+def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: int) -> None:
+    from dataplane import consumer as cs
+    from dataplane import xsk
+
+    run = cfg.run
+    ctr, bbo, lat, control = maps["counters"], maps["bbo"], maps["latency"], maps["control"]
+    socks = []
+    try:
+        for line in run.lines.values():
+            s = xsk.XskSocket(line.interface, line.queue, frames=run.frames,
+                              ring_size=run.ring_size)  # fmt: skip
+            socks.append(s)
+            s.register(map_fd)
+        if any(not s.umem.hugepages for s in socks):
+            _log("UMEM in normal pages (no free 2 MiB hugepages)")
+        ri = np.stack([s.ring_info for s in socks])
+        umems = [s.umem.array for s in socks]
+        ctr[shm.S_MODE] = shm.MODE_XDP
+        ctr[shm.S_RUNNING] = 1
+        pstate = np.zeros(cs.PSTATE_LEN, np.int64)
+        pend = np.zeros((run.batch, 3), np.int64)
+        ts = np.zeros(2, np.int64)
+        touched = np.zeros(256, np.int64)
+        while True:
+            status, need = cs.xdp_loop(ri, umems[0], umems[1], pstate, pend, 50_000_000,
+                                       session, ctr, *book._state(), bbo, touched, lat,
+                                       control, ts)  # fmt: skip
+            if need:
+                book._grow(need)
+            elif status == cs.STOPPED:
+                return
+            elif status == cs.SNAPSHOT:
+                cs.snapshot(book.sides, book.ladder, book.levels, maps["levels"], control)
+            ctr[shm.S_ALIVE_NS] = time.monotonic_ns()
+    finally:
+        ctr[shm.S_RUNNING] = 0
+        for s in socks:
+            s.close()
+
+
+def _child(cfg: Config, mode: str, map_fd: int, maps: dict) -> int:
+    """The consumer process: pin, receive, book; write final.json; never returns."""
+    from dataplane import moldudp64 as mold
+    from dataplane.book import Book
+
+    run = cfg.run
+    cdir = shm.channel_dir(run.channel)
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if run.core >= 0:
+            os.sched_setaffinity(0, {run.core})
+        maps["counters"][shm.S_PID] = os.getpid()
+        maps["counters"][shm.S_CPU] = run.core
+        book = Book(orders=run.orders, levels=max(1 << 14, run.orders // 4),
+                    ladder=max(1 << 16, run.orders // 2),
+                    counters=maps["counters"][shm.BOOK_BASE :])  # fmt: skip
+        session = np.frombuffer(mold.session_bytes(cfg.feed.session), np.uint8).copy()
+        if mode == "xdp":
+            _consumer_xdp(cfg, maps, book, session, map_fd)
+        else:
+            _consumer_socket(cfg, maps, book, session)
+        final = {"digest": book.digest(), "live_orders": book.live_orders,
+                 "check": book.check(allow_crossed=True),
+                 "stocks": len(book.stocks_summary())}  # fmt: skip
+        (cdir / "final.json").write_text(json.dumps(final))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, then exit
+        code = 1
+        (cdir / "error.txt").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class Appliance:
+    """Run one channel until stopped; ``run()`` returns the summary."""
+
+    def __init__(self, cfg: Config, log=_log):
+        self.cfg = cfg
+        self.log = log
+        self._stop = False
+        self.mode = None
+        self.steering = None
+
+    def stop(self, *_args) -> None:
+        self._stop = True
+
+    def _choose_mode(self) -> str:
+        run = self.cfg.run
+        if run.rx_mode == "socket":
+            return "socket"
+        try:
+            from host import loader
+
+            channels = [(line.group, line.port, 0, letter) for letter, line in run.lines.items()]
+            ifaces = sorted({line.interface for line in run.lines.values()})
+            self.steering = loader.Steering(ifaces, channels, mode=run.xdp_mode, log=self.log)
+            self.steering.__enter__()
+            import dataplane.xsk  # noqa: F401 - fail here, not in the child
+            return "xdp"
+        except Exception as e:  # noqa: BLE001 - auto falls back, xdp reports
+            if self.steering is not None:
+                self.steering.__exit__(None, None, None)
+                self.steering = None
+            if run.rx_mode == "xdp":
+                raise RunError(getattr(e, "errno", None) or errno.EOPNOTSUPP,
+                               f"AF_XDP receive path unavailable: {e}") from None  # fmt: skip
+            self.log(f"AF_XDP unavailable ({e}); receiving with kernel UDP sockets")
+            return "socket"
+
+    def run(self, until_eos: bool = False, eos_grace: float = 2.0, duration: float | None = None,
+            ready=None) -> dict:  # fmt: skip
+        cfg, run = self.cfg, self.cfg.run
+        problems = preflight(cfg)
+        if problems:
+            raise RunError(errno.EPERM if "root" in problems[0] else errno.EINVAL, problems[0])
+        if run.netns:
+            lab.enter(run.netns)
+        _check_interfaces(run)
+        cdir = shm.channel_dir(run.channel)
+        maps = shm.create(run.channel)
+        for name in ("final.json", "error.txt"):
+            (cdir / name).unlink(missing_ok=True)
+        maps["counters"][shm.A_NEXT] = 1
+        joins: list[socket.socket] = []
+        server = None
+        pid = 0
+        t0 = time.monotonic()
+        try:
+            self.mode = self._choose_mode()
+            if self.mode == "xdp":
+                joins = [join_socket(line, bind=False) for line in run.lines.values()]
+                map_fd = self.steering.xsks_map_fd
+            else:
+                map_fd = -1
+            pid = os.fork()
+            if pid == 0:
+                _child(cfg, self.mode, map_fd, maps)
+            where = f"core {run.core}" if run.core >= 0 else "any core"
+            ifs = ", ".join(f"{k}={v.interface}" for k, v in run.lines.items())
+            self.log(f"consumer pid {pid} on {where}, {self.mode} mode, lines {ifs}")
+            if run.metrics:
+                from host import metrics
+
+                stats = self.steering.stats if self.steering is not None else None
+                server = metrics.serve(run.metrics,
+                                       metrics.ConsumerCollector(run.channel, maps, stats))
+                self.log(f"metrics on http://{run.metrics}/metrics"
+                         + (f" (in {run.netns})" if run.netns else ""))  # fmt: skip
+            self._wait_running(maps, pid)
+            if ready is not None:
+                ready()
+            eos_at = None
+            while not self._stop:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    pid = 0
+                    break
+                c = maps["counters"]
+                if until_eos and c[shm.A_END_SEQ] > 0:
+                    eos_at = eos_at or time.monotonic()
+                    if c[shm.A_NEXT] >= c[shm.A_END_SEQ] or time.monotonic() - eos_at > eos_grace:
+                        break
+                if duration is not None and time.monotonic() - t0 >= duration:
+                    break
+                time.sleep(0.02)
+            maps["control"][shm.C_STOP] = 1
+            if pid:
+                self._reap(pid)
+                pid = 0
+        finally:
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            if server is not None:
+                server.shutdown()
+            for s in joins:
+                s.close()
+            if self.steering is not None:
+                xdp = self.steering.stats()
+                self.steering.__exit__(None, None, None)
+                self.xdp_stats = xdp
+        return self._summary(maps, cdir, time.monotonic() - t0)
+
+    def _wait_running(self, maps, pid: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        cdir = shm.channel_dir(self.cfg.run.channel)
+        while not maps["counters"][shm.S_RUNNING]:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                err = (cdir / "error.txt")
+                why = err.read_text().splitlines()[0] if err.exists() else "no report"
+                raise RunError(errno.EIO, f"the consumer failed to start: {why}")
+            if time.monotonic() > deadline:
+                raise RunError(errno.ETIMEDOUT, "the consumer did not start within 60 s")
+            time.sleep(0.01)
+
+    def _reap(self, pid: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise RunError(errno.ETIMEDOUT, "the consumer did not stop within 30 s (killed)")
+
+    def _summary(self, maps, cdir: Path, seconds: float) -> dict:
+        reader_counters = shm.Reader.__new__(shm.Reader)
+        reader_counters.m = maps
+        out = {"channel": self.cfg.run.channel, "mode": self.mode, "seconds": seconds,
+               **reader_counters.counters(), "latency_ns": shm.percentiles(
+                   np.array(maps["latency"]))}  # fmt: skip
+        err = cdir / "error.txt"
+        if err.exists():
+            raise RunError(errno.EIO, f"the consumer failed: {err.read_text().splitlines()[0]}")
+        final = cdir / "final.json"
+        if final.exists():
+            out.update(json.loads(final.read_text()))
+        if getattr(self, "xdp_stats", None):
+            out["xdp"] = self.xdp_stats
+        return out
+
+
+def summary_text(s: dict) -> str:
+    lines = [f"channel {s['channel']} ({s['mode']}): {s['taken']:,} messages taken, next "
+             f"sequence {s['next_seq']:,}, gaps {s['gap_messages']:,} messages in "
+             f"{s['gap_events']:,} events, {s['seconds']:.1f} s"]  # fmt: skip
+    for letter, ln in s["lines"].items():
+        lines.append(f"  line {letter}: {ln['packets']:,} packets, {ln['messages']:,} messages, "
+                     f"{ln['first']:,} first, {ln['duplicates']:,} duplicates dropped, "
+                     f"{ln['malformed']:,} malformed")  # fmt: skip
+    lat = s["latency_ns"]
+    if lat.get("count"):
+        lines.append(f"  receive to book: p50 {lat['p50'] / 1e3:.1f} us, p99 "
+                     f"{lat['p99'] / 1e3:.1f} us, p99.9 {lat['p99.9'] / 1e3:.1f} us "
+                     f"({lat['count']:,} packets)")  # fmt: skip
+    if "digest" in s:
+        lines.append(f"  book: {s['live_orders']:,} live orders, {s['stocks']:,} stocks, "
+                     f"digest {s['digest'][:16]}…")  # fmt: skip
+    return "\n".join(lines)

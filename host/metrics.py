@@ -1,0 +1,131 @@
+"""Prometheus exposition: a custom collector that reads the consumer's shared counters (and
+the XDP program's per-CPU map) at scrape time. The hot path never calls into metrics.
+
+Names are ``tickwire_``-prefixed, in base units, counters end in ``_total``; lines and
+channels are labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import CollectorRegistry
+
+from dataplane import shm
+
+LINE_COUNTERS = (
+    ("line_packets", shm.L_PACKETS, "Packets received on the line"),
+    ("line_bytes", shm.L_BYTES, "UDP payload bytes received on the line"),
+    ("line_messages", shm.L_MESSAGES, "Messages carried by the line's data packets"),
+    ("line_duplicate_messages", shm.L_DUPLICATES,
+     "Messages already taken from either line, dropped before the book"),
+    ("line_first_messages", shm.L_FIRST_TAKEN, "Messages this line delivered first"),
+    ("line_malformed_packets", shm.L_MALFORMED, "Packets dropped as malformed"),
+    ("line_heartbeats", shm.L_HEARTBEATS, "MoldUDP64 heartbeats received"),
+    ("line_end_of_session", shm.L_END, "MoldUDP64 end-of-session packets received"),
+    ("line_other_session_packets", shm.L_OTHER_SESSION,
+     "Packets of another MoldUDP64 session, dropped"),
+)  # fmt: skip
+LAT_BOUNDS_S = (1e-6, 2e-6, 5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3,
+                5e-3, 10e-3, 100e-3, 1.0)  # fmt: skip
+
+
+class ConsumerCollector:
+    """Collects one channel's counters from shared memory (and XDP stats if given)."""
+
+    def __init__(self, channel: str, maps: dict, xdp_stats: Callable[[], dict] | None = None):
+        self.channel = channel
+        self.m = maps
+        self.xdp_stats = xdp_stats
+
+    def collect(self):
+        c = np.array(self.m["counters"])
+        ch = self.channel
+        for name, idx, doc in LINE_COUNTERS:
+            f = CounterMetricFamily(f"tickwire_{name}", doc, labels=["channel", "line"])
+            for k, letter in enumerate("AB"):
+                f.add_metric([ch, letter], float(c[k * shm.LINE_STRIDE + idx]))
+            yield f
+        g = GaugeMetricFamily("tickwire_line_last_sequence", "Last sequence seen on the line",
+                              labels=["channel", "line"])  # fmt: skip
+        for k, letter in enumerate("AB"):
+            g.add_metric([ch, letter], float(c[k * shm.LINE_STRIDE + shm.L_LAST_SEQ]))
+        yield g
+        g = GaugeMetricFamily("tickwire_sequence_next", "Next sequence number expected",
+                              labels=["channel"])  # fmt: skip
+        g.add_metric([ch], float(c[shm.A_NEXT]))
+        yield g
+        for name, idx, doc in (
+            ("messages_taken", shm.A_TAKEN, "Messages taken into the book, each sequence once"),
+            ("gap_messages", shm.A_GAP_MESSAGES, "Sequences neither line delivered"),
+            ("gap_events", shm.A_GAP_EVENTS, "Gaps detected"),
+        ):
+            f = CounterMetricFamily(f"tickwire_{name}", doc, labels=["channel"])
+            f.add_metric([ch], float(c[idx]))
+            yield f
+        g = GaugeMetricFamily("tickwire_consumer_up", "1 while the consumer loop runs",
+                              labels=["channel"])  # fmt: skip
+        g.add_metric([ch], float(c[shm.S_RUNNING]))
+        yield g
+        from dataplane import book as bk
+        from dataplane import itch
+
+        b = c[shm.BOOK_BASE :]
+        f = CounterMetricFamily("tickwire_book_messages", "ITCH messages decoded",
+                                labels=["channel"])  # fmt: skip
+        f.add_metric([ch], float(b[itch.C_MESSAGES]))
+        yield f
+        f = CounterMetricFamily("tickwire_book_anomalies", "Counted book anomalies by kind",
+                                labels=["channel", "kind"])  # fmt: skip
+        for kind, i in bk.ANOMALIES.items():
+            f.add_metric([ch, kind], float(b[i]))
+        f.add_metric([ch, "unknown_type"], float(b[itch.C_UNKNOWN_TYPE]))
+        f.add_metric([ch, "bad_length"], float(b[itch.C_BAD_LENGTH]))
+        yield f
+        hist = np.array(self.m["latency"])
+        total = int(hist.sum())
+        lows = np.array([shm.bucket_low(i) for i in range(shm.LAT_BUCKETS)], np.float64) / 1e9
+        buckets = [(f"{ub:g}", float(hist[lows < ub].sum())) for ub in LAT_BOUNDS_S]
+        buckets.append(("+Inf", float(total)))
+        h = HistogramMetricFamily("tickwire_receive_to_book_seconds",
+                                  "Receive (XDP stamp or recvmmsg return) to book applied, "
+                                  "per packet", labels=["channel"])  # fmt: skip
+        h.add_metric([ch], buckets, sum_value=float((hist * lows).sum()))
+        yield h
+        if self.xdp_stats is not None:
+            try:
+                st = self.xdp_stats()
+            except Exception:  # noqa: BLE001 - a scrape must not fail on a detached program
+                return
+            f = CounterMetricFamily("tickwire_xdp_packets", "Packets the XDP program steered",
+                                    labels=["channel", "line"])  # fmt: skip
+            fb = CounterMetricFamily("tickwire_xdp_bytes", "Bytes the XDP program steered",
+                                     labels=["channel", "line"])  # fmt: skip
+            for letter, v in st.get("lines", {}).items():
+                f.add_metric([ch, letter], float(v["packets"]))
+                fb.add_metric([ch, letter], float(v["bytes"]))
+            yield f
+            yield fb
+            f = CounterMetricFamily("tickwire_xdp_passed_packets",
+                                    "Packets the XDP program passed to the kernel, by reason",
+                                    labels=["reason"])  # fmt: skip
+            for reason, v in st.get("passed", {}).items():
+                f.add_metric([reason], float(v))
+            yield f
+
+
+def serve(address: str, collector) -> object:
+    """Start the HTTP endpoint on ``host:port``; returns the server (``shutdown()``)."""
+    from prometheus_client import start_http_server
+
+    host, _, port = address.rpartition(":")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    server, _thread = start_http_server(int(port), addr=host, registry=registry)
+    return server

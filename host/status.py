@@ -1,0 +1,49 @@
+"""``tickwire status``: what runs -- the consumer's counters from shared memory and the XDP
+programs attached to interfaces (in the current or a named network namespace)."""
+
+from __future__ import annotations
+
+from dataplane import shm
+
+
+def collect(channel: str, netns: str | None = None) -> dict:
+    out: dict = {"channel": channel}
+    try:
+        r = shm.Reader(channel)
+        out["consumer"] = r.counters()
+        out["consumer"]["latency_ns"] = r.latency()
+    except FileNotFoundError as e:
+        out["consumer"] = None
+        out["consumer_error"] = str(e)
+    try:
+        from host import loader
+
+        out["xdp"] = loader.attached(netns)
+    except Exception as e:  # noqa: BLE001 - status shows what it can
+        out["xdp"] = []
+        out["xdp_error"] = str(e)
+    return out
+
+
+def text(st: dict) -> str:
+    lines = []
+    c = st.get("consumer")
+    if c is None:
+        lines.append(f"channel {st['channel']}: no consumer ({st.get('consumer_error')})")
+    else:
+        state = "running" if c["running"] else "stopped"
+        lines.append(f"channel {st['channel']}: consumer {state} (pid {c['pid']}, {c['mode']}"
+                     f" mode), next sequence {c['next_seq']:,}, taken {c['taken']:,}, gaps "
+                     f"{c['gap_messages']:,}")  # fmt: skip
+        for letter, ln in c["lines"].items():
+            lines.append(f"  line {letter}: {ln['packets']:,} packets, {ln['messages']:,} "
+                         f"messages, {ln['duplicates']:,} duplicates, last seq "
+                         f"{ln['last_seq']:,}")  # fmt: skip
+    if st.get("xdp"):
+        for x in st["xdp"]:
+            lines.append(f"xdp: {x.get('ifname')} {x.get('mode')} prog id {x.get('prog_id')} "
+                         f"{x.get('prog_name', '')}".rstrip())  # fmt: skip
+    else:
+        lines.append("xdp: no program attached" + (f" ({st['xdp_error']})"
+                                                   if st.get("xdp_error") else ""))  # fmt: skip
+    return "\n".join(lines)
