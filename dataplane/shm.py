@@ -129,7 +129,7 @@ def attach(channel: str, root: Path | None = None, writable_control: bool = True
 
 def remove(channel: str, root: Path | None = None) -> None:
     d = channel_dir(channel, root)
-    for name in REGIONS:
+    for name in (*REGIONS, "final.json", "error.txt"):
         try:
             (d / name).unlink()
         except FileNotFoundError:

@@ -1,0 +1,265 @@
+"""``tickwire run`` end to end in a private lab: the simulator publishes a generated session
+on both lines, the appliance receives it (AF_XDP, or kernel sockets) and its books end
+exactly where ``tickwire book`` ends on the same file."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from dataplane import shm
+from dataplane.book import Book
+from host import itchgen, lab
+from tests.labnet import built, lab_or_skip, private_lab, run_sim, write_config
+
+pytestmark = pytest.mark.lab
+N_MSGS = 60_000
+
+
+def _xdp_available() -> str | None:
+    try:
+        import bcc  # noqa: F401
+
+        from dataplane import xsk  # noqa: F401
+        from host import loader  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"AF_XDP path not importable: {e}"
+    return None
+
+
+MODES = ["socket", pytest.param("xdp", marks=pytest.mark.skipif(
+    _xdp_available() is not None, reason=str(_xdp_available())))]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def labcfg(tmp_path_factory):
+    cfg = private_lab("run")
+    with built(cfg):
+        yield cfg
+
+
+@pytest.fixture(scope="module")
+def session_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sessions") / "s.itch"
+    itchgen.write_session(str(path), N_MSGS, 60, 31)
+    book = Book()
+    book.feed(np.fromfile(path, np.uint8))
+    return path, book.digest()
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Appliance:
+    """``tickwire run --lab`` in the background, with its own channel and metrics port."""
+
+    def __init__(self, cfg, tmp_path, mode: str, *extra: str, until_eos: bool = True):
+        self.channel = f"test{os.getpid()}{mode}{int(time.monotonic() * 1000) % 100000}"
+        self.port = _free_port()
+        self.cfg_path = tmp_path / "run.toml"
+        write_config(cfg, self.cfg_path)
+        with open(self.cfg_path, "a") as f:
+            f.write(f'[run]\nchannel = "{self.channel}"\nmetrics = "127.0.0.1:{self.port}"\n')
+        args = [sys.executable, "-m", "host.cli", "run", "--config", str(self.cfg_path),
+                "--lab", "--mode", mode, "--json", *extra]  # fmt: skip
+        if until_eos:
+            args.append("--until-eos")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if shm.Reader(self.channel).counters()["running"]:
+                    break
+            except FileNotFoundError:
+                pass
+            if self.proc.poll() is not None:
+                raise AssertionError(f"tickwire run exited: {self.proc.stderr.read()}")
+            assert time.monotonic() < deadline, "the consumer did not start"
+            time.sleep(0.05)
+        self.reader = shm.Reader(self.channel)
+
+    def wait_taken(self, n: int, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            c = self.reader.counters()
+            if c["taken"] >= n:
+                return c
+            time.sleep(0.05)
+        raise AssertionError(f"only {self.reader.counters()['taken']} of {n} taken")
+
+    def finish(self, terminate: bool = False) -> dict:
+        if terminate:
+            self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=120)
+        assert self.proc.returncode == 0, err
+        self.stderr = err
+        return json.loads(out)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shm.remove(self.channel)
+
+
+def _sim_cfg(cfg, tmp_path) -> str:
+    return write_config(cfg, tmp_path / "sim.toml")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_books_end_with_the_offline_digest(labcfg, session_file, tmp_path, mode):
+    path, digest = session_file
+    app = Appliance(labcfg, tmp_path, mode)
+    try:
+        run_sim(_sim_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "400000",
+                "--eos-for", "1", "--no-rerequest")  # fmt: skip
+        s = app.finish()
+    finally:
+        app.kill()
+    assert s["mode"] == mode
+    assert s["taken"] == N_MSGS and s["next_seq"] == N_MSGS + 1 and s["gap_messages"] == 0
+    assert s["digest"] == digest and s["check"] is None
+    for letter in "AB":  # both lines delivered everything; each sequence taken once
+        assert s["lines"][letter]["messages"] == N_MSGS
+    assert s["lines"]["A"]["first"] + s["lines"]["B"]["first"] == N_MSGS
+    assert s["lines"]["A"]["duplicates"] + s["lines"]["B"]["duplicates"] == N_MSGS
+    assert s["latency_ns"]["count"] > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_duplicates_never_reach_the_book_twice(labcfg, session_file, tmp_path, mode):
+    path, digest = session_file
+    record = tmp_path / "rec.json"
+    app = Appliance(labcfg, tmp_path, mode)
+    try:
+        run_sim(_sim_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "300000",
+                "--fault", "A:dup=0.2", "--fault", "B:dup=0.3", "--seed", "4",
+                "--record", str(record), "--eos-for", "1", "--no-rerequest")  # fmt: skip
+        s = app.finish()
+    finally:
+        app.kill()
+    rec = json.loads(record.read_text())
+    sent = {ln: sum(rec["packets"][k][1] for k in rec["lines"][ln]["sent"]) for ln in "AB"}
+    assert all(e["fault"] == "dup" for ln in "AB" for e in rec["lines"][ln]["events"])
+    assert sent["A"] > N_MSGS and sent["B"] > N_MSGS  # the lines really carried copies
+    assert s["digest"] == digest and s["taken"] == N_MSGS
+    assert s["lines"]["A"]["messages"] == sent["A"] and s["lines"]["B"]["messages"] == sent["B"]
+    dups = s["lines"]["A"]["duplicates"] + s["lines"]["B"]["duplicates"]
+    assert dups == sent["A"] + sent["B"] - N_MSGS  # every copy but the first dropped
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_metrics_snapshot_and_status_while_running(labcfg, session_file, tmp_path, mode):
+    path, digest = session_file
+    app = Appliance(labcfg, tmp_path, mode, until_eos=False)
+    try:
+        run_sim(_sim_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "400000",
+                "--eos-for", "0.3", "--no-rerequest")  # fmt: skip
+        c = app.wait_taken(N_MSGS)
+        assert app.reader.digest() == digest  # a live snapshot of every level
+        with lab.entered(labcfg.lab.appliance_ns):
+            body = urllib.request.urlopen(f"http://127.0.0.1:{app.port}/metrics",
+                                          timeout=10).read().decode()  # fmt: skip
+        metrics = {}
+        for line in body.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                metrics[name] = float(value)
+        ch = app.channel
+        assert metrics[f'tickwire_messages_taken_total{{channel="{ch}"}}'] == N_MSGS
+        assert metrics[f'tickwire_sequence_next{{channel="{ch}"}}'] == N_MSGS + 1
+        for letter in "AB":
+            lab_ = f'channel="{ch}",line="{letter}"'
+            assert metrics[f"tickwire_line_messages_total{{{lab_}}}"] == N_MSGS
+            assert metrics[f"tickwire_line_packets_total{{{lab_}}}"] == \
+                c["lines"][letter]["packets"]  # fmt: skip
+        assert metrics[f'tickwire_consumer_up{{channel="{ch}"}}'] == 1
+        assert metrics[f'tickwire_receive_to_book_seconds_count{{channel="{ch}"}}'] > 0
+        if mode == "xdp":
+            assert sum(v for k, v in metrics.items()
+                       if k.startswith("tickwire_xdp_packets_total")) >= 2 * 1000  # fmt: skip
+        bid_px, _, ask_px, _ = app.reader.bbo(1)
+        book = Book()
+        book.feed(np.fromfile(path, np.uint8))
+        assert (bid_px, ask_px) == (book.bbo(1)[0], book.bbo(1)[2])
+        st = subprocess.run([sys.executable, "-m", "host.cli", "status", "--channel", ch,
+                             "--json"], capture_output=True, text=True, check=True)  # fmt: skip
+        status = json.loads(st.stdout)
+        assert status["consumer"]["taken"] == N_MSGS and status["consumer"]["running"]
+        s = app.finish(terminate=True)
+        assert s["digest"] == digest
+    finally:
+        app.kill()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_malformed_packets_are_counted_and_harmless(labcfg, session_file, tmp_path, mode):
+    path, digest = session_file
+    app = Appliance(labcfg, tmp_path, mode)
+    try:
+        line = labcfg.lab.line_a
+        with lab.entered(labcfg.lab.exchange_ns):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                     socket.inet_aton(line.exchange_ip))  # fmt: skip
+        junk = [b"", b"x" * 7, b"TICKWIRE01" + (1).to_bytes(8, "big") + (3).to_bytes(2, "big"),
+                b"TICKWIRE01" + (1).to_bytes(8, "big") + (1).to_bytes(2, "big") + b"\x00\x40ab"]
+        for j in junk:
+            s.sendto(j, (line.group, line.port))
+        s.sendto(b"OTHERSESS1" + (1).to_bytes(8, "big") + (0).to_bytes(2, "big"),
+                 (line.group, line.port))  # fmt: skip
+        s.close()
+        deadline = time.monotonic() + 10
+        while app.reader.counters()["lines"]["A"]["malformed"] < 4:
+            assert time.monotonic() < deadline, app.reader.counters()
+            time.sleep(0.05)
+        run_sim(_sim_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "400000",
+                "--eos-for", "1", "--no-rerequest")  # fmt: skip
+        out = app.finish()
+    finally:
+        app.kill()
+    assert out["lines"]["A"]["malformed"] == 4 and out["lines"]["A"]["other_session"] == 1
+    assert out["digest"] == digest and out["taken"] == N_MSGS
+
+
+def test_run_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[run]\nrx_mode = "dpdk"\n')
+    done = subprocess.run([sys.executable, "-m", "host.cli", "run", "--config", str(bad)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1 and "run.rx_mode" in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+    ok = tmp_path / "ok.toml"
+    ok.write_text('[run]\nnetns = "no-such-ns-here"\n')
+    done = subprocess.run([sys.executable, "-m", "host.cli", "run", "--config", str(ok)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0
+    assert ("no-such-ns-here does not exist" in done.stderr) or ("root" in done.stderr)
+
+
+def test_socket_mode_needs_its_interfaces(tmp_path):
+    lab_or_skip()
+    cfg = private_lab("nif")
+    with built(cfg):
+        path = tmp_path / "c.toml"
+        write_config(cfg, path)
+        with open(path, "a") as f:
+            f.write('[run]\nchannel = "nif"\nmetrics = ""\n[run.line_a]\ninterface = "nope0"\n')
+        done = subprocess.run([sys.executable, "-m", "host.cli", "run", "--config", str(path),
+                               "--mode", "socket", "--duration", "1"], capture_output=True,
+                              text=True)  # fmt: skip
+        # without --lab the run stays in this namespace, where nope0 does not exist either
+        assert done.returncode == 1 and "nope0 does not exist" in done.stderr
