@@ -26,7 +26,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from dataplane import book as bk
-from dataplane import itch, shm
+from dataplane import itch, shm, xsk
 from dataplane import moldudp64 as mold
 from dataplane.itch import rd_u16
 
@@ -256,6 +256,122 @@ def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, ctr, orders, levels, 
         loops += 1
         if (loops & 63) == 0:
             ctr[shm.S_LOOPS] += 64
+            if control[shm.C_STOP] != 0:
+                return STOPPED, 0
+            if control[shm.C_SNAP_REQ] != control[shm.C_SNAP_DONE]:
+                return SNAPSHOT, 0
+            if now_ns(ts) >= t_end:
+                return HOUSEKEEPING, 0
+
+
+# --- AF_XDP ---------------------------------------------------------------------------------
+ETH_P_IP = 0x0800
+ETH_P_8021Q = 0x8100
+ETH_P_8021AD = 0x88A8
+META_LEN = 16  # struct tw_meta (bpf/common.h) in front of the frame: rx_ns u64, channel, line
+
+# pending rows of the AF_XDP loop: payload start and end (UMEM offsets), line, rx time,
+# frame address to recycle
+X_START = 0
+X_END = 1
+X_LINE = 2
+X_RX = 3
+X_FRAME = 4
+X_COLS = 5
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def udp_payload(u, addr, length):
+    """``(start, end)`` of the UDP payload of the Ethernet frame at ``u[addr:addr+length]``,
+    or ``(-1, -1)`` when the headers do not hold together (the XDP program checked them;
+    this is the consumer's own guard)."""
+    end = addr + length
+    p = addr + 14
+    if p > end:
+        return -1, -1
+    et = rd_u16(u, addr + 12)
+    if et == ETH_P_8021Q or et == ETH_P_8021AD:
+        if p + 4 > end:
+            return -1, -1
+        et = rd_u16(u, p + 2)
+        p += 4
+    if et != ETH_P_IP or p + 20 > end:
+        return -1, -1
+    ihl = (u[p] & 0x0F) * 4
+    if ihl < 20 or u[p + 9] != 17 or p + ihl + 8 > end:
+        return -1, -1
+    udp = p + ihl
+    ulen = rd_u16(u, udp + 4)
+    if ulen < 8 or udp + ulen > end:
+        return -1, -1
+    return udp + 8, udp + ulen
+
+
+@njit(nogil=True)
+def xdp_loop(ri, umem_a, umem_b, pstate, pend, budget_ns, session, ctr, orders, levels, sides,
+             ladder, htab, stocks, meta, bctr, bbo, touched, lat, control, ts):  # fmt: skip
+    """Poll both lines' AF_XDP rx rings (``ri[0]`` A, ``ri[1]`` B: ``dataplane.xsk``
+    ring info), handle every packet in UMEM, give each frame back to the fill ring. Same
+    returns as ``socket_loop``."""
+    batch = pend.shape[0]
+    t_end = now_ns(ts) + budget_ns
+    loops = 0
+    while True:
+        if pstate[P_I] < pstate[P_N]:
+            i = pstate[P_I]
+            ln = pend[i, X_LINE]
+            u = umem_a if ln == 0 else umem_b
+            t = now_ns(ts)
+            need = on_packet(u, pend[i, X_START], pend[i, X_END], ln, pend[i, X_RX], t,
+                             session, ctr, orders, levels, sides, ladder, htab, stocks, meta,
+                             bctr, bbo, touched, lat)  # fmt: skip
+            if need != 0:
+                return OK, need
+            if xsk.fill_put(ri[ln], pend[i, X_FRAME]) == 0:
+                ctr[shm.S_RING_FULL] += 1
+            pstate[P_I] = i + 1
+            continue
+        got = 0
+        for ln in range(2):
+            r = ri[ln]
+            n, idx = xsk.rx_peek(r, batch)
+            if n == 0:
+                continue
+            u = umem_a if ln == 0 else umem_b
+            k = 0
+            for j in range(n):
+                addr, length = xsk.rx_desc(r, idx + j)
+                rx = np.int64(xsk.load_u64(r[xsk.RI_UMEM_BASE] + addr - META_LEN))
+                count_rx(ctr, ln, length, rx)
+                start, end = udp_payload(u, addr, length)
+                frame_ = xsk.frame_addr(r, addr)
+                if start < 0:
+                    ctr[ln * shm.LINE_STRIDE + shm.L_MALFORMED] += 1
+                    if xsk.fill_put(r, frame_) == 0:
+                        ctr[shm.S_RING_FULL] += 1
+                    continue
+                count_messages(u, start, end, ctr, ln)
+                pend[k, X_START] = start
+                pend[k, X_END] = end
+                pend[k, X_LINE] = ln
+                pend[k, X_RX] = rx
+                pend[k, X_FRAME] = frame_
+                k += 1
+            xsk.rx_release(r, n)
+            ctr[shm.S_RX_BATCHES] += 1
+            pstate[P_I] = 0
+            pstate[P_N] = k
+            got = n
+            break
+        if got:
+            continue
+        loops += 1
+        if (loops & 63) == 0:
+            ctr[shm.S_LOOPS] += 64
+            for ln in range(2):
+                if xsk.fill_needs_wakeup(ri[ln]):
+                    xsk.kick(ri[ln])
+                    ctr[shm.S_WAKEUPS] += 1
             if control[shm.C_STOP] != 0:
                 return STOPPED, 0
             if control[shm.C_SNAP_REQ] != control[shm.C_SNAP_DONE]:

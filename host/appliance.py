@@ -118,7 +118,8 @@ def _consumer_socket(cfg: Config, maps: dict, book, session: np.ndarray) -> None
             s.close()
 
 
-def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: int) -> None:
+def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: int,
+                  slots: list[int]) -> None:  # fmt: skip
     from dataplane import consumer as cs
     from dataplane import xsk
 
@@ -126,11 +127,12 @@ def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: in
     ctr, bbo, lat, control = maps["counters"], maps["bbo"], maps["latency"], maps["control"]
     socks = []
     try:
-        for line in run.lines.values():
+        for line, slot in zip(run.lines.values(), slots, strict=True):
             s = xsk.XskSocket(line.interface, line.queue, frames=run.frames,
-                              ring_size=run.ring_size)  # fmt: skip
+                              rx_size=run.ring_size, fill_size=run.ring_size,
+                              comp_size=64, rx_batch=run.batch)  # fmt: skip
             socks.append(s)
-            s.register(map_fd)
+            s.register(map_fd, key=slot)
         if any(not s.umem.hugepages for s in socks):
             _log("UMEM in normal pages (no free 2 MiB hugepages)")
         ri = np.stack([s.ring_info for s in socks])
@@ -138,7 +140,7 @@ def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: in
         ctr[shm.S_MODE] = shm.MODE_XDP
         ctr[shm.S_RUNNING] = 1
         pstate = np.zeros(cs.PSTATE_LEN, np.int64)
-        pend = np.zeros((run.batch, 3), np.int64)
+        pend = np.zeros((run.batch, cs.X_COLS), np.int64)
         ts = np.zeros(2, np.int64)
         touched = np.zeros(256, np.int64)
         while True:
@@ -158,7 +160,7 @@ def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: in
             s.close()
 
 
-def _child(cfg: Config, mode: str, map_fd: int, maps: dict) -> int:
+def _child(cfg: Config, mode: str, map_fd: int, maps: dict, slots: list[int]) -> int:
     """The consumer process: pin, receive, book; write final.json; never returns."""
     from dataplane import moldudp64 as mold
     from dataplane.book import Book
@@ -178,7 +180,7 @@ def _child(cfg: Config, mode: str, map_fd: int, maps: dict) -> int:
                     counters=maps["counters"][shm.BOOK_BASE :])  # fmt: skip
         session = np.frombuffer(mold.session_bytes(cfg.feed.session), np.uint8).copy()
         if mode == "xdp":
-            _consumer_xdp(cfg, maps, book, session, map_fd)
+            _consumer_xdp(cfg, maps, book, session, map_fd, slots)
         else:
             _consumer_socket(cfg, maps, book, session)
         final = {"digest": book.digest(), "live_orders": book.live_orders,
@@ -192,6 +194,15 @@ def _child(cfg: Config, mode: str, map_fd: int, maps: dict) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def xdp_stats(steering) -> dict:
+    """The steering program's counters as ``{"lines": {letter: {packets, bytes}},
+    "passed": {reason: n}, "redirected": n}`` (JSON- and metrics-ready)."""
+    st = steering.stats()
+    lines = {letter: dict(v) for (_ch, letter), v in st.get("channels", {}).items()}
+    passed = {k: int(v) for k, v in st.items() if k not in ("channels", "redirected")}
+    return {"lines": lines, "passed": passed, "redirected": int(st.get("redirected", 0))}
 
 
 class Appliance:
@@ -253,23 +264,32 @@ class Appliance:
             if self.mode == "xdp":
                 joins = [join_socket(line, bind=False) for line in run.lines.values()]
                 map_fd = self.steering.xsks_map_fd
+                slots = [self.steering.xsk_slot(line.interface, line.queue)
+                         for line in run.lines.values()]  # fmt: skip
             else:
-                map_fd = -1
+                map_fd, slots = -1, []
             pid = os.fork()
             if pid == 0:
-                _child(cfg, self.mode, map_fd, maps)
+                _child(cfg, self.mode, map_fd, maps, slots)
             where = f"core {run.core}" if run.core >= 0 else "any core"
             ifs = ", ".join(f"{k}={v.interface}" for k, v in run.lines.items())
             self.log(f"consumer pid {pid} on {where}, {self.mode} mode, lines {ifs}")
             if run.metrics:
                 from host import metrics
 
-                stats = self.steering.stats if self.steering is not None else None
+                stats = None
+                if self.steering is not None:
+                    steering = self.steering
+                    stats = lambda: xdp_stats(steering)  # noqa: E731
                 server = metrics.serve(run.metrics,
                                        metrics.ConsumerCollector(run.channel, maps, stats))
                 self.log(f"metrics on http://{run.metrics}/metrics"
                          + (f" (in {run.netns})" if run.netns else ""))  # fmt: skip
-            self._wait_running(maps, pid)
+            try:
+                self._wait_running(maps, pid)
+            except RunError:
+                pid = 0  # reaped, or killed by _wait_running's caller below
+                raise
             if ready is not None:
                 ready()
             eos_at = None
@@ -299,7 +319,7 @@ class Appliance:
             for s in joins:
                 s.close()
             if self.steering is not None:
-                xdp = self.steering.stats()
+                xdp = xdp_stats(self.steering)
                 self.steering.__exit__(None, None, None)
                 self.xdp_stats = xdp
         return self._summary(maps, cdir, time.monotonic() - t0)
@@ -310,10 +330,12 @@ class Appliance:
         while not maps["counters"][shm.S_RUNNING]:
             done, _ = os.waitpid(pid, os.WNOHANG)
             if done:
-                err = (cdir / "error.txt")
+                err = cdir / "error.txt"
                 why = err.read_text().splitlines()[0] if err.exists() else "no report"
                 raise RunError(errno.EIO, f"the consumer failed to start: {why}")
             if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
                 raise RunError(errno.ETIMEDOUT, "the consumer did not start within 60 s")
             time.sleep(0.01)
 

@@ -1,46 +1,160 @@
-"""`make demo`: the end-to-end job a newcomer runs first.
+"""`make demo`: the whole appliance, end to end, on this machine.
 
-Until the live receive path lands, the demo generates a deterministic session, replays it
-through the production decoder and book (exactly what ``tickwire book`` does) and prints a
-short human summary.
+Lab up -> the appliance runs in the lab's appliance namespace (AF_XDP when it can attach
+XDP, else kernel sockets, said once) -> the simulator publishes a generated session on
+lines A and B -> the appliance's books must end with the same digest as ``tickwire book``
+on the same file -> a human summary -> lab down, whatever happened.
+
+Without root (no namespaces) it says so and runs the offline part only.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from host import itchgen, replay
+from dataplane import shm
+from host import config, itchgen, lab, replay
 
 MESSAGES = 2_000_000
 STOCKS = 100
 SEED = 1
+RATE = 1_000_000
+PREFIX = "twdemo"
+CHANNEL = "demo"
+STEPS = 6
 
 
-def _step(n: int, total: int, text: str) -> None:
-    print(f"[{n}/{total}] {text}", flush=True)
+def _step(n: int, text: str) -> None:
+    print(f"[{n}/{STEPS}] {text}", flush=True)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "host.cli", *args]
+
+
+def _pin(cpu: int):
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpus[cpu % len(cpus)]})
 
 
 def main() -> int:
-    out = Path(__file__).resolve().parents[1] / "out"
+    root = Path(__file__).resolve().parents[1]
+    out = root / "out"
     out.mkdir(exist_ok=True)
     session = out / f"demo-{MESSAGES}-{STOCKS}-{SEED}.itch"
     if session.exists():
-        _step(1, 3, f"session {session.name} already generated")
+        _step(1, f"session {session.name} already generated")
     else:
-        _step(1, 3, f"generating {MESSAGES:,} ITCH 5.0 messages on {STOCKS} stocks (seed {SEED})")
+        _step(1, f"generating {MESSAGES:,} ITCH 5.0 messages on {STOCKS} stocks (seed {SEED})")
         t0 = time.perf_counter()
         info = itchgen.write_session(str(session), MESSAGES, STOCKS, SEED)
         print(f"      {info['bytes'] / 1e6:.0f} MB in {time.perf_counter() - t0:.1f} s "
-              f"-> {session.relative_to(out.parent)}")  # fmt: skip
-    _step(2, 3, "decoding and building every L3 book (tickwire book)")
-    book, result = replay.replay_file(str(session), progress=replay.terminal_progress("book"))
-    _step(3, 3, "summary")
-    print(replay.summary_text(book, result))
-    problem = book.check()
-    print("invariants ok" if problem is None else f"INVARIANT BROKEN: {problem}")
-    return 0 if problem is None else 1
+              f"-> {session.relative_to(root)}")  # fmt: skip
+    _step(2, "offline reference: decode and build every book (tickwire book)")
+    book, res = replay.replay_file(str(session), progress=replay.terminal_progress("book"))
+    result = replay.result_json(book, res)
+    print(f"      {result['messages']:,} messages at {result['msgs_per_s'] / 1e6:.1f}M msgs/s, "
+          f"digest {result['digest'][:16]}…")  # fmt: skip
+    if os.geteuid() != 0:
+        print("the live pipeline needs root (network namespaces, XDP): run `sudo make demo`;"
+              " stopping after the offline part")  # fmt: skip
+        return 0
+    cfg_path = out / "demo.toml"
+    cfg_path.write_text(f'[lab]\nprefix = "{PREFIX}"\n[run]\nchannel = "{CHANNEL}"\n'
+                        f'metrics = "127.0.0.1:9108"\ncore = {_last_cpu()}\n')  # fmt: skip
+    cfg = config.load(cfg_path)
+    _step(3, f"lab up: namespaces {cfg.lab.exchange_ns} and {cfg.lab.appliance_ns}, "
+             "lines A and B")  # fmt: skip
+    lab.up(cfg.lab)
+    app = None
+    try:
+        _step(4, "appliance: tickwire run (AF_XDP if XDP attaches, else kernel sockets)")
+        app = subprocess.Popen(_cli("run", "--config", str(cfg_path), "--lab", "--until-eos",
+                                    "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+        _wait_running(app)
+        _step(5, f"simulator: {MESSAGES:,} messages on A and B at {RATE:,} msgs/s")
+        sim = subprocess.run(_cli("sim", "--config", str(cfg_path), "--session", str(session),
+                                  "--rate", str(RATE), "--eos-for", "1", "--no-rerequest",
+                                  "--json"), capture_output=True, text=True,
+                             preexec_fn=_pin(0))  # fmt: skip
+        if sim.returncode != 0:
+            print(f"simulator failed: {sim.stderr.strip()}")
+            return 1
+        sim_s = json.loads(sim.stdout)
+        stdout, stderr = app.communicate(timeout=300)
+        if app.returncode != 0:
+            print(f"appliance failed: {stderr.strip()}")
+            return 1
+        s = json.loads(stdout)
+        for line in stderr.splitlines():
+            print(f"      {line}")
+        _step(6, "summary")
+        ok = _summary(s, sim_s, result, book)
+    finally:
+        if app is not None and app.poll() is None:
+            app.kill()
+            app.wait()
+        lab.down(cfg.lab)
+        print(f"      lab {PREFIX} removed")
+    return 0 if ok else 1
+
+
+def _last_cpu() -> int:
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[-1] if len(cpus) > 1 else -1
+
+
+def _wait_running(app: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if shm.Reader(CHANNEL).counters()["running"]:
+                return
+        except FileNotFoundError:
+            pass
+        if app.poll() is not None:
+            raise RuntimeError(f"the appliance exited: {app.stderr.read().strip()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError("the appliance did not start within 2 minutes")
+        time.sleep(0.05)
+
+
+def _summary(s: dict, sim_s: dict, ref: dict, book) -> bool:
+    secs = sim_s["seconds"]
+    print(f"  receive path      {s['mode']}")
+    print(f"  messages          {s['taken']:,} taken of {sim_s['last_seq']:,} published, "
+          f"{s['taken'] / secs / 1e6:.2f}M msgs/s over {secs:.1f} s")  # fmt: skip
+    print(f"  gaps              {s['gap_messages']:,} messages in {s['gap_events']:,} events")
+    for letter, ln in s["lines"].items():
+        print(f"  line {letter}            {ln['packets']:,} packets, {ln['first']:,} messages "
+              f"first, {ln['duplicates']:,} duplicates dropped, {ln['malformed']} malformed")
+    lat = s["latency_ns"]
+    if lat.get("count"):
+        what = "XDP stamp" if s["mode"] == "xdp" else "recvmmsg return"
+        print(f"  receive -> book   p50 {lat['p50'] / 1e3:.1f} us  p99 {lat['p99'] / 1e3:.1f} us"
+              f"  p99.9 {lat['p99.9'] / 1e3:.1f} us  (from the {what}, "
+              f"{lat['count']:,} packets)")  # fmt: skip
+    reader = shm.Reader(CHANNEL)
+    stocks = book.stocks_summary()
+    busiest = sorted(stocks.items(), key=lambda kv: -kv[1]["orders"])[:5]
+    print("  top of book       symbol     bid            ask")
+    for loc, info in busiest:
+        bp, bq, ap, aq = reader.bbo(int(loc))
+        print(f"                    {info['symbol']:<8} {bq:>6} @ {bp / 1e4:<10.4f} "
+              f"{aq:>6} @ {ap / 1e4:.4f}")  # fmt: skip
+    same = s.get("digest") == ref["digest"]
+    print(f"  books             digest {s.get('digest', '?')[:16]}… "
+          + ("== tickwire book: every level identical" if same
+             else f"!= tickwire book {ref['digest'][:16]}…: BOOKS DIFFER"))  # fmt: skip
+    return same and s["taken"] == sim_s["last_seq"]
 
 
 if __name__ == "__main__":

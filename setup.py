@@ -1,0 +1,7 @@
+"""Build hook for Tickwire's compiled part: the cffi binding of libxdp (``dataplane._xsk``,
+built from ``dataplane/_xsk_build.py`` at install time). Everything else about the package
+is declared in ``pyproject.toml``."""
+
+from setuptools import setup
+
+setup(cffi_modules=["dataplane/_xsk_build.py:ffibuilder"])
