@@ -99,12 +99,15 @@ def _consumer_socket(cfg: Config, maps: dict, book, session: np.ndarray) -> None
     touched = np.zeros(256, np.int64)
     ctr, bbo, lat, control = maps["counters"], maps["bbo"], maps["latency"], maps["control"]
     ctr[shm.S_MODE] = shm.MODE_SOCKET
-    ctr[shm.S_RUNNING] = 1
     try:
+        first = True
         while True:
-            status, need = cs.socket_loop(fds, mm, rbuf, pstate, 50_000_000, session, ctr,
-                                          *book._state(), bbo, touched, lat, control,
-                                          ts)  # fmt: skip
+            status, need = cs.socket_loop(fds, mm, rbuf, pstate, 0 if first else 50_000_000,
+                                          session, ctr, *book._state(), bbo, touched, lat,
+                                          control, ts)  # fmt: skip
+            if first:  # compiled now: only from here on is the consumer keeping up
+                ctr[shm.S_RUNNING] = 1
+                first = False
             if need:
                 book._grow(need)
             elif status == cs.STOPPED:
@@ -138,15 +141,19 @@ def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: in
         ri = np.stack([s.ring_info for s in socks])
         umems = [s.umem.array for s in socks]
         ctr[shm.S_MODE] = shm.MODE_XDP
-        ctr[shm.S_RUNNING] = 1
+        first = True
         pstate = np.zeros(cs.PSTATE_LEN, np.int64)
         pend = np.zeros((run.batch, cs.X_COLS), np.int64)
         ts = np.zeros(2, np.int64)
         touched = np.zeros(256, np.int64)
         while True:
-            status, need = cs.xdp_loop(ri, umems[0], umems[1], pstate, pend, 50_000_000,
-                                       session, ctr, *book._state(), bbo, touched, lat,
-                                       control, ts)  # fmt: skip
+            status, need = cs.xdp_loop(ri, umems[0], umems[1], pstate, pend,
+                                       0 if first else 50_000_000, session, ctr,
+                                       *book._state(), bbo, touched, lat, control,
+                                       ts)  # fmt: skip
+            if first:  # compiled now: only from here on is the consumer keeping up
+                ctr[shm.S_RUNNING] = 1
+                first = False
             if need:
                 book._grow(need)
             elif status == cs.STOPPED:
@@ -314,14 +321,17 @@ class Appliance:
             if pid:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
+            maps["counters"][shm.S_RUNNING] = 0  # whatever happened to the consumer
             if server is not None:
                 server.shutdown()
             for s in joins:
                 s.close()
             if self.steering is not None:
-                xdp = xdp_stats(self.steering)
+                try:
+                    self.xdp_stats = xdp_stats(self.steering)
+                except Exception:  # noqa: BLE001 - a signal may have detached it already
+                    self.xdp_stats = None
                 self.steering.__exit__(None, None, None)
-                self.xdp_stats = xdp
         return self._summary(maps, cdir, time.monotonic() - t0)
 
     def _wait_running(self, maps, pid: int, timeout: float = 60.0) -> None:

@@ -74,6 +74,7 @@ def main() -> int:
              "lines A and B")  # fmt: skip
     lab.up(cfg.lab)
     app = None
+    shm.remove(CHANNEL)  # a stale "running" flag from an earlier run must not fool us
     try:
         _step(4, "appliance: tickwire run (AF_XDP if XDP attaches, else kernel sockets)")
         app = subprocess.Popen(_cli("run", "--config", str(cfg_path), "--lab", "--until-eos",
