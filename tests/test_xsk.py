@@ -170,7 +170,7 @@ class Rig:
     def __init__(self, cfg, bpf):
         self.cfg, self.bpf = cfg, bpf
         self.line = cfg.lab.line_a
-        self.map_fd = bpf["xsks"].map_fd
+        self.map_fd = bpf[b"xsks"].map_fd
         with lab.entered(cfg.lab.exchange_ns):
             self.tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
@@ -191,7 +191,7 @@ class Rig:
             self.tx.sendto(payload_of(seq), (self.line.group, self.line.port))
 
     def counts(self) -> list[int]:
-        table = self.bpf["counts"]
+        table = self.bpf[b"counts"]
         return [int(table[table.Key(i)].value) for i in range(4)]
 
 
@@ -212,7 +212,7 @@ def rig():
         bpf = BPF(src_file=str(HERE / "xdp_redirect_all.c"),
                   cflags=[f"-DPORT={int(line.port)}", f"-DMARKER={MARKER}"])  # fmt: skip
         try:
-            fn = bpf.load_func("xdp_redirect_all", BPF.XDP)
+            fn = bpf.load_func(b"xdp_redirect_all", BPF.XDP)
             with IPRoute(netns=cfg.lab.appliance_ns) as ipr:
                 idx = ipr.link_lookup(ifname=line.appliance_if)[0]
                 _xdp(ipr, idx, fn.fd)
