@@ -58,7 +58,7 @@ def compiler_fence(typingctx):
     return types.none(), codegen
 
 
-@njit(nogil=True, inline="always")
+@njit(nogil=True, inline="always", _nrt=False)
 def now_ns(ts):
     """CLOCK_MONOTONIC in ns (the clock bpf_ktime_get_ns reads); ``ts``: int64[2]."""
     _clock_gettime(CLOCK_MONOTONIC, ts.ctypes.data)
@@ -213,7 +213,7 @@ def socket_buffers(batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rbuf, iov, mm
 
 
-@njit(nogil=True)
+@njit(nogil=True, _nrt=False)
 def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, ctr, orders, levels, sides, ladder,
                 htab, stocks, meta, bctr, bbo, touched, lat, control, ts):  # fmt: skip
     """Poll both lines' UDP sockets (non-blocking ``recvmmsg``) and handle every packet
@@ -307,7 +307,7 @@ def udp_payload(u, addr, length):
     return udp + 8, udp + ulen
 
 
-@njit(nogil=True)
+@njit(nogil=True, _nrt=False)
 def xdp_loop(ri, umem_a, umem_b, pstate, pend, budget_ns, session, ctr, orders, levels, sides,
              ladder, htab, stocks, meta, bctr, bbo, touched, lat, control, ts):  # fmt: skip
     """Poll both lines' AF_XDP rx rings (``ri[0]`` A, ``ri[1]`` B: ``dataplane.xsk``

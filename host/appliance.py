@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -268,6 +269,12 @@ class Appliance:
         t0 = time.monotonic()
         try:
             self.mode = self._choose_mode()
+            if self.steering is not None and threading.current_thread() is threading.main_thread():
+                # The loader's handlers would detach at the signal; we stop the consumer
+                # first and detach in the finally below (keeping the final XDP counters).
+                # Its atexit hook still covers an exit that never reaches the finally.
+                signal.signal(signal.SIGTERM, self.stop)
+                signal.signal(signal.SIGINT, self.stop)
             if self.mode == "xdp":
                 joins = [join_socket(line, bind=False) for line in run.lines.values()]
                 map_fd = self.steering.xsks_map_fd

@@ -50,8 +50,24 @@ SCRIPT = textwrap.dedent(
         return a.sum()
     allocates(3)
 
+    # the consumer's loops: compiled for the types the appliance passes, not run
+    import numba
+    from dataplane import consumer, shm, xsk
+    st = b._state()
+    common = (np.zeros(10, np.uint8), np.zeros(shm.COUNTERS_LEN, np.int64), *st,
+              np.zeros(16, shm.BBO), np.zeros(256, np.int64), np.zeros(shm.LAT_BUCKETS, np.int64))
+    tail = (np.zeros(shm.CONTROL_LEN, np.int64), np.zeros(2, np.int64))
+    rbuf, _iov, mm = consumer.socket_buffers(4)
+    sock_args = (np.zeros(2, np.int64), mm, rbuf, np.zeros(8, np.int64), 0, *common, *tail)
+    xdp_args = (np.zeros((2, xsk.RI_LEN), np.int64), np.zeros(64, np.uint8),
+                np.zeros(64, np.uint8), np.zeros(8, np.int64),
+                np.zeros((4, consumer.X_COLS), np.int64), 0, *common, *tail)
+    for fn, args in ((consumer.socket_loop, sock_args), (consumer.xdp_loop, xdp_args)):
+        fn.compile(tuple(numba.typeof(a) for a in args))
+
     result = {}
     for name, fn in (("apply_stream", book.apply_stream), ("walk_checksum", itch.walk_checksum),
+                     ("socket_loop", consumer.socket_loop), ("xdp_loop", consumer.xdp_loop),
                      ("control", allocates)):
         calls, bswap = bad_calls(fn)
         result[name] = {"calls": calls, "bswap": bswap}
@@ -73,3 +89,7 @@ def test_hot_path_llvm_has_no_allocation_or_python_calls(tmp_path):
     assert result["apply_stream"]["bswap"] and result["walk_checksum"]["bswap"]
     assert result["apply_stream"]["calls"] == {}
     assert result["walk_checksum"]["calls"] == {}
+    # the consumer loops (MoldUDP64, sequencing, book, BBO, rings) inline the book
+    for loop in ("socket_loop", "xdp_loop"):
+        assert result[loop]["bswap"], loop
+        assert result[loop]["calls"] == {}, (loop, result[loop])

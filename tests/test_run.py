@@ -195,12 +195,22 @@ def test_metrics_snapshot_and_status_while_running(labcfg, session_file, tmp_pat
         book = Book()
         book.feed(np.fromfile(path, np.uint8))
         assert (bid_px, ask_px) == (book.bbo(1)[0], book.bbo(1)[2])
+        # the kernel still gets everything else: ping across line A while steering runs
+        ping = subprocess.run(["ip", "netns", "exec", labcfg.lab.exchange_ns, "ping", "-c", "2",
+                               "-W", "3", labcfg.lab.line_a.appliance_ip], capture_output=True,
+                              text=True)  # fmt: skip
+        assert ping.returncode == 0, ping.stdout + ping.stderr
         st = subprocess.run([sys.executable, "-m", "host.cli", "status", "--channel", ch,
                              "--json"], capture_output=True, text=True, check=True)  # fmt: skip
         status = json.loads(st.stdout)
         assert status["consumer"]["taken"] == N_MSGS and status["consumer"]["running"]
         s = app.finish(terminate=True)
         assert s["digest"] == digest
+        if mode == "xdp":
+            from host import loader
+
+            assert s["xdp"]["passed"]["no_socket"] == 0
+            assert loader.attached(labcfg.lab.appliance_ns) == []  # detached on SIGTERM
     finally:
         app.kill()
 
