@@ -217,6 +217,10 @@ def _validate_run(run: RunConfig) -> None:
     a, b = run.line_a, run.line_b
     if (a.group, a.port) == (b.group, b.port):
         raise ConfigError("run.line_b: lines A and B must use different group/port pairs")
+    if (a.interface, a.queue) == (b.interface, b.queue):
+        raise ConfigError(f"run.line_b: lines A and B both arrive on {a.interface} queue "
+                          f"{a.queue}; the consumer takes each line from its own (interface, "
+                          "queue): steer B to another queue or interface")  # fmt: skip
 
 
 def validate(cfg: Config) -> Config:

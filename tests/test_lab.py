@@ -33,6 +33,9 @@ def test_defaults_are_a_valid_lab():
         ("[lab.line_b]\ngroup = '239.77.1.1'\nport = 26477\n", "different group/port"),
         ("[feed]\nsession = 'MUCH-TOO-LONG'\n", "feed.session"),
         ("[nope]\n", "nope: unknown key"),
+        ("[run.line_b]\ninterface = 'feed-a'\n", "run.line_b: lines A and B both arrive"),
+        ("[run]\nring_size = 1000\n", "run.ring_size"),
+        ("[run]\nmetrics = 'localhost'\n", "run.metrics"),
         ("[lab\n", "not valid TOML"),
     ],
 )  # fmt: skip
