@@ -44,6 +44,7 @@ import numpy as np
 from numba import njit
 
 from dataplane import moldudp64 as mold
+from dataplane.consumer import IOVEC, MMSGHDR
 from host.config import LabConfig, LineConfig
 
 LINES = ("A", "B")
@@ -241,14 +242,7 @@ _errno_loc = _libc.__errno_location
 _errno_loc.argtypes = []
 _errno_loc.restype = ctypes.POINTER(ctypes.c_int)
 
-IOVEC = np.dtype([("base", np.uint64), ("len", np.uint64)])
-MSGHDR = np.dtype(
-    [("name", np.uint64), ("namelen", np.uint32), ("_p0", np.uint32), ("iov", np.uint64),
-     ("iovlen", np.uint64), ("control", np.uint64), ("controllen", np.uint64),
-     ("flags", np.int32), ("_p1", np.int32)],
-)  # fmt: skip
-MMSGHDR = np.dtype([("hdr", MSGHDR), ("len", np.uint32), ("_p", np.uint32)])
-assert MMSGHDR.itemsize == 64  # struct mmsghdr on x86-64
+assert MMSGHDR.itemsize == 64  # struct mmsghdr on x86-64 (dataplane.consumer)
 EINTR, EAGAIN, ENOBUFS = 4, 11, 105
 
 
