@@ -229,6 +229,10 @@ def _sim_text(r: dict) -> str:
 
 
 def main(args) -> int:
+    if args.what == "rx":
+        from host import benchrx
+
+        return benchrx.main(args)
     if args.what == "sim":
         r = bench_sim(args)
         print(json.dumps({"bench": "sim", "cpu": os.cpu_count(), "result": r}, indent=2)

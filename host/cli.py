@@ -46,6 +46,7 @@ EPILOG_BENCH = """examples:
   tickwire bench book --messages 1000000 --json
   tickwire bench book --session 01302019.NASDAQ_ITCH50
   tickwire bench sim                             publisher rate, 5M messages, private lab
+  tickwire bench rx                              AF_XDP vs sockets vs XDP_DROP, latency, jitter
 """
 
 
@@ -326,6 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--repeat", type=_positive, default=3, help="timed runs, best kept (3)")
     bs.add_argument("--seed", type=int, default=1, help="generator seed (1)")
     bs.add_argument("--json", action="store_true", help="machine-readable output")
+    br = bsub.add_parser("rx", help="receive path: AF_XDP and kernel sockets against the "
+                         "XDP_DROP ceiling (private lab, root)")  # fmt: skip
+    br.add_argument("--duration", type=_positive_float, default=1.0, help="seconds per step (1)")
+    br.add_argument("--steps", type=int, default=6, help="bisection steps per loss-free search (6)")
+    br.add_argument("--latency-rate", type=_positive_float, default=100_000.0,
+                    help="packets/s of the latency phases (100000)")
+    br.add_argument("--latency-seconds", type=_positive_float, default=2.0,
+                    help="seconds per latency phase (2)")
+    br.add_argument("--jitter-seconds", type=_positive_float, default=2.0,
+                    help="jitter probe length (2)")
+    br.add_argument("--sender-core", type=int, default=0, help="CPU of the packet generator (0)")
+    br.add_argument("--consumer-core", type=int, default=-1,
+                    help="CPU of the consumer and the jitter probe (-1: last)")
+    br.add_argument("--modes", default="xdp,socket", help="paths to measure (xdp,socket)")
+    br.add_argument("--prefix", help="lab prefix (tbrx<pid>)")
+    br.add_argument("--json", action="store_true", help="machine-readable output")
     be.set_defaults(func=_cmd_bench)
     return p
 

@@ -1,0 +1,192 @@
+"""The receive benchmark's parts: the in-kernel generator's frames (no root), what it
+delivers across a real lab veth to a plain kernel-socket receiver and to its XDP_DROP sink,
+and a short ``bench_rx`` run that must report every number and remove its lab. Nothing here
+asserts a rate target: only behaviour, with bounds generous enough for any machine."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+import types
+
+import numpy as np
+import pytest
+
+from dataplane import moldudp64 as mold
+from dataplane.book import Book
+from host import config, lab
+from host import pktgen as pgmod
+from tests.labnet import Receiver, built, lab_or_skip, private_lab
+
+SESSION = config.FeedConfig().session
+
+
+def _bcc_or_skip() -> None:
+    lab_or_skip()
+    try:
+        import bcc  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"bcc is not importable ({e}): the generator is loaded with bcc")
+
+
+def _udp_payload(frame: bytes) -> bytes:
+    udp_len = struct.unpack_from(">H", frame, 14 + 20 + 4)[0]
+    return frame[42 : 34 + udp_len]
+
+
+# --- frames (no root) ------------------------------------------------------------------------
+def test_heartbeat_frame_is_64_bytes_of_valid_moldudp64():
+    line = config.LabConfig().line_a
+    f = pgmod.heartbeat_frame(line, SESSION)
+    assert len(f) == 64
+    assert f[:6] == bytes.fromhex("01005e4d0101")  # 239.77.1.1's multicast MAC
+    assert pgmod._csum(f[14:34]) == 0  # a valid IPv4 header checksum sums to zero
+    assert socket.inet_ntoa(f[30:34]) == line.group
+    assert struct.unpack_from(">H", f, 36)[0] == line.port
+    status, seq, count, session, msgs = mold.parse(_udp_payload(f))
+    assert (status, count, session, msgs) == (mold.P_HEARTBEAT, 0, SESSION.encode(), [])
+    assert pgmod.frame_messages(f) == 0
+
+
+@pytest.mark.parametrize("pairs", [1, pgmod.FULL_PAIRS])
+def test_data_frame_carries_book_neutral_itch(pairs):
+    f = pgmod.data_frame(config.LabConfig().line_a, SESSION, pairs)
+    payload = _udp_payload(f)
+    status, _, count, session, msgs = mold.parse(payload)
+    assert (status, count, session) == (mold.P_DATA, 2 * pairs, SESSION.encode())
+    assert pgmod.frame_messages(f) == 2 * pairs
+    assert [m[:1] for m in msgs] == [b"A"] * pairs + [b"D"] * pairs
+    if pairs == pgmod.FULL_PAIRS:
+        assert 1350 <= len(payload) <= 1400
+    book = Book()
+    blocks = np.frombuffer(payload[mold.HEADER_LEN :], np.uint8)
+    for _ in range(3):  # the same packet again and again: the book never grows
+        book.feed(blocks)
+        assert book.live_orders == 0
+    assert not any(book.anomalies().values())
+
+
+# --- the generator in a lab (root) -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gen():
+    _bcc_or_skip()
+    cfg = private_lab("brx")
+    with built(cfg):
+        pgmod.peer_napi(cfg.lab.appliance_ns, cfg.lab.line_a.appliance_if)
+        with pgmod.PacketGen(cfg.lab, "A", cfg.feed.session) as pg:
+            yield cfg, pg
+
+
+def _wait_packets(rx: Receiver, n: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(rx.line("A")) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # and nothing more after that
+
+
+@pytest.mark.lab
+def test_exactly_n_frames_with_contiguous_sequences(gen):
+    cfg, pg = gen
+    rx = Receiver(cfg)
+    try:
+        pg.reset(1000)
+        pg.use(pg.data(3))
+        n = 3000
+        r = pg.send(n, rate_pps=50_000)
+        assert r["sent"] == n
+        assert r["next_seq"] == 1000 + 6 * n
+        _wait_packets(rx, n)
+        data = rx.data("A")
+        assert len(data) == n and not rx.line("B")
+        assert [seq for seq, _, _ in data] == list(range(1000, 1000 + 6 * n, 6))
+        assert all(count == 6 for _, count, _ in data)
+        expected = _udp_payload(pg.template)[mold.HEADER_LEN :]
+        # every message as in the template but the send time in the first one's timestamp
+        for _, _, body in data[:: n // 50]:
+            assert body[:7] == expected[:7] and body[13:] == expected[13:]
+
+        pg.use(pg.heartbeat())
+        before = len(rx.line("A"))
+        assert pg.send(500)["sent"] == 500  # as fast as possible
+        _wait_packets(rx, before + 500)
+        beats = rx.line("A")[before:]
+        assert len(beats) == 500
+        assert {p.parsed[:3] for p in beats} == {(mold.P_HEARTBEAT, 1000 + 6 * n, 0)}
+        assert pg.next_seq == 1000 + 6 * n  # heartbeats do not advance it
+    finally:
+        rx.close()
+
+
+@pytest.mark.lab
+def test_rate_is_roughly_honoured(gen):
+    cfg, pg = gen
+    rx = Receiver(cfg)
+    try:
+        pg.use(pg.heartbeat())
+        n, rate = 20_000, 40_000.0
+        r = pg.send(n, rate_pps=rate)
+        _wait_packets(rx, n)
+        got = rx.line("A")
+        assert len(got) == n
+        # paced, not one burst: generous bounds on the generator's own clock and on
+        # the receiver's (which only sees arrivals, batched by its select loop)
+        assert 0.5 * rate <= r["rate_pps"] <= 1.5 * rate
+        assert got[-1].t - got[0].t >= 0.5 * n / rate
+        fast = pg.send(n)
+        assert fast["rate_pps"] > r["rate_pps"]
+    finally:
+        rx.close()
+
+
+@pytest.mark.lab
+def test_sink_counts_every_frame_and_detaches(gen):
+    from host import loader
+
+    cfg, pg = gen
+    ns, ifname = cfg.lab.appliance_ns, cfg.lab.line_a.appliance_if
+    pg.use(pg.data())
+    with pg.sink(ns, ifname) as sink:
+        before = sink.packets()
+        assert pg.send(100_000)["sent"] == 100_000
+        time.sleep(0.1)
+        assert sink.packets() - before == 100_000
+    assert not [p for p in loader.attached(ns) if p["ifname"] == ifname]
+
+
+# --- the whole benchmark, short ----------------------------------------------------------------
+@pytest.mark.lab
+def test_short_bench_rx_reports_everything_and_removes_its_lab():
+    _bcc_or_skip()
+    from host import benchrx
+
+    prefix = f"tbrr{os.getpid() % 100000:05d}"
+    args = types.SimpleNamespace(duration=0.2, steps=1, json=True, prefix=prefix,
+                                 latency_seconds=0.3, jitter_seconds=0.2,
+                                 latency_rate=50_000.0)  # fmt: skip
+    cfg = benchrx._lab_config(prefix)
+    try:
+        r = benchrx.bench_rx(args)
+    finally:
+        lab.down(cfg.lab)  # a no-op when bench_rx cleaned up, as it must
+    assert not lab.exists(cfg.lab.exchange_ns) and not lab.exists(cfg.lab.appliance_ns)
+    for key in ("machine", "frames", "xdp_drop", "jitter_ns", "af_xdp", "socket", "ratios",
+                "targets", "seconds"):  # fmt: skip
+        assert key in r, key
+    assert r["xdp_drop"]["packets_per_s"] > 0 and r["xdp_drop"]["full_packets_per_s"] > 0
+    j = r["jitter_ns"]
+    assert j["readings"] > 0 and 0 <= j["p50"] <= j["p99"] <= j["p99.9"] <= j["max"]
+    for path in ("af_xdp", "socket"):
+        p = r[path]
+        assert "error" not in p, p.get("error")
+        assert p["packets_per_s"] > 0 and p["full_packets_per_s"] > 0
+        assert p["messages_per_s"] == pytest.approx(p["full_packets_per_s"] * 46)
+        for lk in ("latency_ns", "latency_full_ns"):
+            assert p[lk]["count"] > 0 and p[lk]["p50"] <= p[lk]["p99"] <= p[lk]["p99.9"]
+        assert p["consumer"]["book_anomalies"] == 0 and p["consumer"]["live_orders"] == 0
+    assert all(v is not None and v > 0 for v in r["ratios"].values())
+    assert set(r["targets"]) == {"af_xdp_3x_socket", "af_xdp_75pct_of_xdp_drop",
+                                 "af_xdp_p50_under_10us"}  # fmt: skip
+    assert all(isinstance(v, bool) for v in r["targets"].values())
+    assert "AF_XDP loss-free" in benchrx.rx_text(r)
