@@ -1,20 +1,20 @@
-"""The consumer: MoldUDP64 packets from both lines -> each sequence once -> ITCH decode ->
-L3 book -> BBO publication. numba, nopython, nogil; nothing allocated per packet.
+"""The consumer: MoldUDP64 packets from both lines -> the arbiter (each sequence once, in
+order; gaps to recovery) -> ITCH decode -> L3 book -> BBO publication. numba, nopython,
+nogil; nothing allocated per packet.
 
-``on_packet`` is the whole per-packet path and does not care where the bytes came from:
-the AF_XDP loop (``xdp_loop``, frames in UMEM) and the kernel-socket loop
-(``socket_loop``, ``recvmmsg`` into a preallocated buffer) both call it.
+``arbiter.on_packet`` is the whole per-packet path and does not care where the bytes came
+from: the AF_XDP loop (``xdp_loop``, frames in UMEM), the kernel-socket loop
+(``socket_loop``, ``recvmmsg`` into a preallocated buffer) and the recovery ring (answers
+from the re-request server, ``service_recovery``) all call it.
 
-Sequencing here is first-copy-wins: a message whose sequence was already taken (from
-either line) is counted as a duplicate and never reaches the book; a packet that starts
-past the next expected sequence is applied and the skipped range is counted as a gap (the
-arbiter with gap recovery replaces this). A packet that overlaps what was taken has only
-its new messages applied.
+Both loops take two tuples: ``arb = (ctr, hold_buf, hold_meta, gaps, control, recov,
+recov_meta)`` -- counters, hold slots, the recovery rings and control, all shared memory
+but the hold slots -- and ``bk_ = (orders, levels, sides, ladder, htab, stocks, meta,
+bctr, bbo, touched, lat)``: the book's arrays, the BBO table, scratch, latency histogram.
 
 When the book needs room (a ``NEED_*`` status) the loop returns with the packet kept
-pending; the caller grows the book off the hot path and calls the loop again, which
-resumes that packet -- the messages already applied count as duplicates of themselves and
-are skipped, so nothing is applied twice.
+pending; the caller grows the book off the hot path (rebuilding ``bk_``) and calls the
+loop again, which resumes that packet: the arbiter never applies a sequence twice.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
+from dataplane import arbiter, shm, xsk
 from dataplane import book as bk
-from dataplane import itch, shm, xsk
 from dataplane import moldudp64 as mold
 from dataplane.itch import rd_u16
 
@@ -34,6 +33,7 @@ OK = 0
 STOPPED = 1  # control asked to stop
 HOUSEKEEPING = 2  # time budget used up: the caller may check things and call again
 SNAPSHOT = 3  # a level snapshot was requested (answered by the caller)
+HALTED = 4  # an unrecoverable gap under the halt policy
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _clock_gettime = _libc.clock_gettime
@@ -46,124 +46,11 @@ CLOCK_MONOTONIC = 1
 MSG_DONTWAIT = 0x40
 
 
-@intrinsic
-def compiler_fence(typingctx):
-    """A release fence: on x86 it only stops the compiler moving stores across it, which
-    is what the seqlock needs (the CPU keeps stores in order)."""
-
-    def codegen(context, builder, sig, args):
-        builder.fence("release")
-        return context.get_dummy_value()
-
-    return types.none(), codegen
-
-
 @njit(nogil=True, inline="always", _nrt=False)
 def now_ns(ts):
     """CLOCK_MONOTONIC in ns (the clock bpf_ktime_get_ns reads); ``ts``: int64[2]."""
     _clock_gettime(CLOCK_MONOTONIC, ts.ctypes.data)
     return ts[0] * 1_000_000_000 + ts[1]
-
-
-@njit(cache=True, nogil=True, inline="always", _nrt=False)
-def lat_bucket(v):
-    if v < shm.LAT_SUB:
-        return max(v, 0)
-    e = 0
-    x = v
-    while x > 1:
-        x >>= 1
-        e += 1
-    return (e - 2) * shm.LAT_SUB + ((v >> (e - 3)) & (shm.LAT_SUB - 1))
-
-
-@njit(cache=True, nogil=True, inline="always", _nrt=False)
-def publish_bbo(bbo, sides, locate, feed_seq, t):
-    """Copy one locate's cached best levels into its seqlocked record when they changed."""
-    b = sides[2 * locate]
-    a = sides[2 * locate + 1]
-    r = bbo[locate]
-    if r.bid_px == b.best_px and r.bid_qty == b.best_qty and r.ask_px == a.best_px and \
-            r.ask_qty == a.best_qty:  # fmt: skip
-        return
-    r.seq += 1
-    compiler_fence()
-    r.bid_px = b.best_px
-    r.bid_qty = b.best_qty
-    r.ask_px = a.best_px
-    r.ask_qty = a.best_qty
-    r.feed_seq = feed_seq
-    r.update_ns = t
-    compiler_fence()
-    r.seq += 1
-
-
-@njit(cache=True, nogil=True, _nrt=False)
-def on_packet(b, pos, end, line, rx_ns, t_ns, session, ctr, orders, levels, sides, ladder,
-              htab, stocks, meta, bctr, bbo, touched, lat):  # fmt: skip
-    """Handle one MoldUDP64 packet in ``b[pos:end]`` that arrived on ``line`` (0 A, 1 B)
-    at ``rx_ns``. Returns 0, or a book ``NEED_*`` status (nothing after the message that
-    did not fit was applied; call again with the same packet after growing)."""
-    lb = line * shm.LINE_STRIDE
-    status, seq, count = mold.parse_header(b, pos, end)
-    if status == mold.P_SHORT or status == mold.P_BAD_BLOCKS:
-        ctr[lb + shm.L_MALFORMED] += 1
-        return 0
-    for i in range(mold.SESSION_LEN):
-        if b[pos + i] != session[i]:
-            ctr[lb + shm.L_OTHER_SESSION] += 1
-            return 0
-    if status == mold.P_HEARTBEAT:
-        ctr[lb + shm.L_HEARTBEATS] += 1
-        return 0
-    if status == mold.P_END:
-        ctr[lb + shm.L_END] += 1
-        ctr[shm.A_END_SEQ] = seq
-        return 0
-    nxt = ctr[shm.A_NEXT]
-    last = seq + count
-    if ctr[lb + shm.L_LAST_SEQ] < last - 1:
-        ctr[lb + shm.L_LAST_SEQ] = last - 1
-    if last <= nxt:  # every message already taken
-        ctr[lb + shm.L_DUPLICATES] += count
-        return 0
-    p = pos + mold.HEADER_LEN
-    s = seq
-    while s < nxt:  # skip the part already taken
-        p += 2 + rd_u16(b, p)
-        s += 1
-    if s > nxt:
-        ctr[shm.A_GAP_MESSAGES] += s - nxt
-        ctr[shm.A_GAP_EVENTS] += 1
-    ctr[lb + shm.L_DUPLICATES] += s - seq
-    n_touch = 0
-    q = p
-    while q < end and n_touch < touched.shape[0]:  # locates this packet may change
-        if rd_u16(b, q) >= 3:
-            touched[n_touch] = rd_u16(b, q + 3)
-            n_touch += 1
-        q += 2 + rd_u16(b, q)
-    st, stop = bk.apply_stream(b, p, end, orders, levels, sides, ladder, htab, stocks, meta,
-                               bctr)  # fmt: skip
-    applied = 0
-    q = p
-    while q < stop:
-        q += 2 + rd_u16(b, q)
-        applied += 1
-    ctr[shm.A_NEXT] = s + applied
-    ctr[shm.A_TAKEN] += applied
-    ctr[lb + shm.L_FIRST_TAKEN] += applied
-    for k in range(n_touch):
-        publish_bbo(bbo, sides, touched[k], s + applied - 1, t_ns)
-    if st != itch.OK:
-        # NEED_*: the rest waits for the caller to grow the book. The retry will skip what
-        # was applied as already taken; take back the duplicates it will count again.
-        ctr[lb + shm.L_DUPLICATES] -= (s - seq) + applied
-        return st
-    ctr[shm.A_PACKETS] += 1
-    if rx_ns > 0 and t_ns >= rx_ns:
-        lat[lat_bucket(t_ns - rx_ns)] += 1
-    return 0
 
 
 @njit(cache=True, nogil=True, _nrt=False)
@@ -181,6 +68,70 @@ def count_messages(b, pos, end, ctr, line):
         ctr[line * shm.LINE_STRIDE + shm.L_MESSAGES] += count
 
 
+# --- shared by both loops -------------------------------------------------------------------
+@njit(nogil=True, _nrt=False)
+def _packet(b, pos, end, line, rx_ns, t, session, arb, bk_):
+    ctr, hold_buf, hold_meta, gaps, control, _r, _rm = arb
+    orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat = bk_
+    return arbiter.on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta,
+                             gaps, control, orders, levels, sides, ladder, htab, stocks, meta,
+                             bctr, bbo, touched, lat)  # fmt: skip
+
+
+@njit(nogil=True, _nrt=False)
+def service_recovery(t, session, arb, bk_):
+    """Take what the recovery client put in the ``recov`` ring: answer packets through the
+    arbiter, unrecoverable ranges through ``arbiter.lost``. Returns a book ``NEED_*``
+    (the entry stays for the retry), ``-1`` when halted by policy, else 0."""
+    ctr, hold_buf, hold_meta, gaps, control, recov, recov_meta = arb
+    orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat = bk_
+    while control[shm.C_REC_TAIL] != control[shm.C_REC_HEAD]:
+        tail = control[shm.C_REC_TAIL]
+        i = tail % recov.shape[0]
+        kind = recov_meta[i, 0]
+        if kind == shm.REC_DATA:
+            n = recov_meta[i, 1]
+            ctr[shm.LINE_RECOVERY * shm.LINE_STRIDE + shm.L_PACKETS] += 1
+            ctr[shm.LINE_RECOVERY * shm.LINE_STRIDE + shm.L_BYTES] += n
+            count_messages(recov[i], 0, n, ctr, shm.LINE_RECOVERY)
+            need = _packet(recov[i], 0, n, shm.LINE_RECOVERY, 0, t, session, arb, bk_)
+            if need != 0:
+                ctr[shm.LINE_RECOVERY * shm.LINE_STRIDE + shm.L_PACKETS] -= 1
+                ctr[shm.LINE_RECOVERY * shm.LINE_STRIDE + shm.L_BYTES] -= n
+                ctr[shm.LINE_RECOVERY * shm.LINE_STRIDE + shm.L_MESSAGES] -= \
+                    recov_meta[i, 3]  # fmt: skip
+                return need
+        else:
+            if arbiter.lost(recov_meta[i, 2], recov_meta[i, 3], ctr, control) == 0:
+                return 0  # ahead of the sequence: once it gets there
+            if control[shm.C_HALTED] != 0:
+                control[shm.C_REC_TAIL] = tail + 1
+                return -1
+            need = arbiter.drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder,
+                                 htab, stocks, meta, bctr, bbo, touched, lat)  # fmt: skip
+            if need != 0:
+                control[shm.C_REC_TAIL] = tail + 1
+                return need
+        control[shm.C_REC_TAIL] = tail + 1
+        if control[shm.C_HALTED] != 0:
+            return -1
+    return 0
+
+
+@njit(nogil=True, _nrt=False)
+def _idle(t, arb, bk_):
+    """Between packets: release what can be released, declare holes past the window."""
+    ctr, hold_buf, hold_meta, gaps, control, _r, _rm = arb
+    orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat = bk_
+    if ctr[shm.A_HELD_NOW] > 0:
+        need = arbiter.drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder, htab,
+                             stocks, meta, bctr, bbo, touched, lat)  # fmt: skip
+        if need != 0:
+            return need
+    arbiter.hole_check(t, ctr, hold_meta, gaps, control)
+    return 0
+
+
 # --- kernel sockets ---------------------------------------------------------------------------
 SLOT = 2048  # bytes per receive slot (a MoldUDP64 packet fits one datagram)
 IOVEC = np.dtype([("base", np.uint64), ("len", np.uint64)])
@@ -191,7 +142,7 @@ MSGHDR = np.dtype(
 )  # fmt: skip
 MMSGHDR = np.dtype([("hdr", MSGHDR), ("len", np.uint32), ("_p", np.uint32)])
 
-# private loop state (int64): the pending batch of the socket loop
+# private loop state (int64): the pending batch
 P_LINE = 0
 P_I = 1
 P_N = 2
@@ -214,11 +165,32 @@ def socket_buffers(batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @njit(nogil=True, _nrt=False)
-def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, ctr, orders, levels, sides, ladder,
-                htab, stocks, meta, bctr, bbo, touched, lat, control, ts):  # fmt: skip
-    """Poll both lines' UDP sockets (non-blocking ``recvmmsg``) and handle every packet
-    until stopped, a snapshot is requested, the book needs room, or ``budget_ns`` passed.
-    Returns ``(status, need)``."""
+def _housekeeping(loops, t_end, ts, arb, bk_):
+    """Every 64 idle polls: the arbiter's clock work and the control block. Returns a loop
+    status or a book ``NEED_*`` (as ``(status, need)``), ``(-1, 0)`` to keep polling."""
+    ctr = arb[0]
+    control = arb[4]
+    ctr[shm.S_LOOPS] += 64
+    t = now_ns(ts)
+    need = _idle(t, arb, bk_)
+    if need != 0:
+        return OK, need
+    if control[shm.C_STOP] != 0:
+        return STOPPED, 0
+    if control[shm.C_SNAP_REQ] != control[shm.C_SNAP_DONE]:
+        return SNAPSHOT, 0
+    if t >= t_end:
+        return HOUSEKEEPING, 0
+    return -1, 0
+
+
+@njit(nogil=True, _nrt=False)
+def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, arb, bk_, ts):
+    """Poll both lines' UDP sockets (non-blocking ``recvmmsg``) and the recovery ring,
+    handle every packet until stopped, a snapshot is requested, the book needs room, the
+    halt policy stops us, or ``budget_ns`` passed. Returns ``(status, need)``."""
+    ctr = arb[0]
+    control = arb[4]
     batch = mm.shape[1]
     t_end = now_ns(ts) + budget_ns
     loops = 0
@@ -227,14 +199,18 @@ def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, ctr, orders, levels, 
             ln = pstate[P_LINE]
             i = pstate[P_I]
             off = i * SLOT
-            t = now_ns(ts)
-            need = on_packet(rbuf[ln], off, off + mm[ln, i].len, ln, pstate[P_RX], t, session,
-                             ctr, orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo,
-                             touched, lat)  # fmt: skip
+            need = _packet(rbuf[ln], off, off + mm[ln, i].len, ln, pstate[P_RX], now_ns(ts),
+                           session, arb, bk_)  # fmt: skip
             if need != 0:
                 return OK, need
             pstate[P_I] = i + 1
             continue
+        if control[shm.C_REC_HEAD] != control[shm.C_REC_TAIL]:
+            need = service_recovery(now_ns(ts), session, arb, bk_)
+            if need < 0:
+                return HALTED, 0
+            if need != 0:
+                return OK, need
         got = 0
         for ln in range(2):
             n = _recvmmsg(fds[ln], mm[ln].ctypes.data, batch, MSG_DONTWAIT, 0)
@@ -255,13 +231,9 @@ def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, ctr, orders, levels, 
             continue
         loops += 1
         if (loops & 63) == 0:
-            ctr[shm.S_LOOPS] += 64
-            if control[shm.C_STOP] != 0:
-                return STOPPED, 0
-            if control[shm.C_SNAP_REQ] != control[shm.C_SNAP_DONE]:
-                return SNAPSHOT, 0
-            if now_ns(ts) >= t_end:
-                return HOUSEKEEPING, 0
+            status, need = _housekeeping(loops, t_end, ts, arb, bk_)
+            if status >= 0:
+                return status, need
 
 
 # --- AF_XDP ---------------------------------------------------------------------------------
@@ -308,11 +280,12 @@ def udp_payload(u, addr, length):
 
 
 @njit(nogil=True, _nrt=False)
-def xdp_loop(ri, umem_a, umem_b, pstate, pend, budget_ns, session, ctr, orders, levels, sides,
-             ladder, htab, stocks, meta, bctr, bbo, touched, lat, control, ts):  # fmt: skip
+def xdp_loop(ri, umem_a, umem_b, pstate, pend, budget_ns, session, arb, bk_, ts):
     """Poll both lines' AF_XDP rx rings (``ri[0]`` A, ``ri[1]`` B: ``dataplane.xsk``
-    ring info), handle every packet in UMEM, give each frame back to the fill ring. Same
-    returns as ``socket_loop``."""
+    ring info) and the recovery ring, handle every packet in UMEM, give each frame back to
+    the fill ring. Same returns as ``socket_loop``."""
+    ctr = arb[0]
+    control = arb[4]
     batch = pend.shape[0]
     t_end = now_ns(ts) + budget_ns
     loops = 0
@@ -321,16 +294,20 @@ def xdp_loop(ri, umem_a, umem_b, pstate, pend, budget_ns, session, ctr, orders, 
             i = pstate[P_I]
             ln = pend[i, X_LINE]
             u = umem_a if ln == 0 else umem_b
-            t = now_ns(ts)
-            need = on_packet(u, pend[i, X_START], pend[i, X_END], ln, pend[i, X_RX], t,
-                             session, ctr, orders, levels, sides, ladder, htab, stocks, meta,
-                             bctr, bbo, touched, lat)  # fmt: skip
+            need = _packet(u, pend[i, X_START], pend[i, X_END], ln, pend[i, X_RX], now_ns(ts),
+                           session, arb, bk_)  # fmt: skip
             if need != 0:
                 return OK, need
             if xsk.fill_put(ri[ln], pend[i, X_FRAME]) == 0:
                 ctr[shm.S_RING_FULL] += 1
             pstate[P_I] = i + 1
             continue
+        if control[shm.C_REC_HEAD] != control[shm.C_REC_TAIL]:
+            need = service_recovery(now_ns(ts), session, arb, bk_)
+            if need < 0:
+                return HALTED, 0
+            if need != 0:
+                return OK, need
         got = 0
         for ln in range(2):
             r = ri[ln]
@@ -367,17 +344,13 @@ def xdp_loop(ri, umem_a, umem_b, pstate, pend, budget_ns, session, ctr, orders, 
             continue
         loops += 1
         if (loops & 63) == 0:
-            ctr[shm.S_LOOPS] += 64
             for ln in range(2):
                 if xsk.fill_needs_wakeup(ri[ln]):
                     xsk.kick(ri[ln])
                     ctr[shm.S_WAKEUPS] += 1
-            if control[shm.C_STOP] != 0:
-                return STOPPED, 0
-            if control[shm.C_SNAP_REQ] != control[shm.C_SNAP_DONE]:
-                return SNAPSHOT, 0
-            if now_ns(ts) >= t_end:
-                return HOUSEKEEPING, 0
+            status, need = _housekeeping(loops, t_end, ts, arb, bk_)
+            if status >= 0:
+                return status, need
 
 
 @njit(cache=True, nogil=True)

@@ -43,14 +43,26 @@ L_END = 7  # end-of-session packets
 L_OTHER_SESSION = 8  # packets of another MoldUDP64 session (dropped)
 L_FIRST_TAKEN = 9  # messages this line delivered first (taken into the book)
 L_RX_NS = 10  # receive time of the line's last packet
+L_HELD = 11  # packets held because they arrived ahead of the next sequence
+L_LATE = 12  # held packets that were no longer needed when their turn came
+N_LINES = 3  # A, B, and the recovery path (answers from the re-request server)
+LINE_RECOVERY = 2
 
-A_BASE = 2 * LINE_STRIDE
+A_BASE = N_LINES * LINE_STRIDE
 A_NEXT = A_BASE + 0  # next sequence expected
 A_TAKEN = A_BASE + 1  # messages taken into the book, each sequence once
-A_GAP_MESSAGES = A_BASE + 2  # sequences skipped (neither line had them in time)
-A_GAP_EVENTS = A_BASE + 3
+A_GAP_MESSAGES = A_BASE + 2  # sequences declared unrecoverable and skipped
+A_GAP_EVENTS = A_BASE + 3  # gaps declared (handed to recovery)
 A_END_SEQ = A_BASE + 4  # next sequence announced by end of session (0 until seen)
 A_PACKETS = A_BASE + 5  # packets that contributed messages
+A_HELD_NOW = A_BASE + 6  # packets held right now
+A_HELD_MAX = A_BASE + 7
+A_HOLD_OVERFLOW = A_BASE + 8  # packets not held for want of a slot (recovered later)
+A_ANNOUNCED = A_BASE + 9  # highest next-sequence any packet or heartbeat announced
+A_HOLE_SINCE = A_BASE + 10  # when the current hole at A_NEXT was first seen (0: none)
+A_DECLARED_TO = A_BASE + 11  # sequences below this were already declared as gaps
+A_GAP_DECLARED_MSGS = A_BASE + 12  # messages in declared gaps
+A_LOST_EVENTS = A_BASE + 13  # unrecoverable ranges applied
 
 S_BASE = A_BASE + 16
 S_RUNNING = S_BASE + 0  # 1 while the consumer loop runs
@@ -63,7 +75,7 @@ S_MODE = S_BASE + 6  # 1 AF_XDP, 2 kernel sockets
 S_RING_FULL = S_BASE + 7  # fill ring had no room (frames held back)
 S_WAKEUPS = S_BASE + 8
 
-BOOK_BASE = 64
+BOOK_BASE = S_BASE + 16
 COUNTERS_LEN = BOOK_BASE + 320
 MODE_XDP = 1
 MODE_SOCKET = 2
@@ -87,7 +99,31 @@ C_SNAP_REQ = 1  # a reader bumps this to ask for a level snapshot
 C_SNAP_DONE = 2  # the consumer sets it to the request number it answered
 C_SNAP_ROWS = 3
 C_SNAP_TRUNC = 4  # 1 when the book had more levels than the snapshot area holds
+# the two recovery rings (single producer, single consumer; a side only ever writes its
+# own index, after the record it publishes):
+#   gaps (consumer -> recovery): GAP_SLOTS rows (first seq, count, detected ns, reserved);
+#     the consumer writes C_GAP_HEAD, the recovery client C_GAP_TAIL.
+#   recov (recovery -> consumer): REC_SLOTS packet slots of REC_SLOT_BYTES plus rows in
+#     recov_meta (kind, length, first seq, count); the recovery client writes C_REC_HEAD,
+#     the consumer C_REC_TAIL. kind REC_DATA: a MoldUDP64 packet answered by the server;
+#     kind REC_LOST: sequences first..first+count-1 are declared unrecoverable.
+C_GAP_HEAD = 5
+C_GAP_TAIL = 6
+C_REC_HEAD = 7
+C_REC_TAIL = 8
+C_POLICY = 9  # what the consumer does with an unrecoverable gap: POLICY_STALE or POLICY_HALT
+C_STALE = 10  # 1 once a gap was declared unrecoverable: the books are not whole
+C_HALTED = 11  # 1 when the consumer stopped because of the halt policy
+C_WINDOW_NS = 12  # arbitration window: a hole older than this is declared a gap
+C_WINDOW_MSGS = 13  # ... or one with this many messages held behind it
 CONTROL_LEN = 16
+GAP_SLOTS = 1024
+REC_SLOTS = 4096
+REC_SLOT_BYTES = 2048
+REC_DATA = 0
+REC_LOST = 1
+POLICY_STALE = 0
+POLICY_HALT = 1
 LEVELS_CAP = 1 << 20
 
 REGIONS = {
@@ -96,6 +132,11 @@ REGIONS = {
     "latency": (np.int64, (LAT_BUCKETS,)),
     "control": (np.int64, (CONTROL_LEN,)),
     "levels": (np.int64, (LEVELS_CAP, 5)),
+    "gaps": (np.int64, (GAP_SLOTS, 4)),
+    "recov": (np.uint8, (REC_SLOTS, REC_SLOT_BYTES)),
+    "recov_meta": (np.int64, (REC_SLOTS, 4)),
+    # the recovery client's mirror of its counters and latency histogram (host.recovery)
+    "recovery": (np.int64, (64 + LAT_BUCKETS,)),
 }
 
 
@@ -119,7 +160,8 @@ def attach(channel: str, root: Path | None = None, writable_control: bool = True
         raise FileNotFoundError(f"no consumer shared memory at {d} (is tickwire run running?)")
     out = {}
     for name, (dtype, shape) in REGIONS.items():
-        mode = "r+" if (name == "control" and writable_control) else "r"
+        writable = name in ("control", "gaps", "recov", "recov_meta", "recovery")
+        mode = "r+" if (writable and writable_control) else "r"
         try:
             out[name] = np.memmap(d / name, dtype=dtype, mode=mode, shape=shape).view(np.ndarray)
         except (FileNotFoundError, ValueError) as e:
@@ -172,6 +214,35 @@ def percentiles(hist: np.ndarray, qs=(50, 99, 99.9)) -> dict[str, float | None]:
     return out
 
 
+# --- the recovery client's side of the rings (Python; the consumer's side is numba) ---------
+def gap_pop(m: dict) -> tuple[int, int, int] | None:
+    """The next gap the consumer declared, ``(first, count, detected_ns)``, or None."""
+    ctl = m["control"]
+    tail = int(ctl[C_GAP_TAIL])
+    if tail == int(ctl[C_GAP_HEAD]):
+        return None
+    row = m["gaps"][tail % GAP_SLOTS]
+    out = (int(row[0]), int(row[1]), int(row[2]))
+    ctl[C_GAP_TAIL] = tail + 1
+    return out
+
+
+def rec_push(m: dict, kind: int, first: int, count: int, packet: bytes = b"") -> bool:
+    """Hand the consumer an answer packet (``REC_DATA``) or an unrecoverable range
+    (``REC_LOST``); False when the ring is full (try again later)."""
+    ctl = m["control"]
+    head = int(ctl[C_REC_HEAD])
+    if head - int(ctl[C_REC_TAIL]) >= REC_SLOTS:
+        return False
+    if len(packet) > REC_SLOT_BYTES:
+        raise ValueError(f"packet of {len(packet)} bytes exceeds a recovery slot")
+    i = head % REC_SLOTS
+    m["recov"][i, : len(packet)] = np.frombuffer(packet, np.uint8)
+    m["recov_meta"][i] = (kind, len(packet), first, count)
+    ctl[C_REC_HEAD] = head + 1  # published last: x86 keeps the stores in order
+    return True
+
+
 class Reader:
     """Read a running consumer's books, BBOs and counters from another process."""
 
@@ -186,7 +257,8 @@ class Reader:
                  "duplicates": L_DUPLICATES, "malformed": L_MALFORMED,
                  "last_seq": L_LAST_SEQ, "heartbeats": L_HEARTBEATS, "end_of_session": L_END,
                  "other_session": L_OTHER_SESSION, "first": L_FIRST_TAKEN}  # fmt: skip
-        for k, letter in enumerate("AB"):
+        names.update(held=L_HELD, late=L_LATE, rx_ns=L_RX_NS)
+        for k, letter in enumerate(("A", "B", "recovery")):
             lines[letter] = {n: int(c[k * LINE_STRIDE + i]) for n, i in names.items()}
         book_c = c[BOOK_BASE:]
         from dataplane import itch
@@ -196,6 +268,12 @@ class Reader:
             "next_seq": int(c[A_NEXT]), "taken": int(c[A_TAKEN]),
             "gap_messages": int(c[A_GAP_MESSAGES]), "gap_events": int(c[A_GAP_EVENTS]),
             "end_seq": int(c[A_END_SEQ]), "running": bool(c[S_RUNNING]),
+            "gaps_declared": int(c[A_GAP_EVENTS]),
+            "gap_declared_messages": int(c[A_GAP_DECLARED_MSGS]),
+            "lost_events": int(c[A_LOST_EVENTS]), "held_now": int(c[A_HELD_NOW]),
+            "held_max": int(c[A_HELD_MAX]), "hold_overflow": int(c[A_HOLD_OVERFLOW]),
+            "stale": bool(self.m["control"][C_STALE]),
+            "halted": bool(self.m["control"][C_HALTED]),
             "mode": {MODE_XDP: "xdp", MODE_SOCKET: "socket"}.get(int(c[S_MODE]), "none"),
             "pid": int(c[S_PID]), "cpu": int(c[S_CPU]),
             "book": {"messages": int(book_c[itch.C_MESSAGES]),

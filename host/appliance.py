@@ -88,7 +88,41 @@ def join_socket(line, bind: bool) -> socket.socket:
     return s
 
 
-def _consumer_socket(cfg: Config, maps: dict, book, session: np.ndarray) -> None:
+def _drive(cfg: Config, maps: dict, book, loop) -> str:
+    """Run ``loop(arb, bk_, budget_ns)`` (a consumer loop bound to its receive path) until
+    it stops: grow the book when it asks, answer snapshots, keep the liveness stamp.
+    Returns "stopped" or "halted"."""
+    from dataplane import arbiter
+    from dataplane import consumer as cs
+
+    run = cfg.run
+    ctr, control = maps["counters"], maps["control"]
+    hold_buf = np.zeros((run.hold_slots, arbiter.HOLD_SLOT), np.uint8)
+    hold_meta = np.full((run.hold_slots, arbiter.H_COLS), -1, np.int64)
+    arb = (ctr, hold_buf, hold_meta, maps["gaps"], control, maps["recov"], maps["recov_meta"])
+    touched = np.zeros(256, np.int64)
+
+    def bk_():
+        return (*book._state(), maps["bbo"], touched, maps["latency"])
+
+    first = True
+    while True:
+        status, need = loop(arb, bk_(), 0 if first else 50_000_000)
+        if first:  # compiled now: only from here on is the consumer keeping up
+            ctr[shm.S_RUNNING] = 1
+            first = False
+        if need:
+            book._grow(need)
+        elif status == cs.STOPPED:
+            return "stopped"
+        elif status == cs.HALTED:
+            return "halted"
+        elif status == cs.SNAPSHOT:
+            cs.snapshot(book.sides, book.ladder, book.levels, maps["levels"], control)
+        ctr[shm.S_ALIVE_NS] = time.monotonic_ns()
+
+
+def _consumer_socket(cfg: Config, maps: dict, book, session: np.ndarray) -> str:
     from dataplane import consumer as cs
 
     run = cfg.run
@@ -97,38 +131,22 @@ def _consumer_socket(cfg: Config, maps: dict, book, session: np.ndarray) -> None
     rbuf, _iov, mm = cs.socket_buffers(run.batch)
     pstate = np.zeros(cs.PSTATE_LEN, np.int64)
     ts = np.zeros(2, np.int64)
-    touched = np.zeros(256, np.int64)
-    ctr, bbo, lat, control = maps["counters"], maps["bbo"], maps["latency"], maps["control"]
-    ctr[shm.S_MODE] = shm.MODE_SOCKET
+    maps["counters"][shm.S_MODE] = shm.MODE_SOCKET
     try:
-        first = True
-        while True:
-            status, need = cs.socket_loop(fds, mm, rbuf, pstate, 0 if first else 50_000_000,
-                                          session, ctr, *book._state(), bbo, touched, lat,
-                                          control, ts)  # fmt: skip
-            if first:  # compiled now: only from here on is the consumer keeping up
-                ctr[shm.S_RUNNING] = 1
-                first = False
-            if need:
-                book._grow(need)
-            elif status == cs.STOPPED:
-                return
-            elif status == cs.SNAPSHOT:
-                cs.snapshot(book.sides, book.ladder, book.levels, maps["levels"], control)
-            ctr[shm.S_ALIVE_NS] = time.monotonic_ns()
+        return _drive(cfg, maps, book, lambda arb, bk_, budget: cs.socket_loop(
+            fds, mm, rbuf, pstate, budget, session, arb, bk_, ts))  # fmt: skip
     finally:
-        ctr[shm.S_RUNNING] = 0
+        maps["counters"][shm.S_RUNNING] = 0
         for s in socks:
             s.close()
 
 
 def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: int,
-                  slots: list[int]) -> None:  # fmt: skip
+                  slots: list[int]) -> str:  # fmt: skip
     from dataplane import consumer as cs
     from dataplane import xsk
 
     run = cfg.run
-    ctr, bbo, lat, control = maps["counters"], maps["bbo"], maps["latency"], maps["control"]
     socks = []
     try:
         for line, slot in zip(run.lines.values(), slots, strict=True):
@@ -141,29 +159,14 @@ def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: in
             _log("UMEM in normal pages (no free 2 MiB hugepages)")
         ri = np.stack([s.ring_info for s in socks])
         umems = [s.umem.array for s in socks]
-        ctr[shm.S_MODE] = shm.MODE_XDP
-        first = True
+        maps["counters"][shm.S_MODE] = shm.MODE_XDP
         pstate = np.zeros(cs.PSTATE_LEN, np.int64)
         pend = np.zeros((run.batch, cs.X_COLS), np.int64)
         ts = np.zeros(2, np.int64)
-        touched = np.zeros(256, np.int64)
-        while True:
-            status, need = cs.xdp_loop(ri, umems[0], umems[1], pstate, pend,
-                                       0 if first else 50_000_000, session, ctr,
-                                       *book._state(), bbo, touched, lat, control,
-                                       ts)  # fmt: skip
-            if first:  # compiled now: only from here on is the consumer keeping up
-                ctr[shm.S_RUNNING] = 1
-                first = False
-            if need:
-                book._grow(need)
-            elif status == cs.STOPPED:
-                return
-            elif status == cs.SNAPSHOT:
-                cs.snapshot(book.sides, book.ladder, book.levels, maps["levels"], control)
-            ctr[shm.S_ALIVE_NS] = time.monotonic_ns()
+        return _drive(cfg, maps, book, lambda arb, bk_, budget: cs.xdp_loop(
+            ri, umems[0], umems[1], pstate, pend, budget, session, arb, bk_, ts))  # fmt: skip
     finally:
-        ctr[shm.S_RUNNING] = 0
+        maps["counters"][shm.S_RUNNING] = 0
         for s in socks:
             s.close()
 
@@ -188,10 +191,10 @@ def _child(cfg: Config, mode: str, map_fd: int, maps: dict, slots: list[int]) ->
                     counters=maps["counters"][shm.BOOK_BASE :])  # fmt: skip
         session = np.frombuffer(mold.session_bytes(cfg.feed.session), np.uint8).copy()
         if mode == "xdp":
-            _consumer_xdp(cfg, maps, book, session, map_fd, slots)
+            how = _consumer_xdp(cfg, maps, book, session, map_fd, slots)
         else:
-            _consumer_socket(cfg, maps, book, session)
-        final = {"digest": book.digest(), "live_orders": book.live_orders,
+            how = _consumer_socket(cfg, maps, book, session)
+        final = {"ended": how, "digest": book.digest(), "live_orders": book.live_orders,
                  "check": book.check(allow_crossed=True),
                  "stocks": len(book.stocks_summary())}  # fmt: skip
         (cdir / "final.json").write_text(json.dumps(final))
@@ -213,6 +216,59 @@ def xdp_stats(steering) -> dict:
     return {"lines": lines, "passed": passed, "redirected": int(st.get("redirected", 0))}
 
 
+class NoRecovery:
+    """No re-request server configured: every declared gap is unrecoverable at once."""
+
+    def __init__(self, maps: dict):
+        self.maps = maps
+        self._stop = threading.Event()
+        self.lost = 0
+        self._t = threading.Thread(target=self._run, daemon=True, name="no-recovery")
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            gap = shm.gap_pop(self.maps)
+            if gap is None:
+                time.sleep(0.001)
+                continue
+            first, count, _ = gap
+            while not shm.rec_push(self.maps, shm.REC_LOST, first, count):
+                time.sleep(0.001)
+            self.lost += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def counters(self) -> dict:
+        return {"detected": self.lost, "unrecoverable": self.lost, "server": None}
+
+    def latency(self) -> dict:
+        return {}
+
+
+def start_recovery(cfg: Config, maps: dict, log):
+    """The recovery client for ``run.recovery`` (or ``NoRecovery``), started."""
+    run = cfg.run
+    if not run.recovery:
+        log("no re-request server configured: gaps are unrecoverable (run.recovery)")
+        return NoRecovery(maps)
+    from host import recovery
+
+    host, _, port = run.recovery.rpartition(":")
+    rc = recovery.RecoveryConfig(
+        server_host=host, server_port=int(port), session=cfg.feed.session,
+        max_per_request=run.recovery_max_messages,
+        min_interval=run.recovery_interval_ms / 1e3, timeout=run.recovery_timeout_ms / 1e3,
+        retries=run.recovery_retries, slo=run.recovery_slo_ms / 1e3, policy=run.policy,
+    )  # fmt: skip
+    client = recovery.RecoveryClient(rc, maps, log=log, shared=maps["recovery"])
+    client.start()
+    log(f"recovery from {run.recovery}")
+    return client
+
+
 class Appliance:
     """Run one channel until stopped; ``run()`` returns the summary."""
 
@@ -222,6 +278,7 @@ class Appliance:
         self._stop = False
         self.mode = None
         self.steering = None
+        self.recovery = None
 
     def stop(self, *_args) -> None:
         self._stop = True
@@ -263,6 +320,10 @@ class Appliance:
         for name in ("final.json", "error.txt"):
             (cdir / name).unlink(missing_ok=True)
         maps["counters"][shm.A_NEXT] = 1
+        ctl = maps["control"]
+        ctl[shm.C_WINDOW_NS] = int(run.window_ms * 1e6)
+        ctl[shm.C_WINDOW_MSGS] = run.window_messages
+        ctl[shm.C_POLICY] = shm.POLICY_HALT if run.policy == "halt" else shm.POLICY_STALE
         joins: list[socket.socket] = []
         server = None
         pid = 0
@@ -295,12 +356,17 @@ class Appliance:
                 if self.steering is not None:
                     steering = self.steering
                     stats = lambda: xdp_stats(steering)  # noqa: E731
-                server = metrics.serve(run.metrics,
-                                       metrics.ConsumerCollector(run.channel, maps, stats))
+                def rec():
+                    r = self.recovery
+                    return r.status() if r is not None and hasattr(r, "status") else None
+
+                server = metrics.serve(run.metrics, metrics.ConsumerCollector(
+                    run.channel, maps, stats, recovery=rec))  # fmt: skip
                 self.log(f"metrics on http://{run.metrics}/metrics"
                          + (f" (in {run.netns})" if run.netns else ""))  # fmt: skip
             try:
                 self._wait_running(maps, pid)
+                self.recovery = start_recovery(cfg, maps, self.log)
             except RunError:
                 pid = 0  # reaped, or killed by _wait_running's caller below
                 raise
@@ -329,6 +395,8 @@ class Appliance:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             maps["counters"][shm.S_RUNNING] = 0  # whatever happened to the consumer
+            if getattr(self, "recovery", None) is not None:
+                self.recovery.stop()
             if server is not None:
                 server.shutdown()
             for s in joins:
@@ -381,14 +449,22 @@ class Appliance:
             out.update(json.loads(final.read_text()))
         if getattr(self, "xdp_stats", None):
             out["xdp"] = self.xdp_stats
+        if getattr(self, "recovery", None) is not None:
+            out["recovery"] = self.recovery.counters()
+            out["recovery_latency_ns"] = self.recovery.latency()
         return out
 
 
 def summary_text(s: dict) -> str:
     lines = [f"channel {s['channel']} ({s['mode']}): {s['taken']:,} messages taken, next "
-             f"sequence {s['next_seq']:,}, gaps {s['gap_messages']:,} messages in "
-             f"{s['gap_events']:,} events, {s['seconds']:.1f} s"]  # fmt: skip
+             f"sequence {s['next_seq']:,}, {s['seconds']:.1f} s"]  # fmt: skip
+    lines.append(f"  gaps: {s['gaps_declared']:,} declared ({s['gap_declared_messages']:,} "
+                 f"messages), {s['lost_events']:,} unrecoverable ({s['gap_messages']:,} "
+                 f"messages skipped){'; BOOKS STALE' if s['stale'] else ''}"
+                 f"{'; HALTED' if s['halted'] else ''}")  # fmt: skip
     for letter, ln in s["lines"].items():
+        if letter == "recovery" and not ln["packets"]:
+            continue
         lines.append(f"  line {letter}: {ln['packets']:,} packets, {ln['messages']:,} messages, "
                      f"{ln['first']:,} first, {ln['duplicates']:,} duplicates dropped, "
                      f"{ln['malformed']:,} malformed")  # fmt: skip

@@ -126,6 +126,23 @@ class RunConfig:
     metrics: str = "127.0.0.1:9108"
     # order capacity the book starts with (it grows off the hot path when needed)
     orders: int = 1 << 20
+    # arbitration: a hole in the sequence is declared a gap (and re-requested) when
+    # neither line filled it within window_ms, or window_messages are held behind it
+    window_ms: float = 2.0
+    window_messages: int = 20_000
+    # packets that can wait ahead of a hole (2 KiB each)
+    hold_slots: int = 8192
+    # an unrecoverable gap: "stale" (mark the books stale, keep going) or "halt"
+    policy: str = "stale"
+    # re-request server "host:port" ("" = none: every gap is unrecoverable); --lab sets it
+    recovery: str = ""
+    # recovery client: answer timeout, retries (backoff x2), per-gap SLO, request spacing,
+    # the server's per-answer message cap
+    recovery_timeout_ms: float = 50.0
+    recovery_retries: int = 5
+    recovery_slo_ms: float = 2000.0
+    recovery_interval_ms: float = 1.0
+    recovery_max_messages: int = 1000
     line_a: RxLineConfig = field(default_factory=lambda: _rx_line("a", 1))
     line_b: RxLineConfig = field(default_factory=lambda: _rx_line("b", 2))
 
@@ -196,6 +213,25 @@ def _validate_run(run: RunConfig) -> None:
     if run.frames < run.ring_size or run.frames > 1 << 20:
         raise ConfigError(f"run.frames: {run.frames} must be at least ring_size and at most "
                           "1048576")  # fmt: skip
+    if run.policy not in ("stale", "halt"):
+        raise ConfigError(f"run.policy: {run.policy!r} is not one of stale, halt")
+    if not 0 < run.window_ms <= 60_000:
+        raise ConfigError(f"run.window_ms: {run.window_ms} is outside (0, 60000]")
+    if run.window_messages < 1:
+        raise ConfigError(f"run.window_messages: {run.window_messages} must be positive")
+    if not 16 <= run.hold_slots <= 1 << 20:
+        raise ConfigError(f"run.hold_slots: {run.hold_slots} is outside 16..1048576")
+    if run.recovery:
+        rhost, sep, rport = run.recovery.rpartition(":")
+        if not sep or not rport.isdigit():
+            raise ConfigError(f"run.recovery: {run.recovery!r} must be host:port or empty")
+        _check_ip("run.recovery", rhost)
+        _check_port("run.recovery", int(rport))
+    for key in ("recovery_timeout_ms", "recovery_slo_ms", "recovery_interval_ms"):
+        if getattr(run, key) < 0:
+            raise ConfigError(f"run.{key}: must not be negative")
+    if run.recovery_retries < 0 or run.recovery_max_messages < 1:
+        raise ConfigError("run.recovery_retries must be >= 0 and run.recovery_max_messages >= 1")
     if run.orders < 16 or run.orders > 1 << 28:
         raise ConfigError(f"run.orders: {run.orders} is outside 16..268435456")
     if run.metrics:
@@ -291,7 +327,8 @@ def for_lab(cfg: Config) -> Config:
         lines[f"line_{letter.lower()}"] = dataclasses.replace(
             old, interface=line.appliance_if, group=line.group, port=line.port,
             address=line.appliance_ip)  # fmt: skip
-    run = dataclasses.replace(cfg.run, netns=cfg.lab.appliance_ns, **lines)
+    recovery = cfg.run.recovery or f"{cfg.lab.line_a.exchange_ip}:{cfg.lab.rerequest_port}"
+    run = dataclasses.replace(cfg.run, netns=cfg.lab.appliance_ns, recovery=recovery, **lines)
     return validate(dataclasses.replace(cfg, run=run))
 
 

@@ -39,10 +39,12 @@ LAT_BOUNDS_S = (1e-6, 2e-6, 5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1
 class ConsumerCollector:
     """Collects one channel's counters from shared memory (and XDP stats if given)."""
 
-    def __init__(self, channel: str, maps: dict, xdp_stats: Callable[[], dict] | None = None):
+    def __init__(self, channel: str, maps: dict, xdp_stats: Callable[[], dict] | None = None,
+                 recovery: Callable[[], dict] | None = None):  # fmt: skip
         self.channel = channel
         self.m = maps
         self.xdp_stats = xdp_stats
+        self.recovery = recovery
 
     def collect(self):
         c = np.array(self.m["counters"])
@@ -63,8 +65,12 @@ class ConsumerCollector:
         yield g
         for name, idx, doc in (
             ("messages_taken", shm.A_TAKEN, "Messages taken into the book, each sequence once"),
-            ("gap_messages", shm.A_GAP_MESSAGES, "Sequences neither line delivered"),
-            ("gap_events", shm.A_GAP_EVENTS, "Gaps detected"),
+            ("gap_messages", shm.A_GAP_MESSAGES, "Sequences declared unrecoverable, skipped"),
+            ("gap_events", shm.A_GAP_EVENTS, "Gaps declared (handed to recovery)"),
+            ("gap_declared_messages", shm.A_GAP_DECLARED_MSGS, "Messages in declared gaps"),
+            ("unrecoverable_gaps", shm.A_LOST_EVENTS, "Unrecoverable ranges applied"),
+            ("hold_overflow_packets", shm.A_HOLD_OVERFLOW,
+             "Packets ahead of a hole not held for want of a slot (left to recovery)"),
         ):
             f = CounterMetricFamily(f"tickwire_{name}", doc, labels=["channel"])
             f.add_metric([ch], float(c[idx]))
@@ -73,6 +79,15 @@ class ConsumerCollector:
                               labels=["channel"])  # fmt: skip
         g.add_metric([ch], float(c[shm.S_RUNNING]))
         yield g
+        ctl = self.m["control"]
+        for name, value, doc in (
+            ("books_stale", ctl[shm.C_STALE], "1 once a gap was unrecoverable: books not whole"),
+            ("consumer_halted", ctl[shm.C_HALTED], "1 when halted by the unrecoverable policy"),
+            ("held_packets", c[shm.A_HELD_NOW], "Packets held ahead of a hole right now"),
+        ):
+            g = GaugeMetricFamily(f"tickwire_{name}", doc, labels=["channel"])
+            g.add_metric([ch], float(value))
+            yield g
         from dataplane import book as bk
         from dataplane import itch
 
@@ -98,6 +113,15 @@ class ConsumerCollector:
                                   "per packet", labels=["channel"])  # fmt: skip
         h.add_metric([ch], buckets, sum_value=float((hist * lows).sum()))
         yield h
+        if self.recovery is not None:
+            from host import recovery
+
+            try:
+                st = self.recovery()
+            except Exception:  # noqa: BLE001 - a scrape must not fail on a stopped client
+                st = None
+            if st:
+                yield from recovery.metric_families(ch, st, LAT_BOUNDS_S)
         if self.xdp_stats is not None:
             try:
                 st = self.xdp_stats()

@@ -12,6 +12,11 @@ def collect(channel: str, netns: str | None = None) -> dict:
         r = shm.Reader(channel)
         out["consumer"] = r.counters()
         out["consumer"]["latency_ns"] = r.latency()
+        from host import recovery
+
+        rec = recovery.read_shared(r.m["recovery"])
+        rec.pop("histogram", None)
+        out["recovery"] = rec
     except FileNotFoundError as e:
         out["consumer"] = None
         out["consumer_error"] = str(e)
@@ -35,10 +40,25 @@ def text(st: dict) -> str:
         lines.append(f"channel {st['channel']}: consumer {state} (pid {c['pid']}, {c['mode']}"
                      f" mode), next sequence {c['next_seq']:,}, taken {c['taken']:,}, gaps "
                      f"{c['gap_messages']:,}")  # fmt: skip
+        if c["stale"] or c["halted"]:
+            lines.append(f"  BOOKS STALE: {c['lost_events']} unrecoverable gap(s), "
+                         f"{c['gap_messages']:,} messages missing"
+                         + (" -- consumer HALTED by policy" if c["halted"] else ""))  # fmt: skip
+        lines.append(f"  gaps declared {c['gaps_declared']:,} ({c['gap_declared_messages']:,} "
+                     f"messages), held now {c['held_now']}")  # fmt: skip
         for letter, ln in c["lines"].items():
             lines.append(f"  line {letter}: {ln['packets']:,} packets, {ln['messages']:,} "
                          f"messages, {ln['duplicates']:,} duplicates, last seq "
                          f"{ln['last_seq']:,}")  # fmt: skip
+    rec = st.get("recovery")
+    if rec and (rec["running"] or any(rec["counters"].values())):
+        rc = rec["counters"]
+        lat = rec["latency_ns"]
+        p50 = f", fill latency p50 {lat['p50'] / 1e6:.2f} ms" if lat.get("p50") else ""
+        lines.append(f"recovery: {'running' if rec['running'] else 'stopped'}, gaps detected "
+                     f"{rc.get('detected', 0)}, filled {rc.get('filled', 0)}, unrecoverable "
+                     f"{rc.get('unrecoverable', 0)}, outstanding {rc.get('outstanding', 0)}"
+                     f"{p50}")  # fmt: skip
     if st.get("xdp"):
         for x in st["xdp"]:
             lines.append(f"xdp: {x.get('ifname')} {x.get('mode')} prog id {x.get('prog_id')} "

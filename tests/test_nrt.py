@@ -53,15 +53,19 @@ SCRIPT = textwrap.dedent(
     # the consumer's loops: compiled for the types the appliance passes, not run
     import numba
     from dataplane import consumer, shm, xsk
-    st = b._state()
-    common = (np.zeros(10, np.uint8), np.zeros(shm.COUNTERS_LEN, np.int64), *st,
-              np.zeros(16, shm.BBO), np.zeros(256, np.int64), np.zeros(shm.LAT_BUCKETS, np.int64))
-    tail = (np.zeros(shm.CONTROL_LEN, np.int64), np.zeros(2, np.int64))
+    from dataplane import arbiter
+    m = {n: np.zeros(shape, dt) for n, (dt, shape) in shm.REGIONS.items() if n != "levels"}
+    arb = (m["counters"], np.zeros((4, arbiter.HOLD_SLOT), np.uint8),
+           np.full((4, arbiter.H_COLS), -1, np.int64), m["gaps"], m["control"], m["recov"],
+           m["recov_meta"])
+    bk_ = (*b._state(), m["bbo"], np.zeros(256, np.int64), m["latency"])
+    session, ts = np.zeros(10, np.uint8), np.zeros(2, np.int64)
     rbuf, _iov, mm = consumer.socket_buffers(4)
-    sock_args = (np.zeros(2, np.int64), mm, rbuf, np.zeros(8, np.int64), 0, *common, *tail)
+    sock_args = (np.zeros(2, np.int64), mm, rbuf, np.zeros(8, np.int64), 0, session, arb, bk_,
+                 ts)
     xdp_args = (np.zeros((2, xsk.RI_LEN), np.int64), np.zeros(64, np.uint8),
                 np.zeros(64, np.uint8), np.zeros(8, np.int64),
-                np.zeros((4, consumer.X_COLS), np.int64), 0, *common, *tail)
+                np.zeros((4, consumer.X_COLS), np.int64), 0, session, arb, bk_, ts)
     for fn, args in ((consumer.socket_loop, sock_args), (consumer.xdp_loop, xdp_args)):
         fn.compile(tuple(numba.typeof(a) for a in args))
 

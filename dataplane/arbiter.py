@@ -1,0 +1,312 @@
+"""A/B arbitration: each sequence number reaches the book exactly once, in order.
+
+Per channel and session the arbiter keeps the next expected sequence (``A_NEXT``). A
+packet from either line (or from the recovery path) is, relative to it:
+
+- behind (every message already taken): dropped, counted as that line's duplicates;
+- overlapping: the messages not yet taken are applied (``take``), the rest dropped;
+- ahead: copied into a preallocated hold slot (``hold``) and released, in order, as soon
+  as the hole before it fills (``drain``). Without a free slot it is counted
+  (``A_HOLD_OVERFLOW``) and left to recovery, never applied out of order.
+
+A *hole* exists while something announced a sequence past ``A_NEXT``: a held packet, a
+data packet's end, a heartbeat or the end of session (heartbeats carry the next sequence,
+so a loss at the end of a burst is seen too). ``hole_check`` declares the hole a gap --
+pushed into the shared ``gaps`` ring for the recovery client -- only once neither line has
+filled it within the arbitration window: ``C_WINDOW_NS`` nanoseconds since it was first
+seen, or ``C_WINDOW_MSGS`` messages held behind it. The recovery client answers through
+the ``recov`` ring: answer packets go through the same path as the lines' packets (first
+copy wins), and a range it gives up on comes back as ``REC_LOST``: ``lost`` skips it,
+counts it, marks the books stale and, under the halt policy, stops the consumer.
+
+Output to the decoder is strictly monotonic and never repeats a sequence: only ``take``
+applies messages, and only from ``A_NEXT`` upwards. Nothing here allocates.
+"""
+
+from __future__ import annotations
+
+from numba import njit, types
+from numba.extending import intrinsic
+
+from dataplane import book as bk
+from dataplane import itch, shm
+from dataplane import moldudp64 as mold
+from dataplane.itch import rd_u16
+
+HOLD_SLOT = 2048  # bytes per held packet (a MoldUDP64 datagram)
+H_SEQ = 0
+H_COUNT = 1
+H_LEN = 2
+H_LINE = 3
+H_COLS = 4
+A_HOLD_HWM = shm.A_BASE + 14  # private: slots at or past this index are all free
+A_HELD_MSGS = shm.A_BASE + 15  # private: messages in held packets
+
+
+@intrinsic
+def compiler_fence(typingctx):
+    """A release fence: on x86 it only stops the compiler moving stores across it, which
+    is what the seqlock needs (the CPU keeps stores in order)."""
+
+    def codegen(context, builder, sig, args):
+        builder.fence("release")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def lat_bucket(v):
+    if v < shm.LAT_SUB:
+        return max(v, 0)
+    e = 0
+    x = v
+    while x > 1:
+        x >>= 1
+        e += 1
+    return (e - 2) * shm.LAT_SUB + ((v >> (e - 3)) & (shm.LAT_SUB - 1))
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def publish_bbo(bbo, sides, locate, feed_seq, t):
+    """Copy one locate's cached best levels into its seqlocked record when they changed."""
+    b = sides[2 * locate]
+    a = sides[2 * locate + 1]
+    r = bbo[locate]
+    if r.bid_px == b.best_px and r.bid_qty == b.best_qty and r.ask_px == a.best_px and \
+            r.ask_qty == a.best_qty:  # fmt: skip
+        return
+    r.seq += 1
+    compiler_fence()
+    r.bid_px = b.best_px
+    r.bid_qty = b.best_qty
+    r.ask_px = a.best_px
+    r.ask_qty = a.best_qty
+    r.feed_seq = feed_seq
+    r.update_ns = t
+    compiler_fence()
+    r.seq += 1
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def take(b, pos, end, seq, count, line, rx_ns, t, ctr, orders, levels, sides, ladder, htab,
+         stocks, meta, bctr, bbo, touched, lat):  # fmt: skip
+    """Apply the messages of the validated data packet ``b[pos:end]`` (sequences
+    ``seq..seq+count-1``, ``seq <= A_NEXT``) that were not taken yet. Returns 0 or a
+    book ``NEED_*`` status (then ``A_NEXT`` stands after the last message applied, and
+    calling again with the same packet resumes exactly there)."""
+    lb = line * shm.LINE_STRIDE
+    nxt = ctr[shm.A_NEXT]
+    p = pos + mold.HEADER_LEN
+    s = seq
+    while s < nxt:  # skip the part already taken
+        p += 2 + rd_u16(b, p)
+        s += 1
+    n_touch = 0
+    q = p
+    while q < end and n_touch < touched.shape[0]:  # locates this packet may change
+        if rd_u16(b, q) >= 3:
+            touched[n_touch] = rd_u16(b, q + 3)
+            n_touch += 1
+        q += 2 + rd_u16(b, q)
+    st, stop = bk.apply_stream(b, p, end, orders, levels, sides, ladder, htab, stocks, meta,
+                               bctr)  # fmt: skip
+    applied = 0
+    q = p
+    while q < stop:
+        q += 2 + rd_u16(b, q)
+        applied += 1
+    ctr[shm.A_NEXT] = s + applied
+    ctr[shm.A_TAKEN] += applied
+    ctr[lb + shm.L_FIRST_TAKEN] += applied
+    for k in range(n_touch):
+        publish_bbo(bbo, sides, touched[k], s + applied - 1, t)
+    if st != itch.OK:
+        # the retry counts the messages applied now as skipped duplicates: take them back
+        ctr[lb + shm.L_DUPLICATES] -= applied
+        return st
+    ctr[lb + shm.L_DUPLICATES] += s - seq
+    ctr[shm.A_PACKETS] += 1
+    if rx_ns > 0 and t >= rx_ns:
+        lat[lat_bucket(t - rx_ns)] += 1
+    return 0
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def hold(b, pos, end, seq, count, line, ctr, hold_buf, hold_meta):
+    """Keep a packet that arrived ahead of ``A_NEXT`` until its turn."""
+    hwm = ctr[A_HOLD_HWM]
+    free = -1
+    for i in range(hwm):
+        hs = hold_meta[i, H_SEQ]
+        if hs == seq and hold_meta[i, H_COUNT] >= count:
+            ctr[line * shm.LINE_STRIDE + shm.L_DUPLICATES] += count  # held already
+            return
+        if hs < 0 and free < 0:
+            free = i
+    if free < 0:
+        if hwm >= hold_meta.shape[0] or end - pos > hold_buf.shape[1]:
+            ctr[shm.A_HOLD_OVERFLOW] += 1  # its sequences stay a hole: recovery fills it
+            return
+        free = hwm
+        ctr[A_HOLD_HWM] = hwm + 1
+    n = end - pos
+    for k in range(n):
+        hold_buf[free, k] = b[pos + k]
+    hold_meta[free, H_SEQ] = seq
+    hold_meta[free, H_COUNT] = count
+    hold_meta[free, H_LEN] = n
+    hold_meta[free, H_LINE] = line
+    ctr[shm.A_HELD_NOW] += 1
+    ctr[A_HELD_MSGS] += count
+    ctr[line * shm.LINE_STRIDE + shm.L_HELD] += 1
+    if ctr[shm.A_HELD_NOW] > ctr[shm.A_HELD_MAX]:
+        ctr[shm.A_HELD_MAX] = ctr[shm.A_HELD_NOW]
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _free_slot(ctr, hold_meta, i):
+    ctr[shm.A_HELD_NOW] -= 1
+    ctr[A_HELD_MSGS] -= hold_meta[i, H_COUNT]
+    hold_meta[i, H_SEQ] = -1
+    hwm = ctr[A_HOLD_HWM]
+    while hwm > 0 and hold_meta[hwm - 1, H_SEQ] < 0:
+        hwm -= 1
+    ctr[A_HOLD_HWM] = hwm
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder, htab, stocks, meta, bctr,
+          bbo, touched, lat):  # fmt: skip
+    """Release held packets in order while one starts at or before ``A_NEXT``."""
+    while ctr[shm.A_HELD_NOW] > 0:
+        nxt = ctr[shm.A_NEXT]
+        found = -1
+        for i in range(ctr[A_HOLD_HWM]):
+            hs = hold_meta[i, H_SEQ]
+            if hs >= 0 and hs <= nxt:
+                found = i
+                break
+        if found < 0:
+            return 0
+        seq = hold_meta[found, H_SEQ]
+        count = hold_meta[found, H_COUNT]
+        line = hold_meta[found, H_LINE]
+        if seq + count <= nxt:  # the other line (or recovery) delivered it meanwhile
+            ctr[line * shm.LINE_STRIDE + shm.L_LATE] += 1
+            ctr[line * shm.LINE_STRIDE + shm.L_DUPLICATES] += count
+            _free_slot(ctr, hold_meta, found)
+            continue
+        st = take(hold_buf[found], 0, hold_meta[found, H_LEN], seq, count, line, 0, t, ctr,
+                  orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched,
+                  lat)  # fmt: skip
+        if st != 0:
+            return st
+        _free_slot(ctr, hold_meta, found)
+    return 0
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def hole_check(t, ctr, hold_meta, gaps, control):
+    """Declare the hole at ``A_NEXT`` a gap once the arbitration window has passed."""
+    nxt = ctr[shm.A_NEXT]
+    lo = ctr[shm.A_ANNOUNCED]
+    if ctr[shm.A_HELD_NOW] > 0:
+        for i in range(ctr[A_HOLD_HWM]):
+            hs = hold_meta[i, H_SEQ]
+            if hs >= 0 and hs < lo:
+                lo = hs
+    if lo <= nxt:
+        ctr[shm.A_HOLE_SINCE] = 0
+        return
+    if ctr[shm.A_HOLE_SINCE] == 0:
+        ctr[shm.A_HOLE_SINCE] = t
+    first = max(nxt, ctr[shm.A_DECLARED_TO])
+    if first >= lo:
+        return  # declared already; recovery is on it
+    if t - ctr[shm.A_HOLE_SINCE] < control[shm.C_WINDOW_NS] and \
+            ctr[A_HELD_MSGS] < control[shm.C_WINDOW_MSGS]:  # fmt: skip
+        return
+    head = control[shm.C_GAP_HEAD]
+    if head - control[shm.C_GAP_TAIL] >= gaps.shape[0]:
+        return  # the recovery client is behind: declare on a later check
+    row = head % gaps.shape[0]
+    gaps[row, 0] = first
+    gaps[row, 1] = lo - first
+    gaps[row, 2] = t
+    gaps[row, 3] = 0
+    compiler_fence()
+    control[shm.C_GAP_HEAD] = head + 1
+    ctr[shm.A_DECLARED_TO] = lo
+    ctr[shm.A_GAP_EVENTS] += 1
+    ctr[shm.A_GAP_DECLARED_MSGS] += lo - first
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def lost(first, count, ctr, control):
+    """Apply an unrecoverable range: 1 when skipped (or already filled), 0 when it lies
+    ahead of ``A_NEXT`` (try again once the sequence reaches it)."""
+    nxt = ctr[shm.A_NEXT]
+    end = first + count
+    if end <= nxt:
+        return 1
+    if first > nxt:
+        return 0
+    ctr[shm.A_GAP_MESSAGES] += end - nxt
+    ctr[shm.A_LOST_EVENTS] += 1
+    control[shm.C_STALE] = 1
+    if control[shm.C_POLICY] == shm.POLICY_HALT:
+        control[shm.C_HALTED] = 1  # the books stop before the gap; nothing more applies
+        return 1
+    ctr[shm.A_NEXT] = end
+    ctr[shm.A_HOLE_SINCE] = 0
+    return 1
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta, gaps, control,
+              orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched,
+              lat):  # fmt: skip
+    """Handle one MoldUDP64 packet ``b[pos:end]`` from ``line`` (0 A, 1 B, 2 recovery)
+    received at ``rx_ns``. Returns 0, or a book ``NEED_*`` status: grow the book and call
+    again with the same packet (nothing is applied twice)."""
+    lb = line * shm.LINE_STRIDE
+    status, seq, count = mold.parse_header(b, pos, end)
+    if status == mold.P_SHORT or status == mold.P_BAD_BLOCKS:
+        ctr[lb + shm.L_MALFORMED] += 1
+        return 0
+    for i in range(mold.SESSION_LEN):
+        if b[pos + i] != session[i]:
+            ctr[lb + shm.L_OTHER_SESSION] += 1
+            return 0
+    if status == mold.P_HEARTBEAT or status == mold.P_END:
+        if status == mold.P_HEARTBEAT:
+            ctr[lb + shm.L_HEARTBEATS] += 1
+        else:
+            ctr[lb + shm.L_END] += 1
+            ctr[shm.A_END_SEQ] = seq
+        if seq > ctr[shm.A_ANNOUNCED]:
+            ctr[shm.A_ANNOUNCED] = seq
+    else:
+        last = seq + count
+        if ctr[lb + shm.L_LAST_SEQ] < last - 1:
+            ctr[lb + shm.L_LAST_SEQ] = last - 1
+        if last > ctr[shm.A_ANNOUNCED]:
+            ctr[shm.A_ANNOUNCED] = last
+        nxt = ctr[shm.A_NEXT]
+        if last <= nxt:
+            ctr[lb + shm.L_DUPLICATES] += count
+        elif seq > nxt:
+            hold(b, pos, end, seq, count, line, ctr, hold_buf, hold_meta)
+        else:
+            st = take(b, pos, end, seq, count, line, rx_ns, t, ctr, orders, levels, sides,
+                      ladder, htab, stocks, meta, bctr, bbo, touched, lat)  # fmt: skip
+            if st != 0:
+                return st
+    if ctr[shm.A_HELD_NOW] > 0:
+        st = drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder, htab, stocks,
+                   meta, bctr, bbo, touched, lat)  # fmt: skip
+        if st != 0:
+            return st
+    hole_check(t, ctr, hold_meta, gaps, control)
+    return 0
