@@ -75,13 +75,19 @@ def _cmd_gen(args: argparse.Namespace) -> int:
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
-    from host import config, lab
+    from host import config, faults, lab
 
     cfg = config.load(args.config, prefix=args.prefix).lab
+    if args.action == "fault":
+        return faults.run_cli(cfg, args)
+    if faults.fault_options_given(args):
+        raise ValueError(f"lab {args.action} takes no LINE or fault options")
     say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
     if args.action == "up":
         st = lab.up(cfg, say=say)
     elif args.action == "down":
+        for what in faults.remove_all(cfg):
+            say(f"removed {what}")
         removed = lab.down(cfg, say=say)
         if args.json:
             print(json.dumps({"prefix": cfg.prefix, "removed": removed}))
@@ -169,6 +175,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, app.stop)
     s = app.run(until_eos=args.until_eos, duration=args.duration)
     print(json.dumps(s) if args.json else appliance.summary_text(s), flush=True)
+    if s.get("ended") == "halted":
+        print("tickwire: halted by policy at an unrecoverable gap (run.policy = \"halt\")",
+              file=sys.stderr)  # fmt: skip
+        return 3
     return 0
 
 
@@ -233,11 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="machine-readable output")
     g.set_defaults(func=_cmd_gen)
 
-    la = _verb(sub, "lab", "build, inspect or remove the network-namespace lab", EPILOG_LAB)
-    la.add_argument("action", choices=["up", "down", "status"], help="what to do")
+    from host import faults
+
+    la = _verb(sub, "lab", "build, inspect or remove the network-namespace lab; inject faults "
+               "on its lines", EPILOG_LAB + faults.EPILOG)  # fmt: skip
+    la.add_argument("action", choices=["up", "down", "status", "fault"], help="what to do")
     la.add_argument("--config", metavar="FILE", help="TOML configuration ([lab] table)")
     la.add_argument("--prefix", help="lab name prefix, overrides the config (tw)")
     la.add_argument("--json", action="store_true", help="machine-readable output")
+    faults.add_cli_arguments(la)
     la.set_defaults(func=_cmd_lab)
 
     si = _verb(sub, "sim", "publish an ITCH session as MoldUDP64 on lines A and B, serve "

@@ -65,13 +65,15 @@ def _free_port() -> int:
 class Appliance:
     """``tickwire run --lab`` in the background, with its own channel and metrics port."""
 
-    def __init__(self, cfg, tmp_path, mode: str, *extra: str, until_eos: bool = True):
+    def __init__(self, cfg, tmp_path, mode: str, *extra: str, until_eos: bool = True,
+                 run_extra: str = ""):  # fmt: skip
         self.channel = f"test{os.getpid()}{mode}{int(time.monotonic() * 1000) % 100000}"
         self.port = _free_port()
         self.cfg_path = tmp_path / "run.toml"
         write_config(cfg, self.cfg_path)
         with open(self.cfg_path, "a") as f:
-            f.write(f'[run]\nchannel = "{self.channel}"\nmetrics = "127.0.0.1:{self.port}"\n')
+            f.write(f'[run]\nchannel = "{self.channel}"\nmetrics = "127.0.0.1:{self.port}"\n'
+                    + run_extra)
         args = [sys.executable, "-m", "host.cli", "run", "--config", str(self.cfg_path),
                 "--lab", "--mode", mode, "--json", *extra]  # fmt: skip
         if until_eos:
@@ -100,11 +102,11 @@ class Appliance:
             time.sleep(0.05)
         raise AssertionError(f"only {self.reader.counters()['taken']} of {n} taken")
 
-    def finish(self, terminate: bool = False) -> dict:
+    def finish(self, terminate: bool = False, timeout: float = 120, rc: int = 0) -> dict:
         if terminate:
             self.proc.send_signal(signal.SIGTERM)
-        out, err = self.proc.communicate(timeout=120)
-        assert self.proc.returncode == 0, err
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == rc, err
         self.stderr = err
         return json.loads(out)
 

@@ -1,0 +1,949 @@
+"""Wire fault injection for the lab: ``bpf/fault.c`` on TC egress of the lines'
+exchange-side interfaces (``tickwire lab fault``), driven through its maps.
+
+One program instance serves a lab. It is compiled with bcc, and its program and maps are
+pinned in bpffs under ``/sys/fs/bpf/tickwire/<prefix>/`` (``prog``, ``cfg``, ``stats``;
+bpffs is mounted there first when it is not), so a later process -- another
+``tickwire lab fault`` call, ``status``, ``lab down`` -- opens the same maps without
+compiling anything. Attaching a line writes its slot of the ``cfg`` map (interface,
+the line's group and port, no fault), zeroes its counters, adds a ``clsact`` qdisc to the
+interface when it has none and a direct-action ``bpf`` filter (preference ``FILTER_PRIO``,
+named ``tw_fault:<program id>``) on its egress hook. Detaching removes that filter, the
+qdisc when no filter is left on it, the slot, and the pins once no line uses them.
+
+Faults (see ``bpf/fault.c`` for the exact rules) apply to the line's multicast feed only:
+``drop_all``, ``cut`` (a window of CLOCK_MONOTONIC time, heartbeats included),
+``drop_range`` (data packets carrying any sequence of the range) and ``loss`` (data
+packets, with a probability). Every dropped packet is counted under one reason.
+
+Python API: ``WireFaults(labcfg, "A")`` (or ``"B"``, ``"AB"``) attaches, and is a context
+manager that detaches on exit; module functions ``attach``, ``configure``, ``clear``,
+``status``, ``detach`` and ``remove_all`` (what ``tickwire lab down`` calls) work across
+processes through the pins. ``python -m host.faults`` is the CLI without ``host.cli``.
+Errors are ``FaultError`` (an ``OSError``: lab not up, unknown line, cannot load or
+attach); bad fault values are ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import json
+import operator
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from host import lab
+from host.config import Config, LabConfig
+
+FAULT_SRC = Path(__file__).resolve().parents[1] / "bpf" / "fault.c"
+PIN_ROOT = "/sys/fs/bpf/tickwire"
+PROG_NAME = "tw_fault"
+MAP_CFG = "tw_fault_cfg"
+MAP_STATS = "tw_fault_stats"
+FILTER_PRIO = 7  # the filter's tc preference on the egress hook
+TC_EGRESS = 0xFFFFFFF3  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
+TC_INGRESS = 0xFFFFFFF2
+
+# --- mirror of bpf/fault.c (tests/test_faults.py checks it against the file) -------------
+FAULT_LINES = 2
+LINE_SLOTS = {"A": 0, "B": 1}
+CFG_FIELDS = ("ifindex", "flags", "cut_start_ns", "cut_end_ns", "seq_first", "seq_last",
+              "loss_threshold", "group", "port")  # fmt: skip
+FF_ALL = 1
+FF_CUT = 2
+FF_RANGE = 4
+FF_LOSS = 8
+FC_SEEN = 0
+FC_PASSED = 1
+FC_FEED = 2
+FC_DROPPED_ALL = 3
+FC_DROPPED_CUT = 4
+FC_DROPPED_RANGE = 5
+FC_DROPPED_RANDOM = 6
+FC_DROPPED_MESSAGES = 7
+FC_FIRST_DROPPED_SEQ = 8
+FC_LAST_DROPPED_SEQ = 9
+FC_LEN = 10
+COUNTERS = ("seen", "passed", "feed", "dropped_all", "dropped_cut", "dropped_range",
+            "dropped_random", "dropped_messages", "first_dropped_seq", "last_dropped_seq")
+LOSS_ONE = 1 << 32  # loss_threshold that drops every data packet
+
+
+class FaultError(OSError):
+    """Fault injection cannot be set up, changed or removed; the message says why and
+    what to do."""
+
+
+def _lab(cfg: Config | LabConfig) -> LabConfig:
+    return cfg.lab if isinstance(cfg, Config) else cfg
+
+
+def lines_of(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``"A"``, ``"B"``, ``"AB"`` (or a list of letters) as a sorted list of letters."""
+    letters = list(spec.upper()) if isinstance(spec, str) else [str(x).upper() for x in spec]
+    if not letters or any(x not in LINE_SLOTS for x in letters):
+        raise FaultError(errno.EINVAL, f"unknown line {spec!r}: expected A, B or AB")
+    return sorted(set(letters))
+
+
+# --- the bpf(2) system call ----------------------------------------------------------------
+_libc = ctypes.CDLL(None, use_errno=True)
+_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_PROG_TEST_RUN = 10
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("key", ctypes.c_uint64), ("value", ctypes.c_uint64),
+                ("flags", ctypes.c_uint64)]  # fmt: skip
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32),
+                ("file_flags", ctypes.c_uint32), ("path_fd", ctypes.c_int32),
+                ("pad", ctypes.c_uint32)]  # fmt: skip
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]  # fmt: skip
+
+
+class TestRunAttr(ctypes.Structure):
+    """``BPF_PROG_TEST_RUN`` arguments (the test suite runs the program on crafted frames)."""
+
+    __test__ = False  # not a pytest class
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
+                ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
+                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
+                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
+                ("batch_size", ctypes.c_uint32), ("pad", ctypes.c_uint32)]  # fmt: skip
+
+
+def sys_bpf(cmd: int, attr: ctypes.Structure) -> int:
+    """bpf(2); raises ``OSError`` with the errno on failure."""
+    if _NR_BPF is None:
+        raise FaultError(errno.ENOSYS, f"no bpf(2) system call number for {platform.machine()}")
+    r = _libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return r
+
+
+def _obj_pin(fd: int, path: str) -> None:
+    raw = ctypes.create_string_buffer(path.encode())
+    sys_bpf(BPF_OBJ_PIN, _ObjAttr(ctypes.addressof(raw), fd, 0, 0, 0))
+
+
+def _obj_get(path: str) -> int:
+    raw = ctypes.create_string_buffer(path.encode())
+    return sys_bpf(BPF_OBJ_GET, _ObjAttr(ctypes.addressof(raw), 0, 0, 0, 0))
+
+
+def _obj_id(fd: int) -> int:
+    buf = ctypes.create_string_buffer(64)  # the id is the second u32 of prog and map info
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, len(buf), ctypes.addressof(buf)))
+    return int.from_bytes(buf.raw[4:8], "little")
+
+
+def _possible_cpus() -> int:
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+
+
+# --- bpffs ---------------------------------------------------------------------------------
+def _bpffs_mounted(path: str = "/sys/fs/bpf") -> bool:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[4] == path and fields[sep + 1] == "bpf":
+                return True
+    return False
+
+
+def _ensure_bpffs() -> None:
+    if _bpffs_mounted():
+        return
+    # like tc(8) and bpftool: mount bpffs where everyone expects it
+    if _libc.mount(b"bpf", b"/sys/fs/bpf", b"bpf", 0, None) != 0:
+        e = ctypes.get_errno()
+        raise FaultError(e, f"cannot mount the BPF filesystem on /sys/fs/bpf: {os.strerror(e)}"
+                         + (" (run as root)" if e == errno.EPERM else ""))  # fmt: skip
+
+
+def pin_dir(labcfg: Config | LabConfig) -> str:
+    """Where the lab's program and maps are pinned."""
+    return f"{PIN_ROOT}/{_lab(labcfg).prefix}"
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """Serialise attach/detach between processes: flock on the bpffs root, which (unlike
+    the pin directories) is never removed."""
+    fd = os.open(os.path.dirname(PIN_ROOT), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# --- the pinned program and maps -----------------------------------------------------------
+class FaultMaps:
+    """File descriptors of a lab's pinned program and maps, and typed access to them."""
+
+    def __init__(self, prefix: str, prog_fd: int, cfg_fd: int, stats_fd: int):
+        self.prefix = prefix
+        self.prog_fd, self.cfg_fd, self.stats_fd = prog_fd, cfg_fd, stats_fd
+        self.prog_id = _obj_id(prog_fd)
+        self._ncpu = _possible_cpus()
+
+    @property
+    def filter_name(self) -> str:
+        return f"{PROG_NAME}:{self.prog_id}"
+
+    @classmethod
+    def open(cls, prefix: str) -> FaultMaps | None:
+        """The lab's pinned program, or None when nothing is pinned."""
+        where = f"{PIN_ROOT}/{prefix}"
+        if not os.path.exists(f"{where}/prog"):
+            return None
+        fds: list[int] = []
+        try:
+            for name in ("prog", "cfg", "stats"):
+                fds.append(_obj_get(f"{where}/{name}"))
+            return cls(prefix, *fds)
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise FaultError(e.errno, f"cannot open the pinned fault program in {where}: "
+                             f"{e.strerror}; remove it with: tickwire lab fault off") from None
+
+    @classmethod
+    def create(cls, prefix: str) -> FaultMaps:
+        """Compile and load ``bpf/fault.c``, pin program and maps; the caller holds the lock."""
+        _ensure_bpffs()
+        where = f"{PIN_ROOT}/{prefix}"
+        bpf = _compile()
+        try:
+            failure: Exception | None = None
+            with _stderr_captured() as err:
+                try:
+                    fn = bpf.load_func(PROG_NAME.encode(), type(bpf).SCHED_CLS)
+                except Exception as e:
+                    failure = e
+            if failure is not None:
+                raise FaultError(errno.EINVAL, f"the kernel verifier rejected {PROG_NAME}: "
+                                 f"{_brief(err[0] if err else '', 3) or failure}") from None
+            objs = (("prog", fn.fd), ("cfg", bpf[MAP_CFG.encode()].map_fd),
+                    ("stats", bpf[MAP_STATS.encode()].map_fd))  # fmt: skip
+            try:
+                os.makedirs(where, exist_ok=True)
+                for name, fd in objs:
+                    _obj_pin(fd, f"{where}/{name}")
+            except OSError as e:
+                _unpin(prefix)
+                raise FaultError(e.errno, f"cannot pin the fault program in {where}: "
+                                 f"{e.strerror}") from None  # fmt: skip
+        finally:
+            bpf.cleanup()  # the pins keep program and maps alive
+        maps = cls.open(prefix)
+        assert maps is not None
+        return maps
+
+    def close(self) -> None:
+        for fd in (self.prog_fd, self.cfg_fd, self.stats_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.prog_fd = self.cfg_fd = self.stats_fd = -1
+
+    def __enter__(self) -> FaultMaps:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- cfg
+    def config(self, letter: str) -> dict[str, int]:
+        key = ctypes.c_uint32(LINE_SLOTS[letter])
+        val = (ctypes.c_uint64 * len(CFG_FIELDS))()
+        sys_bpf(BPF_MAP_LOOKUP_ELEM, _ElemAttr(self.cfg_fd, 0, ctypes.addressof(key),
+                                               ctypes.addressof(val), 0))  # fmt: skip
+        return dict(zip(CFG_FIELDS, val, strict=True))
+
+    def set_config(self, letter: str, **fields: int) -> dict[str, int]:
+        """Change ``fields`` of the line's slot (one map update: the program sees either
+        the old or the new configuration, never a mix of fields); returns the new one."""
+        unknown = set(fields) - set(CFG_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown fault configuration field(s): {sorted(unknown)}")
+        cfg = self.config(letter)
+        cfg.update(fields)
+        key = ctypes.c_uint32(LINE_SLOTS[letter])
+        val = (ctypes.c_uint64 * len(CFG_FIELDS))(*(cfg[f] for f in CFG_FIELDS))
+        sys_bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(self.cfg_fd, 0, ctypes.addressof(key),
+                                               ctypes.addressof(val), 0))  # fmt: skip
+        return cfg
+
+    # -- counters
+    def _per_cpu(self, idx: int) -> list[int]:
+        key = ctypes.c_uint32(idx)
+        val = (ctypes.c_uint64 * self._ncpu)()
+        sys_bpf(BPF_MAP_LOOKUP_ELEM, _ElemAttr(self.stats_fd, 0, ctypes.addressof(key),
+                                               ctypes.addressof(val), 0))  # fmt: skip
+        return list(val)
+
+    def counters(self, letter: str) -> dict[str, int | None]:
+        """The line's counters, summed over CPUs; ``dropped`` is every reason together,
+        the sequence extremes are None until a data packet was dropped."""
+        base = LINE_SLOTS[letter] * FC_LEN
+        out: dict[str, int | None] = {}
+        for i, name in enumerate(COUNTERS):
+            per_cpu = self._per_cpu(base + i)
+            if i == FC_FIRST_DROPPED_SEQ:
+                out[name] = min((v for v in per_cpu if v), default=None)
+            elif i == FC_LAST_DROPPED_SEQ:
+                out[name] = max(per_cpu) or None
+            else:
+                out[name] = sum(per_cpu)
+        out["dropped"] = sum(out[n] for n in ("dropped_all", "dropped_cut", "dropped_range",
+                                              "dropped_random"))  # fmt: skip
+        return out
+
+    def reset_counters(self, letter: str) -> None:
+        base = LINE_SLOTS[letter] * FC_LEN
+        zeros = (ctypes.c_uint64 * self._ncpu)()
+        for i in range(FC_LEN):
+            key = ctypes.c_uint32(base + i)
+            sys_bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(self.stats_fd, 0, ctypes.addressof(key),
+                                                   ctypes.addressof(zeros), 0))  # fmt: skip
+
+
+def _unpin(prefix: str) -> bool:
+    where = f"{PIN_ROOT}/{prefix}"
+    if not os.path.isdir(where):
+        return False
+    for name in ("prog", "cfg", "stats"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{where}/{name}")
+    with contextlib.suppress(OSError):
+        os.rmdir(where)
+    with contextlib.suppress(OSError):
+        os.rmdir(PIN_ROOT)  # only when no other lab has pins
+    return True
+
+
+# --- compiling -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """What libbcc and clang write to fd 2 (they bypass sys.stderr)."""
+    out: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode(errors="replace"))
+
+
+def _brief(text: str, lines: int = 4) -> str:
+    keep = [ln for ln in text.strip().splitlines() if ln.strip()]
+    if len(keep) > lines:
+        keep = keep[:lines] + [f"... ({len(keep) - lines} more lines)"]
+    return " | ".join(keep)
+
+
+def _compile():
+    try:
+        from bcc import BPF
+    except ImportError as e:
+        raise FaultError(errno.ENOPKG, f"bcc is not importable ({e}): install python3-bpfcc "
+                         "(make setup)") from None  # fmt: skip
+    failure: Exception | None = None
+    with _stderr_captured() as err:
+        try:
+            bpf = BPF(src_file=str(FAULT_SRC).encode())  # no -D: parameters go in the maps
+        except Exception as e:
+            failure = e
+    if failure is not None:
+        text = err[0] if err else ""
+        if os.geteuid() != 0 or "Operation not permitted" in text:
+            raise FaultError(errno.EPERM, "cannot load the fault program: run as root (needs "
+                             "CAP_BPF and CAP_NET_ADMIN)") from None  # fmt: skip
+        raise FaultError(errno.EINVAL, f"{FAULT_SRC.name} does not build: "
+                         f"{_brief(text) or failure}") from None  # fmt: skip
+    return bpf
+
+
+# --- tc ------------------------------------------------------------------------------------
+def _netlink(labcfg: LabConfig, fn):
+    """``fn(ipr)`` with an IPRoute of the lab's exchange namespace."""
+    from pyroute2 import IPRoute
+
+    ns = labcfg.exchange_ns
+    if not lab.exists(ns):
+        raise FaultError(errno.ENOENT, f"lab {labcfg.prefix} is not up (no namespace {ns}): "
+                         "run tickwire lab up")  # fmt: skip
+    with lab.entered(ns), IPRoute() as ipr:
+        return fn(ipr)
+
+
+def _ifindex(ipr, labcfg: LabConfig, letter: str) -> int:
+    ifname = labcfg.lines[letter].exchange_if
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise FaultError(errno.ENODEV, f"line {letter}: no interface {ifname} in "
+                         f"{labcfg.exchange_ns} (run tickwire lab up)")  # fmt: skip
+    return found[0]
+
+
+def _fault_filters(ipr, idx: int) -> list[tuple[int, int, str]]:
+    """(handle, info, name) of every tw_fault filter on the egress hook of ``idx``."""
+    out = []
+    for f in ipr.get_filters(index=idx, parent=TC_EGRESS):
+        opts = f.get_attr("TCA_OPTIONS")
+        name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+        if f.get_attr("TCA_KIND") == "bpf" and f["handle"] and name and \
+                name.split(":")[0] == PROG_NAME:  # fmt: skip
+            out.append((f["handle"], f["info"], name))
+    return out
+
+
+def _has_clsact(ipr, idx: int) -> bool:
+    return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx))
+
+
+def _netlink_error(what: str, e) -> FaultError:
+    why = e.args[1] if len(e.args) > 1 else str(e)
+    advice = " (run as root)" if e.code == errno.EPERM else ""
+    return FaultError(e.code, f"{what}: {why}{advice}")
+
+
+def _remove_filters(ipr, idx: int, where: str) -> bool:
+    """Remove every tw_fault filter from ``idx``, then the clsact qdisc if it is empty;
+    True when there was a filter."""
+    from pyroute2 import NetlinkError
+
+    found = _fault_filters(ipr, idx)
+    for handle, info, _ in found:
+        try:
+            ipr.tc("del-filter", index=idx, handle=handle, parent=TC_EGRESS, info=info)
+        except NetlinkError as e:
+            if e.code != errno.ENOENT:
+                raise _netlink_error(f"cannot remove the fault filter from {where}", e) from None
+    if _has_clsact(ipr, idx) and not any(ipr.get_filters(index=idx, parent=TC_EGRESS)) and \
+            not any(ipr.get_filters(index=idx, parent=TC_INGRESS)):  # fmt: skip
+        with contextlib.suppress(NetlinkError):
+            ipr.tc("del", "clsact", idx)
+    return bool(found)
+
+
+def _attached(ipr, labcfg: LabConfig, maps: FaultMaps, letter: str) -> bool:
+    idx = _ifindex(ipr, labcfg, letter)
+    ours = any(name == maps.filter_name for _, _, name in _fault_filters(ipr, idx))
+    return ours and maps.config(letter)["ifindex"] == idx
+
+
+# --- module API (works across processes) ---------------------------------------------------
+def attach(labcfg: Config | LabConfig, lines: str | list[str] = "AB") -> list[str]:
+    """Attach the fault program to ``lines`` (no fault armed); returns the letters newly
+    attached (a line already attached keeps its faults and counters)."""
+    from pyroute2 import NetlinkError
+
+    lc, letters = _lab(labcfg), lines_of(lines)
+    if not lab.exists(lc.exchange_ns):
+        raise FaultError(errno.ENOENT, f"lab {lc.prefix} is not up (no namespace "
+                         f"{lc.exchange_ns}): run tickwire lab up")  # fmt: skip
+    _ensure_bpffs()
+    with _locked():
+        maps = FaultMaps.open(lc.prefix) or FaultMaps.create(lc.prefix)
+        with maps:
+            def run(ipr) -> list[str]:
+                done = []
+                for letter in letters:
+                    line = lc.lines[letter]
+                    where = f"{lc.exchange_ns}/{line.exchange_if}"
+                    idx = _ifindex(ipr, lc, letter)
+                    if _attached(ipr, lc, maps, letter):
+                        continue
+                    _remove_filters(ipr, idx, where)  # a stale one, from older pins
+                    fresh = dict.fromkeys(CFG_FIELDS, 0)
+                    fresh.update(ifindex=idx, group=int(ipaddress.IPv4Address(line.group)),
+                                 port=line.port)  # fmt: skip
+                    maps.set_config(letter, **fresh)
+                    maps.reset_counters(letter)
+                    try:
+                        if not _has_clsact(ipr, idx):
+                            ipr.tc("add", "clsact", idx)
+                        ipr.tc("add-filter", "bpf", idx, ":1", fd=maps.prog_fd,
+                               name=maps.filter_name, parent=TC_EGRESS, classid=1,
+                               direct_action=True, prio=FILTER_PRIO)  # fmt: skip
+                    except NetlinkError as e:
+                        maps.set_config(letter, ifindex=0, flags=0)
+                        _remove_filters(ipr, idx, where)
+                        raise _netlink_error(f"cannot attach {PROG_NAME} to TC egress of "
+                                             f"{where}", e) from None  # fmt: skip
+                    done.append(letter)
+                return done
+
+            try:
+                return _netlink(lc, run)
+            finally:
+                if not any(maps.config(x)["ifindex"] for x in LINE_SLOTS):
+                    _unpin(lc.prefix)  # nothing attached after a failure: leave no pins
+
+
+def detach(labcfg: Config | LabConfig, lines: str | list[str] = "AB") -> list[str]:
+    """Remove the fault program from ``lines`` (filter, empty clsact qdisc, the line's
+    slot); unpins when no line is left. Returns the letters that were attached."""
+    lc, letters = _lab(labcfg), lines_of(lines)
+    if not os.path.isdir(pin_dir(lc)):
+        if lab.exists(lc.exchange_ns):  # no pins, but maybe an orphaned filter
+            def orphans(ipr) -> None:
+                for letter in letters:
+                    ifname = lc.lines[letter].exchange_if
+                    for idx in ipr.link_lookup(ifname=ifname):
+                        _remove_filters(ipr, idx, f"{lc.exchange_ns}/{ifname}")
+
+            _netlink(lc, orphans)
+        return []
+    with _locked():
+        maps = FaultMaps.open(lc.prefix)
+        if maps is None:
+            _unpin(lc.prefix)
+            return []
+        with maps:
+            removed = []
+
+            def run(ipr) -> None:
+                for letter in letters:
+                    idx = ipr.link_lookup(ifname=lc.lines[letter].exchange_if)
+                    if idx and _remove_filters(ipr, idx[0], f"{lc.exchange_ns}/"
+                                               f"{lc.lines[letter].exchange_if}"):  # fmt: skip
+                        removed.append(letter)
+
+            if lab.exists(lc.exchange_ns):
+                _netlink(lc, run)
+            for letter in letters:
+                if maps.config(letter)["ifindex"] and letter not in removed and \
+                        not lab.exists(lc.exchange_ns):  # fmt: skip
+                    removed.append(letter)  # its namespace (and filter) went already
+                maps.set_config(letter, **dict.fromkeys(CFG_FIELDS, 0))
+            if not any(maps.config(x)["ifindex"] for x in LINE_SLOTS):
+                _unpin(lc.prefix)
+            return sorted(removed)
+
+
+def remove_all(labcfg: Config | LabConfig) -> list[str]:
+    """Everything fault injection left for this lab: both lines' filters and the pins.
+    Safe when the lab or the pins are gone already (``tickwire lab down`` calls it before
+    deleting the namespaces); returns what was removed, for a log line."""
+    lc = _lab(labcfg)
+    had_pins = os.path.isdir(pin_dir(lc))
+    lines = detach(lc, "AB")
+    if os.path.isdir(pin_dir(lc)):
+        with _locked():
+            _unpin(lc.prefix)
+    out = [f"fault program on line {x}" for x in lines]
+    if had_pins:
+        out.append(f"pins in {pin_dir(lc)}")
+    return out
+
+
+def _maps_or_error(lc: LabConfig) -> FaultMaps:
+    maps = FaultMaps.open(lc.prefix)
+    if maps is None:
+        raise FaultError(errno.ENOENT, f"no fault program on lab {lc.prefix}: set a fault "
+                         "first (tickwire lab fault A --cut 200)")  # fmt: skip
+    return maps
+
+
+def _check_attached(lc: LabConfig, maps: FaultMaps, letters: list[str]) -> None:
+    for letter in letters:
+        if not maps.config(letter)["ifindex"]:
+            raise FaultError(errno.ENOENT, f"line {letter} of lab {lc.prefix} has no fault "
+                             "program attached (tickwire lab fault "
+                             f"{letter} ... attaches it)")  # fmt: skip
+
+
+def _fault_fields(cfg: dict[str, int], *, cut=None, drop_range=None, loss=None,
+                  drop_all=None) -> dict[str, int]:  # fmt: skip
+    """The cfg fields that set the given faults (None: leave that fault as it is)."""
+    new: dict[str, int] = {}
+    flags = cfg["flags"]
+    if cut is not None:
+        ms, after_ms = cut
+        if not ms > 0 or not after_ms >= 0:
+            raise ValueError(f"cut: {ms} ms after {after_ms} ms: the duration must be positive "
+                             "and the delay not negative")  # fmt: skip
+        start = time.monotonic_ns() + int(after_ms * 1e6)  # CLOCK_MONOTONIC = bpf_ktime
+        new.update(cut_start_ns=start, cut_end_ns=start + int(ms * 1e6))
+        flags |= FF_CUT
+    if drop_range is not None:
+        first, last = (operator.index(x) for x in drop_range)
+        if not 1 <= first <= last < 1 << 64:
+            raise ValueError(f"drop range {first}-{last}: expected sequences 1 <= first <= last")
+        new.update(seq_first=first, seq_last=last)
+        flags |= FF_RANGE
+    if loss is not None:
+        if not 0.0 <= loss <= 1.0:
+            raise ValueError(f"loss {loss}: a probability is between 0 and 1")
+        new.update(loss_threshold=round(loss * LOSS_ONE))
+        flags = flags | FF_LOSS if loss > 0 else flags & ~FF_LOSS
+    if drop_all is not None:
+        flags = flags | FF_ALL if drop_all else flags & ~FF_ALL
+    new["flags"] = flags
+    return new
+
+
+def configure(labcfg: Config | LabConfig, lines: str | list[str] = "AB", *,
+              cut: tuple[float, float] | None = None,
+              drop_range: tuple[int, int] | None = None, loss: float | None = None,
+              drop_all: bool | None = None) -> dict:
+    """Arm faults on ``lines``, attaching first where needed; faults not named stay as
+    they are. ``cut`` is (ms, after_ms): drop everything for ms milliseconds starting
+    after_ms from now; ``drop_range`` is (first, last) sequence; ``loss`` a probability
+    (0 turns it off); ``drop_all`` True/False. Returns ``status``."""
+    lc, letters = _lab(labcfg), lines_of(lines)
+    attach(lc, letters)
+    with _maps_or_error(lc) as maps:
+        for letter in letters:
+            cfg = maps.config(letter)
+            maps.set_config(letter, **_fault_fields(cfg, cut=cut, drop_range=drop_range,
+                                                    loss=loss, drop_all=drop_all))  # fmt: skip
+    return status(lc)
+
+
+def clear(labcfg: Config | LabConfig, lines: str | list[str] = "AB") -> dict:
+    """Disarm every fault on ``lines`` (the program stays attached, counters stay)."""
+    lc, letters = _lab(labcfg), lines_of(lines)
+    maps = FaultMaps.open(lc.prefix)
+    if maps is not None:
+        with maps:
+            for letter in letters:
+                if maps.config(letter)["ifindex"]:
+                    maps.set_config(letter, flags=0)
+    return status(lc)
+
+
+def _describe(cfg: dict[str, int], now_ns: int) -> dict:
+    flags = cfg["flags"]
+    out: dict = {"drop_all": bool(flags & FF_ALL), "cut": None, "drop_range": None,
+                 "loss": None}  # fmt: skip
+    if flags & FF_CUT:
+        start, end = cfg["cut_start_ns"], cfg["cut_end_ns"]
+        out["cut"] = {"ms": (end - start) / 1e6, "starts_in_ms": (start - now_ns) / 1e6,
+                      "ends_in_ms": (end - now_ns) / 1e6,
+                      "state": "pending" if now_ns < start else
+                               "active" if now_ns < end else "over"}  # fmt: skip
+    if flags & FF_RANGE:
+        out["drop_range"] = [cfg["seq_first"], cfg["seq_last"]]
+    if flags & FF_LOSS:
+        out["loss"] = cfg["loss_threshold"] / LOSS_ONE
+    out["group"] = str(ipaddress.IPv4Address(cfg["group"])) if cfg["group"] else "any"
+    out["port"] = cfg["port"] or "any"
+    return out
+
+
+def status(labcfg: Config | LabConfig) -> dict:
+    """Per line: interface, attached, armed faults and counters (None when not pinned)."""
+    lc = _lab(labcfg)
+    out: dict = {"prefix": lc.prefix, "pinned": None, "lab_up": lab.exists(lc.exchange_ns),
+                 "lines": {}}  # fmt: skip
+    maps = FaultMaps.open(lc.prefix) if os.path.isdir(pin_dir(lc)) else None
+    now = time.monotonic_ns()
+    attached: dict[str, bool] = dict.fromkeys(LINE_SLOTS, False)
+    if maps is not None and out["lab_up"]:
+        def run(ipr) -> None:
+            for letter in LINE_SLOTS:
+                if ipr.link_lookup(ifname=lc.lines[letter].exchange_if):
+                    attached[letter] = _attached(ipr, lc, maps, letter)
+
+        _netlink(lc, run)
+    for letter, line in lc.lines.items():
+        info: dict = {"interface": f"{lc.exchange_ns}/{line.exchange_if}",
+                      "attached": attached[letter], "faults": None, "counters": None}
+        if maps is not None and maps.config(letter)["ifindex"]:
+            info["faults"] = _describe(maps.config(letter), now)
+            info["counters"] = maps.counters(letter)
+        out["lines"][letter] = info
+    if maps is not None:
+        out["pinned"] = pin_dir(lc)
+        out["prog_id"] = maps.prog_id
+        maps.close()
+    return out
+
+
+def status_text(st: dict) -> str:
+    head = f"lab {st['prefix']} faults: "
+    if not st["pinned"]:
+        return head + "no fault program (tickwire lab fault A --cut 200 attaches one)"
+    rows = [head + f"program {st['prog_id']}, pinned in {st['pinned']}"
+            + ("" if st["lab_up"] else " (lab not up: tickwire lab fault off removes it)")]
+    for letter, info in st["lines"].items():
+        if info["faults"] is None:
+            rows.append(f"  line {letter} {info['interface']}: not attached")
+            continue
+        f, c = info["faults"], info["counters"]
+        armed = []
+        if f["drop_all"]:
+            armed.append("drop all")
+        if f["cut"]:
+            cut = f["cut"]
+            when = {"pending": f"starts in {cut['starts_in_ms']:.0f} ms",
+                    "active": f"{cut['ends_in_ms']:.0f} ms left", "over": "over"}
+            armed.append(f"cut {cut['ms']:.0f} ms ({when[cut['state']]})")
+        if f["drop_range"]:
+            armed.append("drop {}-{}".format(*f["drop_range"]))
+        if f["loss"] is not None:
+            armed.append(f"loss {f['loss']:g}")
+        state = "attached" if info["attached"] else "NOT attached (stale slot)"
+        rows.append(f"  line {letter} {info['interface']} ({f['group']}:{f['port']}): {state};"
+                    f" faults: {', '.join(armed) or 'none'}")  # fmt: skip
+        seqs = "" if c["first_dropped_seq"] is None else \
+            f", sequences {c['first_dropped_seq']}..{c['last_dropped_seq']}"  # fmt: skip
+        rows.append(f"    seen {c['seen']}, passed {c['passed']}, feed {c['feed']}; dropped "
+                    f"{c['dropped']} (all {c['dropped_all']}, cut {c['dropped_cut']}, range "
+                    f"{c['dropped_range']}, random {c['dropped_random']}; "
+                    f"{c['dropped_messages']} messages{seqs})")  # fmt: skip
+    return "\n".join(rows)
+
+
+# --- the in-process API --------------------------------------------------------------------
+class WireFaults:
+    """The fault program on ``line`` ("A", "B" or "AB") of a lab: attached (or, when a
+    ``tickwire lab fault`` call attached it already, taken over) on creation, detached --
+    filter, qdisc and pins -- by ``detach()`` or at the end of a ``with`` block.
+
+    Each fault method applies to every line of the instance, or to ``line`` when given;
+    it changes only its own fault. ``stats()`` returns one line's counters, or a dict of
+    them by letter when the instance has several lines and no ``line`` is given."""
+
+    def __init__(self, labcfg: Config | LabConfig, line: str = "A"):
+        self.lab = _lab(labcfg)
+        self.lines = lines_of(line)
+        self._detached = False
+        attach(self.lab, self.lines)
+
+    def __enter__(self) -> WireFaults:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def _set(self, line: str | None, **faults) -> None:
+        letters = self.lines if line is None else lines_of(line)
+        with _maps_or_error(self.lab) as maps:
+            _check_attached(self.lab, maps, letters)
+            for letter in letters:
+                maps.set_config(letter, **_fault_fields(maps.config(letter), **faults))
+
+    def cut(self, ms: float, after_ms: float = 0, line: str | None = None) -> None:
+        """Drop every feed packet (heartbeats too) for ``ms`` ms from ``after_ms`` ms on."""
+        self._set(line, cut=(ms, after_ms))
+
+    def drop_range(self, first: int, last: int, line: str | None = None) -> None:
+        """Drop every data packet carrying any of sequences ``first``..``last``."""
+        self._set(line, drop_range=(first, last))
+
+    def loss(self, probability: float, line: str | None = None) -> None:
+        """Drop each data packet with ``probability`` (0: no random loss)."""
+        self._set(line, loss=probability)
+
+    def drop_all(self, on: bool = True, line: str | None = None) -> None:
+        """Drop every feed packet while on."""
+        self._set(line, drop_all=on)
+
+    def match(self, group: str | None = None, port: int | None = None,
+              line: str | None = None) -> None:  # fmt: skip
+        """Which packets are the feed (the only ones faults touch): destination ``group``
+        and UDP ``port``, None = any. Attaching sets the line's own group and port."""
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is outside 1..65535")
+        fields = {"group": int(ipaddress.IPv4Address(group)) if group else 0, "port": port or 0}
+        with _maps_or_error(self.lab) as maps:
+            for letter in self.lines if line is None else lines_of(line):
+                maps.set_config(letter, **fields)
+
+    def clear(self, line: str | None = None) -> None:
+        """Disarm every fault (counters keep counting)."""
+        letters = self.lines if line is None else lines_of(line)
+        with _maps_or_error(self.lab) as maps:
+            for letter in letters:
+                maps.set_config(letter, flags=0)
+
+    def reset_counters(self, line: str | None = None) -> None:
+        with _maps_or_error(self.lab) as maps:
+            for letter in self.lines if line is None else lines_of(line):
+                maps.reset_counters(letter)
+
+    def stats(self, line: str | None = None) -> dict:
+        with _maps_or_error(self.lab) as maps:
+            if line is not None:
+                return maps.counters(lines_of(line)[0])
+            if len(self.lines) == 1:
+                return maps.counters(self.lines[0])
+            return {letter: maps.counters(letter) for letter in self.lines}
+
+    def detach(self) -> None:
+        """Remove the program from the instance's lines (pins too once none is left).
+        Idempotent."""
+        if self._detached:
+            return
+        self._detached = True
+        detach(self.lab, self.lines)
+
+
+# --- CLI -----------------------------------------------------------------------------------
+EPILOG = """fault examples (the exchange side of each line, TC egress; see host/faults.py):
+  tickwire lab fault A --cut 200                 line A silent for 200 ms from now
+  tickwire lab fault B --cut 100@500             line B silent 100 ms, starting in 500 ms
+  tickwire lab fault A --drop-range 1000-1999    drop A's packets carrying those sequences
+  tickwire lab fault AB --loss 0.01              each data packet lost with p = 0.01
+  tickwire lab fault A --drop-all                line A dead (heartbeats too)
+  tickwire lab fault status --json               faults armed and counters, per line
+  tickwire lab fault clear                       disarm every fault (counters stay)
+  tickwire lab fault off                         detach and unpin (lab down does it too)
+"""
+_WORDS = ("status", "clear", "off")
+
+
+def _cut_spec(text: str) -> tuple[float, float]:
+    ms, _, after = text.partition("@")
+    try:
+        value = (float(ms), float(after or 0))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MS or MS@AFTER (ms): {text}") from None
+    if not value[0] > 0 or value[1] < 0:
+        raise argparse.ArgumentTypeError(f"MS must be positive and AFTER not negative: {text}")
+    return value
+
+
+def _range_spec(text: str) -> tuple[int, int]:
+    first, _, last = text.partition("-")
+    try:
+        value = (int(first), int(last or first))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST-LAST sequence numbers: {text}") from None
+    if not 1 <= value[0] <= value[1]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= FIRST <= LAST: {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text.removesuffix("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability (0.01 or 1%): {text}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a probability is between 0 and 1: {text}")
+    return value
+
+
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    """The words and options of ``tickwire lab fault`` (on the ``lab`` verb's parser)."""
+    p.add_argument("fault_args", nargs="*", metavar="LINE|status|clear|off",
+                   help="with fault: line A, B or AB (both, the default), then status "
+                        "(the default without options), clear or off")  # fmt: skip
+    g = p.add_argument_group("fault options (tickwire lab fault LINE ...)")
+    g.add_argument("--cut", type=_cut_spec, metavar="MS[@AFTER]",
+                   help="drop everything for MS ms, starting AFTER ms from now (0)")
+    g.add_argument("--drop-range", type=_range_spec, metavar="FIRST-LAST",
+                   help="drop data packets carrying any of these sequences")
+    g.add_argument("--loss", type=_probability, metavar="P",
+                   help="drop each data packet with probability P (0 turns it off)")
+    g.add_argument("--drop-all", action="store_true", help="drop every feed packet")
+
+
+def fault_options_given(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "fault_args", None)) or any(
+        getattr(args, k, None) not in (None, False)
+        for k in ("cut", "drop_range", "loss", "drop_all"))  # fmt: skip
+
+
+def run_cli(labcfg: Config | LabConfig, args: argparse.Namespace) -> int:
+    """``tickwire lab fault ...``: prints the resulting status (``--json``: as JSON)."""
+    lc = _lab(labcfg)
+    lines, action = "AB", None
+    for word in args.fault_args:
+        if word.lower() in _WORDS:
+            if action is not None:
+                raise FaultError(errno.EINVAL, f"{action} and {word.lower()}: one at a time")
+            action = word.lower()
+        elif word.upper() in ("A", "B", "AB", "BA"):
+            lines = word.upper()
+        else:
+            raise FaultError(errno.EINVAL, f"unknown line or action {word!r}: expected A, B "
+                             "or AB, then status, clear or off")  # fmt: skip
+    armed = {"cut": args.cut, "drop_range": args.drop_range, "loss": args.loss,
+             "drop_all": True if args.drop_all else None}  # fmt: skip
+    if action is not None and any(v is not None for v in armed.values()):
+        raise ValueError(f"lab fault {action} takes no fault options")
+    if action == "off":
+        removed = detach(lc, lines)
+        if args.json:
+            print(json.dumps({"prefix": lc.prefix, "detached": removed}))
+        else:
+            print(f"lab {lc.prefix}: fault program detached from line(s) "
+                  f"{', '.join(removed)}" if removed else
+                  f"lab {lc.prefix}: no fault program was attached")  # fmt: skip
+        return 0
+    if action == "clear":
+        st = clear(lc, lines)
+    elif action == "status" or all(v is None for v in armed.values()):
+        st = status(lc)
+    else:
+        st = configure(lc, lines, **armed)
+    print(json.dumps(st) if args.json else status_text(st))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m host.faults [--config FILE] [--prefix P] [--json] [LINE] [...]``."""
+    from host import config
+
+    p = argparse.ArgumentParser(prog="python -m host.faults", description="wire fault "
+                                "injection in the lab (tickwire lab fault)", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--config", metavar="FILE", help="TOML configuration ([lab] table)")
+    p.add_argument("--prefix", help="lab name prefix, overrides the config (tw)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_cli_arguments(p)
+    args = p.parse_intermixed_args(argv)  # LINE may come after the options here
+    try:
+        return run_cli(config.load(args.config, prefix=args.prefix), args)
+    except (OSError, ValueError) as e:
+        print(f"tickwire: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""Wire fault injection (bpf/fault.c, host/faults.py): the Python mirror of the program's
+maps, the program itself on crafted frames (BPF_PROG_TEST_RUN), and the faults on the
+lab's real lines -- the simulator publishing, plain kernel sockets receiving both lines in
+the appliance namespace, line B (or A) as the witness of what was sent."""
+
+import ctypes
+import importlib.util
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dataplane import moldudp64 as mold
+from host import faults, itchgen, lab
+from tests.labnet import Receiver, SimProcess, built, private_lab, run_sim, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+N_MSGS = 30_000
+RATE = "200000"
+TC_ACT_OK, TC_ACT_SHOT = 0, 2
+
+
+def _need_bcc() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: loads BPF programs and pins them in bpffs (CAP_BPF)")
+    if importlib.util.find_spec("bcc") is None:
+        pytest.skip("needs bcc (python3-bpfcc) to compile bpf/fault.c")
+
+
+# --- the mirror (no root) ------------------------------------------------------------------
+def test_mirror_matches_fault_c():
+    text = (ROOT / "bpf" / "fault.c").read_text()
+    body = re.search(r"struct tw_fault_cfg \{(.*?)\};", text, re.S)[1]
+    fields = re.findall(r"^\s*(\S+)\s+(\w+);", body, re.M)
+    assert all(t == "__u64" for t, _ in fields)  # the layout is 8 * index
+    assert tuple(name for _, name in fields) == faults.CFG_FIELDS
+    defines = {m[1]: int(m[2]) for m in
+               re.finditer(r"^#define\s+(TW_(?:FF|FC)_\w+|TW_FAULT_LINES)\s+(\d+)", text, re.M)}
+    assert len(defines) == 16
+    for name, value in defines.items():
+        assert getattr(faults, name.removeprefix("TW_")) == value, name
+    for name, value in defines.items():
+        if name.startswith("TW_FC_") and name != "TW_FC_LEN":
+            assert faults.COUNTERS[value] == name.removeprefix("TW_FC_").lower()
+    assert len(faults.COUNTERS) == faults.FC_LEN
+    assert re.search(rf"^BPF_ARRAY\({faults.MAP_CFG},", text, re.M)
+    assert re.search(rf"^BPF_PERCPU_ARRAY\({faults.MAP_STATS},", text, re.M)
+    assert re.search(rf"^int {faults.PROG_NAME}\(struct __sk_buff \*skb\)", text, re.M)
+    assert " -w" not in text and "XDP_" not in text
+
+
+def test_cli_specs():
+    assert faults._cut_spec("200") == (200.0, 0.0)
+    assert faults._cut_spec("100@500") == (100.0, 500.0)
+    assert faults._range_spec("1000-1999") == (1000, 1999)
+    assert faults._range_spec("7") == (7, 7)
+    assert faults._probability("0.05") == 0.05 and faults._probability("5%") == 0.05
+    for fn, bad in ((faults._cut_spec, "0"), (faults._cut_spec, "x@1"),
+                    (faults._cut_spec, "10@-1"), (faults._range_spec, "9-3"),
+                    (faults._range_spec, "0-3"), (faults._range_spec, "a-b"),
+                    (faults._probability, "1.5"), (faults._probability, "p")):  # fmt: skip
+        with pytest.raises(Exception, match="expected|must|between"):
+            fn(bad)
+    assert faults.lines_of("ab") == ["A", "B"] and faults.lines_of(["B"]) == ["B"]
+    with pytest.raises(faults.FaultError, match="unknown line 'C'"):
+        faults.lines_of("C")
+
+
+def test_fault_values_are_checked():
+    cfg = dict.fromkeys(faults.CFG_FIELDS, 0)
+    assert faults._fault_fields(cfg, loss=1.0)["loss_threshold"] == 1 << 32
+    assert faults._fault_fields(cfg, loss=0)["flags"] == 0
+    new = faults._fault_fields(cfg, drop_range=(5, 9), drop_all=True)
+    assert new["flags"] == faults.FF_RANGE | faults.FF_ALL and new["seq_last"] == 9
+    for bad in ({"loss": 1.5}, {"drop_range": (9, 5)}, {"drop_range": (0, 5)},
+                {"cut": (0, 0)}, {"cut": (10, -1)}):  # fmt: skip
+        with pytest.raises(ValueError):
+            faults._fault_fields(cfg, **bad)
+
+
+def test_errors_are_one_line_without_a_lab():
+    cfg = private_lab("fnl")
+    assert not lab.exists(cfg.lab.exchange_ns)
+    with pytest.raises(faults.FaultError, match=f"lab {cfg.lab.prefix} is not up"):
+        faults.attach(cfg, "A")
+    st = faults.status(cfg)
+    assert st["pinned"] is None and not st["lab_up"]
+    assert faults.remove_all(cfg) == []
+    for args, text in ((["C", "--cut", "10"], "unknown line or action 'C'"),
+                       (["A", "--cut", "10"], f"lab {cfg.lab.prefix} is not up"),
+                       (["clear", "--loss", "0.1"], "takes no fault options")):  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "host.faults", "--prefix", cfg.lab.prefix,
+                               *args], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.count("\n") == 1 and text in done.stderr, done.stderr
+
+
+# --- the program on crafted frames (root, bcc; no lab) -------------------------------------
+def _frame(seq: int, count: int, *, group="239.77.1.1", port=26477, vlan=False, ihl=5,
+           frag=0, truncate=0, ethertype=0x0800) -> bytes:  # fmt: skip
+    mold_hdr = b"TICKWIRE01" + struct.pack("!QH", seq, count)
+    payload = mold_hdr + (b"\x00\x05hello" * (count if 0 < count < 0xFFFF else 0))
+    udp = struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload
+    opts = b"\x01" * (4 * (ihl - 5))
+    ip = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 4 * ihl + len(udp), 1, frag, 1, 17, 0,
+                     socket.inet_aton("10.77.1.1"), socket.inet_aton(group)) + opts + udp
+    eth = b"\x01\x00\x5e\x4d\x01\x01" + b"\x02\x00\x00\x00\x00\x01"
+    eth += (struct.pack("!HH", 0x8100, 7) if vlan else b"") + struct.pack("!H", ethertype)
+    data = eth + ip
+    return data[: len(data) - truncate] if truncate else data
+
+
+def _run(prog_fd: int, data: bytes) -> int:
+    buf_in = ctypes.create_string_buffer(data, len(data))
+    buf_out = ctypes.create_string_buffer(4096)
+    attr = faults.TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_size_out=4096,
+                              data_in=ctypes.addressof(buf_in),
+                              data_out=ctypes.addressof(buf_out), repeat=1)  # fmt: skip
+    faults.sys_bpf(faults.BPF_PROG_TEST_RUN, attr)
+    return attr.retval
+
+
+@pytest.mark.lab
+def test_program_rules_on_crafted_frames():
+    _need_bcc()
+    prefix = f"tfltu{os.getpid() % 100000:05d}"
+    maps = faults.FaultMaps.create(prefix)
+    try:
+        # BPF_PROG_TEST_RUN hands the program an skb on this namespace's loopback (ifindex 1)
+        base = dict(ifindex=1, group=0xEF4D0101, port=26477)
+        maps.set_config("A", **base, flags=faults.FF_RANGE, seq_first=100, seq_last=199)
+        expect = [
+            (_frame(95, 5), TC_ACT_OK),  # 95..99
+            (_frame(96, 5), TC_ACT_SHOT),  # 96..100
+            (_frame(199, 3), TC_ACT_SHOT),  # 199..201
+            (_frame(200, 10), TC_ACT_OK),
+            (_frame(150, 0), TC_ACT_OK),  # heartbeat
+            (_frame(150, 0xFFFF), TC_ACT_OK),  # end of session
+            (_frame(150, 2, port=26478), TC_ACT_OK),  # another port
+            (_frame(150, 2, group="239.77.2.1"), TC_ACT_OK),  # another group
+            (_frame(150, 2, truncate=3), TC_ACT_OK),  # header cut short
+            (_frame(150, 2, frag=0x2000), TC_ACT_OK),  # a fragment
+            (_frame(150, 2, ethertype=0x0806), TC_ACT_OK),  # not IPv4
+            (_frame(150, 2)[:38], TC_ACT_OK),  # UDP header cut short
+            (_frame(150, 2, vlan=True), TC_ACT_SHOT),  # one 802.1Q tag
+            (_frame(150, 2, ihl=7), TC_ACT_SHOT),  # IP options
+        ]
+        got = [_run(maps.prog_fd, data) for data, _ in expect]
+        assert got == [want for _, want in expect]
+        c = maps.counters("A")
+        assert c["seen"] == len(expect) and c["passed"] + c["dropped"] == c["seen"]
+        assert c["dropped_range"] == 4 == c["dropped"] and c["feed"] == 8
+        assert (c["first_dropped_seq"], c["last_dropped_seq"]) == (96, 201)
+        assert c["dropped_messages"] == 5 + 3 + 2 + 2
+
+        maps.reset_counters("A")
+        maps.set_config("A", flags=faults.FF_ALL)
+        assert _run(maps.prog_fd, _frame(1, 0)) == TC_ACT_SHOT  # heartbeats too
+        assert _run(maps.prog_fd, _frame(1, 0xFFFF)) == TC_ACT_SHOT
+        assert _run(maps.prog_fd, _frame(1, 3, port=9)) == TC_ACT_OK  # not the feed
+        maps.set_config("A", group=0, port=0)  # any group, any port: the feed after all
+        assert _run(maps.prog_fd, _frame(1, 3, port=9, group="239.1.1.1")) == TC_ACT_SHOT
+        maps.set_config("A", group=base["group"], port=base["port"])
+        now = time.monotonic_ns()
+        maps.set_config("A", flags=faults.FF_CUT, cut_start_ns=now - 10**9,
+                        cut_end_ns=now + 10 * 10**9)  # fmt: skip
+        assert _run(maps.prog_fd, _frame(1, 0)) == TC_ACT_SHOT
+        maps.set_config("A", cut_end_ns=now)  # the window is over
+        assert _run(maps.prog_fd, _frame(1, 3)) == TC_ACT_OK
+        maps.set_config("A", flags=faults.FF_LOSS, loss_threshold=faults.LOSS_ONE)
+        assert _run(maps.prog_fd, _frame(1, 3)) == TC_ACT_SHOT
+        assert _run(maps.prog_fd, _frame(4, 0)) == TC_ACT_OK  # heartbeats never random
+        maps.set_config("A", loss_threshold=0)
+        assert _run(maps.prog_fd, _frame(1, 3)) == TC_ACT_OK
+        c = maps.counters("A")
+        assert (c["dropped_all"], c["dropped_cut"], c["dropped_random"]) == (3, 1, 1)
+        assert c["seen"] == 9 and c["passed"] == 4
+
+        maps.reset_counters("A")
+        maps.set_config("A", ifindex=0, flags=faults.FF_ALL)  # slot unused: untouched
+        maps.set_config("B", **base, flags=0)
+        assert _run(maps.prog_fd, _frame(1, 3)) == TC_ACT_OK
+        assert maps.counters("A")["seen"] == 0 and maps.counters("B")["seen"] == 1
+    finally:
+        maps.close()
+        faults._unpin(prefix)
+    assert not os.path.exists(f"{faults.PIN_ROOT}/{prefix}")
+
+
+# --- the lab -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def labcfg():
+    _need_bcc()
+    cfg = private_lab("flt")
+    with built(cfg):
+        try:
+            yield cfg
+        finally:
+            faults.remove_all(cfg)
+    assert not os.path.exists(faults.pin_dir(cfg))
+
+
+@pytest.fixture(scope="module")
+def files(labcfg, tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    itchgen.write_session(d / "s.itch", N_MSGS, 50, 11)
+    itchgen.write_session(d / "long.itch", 150_000, 50, 12)
+    return {"config": write_config(labcfg, d / "lab.toml"), "session": str(d / "s.itch"),
+            "long": str(d / "long.itch")}  # fmt: skip
+
+
+def _settle(rx: Receiver, quiet: float = 0.3, limit: float = 10.0) -> None:
+    """Until no packet arrived for ``quiet`` seconds."""
+    end = time.monotonic() + limit
+    n = -1
+    while time.monotonic() < end and n != len(rx.packets):
+        n = len(rx.packets)
+        time.sleep(quiet)
+
+
+def _publish(labcfg, files, *extra: str, session: str = "session", eos: bool = True):
+    """Run the simulator once; the receiver's record of both lines."""
+    rx = Receiver(labcfg)
+    try:
+        run_sim(files["config"], "--session", files[session], "--rate", RATE, "--no-rerequest",
+                "--eos-for", "0.5", *extra)  # fmt: skip
+        if eos:
+            rx.wait_eos()
+        _settle(rx)
+    finally:
+        rx.close()
+    return rx
+
+
+def _complete(data: list[tuple[int, int, bytes]], n: int = N_MSGS) -> None:
+    seqs = [s for s, _, _ in data]
+    assert seqs == sorted(seqs) and seqs[0] == 1
+    assert all(s + c == nxt for (s, c, _), nxt in zip(data, seqs[1:], strict=False))
+    assert seqs[-1] + data[-1][1] - 1 == n
+
+
+def _kinds(packets) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for p in packets:
+        st = p.parsed[0]
+        out[st] = out.get(st, 0) + 1
+    return out
+
+
+def _tc(labcfg, what: str, ifname: str, *more: str) -> str:
+    """``tc -s qdisc|filter show dev IFNAME ...`` in the exchange namespace."""
+    return subprocess.run(["ip", "netns", "exec", labcfg.lab.exchange_ns, "tc", "-s", what,
+                           "show", "dev", ifname, *more], capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
+
+
+@pytest.mark.lab
+def test_drop_range_drops_exactly_the_packets_covering_it(labcfg, files):
+    first, last = 10_000, 10_999
+    with faults.WireFaults(labcfg, "A") as wf:
+        wf.drop_range(first, last)
+        rx = _publish(labcfg, files)
+        stats = wf.stats()
+    a, b = rx.data("A"), rx.data("B")
+    _complete(b)
+    hit = [(s, c, p) for s, c, p in b if s <= last and s + c - 1 >= first]
+    assert len(hit) >= 2 and hit[0][0] < first <= hit[0][0] + hit[0][1] - 1  # straddles
+    assert a == [x for x in b if x not in hit]  # the rest, in order, byte for byte
+    assert stats["dropped_range"] == stats["dropped"] == len(hit)
+    assert stats["dropped_messages"] == sum(c for _, c, _ in hit)
+    assert stats["first_dropped_seq"] == hit[0][0]
+    assert stats["last_dropped_seq"] == hit[-1][0] + hit[-1][1] - 1
+    assert stats["passed"] == stats["seen"] - len(hit)
+    assert stats["feed"] == len(rx.line("B"))  # every MoldUDP64 packet of the line
+    assert _kinds(rx.line("A"))[mold.P_END] == _kinds(rx.line("B"))[mold.P_END]
+
+
+@pytest.mark.lab
+def test_cut_drops_one_contiguous_block(labcfg, files):
+    n = 150_000
+    rx = Receiver(labcfg)
+    try:
+        with faults.WireFaults(labcfg, "B") as wf:
+            sim = SimProcess(files["config"], "--session", files["long"], "--rate", RATE,
+                             "--no-rerequest", "--eos-for", "0.5")  # fmt: skip
+            try:
+                deadline = time.monotonic() + 60
+                while not rx.data("B") and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                assert rx.data("B"), "no data on line B"
+                wf.cut(100, after_ms=100)  # data flows for ~750 ms in all
+                sim.finish()
+            finally:
+                sim.kill()
+            rx.wait_eos()
+            _settle(rx)
+            stats = wf.stats()
+    finally:
+        rx.close()
+    a, b = rx.data("A"), rx.data("B")
+    _complete(a, n)
+    got = {s for s, _, _ in b}
+    missing = [i for i, (s, _, _) in enumerate(a) if s not in got]
+    assert missing, "the cut dropped nothing"
+    assert missing == list(range(missing[0], missing[-1] + 1))  # one block
+    assert 0 < missing[0] and missing[-1] < len(a) - 1  # inside the data, not at its ends
+    assert [x for i, x in enumerate(a) if i not in set(missing)] == b
+    assert stats["dropped_cut"] == stats["dropped"] == len(missing)
+    assert stats["dropped_messages"] == sum(a[i][1] for i in missing)
+    assert stats["first_dropped_seq"] == a[missing[0]][0]
+
+
+@pytest.mark.lab
+def test_random_loss_is_counted_exactly(labcfg, files):
+    with faults.WireFaults(labcfg, "A") as wf:
+        wf.loss(0.05)
+        rx = _publish(labcfg, files)
+        stats = wf.stats()
+    a, b = rx.data("A"), rx.data("B")
+    _complete(b)
+    got = {s for s, _, _ in a}
+    lost = [(s, c) for s, c, _ in b if s not in got]
+    assert stats["dropped_random"] == stats["dropped"] == len(lost)
+    assert stats["dropped_messages"] == sum(c for _, c in lost)
+    assert 0.01 * len(b) <= len(lost) <= 0.12 * len(b), (len(lost), len(b))
+    assert _kinds(rx.line("A"))[mold.P_END] == _kinds(rx.line("B"))[mold.P_END]
+
+
+@pytest.mark.lab
+def test_drop_all_then_clear_restores_the_line(labcfg, files):
+    with faults.WireFaults(labcfg, "A") as wf:
+        wf.drop_all()
+        rx = _publish(labcfg, files, eos=False)
+        assert rx.line("A") == []
+        _complete(rx.data("B"))
+        first = wf.stats()
+        assert first["dropped_all"] == first["dropped"] == first["feed"] == len(rx.line("B"))
+        wf.clear()
+        rx = _publish(labcfg, files)
+        assert rx.data("A") == rx.data("B")
+        _complete(rx.data("A"))
+        assert _kinds(rx.line("A")) == _kinds(rx.line("B"))
+        second = wf.stats()
+        assert second["dropped"] == first["dropped"]
+        assert second["feed"] == first["feed"] + len(rx.line("B"))
+
+
+@pytest.mark.lab
+def test_heartbeats_survive_a_sequence_range_fault(labcfg, files):
+    with faults.WireFaults(labcfg, "A") as wf:
+        wf.drop_range(1, (1 << 64) - 1)
+        rx = _publish(labcfg, files, "--preroll", "0.5", "--heartbeat", "0.1")
+        stats = wf.stats()
+    _complete(rx.data("B"))
+    assert rx.data("A") == []
+    kinds_a = _kinds(rx.line("A"))
+    assert kinds_a.get(mold.P_HEARTBEAT, 0) >= 3 and kinds_a.get(mold.P_END, 0) >= 1
+    assert set(kinds_a) == {mold.P_HEARTBEAT, mold.P_END}
+    assert stats["dropped_range"] == stats["dropped"] == len(rx.data("B"))
+    assert stats["feed"] - stats["dropped"] == len(rx.line("A"))
+
+
+@pytest.mark.lab
+def test_detach_leaves_no_qdisc_filter_or_pin(labcfg, files):
+    with faults.WireFaults(labcfg, "AB") as wf:
+        wf.cut(50, after_ms=10_000)
+        wf.loss(0.5, line="B")
+        for ifname in ("ex-a", "ex-b"):
+            assert "clsact" in _tc(labcfg, "qdisc", ifname)
+            assert "tw_fault:" in _tc(labcfg, "filter", ifname, "egress")
+        st = faults.status(labcfg)
+        assert st["lines"]["A"]["attached"] and st["lines"]["B"]["attached"]
+        assert st["lines"]["A"]["faults"]["cut"]["state"] == "pending"
+        assert st["lines"]["A"]["faults"]["loss"] is None
+        assert st["lines"]["B"]["faults"]["loss"] == 0.5
+        assert sorted(os.listdir(faults.pin_dir(labcfg))) == ["cfg", "prog", "stats"]
+    for ifname in ("ex-a", "ex-b"):
+        assert "clsact" not in _tc(labcfg, "qdisc", ifname)
+        assert _tc(labcfg, "filter", ifname, "egress").strip() == ""
+    assert not os.path.exists(faults.pin_dir(labcfg))
+    assert faults.status(labcfg)["pinned"] is None
+
+    # leaving the block by an exception detaches too
+    with pytest.raises(RuntimeError), faults.WireFaults(labcfg, "B"):
+        raise RuntimeError("boom")
+    assert "clsact" not in _tc(labcfg, "qdisc", "ex-b")
+    assert not os.path.exists(faults.pin_dir(labcfg))
+
+
+def _cli(labcfg, files, *args: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "host.faults", "--config", files["config"],
+                           "--json", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.lab
+def test_cli_drives_the_pinned_maps_across_processes(labcfg, files):
+    first, last = 20_000, 20_499
+    try:
+        st = _cli(labcfg, files, "A", "--drop-range", f"{first}-{last}")
+        assert st["lines"]["A"]["attached"] and not st["lines"]["B"]["attached"]
+        assert st["lines"]["A"]["faults"]["drop_range"] == [first, last]
+        rx = _publish(labcfg, files)
+        b = rx.data("B")
+        hit = [s for s, c, _ in b if s <= last and s + c - 1 >= first]
+        assert [s for s, _, _ in rx.data("A")] == [s for s, _, _ in b if s not in hit]
+        st = _cli(labcfg, files, "status")
+        assert st["lines"]["A"]["counters"]["dropped_range"] == len(hit)
+        assert st["lines"]["A"]["counters"]["feed"] == len(rx.line("B"))
+
+        st = _cli(labcfg, files, "B", "--cut", "50@60000", "--loss", "0.25")
+        assert st["lines"]["B"]["faults"]["cut"]["state"] == "pending"
+        assert st["lines"]["B"]["faults"]["loss"] == 0.25
+        assert st["lines"]["A"]["faults"]["drop_range"] == [first, last]  # untouched
+        st = _cli(labcfg, files, "A", "--drop-all")
+        assert st["lines"]["A"]["faults"]["drop_all"]
+        assert st["lines"]["A"]["counters"]["dropped_range"] == len(hit)  # kept
+        st = _cli(labcfg, files, "clear")
+        for letter in "AB":
+            f = st["lines"][letter]["faults"]
+            assert (f["drop_all"], f["cut"], f["drop_range"], f["loss"]) == (False, None, None,
+                                                                             None)  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "host.faults", "--config", files["config"],
+                               "status"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        assert done.returncode == 0 and "line A" in done.stdout and "faults: none" in done.stdout
+        assert _cli(labcfg, files, "off") == {"prefix": labcfg.lab.prefix,
+                                              "detached": ["A", "B"]}  # fmt: skip
+        assert not os.path.exists(faults.pin_dir(labcfg))
+        for ifname in ("ex-a", "ex-b"):
+            assert "clsact" not in _tc(labcfg, "qdisc", ifname)
+    finally:
+        faults.remove_all(labcfg)
+
+
+@pytest.mark.lab
+def test_remove_all_after_the_lab_is_gone(labcfg, files):
+    other = private_lab("fgo")
+    with built(other):
+        faults.attach(other, "B")
+        assert os.path.isdir(faults.pin_dir(other))
+        lab.down(other.lab)  # as a lab down that does not know about faults would
+        st = faults.status(other)
+        assert st["pinned"] and not st["lab_up"] and not st["lines"]["B"]["attached"]
+        assert "lab not up" in faults.status_text(st)
+        assert faults.remove_all(other) == ["fault program on line B",
+                                            f"pins in {faults.pin_dir(other)}"]  # fmt: skip
+    assert not os.path.exists(faults.pin_dir(other))
+    assert faults.remove_all(other) == []
