@@ -229,6 +229,10 @@ def _sim_text(r: dict) -> str:
 
 
 def main(args) -> int:
+    if args.what == "failover":
+        from host import benchfailover
+
+        return benchfailover.main(args)
     if args.what == "rx":
         from host import benchrx
 

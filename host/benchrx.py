@@ -60,7 +60,8 @@ import numpy as np
 from numba import njit
 
 from dataplane import shm
-from dataplane.consumer import lat_bucket, now_ns
+from dataplane.arbiter import lat_bucket
+from dataplane.consumer import now_ns
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {

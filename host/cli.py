@@ -47,6 +47,7 @@ EPILOG_BENCH = """examples:
   tickwire bench book --session 01302019.NASDAQ_ITCH50
   tickwire bench sim                             publisher rate, 5M messages, private lab
   tickwire bench rx                              AF_XDP vs sockets vs XDP_DROP, latency, jitter
+  tickwire bench failover                        line cut -> other line; gap-fill latency
 """
 
 
@@ -357,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--modes", default="xdp,socket", help="paths to measure (xdp,socket)")
     br.add_argument("--prefix", help="lab prefix (tbrx<pid>)")
     br.add_argument("--json", action="store_true", help="machine-readable output")
+    bf = bsub.add_parser("failover", help="line cut -> other line, and gap-fill latency "
+                         "(private lab, root)")  # fmt: skip
+    bf.add_argument("--messages", type=_positive, default=300_000, help="session size (300000)")
+    bf.add_argument("--rate", type=_positive, default=200_000, help="msgs/s published (200000)")
+    bf.add_argument("--cut-ms", type=_positive_float, default=200.0, help="line A cut (200)")
+    bf.add_argument("--mode", choices=["xdp", "socket"], default="xdp", help="receive path")
+    bf.add_argument("--json", action="store_true", help="machine-readable output")
     be.set_defaults(func=_cmd_bench)
     return p
 

@@ -186,3 +186,21 @@ def test_bpf_same_range_dropped_on_both_lines(labcfg, session_file, tmp_path):
     for letter in "AB":
         assert st[letter]["dropped_range"] > 0 and st[letter]["dropped_messages"] >= 1000
     assert s["lines"]["recovery"]["first"] >= 1000 and s["recovery"]["filled"] >= 1
+
+
+def test_bench_failover_reports_and_cleans_up():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "host.cli", "bench", "failover", "--messages",
+                           "60000", "--rate", "100000", "--mode", MODE, "--json"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout)["result"]
+    assert r["failover_ms"] is not None and r["failover_ms"] >= 0
+    assert r["failover_digest_ok"] and r["failover_cut_packets"] > 0
+    for size in ("1", "100", "10000"):
+        g = r["gap_fill"][size]
+        assert g["whole"] and g["recovered"] >= g["dropped_messages"] >= int(size)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "tbf" not in listed
