@@ -373,7 +373,17 @@ class Appliance:
             if ready is not None:
                 ready()
             eos_at = None
+            from host.linehealth import LineHealth
+
+            health, next_health, heard = LineHealth(), 0.0, set()
             while not self._stop:
+                if time.monotonic() >= next_health:  # line health changes, logged
+                    next_health = time.monotonic() + 0.1
+                    for letter, h in health.observe(maps["counters"]).items():
+                        if h["changed"] and (h["state"] != "up" or letter in heard):
+                            self.log(f"line {letter}: {h['state']}")
+                        if h["state"] == "up":
+                            heard.add(letter)
                 done, _ = os.waitpid(pid, os.WNOHANG)
                 if done:
                     pid = 0

@@ -83,7 +83,7 @@ def main() -> int:
         _wait_running(app)
         _step(5, f"simulator: {MESSAGES:,} messages on A and B at {RATE:,} msgs/s")
         sim = subprocess.run(_cli("sim", "--config", str(cfg_path), "--session", str(session),
-                                  "--rate", str(RATE), "--eos-for", "1", "--no-rerequest",
+                                  "--rate", str(RATE), "--eos-for", "1",
                                   "--json"), capture_output=True, text=True,
                              preexec_fn=_pin(0))  # fmt: skip
         if sim.returncode != 0:
@@ -133,8 +133,13 @@ def _summary(s: dict, sim_s: dict, ref: dict, book) -> bool:
     print(f"  receive path      {s['mode']}")
     print(f"  messages          {s['taken']:,} taken of {sim_s['last_seq']:,} published, "
           f"{s['taken'] / secs / 1e6:.2f}M msgs/s over {secs:.1f} s")  # fmt: skip
-    print(f"  gaps              {s['gap_messages']:,} messages in {s['gap_events']:,} events")
+    recovered = s["lines"]["recovery"]["first"]
+    print(f"  gaps              {s['gaps_declared']:,} declared, {recovered:,} messages "
+          f"recovered, {s['gap_messages']:,} unrecoverable"
+          + ("  BOOKS STALE" if s["stale"] else ""))  # fmt: skip
     for letter, ln in s["lines"].items():
+        if letter == "recovery":
+            continue
         print(f"  line {letter}            {ln['packets']:,} packets, {ln['first']:,} messages "
               f"first, {ln['duplicates']:,} duplicates dropped, {ln['malformed']} malformed")
     lat = s["latency_ns"]

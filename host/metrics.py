@@ -45,6 +45,9 @@ class ConsumerCollector:
         self.m = maps
         self.xdp_stats = xdp_stats
         self.recovery = recovery
+        from host.linehealth import LineHealth
+
+        self.health = LineHealth()
 
     def collect(self):
         c = np.array(self.m["counters"])
@@ -58,6 +61,15 @@ class ConsumerCollector:
                               labels=["channel", "line"])  # fmt: skip
         for k, letter in enumerate("AB"):
             g.add_metric([ch, letter], float(c[k * shm.LINE_STRIDE + shm.L_LAST_SEQ]))
+        yield g
+        states = self.health.observe(c)
+        g = GaugeMetricFamily("tickwire_line_state",
+                              "Line health: 0 up, 1 stale, 2 down, -1 never heard",
+                              labels=["channel", "line"])  # fmt: skip
+        from host.linehealth import STATE_CODE
+
+        for letter, h in states.items():
+            g.add_metric([ch, letter], float(STATE_CODE[h["state"]]))
         yield g
         g = GaugeMetricFamily("tickwire_sequence_next", "Next sequence number expected",
                               labels=["channel"])  # fmt: skip

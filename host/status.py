@@ -12,6 +12,12 @@ def collect(channel: str, netns: str | None = None) -> dict:
         r = shm.Reader(channel)
         out["consumer"] = r.counters()
         out["consumer"]["latency_ns"] = r.latency()
+        from host import linehealth
+
+        health = linehealth.snapshot(r.m["counters"])
+        for letter, h in health.items():
+            out["consumer"]["lines"][letter]["state"] = h["state"]
+            out["consumer"]["lines"][letter]["silence_s"] = h["silence_s"]
         from host import recovery
 
         rec = recovery.read_shared(r.m["recovery"])
@@ -47,7 +53,8 @@ def text(st: dict) -> str:
         lines.append(f"  gaps declared {c['gaps_declared']:,} ({c['gap_declared_messages']:,} "
                      f"messages), held now {c['held_now']}")  # fmt: skip
         for letter, ln in c["lines"].items():
-            lines.append(f"  line {letter}: {ln['packets']:,} packets, {ln['messages']:,} "
+            state = f" [{ln['state']}]" if "state" in ln else ""
+            lines.append(f"  line {letter}{state}: {ln['packets']:,} packets, {ln['messages']:,} "
                          f"messages, {ln['duplicates']:,} duplicates, last seq "
                          f"{ln['last_seq']:,}")  # fmt: skip
     rec = st.get("recovery")
