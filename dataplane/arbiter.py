@@ -111,11 +111,14 @@ def take(b, pos, end, seq, count, line, rx_ns, t, ctr, orders, levels, sides, la
         q += 2 + rd_u16(b, q)
     st, stop = bk.apply_stream(b, p, end, orders, levels, sides, ladder, htab, stocks, meta,
                                bctr)  # fmt: skip
-    applied = 0
-    q = p
-    while q < stop:
-        q += 2 + rd_u16(b, q)
-        applied += 1
+    if st == itch.OK:
+        applied = seq + count - s
+    else:  # stopped at a message that needs room: count what went in before it
+        applied = 0
+        q = p
+        while q < stop:
+            q += 2 + rd_u16(b, q)
+            applied += 1
     ctr[shm.A_NEXT] = s + applied
     ctr[shm.A_TAKEN] += applied
     ctr[lb + shm.L_FIRST_TAKEN] += applied
@@ -264,12 +267,13 @@ def lost(first, count, ctr, control):
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta, gaps, control,
-              orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched,
-              lat):  # fmt: skip
+def on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta, orders, levels,
+              sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat):  # fmt: skip
     """Handle one MoldUDP64 packet ``b[pos:end]`` from ``line`` (0 A, 1 B, 2 recovery)
-    received at ``rx_ns``. Returns 0, or a book ``NEED_*`` status: grow the book and call
-    again with the same packet (nothing is applied twice)."""
+    received at ``rx_ns``: drop it as a duplicate, hold it, or take it. Returns 0, or a
+    book ``NEED_*`` status: grow the book and call again with the same packet (nothing is
+    applied twice, nothing counted twice). Releasing held packets and declaring gaps is
+    the caller's next step (``drain``, ``hole_check``), once per packet."""
     lb = line * shm.LINE_STRIDE
     status, seq, count = mold.parse_header(b, pos, end)
     if status == mold.P_SHORT or status == mold.P_BAD_BLOCKS:
@@ -303,10 +307,5 @@ def on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta, ga
                       ladder, htab, stocks, meta, bctr, bbo, touched, lat)  # fmt: skip
             if st != 0:
                 return st
-    if ctr[shm.A_HELD_NOW] > 0:
-        st = drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder, htab, stocks,
-                   meta, bctr, bbo, touched, lat)  # fmt: skip
-        if st != 0:
-            return st
-    hole_check(t, ctr, hold_meta, gaps, control)
+        ctr[lb + shm.L_MESSAGES] += count  # once the packet is done (a retry counts it)
     return 0

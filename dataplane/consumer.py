@@ -26,7 +26,6 @@ from numba import njit
 
 from dataplane import arbiter, shm, xsk
 from dataplane import book as bk
-from dataplane import moldudp64 as mold
 from dataplane.itch import rd_u16
 
 OK = 0
@@ -61,60 +60,49 @@ def count_rx(ctr, line, nbytes, rx_ns):
     ctr[lb + shm.L_RX_NS] = rx_ns
 
 
-@njit(cache=True, nogil=True, _nrt=False)
-def count_messages(b, pos, end, ctr, line):
-    status, seq, count = mold.parse_header(b, pos, end)
-    if status == mold.P_DATA:
-        ctr[line * shm.LINE_STRIDE + shm.L_MESSAGES] += count
-
-
 # --- shared by both loops -------------------------------------------------------------------
-@njit(nogil=True, _nrt=False)
+@njit(nogil=True, _nrt=False, inline="always")
 def _packet(b, pos, end, line, rx_ns, t, session, arb, bk_):
-    ctr, hold_buf, hold_meta, gaps, control, _r, _rm = arb
+    """One packet through the arbiter, then the arbiter's follow-up (``_idle``). Returns
+    ``(need, done)``: a book ``NEED_*`` with ``done`` 0 means retry this packet; with
+    ``done`` 1 the packet is finished and only the release of held packets waits for
+    room (it resumes at the next packet or idle tick)."""
+    ctr, hold_buf, hold_meta, _g, _c, _r, _rm = arb
     orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat = bk_
-    return arbiter.on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta,
-                             gaps, control, orders, levels, sides, ladder, htab, stocks, meta,
-                             bctr, bbo, touched, lat)  # fmt: skip
+    need = arbiter.on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta,
+                             orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo,
+                             touched, lat)  # fmt: skip
+    if need != 0:
+        return need, 0
+    return _idle(t, arb, bk_), 1
 
 
 @njit(nogil=True, _nrt=False)
 def service_recovery(t, session, arb, bk_):
     """Take what the recovery client put in the ``recov`` ring: answer packets through the
-    arbiter, unrecoverable ranges through ``arbiter.lost``. Returns a book ``NEED_*``
-    (the entry stays for the retry), ``-1`` when halted by policy, else 0."""
-    ctr, hold_buf, hold_meta, gaps, control, recov, recov_meta = arb
-    orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat = bk_
+    arbiter, unrecoverable ranges through ``arbiter.lost``. Returns a book ``NEED_*``,
+    ``-1`` when halted by policy, else 0."""
+    ctr, _h, _hm, _g, control, recov, recov_meta = arb
     while control[shm.C_REC_TAIL] != control[shm.C_REC_HEAD]:
         tail = control[shm.C_REC_TAIL]
         i = tail % recov.shape[0]
-        kind = recov_meta[i, 0]
-        if kind == shm.REC_DATA:
+        if recov_meta[i, 0] == shm.REC_DATA:
             n = recov_meta[i, 1]
-            ctr[shm.LINE_RECOVERY * shm.LINE_STRIDE + shm.L_PACKETS] += 1
-            ctr[shm.LINE_RECOVERY * shm.LINE_STRIDE + shm.L_BYTES] += n
-            count_messages(recov[i], 0, n, ctr, shm.LINE_RECOVERY)
-            need = _packet(recov[i], 0, n, shm.LINE_RECOVERY, 0, t, session, arb, bk_)
-            if need != 0:
-                ctr[shm.LINE_RECOVERY * shm.LINE_STRIDE + shm.L_PACKETS] -= 1
-                ctr[shm.LINE_RECOVERY * shm.LINE_STRIDE + shm.L_BYTES] -= n
-                ctr[shm.LINE_RECOVERY * shm.LINE_STRIDE + shm.L_MESSAGES] -= \
-                    recov_meta[i, 3]  # fmt: skip
-                return need
-        else:
-            if arbiter.lost(recov_meta[i, 2], recov_meta[i, 3], ctr, control) == 0:
-                return 0  # ahead of the sequence: once it gets there
-            if control[shm.C_HALTED] != 0:
+            need, done = _packet(recov[i], 0, n, shm.LINE_RECOVERY, 0, t, session, arb, bk_)
+            if done:
+                count_rx(ctr, shm.LINE_RECOVERY, n, t)
                 control[shm.C_REC_TAIL] = tail + 1
-                return -1
-            need = arbiter.drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder,
-                                 htab, stocks, meta, bctr, bbo, touched, lat)  # fmt: skip
             if need != 0:
-                control[shm.C_REC_TAIL] = tail + 1
-                return need
+                return need  # not done: the entry stays for the retry
+            continue
+        if arbiter.lost(recov_meta[i, 2], recov_meta[i, 3], ctr, control) == 0:
+            return 0  # ahead of the sequence: once it gets there
         control[shm.C_REC_TAIL] = tail + 1
         if control[shm.C_HALTED] != 0:
             return -1
+        need = _idle(t, arb, bk_)
+        if need != 0:
+            return need
     return 0
 
 
@@ -199,18 +187,16 @@ def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, arb, bk_, ts):
             ln = pstate[P_LINE]
             i = pstate[P_I]
             off = i * SLOT
-            need = _packet(rbuf[ln], off, off + mm[ln, i].len, ln, pstate[P_RX], now_ns(ts),
-                           session, arb, bk_)  # fmt: skip
+            need, done = _packet(rbuf[ln], off, off + mm[ln, i].len, ln, pstate[P_RX],
+                                 now_ns(ts), session, arb, bk_)  # fmt: skip
+            pstate[P_I] = i + done
             if need != 0:
                 return OK, need
-            pstate[P_I] = i + 1
             continue
         if control[shm.C_REC_HEAD] != control[shm.C_REC_TAIL]:
             need = service_recovery(now_ns(ts), session, arb, bk_)
-            if need < 0:
-                return HALTED, 0
             if need != 0:
-                return OK, need
+                return (HALTED, 0) if need < 0 else (OK, need)
         got = 0
         for ln in range(2):
             n = _recvmmsg(fds[ln], mm[ln].ctypes.data, batch, MSG_DONTWAIT, 0)
@@ -218,9 +204,7 @@ def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, arb, bk_, ts):
                 t = now_ns(ts)
                 ctr[shm.S_RX_BATCHES] += 1
                 for i in range(n):
-                    off = i * SLOT
                     count_rx(ctr, ln, mm[ln, i].len, t)
-                    count_messages(rbuf[ln], off, off + mm[ln, i].len, ctr, ln)
                 pstate[P_LINE] = ln
                 pstate[P_I] = 0
                 pstate[P_N] = n
@@ -294,20 +278,19 @@ def xdp_loop(ri, umem_a, umem_b, pstate, pend, budget_ns, session, arb, bk_, ts)
             i = pstate[P_I]
             ln = pend[i, X_LINE]
             u = umem_a if ln == 0 else umem_b
-            need = _packet(u, pend[i, X_START], pend[i, X_END], ln, pend[i, X_RX], now_ns(ts),
-                           session, arb, bk_)  # fmt: skip
+            need, done = _packet(u, pend[i, X_START], pend[i, X_END], ln, pend[i, X_RX],
+                                 now_ns(ts), session, arb, bk_)  # fmt: skip
+            if done:
+                if xsk.fill_put(ri[ln], pend[i, X_FRAME]) == 0:
+                    ctr[shm.S_RING_FULL] += 1
+                pstate[P_I] = i + 1
             if need != 0:
                 return OK, need
-            if xsk.fill_put(ri[ln], pend[i, X_FRAME]) == 0:
-                ctr[shm.S_RING_FULL] += 1
-            pstate[P_I] = i + 1
             continue
         if control[shm.C_REC_HEAD] != control[shm.C_REC_TAIL]:
             need = service_recovery(now_ns(ts), session, arb, bk_)
-            if need < 0:
-                return HALTED, 0
             if need != 0:
-                return OK, need
+                return (HALTED, 0) if need < 0 else (OK, need)
         got = 0
         for ln in range(2):
             r = ri[ln]
@@ -327,7 +310,6 @@ def xdp_loop(ri, umem_a, umem_b, pstate, pend, budget_ns, session, arb, bk_, ts)
                     if xsk.fill_put(r, frame_) == 0:
                         ctr[shm.S_RING_FULL] += 1
                     continue
-                count_messages(u, start, end, ctr, ln)
                 pend[k, X_START] = start
                 pend[k, X_END] = end
                 pend[k, X_LINE] = ln

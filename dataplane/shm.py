@@ -246,9 +246,10 @@ def rec_push(m: dict, kind: int, first: int, count: int, packet: bytes = b"") ->
 class Reader:
     """Read a running consumer's books, BBOs and counters from another process."""
 
-    def __init__(self, channel: str, root: Path | None = None):
+    def __init__(self, channel: str, root: Path | None = None, maps: dict | None = None):
+        """Attach to ``channel``'s regions (or read ``maps`` the caller already holds)."""
         self.channel = channel
-        self.m = attach(channel, root)
+        self.m = maps if maps is not None else attach(channel, root)
 
     def counters(self) -> dict:
         c = np.array(self.m["counters"])  # one copy: a consistent-enough view for metrics

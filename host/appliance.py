@@ -216,6 +216,26 @@ def xdp_stats(steering) -> dict:
     return {"lines": lines, "passed": passed, "redirected": int(st.get("redirected", 0))}
 
 
+def wait_consumer(channel: str, proc, timeout: float = 120.0) -> shm.Reader:
+    """Wait until the consumer of ``channel`` -- started by ``proc``, a ``tickwire run``
+    subprocess -- is running (compiled, keeping up); returns a reader on it. Raises
+    ``RunError`` when ``proc`` exits first or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reader = shm.Reader(channel)
+            if reader.counters()["running"]:
+                return reader
+        except FileNotFoundError:
+            pass
+        if proc.poll() is not None:
+            why = proc.stderr.read().strip() if proc.stderr else ""
+            raise RunError(errno.EIO, f"tickwire run exited: {why}")
+        if time.monotonic() > deadline:
+            raise RunError(errno.ETIMEDOUT, f"the consumer did not start within {timeout:g} s")
+        time.sleep(0.02)
+
+
 class NoRecovery:
     """No re-request server configured: every declared gap is unrecoverable at once."""
 
@@ -446,11 +466,9 @@ class Appliance:
         raise RunError(errno.ETIMEDOUT, "the consumer did not stop within 30 s (killed)")
 
     def _summary(self, maps, cdir: Path, seconds: float) -> dict:
-        reader_counters = shm.Reader.__new__(shm.Reader)
-        reader_counters.m = maps
+        reader = shm.Reader(self.cfg.run.channel, maps=maps)
         out = {"channel": self.cfg.run.channel, "mode": self.mode, "seconds": seconds,
-               **reader_counters.counters(), "latency_ns": shm.percentiles(
-                   np.array(maps["latency"]))}  # fmt: skip
+               **reader.counters(), "latency_ns": reader.latency()}  # fmt: skip
         err = cdir / "error.txt"
         if err.exists():
             raise RunError(errno.EIO, f"the consumer failed: {err.read_text().splitlines()[0]}")

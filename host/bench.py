@@ -160,7 +160,6 @@ def bench_book(args) -> list[dict]:
 def bench_sim(args) -> dict:
     """Publisher rate: ``Simulator`` (numba + sendmmsg, both lines) against a plain Python
     loop sending the same packets with one ``sendmsg`` each, in a private lab."""
-    import dataclasses
 
     from host import config, lab
     from host import simulator as simmod
@@ -171,9 +170,7 @@ def bench_sim(args) -> dict:
         buf = _session(args.messages, args.stocks, args.seed)
         name = f"generated {args.messages:,} msgs / {args.stocks:,} stocks"
     session = simmod.Session.from_buffer(buf, name)
-    base = config.Config()
-    cfg = config.validate(dataclasses.replace(
-        base, lab=dataclasses.replace(base.lab, prefix=f"tb{os.getpid() % 100000:05d}")))
+    cfg = config.with_lab(prefix=f"tb{os.getpid() % 100000:05d}")
     opts = simmod.SimOptions(pacing=simmod.Pacing(mode="max"), eos_for=0.0, serve=False)
     _say(f"bench sim: {name}, private lab {cfg.lab.prefix}")
     lab.up(cfg.lab)

@@ -16,7 +16,6 @@ The baseline is the arbitration window itself: a fill time is "window + recovery
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dataplane import shm
-from host import config, itchgen, lab
+from host import appliance, config, itchgen, lab
 
 
 def _say(msg: str) -> None:
@@ -43,19 +42,7 @@ class _App:
             [sys.executable, "-m", "host.cli", "run", "--config", cfg_path, "--lab", "--mode",
              mode, "--json", "--until-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)  # fmt: skip
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if shm.Reader(channel).counters()["running"]:
-                    break
-            except FileNotFoundError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tickwire run exited: {self.proc.stderr.read().strip()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the appliance did not start")
-            time.sleep(0.02)
-        self.reader = shm.Reader(channel)
+        self.reader = appliance.wait_consumer(channel, self.proc)
 
     def finish(self) -> dict:
         out, err = self.proc.communicate(timeout=300)
@@ -83,9 +70,7 @@ def bench_failover(args) -> dict:
 
     mode = args.mode
     prefix = f"tbf{os.getpid() % 100000:05d}"
-    base = config.Config()
-    cfg = config.validate(dataclasses.replace(base, lab=dataclasses.replace(base.lab,
-                                                                            prefix=prefix)))
+    cfg = config.with_lab(prefix=prefix)
     window_ms = config.RunConfig().window_ms
     tmp = Path(tempfile.mkdtemp(prefix="tickwire-bench-"))
     session = tmp / "s.itch"

@@ -44,7 +44,6 @@ every exit path.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -294,9 +293,7 @@ def latency(pg, consumer: Consumer, template: bytes, rate: float, seconds: float
 def _lab_config(prefix: str):
     from host import config
 
-    base = config.Config()
-    return config.validate(dataclasses.replace(
-        base, lab=dataclasses.replace(base.lab, prefix=prefix)))  # fmt: skip
+    return config.with_lab(prefix=prefix)
 
 
 def _ceiling(pg, labcfg, template: bytes, duration: float, log) -> dict:

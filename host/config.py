@@ -318,6 +318,13 @@ def from_dict(data: dict) -> Config:
     return validate(_build(Config, "", data, Config()))
 
 
+def with_lab(cfg: Config | None = None, **changes) -> Config:
+    """``cfg`` (the defaults when None) with ``[lab]`` fields changed, validated: e.g. a
+    private lab for a test or a benchmark, ``with_lab(prefix="tb123")``."""
+    cfg = cfg or Config()
+    return validate(dataclasses.replace(cfg, lab=dataclasses.replace(cfg.lab, **changes)))
+
+
 def for_lab(cfg: Config) -> Config:
     """``cfg`` with its ``[run]`` pointed at the lab: the appliance namespace and the
     appliance ends of the lab's lines (groups, ports, addresses from ``[lab]``)."""

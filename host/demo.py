@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from dataplane import shm
-from host import config, itchgen, lab, replay
+from host import appliance, config, itchgen, lab, replay
 
 MESSAGES = 2_000_000
 STOCKS = 100
@@ -80,7 +80,7 @@ def main() -> int:
         app = subprocess.Popen(_cli("run", "--config", str(cfg_path), "--lab", "--until-eos",
                                     "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)  # fmt: skip
-        _wait_running(app)
+        appliance.wait_consumer(CHANNEL, app)
         _step(5, f"simulator: {MESSAGES:,} messages on A and B at {RATE:,} msgs/s")
         sim = subprocess.run(_cli("sim", "--config", str(cfg_path), "--session", str(session),
                                   "--rate", str(RATE), "--eos-for", "1",
@@ -111,21 +111,6 @@ def main() -> int:
 def _last_cpu() -> int:
     cpus = sorted(os.sched_getaffinity(0))
     return cpus[-1] if len(cpus) > 1 else -1
-
-
-def _wait_running(app: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if shm.Reader(CHANNEL).counters()["running"]:
-                return
-        except FileNotFoundError:
-            pass
-        if app.poll() is not None:
-            raise RuntimeError(f"the appliance exited: {app.stderr.read().strip()}")
-        if time.monotonic() > deadline:
-            raise RuntimeError("the appliance did not start within 2 minutes")
-        time.sleep(0.05)
 
 
 def _summary(s: dict, sim_s: dict, ref: dict, book) -> bool:
@@ -164,4 +149,8 @@ def _summary(s: dict, sim_s: dict, ref: dict, book) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"demo: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -35,14 +35,25 @@ import ipaddress
 import json
 import operator
 import os
-import platform
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from host import lab
+from host.bpfsys import (
+    BPF_MAP_LOOKUP_ELEM,
+    BPF_MAP_UPDATE_ELEM,
+    BPF_OBJ_GET,
+    BPF_OBJ_GET_INFO_BY_FD,
+    BPF_OBJ_PIN,
+    ElemAttr,
+    InfoAttr,
+    ObjAttr,
+    brief,
+    stderr_captured,
+    sys_bpf,
+)
 from host.config import Config, LabConfig
 
 FAULT_SRC = Path(__file__).resolve().parents[1] / "bpf" / "fault.c"
@@ -96,73 +107,24 @@ def lines_of(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return sorted(set(letters))
 
 
-# --- the bpf(2) system call ----------------------------------------------------------------
+# --- the bpf(2) system call (host/bpfsys.py) ------------------------------------------------
 _libc = ctypes.CDLL(None, use_errno=True)
-_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
-BPF_MAP_LOOKUP_ELEM = 1
-BPF_MAP_UPDATE_ELEM = 2
-BPF_PROG_TEST_RUN = 10
-BPF_OBJ_PIN = 6
-BPF_OBJ_GET = 7
-BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_FS_MAGIC = 0xCAFE4A11
-
-
-class _ElemAttr(ctypes.Structure):
-    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32),
-                ("key", ctypes.c_uint64), ("value", ctypes.c_uint64),
-                ("flags", ctypes.c_uint64)]  # fmt: skip
-
-
-class _ObjAttr(ctypes.Structure):
-    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32),
-                ("file_flags", ctypes.c_uint32), ("path_fd", ctypes.c_int32),
-                ("pad", ctypes.c_uint32)]  # fmt: skip
-
-
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
-                ("info", ctypes.c_uint64)]  # fmt: skip
-
-
-class TestRunAttr(ctypes.Structure):
-    """``BPF_PROG_TEST_RUN`` arguments (the test suite runs the program on crafted frames)."""
-
-    __test__ = False  # not a pytest class
-    _fields_ = [("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
-                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
-                ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
-                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
-                ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
-                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32), ("pad", ctypes.c_uint32)]  # fmt: skip
-
-
-def sys_bpf(cmd: int, attr: ctypes.Structure) -> int:
-    """bpf(2); raises ``OSError`` with the errno on failure."""
-    if _NR_BPF is None:
-        raise FaultError(errno.ENOSYS, f"no bpf(2) system call number for {platform.machine()}")
-    r = _libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-    if r < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return r
 
 
 def _obj_pin(fd: int, path: str) -> None:
     raw = ctypes.create_string_buffer(path.encode())
-    sys_bpf(BPF_OBJ_PIN, _ObjAttr(ctypes.addressof(raw), fd, 0, 0, 0))
+    sys_bpf(BPF_OBJ_PIN, ObjAttr(ctypes.addressof(raw), fd, 0, 0, 0))
 
 
 def _obj_get(path: str) -> int:
     raw = ctypes.create_string_buffer(path.encode())
-    return sys_bpf(BPF_OBJ_GET, _ObjAttr(ctypes.addressof(raw), 0, 0, 0, 0))
+    return sys_bpf(BPF_OBJ_GET, ObjAttr(ctypes.addressof(raw), 0, 0, 0, 0))
 
 
 def _obj_id(fd: int) -> int:
     buf = ctypes.create_string_buffer(64)  # the id is the second u32 of prog and map info
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, len(buf), ctypes.addressof(buf)))
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, InfoAttr(fd, len(buf), ctypes.addressof(buf)))
     return int.from_bytes(buf.raw[4:8], "little")
 
 
@@ -249,14 +211,14 @@ class FaultMaps:
         bpf = _compile()
         try:
             failure: Exception | None = None
-            with _stderr_captured() as err:
+            with stderr_captured() as err:
                 try:
                     fn = bpf.load_func(PROG_NAME.encode(), type(bpf).SCHED_CLS)
                 except Exception as e:
                     failure = e
             if failure is not None:
                 raise FaultError(errno.EINVAL, f"the kernel verifier rejected {PROG_NAME}: "
-                                 f"{_brief(err[0] if err else '', 3) or failure}") from None
+                                 f"{brief(err[0] if err else '', 3) or failure}") from None
             objs = (("prog", fn.fd), ("cfg", bpf[MAP_CFG.encode()].map_fd),
                     ("stats", bpf[MAP_STATS.encode()].map_fd))  # fmt: skip
             try:
@@ -289,7 +251,7 @@ class FaultMaps:
     def config(self, letter: str) -> dict[str, int]:
         key = ctypes.c_uint32(LINE_SLOTS[letter])
         val = (ctypes.c_uint64 * len(CFG_FIELDS))()
-        sys_bpf(BPF_MAP_LOOKUP_ELEM, _ElemAttr(self.cfg_fd, 0, ctypes.addressof(key),
+        sys_bpf(BPF_MAP_LOOKUP_ELEM, ElemAttr(self.cfg_fd, 0, ctypes.addressof(key),
                                                ctypes.addressof(val), 0))  # fmt: skip
         return dict(zip(CFG_FIELDS, val, strict=True))
 
@@ -303,7 +265,7 @@ class FaultMaps:
         cfg.update(fields)
         key = ctypes.c_uint32(LINE_SLOTS[letter])
         val = (ctypes.c_uint64 * len(CFG_FIELDS))(*(cfg[f] for f in CFG_FIELDS))
-        sys_bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(self.cfg_fd, 0, ctypes.addressof(key),
+        sys_bpf(BPF_MAP_UPDATE_ELEM, ElemAttr(self.cfg_fd, 0, ctypes.addressof(key),
                                                ctypes.addressof(val), 0))  # fmt: skip
         return cfg
 
@@ -311,7 +273,7 @@ class FaultMaps:
     def _per_cpu(self, idx: int) -> list[int]:
         key = ctypes.c_uint32(idx)
         val = (ctypes.c_uint64 * self._ncpu)()
-        sys_bpf(BPF_MAP_LOOKUP_ELEM, _ElemAttr(self.stats_fd, 0, ctypes.addressof(key),
+        sys_bpf(BPF_MAP_LOOKUP_ELEM, ElemAttr(self.stats_fd, 0, ctypes.addressof(key),
                                                ctypes.addressof(val), 0))  # fmt: skip
         return list(val)
 
@@ -337,7 +299,7 @@ class FaultMaps:
         zeros = (ctypes.c_uint64 * self._ncpu)()
         for i in range(FC_LEN):
             key = ctypes.c_uint32(base + i)
-            sys_bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(self.stats_fd, 0, ctypes.addressof(key),
+            sys_bpf(BPF_MAP_UPDATE_ELEM, ElemAttr(self.stats_fd, 0, ctypes.addressof(key),
                                                    ctypes.addressof(zeros), 0))  # fmt: skip
 
 
@@ -356,31 +318,6 @@ def _unpin(prefix: str) -> bool:
 
 
 # --- compiling -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def _stderr_captured() -> Iterator[list[str]]:
-    """What libbcc and clang write to fd 2 (they bypass sys.stderr)."""
-    out: list[str] = []
-    with tempfile.TemporaryFile() as tmp:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield out
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            out.append(tmp.read().decode(errors="replace"))
-
-
-def _brief(text: str, lines: int = 4) -> str:
-    keep = [ln for ln in text.strip().splitlines() if ln.strip()]
-    if len(keep) > lines:
-        keep = keep[:lines] + [f"... ({len(keep) - lines} more lines)"]
-    return " | ".join(keep)
-
-
 def _compile():
     try:
         from bcc import BPF
@@ -388,7 +325,7 @@ def _compile():
         raise FaultError(errno.ENOPKG, f"bcc is not importable ({e}): install python3-bpfcc "
                          "(make setup)") from None  # fmt: skip
     failure: Exception | None = None
-    with _stderr_captured() as err:
+    with stderr_captured() as err:
         try:
             bpf = BPF(src_file=str(FAULT_SRC).encode())  # no -D: parameters go in the maps
         except Exception as e:
@@ -399,7 +336,7 @@ def _compile():
             raise FaultError(errno.EPERM, "cannot load the fault program: run as root (needs "
                              "CAP_BPF and CAP_NET_ADMIN)") from None  # fmt: skip
         raise FaultError(errno.EINVAL, f"{FAULT_SRC.name} does not build: "
-                         f"{_brief(text) or failure}") from None  # fmt: skip
+                         f"{brief(text, 4) or failure}") from None  # fmt: skip
     return bpf
 
 

@@ -39,7 +39,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         e = ctypes.get_errno()
-        raise LabError(e, f"setns failed: {os.strerror(e)}")
+        raise LabError(e, f"cannot switch network namespace: {os.strerror(e)}"
+                       + (" (run as root)" if e == errno.EPERM else ""))  # fmt: skip
 
 
 def ns_path(name: str) -> str:
@@ -51,24 +52,36 @@ def exists(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def entered(name: str) -> Iterator[None]:
-    """Run the block with the calling thread in network namespace ``name``."""
-    if not exists(name):
-        raise LabError(errno.ENOENT, f"network namespace {name} does not exist "
-                       "(run: tickwire lab up)")  # fmt: skip
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+def entered_fd(nsfd: int) -> Iterator[None]:
+    """Run the block with the calling thread in the namespace open as ``nsfd`` (nothing
+    to switch when it is the thread's own)."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        target = os.open(ns_path(name), os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
+        a, b = os.fstat(home), os.fstat(nsfd)
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            yield
+            return
+        _setns(nsfd)
         try:
             yield
         finally:
             _setns(home)
     finally:
         os.close(home)
+
+
+@contextlib.contextmanager
+def entered(name: str) -> Iterator[None]:
+    """Run the block with the calling thread in network namespace ``name``."""
+    if not exists(name):
+        raise LabError(errno.ENOENT, f"network namespace {name} does not exist "
+                       "(run: tickwire lab up)")  # fmt: skip
+    target = os.open(ns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with entered_fd(target):
+            yield
+    finally:
+        os.close(target)
 
 
 def enter(name: str) -> None:

@@ -31,16 +31,14 @@ import ctypes
 import errno
 import ipaddress
 import os
-import platform
 import signal
 import socket
-import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dataplane import xdpabi as abi
+from host import bpfsys, lab
 
 BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
 STEER_SRC = BPF_DIR / "steer.c"
@@ -66,16 +64,7 @@ class AttachError(OSError):
 
 
 # --- namespaces ----------------------------------------------------------------------------
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 _tls = threading.local()  # .depth: netlink operations in progress on this thread
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        e = ctypes.get_errno()
-        raise AttachError(e, f"cannot switch network namespace: {os.strerror(e)}"
-                          + (" (run as root)" if e == errno.EPERM else ""))  # fmt: skip
 
 
 def _open_ns(netns: str | None) -> int:
@@ -90,21 +79,7 @@ def _open_ns(netns: str | None) -> int:
                           "(is the lab up? tickwire lab up)") from None  # fmt: skip
 
 
-@contextlib.contextmanager
-def _in_ns(nsfd: int) -> Iterator[None]:
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        a, b = os.fstat(here), os.fstat(nsfd)
-        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
-            yield
-            return
-        _setns(nsfd)
-        try:
-            yield
-        finally:
-            _setns(here)
-    finally:
-        os.close(here)
+_in_ns = lab.entered_fd  # the namespace is held by fd: it outlives a rename or deletion
 
 
 @contextlib.contextmanager
@@ -129,32 +104,21 @@ def _netlink(nsfd: int, fn):
 
 
 # --- program information -------------------------------------------------------------------
-_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
-_BPF_PROG_GET_FD_BY_ID = 13
-_BPF_OBJ_GET_INFO_BY_FD = 15
 _PROG_INFO_NAME_OFF = 64  # struct bpf_prog_info.name[16]
 
 
-def _bpf(cmd: int, attr: ctypes.Structure) -> int:
-    if _NR_BPF is None:
+def _bpf(cmd: int, attr) -> int:
+    """bpf(2) for the best-effort queries below: -1 instead of an error."""
+    try:
+        return bpfsys.sys_bpf(cmd, attr)
+    except OSError:
         return -1
-    return _libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-
-
-class _FdById(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
-                ("open_flags", ctypes.c_uint32)]  # fmt: skip
-
-
-class _InfoByFd(ctypes.Structure):
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
-                ("info", ctypes.c_uint64)]  # fmt: skip
 
 
 def _prog_info(fd: int) -> tuple[int, str] | None:
     buf = ctypes.create_string_buffer(_PROG_INFO_NAME_OFF + 16)
-    attr = _InfoByFd(fd, len(buf), ctypes.addressof(buf))
-    if _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr) != 0:
+    attr = bpfsys.InfoAttr(fd, len(buf), ctypes.addressof(buf))
+    if _bpf(bpfsys.BPF_OBJ_GET_INFO_BY_FD, attr) != 0:
         return None
     prog_id = int.from_bytes(buf.raw[4:8], "little")
     name = buf.raw[_PROG_INFO_NAME_OFF:].split(b"\0", 1)[0].decode(errors="replace")
@@ -163,7 +127,7 @@ def _prog_info(fd: int) -> tuple[int, str] | None:
 
 def _prog_name(prog_id: int) -> str | None:
     """The name of loaded program ``prog_id`` (None without CAP_SYS_ADMIN)."""
-    fd = _bpf(_BPF_PROG_GET_FD_BY_ID, _FdById(prog_id, 0, 0))
+    fd = _bpf(bpfsys.BPF_PROG_GET_FD_BY_ID, bpfsys.FdByIdAttr(prog_id, 0, 0))
     if fd < 0:
         return None
     try:
@@ -253,31 +217,6 @@ def _lookup(ipr, ifname: str, netns: str | None) -> int:
 
 
 # --- compiling -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def _stderr_captured() -> Iterator[list[str]]:
-    """Collect what libbcc/clang write to fd 2 (they bypass sys.stderr)."""
-    out: list[str] = []
-    with tempfile.TemporaryFile() as tmp:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield out
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            out.append(tmp.read().decode(errors="replace"))
-
-
-def _brief(text: str, lines: int = 6) -> str:
-    keep = [ln for ln in text.strip().splitlines() if ln.strip()]
-    if len(keep) > lines:
-        keep = keep[:lines] + [f"... ({len(keep) - lines} more lines)"]
-    return " | ".join(keep)
-
-
 def _compile(log: Log):
     """Compile and load ``tw_steer``: (bcc BPF object, program fd owned by the caller)."""
     try:
@@ -286,7 +225,7 @@ def _compile(log: Log):
         raise AttachError(errno.ENOPKG, f"bcc is not importable ({e}): install "
                           "python3-bpfcc (make setup)") from None  # fmt: skip
     cflags = [f"-I{BPF_DIR}"]  # no -D text: every parameter goes through the maps
-    with _stderr_captured() as err:
+    with bpfsys.stderr_captured() as err:
         try:
             bpf = BPF(src_file=str(STEER_SRC).encode(), cflags=cflags)
         except Exception as e:
@@ -301,12 +240,12 @@ def _compile(log: Log):
                               "CAP_BPF and CAP_NET_ADMIN)") from None  # fmt: skip
         if "error:" in text:
             raise AttachError(errno.EINVAL, f"{STEER_SRC.name} does not compile: "
-                              f"{_brief(text)}") from None  # fmt: skip
+                              f"{bpfsys.brief(text)}") from None  # fmt: skip
         raise AttachError(errno.EINVAL, f"bcc could not build {STEER_SRC.name}: "
-                          f"{_brief(text) or failure}") from None  # fmt: skip
+                          f"{bpfsys.brief(text) or failure}") from None  # fmt: skip
     if text.strip():
-        log(f"bcc: {_brief(text)}")
-    with _stderr_captured() as err:
+        log(f"bcc: {bpfsys.brief(text)}")
+    with bpfsys.stderr_captured() as err:
         try:
             fn = bpf.load_func(abi.PROG_NAME.encode(), BPF.XDP)
         except Exception as e:
@@ -320,7 +259,7 @@ def _compile(log: Log):
             raise AttachError(errno.EPERM, f"cannot load {abi.PROG_NAME}: run as root "
                               "(needs CAP_BPF and CAP_NET_ADMIN)") from None  # fmt: skip
         raise AttachError(errno.EINVAL, f"the kernel verifier rejected {abi.PROG_NAME}: "
-                          f"{_brief(text, 3) or failure}") from None  # fmt: skip
+                          f"{bpfsys.brief(text, 3) or failure}") from None  # fmt: skip
     return bpf, os.dup(fn.fd)
 
 

@@ -34,9 +34,7 @@ def lab_or_skip() -> None:
 def private_lab(tag: str, **lab_kw) -> config.Config:
     """A config whose prefix no other lab (or parallel test run) uses."""
     prefix = f"t{tag[:3]}{os.getpid() % 100000:05d}"[:10]
-    cfg = config.Config()
-    return config.validate(dataclasses.replace(
-        cfg, lab=dataclasses.replace(cfg.lab, prefix=prefix, **lab_kw)))  # fmt: skip
+    return config.with_lab(prefix=prefix, **lab_kw)
 
 
 @contextlib.contextmanager

@@ -83,8 +83,14 @@ class Rig:
     def packet(self, line: int, data: bytes) -> None:
         self.t += 1_000
         b = np.frombuffer(data, np.uint8).copy()
-        self._retry = lambda: consumer._packet(b, 0, len(b), line, self.t - 500, self.t,
-                                               self.session, self.arb, self.bk())  # fmt: skip
+        while True:  # a NEED with done == 0: grow and hand in the same packet again
+            need, done = consumer._packet(b, 0, len(b), line, self.t - 500, self.t,
+                                          self.session, self.arb, self.bk())  # fmt: skip
+            if need:
+                self.book._grow(need)
+            if done:
+                break
+        self._retry = lambda: consumer._idle(self.t, self.arb, self.bk())
         self._settle(self._retry())
 
     def idle(self, dt: int) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dataplane import moldudp64 as mold
-from host import faults, itchgen, lab
+from host import bpfsys, faults, itchgen, lab
 from tests.labnet import Receiver, SimProcess, built, private_lab, run_sim, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,10 +120,10 @@ def _frame(seq: int, count: int, *, group="239.77.1.1", port=26477, vlan=False, 
 def _run(prog_fd: int, data: bytes) -> int:
     buf_in = ctypes.create_string_buffer(data, len(data))
     buf_out = ctypes.create_string_buffer(4096)
-    attr = faults.TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_size_out=4096,
+    attr = bpfsys.TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_size_out=4096,
                               data_in=ctypes.addressof(buf_in),
                               data_out=ctypes.addressof(buf_out), repeat=1)  # fmt: skip
-    faults.sys_bpf(faults.BPF_PROG_TEST_RUN, attr)
+    bpfsys.sys_bpf(bpfsys.BPF_PROG_TEST_RUN, attr)
     return attr.retval
 
 

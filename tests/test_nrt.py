@@ -10,45 +10,24 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     r"""
-    import json, re, sys
+    import json
     import numpy as np
-    from numba import njit
     from dataplane import book, itch
 
-    FORBIDDEN = re.compile(r"^(NRT_|Py|_Py|numba_unpickle|numba_do_raise|numba_gil)")
-
-    def bad_calls(dispatcher):
-        out = {}
-        for ir in dispatcher.inspect_llvm().values():
-            current = None
-            for line in ir.splitlines():
-                m = re.match(r'^define [^@]*@"?([^"(\s]+)', line)
-                if m:
-                    current = m.group(1)
-                    continue
-                if current is None or "cpython" in current or current.startswith("cfunc"):
-                    continue
-                for callee in re.findall(r'call [^@]*@"?([\w.$]+)', line):
-                    if FORBIDDEN.match(callee):
-                        out.setdefault(callee, 0)
-                        out[callee] += 1
-            has_bswap = "llvm.bswap" in ir
-        return out, has_bswap
+    from tests.irscan import allocating_control, scan
 
     b = book.Book(orders=16, levels=16, ladder=16)
     b.feed(np.zeros(0, np.uint8))
     c = itch.new_counters()
     itch.walk_checksum(np.zeros(0, np.uint8), 0, 0, c)
 
-    @njit
-    def allocates(n):
-        a = np.empty(n, np.int64)
-        a[:] = 1
-        return a.sum()
-    allocates(3)
+    allocates = allocating_control()
 
     # the consumer's loops: compiled for the types the appliance passes, not run
     import numba
@@ -73,8 +52,8 @@ SCRIPT = textwrap.dedent(
     for name, fn in (("apply_stream", book.apply_stream), ("walk_checksum", itch.walk_checksum),
                      ("socket_loop", consumer.socket_loop), ("xdp_loop", consumer.xdp_loop),
                      ("control", allocates)):
-        calls, bswap = bad_calls(fn)
-        result[name] = {"calls": calls, "bswap": bswap}
+        calls, text = scan(fn)
+        result[name] = {"calls": calls, "bswap": "llvm.bswap" in text}
     print(json.dumps(result))
     """
 )
@@ -83,7 +62,7 @@ SCRIPT = textwrap.dedent(
 def test_hot_path_llvm_has_no_allocation_or_python_calls(tmp_path):
     env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=str(tmp_path.parent))
+                          env=env, timeout=600, cwd=str(ROOT))
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     # the checker works: an allocating function is caught

@@ -16,7 +16,7 @@ import pytest
 
 from dataplane import shm
 from dataplane.book import Book
-from host import itchgen, lab
+from host import appliance, itchgen, lab
 from tests.labnet import built, lab_or_skip, private_lab, run_sim, write_config
 
 pytestmark = pytest.mark.lab
@@ -80,18 +80,7 @@ class Appliance:
             args.append("--until-eos")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)  # fmt: skip
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if shm.Reader(self.channel).counters()["running"]:
-                    break
-            except FileNotFoundError:
-                pass
-            if self.proc.poll() is not None:
-                raise AssertionError(f"tickwire run exited: {self.proc.stderr.read()}")
-            assert time.monotonic() < deadline, "the consumer did not start"
-            time.sleep(0.05)
-        self.reader = shm.Reader(self.channel)
+        self.reader = appliance.wait_consumer(self.channel, self.proc, timeout=60)
 
     def wait_taken(self, n: int, timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout

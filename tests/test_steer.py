@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from dataplane import xdpabi as abi
-from host import lab, loader
+from host import bpfsys, lab, loader
 from tests.labnet import Receiver, built, lab_or_skip, private_lab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -409,34 +409,22 @@ def test_malformed_and_odd_frames_are_counted_and_passed(cfg, appl):
 
 
 # the metadata block, through BPF_PROG_TEST_RUN ---------------------------------------------
-class _TestRun(ctypes.Structure):
-    _fields_ = [("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
-                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
-                ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
-                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
-                ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
-                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32), ("pad", ctypes.c_uint32)]  # fmt: skip
-
-
 def _test_run(prog_fd: int, frame: bytes, ifindex: int) -> tuple[int, bytes]:
     """Run the program once on ``frame`` as if received on ``ifindex`` queue 0 (in the
     calling thread's namespace); returns (action, bytes from data_meta to data_end)."""
-    nr = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine)
-    if nr is None:
+    if bpfsys.NR_BPF is None:
         pytest.skip("BPF_PROG_TEST_RUN syscall number unknown on this architecture")
     data_in = ctypes.create_string_buffer(frame, len(frame))
     data_out = ctypes.create_string_buffer(len(frame) + 256)
     ctx = (ctypes.c_uint32 * 6)(0, len(frame), 0, ifindex, 0, 0)
-    attr = _TestRun(prog_fd=prog_fd, data_size_in=len(frame), data_size_out=len(data_out),
+    attr = bpfsys.TestRunAttr(prog_fd=prog_fd, data_size_in=len(frame), data_size_out=len(data_out),
                     data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out),
                     repeat=1, ctx_size_in=ctypes.sizeof(ctx),
                     ctx_in=ctypes.addressof(ctx))  # fmt: skip
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(nr, 10, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"BPF_PROG_TEST_RUN: {os.strerror(e)}")
+    try:
+        bpfsys.sys_bpf(bpfsys.BPF_PROG_TEST_RUN, attr)
+    except OSError as e:
+        raise OSError(e.errno, f"BPF_PROG_TEST_RUN: {e.strerror}") from None
     return attr.retval, data_out.raw[: attr.data_size_out]
 
 

@@ -564,23 +564,10 @@ IR_SCRIPT = textwrap.dedent(
     from numba import njit, types
     from dataplane import xsk
 
-    FORBIDDEN = re.compile(r"^(NRT_|Py|_Py|numba_unpickle|numba_do_raise|numba_gil)")
+    from tests.irscan import allocating_control, scan
 
-    def scan(dispatcher):
-        calls, text = {}, ""
-        for ir in dispatcher.inspect_llvm().values():
-            text += ir
-            current = None
-            for line in ir.splitlines():
-                m = re.match(r'^define [^@]*@"?([^"(\s]+)', line)
-                if m:
-                    current = m.group(1)
-                    continue
-                if current is None or "cpython" in current or current.startswith("cfunc"):
-                    continue
-                for callee in re.findall(r'call [^@]*@"?([\w.$]+)', line):
-                    if FORBIDDEN.match(callee):
-                        calls[callee] = calls.get(callee, 0) + 1
+    def ring_scan(dispatcher):
+        calls, text = scan(dispatcher)
         return {
             "calls": calls,
             "acquire": bool(re.search(r"load atomic i32, (i32\*|ptr) [^,]+ acquire", text)),
@@ -610,17 +597,10 @@ IR_SCRIPT = textwrap.dedent(
             total += xsk.kick(ri)
         return total
 
-    @njit
-    def allocates(n):
-        a = np.empty(n, np.int64)
-        a[:] = 1
-        return a.sum()
-
     every_op.compile((types.int64[::1], types.uint8[::1]))
     xsk.rx_drop.compile((types.int64[::1], types.int64))
-    allocates(3)
-    print(json.dumps({"every_op": scan(every_op), "rx_drop": scan(xsk.rx_drop),
-                      "control": scan(allocates)}))
+    print(json.dumps({"every_op": ring_scan(every_op), "rx_drop": ring_scan(xsk.rx_drop),
+                      "control": ring_scan(allocating_control())}))
     """
 )
 
