@@ -104,7 +104,8 @@ def main() -> int:
             app.kill()
             app.wait()
         lab.down(cfg.lab)
-        print(f"      lab {PREFIX} removed")
+        shm.remove(CHANNEL)
+        print(f"      lab {PREFIX} and the demo's shared memory removed")
     return 0 if ok else 1
 
 
