@@ -151,11 +151,104 @@ class RunConfig:
         return {"A": self.line_a, "B": self.line_b}
 
 
+# the provisioning stages ``tickwire preflight`` checks (one Ansible role each)
+STAGES = ("hugepages", "cpu_isolation", "irq_affinity", "nic", "sysctl", "ptp", "service")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """What provisioning promised this host (Ansible's tickwire role templates it from the
+    same inventory variables its other roles apply); ``tickwire preflight`` checks the live
+    host against it. Every "not checked" default keeps a lab or a laptop runnable."""
+
+    # stages that must pass before `tickwire run` starts (the others are only reported)
+    required: tuple[str, ...] = ()
+    # hugepages every NUMA node must hold, by page size (0 = not checked)
+    hugepages_2m: int = 0
+    hugepages_1g: int = 0
+    # hugetlbfs mount points that must be mounted
+    hugetlbfs: tuple[str, ...] = ()
+    # CPUs isolated for the consumers and the housekeeping CPUs, as cpulists ("" = not checked)
+    isolated_cpus: str = ""
+    housekeeping_cpus: str = ""
+    # where each feed queue's IRQ goes: "consumer" (run.core) or "housekeeping"
+    irq_placement: str = "consumer"
+    # RPS and XPS masks every feed queue must carry, hex cpumasks ("" = not checked, "0" = off)
+    rps_mask: str = ""
+    xps_mask: str = ""
+    # feed NIC: channel count (combined, else rx) and rx ring entries (0 = not checked)
+    channels: int = 0
+    rx_ring: int = 0
+    # offloads that must be off on the feed interfaces (ethtool -k names, e.g. "generic-receive-offload")
+    offloads_off: tuple[str, ...] = ()
+    # each line's group and port must have an ntuple rule steering it to the line's queue
+    ntuple: bool = False
+    # sysctl values the host must hold, by dotted name
+    sysctl: dict = field(default_factory=dict)
+    # interfaces ptp4l/phc2sys serve
+    ptp_interfaces: tuple[str, ...] = ()
+    # the systemd unit that runs the appliance ("" = not checked)
+    service: str = ""
+
+
 @dataclass(frozen=True)
 class Config:
     lab: LabConfig = field(default_factory=LabConfig)
     feed: FeedConfig = field(default_factory=FeedConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    host: HostConfig = field(default_factory=HostConfig)
+
+
+_CPULIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+_HEXMASK = re.compile(r"^[0-9a-fA-F]+(,[0-9a-fA-F]+)*$")
+_SYSCTL = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_-]+)+$")
+
+
+def cpulist(text: str) -> frozenset[int]:
+    """The CPUs of a kernel cpulist ("0-3,8"); "" is none. Raises ValueError."""
+    cpus: set[int] = set()
+    for part in filter(None, text.strip().split(",")):
+        lo, _, hi = part.partition("-")
+        first, last = int(lo), int(hi or lo)
+        if last < first:
+            raise ValueError(f"{part!r} runs backwards")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
+
+
+def _validate_host(host: HostConfig) -> None:
+    for stage in host.required:
+        if stage not in STAGES:
+            raise ConfigError(f"host.required: {stage!r} is not a stage ({', '.join(STAGES)})")
+    for key in ("hugepages_2m", "hugepages_1g", "channels", "rx_ring"):
+        if not 0 <= getattr(host, key) <= 1 << 20:
+            raise ConfigError(f"host.{key}: {getattr(host, key)} is outside 0..1048576")
+    for key in ("isolated_cpus", "housekeeping_cpus"):
+        text = getattr(host, key)
+        if text and not _CPULIST.match(text):
+            raise ConfigError(f"host.{key}: {text!r} is not a cpulist (e.g. \"2-5,7\")")
+    if host.isolated_cpus and host.housekeeping_cpus and (
+            cpulist(host.isolated_cpus) & cpulist(host.housekeeping_cpus)):
+        raise ConfigError("host.housekeeping_cpus: overlaps host.isolated_cpus")
+    if host.irq_placement not in ("consumer", "housekeeping"):
+        raise ConfigError(f"host.irq_placement: {host.irq_placement!r} is not one of "
+                          "consumer, housekeeping")  # fmt: skip
+    for key in ("rps_mask", "xps_mask"):
+        text = getattr(host, key)
+        if text and not _HEXMASK.match(text):
+            raise ConfigError(f"host.{key}: {text!r} is not a hex cpumask (e.g. \"0\", \"c\")")
+    for path in host.hugetlbfs:
+        if not path.startswith("/"):
+            raise ConfigError(f"host.hugetlbfs: {path!r} is not an absolute path")
+    for name, value in host.sysctl.items():
+        if not _SYSCTL.match(name) or not isinstance(value, (int, str)) or isinstance(value, bool):
+            raise ConfigError(f"host.sysctl.{name}: expected a dotted name with an integer or "
+                              "string value")  # fmt: skip
+    for name in host.ptp_interfaces:
+        if not _IFNAME.match(name):
+            raise ConfigError(f"host.ptp_interfaces: {name!r} is not a valid interface name")
+    if host.service and not re.match(r"^[A-Za-z0-9@_.-]+\.service$", host.service):
+        raise ConfigError(f"host.service: {host.service!r} is not a systemd service unit name")
 
 
 _PREFIX = re.compile(r"^[a-z][a-z0-9]{0,9}$")
@@ -281,6 +374,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("lab.line_b: lines A and B must be on separate networks")
     _check_port("lab.rerequest_port", lab.rerequest_port)
     _validate_run(cfg.run)
+    _validate_host(cfg.host)
     s = cfg.feed.session
     if not (1 <= len(s) <= 10 and s.isascii() and s.isprintable()):
         raise ConfigError(f"feed.session: {s!r} must be 1-10 printable ASCII characters")
@@ -310,6 +404,10 @@ def _build(cls, key: str, table: Any, defaults: Any):
                 raise ConfigError(f"{sub}: expected a number, got {v!r}")
             if want is bool and not isinstance(v, bool):
                 raise ConfigError(f"{sub}: expected true or false, got {v!r}")
+            if want is tuple and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                raise ConfigError(f"{sub}: expected a list of strings, got {v!r}")
+            if want is dict and not isinstance(v, dict):
+                raise ConfigError(f"{sub}: expected a table, got {v!r}")
             values[k] = want(v)
     return dataclasses.replace(defaults, **values)
 

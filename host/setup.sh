@@ -5,7 +5,7 @@
 #   2. Kernel headers for bcc: this kernel ships none, so Debian's cloud headers are
 #      installed and /lib/modules/$(uname -r)/{build,source} point at their two trees.
 #   3. A virtualenv (.venv) on the system Python that can import bcc, with the project
-#      installed editable plus its test and bench extras.
+#      installed editable plus its test, bench, dev and provision (Ansible) extras.
 #
 # A second run changes nothing and takes seconds: every step checks before it acts.
 # Any failure names the step that failed and why, and exits non-zero.
@@ -20,6 +20,7 @@ PACKAGES=(
   python3-bpfcc bpfcc-tools libbpfcc-dev python3-venv python3-dev
   libxdp-dev libbpf-dev xdp-tools clang llvm gcc make pkg-config
   iproute2 ethtool iputils-ping procps kmod linux-headers-cloud-amd64
+  debootstrap linuxptp
 )
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -75,12 +76,12 @@ want=$(cat "$ROOT/pyproject.toml" "$ROOT"/dataplane/_*_build.py 2>/dev/null | sh
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c 'import dataplane, host' 2>/dev/null; then
   say "python environment: up to date"
 else
-  say "installing the project (editable, with test, bench and dev extras) into $VENV"
+  say "installing the project (editable, with test, bench, dev and provision extras) into $VENV"
   log=$(mktemp)
   if ! "$VENV/bin/python" -m pip install -q --upgrade pip >"$log" 2>&1; then
     tail -5 "$log" >&2; fail "pip" "could not upgrade pip in $VENV"
   fi
-  if ! "$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench,dev]" >"$log" 2>&1; then
+  if ! "$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench,dev,provision]" >"$log" 2>&1; then
     tail -20 "$log" >&2; fail "pip install" "could not install the project and its extras (see above)"
   fi
   rm -f "$log"
