@@ -36,10 +36,20 @@ EPILOG_RUN = """examples:
   tickwire run --lab                             AF_XDP in the lab (kernel sockets if no XDP)
   tickwire run --lab --mode socket --until-eos --json
   tickwire run --config /etc/tickwire/tickwire.toml
+  tickwire run --lab --skip-preflight            start even if a required stage fails
 """
 EPILOG_STATUS = """examples:
   tickwire status                                counters of the running consumer
   tickwire status --netns tw-appl --json
+"""
+EPILOG_PREFLIGHT = """examples:
+  tickwire preflight --config /etc/tickwire/tickwire.toml    every stage; exit 0 when ready
+  tickwire preflight --lab --json                the lab's namespace; runtime checks only
+  tickwire preflight --stage nic --stage irq_affinity        just these (they must be OK)
+
+stages: runtime (what run always needs), hugepages, cpu_isolation, irq_affinity, nic,
+sysctl, ptp, service -- one Ansible role each; a stage [host] promises nothing for is
+SKIPPED. Exit status: 0 ready, 1 a required stage is not OK, 2 usage or config error.
 """
 EPILOG_BENCH = """examples:
   tickwire bench book                            5M messages on 100 and on 9,000 stocks
@@ -171,6 +181,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         cfg = config.validate(dataclasses.replace(
             cfg, run=dataclasses.replace(cfg.run, rx_mode=args.mode)))  # fmt: skip
+    if args.skip_preflight:
+        appliance._log("preflight skipped (--skip-preflight)")
+    else:
+        from host import preflight
+
+        preflight.require(cfg, appliance._log)
     app = appliance.Appliance(cfg)
     signal.signal(signal.SIGTERM, app.stop)
     signal.signal(signal.SIGINT, app.stop)
@@ -191,10 +207,36 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preflight(args: argparse.Namespace) -> int:
+    from host import config, preflight
+
+    try:
+        for name in args.stage:
+            if name not in preflight.ALL_STAGES:
+                raise config.ConfigError(f"--stage {name}: not a stage "
+                                         f"({', '.join(preflight.ALL_STAGES)})")  # fmt: skip
+        cfg = config.load(args.config, prefix=args.prefix)
+        if args.lab:
+            cfg = config.for_lab(cfg)
+    except ValueError as e:
+        print(f"tickwire: {e}", file=sys.stderr)
+        return 2
+    with preflight.Host.live(cfg.run.netns) as host:
+        report = preflight.check(cfg, host, args.stage or None)
+    print(json.dumps(report.as_json()) if args.json else preflight.text(report))
+    return 0 if report.ready else 1
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from host import bench
 
     return bench.main(args)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from host import clock
+
+    return clock.main(args)
 
 
 def _positive(text: str) -> int:
@@ -316,7 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop once the end of session is seen and every sequence taken")
     ru.add_argument("--duration", type=_positive_float, help="stop after this many seconds")
     ru.add_argument("--json", action="store_true", help="machine-readable summary")
+    ru.add_argument("--skip-preflight", action="store_true",
+                    help="start even when a required preflight stage fails")
     ru.set_defaults(func=_cmd_run)
+
+    pf = _verb(sub, "preflight", "check the host against what provisioning promised: OK, "
+               "PARTIAL, NOT CONFIGURED or SKIPPED per stage", EPILOG_PREFLIGHT)  # fmt: skip
+    pf.add_argument("--config", metavar="FILE", help="TOML configuration ([host], [run])")
+    pf.add_argument("--lab", action="store_true", help="the lab's appliance namespace and lines")
+    pf.add_argument("--prefix", help="lab prefix with --lab (tw)")
+    pf.add_argument("--stage", action="append", default=[], metavar="NAME",
+                    help="check only this stage (repeatable); the listed stages must be OK")
+    pf.add_argument("--json", action="store_true", help="machine-readable report")
+    pf.set_defaults(func=_cmd_preflight)
 
     stt = _verb(sub, "status", "what runs: consumer counters, attached XDP programs",
                 EPILOG_STATUS)  # fmt: skip
@@ -324,6 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
     stt.add_argument("--netns", help="also list XDP programs attached in this namespace")
     stt.add_argument("--json", action="store_true", help="machine-readable output")
     stt.set_defaults(func=_cmd_status)
+
+    ca = _verb(sub, "calibrate", "measure feed PHC offsets (or say timestamps are software) "
+               "and the TSC frequency; store them for the latency metrics", """examples:
+  tickwire calibrate --lab                       the lab's feed interfaces (software stamps)
+  tickwire calibrate --config /etc/tickwire/tickwire.toml --json
+  tickwire calibrate --lab --duration 1 --samples 10
+""")  # fmt: skip
+    ca.add_argument("--config", metavar="FILE", help="TOML configuration ([run], [host])")
+    ca.add_argument("--lab", action="store_true", help="the lab's appliance namespace and lines")
+    ca.add_argument("--prefix", help="lab prefix with --lab (tw)")
+    ca.add_argument("--duration", type=_positive_float, default=0.2,
+                    help="seconds of TSC sampling (0.2)")
+    ca.add_argument("--samples", type=_positive, default=25,
+                    help="PHC samples per interface, 1..25 (25)")
+    ca.add_argument("--json", action="store_true", help="machine-readable output")
+    ca.set_defaults(func=_cmd_calibrate)
 
     be = _verb(sub, "bench", "benchmarks, as ratios against a baseline in the same run",
                EPILOG_BENCH)  # fmt: skip

@@ -179,7 +179,8 @@ class HostConfig:
     # feed NIC: channel count (combined, else rx) and rx ring entries (0 = not checked)
     channels: int = 0
     rx_ring: int = 0
-    # offloads that must be off on the feed interfaces (ethtool -k names, e.g. "generic-receive-offload")
+    # offloads that must be off on the feed interfaces (`ethtool -k` names, e.g.
+    # "generic-receive-offload")
     offloads_off: tuple[str, ...] = ()
     # each line's group and port must have an ntuple rule steering it to the line's queue
     ntuple: bool = False

@@ -125,6 +125,12 @@ class ConsumerCollector:
                                   "per packet", labels=["channel"])  # fmt: skip
         h.add_metric([ch], buckets, sum_value=float((hist * lows).sum()))
         yield h
+        try:  # the channel's clock.json (tickwire calibrate): offsets, source, TSC Hz
+            from host import clock
+        except ImportError:  # host._clock not built: no clock metrics, the rest still scrape
+            clock = None
+        if clock is not None:
+            yield from clock.ClockCollector(ch).collect()
         if self.recovery is not None:
             from host import recovery
 

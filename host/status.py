@@ -27,6 +27,12 @@ def collect(channel: str, netns: str | None = None) -> dict:
         out["consumer"] = None
         out["consumer_error"] = str(e)
     try:
+        from host import clock
+
+        out["clock"] = clock.load(channel)
+    except ImportError:  # host._clock not built
+        out["clock"] = None
+    try:
         from host import loader
 
         out["xdp"] = loader.attached(netns)
@@ -66,6 +72,10 @@ def text(st: dict) -> str:
                      f"{rc.get('detected', 0)}, filled {rc.get('filled', 0)}, unrecoverable "
                      f"{rc.get('unrecoverable', 0)}, outstanding {rc.get('outstanding', 0)}"
                      f"{p50}")  # fmt: skip
+    if st.get("clock"):
+        from host import clock
+
+        lines.append(clock.status_line(st["clock"]))
     if st.get("xdp"):
         for x in st["xdp"]:
             lines.append(f"xdp: {x.get('ifname')} {x.get('mode')} prog id {x.get('prog_id')} "

@@ -1,0 +1,1055 @@
+"""``tickwire preflight``: check the live host against what provisioning promised.
+
+Each stage is one Ansible role (``host.config.STAGES``) and one function here that looks at
+the machine and returns checks: a name, whether it holds, what the host has, what the
+configuration wants, and the fix (the playbook tag to re-run, or the command). The stage's
+status follows from its checks, as in Firedancer's ``fdctl configure``:
+
+    OK              every check holds
+    PARTIAL         some hold
+    NOT CONFIGURED  none holds
+    SKIPPED         nothing to check: ``[host]`` promises nothing for this stage
+
+Applying and undoing a stage is the Ansible role's job (``--tags STAGE``); this module only
+reads. What to check comes from ``[host]`` (what provisioning promised) and ``[run]`` (the
+feed interfaces, their queues, groups and ports, and the consumer core). One extra stage,
+``runtime``, holds what ``tickwire run`` always needs (namespace, feed interfaces,
+capabilities, locked memory, bpffs, the consumer core); it is never skipped.
+
+The host is ready when every required stage is OK: ``runtime`` and the stages named in
+``host.required`` (or, with ``--stage``, the stages asked for). A required stage that
+``[host]`` promises nothing for is not OK: there is nothing to prove it.
+
+Everything is read through a ``Host``: the roots of ``/proc``, ``/sys`` and ``/etc`` and an
+``ethtool`` runner are injectable, so the tests build fake trees. ``Host.live(netns)``
+looks at a network namespace the way the appliance will see it: ethtool runs under
+``ip netns exec``, and network sysfs (``class/net``) is read through a helper process that
+``ip netns exec`` left with the namespace's own sysfs mounted (``/proc/PID/root/sys``);
+``net.*`` sysctls are read with the thread switched into the namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from host.config import STAGES, Config, cpulist
+
+RUNTIME = "runtime"
+ALL_STAGES = (RUNTIME, *STAGES)
+OK, PARTIAL, NOT_CONFIGURED, SKIPPED = "OK", "PARTIAL", "NOT CONFIGURED", "SKIPPED"
+ETHTOOL = "/usr/sbin/ethtool"
+
+# the Ansible role (playbook tag) that applies each stage
+ROLE = {
+    "hugepages": "hugepages", "cpu_isolation": "cpu_isolation", "irq_affinity": "irq_affinity",
+    "nic": "nic", "sysctl": "sysctl", "ptp": "ptp", "service": "tickwire",
+}  # fmt: skip
+
+# <linux/capability.h>
+CAP_NUMBERS = {
+    "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_IPC_LOCK": 14, "CAP_SYS_ADMIN": 21,
+    "CAP_SYS_NICE": 23, "CAP_PERFMON": 38, "CAP_BPF": 39,
+}  # fmt: skip
+# what the appliance needs, and all the systemd unit may grant
+SERVICE_CAPS = ("CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_SYS_NICE",
+                "CAP_PERFMON")  # fmt: skip
+
+
+class PreflightError(OSError):
+    """The host is not ready for ``tickwire run``; the message lists what fails."""
+
+
+class EthtoolError(OSError):
+    """ethtool could not answer (no such device, operation not supported, not installed)."""
+
+
+def playbook(stage: str) -> str:
+    return f"ansible-playbook -i INVENTORY ansible/provision.yml --tags {ROLE[stage]}"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    have: str
+    want: str
+    fix: str = ""
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "ok": self.ok, "have": self.have, "want": self.want,
+                "fix": self.fix}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    status: str
+    required: bool
+    checks: tuple[Check, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.status == OK
+
+    @property
+    def reboot_required(self) -> bool:
+        return any(not c.ok and c.fix.startswith("reboot required") for c in self.checks)
+
+    def as_json(self) -> dict:
+        return {"stage": self.stage, "status": self.status, "required": self.required,
+                "checks": [c.as_json() for c in self.checks]}  # fmt: skip
+
+
+def status_of(checks: list[Check] | tuple[Check, ...]) -> str:
+    if not checks:
+        return SKIPPED
+    passing = sum(c.ok for c in checks)
+    return OK if passing == len(checks) else NOT_CONFIGURED if passing == 0 else PARTIAL
+
+
+# --- parsing (pure functions of text) ---------------------------------------------------------
+def mask_value(text: str) -> int:
+    """A kernel hex cpumask ("00000000,00000003", "3", "c") as an integer."""
+    return int(text.strip().replace(",", "") or "0", 16)
+
+
+def cpus_text(cpus) -> str:
+    """A set of CPUs as a canonical cpulist ("0-3,8"); "" for none."""
+    out, run = [], []
+    for c in sorted(cpus):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [c]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def param_cpus(value: str | None) -> frozenset[int] | None:
+    """The CPUs of a kernel parameter value, flags dropped ("managed_irq,domain,2-3")."""
+    if value is None:
+        return None
+    parts = [p for p in value.split(",") if p[:1].isdigit()]
+    try:
+        return cpulist(",".join(parts))
+    except ValueError:
+        return None
+
+
+def parse_cmdline(text: str) -> dict[str, str]:
+    """Kernel command line parameters: name -> value ("" for a bare flag; the last wins)."""
+    params = {}
+    for token in text.split():
+        if token == "--":  # what follows belongs to init
+            break
+        name, _, value = token.partition("=")
+        params[name] = value
+    return params
+
+
+def parse_grub(text: str) -> dict[str, str]:
+    """Kernel parameters a GRUB defaults file puts on the command line."""
+    params: dict[str, str] = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:export\s+)?GRUB_CMDLINE_LINUX(?:_DEFAULT)?=(.*)$", line)
+        if m:
+            try:
+                words = shlex.split(m.group(1))
+            except ValueError:
+                continue
+            for word in words:
+                params.update(parse_cmdline(word))
+    return params
+
+
+def parse_features(text: str) -> dict[str, tuple[bool, bool]]:
+    """``ethtool -k``: feature -> (on, fixed)."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*([\w-]+):\s+(on|off)(\s+\[(?:fixed|requested \w+)\])?", line)
+        if m:
+            out[m.group(1)] = (m.group(2) == "on", "fixed" in (m.group(3) or ""))
+    return out
+
+
+def _settings(text: str, section: str) -> dict[str, str]:
+    """The "Key:<tab>value" lines after ``section`` (ethtool -l/-g "Current hardware
+    settings:") up to the next section."""
+    out, inside = {}, False
+    for line in text.splitlines():
+        if line.rstrip().endswith(":") and "\t" not in line:
+            inside = line.strip().rstrip(":") == section
+            continue
+        if inside and ":" in line:
+            key, _, value = line.partition(":")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text and text.isdigit() else None
+
+
+def parse_channels(text: str) -> dict[str, int | None]:
+    """``ethtool -l``: the current RX, TX, Other, Combined counts (None for n/a)."""
+    cur = _settings(text, "Current hardware settings")
+    return {k: _int_or_none(cur.get(k)) for k in ("RX", "TX", "Other", "Combined")}
+
+
+def parse_rings(text: str) -> dict[str, int | None]:
+    """``ethtool -g``: the current RX and TX ring sizes."""
+    cur = _settings(text, "Current hardware settings")
+    return {k: _int_or_none(cur.get(k)) for k in ("RX", "TX")}
+
+
+@dataclass(frozen=True)
+class NtupleRule:
+    location: int
+    flow: str  # "UDP over IPv4", ...
+    dst_ip: str
+    dst_ip_mask: str  # ethtool prints the don't-care bits: 0.0.0.0 is an exact match
+    dst_port: int | None
+    dst_port_mask: int | None
+    queue: int | None  # None: drop, RSS context or other action
+
+    def steers(self, group: str, port: int, queue: int) -> bool:
+        exact_ip = self.dst_ip == group and self.dst_ip_mask == "0.0.0.0"
+        port_ok = self.dst_port_mask == 0xFFFF or (
+            self.dst_port == port and self.dst_port_mask == 0)
+        return exact_ip and port_ok and self.flow.startswith("UDP") and self.queue == queue
+
+
+def parse_ntuple(text: str) -> list[NtupleRule]:
+    """``ethtool -n``: the IPv4 flow rules (other flow types are left out)."""
+    rules = []
+    for block in re.split(r"\n(?=Filter: )", text):
+        m = re.search(r"^Filter: (\d+)", block, re.M)
+        ip = re.search(r"Dest IP addr: (\S+) mask: (\S+)", block)
+        if not m or not ip:
+            continue
+        flow = re.search(r"(?:Rule|Flow) Type: (.+)", block)
+        port = re.search(r"Dest port: (\d+) mask: 0x([0-9a-fA-F]+)", block)
+        queue = re.search(r"Action: Direct to queue (\d+)", block)
+        rules.append(NtupleRule(
+            location=int(m.group(1)), flow=flow.group(1).strip() if flow else "",
+            dst_ip=ip.group(1), dst_ip_mask=ip.group(2),
+            dst_port=int(port.group(1)) if port else None,
+            dst_port_mask=int(port.group(2), 16) if port else None,
+            queue=int(queue.group(1)) if queue else None))  # fmt: skip
+    return rules
+
+
+@dataclass(frozen=True)
+class Timestamping:
+    hardware: bool  # hardware transmit and receive timestamps with a PHC
+    phc: int | None
+    software: bool
+
+
+def parse_timestamping(text: str) -> Timestamping:
+    """``ethtool -T``."""
+    caps = set(re.findall(r"^\s+([a-z-]+)\s*(?:\(SOF_[A-Z_]+\))?\s*$", text, re.M))
+    m = re.search(r"PTP Hardware Clock: (\d+)", text)
+    phc = int(m.group(1)) if m else None
+    hw = {"hardware-transmit", "hardware-receive"} <= caps and phc is not None
+    return Timestamping(hw, phc, {"software-transmit", "software-receive"} <= caps)
+
+
+def parse_unit(texts: list[str], section: str = "Service") -> dict[str, list[str]]:
+    """Settings of a systemd unit and its drop-ins, in order: key -> values (an empty
+    assignment resets the list, as systemd does)."""
+    out: dict[str, list[str]] = {}
+    for text in texts:
+        current = None
+        for raw in text.splitlines():
+            line = raw.strip()
+            if not line or line[0] in "#;":
+                continue
+            if line.startswith("["):
+                current = line.strip("[]")
+                continue
+            if current != section or "=" not in line:
+                continue
+            key, _, value = line.partition("=")
+            key, value = key.strip(), value.strip()
+            if value == "":
+                out[key] = []
+            else:
+                out.setdefault(key, []).append(value)
+    return out
+
+
+# IRQ names that carry a queue index: "mlx5_comp3@pci:...", "i40e-ens1f0-TxRx-3",
+# "ens1f0-rx-3", "virtio2-input.0", "eth2-3" (sfc)
+_IRQ_QUEUE = re.compile(r"(?:txrx|rx|tx|comp|input|output|queue|fp)[-_.]?(\d+)(?:@|$)", re.I)
+_IRQ_NOT_QUEUE = re.compile(r"config|async|ctrl|misc|fw|link|event|cmd|aux", re.I)
+
+
+def irq_queue(name: str) -> int | None:
+    """The queue an IRQ named ``name`` serves, when its name says so."""
+    if _IRQ_NOT_QUEUE.search(name):
+        return None
+    m = _IRQ_QUEUE.search(name) or re.search(r"-(\d+)$", name)
+    return int(m.group(1)) if m else None
+
+
+def parse_interrupts(text: str) -> dict[int, str]:
+    """``/proc/interrupts``: IRQ number -> its name (the last column)."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(\d+):\s.*\s(\S+)\s*$", line)
+        if m:
+            out[int(m.group(1))] = m.group(2)
+    return out
+
+
+# --- the host -----------------------------------------------------------------------------
+def run_ethtool(args: list[str], netns: str = "") -> str:
+    """stdout of ``ethtool ARGS`` (inside ``netns`` when given); EthtoolError otherwise."""
+    cmd = [ETHTOOL, *args]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except FileNotFoundError as e:
+        raise EthtoolError(errno.ENOENT, f"{e.filename} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise EthtoolError(errno.ETIMEDOUT, f"{' '.join(cmd)} timed out") from None
+    if done.returncode != 0:
+        lines = [ln.strip() for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+        text = lines[-1] if lines else f"exit status {done.returncode}"
+        for ln in lines:  # the first line naming the cause
+            if "not supported" in ln or "No such device" in ln:
+                text = ln
+                break
+        raise EthtoolError(errno.EIO, text)
+    return done.stdout
+
+
+class Host:
+    """The machine as files under ``proc``, ``sys`` and ``etc`` plus an ``ethtool`` runner.
+
+    ``net_sys`` is the sysfs that shows the feed interfaces (``sys`` unless the feeds live
+    in another network namespace); ``enter()`` is a context manager that switches the
+    calling thread to that namespace (for ``net.*`` sysctls); ``netns_dir`` holds the
+    named namespaces; ``netns_error`` says why the namespace could not be looked into.
+    """
+
+    def __init__(self, proc: str | Path = "/proc", sys: str | Path = "/sys",
+                 etc: str | Path = "/etc", ethtool: Callable[[list[str]], str] | None = None,
+                 net_sys: str | Path | None = None, netns_dir: str | Path = "/var/run/netns",
+                 enter: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 netns: str = "", netns_error: str = ""):  # fmt: skip
+        self.proc, self.sys, self.etc = Path(proc), Path(sys), Path(etc)
+        self.net_sys = Path(net_sys) if net_sys is not None else self.sys
+        self.netns_dir = Path(netns_dir)
+        self._ethtool = ethtool or run_ethtool
+        self.enter = enter or contextlib.nullcontext
+        self.netns = netns
+        self.netns_error = netns_error
+
+    @classmethod
+    @contextlib.contextmanager
+    def live(cls, netns: str = "") -> Iterator[Host]:
+        """The running machine, with the feed interfaces looked at in ``netns``."""
+        if not netns:
+            yield cls()
+            return
+        from host import lab
+
+        if not lab.exists(netns):
+            yield cls(netns=netns, netns_error=f"network namespace {netns} does not exist")
+            return
+        # ip netns exec mounts the namespace's own sysfs on /sys in a private mount
+        # namespace; a process parked there lends it to us as /proc/PID/root/sys
+        try:
+            holder = subprocess.Popen(
+                ["ip", "netns", "exec", netns, "sh", "-c", "echo ready; exec sleep 3600"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        except OSError as e:
+            yield cls(netns=netns, netns_error=f"cannot run ip netns exec: {e.strerror}")
+            return
+        try:
+            if holder.stdout.readline() != "ready\n":
+                holder.wait(timeout=10)
+                reason = holder.stderr.read().strip().splitlines()
+                yield cls(netns=netns, netns_error=f"cannot look into network namespace "
+                          f"{netns}: {reason[-1] if reason else 'ip netns exec failed'}")
+                return
+            yield cls(net_sys=f"/proc/{holder.pid}/root/sys", netns=netns,
+                      ethtool=lambda args: run_ethtool(args, netns),
+                      enter=lambda: lab.entered(netns))  # fmt: skip
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+            holder.wait()
+            for f in (holder.stdout, holder.stderr):
+                f.close()
+
+    # files
+    @staticmethod
+    def read(path: str | Path) -> str | None:
+        try:
+            with open(path) as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:  # e.g. EINVAL reading xps_cpus of a single-queue device
+            return f"<unreadable: {e.strerror}>"
+
+    def proc_text(self, rel: str) -> str | None:
+        return self.read(self.proc / rel)
+
+    def sys_text(self, rel: str) -> str | None:
+        return self.read(self.sys / rel)
+
+    def net_path(self, ifname: str, rel: str = "") -> Path:
+        return self.net_sys / "class" / "net" / ifname / rel
+
+    def etc_path(self, path: str) -> Path:
+        """``path`` (absolute, "/etc/..." or relative to /etc) under the etc root."""
+        rel = path[len("/etc/"):] if path.startswith("/etc/") else path.lstrip("/")
+        return self.etc / rel
+
+    def interface_exists(self, ifname: str) -> bool:
+        return not self.netns_error and self.net_path(ifname).exists()
+
+    def sysctl(self, name: str) -> str | None:
+        path = self.proc / "sys" / name.replace(".", "/")
+        if name.startswith("net.") and self.netns:
+            with self.enter():
+                return self.read(path)
+        return self.read(path)
+
+    def ethtool(self, args: list[str]) -> str:
+        if self.netns_error:
+            raise EthtoolError(errno.ENOENT, self.netns_error)
+        return self._ethtool(args)
+
+    def processes(self) -> list[tuple[int, list[str]]]:
+        """(pid, argv) of every process."""
+        out = []
+        for entry in sorted(glob.glob(str(self.proc / "[0-9]*"))):
+            text = self.read(os.path.join(entry, "cmdline"))
+            if text:
+                out.append((int(os.path.basename(entry)), text.rstrip("\0").split("\0")))
+        return out
+
+    def mounts(self) -> list[tuple[str, str, str]]:
+        """(mount point, type, options) from /proc/mounts."""
+        out = []
+        for line in (self.proc_text("mounts") or "").splitlines():
+            parts = line.split()
+            if len(parts) >= 4:
+                out.append((parts[1].replace("\\040", " "), parts[2], parts[3]))
+        return out
+
+    def status_field(self, key: str) -> str | None:
+        for line in (self.proc_text("self/status") or "").splitlines():
+            name, _, value = line.partition(":")
+            if name == key:
+                return value.strip()
+        return None
+
+    def queue_irqs(self, ifname: str, queue: int) -> list[tuple[int, str]] | None:
+        """(irq, name) serving ``queue`` of ``ifname``; None for a virtual interface (no
+        device); [] when the device's IRQs name no such queue."""
+        dev = self.net_path(ifname, "device")
+        if not dev.exists():
+            return None
+        numbers: list[int] = []
+        up = dev
+        for _ in range(3):  # virtio-net: the PCI function one level up holds the MSI-X IRQs
+            msi = up / "msi_irqs"
+            if msi.is_dir():
+                numbers = sorted(int(n) for n in os.listdir(msi) if n.isdigit())
+                break
+            up = up / ".."  # the kernel follows the link first: the physical parent
+        if not numbers:
+            legacy = self.read(dev / "irq")
+            if legacy and legacy.strip().isdigit() and int(legacy) > 0:
+                numbers = [int(legacy)]
+        names = parse_interrupts(self.proc_text("interrupts") or "")
+        if len(numbers) == 1 and queue == 0:
+            return [(numbers[0], names.get(numbers[0], "?"))]
+        return [(n, names[n]) for n in numbers if n in names and irq_queue(names[n]) == queue]
+
+
+# --- stages -------------------------------------------------------------------------------
+def _feed_interfaces(cfg: Config) -> list[str]:
+    return list(dict.fromkeys(line.interface for line in cfg.run.lines.values()))
+
+
+def _missing_interface(host: Host, ifname: str, stage: str) -> Check:
+    where = f" in network namespace {host.netns}" if host.netns else ""
+    return Check(f"{ifname} present", False, host.netns_error or f"interface {ifname} does not "
+                 f"exist{where}", "present", playbook(stage))  # fmt: skip
+
+
+def _caps(host: Host) -> int | None:
+    text = host.status_field("CapEff")
+    return int(text, 16) if text else None
+
+
+def check_runtime(host: Host, cfg: Config) -> list[Check]:
+    """What ``tickwire run`` needs on any host: its namespace and feed interfaces, the
+    capabilities, locked memory for the UMEM, bpffs for XDP, the consumer core."""
+    run, checks = cfg.run, []
+    if run.netns:
+        exists = (host.netns_dir / run.netns).exists()
+        checks.append(Check(
+            "network namespace", exists,
+            f"network namespace {run.netns} " + ("exists" if exists else "does not exist"),
+            f"network namespace {run.netns} exists",
+            "" if exists else "tickwire lab up (the lab), or: ip netns add NAME"))  # fmt: skip
+    where = f" in {run.netns}" if run.netns else ""
+    for letter, line in run.lines.items():
+        ok = host.interface_exists(line.interface)
+        state = "exists" if ok else "does not exist"
+        have = host.netns_error or f"interface {line.interface} {state}{where}"
+        checks.append(Check(f"line {letter} interface", ok, have,
+                            f"interface {line.interface}{where}",
+                            "" if ok else f"check run.line_{letter.lower()}.interface"))
+    caps = _caps(host)
+    need = list(SERVICE_CAPS) + (["CAP_SYS_ADMIN"] if run.netns else [])
+    missing = [c for c in need if caps is None or not caps >> CAP_NUMBERS[c] & 1]
+    checks.append(Check(
+        "capabilities", not missing,
+        "all held" if not missing else "missing " + ", ".join(missing),
+        ", ".join(need) + (" (CAP_SYS_ADMIN: run.netns)" if run.netns else ""),
+        "" if not missing else "run as root, or from the tickwire unit "
+        "(AmbientCapabilities=)"))  # fmt: skip
+    if run.rx_mode != "socket":
+        limit = None
+        for line in (host.proc_text("self/limits") or "").splitlines():
+            if line.startswith("Max locked memory"):
+                limit = line.split()[3]
+        umem = run.frames * 4096
+        lock = caps is not None and bool(caps >> CAP_NUMBERS["CAP_IPC_LOCK"] & 1)
+        ok = lock or limit == "unlimited" or (limit is not None and limit.isdigit()
+                                               and int(limit) >= umem)  # fmt: skip
+        have = "CAP_IPC_LOCK held" if lock else f"RLIMIT_MEMLOCK {limit or 'unknown'}"
+        checks.append(Check("locked memory", ok, have,
+                            f"CAP_IPC_LOCK, or RLIMIT_MEMLOCK >= {umem} bytes (UMEM)",
+                            "" if ok else "LimitMEMLOCK=infinity in the unit, or ulimit -l "
+                            "unlimited"))  # fmt: skip
+        bpffs = any(t == "bpf" and p == "/sys/fs/bpf" for p, t, _ in host.mounts())
+        checks.append(Check("bpffs", bpffs, "mounted on /sys/fs/bpf" if bpffs else "not mounted",
+                            "mounted on /sys/fs/bpf",
+                            "" if bpffs else "mount -t bpf bpf /sys/fs/bpf"))  # fmt: skip
+    if run.core >= 0:
+        online = param_cpus((host.sys_text("devices/system/cpu/online") or "").strip()) or set()
+        allowed = param_cpus(host.status_field("Cpus_allowed_list")) or set()
+        ok = run.core in online and run.core in allowed
+        checks.append(Check(
+            "consumer core", ok,
+            f"CPU {run.core} " + ("online and allowed" if ok else
+                                  "offline" if run.core not in online else
+                                  f"not allowed (allowed: {cpus_text(allowed)})"),
+            f"CPU {run.core} online and in this process's affinity",
+            "" if ok else "set run.core to an online CPU this process may use"))  # fmt: skip
+        if cfg.host.isolated_cpus:
+            iso = cpulist(cfg.host.isolated_cpus)
+            ok = run.core in iso
+            checks.append(Check("consumer core isolated", ok,
+                                f"CPU {run.core}" + ("" if ok else " not") + " in "
+                                f"host.isolated_cpus {cfg.host.isolated_cpus}",
+                                f"run.core in {cfg.host.isolated_cpus}",
+                                "" if ok else "set run.core to an isolated CPU"))  # fmt: skip
+    return checks
+
+
+_PAGE_SIZES = (("2048kB", "2 MB", "hugepages_2m"), ("1048576kB", "1 GB", "hugepages_1g"))
+
+
+def check_hugepages(host: Host, cfg: Config) -> list[Check]:
+    h, fix, checks = cfg.host, playbook("hugepages"), []
+    nodes = sorted(glob.glob(str(host.sys / "devices/system/node/node[0-9]*")),
+                   key=lambda p: int(p.rsplit("node", 1)[1]))  # fmt: skip
+    for size, label, key in _PAGE_SIZES:
+        want = getattr(h, key)
+        if not want:
+            continue
+        places = [(os.path.basename(n), Path(n) / "hugepages") for n in nodes] or \
+                 [("host", host.sys / "kernel/mm/hugepages")]  # fmt: skip
+        for node, base in places:
+            text = host.read(base / f"hugepages-{size}" / "nr_hugepages")
+            have = int(text) if text and text.strip().isdigit() else None
+            ok = have is not None and have >= want
+            checks.append(Check(
+                f"{label} pages on {node}", ok,
+                str(have) if have is not None else f"no {label} pages in this kernel",
+                f">= {want}",
+                "" if ok else fix + (" (1 GB pages are reserved at boot: reboot after)"
+                                     if size == "1048576kB" else "")))  # fmt: skip
+    mounts = {p: (t, o) for p, t, o in host.mounts()}
+    for point in h.hugetlbfs:
+        fstype, opts = mounts.get(point, ("", ""))
+        ok = fstype == "hugetlbfs"
+        size = next((o for o in opts.split(",") if o.startswith("pagesize=")), "")
+        have = f"hugetlbfs {size}".strip() if ok else (f"{fstype} mount" if fstype else
+                                                       "not mounted")  # fmt: skip
+        checks.append(Check(f"hugetlbfs {point}", ok, have, "hugetlbfs mounted",
+                            "" if ok else fix))  # fmt: skip
+    return checks
+
+
+def _bootloader_params(host: Host) -> tuple[dict[str, str], str]:
+    """Kernel parameters the bootloader config adds, and the file that adds them."""
+    params: dict[str, str] = {}
+    where = ""
+    files = [host.etc / "default/grub", *sorted((host.etc / "default/grub.d").glob("*.cfg"))]
+    for path in files:
+        found = parse_grub(host.read(path) or "")
+        if found:
+            params.update(found)
+            where = "/etc/" + str(path.relative_to(host.etc))
+    return params, where
+
+
+def _systemd_cpu_affinity(host: Host) -> str | None:
+    texts = [host.read(host.etc / "systemd/system.conf") or ""]
+    drop = sorted((host.etc / "systemd/system.conf.d").glob("*.conf"))
+    texts += [host.read(p) or "" for p in drop]
+    values = parse_unit(texts, "Manager").get("CPUAffinity")
+    return " ".join(values) if values else None
+
+
+def _env_file(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*([A-Z_]+)=(.*)$", line)
+        if m:
+            try:
+                words = shlex.split(m.group(2))
+            except ValueError:
+                continue
+            out[m.group(1)] = words[0] if words else ""
+    return out
+
+
+def check_cpu_isolation(host: Host, cfg: Config) -> list[Check]:
+    h, fix, checks = cfg.host, playbook("cpu_isolation"), []
+    iso = cpulist(h.isolated_cpus) if h.isolated_cpus else None
+    hk = cpulist(h.housekeeping_cpus) if h.housekeeping_cpus else None
+    if not iso and not hk:
+        return []
+    booted = parse_cmdline(host.proc_text("cmdline") or "")
+    boot, boot_file = _bootloader_params(host)
+    wanted: list[tuple[str, frozenset[int]]] = []
+    if iso:
+        wanted += [("isolcpus", iso), ("nohz_full", iso), ("rcu_nocbs", iso)]
+    if hk:
+        wanted.append(("irqaffinity", hk))
+    for param, want in wanted:
+        have = booted.get(param)
+        ok = param_cpus(have) == want
+        step = fix
+        if not ok and param_cpus(boot.get(param)) == want:
+            step = (f"reboot required: {boot_file} has {param}={boot[param]}, the running "
+                    "kernel was booted without it")  # fmt: skip
+        checks.append(Check(f"kernel command line {param}", ok,
+                            "absent" if have is None else f"{param}={have}",
+                            f"{param}={cpus_text(want)}", "" if ok else step))  # fmt: skip
+    if iso:
+        for name, param in (("isolated", "isolcpus"), ("nohz_full", "nohz_full")):
+            text = host.sys_text(f"devices/system/cpu/{name}")
+            have = param_cpus(text.strip()) if text is not None else None
+            ok = have == iso
+            step = f"reboot with {param}={cpus_text(iso)} ({fix})"
+            if param_cpus(boot.get(param)) == iso:
+                step = f"reboot required: {boot_file} has {param}={boot[param]}"
+            checks.append(Check(
+                f"kernel {name} CPUs", ok,
+                "absent (kernel without this feature)" if text is None else
+                (cpus_text(have) if have else "none"), cpus_text(iso),
+                "" if ok else step))  # fmt: skip
+    if hk:
+        value = _systemd_cpu_affinity(host)
+        have = param_cpus(",".join(value.split())) if value else None
+        ok = have == hk
+        checks.append(Check("systemd CPUAffinity (housekeeping)", ok,
+                            value or "not set", cpus_text(hk), "" if ok else fix))  # fmt: skip
+    if iso:
+        running = [pid for pid, argv in host.processes()
+                   if os.path.basename(argv[0]) == "irqbalance"]  # fmt: skip
+        env = _env_file(host.read(host.etc / "default/irqbalance") or "")
+        banned = param_cpus(env.get("IRQBALANCE_BANNED_CPULIST"))
+        if banned is None and env.get("IRQBALANCE_BANNED_CPUS"):
+            mask = mask_value(env["IRQBALANCE_BANNED_CPUS"])
+            banned = frozenset(c for c in range(mask.bit_length()) if mask >> c & 1)
+        ok = not running or (banned is not None and iso <= banned)
+        have = ("not running" if not running else
+                f"running, banned CPUs {cpus_text(banned) if banned else 'none'}")  # fmt: skip
+        checks.append(Check("irqbalance keeps off isolated CPUs", ok, have,
+                            f"not running, or IRQBALANCE_BANNED_CPULIST covering {cpus_text(iso)}",
+                            "" if ok else fix))  # fmt: skip
+    return checks
+
+
+def check_irq_affinity(host: Host, cfg: Config) -> list[Check]:
+    h, run, fix, checks = cfg.host, cfg.run, playbook("irq_affinity"), []
+    target: frozenset[int] | None = None
+    placement = False
+    if h.irq_placement == "consumer" and h.isolated_cpus:
+        placement = True
+        target = frozenset({run.core}) if run.core >= 0 else None
+    elif h.irq_placement == "housekeeping" and h.housekeeping_cpus:
+        placement = True
+        target = cpulist(h.housekeeping_cpus)
+    if not placement and not h.rps_mask and not h.xps_mask:
+        return []
+    for line in run.lines.values():
+        ifname, q = line.interface, line.queue
+        if not host.interface_exists(ifname):
+            checks.append(_missing_interface(host, ifname, "irq_affinity"))
+            continue
+        if placement:
+            name = f"{ifname} queue {q} IRQ on {h.irq_placement} CPUs"
+            irqs = host.queue_irqs(ifname, q)
+            if target is None:
+                checks.append(Check(name, False, "run.core not set", "the consumer core",
+                                    "set run.core (the consumer's isolated CPU)"))  # fmt: skip
+            elif irqs is None:
+                checks.append(Check(name, True, "no device IRQs (virtual interface)",
+                                    cpus_text(target)))  # fmt: skip
+            elif not irqs:
+                checks.append(Check(name, False, f"no IRQ named for queue {q}",
+                                    cpus_text(target), fix))  # fmt: skip
+            for irq, irq_name in irqs or ():
+                text = host.proc_text(f"irq/{irq}/smp_affinity_list")
+                have = param_cpus(text.strip()) if text else None
+                ok = bool(have) and have <= target and (h.irq_placement != "consumer"
+                                                        or have == target)  # fmt: skip
+                checks.append(Check(f"{name} (IRQ {irq} {irq_name})", ok,
+                                    cpus_text(have) if have else "unknown", cpus_text(target),
+                                    "" if ok else fix))  # fmt: skip
+        for kind, mask, rel in (("RPS", h.rps_mask, f"queues/rx-{q}/rps_cpus"),
+                                ("XPS", h.xps_mask, f"queues/tx-{q}/xps_cpus")):  # fmt: skip
+            if not mask:
+                continue
+            path = host.net_path(ifname, rel)
+            text = host.read(path)
+            if text is None and path.exists():
+                # the kernel refuses to show XPS of a device with a single tx queue
+                text, shown = "0", "0 (single tx queue: no XPS)"
+            else:
+                shown = "no such queue" if text is None else text.strip()
+            try:
+                have = mask_value(text) if text is not None else None
+            except ValueError:
+                have = None
+            ok = have is not None and have == mask_value(mask)
+            checks.append(Check(f"{ifname} {kind} mask {rel.split('/')[1]}", ok, shown, mask,
+                                "" if ok else fix))  # fmt: skip
+    return checks
+
+
+def _ethtool(host: Host, args: list[str]) -> tuple[str | None, str]:
+    try:
+        return host.ethtool(args), ""
+    except EthtoolError as e:
+        return None, f"unsupported: {e.strerror or e}"
+
+
+def check_nic(host: Host, cfg: Config) -> list[Check]:
+    h, run, fix, checks = cfg.host, cfg.run, playbook("nic"), []
+    if not (h.channels or h.rx_ring or h.offloads_off or h.ntuple):
+        return []
+    for ifname in _feed_interfaces(cfg):
+        if not host.interface_exists(ifname):
+            checks.append(_missing_interface(host, ifname, "nic"))
+            continue
+        if h.channels:
+            text, err = _ethtool(host, ["-l", ifname])
+            ch = parse_channels(text) if text is not None else {}
+            kind = "combined" if ch.get("Combined") else "rx"
+            n = ch.get("Combined") or ch.get("RX")
+            ok = n == h.channels
+            checks.append(Check(f"{ifname} channels", ok, err or f"{kind} {n}",
+                                f"{h.channels}", "" if ok else fix))  # fmt: skip
+        if h.rx_ring:
+            text, err = _ethtool(host, ["-g", ifname])
+            n = parse_rings(text).get("RX") if text is not None else None
+            ok = n == h.rx_ring
+            checks.append(Check(f"{ifname} rx ring", ok, err or str(n), str(h.rx_ring),
+                                "" if ok else fix))  # fmt: skip
+        features: dict[str, tuple[bool, bool]] = {}
+        ferr = ""
+        if h.offloads_off or h.ntuple:
+            text, ferr = _ethtool(host, ["-k", ifname])
+            features = parse_features(text) if text is not None else {}
+        for name in h.offloads_off:
+            state = features.get(name)
+            ok = state is not None and not state[0]
+            if state is None:
+                have = ferr or "no such feature"
+            else:
+                have = ("on" if state[0] else "off") + (" [fixed]" if state[1] else "")
+            step = f"{fix} (or: ethtool -K {ifname} {name} off)"
+            if state is not None and state[0] and state[1]:
+                step = f"{name} is fixed on by the driver: use another NIC or driver"
+            checks.append(Check(f"{ifname} {name}", ok, have, "off", "" if ok else step))
+        if h.ntuple:
+            state = features.get("ntuple-filters")
+            on = state is not None and state[0]
+            checks.append(Check(f"{ifname} ntuple-filters", on, ferr or (
+                "no such feature" if state is None else "on" if on else "off"), "on",
+                "" if on else fix))  # fmt: skip
+            text, err = _ethtool(host, ["-n", ifname])
+            rules = parse_ntuple(text) if text is not None else []
+            for letter, line in run.lines.items():
+                if line.interface != ifname:
+                    continue
+                hit = next((r for r in rules if r.steers(line.group, line.port, line.queue)), None)
+                same = [r for r in rules if r.dst_ip == line.group]
+                have = err or (f"rule {hit.location}" if hit else
+                               f"rule {same[0].location} to queue {same[0].queue}" if same else
+                               "no rule")  # fmt: skip
+                checks.append(Check(
+                    f"{ifname} ntuple rule line {letter}", hit is not None, have,
+                    f"udp4 dst-ip {line.group} dst-port {line.port} -> queue {line.queue}",
+                    "" if hit else f"{fix} (or: ethtool -N {ifname} flow-type udp4 dst-ip "
+                    f"{line.group} dst-port {line.port} action {line.queue})"))  # fmt: skip
+    return checks
+
+
+def _plain(value) -> str:
+    return " ".join(str(value).split())
+
+
+def check_sysctl(host: Host, cfg: Config) -> list[Check]:
+    checks = []
+    for name, want in cfg.host.sysctl.items():
+        text = host.sysctl(name)
+        have = _plain(text) if text is not None else None
+        ok = have is not None and have == _plain(want)
+        checks.append(Check(name, ok, "absent" if have is None else have, _plain(want),
+                            "" if ok else f"{playbook('sysctl')} (or: sysctl -w {name}="
+                            f"\"{_plain(want)}\")"))  # fmt: skip
+    return checks
+
+
+def _ptp4l_setup(host: Host, argv: list[str]) -> tuple[set[str], str]:
+    """The interfaces a ptp4l command line serves and its timestamping mode."""
+    ifaces: set[str] = set()
+    mode = "hardware"
+    conf = None
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-i", "-f") and i + 1 < len(argv):
+            if arg == "-i":
+                ifaces.add(argv[i + 1])
+            else:
+                conf = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("-i") and len(arg) > 2:
+            ifaces.add(arg[2:])
+        elif arg == "-S":
+            mode = "software"
+        elif arg == "-L":
+            mode = "legacy"
+        i += 1
+    if conf:
+        section = ""
+        for line in (host.read(host.etc_path(conf)) or "").splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("[") and line.endswith("]"):
+                section = line[1:-1]
+                if section not in ("global", "unicast_master_table") and \
+                        not section.startswith("unicast"):  # fmt: skip
+                    ifaces.add(section)
+            elif section == "global" and line.split()[:1] == ["time_stamping"]:
+                words = line.split()
+                if len(words) > 1 and "-S" not in argv:
+                    mode = words[1]
+    return ifaces, mode
+
+
+def check_ptp(host: Host, cfg: Config) -> list[Check]:
+    fix, checks = playbook("ptp"), []
+    if not cfg.host.ptp_interfaces:
+        return []
+    procs = host.processes()
+    ptp4l = [(pid, argv) for pid, argv in procs if os.path.basename(argv[0]) == "ptp4l"]
+    phc2sys = [(pid, argv) for pid, argv in procs if os.path.basename(argv[0]) == "phc2sys"]
+    for ifname in cfg.host.ptp_interfaces:
+        text, err = _ethtool(host, ["-T", ifname])
+        ts = parse_timestamping(text) if text is not None else None
+        want_mode = "hardware" if ts and ts.hardware else "software"
+        why = "" if ts and ts.hardware else (f" ({ifname} has no hardware timestamping)"
+                                             if ts else f" (ethtool -T {ifname}: {err})")
+        serving = [(pid, mode) for pid, argv in ptp4l
+                   for ifs, mode in [_ptp4l_setup(host, argv)] if ifname in ifs]  # fmt: skip
+        ok = any(mode == want_mode for _, mode in serving)
+        have = (f"running (pid {serving[0][0]}), {serving[0][1]} timestamping" if serving
+                else "not running")  # fmt: skip
+        checks.append(Check(f"ptp4l on {ifname}", ok, have,
+                            f"running, {want_mode} timestamping{why}", "" if ok else fix))
+        if ts and ts.hardware:
+            sync = [pid for pid, argv in phc2sys if "-a" in argv or any(
+                a == "-s" and b == ifname for a, b in zip(argv, argv[1:], strict=False))]
+            checks.append(Check(f"phc2sys from {ifname}", bool(sync),
+                                f"running (pid {sync[0]})" if sync else "not running",
+                                f"running: system clock from {ifname}'s PHC (ptp{ts.phc})",
+                                "" if sync else fix))  # fmt: skip
+    return checks
+
+
+def _unit_texts(host: Host, service: str) -> list[str] | None:
+    base = host.etc / "systemd/system" / service
+    main = host.read(base)
+    if main is None:
+        return None
+    drop = sorted(Path(str(base) + ".d").glob("*.conf"))
+    return [main, *(host.read(p) or "" for p in drop)]
+
+
+def check_service(host: Host, cfg: Config) -> list[Check]:
+    svc, fix = cfg.host.service, playbook("service")
+    if not svc:
+        return []
+    texts = _unit_texts(host, svc)
+    if texts is None:
+        return [Check(f"{svc} unit", False, "no unit file in /etc/systemd/system",
+                      f"/etc/systemd/system/{svc}", fix)]  # fmt: skip
+    unit = parse_unit(texts)
+    want = set(SERVICE_CAPS)
+    checks = [Check(f"{svc} unit", True, f"/etc/systemd/system/{svc}",
+                    f"/etc/systemd/system/{svc}")]  # fmt: skip
+    for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
+        values = unit.get(key)
+        have = {c.upper() for v in values or () for c in v.split()} if values else None
+        ok = have == want
+        checks.append(Check(f"{svc} {key}", ok,
+                            " ".join(sorted(have)) if have else "not set (all capabilities)"
+                            if key == "CapabilityBoundingSet" else "not set",
+                            " ".join(sorted(want)), "" if ok else fix))  # fmt: skip
+    if cfg.run.core >= 0:
+        values = unit.get("CPUAffinity")
+        have = param_cpus(",".join(" ".join(values).split())) if values else None
+        ok = have == frozenset({cfg.run.core})
+        checks.append(Check(f"{svc} CPUAffinity", ok, " ".join(values) if values else "not set",
+                            str(cfg.run.core), "" if ok else fix))  # fmt: skip
+    wants = sorted(glob.glob(str(host.etc / "systemd/system/*.wants" / svc)))
+    enabled = any(os.path.lexists(p) for p in wants)
+    checks.append(Check(f"{svc} enabled", enabled,
+                        "enabled (" + os.path.basename(os.path.dirname(wants[0])) + ")"
+                        if enabled else "not enabled", "enabled",
+                        "" if enabled else f"systemctl enable {svc} ({fix})"))  # fmt: skip
+    return checks
+
+
+STAGE_CHECKS: dict[str, Callable[[Host, Config], list[Check]]] = {
+    RUNTIME: check_runtime,
+    "hugepages": check_hugepages,
+    "cpu_isolation": check_cpu_isolation,
+    "irq_affinity": check_irq_affinity,
+    "nic": check_nic,
+    "sysctl": check_sysctl,
+    "ptp": check_ptp,
+    "service": check_service,
+}
+
+
+# --- the report ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Report:
+    stages: tuple[StageResult, ...] = field(default_factory=tuple)
+
+    @property
+    def failing(self) -> list[StageResult]:
+        return [s for s in self.stages if s.required and not s.passed]
+
+    @property
+    def ready(self) -> bool:
+        return not self.failing
+
+    def as_json(self) -> dict:
+        return {"ready": self.ready, "stages": [s.as_json() for s in self.stages]}
+
+
+def check(cfg: Config, host: Host, stages: list[str] | tuple[str, ...] | None = None) -> Report:
+    """Run the stages (all, in ``ALL_STAGES`` order, when None). Required: ``runtime`` and
+    ``host.required``; when ``stages`` are named, exactly those."""
+    names = ALL_STAGES if not stages else [s for s in ALL_STAGES if s in stages]
+    for s in stages or ():
+        if s not in ALL_STAGES:
+            raise ValueError(f"preflight: no stage {s!r} (stages: {', '.join(ALL_STAGES)})")
+    required = set(stages) if stages else {RUNTIME, *cfg.host.required}
+    results = []
+    for name in names:
+        checks = tuple(STAGE_CHECKS[name](host, cfg))
+        results.append(StageResult(name, status_of(checks), name in required, checks))
+    return Report(tuple(results))
+
+
+def text(report: Report) -> str:
+    """One line per stage, the failing checks (what differs, the fix) under it, a verdict."""
+    lines = []
+    for s in report.stages:
+        notes = []
+        if s.required:
+            notes.append("required")
+        if s.status == SKIPPED:
+            notes.append("nothing promised in [host]" if s.stage != RUNTIME else "")
+            if s.required:
+                notes.append("but there is nothing to check")
+        if s.reboot_required:
+            notes.append("reboot required")
+        lines.append(f"{s.status:<15} {s.stage:<14} {', '.join(n for n in notes if n)}".rstrip())
+        for c in s.checks:
+            if c.ok:
+                continue
+            lines.append(f"    {c.name}: have {c.have}; want {c.want}")
+            if c.fix:
+                lines.append(f"        fix: {c.fix}")
+    failing = report.failing
+    if not failing:
+        lines.append("host ready")
+    else:
+        lines.append(f"host NOT ready: {len(failing)} required stage(s) failing "
+                     f"({', '.join(s.stage for s in failing)})")  # fmt: skip
+    return "\n".join(lines)
+
+
+def summary(report: Report) -> str:
+    """One line: the verdict and, per failing required stage, its failing checks."""
+    if report.ready:
+        counts: dict[str, int] = {}
+        for s in report.stages:
+            counts[s.status] = counts.get(s.status, 0) + 1
+        return "host ready (" + ", ".join(f"{n} {k}" for k, n in counts.items()) + ")"
+    parts = []
+    for s in report.failing:
+        bad = [f"{c.name}: {c.have}" for c in s.checks if not c.ok]
+        detail = "; ".join(bad[:3]) + (f"; +{len(bad) - 3} more" if len(bad) > 3 else "")
+        if s.status == SKIPPED:
+            detail = "required, but [host] promises nothing to check"
+        parts.append(f"{s.stage} {s.status} ({detail})")
+    return "host NOT ready: " + "; ".join(parts)
+
+
+def require(cfg: Config, log: Callable[[str], None]) -> Report:
+    """The gate of ``tickwire run``: PreflightError unless every required stage is OK."""
+    with Host.live(cfg.run.netns) as host:
+        report = check(cfg, host)
+    if not report.ready:
+        raise PreflightError(f"preflight: {summary(report)} -- fix the host (tickwire "
+                             "preflight says how), or pass --skip-preflight")  # fmt: skip
+    log(f"preflight: {summary(report)}")
+    return report
