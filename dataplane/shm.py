@@ -156,7 +156,8 @@ def create(channel: str, root: Path | None = None) -> dict[str, np.ndarray]:
 
 def attach(channel: str, root: Path | None = None, writable_control: bool = True) -> dict:
     d = channel_dir(channel, root)
-    if not d.is_dir():
+    # the directory alone is not a consumer: `tickwire calibrate` may have left clock.json
+    if not (d / "counters").exists():
         raise FileNotFoundError(f"no consumer shared memory at {d} (is tickwire run running?)")
     out = {}
     for name, (dtype, shape) in REGIONS.items():
