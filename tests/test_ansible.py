@@ -1,0 +1,524 @@
+"""Provisioning (``ansible/``): lint, syntax, documentation, and a real apply.
+
+The unprivileged tests run ``ansible-lint`` (profile production, offline) over the whole
+tree, ``ansible-playbook --syntax-check`` on ``provision.yml`` with the example inventory,
+and check the house rules a linter does not know: every public variable a role reads is
+prefixed with its name and has a default, every default is summarised in
+``ansible/README.md``, every template starts with the ``ansible_managed`` header.
+
+The privileged test applies ``provision.yml`` for real, twice, over
+``community.general.chroot`` to a Debian bookworm root made with debootstrap -- the way the
+image is built -- with the example inventory (``--skip-tags network``: the feed interfaces
+are not in a chroot). The root is debootstrapped once and cached under
+``~/.cache/tickwire/`` (keyed by suite, variant and package list); each run works on a
+fresh copy, with only ``/proc`` mounted, always unmounted in teardown. The first apply must
+change things and fail nothing, the second must change nothing; then the files the roles
+wrote are checked against the inventory, partly with the preflight's own parsers, and the
+installed appliance runs inside the root (``tickwire --help``, ``tickwire preflight
+--stage service``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from host import config, preflight
+
+REPO = Path(__file__).resolve().parents[1]
+ANSIBLE = REPO / "ansible"
+BIN = Path(sys.executable).parent
+INVENTORY = ANSIBLE / "inventory" / "example.yml"
+MY_ROLES = ("hugepages", "cpu_isolation", "sysctl", "ptp", "tickwire")
+
+SUITE, VARIANT, MIRROR = "bookworm", "minbase", "http://deb.debian.org/debian"
+# what the image root starts with: enough for Ansible (python3) and offline systemctl
+INCLUDE = ("python3", "systemd", "ca-certificates")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tickwire"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+               ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", PY_COLORS="0")  # fmt: skip
+    env.update(extra)
+    return env
+
+
+def _run(argv: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _roles() -> list[Path]:
+    return sorted(p for p in (ANSIBLE / "roles").iterdir() if (p / "tasks").is_dir())
+
+
+def _inventory_host() -> dict:
+    return yaml.safe_load(INVENTORY.read_text())["tickwire"]["hosts"]["feed1"]
+
+
+def _defaults(role: str) -> dict:
+    return yaml.safe_load((ANSIBLE / "roles" / role / "defaults" / "main.yml").read_text()) or {}
+
+
+# --- unprivileged ---------------------------------------------------------------------------
+def test_syntax_check():
+    r = _run([str(BIN / "ansible-playbook"), "-i", str(INVENTORY), "provision.yml",
+              "--syntax-check"], cwd=ANSIBLE, env=_env())  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_lint_production_profile():
+    r = _run([str(BIN / "ansible-lint"), "--offline", "--profile", "production"], cwd=ANSIBLE,
+             env=_env(ANSIBLE_LINT_SKIP_SCHEMA_UPDATE="1", NO_COLOR="1"))  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Profile 'production' was required, and it passed" in r.stdout + r.stderr
+
+
+def test_roles_present_and_played():
+    play = yaml.safe_load((ANSIBLE / "provision.yml").read_text())[0]
+    played = {r["role"]: set(r["tags"]) for r in play["roles"]}
+    for role in MY_ROLES:
+        assert (ANSIBLE / "roles" / role / "defaults" / "main.yml").is_file(), role
+        assert {role, "host"} <= played[role]
+    final = play["post_tasks"][-1]
+    assert final["ansible.builtin.import_role"] == {"name": "tickwire", "tasks_from": "preflight"}
+
+
+_VAR = re.compile(r"\b([a-z][a-z0-9]*(?:_[a-z0-9]+)+)\b")
+
+
+def test_public_variables_prefixed_and_defaulted():
+    """A role's own variables (``<role>_...``) that its tasks, handlers and templates read
+    all have a default; every default carries the role's prefix and a comment above it."""
+    for path in _roles():
+        role = path.name
+        defaults = _defaults(role)
+        for name in defaults:
+            assert name.startswith(role + "_"), f"{role}: {name} lacks the {role}_ prefix"
+        text = (path / "defaults" / "main.yml").read_text().splitlines()
+        for i, line in enumerate(text):
+            m = re.match(r"^([a-z][a-z0-9_]*):", line)
+            if m:
+                above = [t for t in text[max(0, i - 3) : i] if t.strip()]
+                assert above and (above[-1].lstrip().startswith("#") or
+                                  re.match(r"^[a-z][a-z0-9_]*:", above[-1])), \
+                    f"{role}: {m.group(1)} has no comment above it"  # fmt: skip
+        if role not in MY_ROLES:
+            continue
+        used: set[str] = set()
+        for sub in ("tasks", "handlers", "templates"):
+            for f in (path / sub).glob("*"):
+                for line in f.read_text().splitlines():
+                    line = re.sub(r"^\s*-?\s*[a-z_0-9]+:", "", line)  # a YAML key (module option)
+                    used |= {v for v in _VAR.findall(line) if v.startswith(role + "_")}
+        missing = sorted(v for v in used if v not in defaults)
+        assert not missing, f"{role}: read without a default: {missing}"
+
+
+def test_readme_summarises_every_variable():
+    readme = (ANSIBLE / "README.md").read_text()
+    for path in _roles():
+        for name in _defaults(path.name):
+            assert f"`{name}`" in readme, f"ansible/README.md does not mention {name}"
+
+
+def test_templates_start_with_ansible_managed():
+    for tpl in (ANSIBLE / "roles").glob("*/templates/*.j2"):
+        lines = tpl.read_text().splitlines()
+        first = lines[1] if lines and lines[0].startswith("#!") else lines[0]
+        assert first.strip() == "{{ ansible_managed | comment }}", tpl
+
+
+# --- the real apply to an image root -----------------------------------------------------------
+def _debootstrap_root() -> Path:
+    """A cached bookworm root (debootstrapped once per include list); returns its path."""
+    key = hashlib.sha256(f"{SUITE} {VARIANT} {MIRROR} {','.join(INCLUDE)}".encode()).hexdigest()
+    root = CACHE / f"debootstrap-{SUITE}-{key[:12]}"
+    if (root / "usr" / "bin" / "python3").exists():
+        return root
+    building = root.with_name(root.name + ".building")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    t0 = time.monotonic()
+    r = _run(["debootstrap", f"--variant={VARIANT}", f"--include={','.join(INCLUDE)}",
+              SUITE, str(building), MIRROR], timeout=480)  # fmt: skip
+    if r.returncode != 0:
+        shutil.rmtree(building, ignore_errors=True)
+        pytest.fail(f"debootstrap failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    _run(["chroot", str(building), "apt-get", "clean"])  # the .debs: 100 MB per copy
+    (building / ".tickwire-debootstrap-seconds").write_text(f"{time.monotonic() - t0:.1f}\n")
+    building.rename(root)
+    return root
+
+
+def _mounted_under(path: Path) -> list[str]:
+    prefix = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
+
+
+def _build_wheel(out: Path) -> Path:
+    """The Tickwire wheel, built from a copy of the working tree (the tree stays clean)."""
+    src = out / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for pkg in ("dataplane", "host"):
+        shutil.copytree(
+            REPO / pkg,
+            src / pkg,
+            ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.nbi", "*.nbc"),
+        )
+    r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+              "--disable-pip-version-check", "-q", "-w", str(out / "dist"), str(src)])  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    (wheel,) = (out / "dist").glob("tickwire-*.whl")
+    return wheel
+
+
+def _wheelhouse(wheel: Path) -> Path:
+    """The dependencies' wheels, downloaded once per dependency list (offline installs)."""
+    deps = re.search(r"^dependencies = \[(.*?)\]", (REPO / "pyproject.toml").read_text(),
+                     re.M | re.S).group(1)  # fmt: skip
+    key = hashlib.sha256(f"{sys.version_info[:2]} {deps}".encode()).hexdigest()[:12]
+    house = CACHE / f"wheelhouse-{key}"
+    if not (house / ".complete").exists():
+        shutil.rmtree(house, ignore_errors=True)
+        r = _run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q",
+                  "--only-binary=:all:", "-d", str(house), str(wheel)], timeout=400)  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        for w in house.glob("tickwire-*.whl"):
+            w.unlink()
+        (house / ".complete").write_text("")
+    return house
+
+
+def _playbook(*extra: Path) -> tuple[dict, float]:
+    t0 = time.monotonic()
+    r = _run([str(BIN / "ansible-playbook"), "-i", str(INVENTORY), "provision.yml",
+              *(a for e in extra for a in ("-e", f"@{e}")), "--skip-tags", "network"],
+             cwd=ANSIBLE, timeout=420, env=_env(ANSIBLE_STDOUT_CALLBACK="json"))  # fmt: skip
+    seconds = time.monotonic() - t0
+    try:
+        out = json.loads(r.stdout)
+    except ValueError:
+        pytest.fail(f"ansible-playbook printed no JSON (rc {r.returncode}):\n"
+                    f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")  # fmt: skip
+    return out, seconds
+
+
+def _changed_tasks(run: dict) -> list[str]:
+    return [t["task"]["name"] for play in run["plays"] for t in play["tasks"]
+            if any(h.get("changed") for h in t["hosts"].values())]  # fmt: skip
+
+
+def _failed_tasks(run: dict) -> list[str]:
+    return [f"{t['task']['name']}: {h.get('msg', '')}" for play in run["plays"]
+            for t in play["tasks"] for h in t["hosts"].values() if h.get("failed")]  # fmt: skip
+
+
+def _messages(run: dict) -> list[str]:
+    out = []
+    for play in run["plays"]:
+        for t in play["tasks"]:
+            for h in t["hosts"].values():
+                for res in [h, *h.get("results", [])]:
+                    if isinstance(res.get("msg"), str) and not res.get("skipped"):
+                        out.append(res["msg"])
+    return out
+
+
+HOST_SYSCTLS = ("vm.swappiness", "net.core.busy_poll", "net.core.rmem_max", "vm.stat_interval")
+
+
+def _host_sysctls() -> dict[str, str]:
+    return {n: Path("/proc/sys", *n.split(".")).read_text().strip() for n in HOST_SYSCTLS}
+
+
+@pytest.fixture(scope="module")
+def applied(tmp_path_factory):
+    """provision.yml applied twice to a fresh copy of the cached root: (root, run1, run2,
+    timings). /proc is the only mount, removed in teardown; the copy is deleted after."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chroot, mount, debootstrap)")
+    if not shutil.which("debootstrap"):
+        pytest.skip("needs debootstrap (apt-get install debootstrap)")
+    if not shutil.which("chroot"):
+        pytest.skip("needs chroot (coreutils)")
+    work = tmp_path_factory.mktemp("provision")
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    cached = _debootstrap_root()
+    timings["debootstrap"] = float((cached / ".tickwire-debootstrap-seconds").read_text())
+    timings["root"] = time.monotonic() - t0
+    root = work / "root"
+    t0 = time.monotonic()
+    subprocess.run(["cp", "-a", "--reflink=auto", str(cached), str(root)], check=True)
+    timings["copy"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    wheel = _build_wheel(work)
+    house = _wheelhouse(wheel)
+    timings["wheel"] = time.monotonic() - t0
+    shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
+    # an image build starts no daemons (invoke-rc.d asks policy-rc.d)
+    policy = root / "usr" / "sbin" / "policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    extra = work / "chroot.yml"
+    extra.write_text(yaml.safe_dump({
+        "ansible_connection": "community.general.chroot",
+        "ansible_host": str(root),
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "ansible_become": False,
+        "tickwire_package": str(wheel),
+        "tickwire_wheelhouse": str(house),
+        # bcc's kernel headers pull in a compiler (~150 MB): not for this test
+        "tickwire_kernel_headers_package": "",
+    }))  # fmt: skip
+    before = _host_sysctls()
+    subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
+    try:
+        run1, timings["apply1"] = _playbook(extra)
+        run2, timings["apply2"] = _playbook(extra) if not _failed_tasks(run1) else (run1, 0.0)
+        yield {"root": root, "extra": extra, "run1": run1, "run2": run2, "timings": timings,
+               "host_sysctls": (before, _host_sysctls())}  # fmt: skip
+    finally:
+        if _run(["umount", str(root / "proc")]).returncode != 0:
+            _run(["umount", "-l", str(root / "proc")])
+        left = _mounted_under(root)
+        assert not left, f"mounts left under the image root: {left}"
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _stats(run: dict) -> dict:
+    return run["stats"]["feed1"]
+
+
+@pytest.mark.lab
+def test_apply_twice_second_run_changes_nothing(applied):
+    run1, run2 = applied["run1"], applied["run2"]
+    assert not _failed_tasks(run1), _failed_tasks(run1)
+    assert _stats(run1)["failures"] == 0 and _stats(run1)["unreachable"] == 0
+    assert _stats(run1)["changed"] > 0
+    assert not _failed_tasks(run2), _failed_tasks(run2)
+    assert _stats(run2)["failures"] == 0
+    assert _stats(run2)["changed"] == 0, f"second run changed: {_changed_tasks(run2)}"
+
+
+@pytest.mark.lab
+def test_apply_never_touches_the_build_hosts_kernel(applied):
+    before, after = applied["host_sysctls"]
+    assert before == after
+    # an image root is never probed, rebooted or started: the roles say so
+    text = "\n".join(_messages(applied["run1"]))
+    assert "not a booted system (image root)" in text
+    assert "eno1: software timestamping (not probed: image root" in text
+
+
+@pytest.mark.lab
+def test_kernel_command_line(applied):
+    inv, root = _inventory_host(), applied["root"]
+    params = preflight.parse_grub((root / "etc/default/grub.d/tickwire.cfg").read_text())
+    iso = config.cpulist(inv["cpu_isolation_isolated_cpus"])
+    hk = config.cpulist(inv["cpu_isolation_housekeeping_cpus"])
+    for name in ("isolcpus", "nohz_full", "rcu_nocbs"):
+        assert preflight.param_cpus(params[name]) == iso, name
+    assert preflight.param_cpus(params["irqaffinity"]) == hk
+    assert {"managed_irq", "domain"} <= set(params["isolcpus"].split(","))
+    assert params["skew_tick"] == "1" and params["tsc"] == "reliable"
+    hp = preflight.parse_grub((root / "etc/default/grub.d/tickwire-hugepages.cfg").read_text())
+    assert hp["hugepagesz"] == "1G"
+    assert hp["hugepages"] == ",".join(f"{n}:{inv['hugepages_1g_per_node']}"
+                                       for n in inv["hugepages_nodes"])  # fmt: skip
+    dropin = (root / "etc/systemd/system.conf.d/tickwire-cpu-isolation.conf").read_text()
+    unit = preflight.parse_unit([dropin], "Manager")
+    assert preflight.param_cpus(unit["CPUAffinity"][0]) == hk
+
+
+@pytest.mark.lab
+def test_service_unit_least_privilege(applied):
+    inv, root = _inventory_host(), applied["root"]
+    unit = preflight.parse_unit([(root / "etc/systemd/system/tickwire.service").read_text()])
+    six = set(preflight.SERVICE_CAPS)
+    assert len(six) == 6
+    assert set(unit["AmbientCapabilities"][0].split()) == six
+    assert set(unit["CapabilityBoundingSet"][0].split()) == six
+    assert unit["User"] == ["tickwire"] and unit["LimitMEMLOCK"] == ["infinity"]
+    assert unit["Restart"] == ["on-failure"]
+    assert unit["CPUAffinity"] == [str(inv["tickwire_core"])]
+    assert unit["ExecStart"] == [
+        "/opt/tickwire/venv/bin/tickwire run --config /etc/tickwire/tickwire.toml"
+    ]
+    assert (root / "etc/systemd/system/multi-user.target.wants/tickwire.service").is_symlink()
+    passwd = (root / "etc/passwd").read_text()
+    assert re.search(r"^tickwire:x:\d+:\d+:.*:/usr/sbin/nologin$", passwd, re.M)
+
+
+@pytest.mark.lab
+def test_sysctl_file_holds_the_settings(applied):
+    root = applied["root"]
+    want = {**_defaults("sysctl")["sysctl_settings"], **_inventory_host()["sysctl_extra_settings"]}
+    lines = (root / "etc/sysctl.d/90-tickwire.conf").read_text().splitlines()
+    have = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    assert {k.strip(): v.strip() for k, v in have.items()} == {k: str(v) for k, v in want.items()}
+
+
+@pytest.mark.lab
+def test_config_loads_and_matches_the_inventory(applied):
+    inv, root = _inventory_host(), applied["root"]
+    cfg = config.load(root / "etc/tickwire/tickwire.toml")
+    for letter in ("a", "b"):
+        line, spec = getattr(cfg.run, f"line_{letter}"), inv[f"tickwire_line_{letter}"]
+        assert (line.interface, line.queue, line.group, line.port, line.address) == (
+            spec["interface"],
+            spec["queue"],
+            spec["group"],
+            spec["port"],
+            spec["address"],
+        )
+    assert cfg.run.core == inv["tickwire_core"]
+    assert (cfg.run.rx_mode, cfg.run.xdp_mode) == (
+        inv["tickwire_rx_mode"],
+        inv["tickwire_xdp_mode"],
+    )
+    assert cfg.run.recovery == inv["tickwire_recovery"]
+    h = cfg.host
+    assert list(h.required) == inv["tickwire_preflight_required"]
+    assert (h.hugepages_2m, h.hugepages_1g) == (inv["hugepages_2m_per_node"],
+                                                inv["hugepages_1g_per_node"])  # fmt: skip
+    assert list(h.hugetlbfs) == [m["path"] for m in inv["hugepages_mounts"]]
+    assert h.isolated_cpus == inv["cpu_isolation_isolated_cpus"]
+    assert h.housekeeping_cpus == inv["cpu_isolation_housekeeping_cpus"]
+    assert h.irq_placement == inv["irq_affinity_placement"]
+    assert (h.rps_mask, h.xps_mask) == (inv["irq_affinity_rps_mask"], inv["irq_affinity_xps_mask"])
+    assert (h.channels, h.rx_ring) == (inv["nic_channels"], inv["nic_rx_ring"])
+    assert list(h.offloads_off) == inv["nic_offloads_off"] and h.ntuple is inv["nic_ntuple"]
+    assert list(h.ptp_interfaces) == inv["ptp_interfaces"]
+    assert h.service == "tickwire.service"
+    sysctl = {**_defaults("sysctl")["sysctl_settings"], **inv["sysctl_extra_settings"]}
+    assert h.sysctl == sysctl
+    mode = (root / "etc/tickwire/tickwire.toml").stat()
+    assert oct(mode.st_mode & 0o777) == "0o640"
+
+
+@pytest.mark.lab
+def test_hugepages_persistence(applied, tmp_path):
+    inv, root = _inventory_host(), applied["root"]
+    assert (
+        root / "etc/systemd/system/sysinit.target.wants/tickwire-hugepages.service"
+    ).is_symlink()
+    fstab = [line.split() for line in (root / "etc/fstab").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]  # fmt: skip
+    gid = next(line.split(":")[2] for line in (root / "etc/group").read_text().splitlines()
+               if line.startswith("tickwire:"))  # fmt: skip
+    for m in inv["hugepages_mounts"]:
+        entry = next(e for e in fstab if e[1] == m["path"])
+        assert entry[2] == "hugetlbfs"
+        assert set(entry[3].split(",")) == {f"pagesize={m['pagesize']}", "mode=1770", f"gid={gid}"}
+        assert (root / m["path"].lstrip("/")).is_dir()
+    # the boot script, against a fake two-node sysfs: node 0 is filled, node 1 is not asked
+    sysfs = tmp_path / "sys"
+    for node in (0, 1):
+        for size in ("2048kB", "1048576kB"):
+            d = sysfs / f"devices/system/node/node{node}/hugepages/hugepages-{size}"
+            d.mkdir(parents=True)
+            (d / "nr_hugepages").write_text("0\n")
+    r = _run(["sh", str(root / "usr/local/sbin/tickwire-hugepages")],
+             env={"TICKWIRE_SYSFS": str(sysfs), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    node = sysfs / "devices/system/node"
+    assert (node / "node0/hugepages/hugepages-2048kB/nr_hugepages").read_text().strip() == str(
+        inv["hugepages_2m_per_node"]
+    )
+    assert (node / "node0/hugepages/hugepages-1048576kB/nr_hugepages").read_text().strip() == str(
+        inv["hugepages_1g_per_node"]
+    )
+    assert (node / "node1/hugepages/hugepages-2048kB/nr_hugepages").read_text().strip() == "0"
+    # a node whose pool is missing makes the unit fail, naming it
+    shutil.rmtree(node / "node0/hugepages/hugepages-1048576kB")
+    r = _run(["sh", str(root / "usr/local/sbin/tickwire-hugepages")],
+             env={"TICKWIRE_SYSFS": str(sysfs), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert r.returncode == 1 and "node 0 has no 1048576 kB pool" in r.stderr
+
+
+@pytest.mark.lab
+def test_ptp_units(applied):
+    root = applied["root"]
+    conf = (root / "etc/linuxptp/ptp4l-eno1.conf").read_text()
+    assert re.search(r"^time_stamping\s+software$", conf, re.M)
+    assert re.search(r"^\[eno1\]$", conf, re.M)
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    assert (wants / "ptp4l@eno1.service").is_symlink()
+    assert not (wants / "phc2sys@eno1.service").exists()  # software: ptp4l steers the clock
+
+
+@pytest.mark.lab
+def test_appliance_runs_inside_the_root(applied):
+    root = applied["root"]
+    r = _run(["chroot", str(root), "/opt/tickwire/venv/bin/tickwire", "--help"])
+    assert r.returncode == 0, r.stderr
+    assert "usage: tickwire" in r.stdout
+    # bcc from Debian's python3-bpfcc is visible to the virtualenv
+    r = _run(["chroot", str(root), "/opt/tickwire/venv/bin/python", "-c",
+              "import bcc, numba, dataplane._xsk, host.loader; "
+              "print(host.loader.STEER_SRC.is_file())"])  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stdout + r.stderr
+    # the preflight's own view of the unit the role wrote
+    r = _run(["chroot", str(root), "/opt/tickwire/venv/bin/tickwire", "preflight", "--config",
+              "/etc/tickwire/tickwire.toml", "--stage", "service", "--json"])  # fmt: skip
+    report = json.loads(r.stdout)
+    (service,) = [s for s in report["stages"] if s["stage"] == "service"]
+    assert service["status"] == "OK", service
+    # every unit the roles installed parses
+    r = _run(["chroot", str(root), "systemd-analyze", "verify", "--man=no",
+              "/etc/systemd/system/tickwire.service",
+              "/etc/systemd/system/tickwire-hugepages.service",
+              "ptp4l@eno1.service", "phc2sys@eno1.service"])  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --- undo: last in this file, since it takes apart the root the tests above look at ---------
+@pytest.fixture(scope="module")
+def undone(applied):
+    """The same root after two more runs with every role's ``<role>_state: absent``."""
+    absent = applied["root"].parent / "absent.yml"
+    absent.write_text(yaml.safe_dump({f"{role}_state": "absent" for role in MY_ROLES}))
+    run3, _ = _playbook(applied["extra"], absent)
+    run4, _ = _playbook(applied["extra"], absent) if not _failed_tasks(run3) else (run3, 0.0)
+    return {**applied, "run3": run3, "run4": run4}
+
+
+@pytest.mark.lab
+def test_undo_removes_what_apply_installed_and_is_idempotent(undone):
+    run3, run4, root = undone["run3"], undone["run4"], undone["root"]
+    assert not _failed_tasks(run3), _failed_tasks(run3)
+    assert _stats(run3)["changed"] > 0
+    assert not _failed_tasks(run4), _failed_tasks(run4)
+    assert _stats(run4)["changed"] == 0, f"second undo changed: {_changed_tasks(run4)}"
+    gone = [
+        "etc/default/grub.d/tickwire.cfg", "etc/default/grub.d/tickwire-hugepages.cfg",
+        "etc/systemd/system.conf.d/tickwire-cpu-isolation.conf",
+        "etc/sysctl.d/90-tickwire.conf",
+        "etc/systemd/system/tickwire-hugepages.service", "usr/local/sbin/tickwire-hugepages",
+        "etc/systemd/system/sysinit.target.wants/tickwire-hugepages.service",
+        "etc/systemd/system/ptp4l@.service", "etc/systemd/system/phc2sys@.service",
+        "etc/linuxptp/ptp4l-eno1.conf",
+        "etc/systemd/system/multi-user.target.wants/ptp4l@eno1.service",
+        "etc/systemd/system/tickwire.service",
+        "etc/systemd/system/multi-user.target.wants/tickwire.service",
+        "etc/tickwire/tickwire.toml", "opt/tickwire",
+    ]  # fmt: skip
+    left = [p for p in gone if os.path.lexists(root / p)]
+    assert not left, f"undo left: {left}"
+    assert "hugetlbfs" not in (root / "etc/fstab").read_text()
