@@ -174,7 +174,7 @@ def _build_wheel(out: Path) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for pkg in ("dataplane", "host"):
+    for pkg in ("bpf", "dataplane", "host"):
         shutil.copytree(
             REPO / pkg,
             src / pkg,

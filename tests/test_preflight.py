@@ -300,9 +300,13 @@ def test_runtime_capabilities_memlock_and_core(tree):
     bad = failing(r)
     assert "CAP_BPF" in bad["capabilities"].have and "8388608" in bad["locked memory"].have
     assert bad["bpffs"].have == "not mounted"
-    assert "not allowed" in bad["consumer core"].have
+    assert "consumer core" not in bad  # CPU 2 is online; outside the shell's 0-1 is a note
+    assert "outside this shell's affinity 0-1" in {c.name: c for c in r.checks}[
+        "consumer core"].have
     assert "not in host.isolated_cpus 3" in bad["consumer core isolated"].have
     assert r.status == PARTIAL  # the interfaces are there
+    tree.write("sys/devices/system/cpu/online", "0-1\n")
+    assert "offline" in failing(stage(tree, "runtime", cfg_of()))["consumer core"].have
 
 
 def test_runtime_missing_namespace(tree):
