@@ -18,6 +18,8 @@ from host import cli, config, preflight
 from host.preflight import NOT_CONFIGURED, OK, PARTIAL, SKIPPED
 from tests.labnet import built, private_lab, write_config
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # --- ethtool outputs -------------------------------------------------------------------------
 # captured with ethtool 6.1 on a veth in a scratch namespace (feature list shortened)
 VETH_K = """Features for {ifname}:
@@ -266,14 +268,33 @@ def test_ethtool_formats_parse():
     assert (hw.hardware, hw.phc) == (True, 0) and (sw.hardware, sw.software) == (False, True)
 
 
-@pytest.mark.parametrize("name,queue", [
-    ("mlx5_comp3@pci:0000:3b:00.0", 3), ("i40e-ens1f0-TxRx-2", 2), ("ens1f0-rx-5", 5),
-    ("virtio2-input.0", 0), ("virtio2-output.1", 1), ("eth2-7", 7),
-    ("virtio2-config", None), ("mlx5_async0@pci:0000:3b:00.0", None),
-    ("i40e-0000:3b:00.0:misc", None),
-])  # fmt: skip
-def test_irq_names_give_their_queue(name, queue):
+IRQ_NAMES = [  # (IRQ name, interface, its device name, queue)
+    ("mlx5_comp3@pci:0000:3b:00.0", "ens1f0", "", 3), ("i40e-ens1f0-TxRx-2", "ens1f0", "", 2),
+    ("ens1f0-rx-5", "ens1f0", "", 5), ("virtio2-input.0", "eth0", "virtio2", 0),
+    ("virtio2-output.1", "eth0", "virtio2", 1), ("eth2-7", "eth2", "", 7),
+    ("virtio2-config", "eth0", "virtio2", None),
+    ("mlx5_async0@pci:0000:3b:00.0", "ens1f0", "", None),
+    ("i40e-0000:3b:00.0:misc", "ens1f0", "", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,ifname,devname,queue", IRQ_NAMES)
+def test_irq_names_give_their_queue(name, ifname, devname, queue):
     assert preflight.irq_queue(name) == queue
+
+
+@pytest.mark.parametrize("name,ifname,devname,queue", IRQ_NAMES)
+def test_irq_affinity_role_places_the_irqs_preflight_checks(name, ifname, devname, queue):
+    """The irq_affinity role's module runs on the target without Tickwire installed, so it
+    carries its own IRQ-name matcher: it must agree with the preflight's, or the role would
+    place one set of IRQs and preflight check another."""
+    import importlib.util
+
+    path = ROOT / "ansible/roles/irq_affinity/library/tickwire_irq.py"
+    spec = importlib.util.spec_from_file_location("tickwire_irq", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.queue_of(name, ifname, devname, own=True) == queue
 
 
 # --- runtime ---------------------------------------------------------------------------------
