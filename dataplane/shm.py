@@ -144,10 +144,22 @@ def channel_dir(channel: str, root: Path | None = None) -> Path:
     return (root or SHM_ROOT) / channel
 
 
-def create(channel: str, root: Path | None = None) -> dict[str, np.ndarray]:
-    """Create (or reset) a channel's regions; returns writable maps by name."""
+def make_channel_dir(channel: str, root: Path | None = None) -> Path:
+    """The channel's directory, created when missing. The shared root belongs to the user
+    the appliance runs as (Ansible's tickwire role makes it the service user's): a channel
+    directory root creates first (``tickwire calibrate`` from an operator's shell) is handed
+    to that user, or the service could not create its regions in it."""
     d = channel_dir(channel, root)
     d.mkdir(parents=True, exist_ok=True)
+    owner = d.parent.stat()
+    if os.geteuid() == 0 and owner.st_uid != 0 and d.stat().st_uid == 0:
+        os.chown(d, owner.st_uid, owner.st_gid)
+    return d
+
+
+def create(channel: str, root: Path | None = None) -> dict[str, np.ndarray]:
+    """Create (or reset) a channel's regions; returns writable maps by name."""
+    d = make_channel_dir(channel, root)
     out = {}
     for name, (dtype, shape) in REGIONS.items():
         out[name] = np.memmap(d / name, dtype=dtype, mode="w+", shape=shape).view(np.ndarray)

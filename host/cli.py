@@ -170,12 +170,19 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace):
+    """The configuration a run-side verb works on: ``--config``/``--prefix``, with ``[run]``
+    pointed at the lab when ``--lab``."""
+    from host import config
+
+    cfg = config.load(args.config, prefix=args.prefix)
+    return config.for_lab(cfg) if args.lab else cfg
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from host import appliance, config
 
-    cfg = config.load(args.config, prefix=args.prefix)
-    if args.lab:
-        cfg = config.for_lab(cfg)
+    cfg = _run_config(args)
     if args.mode:
         import dataclasses
 
@@ -215,9 +222,7 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
             if name not in preflight.ALL_STAGES:
                 raise config.ConfigError(f"--stage {name}: not a stage "
                                          f"({', '.join(preflight.ALL_STAGES)})")  # fmt: skip
-        cfg = config.load(args.config, prefix=args.prefix)
-        if args.lab:
-            cfg = config.for_lab(cfg)
+        cfg = _run_config(args)
     except ValueError as e:
         print(f"tickwire: {e}", file=sys.stderr)
         return 2
@@ -236,7 +241,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from host import clock
 
-    return clock.main(args)
+    return clock.main(args, _run_config(args))
 
 
 def _positive(text: str) -> int:

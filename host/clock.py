@@ -353,10 +353,13 @@ def path_for(channel: str) -> Path:
 def save(result: dict) -> Path:
     """Write ``result`` as the channel's ``clock.json`` (temp file + rename: a reader sees
     the old file or the new one, never half of one)."""
+    from dataplane import shm
+
     path = path_for(result["channel"])
-    path.parent.mkdir(parents=True, exist_ok=True)
+    shm.make_channel_dir(result["channel"], path.parent.parent)
     fd, tmp = tempfile.mkstemp(prefix=".clock.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # the exporter may run as another user (the tickwire service)
         with os.fdopen(fd, "w") as f:
             json.dump(result, f, indent=1)
             f.write("\n")
@@ -485,13 +488,8 @@ class ClockCollector:
         yield from metric_families(self.channel, load(self.channel))
 
 
-def main(args) -> int:
-    """``tickwire calibrate``."""
-    from host import config
-
-    cfg = config.load(args.config, prefix=args.prefix)
-    if args.lab:
-        cfg = config.for_lab(cfg)
+def main(args, cfg) -> int:
+    """``tickwire calibrate`` on ``cfg`` (the CLI resolved ``--config``/``--lab``)."""
     r = calibrate(cfg, duration=args.duration, samples=args.samples)
     path = save(r)
     print(json.dumps({**r, "path": str(path)}) if args.json else text(r, path), flush=True)

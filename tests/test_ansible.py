@@ -362,7 +362,14 @@ def test_service_unit_least_privilege(applied):
     ]
     assert (root / "etc/systemd/system/multi-user.target.wants/tickwire.service").is_symlink()
     passwd = (root / "etc/passwd").read_text()
-    assert re.search(r"^tickwire:x:\d+:\d+:.*:/usr/sbin/nologin$", passwd, re.M)
+    m = re.search(r"^tickwire:x:(\d+):(\d+):.*:/usr/sbin/nologin$", passwd, re.M)
+    assert m
+    # the service user owns the shared-memory root at every boot (tmpfiles.d), so it can
+    # create its channel without root
+    r = _run(["chroot", str(root), "systemd-tmpfiles", "--create", "/etc/tmpfiles.d/tickwire.conf"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    st = (root / "dev/shm/tickwire").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (int(m[1]), int(m[2]), 0o755)
 
 
 @pytest.mark.lab
@@ -517,7 +524,7 @@ def test_undo_removes_what_apply_installed_and_is_idempotent(undone):
         "etc/systemd/system/multi-user.target.wants/ptp4l@eno1.service",
         "etc/systemd/system/tickwire.service",
         "etc/systemd/system/multi-user.target.wants/tickwire.service",
-        "etc/tickwire/tickwire.toml", "opt/tickwire",
+        "etc/tickwire/tickwire.toml", "opt/tickwire", "etc/tmpfiles.d/tickwire.conf",
     ]  # fmt: skip
     left = [p for p in gone if os.path.lexists(root / p)]
     assert not left, f"undo left: {left}"

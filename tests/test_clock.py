@@ -215,6 +215,7 @@ def test_stored_phc_calibration_as_metrics_text_and_status(tmp_path, monkeypatch
     path = clock.save(PHC_RECORD)
     assert path == tmp_path / "tcalunit" / "clock.json"
     assert [p.name for p in path.parent.iterdir()] == ["clock.json"]  # no temp file left
+    assert path.stat().st_mode & 0o777 == 0o644  # the exporter may run as the service user
     assert clock.load("tcalunit") == PHC_RECORD
     got = _scrape(clock.ClockCollector("tcalunit"))
     a = (("channel", "tcalunit"), ("interface", "ens1f0"), ("source", "phc"))
@@ -287,3 +288,17 @@ def test_calibrate_help_has_examples():
     done = subprocess.run([sys.executable, "-m", "host.cli", "calibrate", "--help"],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0 and "tickwire calibrate --lab" in done.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chown")
+def test_a_channel_root_creates_is_handed_to_the_service_user(tmp_path, monkeypatch):
+    """An operator's `tickwire calibrate` (root) must not leave a channel directory the
+    service (the owner of the shared-memory root) cannot create its regions in."""
+    from dataplane import shm
+
+    monkeypatch.setattr(shm, "SHM_ROOT", tmp_path)
+    os.chown(tmp_path, 65534, 65534)
+    path = clock.save({**PHC_RECORD, "channel": "tcalown"})
+    assert (path.parent.stat().st_uid, path.parent.stat().st_gid) == (65534, 65534)
+    os.chown(tmp_path, 0, 0)  # a root-owned root: nothing to hand over
+    assert shm.make_channel_dir("tcalroot").stat().st_uid == 0

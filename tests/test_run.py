@@ -4,12 +4,15 @@ exactly where ``tickwire book`` ends on the same file."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,7 +69,8 @@ class Appliance:
     """``tickwire run --lab`` in the background, with its own channel and metrics port."""
 
     def __init__(self, cfg, tmp_path, mode: str, *extra: str, until_eos: bool = True,
-                 run_extra: str = ""):  # fmt: skip
+                 run_extra: str = "", wrap: tuple[str, ...] = (),
+                 owner: int | None = None):  # fmt: skip
         self.channel = f"test{os.getpid()}{mode}{int(time.monotonic() * 1000) % 100000}"
         self.port = _free_port()
         self.cfg_path = tmp_path / "run.toml"
@@ -74,7 +78,11 @@ class Appliance:
         with open(self.cfg_path, "a") as f:
             f.write(f'[run]\nchannel = "{self.channel}"\nmetrics = "127.0.0.1:{self.port}"\n'
                     + run_extra)
-        args = [sys.executable, "-m", "host.cli", "run", "--config", str(self.cfg_path),
+        if owner is not None:  # as Ansible's tmpfiles entry hands the service user its root
+            cdir = shm.channel_dir(self.channel)
+            cdir.mkdir(parents=True, exist_ok=True)
+            os.chown(cdir, owner, owner)
+        args = [*wrap, sys.executable, "-m", "host.cli", "run", "--config", str(self.cfg_path),
                 "--lab", "--mode", mode, "--json", *extra]  # fmt: skip
         if until_eos:
             args.append("--until-eos")
@@ -128,6 +136,44 @@ def test_books_end_with_the_offline_digest(labcfg, session_file, tmp_path, mode)
     assert s["lines"]["A"]["first"] + s["lines"]["B"]["first"] == N_MSGS
     assert s["lines"]["A"]["duplicates"] + s["lines"]["B"]["duplicates"] == N_MSGS
     assert s["latency_ns"]["count"] > 0
+
+
+# what Ansible's tickwire unit grants (AmbientCapabilities=), plus CAP_SYS_ADMIN to enter the
+# lab's namespace (a host's feed interfaces are in the service's own)
+UNIT_CAPS = "+bpf,+net_admin,+net_raw,+ipc_lock,+sys_nice,+perfmon,+sys_admin"
+NOBODY = 65534
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_runs_unprivileged_with_the_units_capabilities(labcfg, session_file, tmp_path, mode):
+    """The provisioned service runs as its own user with six capabilities, not as root: the
+    same run, as ``nobody`` with exactly those, ends with the offline digest."""
+    if not os.path.exists("/usr/bin/setpriv"):
+        pytest.skip("setpriv (util-linux) is missing: cannot drop to a capability set")
+    path, digest = session_file
+    # pytest's tmp_path sits under a root-only directory: the run's config and numba cache
+    # go where nobody can reach them, as /etc/tickwire and /var/cache/tickwire are
+    work = Path(tempfile.mkdtemp(prefix="twcaps"))
+    work.chmod(0o755)
+    cache = work / "numba"
+    cache.mkdir()
+    os.chown(cache, NOBODY, NOBODY)
+    wrap = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            f"--inh-caps={UNIT_CAPS}", f"--ambient-caps={UNIT_CAPS}",
+            f"--bounding-set=-all,{UNIT_CAPS}", "env", f"HOME={cache}",
+            f"NUMBA_CACHE_DIR={cache}")  # fmt: skip
+    app = None
+    try:
+        app = Appliance(labcfg, work, mode, wrap=wrap, owner=NOBODY)
+        run_sim(_sim_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "400000",
+                "--eos-for", "1", "--no-rerequest")  # fmt: skip
+        s = app.finish()
+        assert shm.channel_dir(app.channel).stat().st_uid == NOBODY
+    finally:
+        if app:
+            app.kill()
+        shutil.rmtree(work)
+    assert s["mode"] == mode and s["taken"] == N_MSGS and s["digest"] == digest
 
 
 @pytest.mark.parametrize("mode", MODES)
