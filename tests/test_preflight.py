@@ -762,11 +762,21 @@ def test_lab_preflight_looks_inside_the_namespace(labcfg, tmp_path):
     assert f"{ifname} generic-segmentation-offload: have on; want off" in done.stdout
 
 
+@pytest.fixture
+def channel(request):
+    """A channel name of this test's own; its shared memory is removed afterwards."""
+    from dataplane import shm
+
+    name = f"pf{request.node.name[9:12]}{os.getpid()}"
+    yield name
+    shm.remove(name)
+
+
 @pytest.mark.lab
-def test_run_refuses_a_failing_required_stage(labcfg, tmp_path):
+def test_run_refuses_a_failing_required_stage(labcfg, tmp_path, channel):
     path = write_config(labcfg, tmp_path / "run.toml")
     with open(path, "a") as f:
-        f.write(f'[run]\nchannel = "pfl{os.getpid()}"\nmetrics = ""\n'
+        f.write(f'[run]\nchannel = "{channel}"\nmetrics = ""\n'
                 '[host]\nrequired = ["nic"]\noffloads_off = ["rx-checksumming"]\n')
     done = _tickwire("run", "--config", path, "--lab", "--mode", "socket", "--duration", "1")
     assert done.returncode == 1
@@ -780,10 +790,10 @@ def test_run_refuses_a_failing_required_stage(labcfg, tmp_path):
 
 
 @pytest.mark.lab
-def test_run_logs_the_preflight_summary(labcfg, tmp_path):
+def test_run_logs_the_preflight_summary(labcfg, tmp_path, channel):
     path = write_config(labcfg, tmp_path / "run.toml")
     with open(path, "a") as f:
-        f.write(f'[run]\nchannel = "pfm{os.getpid()}"\nmetrics = ""\n')
+        f.write(f'[run]\nchannel = "{channel}"\nmetrics = ""\n')
     done = _tickwire("run", "--config", path, "--lab", "--mode", "socket", "--duration", "1",
                      "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr

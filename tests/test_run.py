@@ -88,7 +88,11 @@ class Appliance:
             args.append("--until-eos")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)  # fmt: skip
-        self.reader = appliance.wait_consumer(self.channel, self.proc, timeout=60)
+        try:
+            self.reader = appliance.wait_consumer(self.channel, self.proc, timeout=60)
+        except BaseException:
+            self.kill()  # the run never came up: no process, no shared memory left behind
+            raise
 
     def wait_taken(self, n: int, timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout
