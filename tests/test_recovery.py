@@ -162,7 +162,13 @@ def test_gap_is_requested_in_capped_pieces_and_filled_exactly(sess, tmp_path, co
         assert c["requested"] >= -(-count // 1000)  # split at the server's cap
         assert c["requested"] == srv.counters["requests"]
         assert srv.counters["malformed"] == srv.counters["other_session"] == 0
-        assert c["answers"] == len(consumer.entries) and c["rejected_answers"] == 0
+        assert c["answers"] == len(consumer.entries)
+        # the only answers turned away are repeats, and repeats only come from a request
+        # retried after a timeout (a loaded machine can make a 50 ms answer late): the
+        # late original and the retry's answer both arrive, the second is dropped
+        assert c["rejected_answers"] == c["rejected_duplicate"]
+        if c["retries"] == 0:
+            assert c["rejected_duplicate"] == 0
         # handed over in sequence order, so the consumer never holds a recovered packet
         firsts = [f for _k, f, _n in consumer.entries]
         assert firsts == sorted(firsts)
