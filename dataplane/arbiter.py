@@ -9,12 +9,20 @@ packet from either line (or from the recovery path) is, relative to it:
   as the hole before it fills (``drain``). Without a free slot it is counted
   (``A_HOLD_OVERFLOW``) and left to recovery, never applied out of order.
 
+Held packets are kept in a free-slot stack and an array of slots sorted by sequence
+(``new_hold``): holding, the duplicate check, releasing and finding the lowest held
+sequence cost O(1) in the usual order of arrival and O(log n) at worst, never a scan of
+every slot -- under heavy loss the hold is full and every packet still costs the same.
+
 A *hole* exists while something announced a sequence past ``A_NEXT``: a held packet, a
 data packet's end, a heartbeat or the end of session (heartbeats carry the next sequence,
 so a loss at the end of a burst is seen too). ``hole_check`` declares the hole a gap --
 pushed into the shared ``gaps`` ring for the recovery client -- only once neither line has
 filled it within the arbitration window: ``C_WINDOW_NS`` nanoseconds since it was first
-seen, or ``C_WINDOW_MSGS`` messages held behind it. The recovery client answers through
+seen (no later than the arrival of the packet held after it), or ``C_WINDOW_MSGS``
+messages held. Once the hole at ``A_NEXT`` is declared, every later hole between held
+packets that is past the window is declared too, in order, so recovery works on all of
+them at once instead of one window and one round trip per hole. The recovery client answers through
 the ``recov`` ring: answer packets go through the same path as the lines' packets (first
 copy wins), and a range it gives up on comes back as ``REC_LOST``: ``lost`` skips it,
 counts it, marks the books stale and, under the halt policy, stops the consumer.
@@ -25,6 +33,7 @@ applies messages, and only from ``A_NEXT`` upwards. Nothing here allocates.
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
@@ -34,13 +43,29 @@ from dataplane import moldudp64 as mold
 from dataplane.itch import rd_u16
 
 HOLD_SLOT = 2048  # bytes per held packet (a MoldUDP64 datagram)
-H_SEQ = 0
+# hold_meta columns: per slot (row = slot index) ...
+H_SEQ = 0  # first sequence (-1: free)
 H_COUNT = 1
 H_LEN = 2
 H_LINE = 3
-H_COLS = 4
-A_HOLD_HWM = shm.A_BASE + 14  # private: slots at or past this index are all free
+H_TIME = 4  # when it was held
+# ... and two index arrays sharing the rows: the slots held, sorted by sequence, at rows
+# A_HOLD_HEAD .. A_HOLD_HEAD + A_HELD_NOW - 1; the free slots, a stack at rows
+# 0 .. slots - A_HELD_NOW - 1
+H_ORDER = 5
+H_FREE = 6
+H_COLS = 7
+A_HOLD_HEAD = shm.A_BASE + 14  # private: row of the lowest held sequence in H_ORDER
 A_HELD_MSGS = shm.A_BASE + 15  # private: messages in held packets
+HOLE_WALK = 256  # held packets one hole_check looks at past the declared front (bounded)
+
+
+def new_hold(slots: int):
+    """``(hold_buf, hold_meta)`` for ``slots`` held packets, all free."""
+    hold_buf = np.zeros((slots, HOLD_SLOT), np.uint8)
+    hold_meta = np.full((slots, H_COLS), -1, np.int64)
+    hold_meta[:, H_FREE] = np.arange(slots)
+    return hold_buf, hold_meta
 
 
 @intrinsic
@@ -135,104 +160,117 @@ def take(b, pos, end, seq, count, line, rx_ns, t, ctr, orders, levels, sides, la
     return 0
 
 
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _lower_bound(hold_meta, lo, hi, seq):
+    """First row in ``H_ORDER[lo:hi]`` whose slot's sequence is >= ``seq`` (``hi``: none)."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if hold_meta[hold_meta[mid, H_ORDER], H_SEQ] < seq:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 @njit(cache=True, nogil=True, _nrt=False)
-def hold(b, pos, end, seq, count, line, ctr, hold_buf, hold_meta):
+def hold(b, pos, end, seq, count, line, t, ctr, hold_buf, hold_meta):
     """Keep a packet that arrived ahead of ``A_NEXT`` until its turn."""
-    hwm = ctr[A_HOLD_HWM]
-    free = -1
-    for i in range(hwm):
-        hs = hold_meta[i, H_SEQ]
-        if hs == seq and hold_meta[i, H_COUNT] >= count:
+    slots = hold_meta.shape[0]
+    n = ctr[shm.A_HELD_NOW]
+    head = ctr[A_HOLD_HEAD]
+    tail = head + n
+    p = tail  # packets mostly arrive in order: append
+    if n > 0 and hold_meta[hold_meta[tail - 1, H_ORDER], H_SEQ] >= seq:
+        p = _lower_bound(hold_meta, head, tail, seq)
+    size = end - pos
+    if p < tail and hold_meta[hold_meta[p, H_ORDER], H_SEQ] == seq:
+        slot = hold_meta[p, H_ORDER]
+        if hold_meta[slot, H_COUNT] >= count or size > hold_buf.shape[1]:
             ctr[line * shm.LINE_STRIDE + shm.L_DUPLICATES] += count  # held already
             return
-        if hs < 0 and free < 0:
-            free = i
-    if free < 0:
-        if hwm >= hold_meta.shape[0] or end - pos > hold_buf.shape[1]:
+        # the same start with more messages (another packetisation): keep the longer one
+        ctr[line * shm.LINE_STRIDE + shm.L_DUPLICATES] += hold_meta[slot, H_COUNT]
+        ctr[A_HELD_MSGS] += count - hold_meta[slot, H_COUNT]
+    else:
+        if n >= slots or size > hold_buf.shape[1]:
             ctr[shm.A_HOLD_OVERFLOW] += 1  # its sequences stay a hole: recovery fills it
             return
-        free = hwm
-        ctr[A_HOLD_HWM] = hwm + 1
-    n = end - pos
-    for k in range(n):
-        hold_buf[free, k] = b[pos + k]
-    hold_meta[free, H_SEQ] = seq
-    hold_meta[free, H_COUNT] = count
-    hold_meta[free, H_LEN] = n
-    hold_meta[free, H_LINE] = line
-    ctr[shm.A_HELD_NOW] += 1
-    ctr[A_HELD_MSGS] += count
-    ctr[line * shm.LINE_STRIDE + shm.L_HELD] += 1
-    if ctr[shm.A_HELD_NOW] > ctr[shm.A_HELD_MAX]:
-        ctr[shm.A_HELD_MAX] = ctr[shm.A_HELD_NOW]
+        slot = hold_meta[slots - n - 1, H_FREE]  # pop a free slot
+        if p == head and head > 0:  # before the lowest: one row down
+            head -= 1
+            p = head
+            ctr[A_HOLD_HEAD] = head
+        else:
+            if tail == slots:  # the sorted rows reached the end: move them down to row 0
+                for k in range(n):
+                    hold_meta[k, H_ORDER] = hold_meta[head + k, H_ORDER]
+                p -= head
+                tail = n
+                head = 0
+                ctr[A_HOLD_HEAD] = 0
+            for k in range(tail, p, -1):
+                hold_meta[k, H_ORDER] = hold_meta[k - 1, H_ORDER]
+        hold_meta[p, H_ORDER] = slot
+        hold_meta[slot, H_TIME] = t
+        ctr[shm.A_HELD_NOW] = n + 1
+        ctr[A_HELD_MSGS] += count
+        ctr[line * shm.LINE_STRIDE + shm.L_HELD] += 1
+        if n + 1 > ctr[shm.A_HELD_MAX]:
+            ctr[shm.A_HELD_MAX] = n + 1
+    for k in range(size):
+        hold_buf[slot, k] = b[pos + k]
+    hold_meta[slot, H_SEQ] = seq
+    hold_meta[slot, H_COUNT] = count
+    hold_meta[slot, H_LEN] = size
+    hold_meta[slot, H_LINE] = line
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _free_slot(ctr, hold_meta, i):
-    ctr[shm.A_HELD_NOW] -= 1
-    ctr[A_HELD_MSGS] -= hold_meta[i, H_COUNT]
-    hold_meta[i, H_SEQ] = -1
-    hwm = ctr[A_HOLD_HWM]
-    while hwm > 0 and hold_meta[hwm - 1, H_SEQ] < 0:
-        hwm -= 1
-    ctr[A_HOLD_HWM] = hwm
+def _release_lowest(ctr, hold_meta):
+    """Free the slot of the lowest held sequence."""
+    slots = hold_meta.shape[0]
+    head = ctr[A_HOLD_HEAD]
+    slot = hold_meta[head, H_ORDER]
+    n = ctr[shm.A_HELD_NOW]
+    ctr[A_HELD_MSGS] -= hold_meta[slot, H_COUNT]
+    hold_meta[slot, H_SEQ] = -1
+    hold_meta[slots - n, H_FREE] = slot  # push on the free stack
+    ctr[shm.A_HELD_NOW] = n - 1
+    ctr[A_HOLD_HEAD] = head + 1 if n > 1 else 0
 
 
 @njit(cache=True, nogil=True, _nrt=False)
 def drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder, htab, stocks, meta, bctr,
           bbo, touched, lat):  # fmt: skip
-    """Release held packets in order while one starts at or before ``A_NEXT``."""
+    """Release held packets in order while the lowest starts at or before ``A_NEXT``."""
     while ctr[shm.A_HELD_NOW] > 0:
         nxt = ctr[shm.A_NEXT]
-        found = -1
-        for i in range(ctr[A_HOLD_HWM]):
-            hs = hold_meta[i, H_SEQ]
-            if hs >= 0 and hs <= nxt:
-                found = i
-                break
-        if found < 0:
-            return 0
+        found = hold_meta[ctr[A_HOLD_HEAD], H_ORDER]
         seq = hold_meta[found, H_SEQ]
+        if seq > nxt:
+            return 0
         count = hold_meta[found, H_COUNT]
         line = hold_meta[found, H_LINE]
         if seq + count <= nxt:  # the other line (or recovery) delivered it meanwhile
             ctr[line * shm.LINE_STRIDE + shm.L_LATE] += 1
             ctr[line * shm.LINE_STRIDE + shm.L_DUPLICATES] += count
-            _free_slot(ctr, hold_meta, found)
+            _release_lowest(ctr, hold_meta)
             continue
         st = take(hold_buf[found], 0, hold_meta[found, H_LEN], seq, count, line, 0, t, ctr,
                   orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched,
                   lat)  # fmt: skip
         if st != 0:
             return st
-        _free_slot(ctr, hold_meta, found)
+        _release_lowest(ctr, hold_meta)
     return 0
 
 
-@njit(cache=True, nogil=True, _nrt=False)
-def hole_check(t, ctr, hold_meta, gaps, control):
-    """Declare the hole at ``A_NEXT`` a gap once the arbitration window has passed."""
-    nxt = ctr[shm.A_NEXT]
-    lo = ctr[shm.A_ANNOUNCED]
-    if ctr[shm.A_HELD_NOW] > 0:
-        for i in range(ctr[A_HOLD_HWM]):
-            hs = hold_meta[i, H_SEQ]
-            if hs >= 0 and hs < lo:
-                lo = hs
-    if lo <= nxt:
-        ctr[shm.A_HOLE_SINCE] = 0
-        return
-    if ctr[shm.A_HOLE_SINCE] == 0:
-        ctr[shm.A_HOLE_SINCE] = t
-    first = max(nxt, ctr[shm.A_DECLARED_TO])
-    if first >= lo:
-        return  # declared already; recovery is on it
-    if t - ctr[shm.A_HOLE_SINCE] < control[shm.C_WINDOW_NS] and \
-            ctr[A_HELD_MSGS] < control[shm.C_WINDOW_MSGS]:  # fmt: skip
-        return
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _declare(t, first, lo, ctr, gaps, control):
+    """Push the gap ``[first, lo)`` for the recovery client; False when its ring is full."""
     head = control[shm.C_GAP_HEAD]
     if head - control[shm.C_GAP_TAIL] >= gaps.shape[0]:
-        return  # the recovery client is behind: declare on a later check
+        return False  # the recovery client is behind: declare on a later check
     row = head % gaps.shape[0]
     gaps[row, 0] = first
     gaps[row, 1] = lo - first
@@ -243,6 +281,60 @@ def hole_check(t, ctr, hold_meta, gaps, control):
     ctr[shm.A_DECLARED_TO] = lo
     ctr[shm.A_GAP_EVENTS] += 1
     ctr[shm.A_GAP_DECLARED_MSGS] += lo - first
+    return True
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def hole_check(t, ctr, hold_meta, gaps, control):
+    """Declare the hole at ``A_NEXT`` a gap once the arbitration window has passed, then
+    the holes between held packets behind it that are past the window too."""
+    nxt = ctr[shm.A_NEXT]
+    lo = ctr[shm.A_ANNOUNCED]
+    n = ctr[shm.A_HELD_NOW]
+    head = ctr[A_HOLD_HEAD]
+    if n > 0:
+        lowest = hold_meta[head, H_ORDER]
+        if hold_meta[lowest, H_SEQ] < lo:
+            lo = hold_meta[lowest, H_SEQ]
+    if lo <= nxt:
+        ctr[shm.A_HOLE_SINCE] = 0
+        return
+    since = ctr[shm.A_HOLE_SINCE]
+    if since == 0:
+        since = t
+    if n > 0 and hold_meta[lowest, H_TIME] < since:  # seen when the packet after it came
+        since = hold_meta[lowest, H_TIME]
+    ctr[shm.A_HOLE_SINCE] = since
+    window = control[shm.C_WINDOW_NS]
+    pressed = ctr[A_HELD_MSGS] >= control[shm.C_WINDOW_MSGS]
+    first = max(nxt, ctr[shm.A_DECLARED_TO])
+    if first < lo:
+        if t - since < window and not pressed:
+            return
+        if not _declare(t, first, lo, ctr, gaps, control):
+            return
+        first = lo
+    # the front is declared: walk the held packets from where the last walk stopped
+    tail = head + n
+    p = _lower_bound(hold_meta, head, tail, first)
+    if p > head:
+        p -= 1  # the packet before may reach past ``first``
+    cur = first
+    steps = 0
+    while p < tail and steps < HOLE_WALK:
+        slot = hold_meta[p, H_ORDER]
+        s = hold_meta[slot, H_SEQ]
+        e = s + hold_meta[slot, H_COUNT]
+        if s > cur:
+            if t - hold_meta[slot, H_TIME] < window and not pressed:
+                break  # a young hole: it may still be filled by a line
+            if not _declare(t, cur, s, ctr, gaps, control):
+                break
+        if e > cur:
+            cur = e
+            ctr[shm.A_DECLARED_TO] = cur  # below it: held, taken or declared
+        p += 1
+        steps += 1
 
 
 @njit(cache=True, nogil=True, _nrt=False)
@@ -301,7 +393,7 @@ def on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta, or
         if last <= nxt:
             ctr[lb + shm.L_DUPLICATES] += count
         elif seq > nxt:
-            hold(b, pos, end, seq, count, line, ctr, hold_buf, hold_meta)
+            hold(b, pos, end, seq, count, line, t, ctr, hold_buf, hold_meta)
         else:
             st = take(b, pos, end, seq, count, line, rx_ns, t, ctr, orders, levels, sides,
                       ladder, htab, stocks, meta, bctr, bbo, touched, lat)  # fmt: skip

@@ -60,7 +60,7 @@ A_HELD_MAX = A_BASE + 7
 A_HOLD_OVERFLOW = A_BASE + 8  # packets not held for want of a slot (recovered later)
 A_ANNOUNCED = A_BASE + 9  # highest next-sequence any packet or heartbeat announced
 A_HOLE_SINCE = A_BASE + 10  # when the current hole at A_NEXT was first seen (0: none)
-A_DECLARED_TO = A_BASE + 11  # sequences below this were already declared as gaps
+A_DECLARED_TO = A_BASE + 11  # below this: declared as gaps, held or taken (a hole here is declared)
 A_GAP_DECLARED_MSGS = A_BASE + 12  # messages in declared gaps
 A_LOST_EVENTS = A_BASE + 13  # unrecoverable ranges applied
 

@@ -81,8 +81,7 @@ def _drive(cfg: Config, maps: dict, book, loop) -> str:
 
     run = cfg.run
     ctr, control = maps["counters"], maps["control"]
-    hold_buf = np.zeros((run.hold_slots, arbiter.HOLD_SLOT), np.uint8)
-    hold_meta = np.full((run.hold_slots, arbiter.H_COLS), -1, np.int64)
+    hold_buf, hold_meta = arbiter.new_hold(run.hold_slots)
     arb = (ctr, hold_buf, hold_meta, maps["gaps"], control, maps["recov"], maps["recov_meta"])
     touched = np.zeros(256, np.int64)
 

@@ -196,6 +196,33 @@ class Consumer:
     def latency_hist(self) -> np.ndarray:
         return np.array(self.reader.m["latency"])
 
+    def arbiter(self) -> tuple[int, int, int]:
+        """(next sequence, sequences skipped as unrecoverable, packets held)."""
+        c = self.reader.m["counters"]
+        return int(c[shm.A_NEXT]), int(c[shm.A_GAP_MESSAGES]), int(c[shm.A_HELD_NOW])
+
+    def settle(self, pg, limit: float = 10.0) -> bool:
+        """Wait until the arbiter has taken or given up everything sent so far: the next
+        sequence is the generator's and nothing is held. A lossy step leaves holes that
+        recovery has to give up first (there is no re-request server in this lab: each
+        waits out the recovery SLO); a loss at the very end is only seen once something
+        announces the sequence after it, so a heartbeat goes out while waiting."""
+        deadline = time.monotonic() + limit
+        announced = False
+        while True:
+            nxt, _, held = self.arbiter()
+            if nxt >= pg.next_seq and held == 0:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            if not announced:
+                template = pg.template
+                pg.use(pg.heartbeat())
+                pg.send(1)
+                pg.use(template)
+                announced = True
+            time.sleep(0.02)
+
     def drain(self, expected: int, quiet: float = 0.3, limit: float = 5.0) -> tuple[int, int]:
         """Wait until line A counted ``expected`` packets, or nothing moved for ``quiet``."""
         last, since = self.packets(), time.monotonic()
@@ -233,13 +260,24 @@ class Consumer:
 
 # --- steps ------------------------------------------------------------------------------------
 def _step(pg, consumer: Consumer, rate: float | None, n: int, burst: int = 64) -> dict:
+    """Send ``n`` frames at ``rate`` from a settled arbiter. ``lost`` counts the frames the
+    consumer never received plus, as frames, any messages the arbiter then had to skip: a
+    frame received but given up (its hold was full behind a hole) is not loss-free."""
     n = max(1000, int(n))
+    settled = consumer.settle(pg)
     p0, m0 = consumer.drain(0, quiet=0.1, limit=1.0)
+    _, skipped0, _ = consumer.arbiter()
     r = pg.send(n, rate, burst)
     p1, m1 = consumer.drain(p0 + r["sent"])
+    consumer.settle(pg)
+    _, skipped1, _ = consumer.arbiter()
     received = p1 - p0
+    per = max(1, pg.messages)
+    skipped = skipped1 - skipped0
+    lost = r["sent"] - received + (skipped + per - 1) // per
     return {"requested_pps": float(rate or 0.0), "offered_pps": r["rate_pps"], "sent": r["sent"],
-            "received": received, "lost": r["sent"] - received, "messages": m1 - m0,
+            "received": received, "lost": lost, "messages": m1 - m0,
+            "skipped_messages": skipped, "settled": settled,
             "seconds": r["seconds"], "calls": r["calls"]}  # fmt: skip
 
 

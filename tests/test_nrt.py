@@ -34,8 +34,7 @@ SCRIPT = textwrap.dedent(
     from dataplane import consumer, shm, xsk
     from dataplane import arbiter
     m = {n: np.zeros(shape, dt) for n, (dt, shape) in shm.REGIONS.items() if n != "levels"}
-    arb = (m["counters"], np.zeros((4, arbiter.HOLD_SLOT), np.uint8),
-           np.full((4, arbiter.H_COLS), -1, np.int64), m["gaps"], m["control"], m["recov"],
+    arb = (m["counters"], *arbiter.new_hold(4), m["gaps"], m["control"], m["recov"],
            m["recov_meta"])
     bk_ = (*b._state(), m["bbo"], np.zeros(256, np.int64), m["latency"])
     session, ts = np.zeros(10, np.uint8), np.zeros(2, np.int64)
