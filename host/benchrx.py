@@ -33,6 +33,8 @@ stays bounded; messages/s). In order:
      ``rate x duration`` frames, waits for the consumer to drain, and compares the packets
      the consumer counted on line A with the frames sent; loss-free means none missing.
      The rate recorded is the achieved one (the generator's first-to-last frame time).
+     Every step starts once the arbiter has settled (``Consumer.settle``), and messages it
+     had to skip during the step count as lost frames.
 4. Ratios (AF_XDP loss-free / socket loss-free, AF_XDP / XDP_DROP ceiling, both for 64-byte
    packets/s) and targets: >= 3x, >= 75 %, AF_XDP p50 < 10 us at ``latency_rate`` (small
    packets).
