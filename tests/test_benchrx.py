@@ -162,7 +162,7 @@ def test_short_bench_rx_reports_everything_and_removes_its_lab():
     from host import benchrx
 
     prefix = f"tbrr{os.getpid() % 100000:05d}"
-    args = types.SimpleNamespace(duration=0.2, steps=1, json=True, prefix=prefix,
+    args = types.SimpleNamespace(duration=0.2, steps=3, json=True, prefix=prefix,
                                  latency_seconds=0.3, jitter_seconds=0.2,
                                  latency_rate=50_000.0)  # fmt: skip
     cfg = benchrx._lab_config(prefix)
