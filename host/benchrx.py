@@ -161,7 +161,8 @@ class Consumer:
                 f'[feed]\nsession = "{cfg.feed.session}"\n'
                 f'[run]\nchannel = "{self.channel}"\ncore = {core}\nmetrics = ""\n'
                 # no re-request server in this lab: a lossy step's holes are given up fast
-                'recovery_timeout_ms = 10.0\nrecovery_retries = 0\nrecovery_slo_ms = 50.0\n')  # fmt: skip
+                'recovery_timeout_ms = 10.0\nrecovery_retries = 0\n'
+                'recovery_slo_ms = 50.0\n')  # fmt: skip
         path.write_text(text)
         self.errfile = open(workdir / f"run-{mode}.err", "w+")  # closed in stop()
         self.proc = subprocess.Popen(
