@@ -4,14 +4,28 @@ Structure (all numpy arrays; the jitted functions take them as arguments):
 
 - ``orders`` (``ORDER``): one row per live order: reference, locate, side, price, remaining
   shares, its level, and ``prev``/``next`` links of the level's FIFO queue. Free rows are
-  chained through ``next``; rows past the high-water mark were never used.
-- ``htab`` (``HASH``): order reference -> order row, open addressing with linear probing and
-  backward-shift deletion (no tombstones), kept at most half full.
+  chained through ``next``; rows past the high-water mark were never used. Row 0
+  (``SCRATCH``) is never an order: the FIFO links are updated without branches, and the
+  write meant for a missing neighbour lands there.
+- the order index, two tiers. ``rix`` (``RING``): a direct-mapped ring indexed by
+  ``ref & (len(rix) - 1)`` holding the live order whose reference maps there, plus the
+  number of live orders that map there but live in the second tier (``spill``). Nasdaq
+  assigns order references in sequence, so new orders land on consecutive ring entries and
+  the orders touched next (recent ones) sit together in cache: no hash and no probing in
+  the common case. ``htab`` (``HASH``): reference -> order row for the orders
+  whose ring entry was taken by another live order (a long-resting order one ring length
+  older, or references that are not sequential at all): open addressing with linear
+  probing and backward-shift deletion (no tombstones), kept at most half full. A lookup
+  reads the ring entry, and the hash only when the entry's ``spill`` is non-zero. The ring
+  doubles (off the hot path, rebuilt from the live orders) when more than a quarter of its
+  length has spilled, so it settles near the live span of references.
 - ``levels`` (``LEVEL``): one row per non-empty price level: price, aggregate shares, order
   count, FIFO head and tail.
 - ``ladder`` (``RUNG``) + ``sides`` (``SIDE``): per (locate, side) a sorted run of
   (key, level) in ``ladder[start:start+count]``, keys ascending with the best price last
-  (bid key = price, ask key = 2^32-1 - price), so adds and removals near the top move few entries.
+  (bid key = price, ask key = 2^32-1 - price), so adds and removals near the top move few
+  entries. A side of up to ``SCAN`` levels is searched with one vector compare (the ladder
+  ends in ``SCAN`` rungs of padding so that read never leaves it), a longer one bisects.
   ``sides`` also caches the best level's price and shares (the BBO) and the live order count.
 - ``stocks`` (``STOCK``): the symbol from the stock directory and the trading state.
 - ``meta``: free-list heads, high-water marks, the hash shift and count.
@@ -95,10 +109,49 @@ def prefetch(typingctx, arr, idx):
     return types.none(arr, idx), codegen
 
 
+SCAN = 16  # sides up to this many levels are searched branch-free; the ladder is padded by it
+
+
+@intrinsic
+def count_below(typingctx, ladder, start, count, key):
+    """How many of the ``count`` (<= ``SCAN``) rungs from ``ladder[start]`` have a key below
+    ``key``: one vector load of ``SCAN`` rungs, compare, mask by ``count``, popcount.
+    Reads ``SCAN`` rungs whatever ``count`` is (the ladder is padded for it)."""
+    if not (isinstance(ladder, types.Array) and isinstance(start, types.Integer)
+            and isinstance(count, types.Integer) and isinstance(key, types.Integer)):  # fmt: skip
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        st = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [st],
+                                       wraparound=False)  # fmt: skip
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vt = ir.VectorType(i64, SCAN)
+        zeros = ir.Constant(ir.VectorType(i32, SCAN), [0] * SCAN)
+
+        def splat(v):
+            one = builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
+            return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined), zeros)
+
+        rungs = builder.load(builder.bitcast(ptr, vt.as_pointer()), align=4)
+        keys = builder.and_(rungs, ir.Constant(vt, [0xFFFFFFFF] * SCAN))  # key: low half
+        k = context.cast(builder, args[3], sig.args[3], types.uint64)
+        below = builder.icmp_unsigned("<", keys, splat(k))
+        n = context.cast(builder, args[2], sig.args[2], types.int64)
+        inrun = builder.icmp_signed("<", ir.Constant(vt, list(range(SCAN))), splat(n))
+        bits = builder.bitcast(builder.and_(below, inrun), ir.IntType(SCAN))
+        popcount = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(SCAN)])
+        return builder.zext(builder.call(popcount, [bits]), i64)
+
+    return types.int64(ladder, start, count, key), codegen
+
+
 N_LOCATES = 65536
 BID = 0
 ASK = 1
 NIL = -1
+SCRATCH = 0  # order row 0 is never an order: branch-free links write there instead of nowhere
 
 ORDER = np.dtype(
     [("ref", np.uint64), ("price", np.uint32), ("shares", np.uint32), ("locate", np.uint16),
@@ -118,6 +171,7 @@ SIDE = np.dtype(
 )  # fmt: skip  -- 32 bytes: a stock's bid and ask share one cache line
 RUNG = np.dtype([("key", np.uint32), ("level", np.int32)], align=True)  # 8 bytes
 HASH = np.dtype([("key", np.uint64), ("slot", np.int64)], align=True)
+RING = np.dtype([("row", np.int32), ("spill", np.int32)], align=True)  # 8 bytes
 STOCK = np.dtype([("symbol", np.uint64), ("named", np.uint8), ("state", np.uint8)], align=True)
 
 # meta indices
@@ -128,7 +182,9 @@ M_LEVEL_HWM = 3
 M_LADDER_BUMP = 4
 M_HASH_COUNT = 5
 M_HASH_SHIFT = 6
-META_LEN = 8
+M_LIVE = 7  # live orders, both tiers (M_HASH_COUNT: those in the hash tier)
+M_RING_MAX = 8  # the ring may double while it is shorter than this
+META_LEN = 16
 
 # book counters, after the decoder's in the shared counters array
 B_DUP_ADD = itch.N_DECODER_COUNTERS + 0
@@ -148,16 +204,21 @@ NEED_ORDERS = 10
 NEED_LEVELS = 11
 NEED_LADDER = 12
 NEED_HASH = 13
+NEED_RING = 14
 
 LADDER_MIN_CAP = 8
-LINEAR_STEPS = 8  # ladder search walks this far from the top before bisecting
 HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
-# --- order-reference hash ---------------------------------------------------------------
+# --- order index: the reference ring, and the hash for what spills from it ----------------
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
 def _home(key, shift):
     return np.int64((key * HASH_MULT) >> np.uint64(shift))
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _ring_at(rix, ref):
+    return np.int64(ref & np.uint64(rix.shape[0] - 1))
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -208,22 +269,60 @@ def ht_rehash(old, new, shift):
             new[i].slot = old[j].slot
 
 
+IN_RING = -1  # ``ix_find``'s location of an order indexed by its ring entry
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def ix_find(orders, rix, htab, shift, ref):
+    """Return ``(order row or NIL, where)``: ``where`` is ``IN_RING`` for an order held by
+    its ring entry, else the hash index of its entry (or of the empty probe end)."""
+    e = rix[_ring_at(rix, ref)]
+    o = e.row
+    if o != NIL and orders[o].ref == ref:
+        return o, IN_RING
+    if e.spill == 0:
+        return NIL, IN_RING
+    return ht_find(htab, shift, ref)
+
+
+@njit(cache=True, nogil=True)
+def rebuild_index(orders, hwm, rix, htab, shift):
+    """Index every live order of ``orders[:hwm]`` into the empty ``rix`` and ``htab``
+    (ring growth, off the hot path). Returns how many went to the hash."""
+    mask = htab.shape[0] - 1
+    spilled = 0
+    for o in range(hwm):
+        if orders[o].live != 1:
+            continue
+        ref = orders[o].ref
+        r = _ring_at(rix, ref)
+        if rix[r].row == NIL:
+            rix[r].row = o
+            continue
+        i = _home(ref, shift)
+        while htab[i].slot >= 0:
+            i = (i + 1) & mask
+        htab[i].key = ref
+        htab[i].slot = o
+        rix[r].spill += 1
+        spilled += 1
+    return spilled
+
+
 # --- ladder -----------------------------------------------------------------------------
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
 def _lower_bound(ladder, start, count, key):
     """First index in ``ladder[start:start+count]`` whose key is >= ``key``.
 
-    Walks down from the top first (most activity is near the best price), then bisects.
+    Up to ``SCAN`` rungs (nearly every side) it counts the keys below ``key`` over a fixed
+    ``SCAN`` entries, masked by ``count``: no data-dependent branch to mispredict, and the
+    compiler turns it into a few vector compares (the ladder is padded so the scan never
+    leaves it). Longer sides bisect.
     """
-    i = count
-    steps = 0
-    while i > 0 and steps < LINEAR_STEPS:
-        if ladder[start + i - 1].key < key:
-            return i
-        i -= 1
-        steps += 1
+    if count <= SCAN:
+        return count_below(ladder, start, count, key)
     lo = 0
-    hi = i
+    hi = count
     while lo < hi:
         mid = (lo + hi) >> 1
         if ladder[start + mid].key < key:
@@ -254,8 +353,9 @@ def _refresh_bbo(sides, ladder, levels, sd):
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _fits_add(sides, ladder, orders, levels, htab, meta, sd):
-    """0 when an add to side ``sd`` fits the arrays as they are, else the NEED_* status."""
+def _fits_add(sides, ladder, orders, levels, htab, rix, meta, sd, ref):
+    """0 when an add of ``ref`` to side ``sd`` fits the arrays as they are, else the
+    NEED_* status."""
     if meta[M_ORDER_FREE] == NIL and meta[M_ORDER_HWM] >= orders.shape[0]:
         return NEED_ORDERS
     if meta[M_LEVEL_FREE] == NIL and meta[M_LEVEL_HWM] >= levels.shape[0]:
@@ -263,21 +363,33 @@ def _fits_add(sides, ladder, orders, levels, htab, meta, sd):
     s = sides[sd]
     if s.count == s.cap:
         newcap = max(LADDER_MIN_CAP, 2 * s.cap)
-        if meta[M_LADDER_BUMP] + newcap > ladder.shape[0]:
+        if meta[M_LADDER_BUMP] + newcap > ladder.shape[0] - SCAN:
             return NEED_LADDER
-    if 2 * (meta[M_HASH_COUNT] + 1) > htab.shape[0]:
-        return NEED_HASH
+    if rix[_ring_at(rix, ref)].row != NIL:  # it may spill into the hash
+        if 4 * (meta[M_HASH_COUNT] + 1) > rix.shape[0] and rix.shape[0] < meta[M_RING_MAX]:
+            return NEED_RING
+        if 2 * (meta[M_HASH_COUNT] + 1) > htab.shape[0]:
+            return NEED_HASH
     return 0
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _add(orders, levels, sides, ladder, htab, meta, counters, ref, locate, side, price, shares):
+def _add(orders, levels, sides, ladder, htab, rix, meta, counters, ref, locate, side, price,
+         shares):  # fmt: skip
     """Add a visible order (capacity already checked by ``_fits_add``)."""
-    shift = meta[M_HASH_SHIFT]
-    found, hi = ht_find(htab, shift, ref)
-    if found != NIL:
-        counters[B_DUP_ADD] += 1
-        return
+    r = _ring_at(rix, ref)
+    ring_row = rix[r].row
+    hi = IN_RING
+    if ring_row != NIL or rix[r].spill != 0:
+        if ring_row != NIL and orders[ring_row].ref == ref:
+            counters[B_DUP_ADD] += 1
+            return
+        found, at = ht_find(htab, meta[M_HASH_SHIFT], ref)
+        if found != NIL:
+            counters[B_DUP_ADD] += 1
+            return
+        if ring_row != NIL:
+            hi = at
     sd = locate * 2 + side
     s = sides[sd]
     key = _side_key(side, price)
@@ -329,37 +441,44 @@ def _add(orders, levels, sides, ladder, htab, meta, counters, ref, locate, side,
     od.next = NIL
     tail = levels[lv].tail
     od.prev = tail
-    if tail != NIL:
-        orders[tail].next = o
-    else:
-        levels[lv].head = o
+    # Branch-free link at the back (whether the level was empty is a coin toss for the
+    # branch predictor): the write meant for a missing neighbour goes to the scratch row.
+    orders[tail if tail != NIL else SCRATCH].next = o
+    head = levels[lv].head
+    levels[lv].head = o if tail == NIL else head
     levels[lv].tail = o
     levels[lv].count += 1
     levels[lv].shares += shares
-    htab[hi].key = ref
-    htab[hi].slot = o
-    meta[M_HASH_COUNT] += 1
+    if hi == IN_RING:
+        rix[r].row = o
+    else:
+        htab[hi].key = ref
+        htab[hi].slot = o
+        rix[r].spill += 1
+        meta[M_HASH_COUNT] += 1
+    meta[M_LIVE] += 1
     s.orders += 1
-    if ladder[s.start + s.count - 1].level == lv:  # landed on the best level
-        s.best_px = price
-        s.best_qty = levels[lv].shares
+    top = ladder[s.start + s.count - 1].level == lv  # landed on the best level
+    px = s.best_px
+    qty = s.best_qty
+    s.best_px = price if top else px  # selects, not branches: a coin toss to predict
+    s.best_qty = levels[lv].shares if top else qty
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
-    """Remove live order row ``o`` whose hash entry is ``hi``; drop its level if emptied."""
+def _remove(orders, levels, sides, ladder, htab, rix, meta, o, hi):
+    """Remove live order row ``o`` found at ``hi`` (``ix_find``); drop its level if
+    emptied."""
     od = orders[o]
     lv = od.level
     p = od.prev
     n = od.next
-    if p != NIL:
-        orders[p].next = n
-    else:
-        levels[lv].head = n
-    if n != NIL:
-        orders[n].prev = p
-    else:
-        levels[lv].tail = p
+    orders[p if p != NIL else SCRATCH].next = n  # branch-free unlink, as in _add
+    orders[n if n != NIL else SCRATCH].prev = p
+    head = levels[lv].head
+    tail = levels[lv].tail
+    levels[lv].head = n if p == NIL else head
+    levels[lv].tail = p if n == NIL else tail
     levels[lv].count -= 1
     levels[lv].shares -= od.shares
     sd = np.int64(od.locate) * 2 + od.side
@@ -377,19 +496,26 @@ def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
         meta[M_LEVEL_FREE] = lv
         if at_top:
             _refresh_bbo(sides, ladder, levels, sd)
-    elif at_top:
-        s.best_qty = levels[lv].shares
-    ht_remove_at(htab, meta[M_HASH_SHIFT], hi)
-    meta[M_HASH_COUNT] -= 1
+    else:
+        qty = s.best_qty
+        s.best_qty = levels[lv].shares if at_top else qty
+    r = _ring_at(rix, od.ref)
+    if hi == IN_RING:
+        rix[r].row = NIL
+    else:
+        ht_remove_at(htab, meta[M_HASH_SHIFT], hi)
+        rix[r].spill -= 1
+        meta[M_HASH_COUNT] -= 1
+    meta[M_LIVE] -= 1
     od.live = 0
     od.next = meta[M_ORDER_FREE]
     meta[M_ORDER_FREE] = o
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _reduce(orders, levels, sides, ladder, htab, meta, counters, ref, n, over_counter):
+def _reduce(orders, levels, sides, ladder, htab, rix, meta, counters, ref, n, over_counter):
     """Execute or cancel ``n`` shares of ``ref`` (E, C, X)."""
-    o, hi = ht_find(htab, meta[M_HASH_SHIFT], ref)
+    o, hi = ix_find(orders, rix, htab, meta[M_HASH_SHIFT], ref)
     if o == NIL:
         counters[B_UNKNOWN_REF] += 1
         return
@@ -400,19 +526,19 @@ def _reduce(orders, levels, sides, ladder, htab, meta, counters, ref, n, over_co
     if n >= rest:
         if n > rest:
             counters[over_counter] += 1
-        _remove(orders, levels, sides, ladder, htab, meta, o, hi)
+        _remove(orders, levels, sides, ladder, htab, rix, meta, o, hi)
         return
     od = orders[o]
     od.shares = rest - n
     lv = od.level
     levels[lv].shares -= n
     s = sides[np.int64(od.locate) * 2 + od.side]
-    if s.best_px == od.price:  # the best level is the only one cached
-        s.best_qty = levels[lv].shares
+    qty = s.best_qty  # the best level is the only one cached
+    s.best_qty = levels[lv].shares if s.best_px == od.price else qty
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, counters):
+def apply_message(b, p, t, orders, levels, sides, ladder, htab, rix, stocks, meta, counters):
     """Apply one validated message at ``b[p]`` of type ``t``. Returns 0 or a NEED_* status
     (then nothing was changed)."""
     q = p + HEADER_LEN
@@ -430,40 +556,43 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
             counters[B_ZERO_SHARES] += 1
             return 0
         locate = rd_u16(b, p + 1)
-        need = _fits_add(sides, ladder, orders, levels, htab, meta, locate * 2 + side)
+        ref = rd_u64(b, q)
+        need = _fits_add(sides, ladder, orders, levels, htab, rix, meta, locate * 2 + side, ref)
         if need != 0:
             return need
-        _add(orders, levels, sides, ladder, htab, meta, counters,
-             rd_u64(b, q), locate, side, rd_u32(b, q + 21), shares)  # fmt: skip
+        _add(orders, levels, sides, ladder, htab, rix, meta, counters,
+             ref, locate, side, rd_u32(b, q + 21), shares)  # fmt: skip
     elif t == T_D:
-        o, hi = ht_find(htab, meta[M_HASH_SHIFT], rd_u64(b, q))
+        o, hi = ix_find(orders, rix, htab, meta[M_HASH_SHIFT], rd_u64(b, q))
         if o == NIL:
             counters[B_UNKNOWN_REF] += 1
         else:
-            _remove(orders, levels, sides, ladder, htab, meta, o, hi)
+            _remove(orders, levels, sides, ladder, htab, rix, meta, o, hi)
     elif t == T_E or t == T_C:
-        _reduce(orders, levels, sides, ladder, htab, meta, counters,
+        _reduce(orders, levels, sides, ladder, htab, rix, meta, counters,
                 rd_u64(b, q), rd_u32(b, q + 8), B_OVER_EXEC)  # fmt: skip
     elif t == T_X:
-        _reduce(orders, levels, sides, ladder, htab, meta, counters,
+        _reduce(orders, levels, sides, ladder, htab, rix, meta, counters,
                 rd_u64(b, q), rd_u32(b, q + 8), B_OVER_CANCEL)  # fmt: skip
     elif t == T_U:
-        o, hi = ht_find(htab, meta[M_HASH_SHIFT], rd_u64(b, q))
+        o, hi = ix_find(orders, rix, htab, meta[M_HASH_SHIFT], rd_u64(b, q))
         if o == NIL:
             counters[B_UNKNOWN_REF] += 1
             return 0
         locate = np.int64(orders[o].locate)
         side = np.int64(orders[o].side)
-        need = _fits_add(sides, ladder, orders, levels, htab, meta, locate * 2 + side)
+        new_ref = rd_u64(b, q + 8)
+        need = _fits_add(sides, ladder, orders, levels, htab, rix, meta, locate * 2 + side,
+                         new_ref)  # fmt: skip
         if need != 0:
             return need
-        _remove(orders, levels, sides, ladder, htab, meta, o, hi)
+        _remove(orders, levels, sides, ladder, htab, rix, meta, o, hi)
         shares = rd_u32(b, q + 16)
         if shares == 0:
             counters[B_ZERO_SHARES] += 1
             return 0
-        _add(orders, levels, sides, ladder, htab, meta, counters,
-             rd_u64(b, q + 8), locate, side, rd_u32(b, q + 20), shares)  # fmt: skip
+        _add(orders, levels, sides, ladder, htab, rix, meta, counters,
+             new_ref, locate, side, rd_u32(b, q + 20), shares)  # fmt: skip
     elif t == T_R:
         locate = rd_u16(b, p + 1)
         stocks[locate].symbol = rd_u64(b, q)
@@ -475,28 +604,28 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, stocks, meta, counters):
+def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, rix, stocks, meta,
+                 counters):  # fmt: skip
     """Decode and apply every message of ``b[pos:end]`` (2-byte length framing).
 
     Returns ``(status, pos)``: ``itch.OK`` with ``pos == end``; ``itch.TRUNCATED`` with
     ``pos`` at the length prefix of a message running past ``end``; or a ``NEED_*`` status
     with ``pos`` at the message that did not fit (not applied, not counted).
     """
-    shift = meta[M_HASH_SHIFT]
     while pos < end:
         status, length = frame(b, pos, end)
         if status == TRUNCATED:
             return TRUNCATED, pos
         p = pos + 2
         t = b[p] if length > 0 else 0
-        # Overlap the next message's order-index miss with this message's work. Any type
-        # will do: a masked hash is always in the table, and a prefetch never faults.
+        # Overlap the next message's ring-entry miss with this message's work. Any type
+        # will do: a masked index is always in the ring, and a prefetch never faults.
         nxt = p + length + 2
         if nxt + HEADER_LEN + 8 <= end:
-            prefetch(htab, _home(rd_u64(b, nxt + HEADER_LEN), shift))
+            prefetch(rix, _ring_at(rix, rd_u64(b, nxt + HEADER_LEN)))
         if status == itch.OK:
-            need = apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta,
-                                 counters)  # fmt: skip
+            need = apply_message(b, p, t, orders, levels, sides, ladder, htab, rix, stocks,
+                                 meta, counters)  # fmt: skip
             if need != 0:
                 return need, pos
         count_frame(counters, status, t)
@@ -633,11 +762,12 @@ CHECK_MESSAGES = {
     13: "order index entry points at a wrong or dead order",
     14: "order index count differs from the live orders",
     15: "live order not reachable through the order index",
+    16: "ring spill count differs from the hash entries mapping there",
 }
 
 
 @njit(cache=True, nogil=True)
-def check_invariants(orders, levels, sides, ladder, htab, meta, allow_crossed):
+def check_invariants(orders, levels, sides, ladder, htab, rix, meta, allow_crossed):
     """First broken invariant as ``(code, locate, side, detail)``; code 0 when all hold."""
     live = 0
     for sd in range(sides.shape[0]):
@@ -692,17 +822,32 @@ def check_invariants(orders, levels, sides, ladder, htab, meta, allow_crossed):
             if b.count > 0 and s.count > 0 and b.best_px >= s.best_px:
                 return 12, locate, side, b.best_px
     indexed = 0
+    hashed = 0
     shift = meta[M_HASH_SHIFT]
+    spill = np.zeros(rix.shape[0], np.int64)
+    for i in range(rix.shape[0]):
+        o = rix[i].row
+        if o != NIL:
+            indexed += 1
+            if orders[o].live != 1 or _ring_at(rix, orders[o].ref) != i:
+                return 13, -1, -1, o
     for i in range(htab.shape[0]):
         e = htab[i]
         if e.slot >= 0:
             indexed += 1
+            hashed += 1
             if orders[e.slot].live != 1 or orders[e.slot].ref != e.key:
                 return 13, -1, -1, e.slot
-            found, _ = ht_find(htab, shift, e.key)
-            if found != e.slot:
-                return 15, -1, -1, e.slot
-    if indexed != live or indexed != meta[M_HASH_COUNT]:
+            spill[_ring_at(rix, e.key)] += 1
+    for i in range(rix.shape[0]):
+        if spill[i] != rix[i].spill:
+            return 16, -1, -1, i
+    for o in range(meta[M_ORDER_HWM]):
+        if orders[o].live == 1:
+            found, _ = ix_find(orders, rix, htab, shift, orders[o].ref)
+            if found != o:
+                return 15, -1, -1, o
+    if indexed != live or indexed != meta[M_LIVE] or hashed != meta[M_HASH_COUNT]:
         return 14, -1, -1, indexed
     return 0, -1, -1, 0
 
@@ -721,30 +866,43 @@ class Book:
 
     Initial sizes are hints; each structure doubles when a message needs more room (off
     the hot path, counted in ``B_GROWTHS``) up to ``max_orders``-derived limits, past which
-    ``CapacityError`` is raised.
+    ``CapacityError`` is raised. ``ring`` (default: ``orders`` rounded up to a power of
+    two) and ``spill`` (default: a quarter of that) size the two tiers of the order index.
     """
 
     def __init__(self, orders: int = 1 << 16, levels: int = 1 << 14, ladder: int = 1 << 16,
-                 max_orders: int = 1 << 28, counters: np.ndarray | None = None):  # fmt: skip
+                 max_orders: int = 1 << 28, counters: np.ndarray | None = None,
+                 ring: int | None = None, spill: int | None = None):  # fmt: skip
         self.max_orders = max_orders
-        self.orders = np.zeros(orders, ORDER)
+        self.orders = np.zeros(orders + SCRATCH + 1, ORDER)
         self.levels = np.zeros(levels, LEVEL)
         self.sides = np.zeros(2 * N_LOCATES, SIDE)
-        self.ladder = np.zeros(ladder, RUNG)
-        bits = max(4, int(2 * orders - 1).bit_length())
+        self.ladder = np.zeros(ladder + SCAN, RUNG)
+        ring = _pow2(orders if ring is None else ring)
+        self.rix = np.zeros(ring, RING)
+        self.rix["row"] = NIL
+        bits = (_pow2(ring // 4 if spill is None else spill)).bit_length() - 1
         self.htab = np.zeros(1 << bits, HASH)
         self.htab["slot"] = NIL
         self.stocks = np.zeros(N_LOCATES, STOCK)
         self.meta = np.zeros(META_LEN, np.int64)
         self.meta[M_ORDER_FREE] = NIL
+        self.meta[M_ORDER_HWM] = SCRATCH + 1
         self.meta[M_LEVEL_FREE] = NIL
         self.meta[M_HASH_SHIFT] = 64 - bits
+        self.meta[M_RING_MAX] = _pow2(4 * max_orders)
         self.counters = itch.new_counters() if counters is None else counters
+
+    @classmethod
+    def for_capacity(cls, orders: int, counters: np.ndarray | None = None) -> Book:
+        """The book ``tickwire run`` allocates for ``run.orders`` initial orders."""
+        return cls(orders=orders, levels=max(1 << 14, orders // 4),
+                   ladder=max(1 << 16, orders // 2), counters=counters)  # fmt: skip
 
     # -- feeding --
     def _state(self):
-        return (self.orders, self.levels, self.sides, self.ladder, self.htab, self.stocks,
-                self.meta, self.counters)  # fmt: skip
+        return (self.orders, self.levels, self.sides, self.ladder, self.htab, self.rix,
+                self.stocks, self.meta, self.counters)  # fmt: skip
 
     def feed(self, buf: np.ndarray, start: int = 0, end: int | None = None,
              partial_ok: bool = False) -> int:  # fmt: skip
@@ -768,14 +926,15 @@ class Book:
     def _grow(self, need: int) -> None:
         self.counters[B_GROWTHS] += 1
         if need == NEED_ORDERS:
-            self.orders = self._doubled(self.orders, self.max_orders, "orders")
+            self.orders = self._doubled(self.orders, self.max_orders, "orders", SCRATCH + 1)
         elif need == NEED_LEVELS:
             self.levels = self._doubled(self.levels, self.max_orders, "price levels")
         elif need == NEED_LADDER:
-            size = max(2 * len(self.ladder), 2 * _ladder_needed(self.sides) + LADDER_MIN_CAP)
+            room = len(self.ladder) - SCAN  # the padding is not room
+            size = max(2 * room, 2 * _ladder_needed(self.sides) + LADDER_MIN_CAP)
             if size > 4 * self.max_orders:
                 raise CapacityError(f"price ladder would exceed {4 * self.max_orders} entries")
-            new = np.zeros(size, RUNG)
+            new = np.zeros(size + SCAN, RUNG)
             self.meta[M_LADDER_BUMP] = _compact_ladder(self.sides, self.ladder, new)
             self.ladder = new
         elif need == NEED_HASH:
@@ -788,21 +947,32 @@ class Book:
             ht_rehash(self.htab, new, shift)
             self.htab = new
             self.meta[M_HASH_SHIFT] = shift
+        elif need == NEED_RING:  # more than a quarter of the ring spilled: double it
+            rix = np.zeros(2 * len(self.rix), RING)
+            rix["row"] = NIL
+            htab = np.zeros(len(self.htab), HASH)
+            htab["slot"] = NIL
+            spilled = rebuild_index(self.orders, self.meta[M_ORDER_HWM], rix, htab,
+                                    self.meta[M_HASH_SHIFT])  # fmt: skip
+            self.rix, self.htab = rix, htab
+            self.meta[M_HASH_COUNT] = spilled
         else:  # pragma: no cover - a status apply_stream never returns
             raise AssertionError(f"unknown book status {need}")
 
     @staticmethod
-    def _doubled(arr: np.ndarray, limit: int, what: str) -> np.ndarray:
-        if 2 * len(arr) > limit:
+    def _doubled(arr: np.ndarray, limit: int, what: str, extra: int = 0) -> np.ndarray:
+        """``arr`` with twice the room (``extra`` rows that hold nothing are not room)."""
+        room = len(arr) - extra
+        if 2 * room > limit:
             raise CapacityError(f"{what} would exceed the configured maximum of {limit}")
-        new = np.zeros(2 * len(arr), arr.dtype)
+        new = np.zeros(2 * room + extra, arr.dtype)
         new[: len(arr)] = arr
         return new
 
     # -- queries --
     @property
     def live_orders(self) -> int:
-        return int(self.meta[M_HASH_COUNT])
+        return int(self.meta[M_LIVE])
 
     def bbo(self, locate: int) -> tuple[int, int, int, int]:
         b = self.sides[2 * locate]
@@ -815,7 +985,8 @@ class Book:
         return [tuple(int(x) for x in out[i]) for i in range(k)]
 
     def order(self, ref: int) -> dict | None:
-        o, _ = ht_find(self.htab, self.meta[M_HASH_SHIFT], np.uint64(ref))
+        o, _ = ix_find(self.orders, self.rix, self.htab, self.meta[M_HASH_SHIFT],
+                       np.uint64(ref))  # fmt: skip
         if o == NIL:
             return None
         od = self.orders[o]
@@ -871,12 +1042,17 @@ class Book:
     def check(self, allow_crossed: bool = False) -> str | None:
         """The first broken invariant as one line, or None when every invariant holds."""
         code, locate, side, detail = check_invariants(
-            self.orders, self.levels, self.sides, self.ladder, self.htab, self.meta,
+            self.orders, self.levels, self.sides, self.ladder, self.htab, self.rix, self.meta,
             allow_crossed)  # fmt: skip
         if code == 0:
             return None
         where = f"locate {locate} side {'BS'[side]}" if locate >= 0 else "order index"
         return f"{CHECK_MESSAGES[code]} ({where}, detail {detail})"
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (at least 16)."""
+    return 1 << max(4, int(n - 1).bit_length())
 
 
 def _key(side: int, price: int) -> int:

@@ -169,9 +169,7 @@ def _child(cfg: Config, mode: str, map_fd: int, maps: dict, slots: list[int]) ->
             os.sched_setaffinity(0, {run.core})
         maps["counters"][shm.S_PID] = os.getpid()
         maps["counters"][shm.S_CPU] = run.core
-        book = Book(orders=run.orders, levels=max(1 << 14, run.orders // 4),
-                    ladder=max(1 << 16, run.orders // 2),
-                    counters=maps["counters"][shm.BOOK_BASE :])  # fmt: skip
+        book = Book.for_capacity(run.orders, counters=maps["counters"][shm.BOOK_BASE :])
         session = np.frombuffer(mold.session_bytes(cfg.feed.session), np.uint8).copy()
         if mode == "xdp":
             how = _consumer_xdp(cfg, maps, book, session, map_fd, slots)

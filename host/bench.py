@@ -3,8 +3,9 @@ against a baseline measured in the same run on the same input. Nothing here asse
 
 ``bench book``: for each session (generated, or ``--session FILE``), after JIT warm-up:
 - decode only: ``itch.walk_checksum`` over the book-relevant fields of every message;
-- decode + book: ``book.apply_stream`` into a ``Book`` presized from a warm-up pass (an
-  appliance presizes from its config; growth is measured separately by the replay path);
+- decode + book: ``book.apply_stream`` into a ``Book`` presized from a warm-up pass
+  (growth is measured separately by the replay path), and into the book ``tickwire run``
+  allocates by default (``run.orders`` = 1,048,576: a large order index, mostly cold);
 - baseline: ``itch_book.Session`` (C++23, PyPI) on the same buffer, with no tables (parse +
   full book apply, its fastest mode) and with the ``bbo`` table (top-of-book tracking on,
   which is what our book always maintains).
@@ -21,8 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dataplane import book as bk
 from dataplane import itch
 from dataplane.book import Book
+from host.config import RunConfig
+
+APPLIANCE_ORDERS = RunConfig.__dataclass_fields__["orders"].default  # run.orders' default
 
 
 def _cache_dir() -> Path:
@@ -57,8 +62,9 @@ def _best(fn, repeat: int) -> float:
 
 
 def _presized(template: Book) -> Book:
-    return Book(orders=len(template.orders), levels=len(template.levels),
-                ladder=len(template.ladder))  # fmt: skip
+    return Book(orders=len(template.orders) - bk.SCRATCH - 1, levels=len(template.levels),
+                ladder=len(template.ladder) - bk.SCAN, ring=len(template.rix),
+                spill=len(template.htab))  # fmt: skip
 
 
 def bench_buffer(name: str, buf: np.ndarray, repeat: int) -> dict:
@@ -83,6 +89,14 @@ def bench_buffer(name: str, buf: np.ndarray, repeat: int) -> dict:
 
     book_s = min(book_run() for _ in range(repeat))
 
+    def appliance_run():
+        b = Book.for_capacity(APPLIANCE_ORDERS)
+        t0 = time.perf_counter()
+        b.feed(buf)
+        return time.perf_counter() - t0
+
+    appliance_s = min(appliance_run() for _ in range(repeat))
+
     out = {
         "session": name,
         "messages": messages,
@@ -90,6 +104,8 @@ def bench_buffer(name: str, buf: np.ndarray, repeat: int) -> dict:
         "decode_ns_per_msg": 1e9 * decode_s / messages,
         "book_msgs_per_s": messages / book_s,
         "book_ns_per_msg": 1e9 * book_s / messages,
+        "appliance_book_msgs_per_s": messages / appliance_s,
+        "appliance_book_ns_per_msg": 1e9 * appliance_s / messages,
         "digest": digest,
         "live_orders": warm.live_orders,
     }
@@ -109,6 +125,8 @@ def bench_buffer(name: str, buf: np.ndarray, repeat: int) -> dict:
         out[f"{label}_msgs_per_s"] = messages / secs
         out[f"{label}_messages"] = int(stats.get("messages", 0))
         out[f"ratio_vs_{label}"] = out["book_msgs_per_s"] / out[f"{label}_msgs_per_s"]
+        out[f"appliance_ratio_vs_{label}"] = (out["appliance_book_msgs_per_s"]
+                                              / out[f"{label}_msgs_per_s"])  # fmt: skip
     return out
 
 
@@ -118,7 +136,9 @@ def _row(r: dict) -> str:
         f"  decode only      {r['decode_msgs_per_s'] / 1e6:7.1f} M msg/s  "
         f"{r['decode_ns_per_msg']:6.1f} ns/msg",
         f"  decode + book    {r['book_msgs_per_s'] / 1e6:7.1f} M msg/s  "
-        f"{r['book_ns_per_msg']:6.1f} ns/msg",
+        f"{r['book_ns_per_msg']:6.1f} ns/msg   (book presized from a warm-up pass)",
+        f"  decode + book    {r['appliance_book_msgs_per_s'] / 1e6:7.1f} M msg/s  "
+        f"{r['appliance_book_ns_per_msg']:6.1f} ns/msg   (the appliance's default book)",
     ]
     if "itch_book_msgs_per_s" in r:
         lines += [
@@ -126,6 +146,8 @@ def _row(r: dict) -> str:
             f"(parse + book, no tables)   ratio {r['ratio_vs_itch_book']:.2f}x",
             f"  itch-book + bbo  {r['itch_book_bbo_msgs_per_s'] / 1e6:7.1f} M msg/s   "
             f"(top-of-book tracking on)   ratio {r['ratio_vs_itch_book_bbo']:.2f}x",
+            f"  appliance's default book vs itch-book: {r['appliance_ratio_vs_itch_book']:.2f}x, "
+            f"vs itch-book + bbo: {r['appliance_ratio_vs_itch_book_bbo']:.2f}x",
         ]
     else:
         lines.append(f"  baseline: {r['baseline']}")

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dataplane import book as bk
 from dataplane import itch
 from dataplane.book import ASK, BID, Book
 from tests import itchbytes as m
@@ -129,8 +130,56 @@ def test_capacity_limit_fails_loudly():
         feed(*[m.A(i, "B", 1, 1000 + i) for i in range(1, 20)], book=b)
 
 
+# --- the order index: ring entries taken by older orders spill into the hash ---------------
+def test_a_taken_ring_entry_spills_and_stays_exact():
+    ring = 16
+    b = Book(orders=16, ring=ring)
+    a, c = 5, 5 + ring  # same ring entry
+    feed(m.A(a, "B", 100, 1000), m.A(c, "B", 50, 1001), book=b)
+    assert int(b.meta[bk.M_HASH_COUNT]) == 1 and b.live_orders == 2
+    assert b.order(c)["shares"] == 50 and b.order(a)["shares"] == 100
+    feed(m.D(a), book=b)  # the ring entry is free again; c still lives in the hash
+    assert b.order(a) is None and b.order(c)["price"] == 1001
+    feed(m.A(c, "S", 1, 2000), book=b)  # a duplicate, though its ring entry is free
+    assert b.anomalies()["dup_add"] == 1
+    feed(m.E(c, 20), m.U(c, a, 7, 999), book=b)  # replace from the hash into the ring
+    assert b.order(c) is None and b.order(a) == {"ref": a, "locate": 1, "side": "B",
+                                                 "price": 999, "shares": 7}  # fmt: skip
+    assert int(b.meta[bk.M_HASH_COUNT]) == 0 and len(b.rix) == ring
+
+
+def test_the_ring_doubles_when_a_quarter_of_it_spilled():
+    ring = 16
+    refs = [1 + k * ring for k in range(40)]  # every one on ring entry 1 at first
+    msgs = [m.A(r, "BS"[k % 2], 10 + k, 1000 + (k % 7) * (1 if k % 2 else -1), locate=1 + k % 3)
+            for k, r in enumerate(refs)]  # fmt: skip
+    msgs += [m.X(r, 3) for r in refs[::3]] + [m.D(r) for r in refs[1::4]]
+    b = Book(orders=16, ring=ring)
+    feed(*msgs, book=b)
+    want = ReferenceBook().replay(m.framed(*msgs))
+    assert len(b.rix) > ring and b.counters[bk.B_GROWTHS] > 0
+    assert 4 * int(b.meta[bk.M_HASH_COUNT]) <= len(b.rix)
+    assert b.digest() == want.digest() and b.live_orders == len(want.orders)
+    for r in refs:
+        got = b.order(r)
+        assert (got is None) == (r not in want.orders)
+        if got is not None:
+            assert got["shares"] == want.orders[r][3]
+
+
+def test_a_ring_at_its_limit_keeps_spilling_into_the_hash():
+    b = Book(orders=4, levels=4, ladder=4, max_orders=8, ring=16)  # ring limit 32
+    refs = [3 + k * 64 for k in range(8)]  # one entry of any ring up to 64
+    feed(*[m.A(r, "S", 1, 2000) for r in refs], book=b)
+    assert len(b.rix) == 32 and int(b.meta[bk.M_HASH_COUNT]) == 7 and b.live_orders == 8
+    feed(*[m.D(r) for r in refs[:4]], book=b)
+    assert [b.order(r) is None for r in refs] == [True] * 4 + [False] * 4
+
+
 # --- property test against the reference model ---------------------------------------------
-REFS = [1, 2, 3, 4, 5, 6, BIG_REF, 2**64 - 1]
+# 17 and 33 share ring entry 1 with 1 in a 16- or 32-entry ring, 1 + 2**40 in any ring, and
+# 2**64 - 1 - 2**20 shares 2**64 - 1's: the hash tier and ring growth are exercised too
+REFS = [1, 2, 3, 4, 5, 6, 17, 33, 1 + 2**40, BIG_REF, 2**64 - 1 - 2**20, 2**64 - 1]
 LOCATES = [1, 2, 65535]
 PRICES = [1, 999, 1000, 1001, 1002, BIG_PX]
 SHARES = st.sampled_from([0, 1, 7, 100, 65_536, 2**32 - 1])
@@ -171,9 +220,9 @@ def _same_state(b: Book, ref: ReferenceBook) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_msg(), max_size=40), st.sampled_from([2, 64]))
-def test_random_sequences_match_the_reference_after_every_event(msgs, cap):
-    b = Book(orders=cap, levels=cap, ladder=cap)
+@given(st.lists(_msg(), max_size=40), st.sampled_from([2, 64]), st.sampled_from([16, 64]))
+def test_random_sequences_match_the_reference_after_every_event(msgs, cap, ring):
+    b = Book(orders=cap, levels=cap, ladder=cap, ring=ring)
     ref = ReferenceBook()
     for msg in msgs:
         b.feed(np.frombuffer(m.framed(msg), np.uint8))
