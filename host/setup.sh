@@ -4,7 +4,9 @@
 #   1. Debian packages the whole system needs (bcc, libxdp, clang, iproute2, ...).
 #   2. Kernel headers for bcc: this kernel ships none, so Debian's cloud headers are
 #      installed and /lib/modules/$(uname -r)/{build,source} point at their two trees.
-#   3. A virtualenv (.venv) on the system Python that can import bcc, with the project
+#   3. The BPF filesystem on /sys/fs/bpf (systemd mounts it at boot; a minimal VM init
+#      does not): tickwire run's preflight requires it in XDP mode, lab faults pin there.
+#   4. A virtualenv (.venv) on the system Python that can import bcc, with the project
 #      installed editable plus its test, bench, dev and provision (Ansible) extras.
 #
 # A second run changes nothing and takes seconds: every step checks before it acts.
@@ -64,7 +66,16 @@ else
   say "kernel headers: linked $moddir/build -> $build_tree, source -> $common_tree"
 fi
 
-# --- 3. Virtualenv with bcc visible, project installed editable ---------------------
+# --- 3. The BPF filesystem ----------------------------------------------------------
+if awk '$2 == "/sys/fs/bpf" && $3 == "bpf" {found=1} END {exit !found}' /proc/mounts; then
+  say "bpffs: present on /sys/fs/bpf"
+else
+  mkdir -p /sys/fs/bpf 2>/dev/null
+  mount -t bpf bpf /sys/fs/bpf || fail "bpffs" "cannot mount the BPF filesystem on /sys/fs/bpf"
+  say "bpffs: mounted the BPF filesystem on /sys/fs/bpf"
+fi
+
+# --- 4. Virtualenv with bcc visible, project installed editable ---------------------
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating virtualenv $VENV (system site-packages, for bcc)"
   "$SYS_PY" -m venv --system-site-packages "$VENV" || fail "virtualenv" "$SYS_PY -m venv failed (is python3-venv installed?)"
