@@ -87,6 +87,13 @@ from dataplane.itch import (
 )
 
 
+def _item_ptr(context, builder, sig, args):
+    """LLVM pointer to ``args[0][args[1]]`` (an array and an integer index, no wraparound)."""
+    ary = context.make_array(sig.args[0])(context, builder, args[0])
+    idx = context.cast(builder, args[1], sig.args[1], types.intp)
+    return cgutils.get_item_pointer(context, builder, sig.args[0], ary, [idx], wraparound=False)
+
+
 @intrinsic
 def prefetch(typingctx, arr, idx):
     """Hint the CPU to fetch ``arr[idx]`` into cache (``llvm.prefetch``; never faults)."""
@@ -94,10 +101,7 @@ def prefetch(typingctx, arr, idx):
         return None
 
     def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        idx64 = context.cast(builder, args[1], sig.args[1], types.intp)
-        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [idx64],
-                                       wraparound=False)  # fmt: skip
+        ptr = _item_ptr(context, builder, sig, args)
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
@@ -122,10 +126,7 @@ def count_below(typingctx, ladder, start, count, key):
         return None
 
     def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        st = context.cast(builder, args[1], sig.args[1], types.intp)
-        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [st],
-                                       wraparound=False)  # fmt: skip
+        ptr = _item_ptr(context, builder, sig, args)
         i32, i64 = ir.IntType(32), ir.IntType(64)
         vt = ir.VectorType(i64, SCAN)
         zeros = ir.Constant(ir.VectorType(i32, SCAN), [0] * SCAN)
