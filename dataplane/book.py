@@ -28,7 +28,8 @@ Structure (all numpy arrays; the jitted functions take them as arguments):
   ends in ``SCAN`` rungs of padding so that read never leaves it), a longer one bisects.
   ``sides`` also caches the best level's price and shares (the BBO) and the live order count.
 - ``stocks`` (``STOCK``): the symbol from the stock directory and the trading state.
-- ``meta``: free-list heads, high-water marks, the hash shift and count.
+- ``meta``: free-list heads, high-water marks, the hash shift and count, the live-order
+  count and the ring's size limit.
 - ``counters``: the decoder's counters (``dataplane.itch``) plus the book's anomalies.
 
 Book semantics follow the ITCH 5.0 spec: ``A``/``F`` add at the back of the level's queue;
@@ -315,10 +316,8 @@ def rebuild_index(orders, hwm, rix, htab, shift):
 def _lower_bound(ladder, start, count, key):
     """First index in ``ladder[start:start+count]`` whose key is >= ``key``.
 
-    Up to ``SCAN`` rungs (nearly every side) it counts the keys below ``key`` over a fixed
-    ``SCAN`` entries, masked by ``count``: no data-dependent branch to mispredict, and the
-    compiler turns it into a few vector compares (the ladder is padded so the scan never
-    leaves it). Longer sides bisect.
+    Up to ``SCAN`` rungs (nearly every side) ``count_below`` answers with one vector
+    compare: no data-dependent branch to mispredict. Longer sides bisect.
     """
     if count <= SCAN:
         return count_below(ladder, start, count, key)
@@ -378,19 +377,15 @@ def _fits_add(sides, ladder, orders, levels, htab, rix, meta, sd, ref):
 def _add(orders, levels, sides, ladder, htab, rix, meta, counters, ref, locate, side, price,
          shares):  # fmt: skip
     """Add a visible order (capacity already checked by ``_fits_add``)."""
+    found, hi = ix_find(orders, rix, htab, meta[M_HASH_SHIFT], ref)
+    if found != NIL:
+        counters[B_DUP_ADD] += 1
+        return
     r = _ring_at(rix, ref)
-    ring_row = rix[r].row
-    hi = IN_RING
-    if ring_row != NIL or rix[r].spill != 0:
-        if ring_row != NIL and orders[ring_row].ref == ref:
-            counters[B_DUP_ADD] += 1
-            return
-        found, at = ht_find(htab, meta[M_HASH_SHIFT], ref)
-        if found != NIL:
-            counters[B_DUP_ADD] += 1
-            return
-        if ring_row != NIL:
-            hi = at
+    if rix[r].row == NIL:
+        hi = IN_RING  # a free ring entry holds it, even if others spilled from there
+    elif hi == IN_RING:  # taken by another order, nothing spilled yet: find the hash slot
+        _, hi = ht_find(htab, meta[M_HASH_SHIFT], ref)
     sd = locate * 2 + side
     s = sides[sd]
     key = _side_key(side, price)
@@ -893,6 +888,13 @@ class Book:
         self.meta[M_HASH_SHIFT] = 64 - bits
         self.meta[M_RING_MAX] = _pow2(4 * max_orders)
         self.counters = itch.new_counters() if counters is None else counters
+
+    @classmethod
+    def sized_like(cls, other: Book) -> Book:
+        """An empty book with ``other``'s current room (benchmarks: no growth while timed)."""
+        return cls(orders=len(other.orders) - SCRATCH - 1, levels=len(other.levels),
+                   ladder=len(other.ladder) - SCAN, ring=len(other.rix),
+                   spill=len(other.htab), max_orders=other.max_orders)  # fmt: skip
 
     @classmethod
     def for_capacity(cls, orders: int, counters: np.ndarray | None = None) -> Book:

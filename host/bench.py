@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dataplane import book as bk
 from dataplane import itch
 from dataplane.book import Book
 from host.config import RunConfig
@@ -61,10 +60,10 @@ def _best(fn, repeat: int) -> float:
     return best
 
 
-def _presized(template: Book) -> Book:
-    return Book(orders=len(template.orders) - bk.SCRATCH - 1, levels=len(template.levels),
-                ladder=len(template.ladder) - bk.SCAN, ring=len(template.rix),
-                spill=len(template.htab))  # fmt: skip
+def _timed_feed(book: Book, buf: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    book.feed(buf)
+    return time.perf_counter() - t0
 
 
 def bench_buffer(name: str, buf: np.ndarray, repeat: int) -> dict:
@@ -81,21 +80,9 @@ def bench_buffer(name: str, buf: np.ndarray, repeat: int) -> dict:
 
     decode_s = _best(lambda: itch.walk_checksum(buf, 0, len(buf), itch.new_counters()), repeat)
 
-    def book_run():
-        b = _presized(warm)
-        t0 = time.perf_counter()
-        b.feed(buf)
-        return time.perf_counter() - t0
-
-    book_s = min(book_run() for _ in range(repeat))
-
-    def appliance_run():
-        b = Book.for_capacity(APPLIANCE_ORDERS)
-        t0 = time.perf_counter()
-        b.feed(buf)
-        return time.perf_counter() - t0
-
-    appliance_s = min(appliance_run() for _ in range(repeat))
+    book_s = min(_timed_feed(Book.sized_like(warm), buf) for _ in range(repeat))
+    appliance_s = min(_timed_feed(Book.for_capacity(APPLIANCE_ORDERS), buf)
+                      for _ in range(repeat))  # fmt: skip
 
     out = {
         "session": name,

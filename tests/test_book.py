@@ -176,6 +176,16 @@ def test_a_ring_at_its_limit_keeps_spilling_into_the_hash():
     assert [b.order(r) is None for r in refs] == [True] * 4 + [False] * 4
 
 
+def test_a_book_sized_like_another_takes_the_same_input_without_growing():
+    msgs = [m.A(1 + k * 16, "BS"[k % 2], 5 + k, 1000 + k, locate=1 + k % 4) for k in range(60)]
+    grown = Book(orders=2, levels=2, ladder=2, ring=16)
+    feed(*msgs, book=grown)
+    assert grown.counters[bk.B_GROWTHS] > 0
+    again = Book.sized_like(grown)
+    feed(*msgs, book=again)
+    assert again.counters[bk.B_GROWTHS] == 0 and again.digest() == grown.digest()
+
+
 # --- property test against the reference model ---------------------------------------------
 # 17 and 33 share ring entry 1 with 1 in a 16- or 32-entry ring, 1 + 2**40 in any ring, and
 # 2**64 - 1 - 2**20 shares 2**64 - 1's: the hash tier and ring growth are exercised too
