@@ -115,7 +115,7 @@ def publish_bbo(bbo, sides, locate, feed_seq, t):
 
 @njit(cache=True, nogil=True, _nrt=False)
 def take(b, pos, end, seq, count, line, rx_ns, t, ctr, orders, levels, sides, ladder, htab,
-         rix, stocks, meta, bctr, bbo, touched, lat):  # fmt: skip
+         stocks, meta, bctr, bbo, touched, lat):  # fmt: skip
     """Apply the messages of the validated data packet ``b[pos:end]`` (sequences
     ``seq..seq+count-1``, ``seq <= A_NEXT``) that were not taken yet. Returns 0 or a
     book ``NEED_*`` status (then ``A_NEXT`` stands after the last message applied, and
@@ -134,7 +134,7 @@ def take(b, pos, end, seq, count, line, rx_ns, t, ctr, orders, levels, sides, la
             touched[n_touch] = rd_u16(b, q + 3)
             n_touch += 1
         q += 2 + rd_u16(b, q)
-    st, stop = bk.apply_stream(b, p, end, orders, levels, sides, ladder, htab, rix, stocks,
+    st, stop = bk.apply_stream(b, p, end, orders, levels, sides, ladder, htab, stocks,
                                meta, bctr)  # fmt: skip
     if st == itch.OK:
         applied = seq + count - s
@@ -240,7 +240,7 @@ def _release_lowest(ctr, hold_meta):
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder, htab, rix, stocks, meta,
+def drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder, htab, stocks, meta,
           bctr, bbo, touched, lat):  # fmt: skip
     """Release held packets in order while the lowest starts at or before ``A_NEXT``."""
     while ctr[shm.A_HELD_NOW] > 0:
@@ -257,7 +257,7 @@ def drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder, htab, rix,
             _release_lowest(ctr, hold_meta)
             continue
         st = take(hold_buf[found], 0, hold_meta[found, H_LEN], seq, count, line, 0, t, ctr,
-                  orders, levels, sides, ladder, htab, rix, stocks, meta, bctr, bbo,
+                  orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo,
                   touched, lat)  # fmt: skip
         if st != 0:
             return st
@@ -360,7 +360,7 @@ def lost(first, count, ctr, control):
 
 @njit(cache=True, nogil=True, _nrt=False)
 def on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta, orders, levels,
-              sides, ladder, htab, rix, stocks, meta, bctr, bbo, touched, lat):  # fmt: skip
+              sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat):  # fmt: skip
     """Handle one MoldUDP64 packet ``b[pos:end]`` from ``line`` (0 A, 1 B, 2 recovery)
     received at ``rx_ns``: drop it as a duplicate, hold it, or take it. Returns 0, or a
     book ``NEED_*`` status: grow the book and call again with the same packet (nothing is
@@ -396,7 +396,7 @@ def on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta, or
             hold(b, pos, end, seq, count, line, t, ctr, hold_buf, hold_meta)
         else:
             st = take(b, pos, end, seq, count, line, rx_ns, t, ctr, orders, levels, sides,
-                      ladder, htab, rix, stocks, meta, bctr, bbo, touched, lat)  # fmt: skip
+                      ladder, htab, stocks, meta, bctr, bbo, touched, lat)  # fmt: skip
             if st != 0:
                 return st
         ctr[lb + shm.L_MESSAGES] += count  # once the packet is done (a retry counts it)

@@ -2,23 +2,25 @@
 
 Structure (all numpy arrays; the jitted functions take them as arguments):
 
-- ``orders`` (``ORDER``): one row per live order: reference, locate, side, price, remaining
-  shares, its level, and ``prev``/``next`` links of the level's FIFO queue. Free rows are
-  chained through ``next``; rows past the high-water mark were never used. Row 0
-  (``SCRATCH``) is never an order: the FIFO links are updated without branches, and the
-  write meant for a missing neighbour lands there.
-- the order index, two tiers. ``rix`` (``RING``): a direct-mapped ring indexed by
-  ``ref & (len(rix) - 1)`` holding the live order whose reference maps there, plus the
-  number of live orders that map there but live in the second tier (``spill``). Nasdaq
-  assigns order references in sequence, so new orders land on consecutive ring entries and
-  the orders touched next (recent ones) sit together in cache: no hash and no probing in
-  the common case. ``htab`` (``HASH``): reference -> order row for the orders
-  whose ring entry was taken by another live order (a long-resting order one ring length
-  older, or references that are not sequential at all): open addressing with linear
-  probing and backward-shift deletion (no tombstones), kept at most half full. A lookup
-  reads the ring entry, and the hash only when the entry's ``spill`` is non-zero. The ring
-  doubles (off the hot path, rebuilt from the live orders) when more than a quarter of its
-  length has spilled, so it settles near the live span of references.
+- ``orders`` (``ORDER``): one row per live order: reference, remaining shares, its side
+  (``sd`` = locate * 2 + side), its level (which holds the price), and ``prev``/``next``
+  links of the level's FIFO queue. Row 0 (``SCRATCH``) is never an order: the FIFO links
+  are updated without branches, and the write meant for a missing neighbour lands there.
+- the order index is the row itself. Rows ``RING_BASE .. RING_BASE + ring - 1`` are a
+  direct-mapped ring: the order with reference ``ref`` lives in row
+  ``RING_BASE + (ref & (ring - 1))``, computed from the message alone, so the next
+  message's order row is prefetched before its turn and a lookup is one load and a
+  compare. Nasdaq assigns references in sequence, so new orders fill consecutive rows and
+  the orders touched next (recent ones) sit together in cache. A row is free when its
+  ``level`` is ``NIL``. An order whose ring row is taken by another live order (a
+  long-resting one a ring length older, or references that are not sequential at all)
+  goes to a spill row after the ring (free spill rows are chained through ``next``), found
+  through ``htab`` (``HASH``): reference -> row, open addressing with linear probing and
+  backward-shift deletion (no tombstones), kept at most half full. Each ring row counts
+  in ``spill`` the live spilled orders that map to it, so a lookup reads the hash only
+  when that count is non-zero. The ring doubles (off the hot path: every live order moves
+  to its new row and the links are rewritten) when more than a quarter of its length has
+  spilled, so it settles near the live span of references.
 - ``levels`` (``LEVEL``): one row per non-empty price level: price, aggregate shares, order
   count, FIFO head and tail.
 - ``ladder`` (``RUNG``) + ``sides`` (``SIDE``): per (locate, side) a sorted run of
@@ -29,7 +31,7 @@ Structure (all numpy arrays; the jitted functions take them as arguments):
   ``sides`` also caches the best level's price and shares (the BBO) and the live order count.
 - ``stocks`` (``STOCK``): the symbol from the stock directory and the trading state.
 - ``meta``: free-list heads, high-water marks, the hash shift and count, the live-order
-  count and the ring's size limit.
+  count and its limit, the ring's mask and its size limit.
 - ``counters``: the decoder's counters (``dataplane.itch``) plus the book's anomalies.
 
 Book semantics follow the ITCH 5.0 spec: ``A``/``F`` add at the back of the level's queue;
@@ -54,7 +56,8 @@ Anomalies never corrupt a book; each has one defined, counted outcome:
 Capacity: ``apply_stream`` checks, before it changes anything for a message, that the
 message fits; if not it stops and returns a ``NEED_*`` status with the message's offset,
 and the caller (``Book``) grows the array off the hot path and resumes at that offset. A
-growth beyond the configured maximum raises ``CapacityError``: never silent.
+growth beyond the configured maximum, or an order past ``max_orders`` live ones, raises
+``CapacityError``: never silent.
 """
 
 from __future__ import annotations
@@ -156,11 +159,11 @@ NIL = -1
 SCRATCH = 0  # order row 0 is never an order: branch-free links write there instead of nowhere
 
 ORDER = np.dtype(
-    [("ref", np.uint64), ("price", np.uint32), ("shares", np.uint32), ("locate", np.uint16),
-     ("side", np.uint8), ("live", np.uint8), ("level", np.int32), ("prev", np.int32),
-     ("next", np.int32)],
+    [("ref", np.uint64), ("shares", np.uint32), ("sd", np.uint32), ("level", np.int32),
+     ("prev", np.int32), ("next", np.int32), ("spill", np.int32)],
     align=True,
-)  # fmt: skip
+)  # fmt: skip  -- 32 bytes; sd = locate * 2 + side, the price is its level's
+RING_BASE = SCRATCH + 1  # rows RING_BASE .. RING_BASE + ring - 1 are the reference ring
 LEVEL = np.dtype(
     [("price", np.uint32), ("count", np.int32), ("shares", np.int64), ("head", np.int32),
      ("tail", np.int32)],
@@ -173,7 +176,6 @@ SIDE = np.dtype(
 )  # fmt: skip  -- 32 bytes: a stock's bid and ask share one cache line
 RUNG = np.dtype([("key", np.uint32), ("level", np.int32)], align=True)  # 8 bytes
 HASH = np.dtype([("key", np.uint64), ("slot", np.int64)], align=True)
-RING = np.dtype([("row", np.int32), ("spill", np.int32)], align=True)  # 8 bytes
 STOCK = np.dtype([("symbol", np.uint64), ("named", np.uint8), ("state", np.uint8)], align=True)
 
 # meta indices
@@ -184,8 +186,10 @@ M_LEVEL_HWM = 3
 M_LADDER_BUMP = 4
 M_HASH_COUNT = 5
 M_HASH_SHIFT = 6
-M_LIVE = 7  # live orders, both tiers (M_HASH_COUNT: those in the hash tier)
+M_LIVE = 7  # live orders, both tiers (M_HASH_COUNT: those in spill rows and the hash)
 M_RING_MAX = 8  # the ring may double while it is shorter than this
+M_RING_MASK = 9  # ring rows - 1 (a power of two - 1)
+M_MAX_LIVE = 10  # most live orders (max_orders)
 META_LEN = 16
 
 # book counters, after the decoder's in the shared counters array
@@ -202,25 +206,28 @@ ANOMALIES = {
 }  # fmt: skip
 
 # apply_stream statuses (itch.OK and itch.TRUNCATED keep their meaning)
-NEED_ORDERS = 10
+NEED_ORDERS = 10  # max_orders live: fails loudly
 NEED_LEVELS = 11
 NEED_LADDER = 12
 NEED_HASH = 13
 NEED_RING = 14
+NEED_SPILL = 15
 
 LADDER_MIN_CAP = 8
 HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
-# --- order index: the reference ring, and the hash for what spills from it ----------------
+# --- order index: orders live in the reference ring; the hash finds what spills -----------
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
 def _home(key, shift):
     return np.int64((key * HASH_MULT) >> np.uint64(shift))
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _ring_at(rix, ref):
-    return np.int64(ref & np.uint64(rix.shape[0] - 1))
+def _ring_row(meta, ref):
+    """The ring row of ``ref``: computed from the reference alone, so it can be prefetched
+    before the message is looked at."""
+    return RING_BASE + np.int64(ref & np.uint64(meta[M_RING_MASK]))
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -258,57 +265,81 @@ def ht_remove_at(htab, shift, i):
     htab[i].slot = NIL
 
 
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def ht_insert(htab, shift, key, slot):
+    """Put ``key -> slot`` into a table known not to hold ``key`` (growth, rebuilds)."""
+    mask = htab.shape[0] - 1
+    i = _home(key, shift)
+    while htab[i].slot >= 0:
+        i = (i + 1) & mask
+    htab[i].key = key
+    htab[i].slot = slot
+
+
 @njit(cache=True, nogil=True)
 def ht_rehash(old, new, shift):
     """Move every entry of ``old`` into the empty table ``new`` (growth, off the hot path)."""
-    mask = new.shape[0] - 1
     for j in range(old.shape[0]):
         if old[j].slot >= 0:
-            i = _home(old[j].key, shift)
-            while new[i].slot >= 0:
-                i = (i + 1) & mask
-            new[i].key = old[j].key
-            new[i].slot = old[j].slot
+            ht_insert(new, shift, old[j].key, old[j].slot)
 
 
-IN_RING = -1  # ``ix_find``'s location of an order indexed by its ring entry
+IN_RING = -1  # ``ix_find``'s location of an order held by its ring row
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def ix_find(orders, rix, htab, shift, ref):
-    """Return ``(order row or NIL, where)``: ``where`` is ``IN_RING`` for an order held by
-    its ring entry, else the hash index of its entry (or of the empty probe end)."""
-    e = rix[_ring_at(rix, ref)]
-    o = e.row
-    if o != NIL and orders[o].ref == ref:
-        return o, IN_RING
-    if e.spill == 0:
+def ix_find(orders, htab, meta, ref):
+    """Return ``(order row or NIL, where)``: ``where`` is ``IN_RING`` for an order in its
+    ring row, else the hash index of its entry (or of the empty probe end)."""
+    r = _ring_row(meta, ref)
+    od = orders[r]
+    if od.ref == ref and od.level != NIL:
+        return r, IN_RING
+    if od.spill == 0:
         return NIL, IN_RING
-    return ht_find(htab, shift, ref)
+    return ht_find(htab, meta[M_HASH_SHIFT], ref)
 
 
 @njit(cache=True, nogil=True)
-def rebuild_index(orders, hwm, rix, htab, shift):
-    """Index every live order of ``orders[:hwm]`` into the empty ``rix`` and ``htab``
-    (ring growth, off the hot path). Returns how many went to the hash."""
-    mask = htab.shape[0] - 1
+def relocate_orders(old, old_hwm, new, new_mask, remap, levels, level_hwm, htab, shift):
+    """Move every live order of ``old[:old_hwm]`` into the empty ``new`` whose ring has
+    ``new_mask + 1`` rows (ring growth, off the hot path): to its ring row, or else to the
+    next spill row and the empty ``htab``. Rewrites the FIFO links and the level heads and
+    tails through ``remap`` (old row -> new row). Returns ``(spilled, new spill hwm)``.
+    Ring rows come first, so the orders the old ring held never collide in the new one."""
+    hwm = RING_BASE + new_mask + 1
     spilled = 0
-    for o in range(hwm):
-        if orders[o].live != 1:
+    remap[SCRATCH] = SCRATCH
+    for o in range(RING_BASE, old_hwm):
+        if old[o].level == NIL:
             continue
-        ref = orders[o].ref
-        r = _ring_at(rix, ref)
-        if rix[r].row == NIL:
-            rix[r].row = o
+        ref = old[o].ref
+        r = RING_BASE + np.int64(ref & np.uint64(new_mask))
+        if new[r].level == NIL:
+            dst = r
+        else:
+            dst = hwm
+            hwm += 1
+            ht_insert(htab, shift, ref, dst)
+            new[r].spill += 1
+            spilled += 1
+        new[dst].ref = ref
+        new[dst].shares = old[o].shares
+        new[dst].sd = old[o].sd
+        new[dst].level = old[o].level
+        remap[o] = dst
+    for o in range(RING_BASE, old_hwm):
+        if old[o].level == NIL:
             continue
-        i = _home(ref, shift)
-        while htab[i].slot >= 0:
-            i = (i + 1) & mask
-        htab[i].key = ref
-        htab[i].slot = o
-        rix[r].spill += 1
-        spilled += 1
-    return spilled
+        p = old[o].prev
+        n = old[o].next
+        new[remap[o]].prev = remap[p] if p != NIL else NIL
+        new[remap[o]].next = remap[n] if n != NIL else NIL
+    for lv in range(level_hwm):
+        if levels[lv].count > 0:
+            levels[lv].head = remap[levels[lv].head]
+            levels[lv].tail = remap[levels[lv].tail]
+    return spilled, hwm
 
 
 # --- ladder -----------------------------------------------------------------------------
@@ -353,10 +384,10 @@ def _refresh_bbo(sides, ladder, levels, sd):
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _fits_add(sides, ladder, orders, levels, htab, rix, meta, sd, ref):
+def _fits_add(sides, ladder, orders, levels, htab, meta, sd, ref):
     """0 when an add of ``ref`` to side ``sd`` fits the arrays as they are, else the
     NEED_* status."""
-    if meta[M_ORDER_FREE] == NIL and meta[M_ORDER_HWM] >= orders.shape[0]:
+    if meta[M_LIVE] >= meta[M_MAX_LIVE]:
         return NEED_ORDERS
     if meta[M_LEVEL_FREE] == NIL and meta[M_LEVEL_HWM] >= levels.shape[0]:
         return NEED_LEVELS
@@ -365,30 +396,51 @@ def _fits_add(sides, ladder, orders, levels, htab, rix, meta, sd, ref):
         newcap = max(LADDER_MIN_CAP, 2 * s.cap)
         if meta[M_LADDER_BUMP] + newcap > ladder.shape[0] - SCAN:
             return NEED_LADDER
-    if rix[_ring_at(rix, ref)].row != NIL:  # it may spill into the hash
-        if 4 * (meta[M_HASH_COUNT] + 1) > rix.shape[0] and rix.shape[0] < meta[M_RING_MAX]:
+    if orders[_ring_row(meta, ref)].level != NIL:  # its ring row is taken: it would spill
+        if 4 * (meta[M_HASH_COUNT] + 1) > meta[M_RING_MASK] + 1 and (
+                meta[M_RING_MASK] + 1 < meta[M_RING_MAX]):  # fmt: skip
             return NEED_RING
+        if meta[M_ORDER_FREE] == NIL and meta[M_ORDER_HWM] >= orders.shape[0]:
+            return NEED_SPILL
         if 2 * (meta[M_HASH_COUNT] + 1) > htab.shape[0]:
             return NEED_HASH
     return 0
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _add(orders, levels, sides, ladder, htab, rix, meta, counters, ref, locate, side, price,
-         shares):  # fmt: skip
-    """Add a visible order (capacity already checked by ``_fits_add``)."""
-    found, hi = ix_find(orders, rix, htab, meta[M_HASH_SHIFT], ref)
-    if found != NIL:
-        counters[B_DUP_ADD] += 1
-        return
-    r = _ring_at(rix, ref)
-    if rix[r].row == NIL:
-        hi = IN_RING  # a free ring entry holds it, even if others spilled from there
-    elif hi == IN_RING:  # taken by another order, nothing spilled yet: find the hash slot
-        _, hi = ht_find(htab, meta[M_HASH_SHIFT], ref)
-    sd = locate * 2 + side
+def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, shares):
+    """Add a visible order to side ``sd`` (capacity already checked by ``_fits_add``)."""
+    r = _ring_row(meta, ref)
+    ring = orders[r]
+    shift = meta[M_HASH_SHIFT]
+    if ring.level == NIL:  # the ring row is free: the order goes there
+        if ring.spill != 0:  # unless the reference is live in the hash already
+            found, _ = ht_find(htab, shift, ref)
+            if found != NIL:
+                counters[B_DUP_ADD] += 1
+                return
+        o = r
+        hi = IN_RING
+    else:  # taken: a duplicate, or an order that spills to a spill row and the hash
+        if ring.ref == ref:
+            counters[B_DUP_ADD] += 1
+            return
+        found, hi = ht_find(htab, shift, ref)
+        if found != NIL:
+            counters[B_DUP_ADD] += 1
+            return
+        o = meta[M_ORDER_FREE]
+        if o != NIL:
+            meta[M_ORDER_FREE] = orders[o].next
+        else:
+            o = meta[M_ORDER_HWM]
+            meta[M_ORDER_HWM] = o + 1
+        htab[hi].key = ref
+        htab[hi].slot = o
+        ring.spill += 1
+        meta[M_HASH_COUNT] += 1
     s = sides[sd]
-    key = _side_key(side, price)
+    key = _side_key(sd & 1, price)
     j = _lower_bound(ladder, s.start, s.count, key)
     if j < s.count and ladder[s.start + j].key == key:
         lv = ladder[s.start + j].level
@@ -420,19 +472,10 @@ def _add(orders, levels, sides, ladder, htab, rix, meta, counters, ref, locate, 
         ladder[base + j].key = key
         ladder[base + j].level = lv
         s.count += 1
-    o = meta[M_ORDER_FREE]
-    if o != NIL:
-        meta[M_ORDER_FREE] = orders[o].next
-    else:
-        o = meta[M_ORDER_HWM]
-        meta[M_ORDER_HWM] = o + 1
     od = orders[o]
     od.ref = ref
-    od.price = price
     od.shares = shares
-    od.locate = locate
-    od.side = side
-    od.live = 1
+    od.sd = sd
     od.level = lv
     od.next = NIL
     tail = levels[lv].tail
@@ -445,13 +488,6 @@ def _add(orders, levels, sides, ladder, htab, rix, meta, counters, ref, locate, 
     levels[lv].tail = o
     levels[lv].count += 1
     levels[lv].shares += shares
-    if hi == IN_RING:
-        rix[r].row = o
-    else:
-        htab[hi].key = ref
-        htab[hi].slot = o
-        rix[r].spill += 1
-        meta[M_HASH_COUNT] += 1
     meta[M_LIVE] += 1
     s.orders += 1
     top = ladder[s.start + s.count - 1].level == lv  # landed on the best level
@@ -462,7 +498,7 @@ def _add(orders, levels, sides, ladder, htab, rix, meta, counters, ref, locate, 
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _remove(orders, levels, sides, ladder, htab, rix, meta, o, hi):
+def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
     """Remove live order row ``o`` found at ``hi`` (``ix_find``); drop its level if
     emptied."""
     od = orders[o]
@@ -477,12 +513,13 @@ def _remove(orders, levels, sides, ladder, htab, rix, meta, o, hi):
     levels[lv].tail = p if n == NIL else tail
     levels[lv].count -= 1
     levels[lv].shares -= od.shares
-    sd = np.int64(od.locate) * 2 + od.side
+    sd = np.int64(od.sd)
     s = sides[sd]
     s.orders -= 1
-    at_top = s.best_px == od.price  # the order is live, so its side is not empty
+    price = levels[lv].price
+    at_top = s.best_px == price  # the order is live, so its side is not empty
     if levels[lv].count == 0:
-        key = _side_key(od.side, od.price)
+        key = _side_key(sd & 1, price)
         j = _lower_bound(ladder, s.start, s.count, key)
         base = s.start
         for k in range(j, s.count - 1):
@@ -495,23 +532,20 @@ def _remove(orders, levels, sides, ladder, htab, rix, meta, o, hi):
     else:
         qty = s.best_qty
         s.best_qty = levels[lv].shares if at_top else qty
-    r = _ring_at(rix, od.ref)
-    if hi == IN_RING:
-        rix[r].row = NIL
-    else:
+    od.level = NIL  # the row is free
+    if hi != IN_RING:  # a spill row: out of the hash, back on the spill free list
         ht_remove_at(htab, meta[M_HASH_SHIFT], hi)
-        rix[r].spill -= 1
+        orders[_ring_row(meta, od.ref)].spill -= 1
         meta[M_HASH_COUNT] -= 1
+        od.next = meta[M_ORDER_FREE]
+        meta[M_ORDER_FREE] = o
     meta[M_LIVE] -= 1
-    od.live = 0
-    od.next = meta[M_ORDER_FREE]
-    meta[M_ORDER_FREE] = o
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _reduce(orders, levels, sides, ladder, htab, rix, meta, counters, ref, n, over_counter):
+def _reduce(orders, levels, sides, ladder, htab, meta, counters, ref, n, over_counter):
     """Execute or cancel ``n`` shares of ``ref`` (E, C, X)."""
-    o, hi = ix_find(orders, rix, htab, meta[M_HASH_SHIFT], ref)
+    o, hi = ix_find(orders, htab, meta, ref)
     if o == NIL:
         counters[B_UNKNOWN_REF] += 1
         return
@@ -522,19 +556,19 @@ def _reduce(orders, levels, sides, ladder, htab, rix, meta, counters, ref, n, ov
     if n >= rest:
         if n > rest:
             counters[over_counter] += 1
-        _remove(orders, levels, sides, ladder, htab, rix, meta, o, hi)
+        _remove(orders, levels, sides, ladder, htab, meta, o, hi)
         return
     od = orders[o]
     od.shares = rest - n
     lv = od.level
     levels[lv].shares -= n
-    s = sides[np.int64(od.locate) * 2 + od.side]
+    s = sides[np.int64(od.sd)]
     qty = s.best_qty  # the best level is the only one cached
-    s.best_qty = levels[lv].shares if s.best_px == od.price else qty
+    s.best_qty = levels[lv].shares if s.best_px == levels[lv].price else qty
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def apply_message(b, p, t, orders, levels, sides, ladder, htab, rix, stocks, meta, counters):
+def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, counters):
     """Apply one validated message at ``b[p]`` of type ``t``. Returns 0 or a NEED_* status
     (then nothing was changed)."""
     q = p + HEADER_LEN
@@ -551,44 +585,42 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, rix, stocks, met
         if shares == 0:
             counters[B_ZERO_SHARES] += 1
             return 0
-        locate = rd_u16(b, p + 1)
+        sd = np.int64(rd_u16(b, p + 1)) * 2 + side
         ref = rd_u64(b, q)
-        need = _fits_add(sides, ladder, orders, levels, htab, rix, meta, locate * 2 + side, ref)
+        need = _fits_add(sides, ladder, orders, levels, htab, meta, sd, ref)
         if need != 0:
             return need
-        _add(orders, levels, sides, ladder, htab, rix, meta, counters,
-             ref, locate, side, rd_u32(b, q + 21), shares)  # fmt: skip
+        _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, rd_u32(b, q + 21),
+             shares)  # fmt: skip
     elif t == T_D:
-        o, hi = ix_find(orders, rix, htab, meta[M_HASH_SHIFT], rd_u64(b, q))
+        o, hi = ix_find(orders, htab, meta, rd_u64(b, q))
         if o == NIL:
             counters[B_UNKNOWN_REF] += 1
         else:
-            _remove(orders, levels, sides, ladder, htab, rix, meta, o, hi)
+            _remove(orders, levels, sides, ladder, htab, meta, o, hi)
     elif t == T_E or t == T_C:
-        _reduce(orders, levels, sides, ladder, htab, rix, meta, counters,
-                rd_u64(b, q), rd_u32(b, q + 8), B_OVER_EXEC)  # fmt: skip
+        _reduce(orders, levels, sides, ladder, htab, meta, counters, rd_u64(b, q),
+                rd_u32(b, q + 8), B_OVER_EXEC)  # fmt: skip
     elif t == T_X:
-        _reduce(orders, levels, sides, ladder, htab, rix, meta, counters,
-                rd_u64(b, q), rd_u32(b, q + 8), B_OVER_CANCEL)  # fmt: skip
+        _reduce(orders, levels, sides, ladder, htab, meta, counters, rd_u64(b, q),
+                rd_u32(b, q + 8), B_OVER_CANCEL)  # fmt: skip
     elif t == T_U:
-        o, hi = ix_find(orders, rix, htab, meta[M_HASH_SHIFT], rd_u64(b, q))
+        o, hi = ix_find(orders, htab, meta, rd_u64(b, q))
         if o == NIL:
             counters[B_UNKNOWN_REF] += 1
             return 0
-        locate = np.int64(orders[o].locate)
-        side = np.int64(orders[o].side)
+        sd = np.int64(orders[o].sd)
         new_ref = rd_u64(b, q + 8)
-        need = _fits_add(sides, ladder, orders, levels, htab, rix, meta, locate * 2 + side,
-                         new_ref)  # fmt: skip
+        need = _fits_add(sides, ladder, orders, levels, htab, meta, sd, new_ref)
         if need != 0:
             return need
-        _remove(orders, levels, sides, ladder, htab, rix, meta, o, hi)
+        _remove(orders, levels, sides, ladder, htab, meta, o, hi)
         shares = rd_u32(b, q + 16)
         if shares == 0:
             counters[B_ZERO_SHARES] += 1
             return 0
-        _add(orders, levels, sides, ladder, htab, rix, meta, counters,
-             new_ref, locate, side, rd_u32(b, q + 20), shares)  # fmt: skip
+        _add(orders, levels, sides, ladder, htab, meta, counters, new_ref, sd,
+             rd_u32(b, q + 20), shares)  # fmt: skip
     elif t == T_R:
         locate = rd_u16(b, p + 1)
         stocks[locate].symbol = rd_u64(b, q)
@@ -600,8 +632,7 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, rix, stocks, met
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, rix, stocks, meta,
-                 counters):  # fmt: skip
+def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, stocks, meta, counters):
     """Decode and apply every message of ``b[pos:end]`` (2-byte length framing).
 
     Returns ``(status, pos)``: ``itch.OK`` with ``pos == end``; ``itch.TRUNCATED`` with
@@ -614,14 +645,16 @@ def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, rix, stocks, 
             return TRUNCATED, pos
         p = pos + 2
         t = b[p] if length > 0 else 0
-        # Overlap the next message's ring-entry miss with this message's work. Any type
-        # will do: a masked index is always in the ring, and a prefetch never faults.
+        # Overlap the next message's cache misses with this message's work: the order row
+        # its reference names and its stock's two sides. Any type will do: a masked row is
+        # always in the ring, a locate always has sides, and a prefetch never faults.
         nxt = p + length + 2
         if nxt + HEADER_LEN + 8 <= end:
-            prefetch(rix, _ring_at(rix, rd_u64(b, nxt + HEADER_LEN)))
+            prefetch(orders, _ring_row(meta, rd_u64(b, nxt + HEADER_LEN)))
+            prefetch(sides, 2 * np.int64(rd_u16(b, nxt + 1)))
         if status == itch.OK:
-            need = apply_message(b, p, t, orders, levels, sides, ladder, htab, rix, stocks,
-                                 meta, counters)  # fmt: skip
+            need = apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta,
+                                 counters)  # fmt: skip
             if need != 0:
                 return need, pos
         count_frame(counters, status, t)
@@ -747,7 +780,7 @@ CHECK_MESSAGES = {
     2: "level price disagrees with its ladder key",
     3: "empty level left on the ladder",
     4: "FIFO link broken (prev/next disagree)",
-    5: "order on a level belongs elsewhere (level/locate/side/price)",
+    5: "order on a level belongs elsewhere (level, stock or side)",
     6: "non-positive live quantity",
     7: "level order count differs from its queue",
     8: "level aggregate differs from the sum of its orders",
@@ -763,7 +796,7 @@ CHECK_MESSAGES = {
 
 
 @njit(cache=True, nogil=True)
-def check_invariants(orders, levels, sides, ladder, htab, rix, meta, allow_crossed):
+def check_invariants(orders, levels, sides, ladder, htab, meta, allow_crossed):
     """First broken invariant as ``(code, locate, side, detail)``; code 0 when all hold."""
     live = 0
     for sd in range(sides.shape[0]):
@@ -788,8 +821,7 @@ def check_invariants(orders, levels, sides, ladder, htab, rix, meta, allow_cross
                 od = orders[o]
                 if od.prev != prev:
                     return 4, locate, side, o
-                if (od.live != 1 or od.level != lv or od.locate != locate or od.side != side
-                        or od.price != levels[lv].price):  # fmt: skip
+                if o < RING_BASE or od.level != lv or od.sd != sd:
                     return 5, locate, side, o
                 if od.shares <= 0:
                     return 6, locate, side, o
@@ -817,30 +849,32 @@ def check_invariants(orders, levels, sides, ladder, htab, rix, meta, allow_cross
             b = sides[sd - 1]
             if b.count > 0 and s.count > 0 and b.best_px >= s.best_px:
                 return 12, locate, side, b.best_px
+    ring = meta[M_RING_MASK] + 1
+    spill_start = RING_BASE + ring
     indexed = 0
     hashed = 0
-    shift = meta[M_HASH_SHIFT]
-    spill = np.zeros(rix.shape[0], np.int64)
-    for i in range(rix.shape[0]):
-        o = rix[i].row
-        if o != NIL:
+    for o in range(RING_BASE, spill_start):
+        if orders[o].level != NIL:
             indexed += 1
-            if orders[o].live != 1 or _ring_at(rix, orders[o].ref) != i:
+            if _ring_row(meta, orders[o].ref) != o:
                 return 13, -1, -1, o
+    spill = np.zeros(ring, np.int64)
     for i in range(htab.shape[0]):
         e = htab[i]
         if e.slot >= 0:
-            indexed += 1
             hashed += 1
-            if orders[e.slot].live != 1 or orders[e.slot].ref != e.key:
+            if (e.slot < spill_start or e.slot >= meta[M_ORDER_HWM]
+                    or orders[e.slot].level == NIL or orders[e.slot].ref != e.key):  # fmt: skip
                 return 13, -1, -1, e.slot
-            spill[_ring_at(rix, e.key)] += 1
-    for i in range(rix.shape[0]):
-        if spill[i] != rix[i].spill:
+            spill[_ring_row(meta, e.key) - RING_BASE] += 1
+    for i in range(ring):
+        if spill[i] != orders[RING_BASE + i].spill:
             return 16, -1, -1, i
-    for o in range(meta[M_ORDER_HWM]):
-        if orders[o].live == 1:
-            found, _ = ix_find(orders, rix, htab, shift, orders[o].ref)
+    for o in range(RING_BASE, meta[M_ORDER_HWM]):
+        if orders[o].level != NIL:
+            if o >= spill_start:
+                indexed += 1
+            found, _ = ix_find(orders, htab, meta, orders[o].ref)
             if found != o:
                 return 15, -1, -1, o
     if indexed != live or indexed != meta[M_LIVE] or hashed != meta[M_HASH_COUNT]:
@@ -862,39 +896,53 @@ class Book:
 
     Initial sizes are hints; each structure doubles when a message needs more room (off
     the hot path, counted in ``B_GROWTHS``) up to ``max_orders``-derived limits, past which
-    ``CapacityError`` is raised. ``ring`` (default: ``orders`` rounded up to a power of
-    two) and ``spill`` (default: a quarter of that) size the two tiers of the order index.
+    ``CapacityError`` is raised; more than ``max_orders`` live orders is refused the same
+    way. ``ring`` (default: ``orders`` rounded up to a power of two) is the reference
+    ring's length, ``spill`` (default: an eighth of that) the spill rows for orders whose
+    ring row is taken, ``hash`` (default: twice ``spill``) the hash that finds them.
     """
 
     def __init__(self, orders: int = 1 << 16, levels: int = 1 << 14, ladder: int = 1 << 16,
                  max_orders: int = 1 << 28, counters: np.ndarray | None = None,
-                 ring: int | None = None, spill: int | None = None):  # fmt: skip
+                 ring: int | None = None, spill: int | None = None,
+                 hash: int | None = None):  # fmt: skip
         self.max_orders = max_orders
-        self.orders = np.zeros(orders + SCRATCH + 1, ORDER)
+        ring = _pow2(orders if ring is None else ring)
+        spill = max(16, ring // 8 if spill is None else spill)
+        self.orders = np.zeros(RING_BASE + ring + spill, ORDER)
+        self.orders["level"] = NIL
         self.levels = np.zeros(levels, LEVEL)
         self.sides = np.zeros(2 * N_LOCATES, SIDE)
         self.ladder = np.zeros(ladder + SCAN, RUNG)
-        ring = _pow2(orders if ring is None else ring)
-        self.rix = np.zeros(ring, RING)
-        self.rix["row"] = NIL
-        bits = (_pow2(ring // 4 if spill is None else spill)).bit_length() - 1
+        bits = (_pow2(2 * spill if hash is None else hash)).bit_length() - 1
         self.htab = np.zeros(1 << bits, HASH)
         self.htab["slot"] = NIL
         self.stocks = np.zeros(N_LOCATES, STOCK)
         self.meta = np.zeros(META_LEN, np.int64)
         self.meta[M_ORDER_FREE] = NIL
-        self.meta[M_ORDER_HWM] = SCRATCH + 1
+        self.meta[M_ORDER_HWM] = RING_BASE + ring
         self.meta[M_LEVEL_FREE] = NIL
         self.meta[M_HASH_SHIFT] = 64 - bits
         self.meta[M_RING_MAX] = _pow2(4 * max_orders)
+        self.meta[M_RING_MASK] = ring - 1
+        self.meta[M_MAX_LIVE] = max_orders
         self.counters = itch.new_counters() if counters is None else counters
+
+    @property
+    def ring(self) -> int:
+        """The reference ring's length (rows)."""
+        return int(self.meta[M_RING_MASK]) + 1
+
+    @property
+    def spill_rows(self) -> int:
+        return len(self.orders) - RING_BASE - self.ring
 
     @classmethod
     def sized_like(cls, other: Book) -> Book:
         """An empty book with ``other``'s current room (benchmarks: no growth while timed)."""
-        return cls(orders=len(other.orders) - SCRATCH - 1, levels=len(other.levels),
-                   ladder=len(other.ladder) - SCAN, ring=len(other.rix),
-                   spill=len(other.htab), max_orders=other.max_orders)  # fmt: skip
+        return cls(orders=other.ring, levels=len(other.levels),
+                   ladder=len(other.ladder) - SCAN, ring=other.ring, spill=other.spill_rows,
+                   hash=len(other.htab), max_orders=other.max_orders)  # fmt: skip
 
     @classmethod
     def for_capacity(cls, orders: int, counters: np.ndarray | None = None) -> Book:
@@ -904,8 +952,8 @@ class Book:
 
     # -- feeding --
     def _state(self):
-        return (self.orders, self.levels, self.sides, self.ladder, self.htab, self.rix,
-                self.stocks, self.meta, self.counters)  # fmt: skip
+        return (self.orders, self.levels, self.sides, self.ladder, self.htab, self.stocks,
+                self.meta, self.counters)  # fmt: skip
 
     def feed(self, buf: np.ndarray, start: int = 0, end: int | None = None,
              partial_ok: bool = False) -> int:  # fmt: skip
@@ -927,9 +975,19 @@ class Book:
             self._grow(status)
 
     def _grow(self, need: int) -> None:
-        self.counters[B_GROWTHS] += 1
         if need == NEED_ORDERS:
-            self.orders = self._doubled(self.orders, self.max_orders, "orders", SCRATCH + 1)
+            raise CapacityError(f"live orders would exceed the configured maximum of "
+                                f"{self.max_orders}")  # fmt: skip
+        self.counters[B_GROWTHS] += 1
+        if need == NEED_SPILL:
+            room = self.spill_rows
+            if 2 * room > self.max_orders:
+                raise CapacityError(f"spill rows would exceed the configured maximum of "
+                                    f"{self.max_orders}")  # fmt: skip
+            new = np.zeros(len(self.orders) + room, ORDER)
+            new[: len(self.orders)] = self.orders
+            new["level"][len(self.orders) :] = NIL
+            self.orders = new
         elif need == NEED_LEVELS:
             self.levels = self._doubled(self.levels, self.max_orders, "price levels")
         elif need == NEED_LADDER:
@@ -951,24 +1009,29 @@ class Book:
             self.htab = new
             self.meta[M_HASH_SHIFT] = shift
         elif need == NEED_RING:  # more than a quarter of the ring spilled: double it
-            rix = np.zeros(2 * len(self.rix), RING)
-            rix["row"] = NIL
+            ring = 2 * self.ring
+            new = np.zeros(RING_BASE + ring + self.spill_rows, ORDER)
+            new["level"] = NIL
             htab = np.zeros(len(self.htab), HASH)
             htab["slot"] = NIL
-            spilled = rebuild_index(self.orders, self.meta[M_ORDER_HWM], rix, htab,
-                                    self.meta[M_HASH_SHIFT])  # fmt: skip
-            self.rix, self.htab = rix, htab
+            remap = np.full(len(self.orders), NIL, np.int32)
+            spilled, hwm = relocate_orders(
+                self.orders, self.meta[M_ORDER_HWM], new, ring - 1, remap, self.levels,
+                self.meta[M_LEVEL_HWM], htab, self.meta[M_HASH_SHIFT])  # fmt: skip
+            self.orders, self.htab = new, htab
+            self.meta[M_RING_MASK] = ring - 1
             self.meta[M_HASH_COUNT] = spilled
+            self.meta[M_ORDER_HWM] = hwm
+            self.meta[M_ORDER_FREE] = NIL
         else:  # pragma: no cover - a status apply_stream never returns
             raise AssertionError(f"unknown book status {need}")
 
     @staticmethod
-    def _doubled(arr: np.ndarray, limit: int, what: str, extra: int = 0) -> np.ndarray:
-        """``arr`` with twice the room (``extra`` rows that hold nothing are not room)."""
-        room = len(arr) - extra
-        if 2 * room > limit:
+    def _doubled(arr: np.ndarray, limit: int, what: str) -> np.ndarray:
+        """``arr`` with twice the room."""
+        if 2 * len(arr) > limit:
             raise CapacityError(f"{what} would exceed the configured maximum of {limit}")
-        new = np.zeros(2 * room + extra, arr.dtype)
+        new = np.zeros(2 * len(arr), arr.dtype)
         new[: len(arr)] = arr
         return new
 
@@ -988,13 +1051,13 @@ class Book:
         return [tuple(int(x) for x in out[i]) for i in range(k)]
 
     def order(self, ref: int) -> dict | None:
-        o, _ = ix_find(self.orders, self.rix, self.htab, self.meta[M_HASH_SHIFT],
-                       np.uint64(ref))  # fmt: skip
+        o, _ = ix_find(self.orders, self.htab, self.meta, np.uint64(ref))
         if o == NIL:
             return None
         od = self.orders[o]
-        return {"ref": int(od["ref"]), "locate": int(od["locate"]),
-                "side": "BS"[int(od["side"])], "price": int(od["price"]),
+        sd = int(od["sd"])
+        return {"ref": int(od["ref"]), "locate": sd // 2, "side": "BS"[sd % 2],
+                "price": int(self.levels[int(od["level"])]["price"]),
                 "shares": int(od["shares"])}  # fmt: skip
 
     def queue(self, locate: int, side: int, price: int) -> list[int]:
@@ -1045,7 +1108,7 @@ class Book:
     def check(self, allow_crossed: bool = False) -> str | None:
         """The first broken invariant as one line, or None when every invariant holds."""
         code, locate, side, detail = check_invariants(
-            self.orders, self.levels, self.sides, self.ladder, self.htab, self.rix, self.meta,
+            self.orders, self.levels, self.sides, self.ladder, self.htab, self.meta,
             allow_crossed)  # fmt: skip
         if code == 0:
             return None

@@ -9,7 +9,7 @@ from the re-request server, ``service_recovery``) all call it.
 
 Both loops take two tuples: ``arb = (ctr, hold_buf, hold_meta, gaps, control, recov,
 recov_meta)`` -- counters, hold slots, the recovery rings and control, all shared memory
-but the hold slots -- and ``bk_ = (orders, levels, sides, ladder, htab, rix, stocks, meta,
+but the hold slots -- and ``bk_ = (orders, levels, sides, ladder, htab, stocks, meta,
 bctr, bbo, touched, lat)``: the book's arrays, the BBO table, scratch, latency histogram.
 
 When the book needs room (a ``NEED_*`` status) the loop returns with the packet kept
@@ -68,9 +68,9 @@ def _packet(b, pos, end, line, rx_ns, t, session, arb, bk_):
     ``done`` 1 the packet is finished and only the release of held packets waits for
     room (it resumes at the next packet or idle tick)."""
     ctr, hold_buf, hold_meta, _g, _c, _r, _rm = arb
-    orders, levels, sides, ladder, htab, rix, stocks, meta, bctr, bbo, touched, lat = bk_
+    orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat = bk_
     need = arbiter.on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta,
-                             orders, levels, sides, ladder, htab, rix, stocks, meta, bctr,
+                             orders, levels, sides, ladder, htab, stocks, meta, bctr,
                              bbo, touched, lat)  # fmt: skip
     if need != 0:
         return need, 0
@@ -110,10 +110,10 @@ def service_recovery(t, session, arb, bk_):
 def _idle(t, arb, bk_):
     """Between packets: release what can be released, declare holes past the window."""
     ctr, hold_buf, hold_meta, gaps, control, _r, _rm = arb
-    orders, levels, sides, ladder, htab, rix, stocks, meta, bctr, bbo, touched, lat = bk_
+    orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat = bk_
     if ctr[shm.A_HELD_NOW] > 0:
         need = arbiter.drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder, htab,
-                             rix, stocks, meta, bctr, bbo, touched, lat)  # fmt: skip
+                             stocks, meta, bctr, bbo, touched, lat)  # fmt: skip
         if need != 0:
             return need
     arbiter.hole_check(t, ctr, hold_meta, gaps, control)

@@ -145,7 +145,7 @@ def test_a_taken_ring_entry_spills_and_stays_exact():
     feed(m.E(c, 20), m.U(c, a, 7, 999), book=b)  # replace from the hash into the ring
     assert b.order(c) is None and b.order(a) == {"ref": a, "locate": 1, "side": "B",
                                                  "price": 999, "shares": 7}  # fmt: skip
-    assert int(b.meta[bk.M_HASH_COUNT]) == 0 and len(b.rix) == ring
+    assert int(b.meta[bk.M_HASH_COUNT]) == 0 and b.ring == ring
 
 
 def test_the_ring_doubles_when_a_quarter_of_it_spilled():
@@ -157,8 +157,8 @@ def test_the_ring_doubles_when_a_quarter_of_it_spilled():
     b = Book(orders=16, ring=ring)
     feed(*msgs, book=b)
     want = ReferenceBook().replay(m.framed(*msgs))
-    assert len(b.rix) > ring and b.counters[bk.B_GROWTHS] > 0
-    assert 4 * int(b.meta[bk.M_HASH_COUNT]) <= len(b.rix)
+    assert b.ring > ring and b.counters[bk.B_GROWTHS] > 0
+    assert 4 * int(b.meta[bk.M_HASH_COUNT]) <= b.ring
     assert b.digest() == want.digest() and b.live_orders == len(want.orders)
     for r in refs:
         got = b.order(r)
@@ -171,9 +171,41 @@ def test_a_ring_at_its_limit_keeps_spilling_into_the_hash():
     b = Book(orders=4, levels=4, ladder=4, max_orders=8, ring=16)  # ring limit 32
     refs = [3 + k * 64 for k in range(8)]  # one entry of any ring up to 64
     feed(*[m.A(r, "S", 1, 2000) for r in refs], book=b)
-    assert len(b.rix) == 32 and int(b.meta[bk.M_HASH_COUNT]) == 7 and b.live_orders == 8
+    assert b.ring == 32 and int(b.meta[bk.M_HASH_COUNT]) == 7 and b.live_orders == 8
     feed(*[m.D(r) for r in refs[:4]], book=b)
     assert [b.order(r) is None for r in refs] == [True] * 4 + [False] * 4
+
+
+def test_ring_growth_moves_orders_and_keeps_time_priority():
+    ring = 16
+    # one level's queue mixes ring rows and spill rows (refs 16 apart share a ring row)
+    refs = [2, 18, 3, 34, 19, 50, 35, 4]
+    msgs = [m.A(r, "S", 10 + k, 2000) for k, r in enumerate(refs)]
+    b = Book(orders=16, ring=ring)
+    feed(*msgs[:6], book=b)
+    assert b.ring == ring and int(b.meta[bk.M_HASH_COUNT]) == 4
+    feed(*msgs[6:], book=b)  # a fifth spill doubles the ring first: every order moves
+    assert b.ring == 2 * ring and b.counters[bk.B_GROWTHS] == 1
+    assert b.queue(1, ASK, 2000) == refs
+    feed(m.D(3), m.E(50, 5), m.A(66, "S", 1, 2000), book=b)  # 66 spills in the new ring
+    assert b.queue(1, ASK, 2000) == [2, 18, 34, 19, 50, 35, 4, 66]
+    assert b.order(50)["shares"] == 10 and b.order(66)["shares"] == 1
+    assert b.bbo(1)[2:] == (2000, sum(range(10, 18)) - 12 - 5 + 1)
+
+
+def test_spill_rows_grow_and_the_live_limit_fails_loudly():
+    from dataplane.book import CapacityError
+
+    b = Book(orders=16, ring=16, spill=16, max_orders=64)  # the ring stops at 4 * 64 rows
+    refs = [5 + 256 * k for k in range(40)]  # all on one ring row of any ring up to 256
+    feed(*[m.A(r, "B", 1, 1000 + k) for k, r in enumerate(refs)], book=b)
+    assert b.spill_rows > 16 and b.live_orders == 40 and b.ring == 256
+    assert [b.order(r)["price"] for r in refs] == [1000 + k for k in range(40)]
+    more = [m.A(7 + 256 * k, "S", 1, 5000) for k in range(30)]
+    with pytest.raises(CapacityError, match="live orders would exceed the configured "
+                                            "maximum of 64"):  # fmt: skip
+        feed(*more, book=b)
+    assert b.live_orders == 64 and b.check() is None
 
 
 def test_a_book_sized_like_another_takes_the_same_input_without_growing():
