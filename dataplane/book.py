@@ -152,6 +152,83 @@ def count_below(typingctx, ladder, start, count, key):
     return types.int64(ladder, start, count, key), codegen
 
 
+def _masked_store(builder, value, ptr, mask):
+    """``llvm.masked.store``: write the lanes of ``value`` where ``mask`` is set (the others
+    are neither written nor touched, so they never fault)."""
+    vt = value.type
+    fnty = ir.FunctionType(ir.VoidType(), [vt, ptr.type, ir.IntType(32), mask.type])
+    name = f"llvm.masked.store.v{vt.count}i{vt.element.width}.p0"
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    builder.call(fn, [value, ptr, ir.Constant(ir.IntType(32), 4), mask])
+
+
+def _lanes(builder, vt, v):
+    """``v`` (an integer of the vector's element type) in every lane of ``vt``."""
+    i32 = ir.IntType(32)
+    one = builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined),
+                                  ir.Constant(ir.VectorType(i32, vt.count), [0] * vt.count))
+
+
+@intrinsic
+def ladder_insert(typingctx, ladder, start, count, j, key, level):
+    """Insert rung ``(key, level)`` at ``ladder[start + j]`` of a run of ``count`` (<
+    ``SCAN``) rungs, moving rungs ``j..count-1`` up by one: one vector load, a lane
+    shuffle and one masked store of lanes ``j..count``, no loop to mispredict."""
+    ints = (start, count, j, key, level)
+    if not (isinstance(ladder, types.Array) and all(isinstance(x, types.Integer) for x in ints)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _item_ptr(context, builder, sig, args)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vt = ir.VectorType(i64, SCAN)
+        vptr = builder.bitcast(ptr, vt.as_pointer())
+        rungs = builder.load(vptr, align=4)
+        k = builder.zext(builder.trunc(args[4], i32), i64)
+        lv = builder.zext(builder.trunc(args[5], i32), i64)
+        rung = _lanes(builder, vt, builder.or_(k, builder.shl(lv, ir.Constant(i64, 32))))
+        up = builder.shuffle_vector(rungs, rung, ir.Constant(ir.VectorType(i32, SCAN),
+                                                             [SCAN] + list(range(SCAN - 1))))
+        lane = ir.Constant(vt, list(range(SCAN)))
+        at = _lanes(builder, vt, context.cast(builder, args[3], sig.args[3], types.int64))
+        n = _lanes(builder, vt, context.cast(builder, args[2], sig.args[2], types.int64))
+        value = builder.select(builder.icmp_signed("==", lane, at), rung, up)
+        mask = builder.and_(builder.icmp_signed(">=", lane, at), builder.icmp_signed("<=", lane, n))
+        _masked_store(builder, value, vptr, mask)
+        return context.get_dummy_value()
+
+    return types.none(ladder, start, count, j, key, level), codegen
+
+
+@intrinsic
+def ladder_delete(typingctx, ladder, start, count, j):
+    """Remove the rung at ``ladder[start + j]`` of a run of ``count`` (<= ``SCAN``) rungs,
+    moving rungs ``j+1..count-1`` down by one: a vector load, a shuffle, a masked store."""
+    if not (isinstance(ladder, types.Array)
+            and all(isinstance(x, types.Integer) for x in (start, count, j))):  # fmt: skip
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _item_ptr(context, builder, sig, args)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vt = ir.VectorType(i64, SCAN)
+        vptr = builder.bitcast(ptr, vt.as_pointer())
+        rungs = builder.load(vptr, align=4)
+        down = builder.shuffle_vector(rungs, ir.Constant(vt, ir.Undefined), ir.Constant(
+            ir.VectorType(i32, SCAN), list(range(1, SCAN)) + [SCAN - 1]))  # fmt: skip
+        lane = ir.Constant(vt, list(range(SCAN)))
+        at = _lanes(builder, vt, context.cast(builder, args[3], sig.args[3], types.int64))
+        n = _lanes(builder, vt, context.cast(builder, args[2], sig.args[2], types.int64))
+        last = builder.sub(n, ir.Constant(vt, [1] * SCAN))
+        mask = builder.and_(builder.icmp_signed(">=", lane, at),
+                            builder.icmp_signed("<", lane, last))  # fmt: skip
+        _masked_store(builder, down, vptr, mask)
+        return context.get_dummy_value()
+
+    return types.none(ladder, start, count, j), codegen
+
+
 N_LOCATES = 65536
 BID = 0
 ASK = 1
@@ -464,13 +541,16 @@ def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, sh
         levels[lv].shares = 0
         levels[lv].head = NIL
         levels[lv].tail = NIL
-        base = s.start
-        k = s.count
-        while k > j:
-            ladder[base + k] = ladder[base + k - 1]
-            k -= 1
-        ladder[base + j].key = key
-        ladder[base + j].level = lv
+        if s.count < SCAN:
+            ladder_insert(ladder, s.start, s.count, j, key, lv)
+        else:
+            base = s.start
+            k = s.count
+            while k > j:
+                ladder[base + k] = ladder[base + k - 1]
+                k -= 1
+            ladder[base + j].key = key
+            ladder[base + j].level = lv
         s.count += 1
     od = orders[o]
     od.ref = ref
@@ -521,9 +601,12 @@ def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
     if levels[lv].count == 0:
         key = _side_key(sd & 1, price)
         j = _lower_bound(ladder, s.start, s.count, key)
-        base = s.start
-        for k in range(j, s.count - 1):
-            ladder[base + k] = ladder[base + k + 1]
+        if s.count <= SCAN:
+            ladder_delete(ladder, s.start, s.count, j)
+        else:
+            base = s.start
+            for k in range(j, s.count - 1):
+                ladder[base + k] = ladder[base + k + 1]
         s.count -= 1
         levels[lv].head = meta[M_LEVEL_FREE]
         meta[M_LEVEL_FREE] = lv
@@ -574,13 +657,10 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
     q = p + HEADER_LEN
     if t == T_A or t == T_F:
         sb = b[q + 8]
-        if sb == 66:  # 'B'
-            side = BID
-        elif sb == 83:  # 'S'
-            side = ASK
-        else:
+        if not ((sb == 66) | (sb == 83)):  # 'B' or 'S'; one branch, not a coin toss per side
             counters[B_BAD_SIDE] += 1
             return 0
+        side = np.int64(sb == 83)  # BID 0, ASK 1
         shares = rd_u32(b, q + 9)
         if shares == 0:
             counters[B_ZERO_SHARES] += 1

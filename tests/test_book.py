@@ -218,6 +218,23 @@ def test_a_book_sized_like_another_takes_the_same_input_without_growing():
     assert again.counters[bk.B_GROWTHS] == 0 and again.digest() == grown.digest()
 
 
+@pytest.mark.parametrize("side", ["B", "S"])
+def test_sides_either_side_of_the_vector_width_insert_and_remove_levels_exactly(side):
+    # a side grows through SCAN (16) levels and shrinks back, levels entering and leaving
+    # at the top, the bottom and in between: the vector path (<= 16) and the loop (> 16)
+    rng = np.random.default_rng(7)
+    prices = [1000 + 10 * int(p) for p in rng.permutation(2 * bk.SCAN + 3)]
+    adds = [m.A(k + 1, side, 1 + k, px) for k, px in enumerate(prices)]
+    dels = [m.D(int(k) + 1) for k in rng.permutation(len(prices))]
+    b, ref = Book(), ReferenceBook()
+    for msg in adds + [m.A(100 + k, side, 5, px) for k, px in enumerate(prices[::4])] + dels:
+        feed(msg, book=b)
+        ref.apply(msg)
+        _same_state(b, ref)
+        assert b.bbo(1) == ref.bbo(1)
+    assert b.live_orders == len(prices[::4]) and b.check() is None
+
+
 # --- property test against the reference model ---------------------------------------------
 # 17 and 33 share ring entry 1 with 1 in a 16- or 32-entry ring, 1 + 2**40 in any ring, and
 # 2**64 - 1 - 2**20 shares 2**64 - 1's: the hash tier and ring growth are exercised too
