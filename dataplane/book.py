@@ -294,6 +294,14 @@ LADDER_MIN_CAP = 8
 HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _u(i):
+    """``i`` as an unsigned index. Every hot-path index is non-negative by construction,
+    and numba wraps signed indices around (a compare and a select on the array's length,
+    which must then stay in a register) on every access; unsigned ones it does not."""
+    return np.uint64(i)
+
+
 # --- order index: orders live in the reference ring; the hash finds what spills -----------
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
 def _home(key, shift):
@@ -313,7 +321,7 @@ def ht_find(htab, shift, key):
     mask = htab.shape[0] - 1
     i = _home(key, shift)
     while True:
-        e = htab[i]
+        e = htab[_u(i)]
         if e.slot < 0:
             return NIL, i
         if e.key == key:
@@ -328,18 +336,18 @@ def ht_remove_at(htab, shift, i):
     j = i
     while True:
         j = (j + 1) & mask
-        if htab[j].slot < 0:
+        if htab[_u(j)].slot < 0:
             break
-        k = _home(htab[j].key, shift)
+        k = _home(htab[_u(j)].key, shift)
         if i <= j:
             stays = i < k and k <= j
         else:
             stays = i < k or k <= j
         if not stays:
-            htab[i].key = htab[j].key
-            htab[i].slot = htab[j].slot
+            htab[_u(i)].key = htab[_u(j)].key
+            htab[_u(i)].slot = htab[_u(j)].slot
             i = j
-    htab[i].slot = NIL
+    htab[_u(i)].slot = NIL
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -347,10 +355,10 @@ def ht_insert(htab, shift, key, slot):
     """Put ``key -> slot`` into a table known not to hold ``key`` (growth, rebuilds)."""
     mask = htab.shape[0] - 1
     i = _home(key, shift)
-    while htab[i].slot >= 0:
+    while htab[_u(i)].slot >= 0:
         i = (i + 1) & mask
-    htab[i].key = key
-    htab[i].slot = slot
+    htab[_u(i)].key = key
+    htab[_u(i)].slot = slot
 
 
 @njit(cache=True, nogil=True)
@@ -369,7 +377,7 @@ def ix_find(orders, htab, meta, ref):
     """Return ``(order row or NIL, where)``: ``where`` is ``IN_RING`` for an order in its
     ring row, else the hash index of its entry (or of the empty probe end)."""
     r = _ring_row(meta, ref)
-    od = orders[r]
+    od = orders[_u(r)]
     if od.ref == ref and od.level != NIL:
         return r, IN_RING
     if od.spill == 0:
@@ -413,9 +421,9 @@ def relocate_orders(old, old_hwm, new, new_mask, remap, levels, level_hwm, htab,
         new[remap[o]].prev = remap[p] if p != NIL else NIL
         new[remap[o]].next = remap[n] if n != NIL else NIL
     for lv in range(level_hwm):
-        if levels[lv].count > 0:
-            levels[lv].head = remap[levels[lv].head]
-            levels[lv].tail = remap[levels[lv].tail]
+        if levels[_u(lv)].count > 0:
+            levels[_u(lv)].head = remap[levels[_u(lv)].head]
+            levels[_u(lv)].tail = remap[levels[_u(lv)].tail]
     return spilled, hwm
 
 
@@ -433,7 +441,7 @@ def _lower_bound(ladder, start, count, key):
     hi = count
     while lo < hi:
         mid = (lo + hi) >> 1
-        if ladder[start + mid].key < key:
+        if ladder[_u(start + mid)].key < key:
             lo = mid + 1
         else:
             hi = mid
@@ -450,11 +458,11 @@ def _side_key(side, price):
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
 def _refresh_bbo(sides, ladder, levels, sd):
-    s = sides[sd]
+    s = sides[_u(sd)]
     if s.count > 0:
-        lv = ladder[s.start + s.count - 1].level
-        s.best_px = levels[lv].price
-        s.best_qty = levels[lv].shares
+        lv = ladder[_u(s.start + s.count - 1)].level
+        s.best_px = levels[_u(lv)].price
+        s.best_qty = levels[_u(lv)].shares
     else:
         s.best_px = 0
         s.best_qty = 0
@@ -468,12 +476,12 @@ def _fits_add(sides, ladder, orders, levels, htab, meta, sd, ref):
         return NEED_ORDERS
     if meta[M_LEVEL_FREE] == NIL and meta[M_LEVEL_HWM] >= levels.shape[0]:
         return NEED_LEVELS
-    s = sides[sd]
+    s = sides[_u(sd)]
     if s.count == s.cap:
         newcap = max(LADDER_MIN_CAP, 2 * s.cap)
         if meta[M_LADDER_BUMP] + newcap > ladder.shape[0] - SCAN:
             return NEED_LADDER
-    if orders[_ring_row(meta, ref)].level != NIL:  # its ring row is taken: it would spill
+    if orders[_u(_ring_row(meta, ref))].level != NIL:  # its ring row is taken: it would spill
         if 4 * (meta[M_HASH_COUNT] + 1) > meta[M_RING_MASK] + 1 and (
                 meta[M_RING_MASK] + 1 < meta[M_RING_MAX]):  # fmt: skip
             return NEED_RING
@@ -488,7 +496,7 @@ def _fits_add(sides, ladder, orders, levels, htab, meta, sd, ref):
 def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, shares):
     """Add a visible order to side ``sd`` (capacity already checked by ``_fits_add``)."""
     r = _ring_row(meta, ref)
-    ring = orders[r]
+    ring = orders[_u(r)]
     shift = meta[M_HASH_SHIFT]
     if ring.level == NIL:  # the ring row is free: the order goes there
         if ring.spill != 0:  # unless the reference is live in the hash already
@@ -508,97 +516,97 @@ def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, sh
             return
         o = meta[M_ORDER_FREE]
         if o != NIL:
-            meta[M_ORDER_FREE] = orders[o].next
+            meta[M_ORDER_FREE] = orders[_u(o)].next
         else:
             o = meta[M_ORDER_HWM]
             meta[M_ORDER_HWM] = o + 1
-        htab[hi].key = ref
-        htab[hi].slot = o
+        htab[_u(hi)].key = ref
+        htab[_u(hi)].slot = o
         ring.spill += 1
         meta[M_HASH_COUNT] += 1
-    s = sides[sd]
+    s = sides[_u(sd)]
     key = _side_key(sd & 1, price)
     j = _lower_bound(ladder, s.start, s.count, key)
-    if j < s.count and ladder[s.start + j].key == key:
-        lv = ladder[s.start + j].level
+    if j < s.count and ladder[_u(s.start + j)].key == key:
+        lv = ladder[_u(s.start + j)].level
     else:
         if s.count == s.cap:  # relocate this side's run to a bigger segment at the bump
             newcap = max(LADDER_MIN_CAP, 2 * s.cap)
             dst = meta[M_LADDER_BUMP]
             for k in range(s.count):
-                ladder[dst + k] = ladder[s.start + k]
+                ladder[_u(dst + k)] = ladder[_u(s.start + k)]
             s.start = dst
             s.cap = newcap
             meta[M_LADDER_BUMP] = dst + newcap
         lv = meta[M_LEVEL_FREE]
         if lv != NIL:
-            meta[M_LEVEL_FREE] = levels[lv].head
+            meta[M_LEVEL_FREE] = levels[_u(lv)].head
         else:
             lv = meta[M_LEVEL_HWM]
             meta[M_LEVEL_HWM] = lv + 1
-        levels[lv].price = price
-        levels[lv].count = 0
-        levels[lv].shares = 0
-        levels[lv].head = NIL
-        levels[lv].tail = NIL
+        levels[_u(lv)].price = price
+        levels[_u(lv)].count = 0
+        levels[_u(lv)].shares = 0
+        levels[_u(lv)].head = NIL
+        levels[_u(lv)].tail = NIL
         if s.count < SCAN:
             ladder_insert(ladder, s.start, s.count, j, key, lv)
         else:
             base = s.start
             k = s.count
             while k > j:
-                ladder[base + k] = ladder[base + k - 1]
+                ladder[_u(base + k)] = ladder[_u(base + k - 1)]
                 k -= 1
-            ladder[base + j].key = key
-            ladder[base + j].level = lv
+            ladder[_u(base + j)].key = key
+            ladder[_u(base + j)].level = lv
         s.count += 1
-    od = orders[o]
+    od = orders[_u(o)]
     od.ref = ref
     od.shares = shares
     od.sd = sd
     od.level = lv
     od.next = NIL
-    tail = levels[lv].tail
+    tail = levels[_u(lv)].tail
     od.prev = tail
     # Branch-free link at the back (whether the level was empty is a coin toss for the
     # branch predictor): the write meant for a missing neighbour goes to the scratch row.
-    orders[tail if tail != NIL else SCRATCH].next = o
-    head = levels[lv].head
-    levels[lv].head = o if tail == NIL else head
-    levels[lv].tail = o
-    levels[lv].count += 1
-    levels[lv].shares += shares
+    orders[_u(tail if tail != NIL else SCRATCH)].next = o
+    head = levels[_u(lv)].head
+    levels[_u(lv)].head = o if tail == NIL else head
+    levels[_u(lv)].tail = o
+    levels[_u(lv)].count += 1
+    levels[_u(lv)].shares += shares
     meta[M_LIVE] += 1
     s.orders += 1
-    top = ladder[s.start + s.count - 1].level == lv  # landed on the best level
+    top = ladder[_u(s.start + s.count - 1)].level == lv  # landed on the best level
     px = s.best_px
     qty = s.best_qty
     s.best_px = price if top else px  # selects, not branches: a coin toss to predict
-    s.best_qty = levels[lv].shares if top else qty
+    s.best_qty = levels[_u(lv)].shares if top else qty
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
 def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
     """Remove live order row ``o`` found at ``hi`` (``ix_find``); drop its level if
     emptied."""
-    od = orders[o]
+    od = orders[_u(o)]
     lv = od.level
     p = od.prev
     n = od.next
-    orders[p if p != NIL else SCRATCH].next = n  # branch-free unlink, as in _add
-    orders[n if n != NIL else SCRATCH].prev = p
-    head = levels[lv].head
-    tail = levels[lv].tail
-    levels[lv].head = n if p == NIL else head
-    levels[lv].tail = p if n == NIL else tail
-    levels[lv].count -= 1
-    levels[lv].shares -= od.shares
+    orders[_u(p if p != NIL else SCRATCH)].next = n  # branch-free unlink, as in _add
+    orders[_u(n if n != NIL else SCRATCH)].prev = p
+    head = levels[_u(lv)].head
+    tail = levels[_u(lv)].tail
+    levels[_u(lv)].head = n if p == NIL else head
+    levels[_u(lv)].tail = p if n == NIL else tail
+    levels[_u(lv)].count -= 1
+    levels[_u(lv)].shares -= od.shares
     sd = np.int64(od.sd)
-    s = sides[sd]
+    s = sides[_u(sd)]
     s.orders -= 1
-    price = levels[lv].price
+    price = levels[_u(lv)].price
     at_top = s.best_px == price  # the order is live, so its side is not empty
-    if levels[lv].count == 0:
+    if levels[_u(lv)].count == 0:
         key = _side_key(sd & 1, price)
         j = _lower_bound(ladder, s.start, s.count, key)
         if s.count <= SCAN:
@@ -606,19 +614,19 @@ def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
         else:
             base = s.start
             for k in range(j, s.count - 1):
-                ladder[base + k] = ladder[base + k + 1]
+                ladder[_u(base + k)] = ladder[_u(base + k + 1)]
         s.count -= 1
-        levels[lv].head = meta[M_LEVEL_FREE]
+        levels[_u(lv)].head = meta[M_LEVEL_FREE]
         meta[M_LEVEL_FREE] = lv
         if at_top:
             _refresh_bbo(sides, ladder, levels, sd)
     else:
         qty = s.best_qty
-        s.best_qty = levels[lv].shares if at_top else qty
+        s.best_qty = levels[_u(lv)].shares if at_top else qty
     od.level = NIL  # the row is free
     if hi != IN_RING:  # a spill row: out of the hash, back on the spill free list
         ht_remove_at(htab, meta[M_HASH_SHIFT], hi)
-        orders[_ring_row(meta, od.ref)].spill -= 1
+        orders[_u(_ring_row(meta, od.ref))].spill -= 1
         meta[M_HASH_COUNT] -= 1
         od.next = meta[M_ORDER_FREE]
         meta[M_ORDER_FREE] = o
@@ -635,19 +643,19 @@ def _reduce(orders, levels, sides, ladder, htab, meta, counters, ref, n, over_co
     if n == 0:
         counters[B_ZERO_SHARES] += 1
         return
-    rest = np.int64(orders[o].shares)
+    rest = np.int64(orders[_u(o)].shares)
     if n >= rest:
         if n > rest:
             counters[over_counter] += 1
         _remove(orders, levels, sides, ladder, htab, meta, o, hi)
         return
-    od = orders[o]
+    od = orders[_u(o)]
     od.shares = rest - n
     lv = od.level
-    levels[lv].shares -= n
-    s = sides[np.int64(od.sd)]
+    levels[_u(lv)].shares -= n
+    s = sides[_u(np.int64(od.sd))]
     qty = s.best_qty  # the best level is the only one cached
-    s.best_qty = levels[lv].shares if s.best_px == levels[lv].price else qty
+    s.best_qty = levels[_u(lv)].shares if s.best_px == levels[_u(lv)].price else qty
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -656,7 +664,7 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
     (then nothing was changed)."""
     q = p + HEADER_LEN
     if t == T_A or t == T_F:
-        sb = b[q + 8]
+        sb = b[_u(q + 8)]
         if not ((sb == 66) | (sb == 83)):  # 'B' or 'S'; one branch, not a coin toss per side
             counters[B_BAD_SIDE] += 1
             return 0
@@ -689,7 +697,7 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
         if o == NIL:
             counters[B_UNKNOWN_REF] += 1
             return 0
-        sd = np.int64(orders[o].sd)
+        sd = np.int64(orders[_u(o)].sd)
         new_ref = rd_u64(b, q + 8)
         need = _fits_add(sides, ladder, orders, levels, htab, meta, sd, new_ref)
         if need != 0:
@@ -703,11 +711,11 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
              rd_u32(b, q + 20), shares)  # fmt: skip
     elif t == T_R:
         locate = rd_u16(b, p + 1)
-        stocks[locate].symbol = rd_u64(b, q)
-        stocks[locate].named = 1
+        stocks[_u(locate)].symbol = rd_u64(b, q)
+        stocks[_u(locate)].named = 1
     elif t == T_H:
         locate = rd_u16(b, p + 1)
-        stocks[locate].state = b[q + 8]
+        stocks[_u(locate)].state = b[_u(q + 8)]
     return 0
 
 
@@ -724,7 +732,7 @@ def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, stocks, meta,
         if status == TRUNCATED:
             return TRUNCATED, pos
         p = pos + 2
-        t = b[p] if length > 0 else 0
+        t = b[_u(p)] if length > 0 else 0
         # Overlap the next message's cache misses with this message's work: the order row
         # its reference names and its stock's two sides. Any type will do: a masked row is
         # always in the ring, a locate always has sides, and a prefetch never faults.
