@@ -120,6 +120,22 @@ def prefetch(typingctx, arr, idx):
 SCAN = 16  # sides up to this many levels are searched branch-free; the ladder is padded by it
 
 
+def _low_bits(builder, n):
+    """``(1 << n) - 1`` for ``0 <= n < 64``: a mask of the first ``n`` lanes, as an i64."""
+    i64 = ir.IntType(64)
+    return builder.sub(builder.shl(ir.Constant(i64, 1), n), ir.Constant(i64, 1))
+
+
+def _popcount(builder, v):
+    return builder.call(builder.module.declare_intrinsic("llvm.ctpop", [v.type]), [v])
+
+
+def _lane_mask(builder, bits):
+    """The low ``SCAN`` bits of the i64 ``bits`` as a ``<SCAN x i1>`` lane mask."""
+    return builder.bitcast(builder.trunc(bits, ir.IntType(SCAN)),
+                           ir.VectorType(ir.IntType(1), SCAN))  # fmt: skip
+
+
 @intrinsic
 def count_below(typingctx, ladder, start, count, key):
     """How many of the ``count`` (<= ``SCAN``) rungs from ``ladder[start]`` have a key below
@@ -131,23 +147,15 @@ def count_below(typingctx, ladder, start, count, key):
 
     def codegen(context, builder, sig, args):
         ptr = _item_ptr(context, builder, sig, args)
-        i32, i64 = ir.IntType(32), ir.IntType(64)
+        i64 = ir.IntType(64)
         vt = ir.VectorType(i64, SCAN)
-        zeros = ir.Constant(ir.VectorType(i32, SCAN), [0] * SCAN)
-
-        def splat(v):
-            one = builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined), zeros)
-
         rungs = builder.load(builder.bitcast(ptr, vt.as_pointer()), align=4)
         keys = builder.and_(rungs, ir.Constant(vt, [0xFFFFFFFF] * SCAN))  # key: low half
         k = context.cast(builder, args[3], sig.args[3], types.uint64)
-        below = builder.icmp_unsigned("<", keys, splat(k))
+        below = builder.icmp_unsigned("<", keys, _lanes(builder, vt, k))
+        bits = builder.zext(builder.bitcast(below, ir.IntType(SCAN)), i64)
         n = context.cast(builder, args[2], sig.args[2], types.int64)
-        inrun = builder.icmp_signed("<", ir.Constant(vt, list(range(SCAN))), splat(n))
-        bits = builder.bitcast(builder.and_(below, inrun), ir.IntType(SCAN))
-        popcount = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(SCAN)])
-        return builder.zext(builder.call(popcount, [bits]), i64)
+        return _popcount(builder, builder.and_(bits, _low_bits(builder, n)))
 
     return types.int64(ladder, start, count, key), codegen
 
@@ -190,12 +198,15 @@ def ladder_insert(typingctx, ladder, start, count, j, key, level):
         rung = _lanes(builder, vt, builder.or_(k, builder.shl(lv, ir.Constant(i64, 32))))
         up = builder.shuffle_vector(rungs, rung, ir.Constant(ir.VectorType(i32, SCAN),
                                                              [SCAN] + list(range(SCAN - 1))))
+        j = context.cast(builder, args[3], sig.args[3], types.int64)
+        n = context.cast(builder, args[2], sig.args[2], types.int64)
         lane = ir.Constant(vt, list(range(SCAN)))
-        at = _lanes(builder, vt, context.cast(builder, args[3], sig.args[3], types.int64))
-        n = _lanes(builder, vt, context.cast(builder, args[2], sig.args[2], types.int64))
-        value = builder.select(builder.icmp_signed("==", lane, at), rung, up)
-        mask = builder.and_(builder.icmp_signed(">=", lane, at), builder.icmp_signed("<=", lane, n))
-        _masked_store(builder, value, vptr, mask)
+        value = builder.select(builder.icmp_signed("==", lane, _lanes(builder, vt, j)), rung, up)
+        one = ir.Constant(i64, 1)
+        # lanes j..n: the first n+1 lanes but the first j
+        bits = builder.and_(_low_bits(builder, builder.add(n, one)),
+                            builder.not_(_low_bits(builder, j)))  # fmt: skip
+        _masked_store(builder, value, vptr, _lane_mask(builder, bits))
         return context.get_dummy_value()
 
     return types.none(ladder, start, count, j, key, level), codegen
@@ -217,13 +228,12 @@ def ladder_delete(typingctx, ladder, start, count, j):
         rungs = builder.load(vptr, align=4)
         down = builder.shuffle_vector(rungs, ir.Constant(vt, ir.Undefined), ir.Constant(
             ir.VectorType(i32, SCAN), list(range(1, SCAN)) + [SCAN - 1]))  # fmt: skip
-        lane = ir.Constant(vt, list(range(SCAN)))
-        at = _lanes(builder, vt, context.cast(builder, args[3], sig.args[3], types.int64))
-        n = _lanes(builder, vt, context.cast(builder, args[2], sig.args[2], types.int64))
-        last = builder.sub(n, ir.Constant(vt, [1] * SCAN))
-        mask = builder.and_(builder.icmp_signed(">=", lane, at),
-                            builder.icmp_signed("<", lane, last))  # fmt: skip
-        _masked_store(builder, down, vptr, mask)
+        j = context.cast(builder, args[3], sig.args[3], types.int64)
+        n = context.cast(builder, args[2], sig.args[2], types.int64)
+        # lanes j..n-2: the first n-1 lanes but the first j
+        bits = builder.and_(_low_bits(builder, builder.sub(n, ir.Constant(i64, 1))),
+                            builder.not_(_low_bits(builder, j)))  # fmt: skip
+        _masked_store(builder, down, vptr, _lane_mask(builder, bits))
         return context.get_dummy_value()
 
     return types.none(ladder, start, count, j), codegen
