@@ -63,7 +63,9 @@ growth beyond the configured maximum, or an order past ``max_orders`` live ones,
 from __future__ import annotations
 
 import hashlib
+import platform
 
+import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -89,6 +91,13 @@ from dataplane.itch import (
     rd_u32,
     rd_u64,
 )
+
+if platform.machine() in ("x86_64", "AMD64"):
+    # The book writes selects where the outcome is a coin toss for a branch predictor (is
+    # the order at the head of its queue? at the tail?). LLVM's x86 cmov converter turns a
+    # select with a loaded operand back into a branch when it guesses that is cheaper; here
+    # it is not (measured), so it is off for every function compiled after this import.
+    llvm.set_option("tickwire", "-x86-cmov-converter=false")
 
 
 def _item_ptr(context, builder, sig, args):
@@ -242,6 +251,9 @@ def ladder_delete(typingctx, ladder, start, count, j):
 N_LOCATES = 65536
 BID = 0
 ASK = 1
+SIDE_OF = np.full(256, 2, np.uint8)  # buy/sell indicator byte -> BID, ASK, or 2: invalid
+SIDE_OF[ord("B")] = BID
+SIDE_OF[ord("S")] = ASK
 NIL = -1
 SCRATCH = 0  # order row 0 is never an order: branch-free links write there instead of nowhere
 
@@ -674,11 +686,10 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
     (then nothing was changed)."""
     q = p + HEADER_LEN
     if t == T_A or t == T_F:
-        sb = b[_u(q + 8)]
-        if not ((sb == 66) | (sb == 83)):  # 'B' or 'S'; one branch, not a coin toss per side
+        side = np.int64(SIDE_OF[b[_u(q + 8)]])  # a table, not a coin-toss branch per side
+        if side > ASK:
             counters[B_BAD_SIDE] += 1
             return 0
-        side = np.int64(sb == 83)  # BID 0, ASK 1
         shares = rd_u32(b, q + 9)
         if shares == 0:
             counters[B_ZERO_SHARES] += 1
