@@ -1000,6 +1000,16 @@ def _symbol(packed: int) -> str:
     return int(packed).to_bytes(8, "big").decode("ascii", "replace").rstrip(" \x00")
 
 
+def zeros(n: int, dtype) -> np.ndarray:
+    """``np.zeros(n, dtype)`` starting on a 64-byte cache-line boundary. numpy aligns to 16
+    bytes: half the 32-byte order and side rows would straddle two lines, and every
+    access to them touch both."""
+    dtype = np.dtype(dtype)
+    raw = np.zeros(n * dtype.itemsize + 64, np.uint8)
+    off = -raw.ctypes.data % 64
+    return raw[off : off + n * dtype.itemsize].view(dtype)
+
+
 class Book:
     """All books of one feed: arrays plus the growth policy around ``apply_stream``.
 
@@ -1018,15 +1028,15 @@ class Book:
         self.max_orders = max_orders
         ring = _pow2(orders if ring is None else ring)
         spill = max(16, ring // 8 if spill is None else spill)
-        self.orders = np.zeros(RING_BASE + ring + spill, ORDER)
+        self.orders = zeros(RING_BASE + ring + spill, ORDER)
         self.orders["level"] = NIL
-        self.levels = np.zeros(levels, LEVEL)
-        self.sides = np.zeros(2 * N_LOCATES, SIDE)
-        self.ladder = np.zeros(ladder + SCAN, RUNG)
+        self.levels = zeros(levels, LEVEL)
+        self.sides = zeros(2 * N_LOCATES, SIDE)
+        self.ladder = zeros(ladder + SCAN, RUNG)
         bits = (_pow2(2 * spill if hash is None else hash)).bit_length() - 1
-        self.htab = np.zeros(1 << bits, HASH)
+        self.htab = zeros(1 << bits, HASH)
         self.htab["slot"] = NIL
-        self.stocks = np.zeros(N_LOCATES, STOCK)
+        self.stocks = zeros(N_LOCATES, STOCK)
         self.meta = np.zeros(META_LEN, np.int64)
         self.meta[M_ORDER_FREE] = NIL
         self.meta[M_ORDER_HWM] = RING_BASE + ring
@@ -1093,7 +1103,7 @@ class Book:
             if 2 * room > self.max_orders:
                 raise CapacityError(f"spill rows would exceed the configured maximum of "
                                     f"{self.max_orders}")  # fmt: skip
-            new = np.zeros(len(self.orders) + room, ORDER)
+            new = zeros(len(self.orders) + room, ORDER)
             new[: len(self.orders)] = self.orders
             new["level"][len(self.orders) :] = NIL
             self.orders = new
@@ -1104,14 +1114,14 @@ class Book:
             size = max(2 * room, 2 * _ladder_needed(self.sides) + LADDER_MIN_CAP)
             if size > 4 * self.max_orders:
                 raise CapacityError(f"price ladder would exceed {4 * self.max_orders} entries")
-            new = np.zeros(size + SCAN, RUNG)
+            new = zeros(size + SCAN, RUNG)
             self.meta[M_LADDER_BUMP] = _compact_ladder(self.sides, self.ladder, new)
             self.ladder = new
         elif need == NEED_HASH:
             size = 2 * len(self.htab)
             if size > 4 * self.max_orders:
                 raise CapacityError(f"order index would exceed {4 * self.max_orders} entries")
-            new = np.zeros(size, HASH)
+            new = zeros(size, HASH)
             new["slot"] = NIL
             shift = 64 - (size.bit_length() - 1)
             ht_rehash(self.htab, new, shift)
@@ -1119,9 +1129,9 @@ class Book:
             self.meta[M_HASH_SHIFT] = shift
         elif need == NEED_RING:  # more than a quarter of the ring spilled: double it
             ring = 2 * self.ring
-            new = np.zeros(RING_BASE + ring + self.spill_rows, ORDER)
+            new = zeros(RING_BASE + ring + self.spill_rows, ORDER)
             new["level"] = NIL
-            htab = np.zeros(len(self.htab), HASH)
+            htab = zeros(len(self.htab), HASH)
             htab["slot"] = NIL
             remap = np.full(len(self.orders), NIL, np.int32)
             spilled, hwm = relocate_orders(
@@ -1140,7 +1150,7 @@ class Book:
         """``arr`` with twice the room."""
         if 2 * len(arr) > limit:
             raise CapacityError(f"{what} would exceed the configured maximum of {limit}")
-        new = np.zeros(2 * len(arr), arr.dtype)
+        new = zeros(2 * len(arr), arr.dtype)
         new[: len(arr)] = arr
         return new
 
