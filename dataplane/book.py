@@ -187,35 +187,46 @@ def _lanes(builder, vt, v):
                                   ir.Constant(ir.VectorType(i32, vt.count), [0] * vt.count))
 
 
+def _load_run(context, builder, sig, args):
+    """For the ladder intrinsics ``(ladder, start, count, j, ...)``: the ``SCAN`` rungs from
+    ``ladder[start]`` as a ``<SCAN x i64>`` (key in the low half), their pointer, and
+    ``count`` and ``j`` as i64."""
+    vt = ir.VectorType(ir.IntType(64), SCAN)
+    vptr = builder.bitcast(_item_ptr(context, builder, sig, args), vt.as_pointer())
+    n = context.cast(builder, args[2], sig.args[2], types.int64)
+    j = context.cast(builder, args[3], sig.args[3], types.int64)
+    return vt, vptr, builder.load(vptr, align=4), n, j
+
+
+def _store_lanes(builder, value, vptr, lo, hi):
+    """Write lanes ``lo..hi-1`` of ``value`` to ``vptr`` (one masked store)."""
+    bits = builder.and_(_low_bits(builder, hi), builder.not_(_low_bits(builder, lo)))
+    _masked_store(builder, value, vptr, _lane_mask(builder, bits))
+
+
+def _ladder_args_ok(ladder, ints):
+    return isinstance(ladder, types.Array) and all(isinstance(x, types.Integer) for x in ints)
+
+
 @intrinsic
 def ladder_insert(typingctx, ladder, start, count, j, key, level):
     """Insert rung ``(key, level)`` at ``ladder[start + j]`` of a run of ``count`` (<
     ``SCAN``) rungs, moving rungs ``j..count-1`` up by one: one vector load, a lane
     shuffle and one masked store of lanes ``j..count``, no loop to mispredict."""
-    ints = (start, count, j, key, level)
-    if not (isinstance(ladder, types.Array) and all(isinstance(x, types.Integer) for x in ints)):
+    if not _ladder_args_ok(ladder, (start, count, j, key, level)):
         return None
 
     def codegen(context, builder, sig, args):
-        ptr = _item_ptr(context, builder, sig, args)
         i32, i64 = ir.IntType(32), ir.IntType(64)
-        vt = ir.VectorType(i64, SCAN)
-        vptr = builder.bitcast(ptr, vt.as_pointer())
-        rungs = builder.load(vptr, align=4)
+        vt, vptr, rungs, n, j = _load_run(context, builder, sig, args)
         k = builder.zext(builder.trunc(args[4], i32), i64)
         lv = builder.zext(builder.trunc(args[5], i32), i64)
         rung = _lanes(builder, vt, builder.or_(k, builder.shl(lv, ir.Constant(i64, 32))))
         up = builder.shuffle_vector(rungs, rung, ir.Constant(ir.VectorType(i32, SCAN),
                                                              [SCAN] + list(range(SCAN - 1))))
-        j = context.cast(builder, args[3], sig.args[3], types.int64)
-        n = context.cast(builder, args[2], sig.args[2], types.int64)
         lane = ir.Constant(vt, list(range(SCAN)))
         value = builder.select(builder.icmp_signed("==", lane, _lanes(builder, vt, j)), rung, up)
-        one = ir.Constant(i64, 1)
-        # lanes j..n: the first n+1 lanes but the first j
-        bits = builder.and_(_low_bits(builder, builder.add(n, one)),
-                            builder.not_(_low_bits(builder, j)))  # fmt: skip
-        _masked_store(builder, value, vptr, _lane_mask(builder, bits))
+        _store_lanes(builder, value, vptr, j, builder.add(n, ir.Constant(i64, 1)))
         return context.get_dummy_value()
 
     return types.none(ladder, start, count, j, key, level), codegen
@@ -224,25 +235,16 @@ def ladder_insert(typingctx, ladder, start, count, j, key, level):
 @intrinsic
 def ladder_delete(typingctx, ladder, start, count, j):
     """Remove the rung at ``ladder[start + j]`` of a run of ``count`` (<= ``SCAN``) rungs,
-    moving rungs ``j+1..count-1`` down by one: a vector load, a shuffle, a masked store."""
-    if not (isinstance(ladder, types.Array)
-            and all(isinstance(x, types.Integer) for x in (start, count, j))):  # fmt: skip
+    moving rungs ``j+1..count-1`` down by one: a vector load, a shuffle, a masked store of
+    lanes ``j..count-2``."""
+    if not _ladder_args_ok(ladder, (start, count, j)):
         return None
 
     def codegen(context, builder, sig, args):
-        ptr = _item_ptr(context, builder, sig, args)
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        vt = ir.VectorType(i64, SCAN)
-        vptr = builder.bitcast(ptr, vt.as_pointer())
-        rungs = builder.load(vptr, align=4)
+        vt, vptr, rungs, n, j = _load_run(context, builder, sig, args)
         down = builder.shuffle_vector(rungs, ir.Constant(vt, ir.Undefined), ir.Constant(
-            ir.VectorType(i32, SCAN), list(range(1, SCAN)) + [SCAN - 1]))  # fmt: skip
-        j = context.cast(builder, args[3], sig.args[3], types.int64)
-        n = context.cast(builder, args[2], sig.args[2], types.int64)
-        # lanes j..n-2: the first n-1 lanes but the first j
-        bits = builder.and_(_low_bits(builder, builder.sub(n, ir.Constant(i64, 1))),
-                            builder.not_(_low_bits(builder, j)))  # fmt: skip
-        _masked_store(builder, down, vptr, _lane_mask(builder, bits))
+            ir.VectorType(ir.IntType(32), SCAN), list(range(1, SCAN)) + [SCAN - 1]))  # fmt: skip
+        _store_lanes(builder, down, vptr, j, builder.sub(n, ir.Constant(ir.IntType(64), 1)))
         return context.get_dummy_value()
 
     return types.none(ladder, start, count, j), codegen
