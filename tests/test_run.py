@@ -89,7 +89,9 @@ class Appliance:
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)  # fmt: skip
         try:
-            self.reader = appliance.wait_consumer(self.channel, self.proc, timeout=60)
+            # a run with an empty numba cache compiles the whole consumer first: about a
+            # minute on a slow moment of this VM
+            self.reader = appliance.wait_consumer(self.channel, self.proc, timeout=240)
         except BaseException:
             self.kill()  # the run never came up: no process, no shared memory left behind
             raise
@@ -112,9 +114,16 @@ class Appliance:
         return json.loads(out)
 
     def kill(self) -> None:
+        """Stop the run if it is still up: SIGTERM first, so it detaches its XDP programs
+        (a SIGKILLed run leaves them on the lab's links, and every later run there
+        refuses to replace them), SIGKILL only if it does not exit."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         shm.remove(self.channel)
 
 
