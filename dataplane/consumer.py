@@ -19,10 +19,11 @@ loop again, which resumes that packet: the arbiter never applies a sequence twic
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from dataplane import arbiter, shm, xsk
 from dataplane import book as bk
@@ -34,18 +35,52 @@ HOUSEKEEPING = 2  # time budget used up: the caller may check things and call ag
 SNAPSHOT = 3  # a level snapshot was requested (answered by the caller)
 HALTED = 4  # an unrecoverable gap under the halt policy
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_clock_gettime = _libc.clock_gettime
-_clock_gettime.argtypes = [ctypes.c_int, ctypes.c_size_t]
-_clock_gettime.restype = ctypes.c_int
-_recvmmsg = _libc.recvmmsg
-_recvmmsg.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_size_t]
-_recvmmsg.restype = ctypes.c_int
 CLOCK_MONOTONIC = 1
 MSG_DONTWAIT = 0x40
 
 
-@njit(nogil=True, inline="always", _nrt=False)
+# libc is called by symbol name (resolved in the process when the code is loaded), as
+# xsk's recvfrom is: a ctypes function pointer would be baked into the code as a constant,
+# and numba refuses to cache such a function -- every start of the consumer would compile
+# its loops from scratch (about a minute) instead of loading them.
+@intrinsic
+def _clock_gettime(typingctx, clock, addr):
+    """``clock_gettime(clock, (struct timespec *)addr)``."""
+    if not isinstance(clock, types.Integer) or not isinstance(addr, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i32, [i32, i8p]), "clock_gettime")
+        ck = builder.trunc(context.cast(builder, args[0], sig.args[0], types.int64), i32)
+        ts = builder.inttoptr(context.cast(builder, args[1], sig.args[1], types.int64), i8p)
+        return builder.sext(builder.call(fn, [ck, ts]), ir.IntType(64))
+
+    return types.int64(clock, addr), codegen
+
+
+@intrinsic
+def _recvmmsg(typingctx, fd, msgvec, vlen, flags, timeout):
+    """``recvmmsg(fd, (struct mmsghdr *)msgvec, vlen, flags, (struct timespec *)timeout)``:
+    messages received, or -1."""
+    if not all(isinstance(a, types.Integer) for a in (fd, msgvec, vlen, flags, timeout)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i32, [i32, i8p, i32, i32, i8p]), "recvmmsg")
+        a = [context.cast(builder, v, t, types.int64) for v, t in zip(args, sig.args, strict=True)]
+        rc = builder.call(fn, [builder.trunc(a[0], i32), builder.inttoptr(a[1], i8p),
+                               builder.trunc(a[2], i32), builder.trunc(a[3], i32),
+                               builder.inttoptr(a[4], i8p)])  # fmt: skip
+        return builder.sext(rc, ir.IntType(64))
+
+    return types.int64(fd, msgvec, vlen, flags, timeout), codegen
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
 def now_ns(ts):
     """CLOCK_MONOTONIC in ns (the clock bpf_ktime_get_ns reads); ``ts``: int64[2]."""
     _clock_gettime(CLOCK_MONOTONIC, ts.ctypes.data)
@@ -172,7 +207,7 @@ def _housekeeping(loops, t_end, ts, arb, bk_):
     return -1, 0
 
 
-@njit(nogil=True, _nrt=False)
+@njit(cache=True, nogil=True, _nrt=False)
 def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, arb, bk_, ts):
     """Poll both lines' UDP sockets (non-blocking ``recvmmsg``) and the recovery ring,
     handle every packet until stopped, a snapshot is requested, the book needs room, the
@@ -263,7 +298,7 @@ def udp_payload(u, addr, length):
     return udp + 8, udp + ulen
 
 
-@njit(nogil=True, _nrt=False)
+@njit(cache=True, nogil=True, _nrt=False)
 def xdp_loop(ri, umem_a, umem_b, pstate, pend, budget_ns, session, arb, bk_, ts):
     """Poll both lines' AF_XDP rx rings (``ri[0]`` A, ``ri[1]`` B: ``dataplane.xsk``
     ring info) and the recovery ring, handle every packet in UMEM, give each frame back to

@@ -74,6 +74,10 @@ S_CPU = S_BASE + 5
 S_MODE = S_BASE + 6  # 1 AF_XDP, 2 kernel sockets
 S_RING_FULL = S_BASE + 7  # fill ring had no room (frames held back)
 S_WAKEUPS = S_BASE + 8
+S_START_NS = S_BASE + 9  # how long the consumer loop took to come up (compile or cache load)
+S_START_HOW = S_BASE + 10  # 1: compiled now (cold numba cache), 2: loaded from the cache
+START_COMPILED = 1
+START_CACHED = 2
 
 BOOK_BASE = S_BASE + 16
 COUNTERS_LEN = BOOK_BASE + 320
@@ -290,6 +294,9 @@ class Reader:
             "halted": bool(self.m["control"][C_HALTED]),
             "mode": {MODE_XDP: "xdp", MODE_SOCKET: "socket"}.get(int(c[S_MODE]), "none"),
             "pid": int(c[S_PID]), "cpu": int(c[S_CPU]),
+            "start": {"seconds": int(c[S_START_NS]) / 1e9,
+                      "how": {START_COMPILED: "compiled", START_CACHED: "cache"}.get(
+                          int(c[S_START_HOW]), "starting")},
             "book": {"messages": int(book_c[itch.C_MESSAGES]),
                      "unknown_type": int(book_c[itch.C_UNKNOWN_TYPE]),
                      "bad_length": int(book_c[itch.C_BAD_LENGTH]),

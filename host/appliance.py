@@ -72,26 +72,38 @@ def join_socket(line, bind: bool) -> socket.socket:
     return s
 
 
-def _drive(cfg: Config, maps: dict, book, loop) -> str:
-    """Run ``loop(arb, bk_, budget_ns)`` (a consumer loop bound to its receive path) until
-    it stops: grow the book when it asks, answer snapshots, keep the liveness stamp.
-    Returns "stopped" or "halted"."""
+def _loop_state(cfg: Config, maps: dict, book):
+    """The consumer loops' ``arb`` tuple and a function building their ``bk_`` tuple (again
+    after every growth of the book)."""
     from dataplane import arbiter
-    from dataplane import consumer as cs
 
-    run = cfg.run
-    ctr, control = maps["counters"], maps["control"]
-    hold_buf, hold_meta = arbiter.new_hold(run.hold_slots)
-    arb = (ctr, hold_buf, hold_meta, maps["gaps"], control, maps["recov"], maps["recov_meta"])
+    hold_buf, hold_meta = arbiter.new_hold(cfg.run.hold_slots)
+    arb = (maps["counters"], hold_buf, hold_meta, maps["gaps"], maps["control"], maps["recov"],
+           maps["recov_meta"])  # fmt: skip
     touched = np.zeros(256, np.int64)
 
     def bk_():
         return (*book._state(), maps["bbo"], touched, maps["latency"])
 
-    first = True
+    return arb, bk_
+
+
+def _drive(cfg: Config, maps: dict, book, loop, dispatcher) -> str:
+    """Run ``loop(arb, bk_, budget_ns)`` (a consumer loop bound to its receive path, which
+    calls the numba ``dispatcher``) until it stops: grow the book when it asks, answer
+    snapshots, keep the liveness stamp. Returns "stopped" or "halted"."""
+    from dataplane import consumer as cs
+
+    ctr, control = maps["counters"], maps["control"]
+    arb, bk_ = _loop_state(cfg, maps, book)
+    first, t0 = True, time.monotonic_ns()
     while True:
         status, need = loop(arb, bk_(), 0 if first else 50_000_000)
         if first:  # compiled now: only from here on is the consumer keeping up
+            ctr[shm.S_START_NS] = time.monotonic_ns() - t0
+            st = dispatcher.stats
+            compiled = sum(st.cache_misses.values()) or not st.cache_hits
+            ctr[shm.S_START_HOW] = shm.START_COMPILED if compiled else shm.START_CACHED
             ctr[shm.S_RUNNING] = 1
             first = False
         if need:
@@ -116,8 +128,9 @@ def _consumer_socket(cfg: Config, maps: dict, book, session: np.ndarray) -> str:
     ts = np.zeros(2, np.int64)
     maps["counters"][shm.S_MODE] = shm.MODE_SOCKET
     try:
-        return _drive(cfg, maps, book, lambda arb, bk_, budget: cs.socket_loop(
-            fds, mm, rbuf, pstate, budget, session, arb, bk_, ts))  # fmt: skip
+        loop = lambda arb, bk_, budget: cs.socket_loop(  # noqa: E731
+            fds, mm, rbuf, pstate, budget, session, arb, bk_, ts)  # fmt: skip
+        return _drive(cfg, maps, book, loop, cs.socket_loop)
     finally:
         maps["counters"][shm.S_RUNNING] = 0
         for s in socks:
@@ -146,12 +159,62 @@ def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: in
         pstate = np.zeros(cs.PSTATE_LEN, np.int64)
         pend = np.zeros((run.batch, cs.X_COLS), np.int64)
         ts = np.zeros(2, np.int64)
-        return _drive(cfg, maps, book, lambda arb, bk_, budget: cs.xdp_loop(
-            ri, umems[0], umems[1], pstate, pend, budget, session, arb, bk_, ts))  # fmt: skip
+        loop = lambda arb, bk_, budget: cs.xdp_loop(  # noqa: E731
+            ri, umems[0], umems[1], pstate, pend, budget, session, arb, bk_, ts)  # fmt: skip
+        return _drive(cfg, maps, book, loop, cs.xdp_loop)
     finally:
         maps["counters"][shm.S_RUNNING] = 0
         for s in socks:
             s.close()
+
+
+def warm_consumer(cfg: Config, modes: tuple[str, ...] = ("xdp", "socket"), log=None) -> dict:
+    """Compile the consumer loops of ``modes`` into numba's cache (``NUMBA_CACHE_DIR``) for
+    this configuration, without a network or a feed: the next ``tickwire run`` on this host
+    loads them in a second instead of compiling for about a minute. The argument types are
+    built as a run builds them, so the cache entry is the one a run looks up. Returns
+    ``{mode: {"seconds", "how"}}`` ("compiled", or "cache" when it was warm already)."""
+    import shutil
+    import tempfile
+
+    from numba import typeof
+
+    from dataplane import consumer as cs
+    from dataplane import moldudp64 as mold
+    from dataplane import xsk
+    from dataplane.book import Book
+
+    run = cfg.run
+    root = Path(tempfile.mkdtemp(prefix="tickwire-warm"))
+    out = {}
+    try:
+        maps = shm.create("warm", root=root)
+        book = Book.for_capacity(run.orders, counters=maps["counters"][shm.BOOK_BASE :])
+        session = np.frombuffer(mold.session_bytes(cfg.feed.session), np.uint8).copy()
+        arb, bk_ = _loop_state(cfg, maps, book)
+        pstate, ts = np.zeros(cs.PSTATE_LEN, np.int64), np.zeros(2, np.int64)
+        for mode in modes:
+            if mode == "xdp":  # the shapes of two sockets' ring info and UMEM (see xsk)
+                ri = np.zeros((2, xsk.RI_LEN), np.int64)
+                umem = np.zeros(64, np.uint8)
+                pend = np.zeros((run.batch, cs.X_COLS), np.int64)
+                disp, args = cs.xdp_loop, (ri, umem, umem, pstate, pend, 0, session, arb, bk_(), ts)
+            else:
+                rbuf, _iov, mm = cs.socket_buffers(run.batch)
+                fds = np.zeros(2, np.int64)
+                disp, args = cs.socket_loop, (fds, mm, rbuf, pstate, 0, session, arb, bk_(), ts)
+            if log:
+                log(f"{mode} consumer: compiling (about a minute unless cached)")
+            t0 = time.monotonic()
+            disp.compile(tuple(typeof(a) for a in args))
+            st = disp.stats
+            how = "compiled" if sum(st.cache_misses.values()) or not st.cache_hits else "cache"
+            out[mode] = {"seconds": time.monotonic() - t0, "how": how}
+            if log:
+                log(f"{mode} consumer: {how} in {out[mode]['seconds']:.1f} s")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
 
 
 def _child(cfg: Config, mode: str, map_fd: int, maps: dict, slots: list[int]) -> int:
@@ -420,10 +483,17 @@ class Appliance:
                 self.steering.__exit__(None, None, None)
         return self._summary(maps, cdir, time.monotonic() - t0)
 
-    def _wait_running(self, maps, pid: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
+    def _wait_running(self, maps, pid: int) -> None:
+        """Wait for the consumer loop to come up: loaded from numba's cache it takes a
+        second or two; with a cold cache (a fresh install, a new CPU) it is compiled, which
+        takes about a minute, reported as it goes. Past ``run.start_timeout_s`` it is
+        killed."""
+        timeout = self.cfg.run.start_timeout_s
+        t0 = time.monotonic()
+        deadline, next_note = t0 + timeout, t0 + 10.0
         cdir = shm.channel_dir(self.cfg.run.channel)
-        while not maps["counters"][shm.S_RUNNING]:
+        ctr = maps["counters"]
+        while not ctr[shm.S_RUNNING]:
             done, _ = os.waitpid(pid, os.WNOHANG)
             if done:
                 err = cdir / "error.txt"
@@ -432,8 +502,17 @@ class Appliance:
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                raise RunError(errno.ETIMEDOUT, "the consumer did not start within 60 s")
+                raise RunError(errno.ETIMEDOUT, f"the consumer did not start within {timeout:g} s "
+                               "(run.start_timeout_s)")  # fmt: skip
+            now = time.monotonic()
+            if now >= next_note:
+                cache = os.environ.get("NUMBA_CACHE_DIR", "numba's default cache")
+                self.log(f"consumer still starting after {now - t0:.0f} s (compiling: nothing "
+                         f"usable in {cache} yet)")  # fmt: skip
+                next_note = now + 15.0
             time.sleep(0.01)
+        how = "compiled" if ctr[shm.S_START_HOW] == shm.START_COMPILED else "from numba's cache"
+        self.log(f"consumer running after {ctr[shm.S_START_NS] / 1e9:.1f} s ({how})")
 
     def _reap(self, pid: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

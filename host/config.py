@@ -122,6 +122,9 @@ class RunConfig:
     # AF_XDP rx and fill ring entries (power of two) and UMEM frames
     ring_size: int = 8192
     frames: int = 16384
+    # seconds the consumer may take to come up: from numba's cache it takes a second or
+    # two; a cold cache (fresh install, new CPU model) compiles it, about a minute
+    start_timeout_s: float = 600.0
     # Prometheus endpoint "host:port" ("" = none)
     metrics: str = "127.0.0.1:9108"
     # order capacity the book starts with (it grows off the hot path when needed)
@@ -307,6 +310,8 @@ def _validate_run(run: RunConfig) -> None:
     if run.frames < run.ring_size or run.frames > 1 << 20:
         raise ConfigError(f"run.frames: {run.frames} must be at least ring_size and at most "
                           "1048576")  # fmt: skip
+    if not 1 <= run.start_timeout_s <= 3600:
+        raise ConfigError(f"run.start_timeout_s: {run.start_timeout_s} is outside 1..3600")
     if run.policy not in ("stale", "halt"):
         raise ConfigError(f"run.policy: {run.policy!r} is not one of stale, halt")
     if not 0 < run.window_ms <= 60_000:

@@ -49,6 +49,8 @@ def text(st: dict) -> str:
         lines.append(f"channel {st['channel']}: no consumer ({st.get('consumer_error')})")
     else:
         state = "running" if c["running"] else "stopped"
+        if not c["running"] and c["start"]["how"] == "starting" and c["pid"]:
+            state = "starting (compiling, or loading from numba's cache)"
         lines.append(f"channel {st['channel']}: consumer {state} (pid {c['pid']}, {c['mode']}"
                      f" mode), next sequence {c['next_seq']:,}, taken {c['taken']:,}, gaps "
                      f"{c['gap_messages']:,}")  # fmt: skip
