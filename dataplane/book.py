@@ -630,7 +630,7 @@ def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
     s.orders -= 1
     price = levels[_u(lv)].price
     at_top = s.best_px == price  # the order is live, so its side is not empty
-    if levels[_u(lv)].count == 0:
+    if p == NIL and n == NIL:  # it was its level's only order (known from its own row)
         key = _side_key(sd & 1, price)
         j = _lower_bound(ladder, s.start, s.count, key)
         if s.count <= SCAN:
