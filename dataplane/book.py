@@ -340,10 +340,19 @@ def _home(key, shift):
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _ring_row(meta, ref):
-    """The ring row of ``ref``: computed from the reference alone, so it can be prefetched
-    before the message is looked at."""
-    return RING_BASE + np.int64(ref & np.uint64(meta[M_RING_MASK]))
+def _ring_mask(meta):
+    """The ring's row mask. It changes only when the ring grows, off the hot path, so
+    ``apply_stream`` reads it once and hands it down (as ``rm``): a value in a register,
+    not a load from ``meta`` at every use (``meta`` is written per message, so LLVM
+    cannot hoist that load itself)."""
+    return np.uint64(meta[M_RING_MASK])
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _ring_row(rm, ref):
+    """The ring row of ``ref`` (``rm``: ``_ring_mask``): computed from the reference alone,
+    so it can be prefetched before the message is looked at."""
+    return RING_BASE + np.int64(ref & rm)
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -404,10 +413,10 @@ IN_RING = -1  # ``ix_find``'s location of an order held by its ring row
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def ix_find(orders, htab, meta, ref):
+def ix_find(orders, htab, meta, ref, rm):
     """Return ``(order row or NIL, where)``: ``where`` is ``IN_RING`` for an order in its
     ring row, else the hash index of its entry (or of the empty probe end)."""
-    r = _ring_row(meta, ref)
+    r = _ring_row(rm, ref)
     od = orders[_u(r)]
     if od.ref == ref and od.level != NIL:
         return r, IN_RING
@@ -500,7 +509,7 @@ def _refresh_bbo(sides, ladder, levels, sd):
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _fits_add(sides, ladder, orders, levels, htab, meta, sd, ref):
+def _fits_add(sides, ladder, orders, levels, htab, meta, sd, ref, rm):
     """0 when an add of ``ref`` to side ``sd`` fits the arrays as they are, else the
     NEED_* status."""
     if meta[M_LIVE] >= meta[M_MAX_LIVE]:
@@ -512,7 +521,7 @@ def _fits_add(sides, ladder, orders, levels, htab, meta, sd, ref):
         newcap = max(LADDER_MIN_CAP, 2 * s.cap)
         if meta[M_LADDER_BUMP] + newcap > ladder.shape[0] - SCAN:
             return NEED_LADDER
-    if orders[_u(_ring_row(meta, ref))].level != NIL:  # its ring row is taken: it would spill
+    if orders[_u(_ring_row(rm, ref))].level != NIL:  # its ring row is taken: it would spill
         if 4 * (meta[M_HASH_COUNT] + 1) > meta[M_RING_MASK] + 1 and (
                 meta[M_RING_MASK] + 1 < meta[M_RING_MAX]):  # fmt: skip
             return NEED_RING
@@ -524,9 +533,9 @@ def _fits_add(sides, ladder, orders, levels, htab, meta, sd, ref):
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, shares):
+def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, shares, rm):
     """Add a visible order to side ``sd`` (capacity already checked by ``_fits_add``)."""
-    r = _ring_row(meta, ref)
+    r = _ring_row(rm, ref)
     ring = orders[_u(r)]
     shift = meta[M_HASH_SHIFT]
     if ring.level == NIL:  # the ring row is free: the order goes there
@@ -657,7 +666,7 @@ def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
     od.level = NIL  # the row is free
     if hi != IN_RING:  # a spill row: out of the hash, back on the spill free list
         ht_remove_at(htab, meta[M_HASH_SHIFT], hi)
-        orders[_u(_ring_row(meta, od.ref))].spill -= 1
+        orders[_u(_ring_row(_ring_mask(meta), od.ref))].spill -= 1
         meta[M_HASH_COUNT] -= 1
         od.next = meta[M_ORDER_FREE]
         meta[M_ORDER_FREE] = o
@@ -665,11 +674,11 @@ def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _reduce(orders, levels, sides, ladder, htab, meta, counters, b, q, t):
+def _reduce(orders, levels, sides, ladder, htab, meta, counters, b, q, t, rm):
     """D, E, C or X at ``b[q:]`` (past the header): delete, or execute or cancel ``n``
     shares of the order its reference names. One path for the four (half of a feed), so
     the type dispatch has one coin toss fewer; a delete is a reduction by all it has."""
-    o, hi = ix_find(orders, htab, meta, rd_u64(b, q))
+    o, hi = ix_find(orders, htab, meta, rd_u64(b, q), rm)
     if o == NIL:
         counters[B_UNKNOWN_REF] += 1
         return
@@ -693,7 +702,7 @@ def _reduce(orders, levels, sides, ladder, htab, meta, counters, b, q, t):
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, counters):
+def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, counters, rm):
     """Apply one validated message at ``b[p]`` of type ``t``. Returns 0 or a NEED_* status
     (then nothing was changed)."""
     q = p + HEADER_LEN
@@ -708,21 +717,21 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
             return 0
         sd = np.int64(rd_u16(b, p + 1)) * 2 + side
         ref = rd_u64(b, q)
-        need = _fits_add(sides, ladder, orders, levels, htab, meta, sd, ref)
+        need = _fits_add(sides, ladder, orders, levels, htab, meta, sd, ref, rm)
         if need != 0:
             return need
         _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, rd_u32(b, q + 21),
-             shares)  # fmt: skip
+             shares, rm)  # fmt: skip
     elif t == T_D or t == T_E or t == T_C or t == T_X:
-        _reduce(orders, levels, sides, ladder, htab, meta, counters, b, q, t)
+        _reduce(orders, levels, sides, ladder, htab, meta, counters, b, q, t, rm)
     elif t == T_U:
-        o, hi = ix_find(orders, htab, meta, rd_u64(b, q))
+        o, hi = ix_find(orders, htab, meta, rd_u64(b, q), rm)
         if o == NIL:
             counters[B_UNKNOWN_REF] += 1
             return 0
         sd = np.int64(orders[_u(o)].sd)
         new_ref = rd_u64(b, q + 8)
-        need = _fits_add(sides, ladder, orders, levels, htab, meta, sd, new_ref)
+        need = _fits_add(sides, ladder, orders, levels, htab, meta, sd, new_ref, rm)
         if need != 0:
             return need
         _remove(orders, levels, sides, ladder, htab, meta, o, hi)
@@ -731,7 +740,7 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
             counters[B_ZERO_SHARES] += 1
             return 0
         _add(orders, levels, sides, ladder, htab, meta, counters, new_ref, sd,
-             rd_u32(b, q + 20), shares)  # fmt: skip
+             rd_u32(b, q + 20), shares, rm)  # fmt: skip
     elif t == T_R:
         locate = rd_u16(b, p + 1)
         stocks[_u(locate)].symbol = rd_u64(b, q)
@@ -750,6 +759,7 @@ def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, stocks, meta,
     ``pos`` at the length prefix of a message running past ``end``; or a ``NEED_*`` status
     with ``pos`` at the message that did not fit (not applied, not counted).
     """
+    rm = _ring_mask(meta)
     while pos < end:
         status, length = frame(b, pos, end)
         if status == TRUNCATED:
@@ -761,11 +771,11 @@ def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, stocks, meta,
         # always in the ring, a locate always has sides, and a prefetch never faults.
         nxt = p + length + 2
         if nxt + HEADER_LEN + 8 <= end:
-            prefetch(orders, _ring_row(meta, rd_u64(b, nxt + HEADER_LEN)))
+            prefetch(orders, _ring_row(rm, rd_u64(b, nxt + HEADER_LEN)))
             prefetch(sides, 2 * np.int64(rd_u16(b, nxt + 1)))
         if status == itch.OK:
             need = apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta,
-                                 counters)  # fmt: skip
+                                 counters, rm)  # fmt: skip
             if need != 0:
                 return need, pos
         count_frame(counters, status, t)
@@ -967,7 +977,7 @@ def check_invariants(orders, levels, sides, ladder, htab, meta, allow_crossed):
     for o in range(RING_BASE, spill_start):
         if orders[o].level != NIL:
             indexed += 1
-            if _ring_row(meta, orders[o].ref) != o:
+            if _ring_row(_ring_mask(meta), orders[o].ref) != o:
                 return 13, -1, -1, o
     spill = np.zeros(ring, np.int64)
     for i in range(htab.shape[0]):
@@ -977,7 +987,7 @@ def check_invariants(orders, levels, sides, ladder, htab, meta, allow_crossed):
             if (e.slot < spill_start or e.slot >= meta[M_ORDER_HWM]
                     or orders[e.slot].level == NIL or orders[e.slot].ref != e.key):  # fmt: skip
                 return 13, -1, -1, e.slot
-            spill[_ring_row(meta, e.key) - RING_BASE] += 1
+            spill[_ring_row(_ring_mask(meta), e.key) - RING_BASE] += 1
     for i in range(ring):
         if spill[i] != orders[RING_BASE + i].spill:
             return 16, -1, -1, i
@@ -985,7 +995,7 @@ def check_invariants(orders, levels, sides, ladder, htab, meta, allow_crossed):
         if orders[o].level != NIL:
             if o >= spill_start:
                 indexed += 1
-            found, _ = ix_find(orders, htab, meta, orders[o].ref)
+            found, _ = ix_find(orders, htab, meta, orders[o].ref, _ring_mask(meta))
             if found != o:
                 return 15, -1, -1, o
     if indexed != live or indexed != meta[M_LIVE] or hashed != meta[M_HASH_COUNT]:
@@ -1172,7 +1182,8 @@ class Book:
         return [tuple(int(x) for x in out[i]) for i in range(k)]
 
     def order(self, ref: int) -> dict | None:
-        o, _ = ix_find(self.orders, self.htab, self.meta, np.uint64(ref))
+        rm = np.uint64(self.meta[M_RING_MASK])
+        o, _ = ix_find(self.orders, self.htab, self.meta, np.uint64(ref), rm)
         if o == NIL:
             return None
         od = self.orders[o]
