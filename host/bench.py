@@ -9,7 +9,8 @@ against a baseline measured in the same run on the same input. Nothing here asse
 - baseline: ``itch_book.Session`` (C++23, PyPI) on the same buffer, with no tables (parse +
   full book apply, its fastest mode) and with the ``bbo`` table (top-of-book tracking on,
   which is what our book always maintains).
-Best of ``--repeat`` runs is kept for every contender.
+``--repeat`` rounds each time every contender once: rates are each one's best round,
+ratios the median over rounds of the paired times (and their range).
 """
 
 from __future__ import annotations
@@ -51,22 +52,16 @@ def _session(messages: int, stocks: int, seed: int) -> np.ndarray:
     return np.fromfile(path, np.uint8)
 
 
-def _best(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _timed_feed(book: Book, buf: np.ndarray) -> float:
+def _timed(fn, *args) -> float:
     t0 = time.perf_counter()
-    book.feed(buf)
+    fn(*args)
     return time.perf_counter() - t0
 
 
 def bench_buffer(name: str, buf: np.ndarray, repeat: int) -> dict:
+    """Every contender once per round, ``repeat`` rounds. Rates are each contender's best
+    round; a ratio is the median over rounds of the two contenders' times in that round
+    (paired: a slow spell of the VM hits both sides of a ratio alike), with its range."""
     counters = itch.new_counters()
     itch.walk_checksum(buf, 0, 0, counters)  # JIT warm-up
     status, _, _ = itch.walk_checksum(buf, 0, len(buf), counters)
@@ -78,43 +73,66 @@ def bench_buffer(name: str, buf: np.ndarray, repeat: int) -> dict:
     warm.feed(buf)  # warm-up pass: JIT, page faults, learn the sizes
     digest = warm.digest()
 
-    decode_s = _best(lambda: itch.walk_checksum(buf, 0, len(buf), itch.new_counters()), repeat)
+    def into(make):  # a fresh book per round, allocated outside the timed part
+        return lambda: _timed(make().feed, buf)
 
-    book_s = min(_timed_feed(Book.sized_like(warm), buf) for _ in range(repeat))
-    appliance_s = min(_timed_feed(Book.for_capacity(APPLIANCE_ORDERS), buf)
-                      for _ in range(repeat))  # fmt: skip
-
-    out = {
-        "session": name,
-        "messages": messages,
-        "decode_msgs_per_s": messages / decode_s,
-        "decode_ns_per_msg": 1e9 * decode_s / messages,
-        "book_msgs_per_s": messages / book_s,
-        "book_ns_per_msg": 1e9 * book_s / messages,
-        "appliance_book_msgs_per_s": messages / appliance_s,
-        "appliance_book_ns_per_msg": 1e9 * appliance_s / messages,
-        "digest": digest,
-        "live_orders": warm.live_orders,
+    contenders = {
+        "decode": lambda: _timed(itch.walk_checksum, buf, 0, len(buf), itch.new_counters()),
+        "book": into(lambda: Book.sized_like(warm)),
+        "appliance_book": into(lambda: Book.for_capacity(APPLIANCE_ORDERS)),
     }
     try:
         import itch_book
     except ImportError:
-        out["baseline"] = "itch-book not installed (pip install tickwire[bench])"
-        return out
-    for label, tables in (("itch_book", []), ("itch_book_bbo", ["bbo"])):
-        def run(tables=tables):
+        itch_book = None
+    baselines = {"itch_book": [], "itch_book_bbo": ["bbo"]} if itch_book else {}
+    stats = {}
+    for label, tables in baselines.items():
+        def run(tables=tables, label=label):
             s = itch_book.Session(tables=tables, depth=0, symbols=[])
             s.feed(buf)
-            return s.stats()
+            stats[label] = s.stats()
 
-        stats = run()  # warm-up
-        secs = _best(run, repeat)
-        out[f"{label}_msgs_per_s"] = messages / secs
-        out[f"{label}_messages"] = int(stats.get("messages", 0))
-        out[f"ratio_vs_{label}"] = out["book_msgs_per_s"] / out[f"{label}_msgs_per_s"]
-        out[f"appliance_ratio_vs_{label}"] = (out["appliance_book_msgs_per_s"]
-                                              / out[f"{label}_msgs_per_s"])  # fmt: skip
+        run()  # warm-up
+        contenders[label] = lambda run=run: _timed(run)
+    times = {k: [] for k in contenders}
+    for _ in range(repeat):
+        for k, fn in contenders.items():
+            times[k].append(fn())
+
+    def rate(k):
+        return messages / min(times[k])
+
+    out = {
+        "session": name,
+        "messages": messages,
+        "rounds": repeat,
+        "decode_msgs_per_s": rate("decode"),
+        "decode_ns_per_msg": 1e9 * min(times["decode"]) / messages,
+        "book_msgs_per_s": rate("book"),
+        "book_ns_per_msg": 1e9 * min(times["book"]) / messages,
+        "appliance_book_msgs_per_s": rate("appliance_book"),
+        "appliance_book_ns_per_msg": 1e9 * min(times["appliance_book"]) / messages,
+        "digest": digest,
+        "live_orders": warm.live_orders,
+    }
+    if not baselines:
+        out["baseline"] = "itch-book not installed (pip install tickwire[bench])"
+        return out
+    for label in baselines:
+        out[f"{label}_msgs_per_s"] = rate(label)
+        out[f"{label}_messages"] = int(stats[label].get("messages", 0))
+        for ours, prefix in (("book", "ratio_vs_"), ("appliance_book", "appliance_ratio_vs_")):
+            paired = sorted(t / o for t, o in zip(times[label], times[ours], strict=True))
+            out[f"{prefix}{label}"] = float(np.median(paired))
+            out[f"{prefix}{label}_range"] = [paired[0], paired[-1]]
+            out[f"{prefix}{label}_best"] = rate(ours) / rate(label)
     return out
+
+
+def _ratio(r: dict, key: str) -> str:
+    lo, hi = r[f"{key}_range"]
+    return f"{r[key]:.2f}x [{lo:.2f}-{hi:.2f}]"
 
 
 def _row(r: dict) -> str:
@@ -130,11 +148,14 @@ def _row(r: dict) -> str:
     if "itch_book_msgs_per_s" in r:
         lines += [
             f"  itch-book        {r['itch_book_msgs_per_s'] / 1e6:7.1f} M msg/s   "
-            f"(parse + book, no tables)   ratio {r['ratio_vs_itch_book']:.2f}x",
+            f"(parse + book, no tables)   ratio {_ratio(r, 'ratio_vs_itch_book')}",
             f"  itch-book + bbo  {r['itch_book_bbo_msgs_per_s'] / 1e6:7.1f} M msg/s   "
-            f"(top-of-book tracking on)   ratio {r['ratio_vs_itch_book_bbo']:.2f}x",
-            f"  appliance's default book vs itch-book: {r['appliance_ratio_vs_itch_book']:.2f}x, "
-            f"vs itch-book + bbo: {r['appliance_ratio_vs_itch_book_bbo']:.2f}x",
+            f"(top-of-book tracking on)   ratio {_ratio(r, 'ratio_vs_itch_book_bbo')}",
+            f"  appliance's default book vs itch-book: "
+            f"{_ratio(r, 'appliance_ratio_vs_itch_book')}, vs itch-book + bbo: "
+            f"{_ratio(r, 'appliance_ratio_vs_itch_book_bbo')}",
+            f"  (ratios: median of {r['rounds']} rounds, each timing every contender once; "
+            "range in brackets)",
         ]
     else:
         lines.append(f"  baseline: {r['baseline']}")

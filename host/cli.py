@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--messages", type=_positive, default=5_000_000, help="per session (5M)")
     bb.add_argument("--stocks", default="100,9000", help="sessions to generate (100,9000)")
     bb.add_argument("--session", metavar="FILE", help="use this ITCH file instead")
-    bb.add_argument("--repeat", type=_positive, default=3, help="timed runs, best kept (3)")
+    bb.add_argument("--repeat", type=_positive, default=7,
+                    help="rounds, each timing every contender once (7)")
     bb.add_argument("--seed", type=int, default=1, help="generator seed (1)")
     bb.add_argument("--json", action="store_true", help="machine-readable output")
     bs = bsub.add_parser("sim", help="publisher rate (both lines) against per-packet sends")
