@@ -619,7 +619,7 @@ def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, sh
     levels[_u(lv)].shares += shares
     meta[M_LIVE] += 1
     s.orders += 1
-    top = ladder[_u(s.start + s.count - 1)].level == lv  # landed on the best level
+    top = j == s.count - 1  # landed on the best level (the last rung), known without a load
     px = s.best_px
     qty = s.best_qty
     s.best_px = price if top else px  # selects, not branches: a coin toss to predict
