@@ -273,7 +273,7 @@ LEVEL = np.dtype(
 )  # fmt: skip
 SIDE = np.dtype(
     [("start", np.int32), ("count", np.int32), ("cap", np.int32), ("best_px", np.uint32),
-     ("best_qty", np.int64), ("orders", np.int64)],
+     ("best_qty", np.int64), ("_spare", np.int64)],
     align=True,
 )  # fmt: skip  -- 32 bytes: a stock's bid and ask share one cache line
 RUNG = np.dtype([("key", np.uint32), ("level", np.int32)], align=True)  # 8 bytes
@@ -618,7 +618,6 @@ def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, sh
     levels[_u(lv)].count += 1
     levels[_u(lv)].shares += shares
     meta[M_LIVE] += 1
-    s.orders += 1
     top = j == s.count - 1  # landed on the best level (the last rung), known without a load
     px = s.best_px
     qty = s.best_qty
@@ -644,7 +643,6 @@ def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
     levels[_u(lv)].shares -= od.shares
     sd = np.int64(od.sd)
     s = sides[_u(sd)]
-    s.orders -= 1
     price = levels[_u(lv)].price
     at_top = s.best_px == price  # the order is live, so its side is not empty
     if p == NIL and n == NIL:  # it was its level's only order (known from its own row)
@@ -836,6 +834,18 @@ def depth(sides, ladder, levels, locate, side, out):
 
 
 @njit(cache=True, nogil=True)
+def side_orders(sides, ladder, levels, out):
+    """``out[sd]``: live orders on side ``sd``, summed over its levels (the hot path keeps
+    no per-side count: nothing on it needs one)."""
+    for sd in range(sides.shape[0]):
+        s = sides[sd]
+        n = 0
+        for k in range(s.count):
+            n += levels[ladder[s.start + k].level].count
+        out[sd] = n
+
+
+@njit(cache=True, nogil=True)
 def count_levels(sides):
     total = 0
     for sd in range(sides.shape[0]):
@@ -908,7 +918,7 @@ CHECK_MESSAGES = {
     8: "level aggregate differs from the sum of its orders",
     9: "FIFO tail differs from the last order",
     10: "cached BBO differs from the best level",
-    11: "side live-order count differs from its levels",
+    # 11 (a side's own live-order count) is gone: the side keeps none
     12: "crossed or locked book",
     13: "order index entry points at a wrong or dead order",
     14: "order index count differs from the live orders",
@@ -964,8 +974,6 @@ def check_invariants(orders, levels, sides, ladder, htab, meta, allow_crossed):
                 return 10, locate, side, s.best_px
         elif s.best_px != 0 or s.best_qty != 0:
             return 10, locate, side, s.best_px
-        if in_side != s.orders:
-            return 11, locate, side, in_side
         live += in_side
         if side == ASK and not allow_crossed:
             b = sides[sd - 1]
@@ -1237,7 +1245,9 @@ class Book:
     def stocks_summary(self) -> dict[str, dict]:
         """Per locate (decimal string) named by the directory or holding orders: symbol,
         best bid/ask price and aggregate shares (0, 0 when empty), live orders."""
-        orders = self.sides["orders"].reshape(N_LOCATES, 2).sum(axis=1)
+        per_side = np.zeros(self.sides.shape[0], np.int64)
+        side_orders(self.sides, self.ladder, self.levels, per_side)
+        orders = per_side.reshape(N_LOCATES, 2).sum(axis=1)
         wanted = np.nonzero((self.stocks["named"] != 0) | (orders > 0))[0]
         out = {}
         for loc in wanted.tolist():
