@@ -410,6 +410,12 @@ def ht_rehash(old, new, shift):
             ht_insert(new, shift, old[j].key, old[j].slot)
 
 
+# apply_stream's fast path: a message's length must equal FAST_LEN[type] (an unknown
+# type's is -1, which no length equals), and FAST_SLACK bytes from its length prefix must be
+# in the buffer: the longest message (50) plus the next one's prefix and header reads
+FAST_LEN = np.where(itch.MSG_LEN > 0, itch.MSG_LEN, -1).astype(np.int64)
+FAST_SLACK = 2 + int(itch.MSG_LEN.max()) + 2 + HEADER_LEN + 8
+
 IN_RING = -1  # ``ix_find``'s location of an order held by its ring row
 
 
@@ -760,6 +766,25 @@ def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, stocks, meta,
     """
     rm = _ring_mask(meta)
     while pos < end:
+        if pos + FAST_SLACK <= end:
+            # The common case in one compare: the message and the next one's header are in
+            # the buffer, and its length is its type's (an unknown type's FAST_LEN matches
+            # no length). Anything else takes the general path below, which says why.
+            length = np.int64(rd_u16(b, pos))
+            p = pos + 2
+            t = b[_u(p)]
+            if length == FAST_LEN[t]:
+                nxt = p + length + 2
+                prefetch(orders, _ring_row(rm, rd_u64(b, nxt + HEADER_LEN)))
+                prefetch(sides, 2 * np.int64(rd_u16(b, nxt + 1)))
+                need = apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks,
+                                     meta, counters, rm)  # fmt: skip
+                if need != 0:
+                    return need, pos
+                counters[itch.C_MESSAGES] += 1
+                counters[_u(t)] += 1
+                pos = p + length
+                continue
         status, length = frame(b, pos, end)
         if status == TRUNCATED:
             return TRUNCATED, pos

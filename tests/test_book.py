@@ -292,3 +292,28 @@ def test_random_sequences_match_the_reference_after_every_event(msgs, cap, ring)
     assert b.stocks_summary() == ref.stocks()
     for loc in LOCATES:
         assert b.bbo(loc) == ref.bbo(loc)
+
+
+def _resized(msg: bytes, d: int) -> bytes:
+    """A message one byte longer or shorter than its type says (d = 1, -1), or as is."""
+    return msg + b"\x00" if d > 0 else msg[:-1] if d < 0 and len(msg) > 1 else msg
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.builds(_resized, _msg(), st.sampled_from([0, 0, 0, 0, 1, -1])), min_size=1,
+                max_size=80),
+       st.sampled_from([2, 64]), st.sampled_from([16, 64]))  # fmt: skip
+def test_random_sequences_in_one_buffer_match_the_reference(msgs, cap, ring):
+    """The same sequences as one buffer: all but its last ``FAST_SLACK`` bytes go through
+    apply_stream's one-compare fast path (growth, malformed and unknown messages, lengths
+    off by one either way included), the rest through the general one."""
+    data = b"".join(m.framed(msg) for msg in msgs)
+    b = Book(orders=cap, levels=cap, ladder=cap, ring=ring)
+    b.feed(np.frombuffer(data, np.uint8))
+    ref = ReferenceBook()
+    for msg in msgs:
+        ref.apply(msg)
+    assert b.check(allow_crossed=True) is None
+    _same_state(b, ref)
+    assert b.counters[itch.C_MESSAGES] == len(msgs)
+    assert b.digest() == ref.digest() and b.stocks_summary() == ref.stocks()
