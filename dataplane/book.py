@@ -575,7 +575,13 @@ def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, sh
     key = _side_key(sd & 1, price)
     j = _lower_bound(ladder, s.start, s.count, key)
     if j < s.count and ladder[_u(s.start + j)].key == key:
+        # the level exists, so it has a tail: the order joins behind it
         lv = ladder[_u(s.start + j)].level
+        tail = levels[_u(lv)].tail
+        orders[_u(tail)].next = o
+        levels[_u(lv)].tail = o
+        levels[_u(lv)].count += 1
+        levels[_u(lv)].shares += shares
     else:
         if s.count == s.cap:  # relocate this side's run to a bigger segment at the bump
             newcap = max(LADDER_MIN_CAP, 2 * s.cap)
@@ -591,11 +597,13 @@ def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, sh
         else:
             lv = meta[M_LEVEL_HWM]
             meta[M_LEVEL_HWM] = lv + 1
+        # a new level holds just this order: written whole, nothing read back
         levels[_u(lv)].price = price
-        levels[_u(lv)].count = 0
-        levels[_u(lv)].shares = 0
-        levels[_u(lv)].head = NIL
-        levels[_u(lv)].tail = NIL
+        levels[_u(lv)].count = 1
+        levels[_u(lv)].shares = shares
+        levels[_u(lv)].head = o
+        levels[_u(lv)].tail = o
+        tail = NIL
         if s.count < SCAN:
             ladder_insert(ladder, s.start, s.count, j, key, lv)
         else:
@@ -613,16 +621,7 @@ def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, sh
     od.sd = sd
     od.level = lv
     od.next = NIL
-    tail = levels[_u(lv)].tail
     od.prev = tail
-    # Branch-free link at the back (whether the level was empty is a coin toss for the
-    # branch predictor): the write meant for a missing neighbour goes to the scratch row.
-    orders[_u(tail if tail != NIL else SCRATCH)].next = o
-    head = levels[_u(lv)].head
-    levels[_u(lv)].head = o if tail == NIL else head
-    levels[_u(lv)].tail = o
-    levels[_u(lv)].count += 1
-    levels[_u(lv)].shares += shares
     meta[M_LIVE] += 1
     top = j == s.count - 1  # landed on the best level (the last rung), known without a load
     px = s.best_px
