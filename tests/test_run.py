@@ -132,16 +132,22 @@ def _sim_cfg(cfg, tmp_path) -> str:
     return write_config(cfg, tmp_path / "sim.toml")
 
 
+def _run_session(cfg, tmp_path, path, mode: str, **kw) -> dict:
+    """One run in ``mode`` (``Appliance`` keywords ``kw``) of the session at ``path``,
+    published once at 400k msg/s with no re-requests; returns the run's summary."""
+    app = Appliance(cfg, tmp_path, mode, **kw)
+    try:
+        run_sim(_sim_cfg(cfg, tmp_path), "--session", str(path), "--rate", "400000",
+                "--eos-for", "1", "--no-rerequest")  # fmt: skip
+        return app.finish()
+    finally:
+        app.kill()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_books_end_with_the_offline_digest(labcfg, session_file, tmp_path, mode):
     path, digest = session_file
-    app = Appliance(labcfg, tmp_path, mode)
-    try:
-        run_sim(_sim_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "400000",
-                "--eos-for", "1", "--no-rerequest")  # fmt: skip
-        s = app.finish()
-    finally:
-        app.kill()
+    s = _run_session(labcfg, tmp_path, path, mode)
     assert s["mode"] == mode
     assert s["taken"] == N_MSGS and s["next_seq"] == N_MSGS + 1 and s["gap_messages"] == 0
     assert s["digest"] == digest and s["check"] is None
@@ -358,13 +364,7 @@ def test_warm_fills_the_cache_each_receive_path_starts_from(labcfg, session_file
                                                                "socket": "compiled"}
     assert any(cache.rglob("*.nbi")), "nothing written to the cache"
     for mode in ("socket", "xdp"):
-        app = Appliance(labcfg, tmp_path, mode, wrap=("env", f"NUMBA_CACHE_DIR={cache}"))
-        try:
-            run_sim(_sim_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "400000",
-                    "--eos-for", "1", "--no-rerequest")  # fmt: skip
-            s = app.finish()
-        finally:
-            app.kill()
+        s = _run_session(labcfg, tmp_path, path, mode, wrap=("env", f"NUMBA_CACHE_DIR={cache}"))
         assert s["digest"] == digest and s["start"]["how"] == "cache", s["start"]
     again = warm()
     assert {m: v["how"] for m, v in again["modes"].items()} == {"xdp": "cache", "socket": "cache"}
