@@ -275,7 +275,7 @@ SIDE = np.dtype(
     [("start", np.int32), ("count", np.int32), ("cap", np.int32), ("best_px", np.uint32),
      ("best_qty", np.int64), ("_spare", np.int64)],
     align=True,
-)  # fmt: skip  -- 32 bytes: a stock's bid and ask share one cache line
+)  # fmt: skip  -- 32 bytes (_spare is padding): a stock's bid and ask share one cache line
 RUNG = np.dtype([("key", np.uint32), ("level", np.int32)], align=True)  # 8 bytes
 HASH = np.dtype([("key", np.uint64), ("slot", np.int64)], align=True)
 STOCK = np.dtype([("symbol", np.uint64), ("named", np.uint8), ("state", np.uint8)], align=True)
@@ -1229,8 +1229,7 @@ class Book:
         return [tuple(int(x) for x in out[i]) for i in range(k)]
 
     def order(self, ref: int) -> dict | None:
-        rm = np.uint64(self.meta[M_RING_MASK])
-        o, _ = ix_find(self.orders, self.htab, self.meta, np.uint64(ref), rm)
+        o, _ = ix_find(self.orders, self.htab, self.meta, np.uint64(ref), _ring_mask(self.meta))
         if o == NIL:
             return None
         od = self.orders[o]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from dataplane import arbiter, shm, xsk
@@ -39,10 +38,13 @@ CLOCK_MONOTONIC = 1
 MSG_DONTWAIT = 0x40
 
 
-# libc is called by symbol name (resolved in the process when the code is loaded), as
-# xsk's recvfrom is: a ctypes function pointer would be baked into the code as a constant,
-# and numba refuses to cache such a function -- every start of the consumer would compile
-# its loops from scratch (about a minute) instead of loading them.
+# libc is called by symbol name (xsk.call_by_symbol): a ctypes function pointer would be
+# baked into the code as a constant, and numba refuses to cache such a function -- every
+# start of the consumer would compile its loops from scratch (about a minute).
+def _int64_args(context, builder, sig, args):
+    return [context.cast(builder, v, t, types.int64) for v, t in zip(args, sig.args, strict=True)]
+
+
 @intrinsic
 def _clock_gettime(typingctx, clock, addr):
     """``clock_gettime(clock, (struct timespec *)addr)``."""
@@ -51,11 +53,8 @@ def _clock_gettime(typingctx, clock, addr):
 
     def codegen(context, builder, sig, args):
         i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(i32, [i32, i8p]), "clock_gettime")
-        ck = builder.trunc(context.cast(builder, args[0], sig.args[0], types.int64), i32)
-        ts = builder.inttoptr(context.cast(builder, args[1], sig.args[1], types.int64), i8p)
-        return builder.sext(builder.call(fn, [ck, ts]), ir.IntType(64))
+        return xsk.call_by_symbol(builder, "clock_gettime", i32, [i32, i8p],
+                                  _int64_args(context, builder, sig, args))  # fmt: skip
 
     return types.int64(clock, addr), codegen
 
@@ -69,13 +68,8 @@ def _recvmmsg(typingctx, fd, msgvec, vlen, flags, timeout):
 
     def codegen(context, builder, sig, args):
         i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(i32, [i32, i8p, i32, i32, i8p]), "recvmmsg")
-        a = [context.cast(builder, v, t, types.int64) for v, t in zip(args, sig.args, strict=True)]
-        rc = builder.call(fn, [builder.trunc(a[0], i32), builder.inttoptr(a[1], i8p),
-                               builder.trunc(a[2], i32), builder.trunc(a[3], i32),
-                               builder.inttoptr(a[4], i8p)])  # fmt: skip
-        return builder.sext(rc, ir.IntType(64))
+        return xsk.call_by_symbol(builder, "recvmmsg", i32, [i32, i8p, i32, i32, i8p],
+                                  _int64_args(context, builder, sig, args))  # fmt: skip
 
     return types.int64(fd, msgvec, vlen, flags, timeout), codegen
 

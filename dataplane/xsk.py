@@ -488,26 +488,39 @@ def store_u64(typingctx, addr, value):
     return types.none(addr, value), codegen
 
 
+def call_by_symbol(builder, name, ret, params, values):
+    """Call the C function ``name`` declared by its symbol (resolved in the process when
+    the code is loaded, so functions using it stay cacheable, unlike a ctypes/cffi function
+    pointer baked in as a constant). ``values`` are LLVM values: an i64 given for a pointer
+    parameter is converted with inttoptr, a wider integer than its parameter truncated.
+    Returns the result sign-extended to i64."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, params), name)
+    conv = []
+    for v, t in zip(values, params, strict=True):
+        if isinstance(t, ir.PointerType) and isinstance(v.type, ir.IntType):
+            v = builder.inttoptr(v, t)
+        elif isinstance(t, ir.IntType) and v.type.width > t.width:
+            v = builder.trunc(v, t)
+        conv.append(v)
+    rc = builder.call(fn, conv)
+    return rc if ret.width == 64 else builder.sext(rc, ir.IntType(64))
+
+
 @intrinsic
 def _recvfrom_dontwait(typingctx, fd):
-    """``recvfrom(fd, NULL, 0, MSG_DONTWAIT, NULL, NULL)``: 0 or a negative errno.
-
-    Called by symbol name (resolved in the process when the code is loaded), so functions
-    using it stay cacheable, unlike a ctypes/cffi function pointer baked in as a constant.
-    """
+    """``recvfrom(fd, NULL, 0, MSG_DONTWAIT, NULL, NULL)``: 0 or a negative errno."""
     if not isinstance(fd, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
         i32, i64, i8p = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
-        fnty = ir.FunctionType(i64, [i32, i8p, i64, i32, i8p, i32.as_pointer()])
-        recvfrom = cgutils.get_or_insert_function(builder.module, fnty, "recvfrom")
+        fd64 = context.cast(builder, args[0], sig.args[0], types.int64)
+        rc = call_by_symbol(builder, "recvfrom", i64, [i32, i8p, i64, i32, i8p, i32.as_pointer()],
+                            [fd64, ir.Constant(i8p, None), ir.Constant(i64, 0),
+                             ir.Constant(i32, _MSG_DONTWAIT), ir.Constant(i8p, None),
+                             ir.Constant(i32.as_pointer(), None)])  # fmt: skip
         errloc = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(i32.as_pointer(), []), "__errno_location")
-        fd32 = builder.trunc(context.cast(builder, args[0], sig.args[0], types.int64), i32)
-        rc = builder.call(recvfrom, [fd32, ir.Constant(i8p, None), ir.Constant(i64, 0),
-                                     ir.Constant(i32, _MSG_DONTWAIT), ir.Constant(i8p, None),
-                                     ir.Constant(i32.as_pointer(), None)])  # fmt: skip
         out = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))
         with builder.if_then(builder.icmp_signed("<", rc, ir.Constant(i64, 0)),
                              likely=False):  # fmt: skip

@@ -72,6 +72,13 @@ def join_socket(line, bind: bool) -> socket.socket:
     return s
 
 
+def _compiled(dispatcher) -> bool:
+    """Whether ``dispatcher`` compiled its code in this process rather than loading it from
+    numba's cache (no cache at all counts as compiled)."""
+    st = dispatcher.stats
+    return bool(sum(st.cache_misses.values()) or not st.cache_hits)
+
+
 def _loop_state(cfg: Config, maps: dict, book):
     """The consumer loops' ``arb`` tuple and a function building their ``bk_`` tuple (again
     after every growth of the book)."""
@@ -101,9 +108,8 @@ def _drive(cfg: Config, maps: dict, book, loop, dispatcher) -> str:
         status, need = loop(arb, bk_(), 0 if first else 50_000_000)
         if first:  # compiled now: only from here on is the consumer keeping up
             ctr[shm.S_START_NS] = time.monotonic_ns() - t0
-            st = dispatcher.stats
-            compiled = sum(st.cache_misses.values()) or not st.cache_hits
-            ctr[shm.S_START_HOW] = shm.START_COMPILED if compiled else shm.START_CACHED
+            cached = not _compiled(dispatcher)
+            ctr[shm.S_START_HOW] = shm.START_CACHED if cached else shm.START_COMPILED
             ctr[shm.S_RUNNING] = 1
             first = False
         if need:
@@ -207,8 +213,7 @@ def warm_consumer(cfg: Config, modes: tuple[str, ...] = ("xdp", "socket"), log=N
                 log(f"{mode} consumer: compiling (about a minute unless cached)")
             t0 = time.monotonic()
             disp.compile(tuple(typeof(a) for a in args))
-            st = disp.stats
-            how = "compiled" if sum(st.cache_misses.values()) or not st.cache_hits else "cache"
+            how = "compiled" if _compiled(disp) else "cache"
             out[mode] = {"seconds": time.monotonic() - t0, "how": how}
             if log:
                 log(f"{mode} consumer: {how} in {out[mode]['seconds']:.1f} s")

@@ -47,7 +47,8 @@ EPILOG_WARM = """examples:
   tickwire warm --lab --json
 
 The cache is per CPU model and per installed Tickwire: Ansible's tickwire role warms it
-(as the service user) after every install, the appliance image on its first boot.
+(as the service user) after every install on a booted host; an image root is not warmed,
+so the appliance image's first start compiles (about a minute, logged as it goes).
 """
 EPILOG_PREFLIGHT = """examples:
   tickwire preflight --config /etc/tickwire/tickwire.toml    every stage; exit 0 when ready
