@@ -13,7 +13,7 @@ test: setup
 	$(PY) -m pytest
 
 demo: setup
-	@$(PY) -m host.demo
+	@$(PY) -m host.exchange.demo
 
 bench: setup
 	$(TICKWIRE) bench book

@@ -27,6 +27,7 @@ from numba.extending import intrinsic
 from dataplane import arbiter, shm, xsk
 from dataplane import book as bk
 from dataplane.itch import rd_u16
+from dataplane.sysabi import IOVEC, MMSGHDR
 
 OK = 0
 STOPPED = 1  # control asked to stop
@@ -151,13 +152,6 @@ def _idle(t, arb, bk_):
 
 # --- kernel sockets ---------------------------------------------------------------------------
 SLOT = 2048  # bytes per receive slot (a MoldUDP64 packet fits one datagram)
-IOVEC = np.dtype([("base", np.uint64), ("len", np.uint64)])
-MSGHDR = np.dtype(
-    [("name", np.uint64), ("namelen", np.uint32), ("_p0", np.uint32), ("iov", np.uint64),
-     ("iovlen", np.uint64), ("control", np.uint64), ("controllen", np.uint64),
-     ("flags", np.int32), ("_p1", np.int32)],
-)  # fmt: skip
-MMSGHDR = np.dtype([("hdr", MSGHDR), ("len", np.uint32), ("_p", np.uint32)])
 
 # private loop state (int64): the pending batch
 P_LINE = 0

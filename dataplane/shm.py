@@ -139,7 +139,7 @@ REGIONS = {
     "gaps": (np.int64, (GAP_SLOTS, 4)),
     "recov": (np.uint8, (REC_SLOTS, REC_SLOT_BYTES)),
     "recov_meta": (np.int64, (REC_SLOTS, 4)),
-    # the recovery client's mirror of its counters and latency histogram (host.recovery)
+    # the recovery client's mirror of its counters and latency histogram (host.appliance.recovery)
     "recovery": (np.int64, (64 + LAT_BUCKETS,)),
 }
 

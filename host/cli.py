@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 
+from host import netns
+
 EPILOG_BOOK = """examples:
   tickwire book 01302019.NASDAQ_ITCH50          JSON: messages, rate, digest, per-stock BBO
   tickwire book session.itch --summary           short human summary instead of JSON
@@ -70,7 +72,7 @@ EPILOG_BENCH = """examples:
 
 
 def _cmd_book(args: argparse.Namespace) -> int:
-    from host import replay
+    from host.appliance import replay
 
     book, result = replay.replay_file(args.file, progress=replay.terminal_progress("book"))
     if args.summary:
@@ -82,7 +84,7 @@ def _cmd_book(args: argparse.Namespace) -> int:
 
 
 def _cmd_gen(args: argparse.Namespace) -> int:
-    from host import itchgen
+    from host.exchange import itchgen
 
     info = itchgen.write_session(args.out, args.messages, args.stocks, args.seed)
     if args.json:
@@ -94,7 +96,9 @@ def _cmd_gen(args: argparse.Namespace) -> int:
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
-    from host import config, faults, lab
+    from host import config
+    from host.exchange import lab
+    from host.exchange import wirefaults as faults
 
     cfg = config.load(args.config, prefix=args.prefix).lab
     if args.action == "fault":
@@ -120,16 +124,17 @@ def _cmd_lab(args: argparse.Namespace) -> int:
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
-    from host import config, lab
-    from host import simulator as sim
+    from host import config
+    from host.exchange import faultplan, lab, rerequest
+    from host.exchange import publisher as sim
 
     cfg = config.load(args.config, prefix=args.prefix)
     if args.session and args.generate:
-        raise sim.SimError("give --session FILE or --generate N, not both")
+        raise faultplan.SimError("give --session FILE or --generate N, not both")
     if args.session:
         session = sim.Session.from_file(args.session)
     else:
-        from host import itchgen
+        from host.exchange import itchgen
 
         n = args.generate or 1_000_000
         print(f"sim: generating {n:,} messages on {args.stocks} stocks (seed {args.gen_seed})",
@@ -143,10 +148,10 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         pacing = sim.Pacing(mode="rate", rate=args.rate)
     faults, seed = [], args.seed
     if args.faults:
-        faults, file_seed = sim.load_faults(args.faults)
+        faults, file_seed = faultplan.load_faults(args.faults)
         seed = file_seed if file_seed is not None and args.seed is None else seed
     for spec in args.fault:
-        faults += sim.parse_fault(spec)
+        faults += faultplan.parse_fault(spec)
     start = args.start_seq
     if args.start_phase:
         start = session.phase_seq(args.start_phase)
@@ -155,7 +160,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         pacing=pacing, start_seq=start, heartbeat=args.heartbeat, eos_for=args.eos_for,
         preroll=args.preroll, faults=faults, seed=1 if seed is None else seed,
         serve=not args.no_rerequest,
-        server=sim.ServerConfig(port=cfg.lab.rerequest_port, window=args.rr_window,
+        server=rerequest.ServerConfig(port=cfg.lab.rerequest_port, window=args.rr_window,
                                 max_messages=args.rr_max_messages,
                                 max_bytes=args.rr_max_bytes, rate=args.rr_rate,
                                 workers=args.rr_workers),
@@ -166,7 +171,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         if os.geteuid() != 0:
             raise lab.LabError(1, "tickwire sim enters the lab's exchange namespace: run it "
                                "as root, or pass --no-netns")  # fmt: skip
-        lab.enter(cfg.lab.exchange_ns)
+        netns.enter(cfg.lab.exchange_ns)
     sim.install_signal_handlers(simulator)
     progress = None
     if sys.stderr.isatty() and not args.json:
@@ -188,7 +193,8 @@ def _run_config(args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from host import appliance, config
+    from host import config
+    from host.appliance import runner as appliance
 
     cfg = _run_config(args)
     if args.mode:
@@ -199,7 +205,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.skip_preflight:
         appliance._log("preflight skipped (--skip-preflight)")
     else:
-        from host import preflight
+        from host.appliance import preflight
 
         preflight.require(cfg, appliance._log)
     app = appliance.Appliance(cfg)
@@ -217,7 +223,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_warm(args: argparse.Namespace) -> int:
     import os
 
-    from host import appliance
+    from host.appliance import runner as appliance
 
     def log(msg: str) -> None:
         print(f"tickwire warm: {msg}", file=sys.stderr, flush=True)
@@ -233,7 +239,7 @@ def _cmd_warm(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from host import status
+    from host.appliance import status
 
     st = status.collect(args.channel, args.netns)
     print(json.dumps(st) if args.json else status.text(st))
@@ -241,7 +247,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_preflight(args: argparse.Namespace) -> int:
-    from host import config, preflight
+    from host import config
+    from host.appliance import preflight
 
     try:
         for name in args.stage:
@@ -259,13 +266,13 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from host import bench
+    import host.bench as bench
 
     return bench.main(args)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from host import clock
+    from host.appliance import clock
 
     return clock.main(args, _run_config(args))
 
@@ -317,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="machine-readable output")
     g.set_defaults(func=_cmd_gen)
 
-    from host import faults
+    from host.exchange import wirefaults as faults
 
     la = _verb(sub, "lab", "build, inspect or remove the network-namespace lab; inject faults "
                "on its lines", EPILOG_LAB + faults.EPILOG)  # fmt: skip

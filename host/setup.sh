@@ -83,7 +83,7 @@ fi
 "$VENV/bin/python" -c 'import bcc' 2>/dev/null || fail "virtualenv" "the venv cannot import bcc (python3-bpfcc in $SYS_PY's dist-packages)"
 
 stamp="$VENV/.tickwire-installed"
-want=$(cat "$ROOT/pyproject.toml" "$ROOT"/dataplane/_*_build.py "$ROOT"/host/_*_build.py 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(cat "$ROOT/pyproject.toml" "$ROOT"/dataplane/_*_build.py "$ROOT"/host/*/_*_build.py 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c 'import dataplane, host' 2>/dev/null; then
   say "python environment: up to date"
 else

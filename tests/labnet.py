@@ -19,7 +19,8 @@ import time
 import pytest
 
 from dataplane import moldudp64 as mold
-from host import config, lab
+from host import config, netns
+from host.exchange import lab
 
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python does not export it
 
@@ -65,7 +66,7 @@ class Receiver:
         self.cfg = cfg
         self.packets: list[Packet] = []
         self.socks: dict[str, socket.socket] = {}
-        with lab.entered(cfg.lab.appliance_ns):
+        with netns.entered(cfg.lab.appliance_ns):
             for letter, line in cfg.lab.lines.items():
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -125,7 +126,7 @@ class Requester:
     def __init__(self, cfg: config.Config, letter: str = "A"):
         self.cfg = cfg
         line = cfg.lab.lines[letter]
-        with lab.entered(cfg.lab.appliance_ns):
+        with netns.entered(cfg.lab.appliance_ns):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.sock.bind((line.appliance_ip, 0))
         self.server = (line.exchange_ip, cfg.lab.rerequest_port)

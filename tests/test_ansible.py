@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from host import config, preflight
+from host import config
+from host.appliance import preflight
 
 REPO = Path(__file__).resolve().parents[1]
 ANSIBLE = REPO / "ansible"
@@ -478,8 +479,8 @@ def test_appliance_runs_inside_the_root(applied):
     assert "usage: tickwire" in r.stdout
     # bcc from Debian's python3-bpfcc is visible to the virtualenv
     r = _run(["chroot", str(root), "/opt/tickwire/venv/bin/python", "-c",
-              "import bcc, numba, dataplane._xsk, host.loader; "
-              "print(host.loader.STEER_SRC.is_file())"])  # fmt: skip
+              "import bcc, numba, dataplane._xsk, host.appliance.loader; "
+              "print(host.appliance.loader.STEER_SRC.is_file())"])  # fmt: skip
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stdout + r.stderr
     # the preflight's own view of the unit the role wrote
     r = _run(["chroot", str(root), "/opt/tickwire/venv/bin/tickwire", "preflight", "--config",

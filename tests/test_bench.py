@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dataplane.book import Book
-from host import itchgen
+from host.exchange import itchgen
 
 
 def test_bench_book_reports_paired_ratios_against_itch_book(tmp_path):

@@ -16,8 +16,9 @@ import pytest
 
 from dataplane import moldudp64 as mold
 from dataplane.book import Book
-from host import config, lab
-from host import pktgen as pgmod
+from host import config, netns
+from host.exchange import lab
+from host.exchange import pktgen as pgmod
 from tests.labnet import Receiver, built, lab_or_skip, private_lab
 
 SESSION = config.FeedConfig().session
@@ -142,7 +143,7 @@ def test_rate_is_roughly_honoured(gen):
 
 @pytest.mark.lab
 def test_sink_counts_every_frame_and_detaches(gen):
-    from host import loader
+    from host.appliance import loader
 
     cfg, pg = gen
     ns, ifname = cfg.lab.appliance_ns, cfg.lab.line_a.appliance_if
@@ -159,7 +160,7 @@ def test_sink_counts_every_frame_and_detaches(gen):
 @pytest.mark.lab
 def test_short_bench_rx_reports_everything_and_removes_its_lab():
     _bcc_or_skip()
-    from host import benchrx
+    from host.bench import rx as benchrx
 
     prefix = f"tbrr{os.getpid() % 100000:05d}"
     args = types.SimpleNamespace(duration=0.2, steps=3, json=True, prefix=prefix,
@@ -170,7 +171,7 @@ def test_short_bench_rx_reports_everything_and_removes_its_lab():
         r = benchrx.bench_rx(args)
     finally:
         lab.down(cfg.lab)  # a no-op when bench_rx cleaned up, as it must
-    assert not lab.exists(cfg.lab.exchange_ns) and not lab.exists(cfg.lab.appliance_ns)
+    assert not netns.exists(cfg.lab.exchange_ns) and not netns.exists(cfg.lab.appliance_ns)
     for key in ("machine", "frames", "xdp_drop", "jitter_ns", "af_xdp", "socket", "ratios",
                 "targets", "seconds"):  # fmt: skip
         assert key in r, key

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from host import itchgen, replay
+from host.appliance import replay
+from host.exchange import itchgen
 from tests.reference import ReferenceBook
 
 SESSIONS = [(120_000, 50, 11), (80_000, 2_000, 12)]

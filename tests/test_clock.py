@@ -1,4 +1,4 @@
-"""``tickwire calibrate`` (host.clock): the sysoff and TSC maths on synthetic samples, the
+"""``tickwire calibrate`` (host.appliance.clock): the sysoff and TSC maths on synthetic samples, the
 cffi binding's layout against the kernel header compiled by gcc, a real calibration of the
 lab's feed interfaces (veth: no PHC, software timestamps), its file and its metrics, and the
 PHC ioctl path where a /dev/ptp* exists."""
@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from host import clock
+from host.appliance import clock
 from tests.labnet import built, private_lab
 
 PTP_GLOB = "/dev/ptp*"
@@ -240,7 +240,7 @@ def test_stored_phc_calibration_as_metrics_text_and_status(tmp_path, monkeypatch
 @pytest.mark.lab
 def test_calibrate_the_lab_software_timestamps_file_and_metrics(tmp_path, monkeypatch):
     from dataplane import shm
-    from host import metrics, status
+    from host.appliance import metrics, status
 
     cfg = private_lab("cal")
     conf = tmp_path / "lab.toml"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dataplane.book import Book
-from host import itchgen
+from host.exchange import itchgen
 from tests.labnet import built, private_lab, run_sim
 from tests.test_run import Appliance, _xdp_available
 
@@ -122,7 +122,7 @@ def test_server_down_makes_gaps_unrecoverable_and_books_stale(labcfg, session_fi
         assert c["stale"] and c["lost_events"] >= 1 and c["gap_messages"] >= 1000
         assert c["taken"] + c["gap_messages"] == N_MSGS  # every sequence: taken or declared
         assert c["gap_messages"] < 1000 + 2 * 100, c  # whole packets around the range
-        from host import status
+        from host.appliance import status
 
         st = status.collect(app.channel)
         assert st["recovery"]["counters"]["unrecoverable"] >= 1
@@ -150,7 +150,7 @@ def test_halt_policy_stops_before_the_gap(labcfg, session_file, tmp_path):
 
 # --- the same, with the faults injected by BPF on the wire (bpf/fault.c, TC egress) ---------
 def test_bpf_cut_of_line_a_mid_session(labcfg, session_file, tmp_path):
-    from host import faults
+    from host.exchange import wirefaults as faults
     from tests.labnet import SimProcess
 
     path, digest = session_file
@@ -175,7 +175,7 @@ def test_bpf_cut_of_line_a_mid_session(labcfg, session_file, tmp_path):
 
 
 def test_bpf_same_range_dropped_on_both_lines(labcfg, session_file, tmp_path):
-    from host import faults
+    from host.exchange import wirefaults as faults
 
     path, digest = session_file
     with faults.WireFaults(labcfg.lab, "AB") as wire:

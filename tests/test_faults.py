@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 
 from dataplane import moldudp64 as mold
-from host import bpfsys, faults, itchgen, lab
+from host import netns
+from host.appliance import bpfsys
+from host.exchange import itchgen, lab
+from host.exchange import wirefaults as faults
 from tests.labnet import Receiver, SimProcess, built, private_lab, run_sim, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +90,7 @@ def test_fault_values_are_checked():
 
 def test_errors_are_one_line_without_a_lab():
     cfg = private_lab("fnl")
-    assert not lab.exists(cfg.lab.exchange_ns)
+    assert not netns.exists(cfg.lab.exchange_ns)
     with pytest.raises(faults.FaultError, match=f"lab {cfg.lab.prefix} is not up"):
         faults.attach(cfg, "A")
     st = faults.status(cfg)
@@ -96,7 +99,7 @@ def test_errors_are_one_line_without_a_lab():
     for args, text in ((["C", "--cut", "10"], "unknown line or action 'C'"),
                        (["A", "--cut", "10"], f"lab {cfg.lab.prefix} is not up"),
                        (["clear", "--loss", "0.1"], "takes no fault options")):  # fmt: skip
-        done = subprocess.run([sys.executable, "-m", "host.faults", "--prefix", cfg.lab.prefix,
+        done = subprocess.run([sys.executable, "-m", "host.exchange.wirefaults", "--prefix", cfg.lab.prefix,
                                *args], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
         assert done.returncode == 1 and done.stdout == ""
         assert done.stderr.count("\n") == 1 and text in done.stderr, done.stderr
@@ -395,7 +398,7 @@ def test_detach_leaves_no_qdisc_filter_or_pin(labcfg, files):
 
 
 def _cli(labcfg, files, *args: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "host.faults", "--config", files["config"],
+    done = subprocess.run([sys.executable, "-m", "host.exchange.wirefaults", "--config", files["config"],
                            "--json", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -429,7 +432,7 @@ def test_cli_drives_the_pinned_maps_across_processes(labcfg, files):
             f = st["lines"][letter]["faults"]
             assert (f["drop_all"], f["cut"], f["drop_range"], f["loss"]) == (False, None, None,
                                                                              None)  # fmt: skip
-        done = subprocess.run([sys.executable, "-m", "host.faults", "--config", files["config"],
+        done = subprocess.run([sys.executable, "-m", "host.exchange.wirefaults", "--config", files["config"],
                                "status"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
         assert done.returncode == 0 and "line A" in done.stdout and "faults: none" in done.stdout
         assert _cli(labcfg, files, "off") == {"prefix": labcfg.lab.prefix,

@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from host import itchgen
+from host.exchange import itchgen
 
 try:
     from tests.reference import ANOMALIES, LENGTHS, ReferenceBook, frames, timestamp

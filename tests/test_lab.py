@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from host import config, lab
+from host import config, netns
+from host.exchange import lab
 from tests.labnet import Receiver, built, lab_or_skip, private_lab
 
 pytestmark = pytest.mark.lab
@@ -95,7 +96,7 @@ def test_up_is_idempotent_and_down_removes_only_its_own():
         finally:
             removed = lab.down(a.lab)
         assert removed == [a.lab.exchange_ns, a.lab.appliance_ns]
-        assert not lab.exists(a.lab.exchange_ns) and not lab.exists(a.lab.appliance_ns)
+        assert not netns.exists(a.lab.exchange_ns) and not netns.exists(a.lab.appliance_ns)
         assert lab.status(b.lab)["up"]  # the other lab is untouched
         assert lab.down(a.lab) == []  # nothing left to remove
 
@@ -145,7 +146,7 @@ def test_traffic_stays_in_the_lab():
     with built(cfg):
         rx = Receiver(cfg)
         try:
-            with lab.entered(cfg.lab.exchange_ns):
+            with netns.entered(cfg.lab.exchange_ns):
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
                          socket.inet_aton(cfg.lab.line_a.exchange_ip))  # fmt: skip

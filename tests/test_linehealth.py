@@ -3,7 +3,7 @@
 import numpy as np
 
 from dataplane import shm
-from host import linehealth as lh
+from host.appliance import linehealth as lh
 
 
 def _counters(rx_a: int, rx_b: int) -> np.ndarray:

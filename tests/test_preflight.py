@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from host import cli, config, preflight
-from host.preflight import NOT_CONFIGURED, OK, PARTIAL, SKIPPED
+from host import cli, config
+from host.appliance import preflight
+from host.appliance.preflight import NOT_CONFIGURED, OK, PARTIAL, SKIPPED
 from tests.labnet import built, private_lab, write_config
 
 ROOT = Path(__file__).resolve().parents[1]

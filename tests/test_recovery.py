@@ -22,9 +22,16 @@ from hypothesis import strategies as st
 
 from dataplane import moldudp64 as mold
 from dataplane import shm
-from host import itchgen
-from host.recovery import SHARED_LEN, RecoveryClient, RecoveryConfig, metric_families, read_shared
-from host.simulator import ReRequestServer, ServerConfig, Session
+from host.appliance.recovery import (
+    SHARED_LEN,
+    RecoveryClient,
+    RecoveryConfig,
+    metric_families,
+    read_shared,
+)
+from host.exchange import itchgen
+from host.exchange.publisher import Session
+from host.exchange.rerequest import ReRequestServer, ServerConfig
 
 NAME = "RECOVTEST1"
 N = 20_000

@@ -19,7 +19,9 @@ import pytest
 
 from dataplane import shm
 from dataplane.book import Book
-from host import appliance, itchgen, lab
+from host import netns
+from host.appliance import runner as appliance
+from host.exchange import itchgen
 from tests.labnet import built, lab_or_skip, private_lab, run_sim, write_config
 
 pytestmark = pytest.mark.lab
@@ -31,7 +33,7 @@ def _xdp_available() -> str | None:
         import bcc  # noqa: F401
 
         from dataplane import xsk  # noqa: F401
-        from host import loader  # noqa: F401
+        from host.appliance import loader  # noqa: F401
     except Exception as e:  # noqa: BLE001
         return f"AF_XDP path not importable: {e}"
     return None
@@ -235,7 +237,7 @@ def test_metrics_snapshot_and_status_while_running(labcfg, session_file, tmp_pat
                 "--eos-for", "0.3", "--no-rerequest")  # fmt: skip
         c = app.wait_taken(N_MSGS)
         assert app.reader.digest() == digest  # a live snapshot of every level
-        with lab.entered(labcfg.lab.appliance_ns):
+        with netns.entered(labcfg.lab.appliance_ns):
             body = urllib.request.urlopen(f"http://127.0.0.1:{app.port}/metrics",
                                           timeout=10).read().decode()  # fmt: skip
         metrics = {}
@@ -272,7 +274,7 @@ def test_metrics_snapshot_and_status_while_running(labcfg, session_file, tmp_pat
         s = app.finish(terminate=True)
         assert s["digest"] == digest
         if mode == "xdp":
-            from host import loader
+            from host.appliance import loader
 
             assert s["xdp"]["passed"]["no_socket"] == 0
             assert loader.attached(labcfg.lab.appliance_ns) == []  # detached on SIGTERM
@@ -286,7 +288,7 @@ def test_malformed_packets_are_counted_and_harmless(labcfg, session_file, tmp_pa
     app = Appliance(labcfg, tmp_path, mode)
     try:
         line = labcfg.lab.line_a
-        with lab.entered(labcfg.lab.exchange_ns):
+        with netns.entered(labcfg.lab.exchange_ns):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
                      socket.inet_aton(line.exchange_ip))  # fmt: skip

@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataplane import moldudp64 as mold
-from host import itchgen
-from host import simulator as sim
+from host.exchange import itchgen
+from host.exchange import faultplan
+from host.exchange import publisher as sim
 from tests.labnet import (
     Receiver,
     Requester,
@@ -79,17 +80,17 @@ def test_parse_rejects_malformed_packets():
 
 
 def test_fault_specs_parse_and_reject():
-    f = sim.parse_fault("AB:drop=10-20")
+    f = faultplan.parse_fault("AB:drop=10-20")
     assert [(x.line, x.kind, x.first, x.last) for x in f] == [("A", "drop", 10, 20),
                                                              ("B", "drop", 10, 20)]  # fmt: skip
-    assert sim.parse_fault("B:cut=200@1000")[0].ms == 200
-    assert sim.parse_fault("A:reorder=4")[0].prob == 0.05
-    assert sim.parse_fault("A:dup=0.5")[0].prob == 0.5
-    assert sim.parse_fault("A:dup=7-9")[0].first == 7
+    assert faultplan.parse_fault("B:cut=200@1000")[0].ms == 200
+    assert faultplan.parse_fault("A:reorder=4")[0].prob == 0.05
+    assert faultplan.parse_fault("A:dup=0.5")[0].prob == 0.5
+    assert faultplan.parse_fault("A:dup=7-9")[0].first == 7
     for bad in ("C:drop=1-2", "A:drop=5-1", "A:loss=2", "A:cut=100", "A:boom=1", "A:drop",
                 "A:reorder=1", "A:delay=-3"):  # fmt: skip
-        with pytest.raises(sim.SimError):
-            sim.parse_fault(bad)
+        with pytest.raises(faultplan.SimError):
+            faultplan.parse_fault(bad)
 
 
 def test_sim_errors_are_one_line(tmp_path):

@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 
 from dataplane import xdpabi as abi
-from host import bpfsys, lab, loader
+from host import netns
+from host.appliance import bpfsys, loader
 from tests.labnet import Receiver, built, lab_or_skip, private_lab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ def test_compile_failure_shows_the_compiler_message(tmp_path, monkeypatch, capfd
 UNPRIVILEGED = """
 import os
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
-from host.loader import AttachError, Steering
+from host.appliance.loader import AttachError, Steering
 try:
     Steering(["lo"], [("239.1.1.1", 1, 1, "A")])
 except AttachError as e:
@@ -226,7 +227,7 @@ def _wait(predicate, timeout: float = 5.0) -> bool:
 
 def _udp_sender(cfg, letter: str) -> socket.socket:
     line = cfg.lab.lines[letter]
-    with lab.entered(cfg.lab.exchange_ns):
+    with netns.entered(cfg.lab.exchange_ns):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((line.exchange_ip, 0))
     s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(line.exchange_ip))
@@ -255,7 +256,7 @@ def test_subscribed_traffic_is_counted_and_passed_without_a_socket(cfg, appl):
     la = cfg.lab.line_a
     sizes = {"A": [1, 100, 1000, 1400, 7], "B": [50, 60, 70]}
     other_port = 40001  # no line uses it
-    with lab.entered(appl):
+    with netns.entered(appl):
         other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     notices: list[str] = []
     rx = Receiver(cfg)
@@ -379,7 +380,7 @@ def test_malformed_and_odd_frames_are_counted_and_passed(cfg, appl):
     ]
     with loader.Steering(_ifaces(cfg), _channels(cfg), netns=appl) as st:
         before = st.stats()
-        with lab.entered(cfg.lab.exchange_ns):
+        with netns.entered(cfg.lab.exchange_ns):
             raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         with contextlib.closing(raw):
             raw.bind((la.exchange_if, 0))
@@ -433,7 +434,7 @@ def test_metadata_sits_in_front_of_a_steered_frame(cfg, appl):
     la, lb = cfg.lab.line_a, cfg.lab.line_b
     frame = _eth(0x0800, _ipv4(lb.exchange_ip, lb.group, _udp(lb.port, b"payload")))
     with loader.Steering(_ifaces(cfg), _channels(cfg), netns=appl) as st:
-        with lab.entered(appl):
+        with netns.entered(appl):
             ifindex = socket.if_nametoindex(lb.appliance_if)
             t0 = time.monotonic_ns()
             act, out = _test_run(st.prog_fd, frame, ifindex)
@@ -465,7 +466,7 @@ def test_steered_frames_reach_an_af_xdp_socket_with_metadata(cfg, appl):
     with loader.Steering(_ifaces(cfg), _channels(cfg), netns=appl) as st:
         slot = st.xsk_slot(lb.appliance_if, 0)
         assert slot == 1 and st.xsk_slot(la.appliance_if, 0) == 0
-        with lab.entered(appl):
+        with netns.entered(appl):
             sock = xsk.XskSocket(lb.appliance_if, 0, frames=64, fill_size=64, comp_size=64,
                                  rx_size=64, hugepages=False)  # fmt: skip
         with sock:
@@ -556,7 +557,7 @@ def test_failure_on_the_second_interface_detaches_the_first(cfg, appl, second, m
 
 HOLDER = """
 import sys
-from host.loader import Steering
+from host.appliance.loader import Steering
 ns, a, b, group, port = sys.argv[1:6]
 s = Steering([a, b], [(group, int(port), 1, "A")], netns=ns)
 print(" ".join(sorted(s.mode.values())), flush=True)
@@ -610,7 +611,7 @@ def test_refuses_to_replace_a_program_it_did_not_attach(cfg, appl, monkeypatch):
     foreign = BPF(text=b"int other(struct xdp_md *ctx) { return XDP_PASS; }")
     try:
         fn = foreign.load_func(b"other", BPF.XDP)
-        with lab.entered(appl), IPRoute() as ipr:
+        with netns.entered(appl), IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=la.appliance_if)[0]
             ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fn.fd),
                                                       ("IFLA_XDP_FLAGS", 2)]})  # fmt: skip
@@ -639,13 +640,13 @@ def test_refuses_to_replace_a_program_it_did_not_attach(cfg, appl, monkeypatch):
 
 @pytest.mark.lab
 def test_works_from_a_thread_inside_the_namespace(cfg, appl):
-    """host.lab.entered switches only the calling thread; the loader follows it, and a
+    """host.exchange.lab.entered switches only the calling thread; the loader follows it, and a
     close() from another thread still reaches the namespace."""
     box: dict = {}
 
     def attach():
         try:
-            with lab.entered(appl):
+            with netns.entered(appl):
                 box["st"] = loader.Steering(_ifaces(cfg), _channels(cfg))
         except BaseException as e:  # handed to the test thread
             box["err"] = e

@@ -27,7 +27,7 @@ import pytest
 from numba import njit
 
 from dataplane import xsk
-from host import lab
+from host import netns
 from tests.labnet import built, lab_or_skip, private_lab
 
 HERE = Path(__file__).resolve().parent
@@ -171,13 +171,13 @@ class Rig:
         self.cfg, self.bpf = cfg, bpf
         self.line = cfg.lab.line_a
         self.map_fd = bpf[b"xsks"].map_fd
-        with lab.entered(cfg.lab.exchange_ns):
+        with netns.entered(cfg.lab.exchange_ns):
             self.tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
                                socket.inet_aton(self.line.exchange_ip))  # fmt: skip
 
     def socket(self, key: int | None = None, **kw) -> xsk.XskSocket:
-        with lab.entered(self.cfg.lab.appliance_ns):
+        with netns.entered(self.cfg.lab.appliance_ns):
             s = xsk.XskSocket(self.line.appliance_if, 0, **kw)
         try:
             s.register(self.map_fd, key)
@@ -348,7 +348,7 @@ def test_need_wakeup_path(rig):
 def test_bad_arguments_raise_xsk_error_with_errno(rig):
     small = dict(frames=16, fill_size=16, comp_size=16, rx_size=16)
     line = rig.line
-    with lab.entered(rig.cfg.lab.appliance_ns):
+    with netns.entered(rig.cfg.lab.appliance_ns):
         with pytest.raises(xsk.XskError) as e:
             xsk.XskSocket("nosuch0", 0, **small)
         assert e.value.errno == errno.ENODEV and "namespace" in str(e.value)

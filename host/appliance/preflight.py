@@ -367,9 +367,8 @@ class Host:
         if not netns:
             yield cls()
             return
-        from host import lab
 
-        if not lab.exists(netns):
+        if not netns.exists(netns):
             yield cls(netns=netns, netns_error=f"network namespace {netns} does not exist")
             return
         # ip netns exec mounts the namespace's own sysfs on /sys in a private mount
@@ -390,7 +389,7 @@ class Host:
                 return
             yield cls(net_sys=f"/proc/{holder.pid}/root/sys", netns=netns,
                       ethtool=lambda args: run_ethtool(args, netns),
-                      enter=lambda: lab.entered(netns))  # fmt: skip
+                      enter=lambda: netns.entered(netns))  # fmt: skip
         finally:
             if holder.poll() is None:
                 holder.kill()

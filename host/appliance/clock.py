@@ -31,7 +31,7 @@ TSC frequency (from its boot log). Not x86: ``tsc`` is None ("no TSC").
 
 The result is stored, atomically (temp file + rename), as
 ``/dev/shm/tickwire/<channel>/clock.json``; ``ClockCollector`` (part of
-``host.metrics.ConsumerCollector``) exports it and ``tickwire status`` shows it. Offsets
+``host.appliance.metrics.ConsumerCollector``) exports it and ``tickwire status`` shows it. Offsets
 are ``phc - system``, in nanoseconds; JSON keys are listed in ``calibrate``.
 """
 
@@ -50,11 +50,13 @@ from pathlib import Path
 
 import numpy as np
 
+from host import netns
+
 try:
-    from host._clock import ffi, lib
+    from host.appliance._clock import ffi, lib
 except ImportError as e:  # pragma: no cover - only when the build step was skipped
     raise ImportError(
-        "host._clock (the cffi binding of the PTP clock ioctls) is not built: run "
+        "host.appliance._clock (the cffi binding of the PTP clock ioctls) is not built: run "
         "`bash host/setup.sh` (pip install -e .), or `python host/_clock_build.py`"
     ) from e
 
@@ -302,9 +304,8 @@ def calibrate(cfg, duration: float = 0.2, samples: int = PTP_MAX_SAMPLES) -> dic
     names = interfaces(cfg)
     ns = cfg.run.netns
     if ns:
-        from host import lab
 
-        with lab.entered(ns):
+        with netns.entered(ns):
             index = {name: _phc_index_in(name, ns) for name in names}
     else:
         index = {name: _phc_index_in(name, ns) for name in names}

@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from dataplane import shm
-from host import appliance, config, itchgen, lab
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from host import config
+from host.appliance import runner as appliance
+from host.bench.book import say
+from host.exchange import itchgen, lab
 
 
 class _App:
@@ -66,7 +65,7 @@ def _sim(cfg_path: str, session: Path, rate: int, *extra: str) -> subprocess.Pop
 
 
 def bench_failover(args) -> dict:
-    from host import faults
+    from host.exchange import wirefaults as faults
 
     mode = args.mode
     prefix = f"tbf{os.getpid() % 100000:05d}"
@@ -74,14 +73,14 @@ def bench_failover(args) -> dict:
     window_ms = config.RunConfig().window_ms
     tmp = Path(tempfile.mkdtemp(prefix="tickwire-bench-"))
     session = tmp / "s.itch"
-    _say(f"bench failover: generating {args.messages:,} messages")
+    say(f"bench failover: generating {args.messages:,} messages")
     itchgen.write_session(str(session), args.messages, 100, 5)
     cfg_path = tmp / "lab.toml"
     cfg_path.write_text(f'[lab]\nprefix = "{prefix}"\n[run]\nchannel = "{prefix}"\n'
                         f'metrics = ""\n')  # fmt: skip
     out: dict = {"mode": mode, "rate": args.rate, "messages": args.messages,
                  "window_ms": window_ms}  # fmt: skip
-    _say(f"bench failover: private lab {prefix}")
+    say(f"bench failover: private lab {prefix}")
     lab.up(cfg.lab)
     try:
         # 1. failover: cut A mid-session, poll who delivers
@@ -112,7 +111,7 @@ def bench_failover(args) -> dict:
         out["failover_cut_packets"] = cut["dropped_cut"]
         out["failover_gaps_declared"] = s["gaps_declared"]
         out["failover_digest_ok"] = s["check"] is None and s["gap_messages"] == 0
-        _say(f"  failover: {out['failover_ms']} ms from cut to the first message from B")
+        say(f"  failover: {out['failover_ms']} ms from cut to the first message from B")
         # 2. gap fill for 1, 100, 10,000 messages lost on both lines
         out["gap_fill"] = {}
         for size in (1, 100, 10_000):
@@ -135,10 +134,10 @@ def bench_failover(args) -> dict:
                 "fill_ms": window_ms + (lat.get("p50") or 0) / 1e6,
                 "whole": s["gap_messages"] == 0 and s["taken"] == args.messages,
             }  # fmt: skip
-            _say(f"  gap of {size}: {out['gap_fill'][str(size)]}")
+            say(f"  gap of {size}: {out['gap_fill'][str(size)]}")
     finally:
         for what in faults.remove_all(cfg.lab):
-            _say(f"  removed {what}")
+            say(f"  removed {what}")
         lab.down(cfg.lab)
     return out
 

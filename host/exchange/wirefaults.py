@@ -19,7 +19,7 @@ packets, with a probability). Every dropped packet is counted under one reason.
 Python API: ``WireFaults(labcfg, "A")`` (or ``"B"``, ``"AB"``) attaches, and is a context
 manager that detaches on exit; module functions ``attach``, ``configure``, ``clear``,
 ``status``, ``detach`` and ``remove_all`` (what ``tickwire lab down`` calls) work across
-processes through the pins. ``python -m host.faults`` is the CLI without ``host.cli``.
+processes through the pins. ``python -m host.exchange.wirefaults`` is the CLI without ``host.cli``.
 Errors are ``FaultError`` (an ``OSError``: lab not up, unknown line, cannot load or
 attach); bad fault values are ``ValueError``.
 """
@@ -40,8 +40,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from host import lab
-from host.bpfsys import (
+from host import netns
+from host.appliance.bpfsys import (
     BPF_MAP_LOOKUP_ELEM,
     BPF_MAP_UPDATE_ELEM,
     BPF_OBJ_GET,
@@ -346,10 +346,10 @@ def _netlink(labcfg: LabConfig, fn):
     from pyroute2 import IPRoute
 
     ns = labcfg.exchange_ns
-    if not lab.exists(ns):
+    if not netns.exists(ns):
         raise FaultError(errno.ENOENT, f"lab {labcfg.prefix} is not up (no namespace {ns}): "
                          "run tickwire lab up")  # fmt: skip
-    with lab.entered(ns), IPRoute() as ipr:
+    with netns.entered(ns), IPRoute() as ipr:
         return fn(ipr)
 
 
@@ -416,7 +416,7 @@ def attach(labcfg: Config | LabConfig, lines: str | list[str] = "AB") -> list[st
     from pyroute2 import NetlinkError
 
     lc, letters = _lab(labcfg), lines_of(lines)
-    if not lab.exists(lc.exchange_ns):
+    if not netns.exists(lc.exchange_ns):
         raise FaultError(errno.ENOENT, f"lab {lc.prefix} is not up (no namespace "
                          f"{lc.exchange_ns}): run tickwire lab up")  # fmt: skip
     _ensure_bpffs()
@@ -463,7 +463,7 @@ def detach(labcfg: Config | LabConfig, lines: str | list[str] = "AB") -> list[st
     slot); unpins when no line is left. Returns the letters that were attached."""
     lc, letters = _lab(labcfg), lines_of(lines)
     if not os.path.isdir(pin_dir(lc)):
-        if lab.exists(lc.exchange_ns):  # no pins, but maybe an orphaned filter
+        if netns.exists(lc.exchange_ns):  # no pins, but maybe an orphaned filter
             def orphans(ipr) -> None:
                 for letter in letters:
                     ifname = lc.lines[letter].exchange_if
@@ -487,11 +487,11 @@ def detach(labcfg: Config | LabConfig, lines: str | list[str] = "AB") -> list[st
                                                f"{lc.lines[letter].exchange_if}"):  # fmt: skip
                         removed.append(letter)
 
-            if lab.exists(lc.exchange_ns):
+            if netns.exists(lc.exchange_ns):
                 _netlink(lc, run)
             for letter in letters:
                 if maps.config(letter)["ifindex"] and letter not in removed and \
-                        not lab.exists(lc.exchange_ns):  # fmt: skip
+                        not netns.exists(lc.exchange_ns):  # fmt: skip
                     removed.append(letter)  # its namespace (and filter) went already
                 maps.set_config(letter, **dict.fromkeys(CFG_FIELDS, 0))
             if not any(maps.config(x)["ifindex"] for x in LINE_SLOTS):
@@ -613,7 +613,7 @@ def _describe(cfg: dict[str, int], now_ns: int) -> dict:
 def status(labcfg: Config | LabConfig) -> dict:
     """Per line: interface, attached, armed faults and counters (None when not pinned)."""
     lc = _lab(labcfg)
-    out: dict = {"prefix": lc.prefix, "pinned": None, "lab_up": lab.exists(lc.exchange_ns),
+    out: dict = {"prefix": lc.prefix, "pinned": None, "lab_up": netns.exists(lc.exchange_ns),
                  "lines": {}}  # fmt: skip
     maps = FaultMaps.open(lc.prefix) if os.path.isdir(pin_dir(lc)) else None
     now = time.monotonic_ns()
@@ -864,10 +864,10 @@ def run_cli(labcfg: Config | LabConfig, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m host.faults [--config FILE] [--prefix P] [--json] [LINE] [...]``."""
+    """``python -m host.exchange.wirefaults [--config FILE] [--prefix P] [--json] [LINE] [...]``."""
     from host import config
 
-    p = argparse.ArgumentParser(prog="python -m host.faults", description="wire fault "
+    p = argparse.ArgumentParser(prog="python -m host.exchange.wirefaults", description="wire fault "
                                 "injection in the lab (tickwire lab fault)", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--config", metavar="FILE", help="TOML configuration ([lab] table)")

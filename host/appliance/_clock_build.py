@@ -1,5 +1,5 @@
-"""cffi (API mode) build of ``host._clock``: the PTP hardware clock ioctls, the TSC and
-the system clocks, for ``host.clock`` (``tickwire calibrate``).
+"""cffi (API mode) build of ``host.appliance._clock``: the PTP hardware clock ioctls, the TSC and
+the system clocks, for ``host.appliance.clock`` (``tickwire calibrate``).
 
 Built at install time through ``setup.py``'s ``cffi_modules``; compiled against the real
 ``<linux/ptp_clock.h>`` and ``<linux/ethtool.h>``, so every constant declared with ``...``
@@ -7,7 +7,7 @@ is read from them and every struct declared with ``...;`` is laid out by the C c
 
 ``struct ptp_sys_offset_extended`` is declared with only the fields Tickwire touches: the
 word after ``n_samples`` is ``rsv[0]`` in headers before Linux 6.12 and ``clockid`` from
-6.12 on (same offset); ``host.clock`` writes it through a pointer, so either header builds.
+6.12 on (same offset); ``host.appliance.clock`` writes it through a pointer, so either header builds.
 
 The ``tw_*`` helpers keep the timing-sensitive reads in C, where a Python call's hundreds
 of nanoseconds do not widen the brackets: a (TSC, CLOCK_MONOTONIC, TSC) triple, the cost of
@@ -208,7 +208,7 @@ static int tw_ts_info(const char *ifname, int *out)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("host._clock", SOURCE, extra_compile_args=["-O2"])
+ffibuilder.set_source("host.appliance._clock", SOURCE, extra_compile_args=["-O2"])
 
 if __name__ == "__main__":
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")

@@ -9,91 +9,23 @@ prefix (which takes their veths with them) after stopping processes still runnin
 them, and nothing else. Multicast sent inside the lab never leaves it: the exchange
 namespace has no interface but the two line ends and loopback.
 
-``entered(ns)`` switches the calling thread into a namespace for the duration of a
-``with`` block; sockets opened inside stay in that namespace afterwards.
+Entering a namespace is ``host.netns`` (shared with the appliance's ``run.netns``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import signal
 import time
-from collections.abc import Iterator
 
+from host import netns
 from host.config import LabConfig
-
-NETNS_RUN_DIR = "/var/run/netns"
-CLONE_NEWNET = 0x40000000
 
 
 class LabError(OSError):
     """The lab cannot be built, entered or removed; the message says why and what to do."""
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        e = ctypes.get_errno()
-        raise LabError(e, f"cannot switch network namespace: {os.strerror(e)}"
-                       + (" (run as root)" if e == errno.EPERM else ""))  # fmt: skip
-
-
-def ns_path(name: str) -> str:
-    return os.path.join(NETNS_RUN_DIR, name)
-
-
-def exists(name: str) -> bool:
-    return os.path.exists(ns_path(name))
-
-
-@contextlib.contextmanager
-def entered_fd(nsfd: int) -> Iterator[None]:
-    """Run the block with the calling thread in the namespace open as ``nsfd`` (nothing
-    to switch when it is the thread's own)."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        a, b = os.fstat(home), os.fstat(nsfd)
-        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
-            yield
-            return
-        _setns(nsfd)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(home)
-
-
-@contextlib.contextmanager
-def entered(name: str) -> Iterator[None]:
-    """Run the block with the calling thread in network namespace ``name``."""
-    if not exists(name):
-        raise LabError(errno.ENOENT, f"network namespace {name} does not exist "
-                       "(run: tickwire lab up)")  # fmt: skip
-    target = os.open(ns_path(name), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with entered_fd(target):
-            yield
-    finally:
-        os.close(target)
-
-
-def enter(name: str) -> None:
-    """Move the calling thread (for a fresh process: the process) into ``name`` for good."""
-    if not exists(name):
-        raise LabError(errno.ENOENT, f"network namespace {name} does not exist "
-                       "(run: tickwire lab up)")  # fmt: skip
-    fd = os.open(ns_path(name), os.O_RDONLY)
-    try:
-        _setns(fd)
-    finally:
-        os.close(fd)
 
 
 def _require_root() -> None:
@@ -114,7 +46,7 @@ def _link(ipr, name: str):
 
 
 def _sysctl(ns: str, key: str, value: str) -> None:
-    with entered(ns):
+    with netns.entered(ns):
         path = "/proc/sys/" + key.replace(".", "/")
         with open(path, "w") as f:
             f.write(value)
@@ -123,11 +55,12 @@ def _sysctl(ns: str, key: str, value: str) -> None:
 def up(cfg: LabConfig, say=lambda msg: None) -> dict:
     """Create (or complete) the lab described by ``cfg``; returns ``status(cfg)``."""
     _require_root()
-    from pyroute2 import NetlinkError, netns
+    from pyroute2 import NetlinkError
+    from pyroute2 import netns as pr_netns
 
     for ns in (cfg.exchange_ns, cfg.appliance_ns):
-        if not exists(ns):
-            netns.create(ns)
+        if not netns.exists(ns):
+            pr_netns.create(ns)
             say(f"created namespace {ns}")
     for ns in (cfg.exchange_ns, cfg.appliance_ns):
         with _iproute(ns) as ipr:
@@ -182,31 +115,19 @@ def up(cfg: LabConfig, say=lambda msg: None) -> dict:
 
 def _pids_in(ns: str) -> list[int]:
     """Processes whose network namespace is ``ns``."""
-    try:
-        target = os.stat(ns_path(ns))
-    except FileNotFoundError:
-        return []
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            st = os.stat(f"/proc/{entry}/ns/net")
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
-            pids.append(int(entry))
-    return sorted(pids)
+    from pyroute2 import netns as pr_netns
+
+    return sorted(pr_netns.ns_pids().get(ns, []))
 
 
 def down(cfg: LabConfig, say=lambda msg: None, grace: float = 3.0) -> list[str]:
     """Stop processes in the lab's namespaces and delete them; returns what was removed."""
     _require_root()
-    from pyroute2 import netns
+    from pyroute2 import netns as pr_netns
 
     removed = []
     for ns in (cfg.exchange_ns, cfg.appliance_ns):
-        if not exists(ns):
+        if not netns.exists(ns):
             continue
         pids = [p for p in _pids_in(ns) if p != os.getpid()]
         for pid in pids:
@@ -221,7 +142,7 @@ def down(cfg: LabConfig, say=lambda msg: None, grace: float = 3.0) -> list[str]:
                 os.kill(pid, signal.SIGKILL)
         if pids:
             say(f"killed {len(pids)} process(es) still in {ns}")
-        netns.remove(ns)
+        pr_netns.remove(ns)
         removed.append(ns)
         say(f"removed namespace {ns}")
     return removed
@@ -258,7 +179,7 @@ def status(cfg: LabConfig) -> dict:
     """What of the lab exists: namespaces, interfaces, group routes, processes inside."""
     out = {"prefix": cfg.prefix, "up": True, "namespaces": {}}
     for role, ns in (("exchange", cfg.exchange_ns), ("appliance", cfg.appliance_ns)):
-        if not exists(ns):
+        if not netns.exists(ns):
             out["namespaces"][ns] = {"role": role, "exists": False}
             out["up"] = False
             continue

@@ -2,7 +2,7 @@
 one run, in a private lab. Nothing here asserts; it measures and says whether the targets
 were met.
 
-The sender is ``host.pktgen`` (an XDP program run with BPF_PROG_RUN live frames out of
+The sender is ``host.exchange.pktgen`` (an XDP program run with BPF_PROG_RUN live frames out of
 ``ex-a``, pinned to ``sender_core``); everything is sent on line A (``ex-a`` -> ``feed-a``).
 Two frames: 64 bytes (a MoldUDP64 heartbeat; packets/s) and a full 1,419-byte frame
 (1,377-byte MoldUDP64 payload, 46 ITCH messages: 23 adds and their deletes, so the book
@@ -87,7 +87,7 @@ class BenchError(OSError):
     """The benchmark cannot run a part: the message says which and why."""
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     print(f"bench rx: {msg}", file=sys.stderr, flush=True)
 
 
@@ -219,7 +219,7 @@ class Consumer:
             if nxt >= pg.next_seq and held == 0:
                 return True
             if time.monotonic() > deadline:
-                _say(f"  the arbiter did not settle within {limit:.0f} s (next sequence {nxt:,}"
+                say(f"  the arbiter did not settle within {limit:.0f} s (next sequence {nxt:,}"
                      f" of {pg.next_seq:,}, {held:,} held): this step may count skips")  # fmt: skip
                 return False
             if not announced:
@@ -416,8 +416,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def bench_rx(args) -> dict:
     """Run the whole receive benchmark (see the module doc); returns the result dict."""
-    from host import lab
-    from host import pktgen as pgmod
+    from host.exchange import lab
+    from host.exchange import pktgen as pgmod
 
     o = {k: _opt(args, k) for k in DEFAULTS}
     cpus = sorted(os.sched_getaffinity(0))
@@ -437,7 +437,7 @@ def bench_rx(args) -> dict:
         raise PermissionError("bench rx builds a lab and loads XDP programs: run it as root")
     cfg = _lab_config(o["prefix"] or f"tbrx{os.getpid() % 100000:05d}")
     t0 = time.monotonic()
-    _say(f"private lab {cfg.lab.prefix}; sender on core {o['sender_core']}, consumer on "
+    say(f"private lab {cfg.lab.prefix}; sender on core {o['sender_core']}, consumer on "
          f"core {o['consumer_core']} of {len(cpus)}")  # fmt: skip
     result: dict = {
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
@@ -455,26 +455,26 @@ def bench_rx(args) -> dict:
             "small_bytes": len(pg.heartbeat()), "full_bytes": len(pg.data()),
             "full_messages": pgmod.frame_messages(pg.data()),
             "latency_bytes": len(pg.data(1)), "latency_messages": 2}  # fmt: skip
-        _say("XDP_DROP ceiling of feed-a")
-        small = _ceiling(pg, cfg.lab, pg.heartbeat(), o["duration"], _say)
-        full = _ceiling(pg, cfg.lab, pg.data(), o["duration"], _say)
+        say("XDP_DROP ceiling of feed-a")
+        small = _ceiling(pg, cfg.lab, pg.heartbeat(), o["duration"], say)
+        full = _ceiling(pg, cfg.lab, pg.data(), o["duration"], say)
         result["xdp_drop"] = {"packets_per_s": small["packets_per_s"],
                               "full_packets_per_s": full["packets_per_s"],
                               "full_messages_per_s": full["packets_per_s"]
                               * result["frames"]["full_messages"],
                               "small": small, "full": full}  # fmt: skip
-        _say("jitter probe")
+        say("jitter probe")
         result["jitter_ns"] = _jitter_under_load(pg, cfg.lab, o["consumer_core"],
                                                  o["jitter_seconds"], o["latency_rate"],
-                                                 _say)  # fmt: skip
+                                                 say)  # fmt: skip
         ceilings = {"small": small["sender_pps"], "full": full["sender_pps"]}
         with tempfile.TemporaryDirectory(prefix="tw-benchrx-") as tmp:
             for mode in modes:
                 try:
                     result[MODE_NAMES[mode]] = _path(pg, cfg, mode, o, Path(tmp), ceilings,
-                                                     _say)  # fmt: skip
+                                                     say)  # fmt: skip
                 except BenchError as e:  # the other path is still worth measuring
-                    _say(f"{MODE_NAMES[mode]}: {e}")
+                    say(f"{MODE_NAMES[mode]}: {e}")
                     result[MODE_NAMES[mode]] = {"error": str(e)}
     finally:
         if pg is not None:

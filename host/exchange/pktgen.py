@@ -59,7 +59,7 @@ import threading
 import time
 from pathlib import Path
 
-from host import lab
+from host import netns
 from host.config import LabConfig
 
 BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
@@ -231,7 +231,7 @@ def peer_napi(ns: str, ifname: str) -> None:
 def _mac(ns: str, ifname: str) -> bytes:
     from pyroute2 import IPRoute
 
-    with lab.entered(ns), IPRoute() as ipr:
+    with netns.entered(ns), IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=ifname)
         if not idx:
             raise PktgenError(errno.ENODEV, f"{ns}/{ifname} does not exist (tickwire lab up?)")
@@ -256,7 +256,7 @@ class PacketGen:
         self.ns = labcfg.exchange_ns
         self._run = _test_run()
         self.src_mac = _mac(self.ns, self.line.exchange_if)
-        with lab.entered(self.ns):
+        with netns.entered(self.ns):
             self.ifindex = socket.if_nametoindex(self.line.exchange_if)
         self._bpf, self.gen_fd, self.sink_fd = _load()
         self._state = self._bpf[b"tw_pg_state"]
@@ -328,7 +328,7 @@ class PacketGen:
         ctx = _XdpMd(data=0, data_end=len(self.template), ingress_ifindex=self.ifindex)
         interval = 0 if not rate_pps else max(1, round(1e9 / rate_pps))
         calls = 0
-        with self._lock, lab.entered(self.ns):
+        with self._lock, netns.entered(self.ns):
             if interval and self.spin_rate is None:
                 self._calibrate(buf, ctx)
             first = self.frames
@@ -428,7 +428,7 @@ class Sink:
         attrs = [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]
         if expected is not None:
             attrs.append(("IFLA_XDP_EXPECTED_FD", expected))
-        with lab.entered(self.ns), IPRoute() as ipr:
+        with netns.entered(self.ns), IPRoute() as ipr:
             if self._idx is None:
                 found = ipr.link_lookup(ifname=self.ifname)
                 if not found:

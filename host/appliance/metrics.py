@@ -45,7 +45,7 @@ class ConsumerCollector:
         self.m = maps
         self.xdp_stats = xdp_stats
         self.recovery = recovery
-        from host.linehealth import LineHealth
+        from host.appliance.linehealth import LineHealth
 
         self.health = LineHealth()
 
@@ -66,7 +66,7 @@ class ConsumerCollector:
         g = GaugeMetricFamily("tickwire_line_state",
                               "Line health: 0 up, 1 stale, 2 down, -1 never heard",
                               labels=["channel", "line"])  # fmt: skip
-        from host.linehealth import STATE_CODE
+        from host.appliance.linehealth import STATE_CODE
 
         for letter, h in states.items():
             g.add_metric([ch, letter], float(STATE_CODE[h["state"]]))
@@ -126,13 +126,13 @@ class ConsumerCollector:
         h.add_metric([ch], buckets, sum_value=float((hist * lows).sum()))
         yield h
         try:  # the channel's clock.json (tickwire calibrate): offsets, source, TSC Hz
-            from host import clock
-        except ImportError:  # host._clock not built: no clock metrics, the rest still scrape
+            from host.appliance import clock
+        except ImportError:  # host.appliance._clock not built: no clock metrics, the rest still scrape
             clock = None
         if clock is not None:
             yield from clock.ClockCollector(ch).collect()
         if self.recovery is not None:
-            from host import recovery
+            from host.appliance import recovery
 
             try:
                 st = self.recovery()

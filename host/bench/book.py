@@ -15,7 +15,6 @@ ratios the median over rounds of the paired times (and their range).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -30,22 +29,22 @@ from host.config import RunConfig
 APPLIANCE_ORDERS = RunConfig.__dataclass_fields__["orders"].default  # run.orders' default
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     d = Path(os.environ.get("TICKWIRE_CACHE", Path.home() / ".cache" / "tickwire"))
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _session(messages: int, stocks: int, seed: int) -> np.ndarray:
-    from host import itchgen
+def generated_session(messages: int, stocks: int, seed: int) -> np.ndarray:
+    from host.exchange import itchgen
 
-    path = _cache_dir() / f"session-{messages}-{stocks}-{seed}.itch"
+    path = cache_dir() / f"session-{messages}-{stocks}-{seed}.itch"
     if not path.exists():
-        _say(f"  generating {messages:,} messages on {stocks:,} stocks (seed {seed}) ...")
+        say(f"  generating {messages:,} messages on {stocks:,} stocks (seed {seed}) ...")
         tmp = path.with_suffix(".tmp")
         itchgen.write_session(str(tmp), messages, stocks, seed)
         tmp.rename(path)
@@ -174,105 +173,14 @@ def bench_book(args) -> list[dict]:
             ) from None
         sessions = [
             (f"generated {args.messages:,} msgs / {n:,} stocks",
-             lambda n=n: _session(args.messages, n, args.seed))
+             lambda n=n: generated_session(args.messages, n, args.seed))
             for n in counts
         ]  # fmt: skip
     results = []
     for name, load in sessions:
-        _say(f"bench book: {name}")
+        say(f"bench book: {name}")
         buf = load()
         results.append(bench_buffer(name, buf, args.repeat))
         if not args.json:
             print(_row(results[-1]), flush=True)
     return results
-
-
-def bench_sim(args) -> dict:
-    """Publisher rate: ``Simulator`` (numba + sendmmsg, both lines) against a plain Python
-    loop sending the same packets with one ``sendmsg`` each, in a private lab."""
-
-    from host import config, lab
-    from host import simulator as simmod
-
-    if args.session:
-        buf, name = np.fromfile(args.session, np.uint8), args.session
-    else:
-        buf = _session(args.messages, args.stocks, args.seed)
-        name = f"generated {args.messages:,} msgs / {args.stocks:,} stocks"
-    session = simmod.Session.from_buffer(buf, name)
-    cfg = config.with_lab(prefix=f"tb{os.getpid() % 100000:05d}")
-    opts = simmod.SimOptions(pacing=simmod.Pacing(mode="max"), eos_for=0.0, serve=False)
-    _say(f"bench sim: {name}, private lab {cfg.lab.prefix}")
-    lab.up(cfg.lab)
-    try:
-        with lab.entered(cfg.lab.exchange_ns):
-            sim_s, base_s = float("inf"), float("inf")
-            sim = None
-            for _ in range(args.repeat):
-                sim = simmod.Simulator(session, cfg.lab, opts)
-                stats = sim.run()
-                sim_s = min(sim_s, stats["seconds"])
-                base_s = min(base_s, _baseline_send(sim, cfg.lab))
-    finally:
-        lab.down(cfg.lab)
-    packets = len(sim.packets)
-    return {
-        "session": name, "messages": session.n, "packets_per_line": packets,
-        "sim_seconds": sim_s, "sim_msgs_per_s": session.n / sim_s,
-        "sim_packets_per_s": 2 * packets / sim_s,
-        "baseline_seconds": base_s, "baseline_msgs_per_s": session.n / base_s,
-        "ratio_vs_baseline": base_s / sim_s,
-    }  # fmt: skip
-
-
-def _baseline_send(sim, labcfg) -> float:
-    """The same packets, both lines, one Python ``sendmsg`` per packet."""
-    from host.simulator import _line_socket
-
-    socks = [_line_socket(line) for line in labcfg.lines.values()]
-    hv = memoryview(sim.headers)
-    mv = memoryview(sim.session.buf)
-    rows = [(20 * k, int(p["start"]), int(p["end"])) for k, p in enumerate(sim.packets)]
-    try:
-        t0 = time.perf_counter()
-        for h, a, b in rows:
-            for s in socks:
-                s.sendmsg([hv[h : h + 20], mv[a:b]])
-        return time.perf_counter() - t0
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _sim_text(r: dict) -> str:
-    return "\n".join([
-        f"{r['session']}: {r['messages']:,} messages, {r['packets_per_line']:,} packets per "
-        "line, both lines, no receiver joined",
-        f"  tickwire sim (numba + sendmmsg)  {r['sim_msgs_per_s'] / 1e6:6.2f} M msg/s  "
-        f"{r['sim_packets_per_s'] / 1e3:7.0f} k packets/s",
-        f"  python sendmsg per packet        {r['baseline_msgs_per_s'] / 1e6:6.2f} M msg/s  "
-        f"ratio {r['ratio_vs_baseline']:.2f}x",
-    ])  # fmt: skip
-
-
-def main(args) -> int:
-    if args.what == "failover":
-        from host import benchfailover
-
-        return benchfailover.main(args)
-    if args.what == "rx":
-        from host import benchrx
-
-        return benchrx.main(args)
-    if args.what == "sim":
-        r = bench_sim(args)
-        print(json.dumps({"bench": "sim", "cpu": os.cpu_count(), "result": r}, indent=2)
-              if args.json else _sim_text(r))  # fmt: skip
-        return 0
-    if args.what == "book":
-        results = bench_book(args)
-        if args.json:
-            print(json.dumps({"bench": "book", "cpu": os.cpu_count(), "results": results},
-                             indent=2))  # fmt: skip
-        return 0
-    raise ValueError(f"unknown benchmark {args.what!r}")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dataplane import shm
-from host import lab
+from host import netns
 from host.config import Config, RunConfig
 
 SO_RCVBUFFORCE = 33
@@ -323,7 +323,7 @@ def start_recovery(cfg: Config, maps: dict, log):
     if not run.recovery:
         log("no re-request server configured: gaps are unrecoverable (run.recovery)")
         return NoRecovery(maps)
-    from host import recovery
+    from host.appliance import recovery
 
     host, _, port = run.recovery.rpartition(":")
     rc = recovery.RecoveryConfig(
@@ -357,7 +357,7 @@ class Appliance:
         if run.rx_mode == "socket":
             return "socket"
         try:
-            from host import loader
+            from host.appliance import loader
 
             channels = [(line.group, line.port, 0, letter) for letter, line in run.lines.items()]
             ifaces = sorted({line.interface for line in run.lines.values()})
@@ -378,11 +378,11 @@ class Appliance:
     def run(self, until_eos: bool = False, eos_grace: float = 2.0, duration: float | None = None,
             ready=None) -> dict:  # fmt: skip
         # what the host must offer (capabilities, not root; namespace, interfaces, core) is
-        # host.preflight's runtime stage, which `tickwire run` checks before it gets here;
+        # host.appliance.preflight's runtime stage, which `tickwire run` checks before it gets here;
         # entering the namespace and finding the interfaces still fail with one clear line
         cfg, run = self.cfg, self.cfg.run
         if run.netns:
-            lab.enter(run.netns)
+            netns.enter(run.netns)
         _check_interfaces(run)
         cdir = shm.channel_dir(run.channel)
         maps = shm.create(run.channel)
@@ -419,7 +419,7 @@ class Appliance:
             ifs = ", ".join(f"{k}={v.interface}" for k, v in run.lines.items())
             self.log(f"consumer pid {pid} on {where}, {self.mode} mode, lines {ifs}")
             if run.metrics:
-                from host import metrics
+                from host.appliance import metrics
 
                 stats = None
                 if self.steering is not None:
@@ -442,7 +442,7 @@ class Appliance:
             if ready is not None:
                 ready()
             eos_at = None
-            from host.linehealth import LineHealth
+            from host.appliance.linehealth import LineHealth
 
             health, next_health, heard = LineHealth(), 0.0, set()
             while not self._stop:

@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 
 from dataplane import shm
-from host import appliance, config, itchgen, lab, replay
+from host import config
+from host.appliance import replay
+from host.appliance import runner as appliance
+from host.exchange import itchgen, lab
 
 MESSAGES = 2_000_000
 STOCKS = 100

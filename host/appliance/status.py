@@ -12,13 +12,13 @@ def collect(channel: str, netns: str | None = None) -> dict:
         r = shm.Reader(channel)
         out["consumer"] = r.counters()
         out["consumer"]["latency_ns"] = r.latency()
-        from host import linehealth
+        from host.appliance import linehealth
 
         health = linehealth.snapshot(r.m["counters"])
         for letter, h in health.items():
             out["consumer"]["lines"][letter]["state"] = h["state"]
             out["consumer"]["lines"][letter]["silence_s"] = h["silence_s"]
-        from host import recovery
+        from host.appliance import recovery
 
         rec = recovery.read_shared(r.m["recovery"])
         rec.pop("histogram", None)
@@ -27,13 +27,13 @@ def collect(channel: str, netns: str | None = None) -> dict:
         out["consumer"] = None
         out["consumer_error"] = str(e)
     try:
-        from host import clock
+        from host.appliance import clock
 
         out["clock"] = clock.load(channel)
-    except ImportError:  # host._clock not built
+    except ImportError:  # host.appliance._clock not built
         out["clock"] = None
     try:
-        from host import loader
+        from host.appliance import loader
 
         out["xdp"] = loader.attached(netns)
     except Exception as e:  # noqa: BLE001 - status shows what it can
@@ -75,7 +75,7 @@ def text(st: dict) -> str:
                      f"{rc.get('unrecoverable', 0)}, outstanding {rc.get('outstanding', 0)}"
                      f"{p50}")  # fmt: skip
     if st.get("clock"):
-        from host import clock
+        from host.appliance import clock
 
         lines.append(clock.status_line(st["clock"]))
     if st.get("xdp"):

@@ -14,7 +14,7 @@ A SIGKILL leaves the program attached: ``detach(ifname)`` removes it.
 
 Namespaces: the interfaces are looked up in ``netns`` (a name under /var/run/netns) or,
 when it is None, in the network namespace of the thread that creates the Steering (so
-``with host.lab.entered(ns): Steering(...)`` works). Every netlink operation, including
+``with host.netns.entered(ns): Steering(...)`` works). Every netlink operation, including
 the detach from a signal handler, runs with the calling thread switched into that
 namespace for its duration, so it reaches the right interfaces from any thread.
 
@@ -38,7 +38,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dataplane import xdpabi as abi
-from host import bpfsys, lab
+from host import netns
+from host.appliance import bpfsys
 
 BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
 STEER_SRC = BPF_DIR / "steer.c"
@@ -79,7 +80,7 @@ def _open_ns(netns: str | None) -> int:
                           "(is the lab up? tickwire lab up)") from None  # fmt: skip
 
 
-_in_ns = lab.entered_fd  # the namespace is held by fd: it outlives a rename or deletion
+_in_ns = netns.entered_fd  # the namespace is held by fd: it outlives a rename or deletion
 
 
 @contextlib.contextmanager

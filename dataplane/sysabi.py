@@ -1,0 +1,21 @@
+"""The C ABI of the socket calls the hot loops make (x86-64 Linux): ``struct iovec``,
+``struct msghdr`` and ``struct mmsghdr`` as numpy records, for ``recvmmsg`` (the
+consumer's kernel-socket path) and ``sendmmsg`` (the publisher), and the one process-wide
+handle on libc for calls made through ctypes off the hot path.
+
+``tests/test_sysabi.py`` checks the records' sizes and offsets against the C compiler's.
+"""
+
+import ctypes
+
+import numpy as np
+
+IOVEC = np.dtype([("base", np.uint64), ("len", np.uint64)])
+MSGHDR = np.dtype(
+    [("name", np.uint64), ("namelen", np.uint32), ("_p0", np.uint32), ("iov", np.uint64),
+     ("iovlen", np.uint64), ("control", np.uint64), ("controllen", np.uint64),
+     ("flags", np.int32), ("_p1", np.int32)],
+)  # fmt: skip
+MMSGHDR = np.dtype([("hdr", MSGHDR), ("len", np.uint32), ("_p", np.uint32)])
+
+LIBC = ctypes.CDLL(None, use_errno=True)  # libc, once: every ctypes call goes through it
