@@ -1,3 +1,7 @@
 """The BPF C sources (XDP steering, TC fault injection, the bench packet generator and
-``common.h``), shipped as package data so an installed appliance compiles them with bcc
-where ``host/loader.py`` looks: beside the ``host`` package."""
+their shared headers), shipped as package data so an installed appliance compiles them
+with bcc. ``DIR`` is where they are, for ``BPF(src_file=...)`` and ``-I``."""
+
+from pathlib import Path
+
+DIR = Path(__file__).resolve().parent

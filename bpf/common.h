@@ -1,5 +1,5 @@
 /* Shared by the XDP steering program (bpf/steer.c, compiled by bcc) and user space
- * (host/loader.py through its Python mirror dataplane/xdpabi.py, which
+ * (host/appliance/loader.py through its Python mirror dataplane/xdpabi.py, which
  * tests/test_steer.py checks against this file with gcc).
  *
  * Map names, the key/value layouts of the maps, the metadata block the program places in

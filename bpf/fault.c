@@ -1,6 +1,6 @@
 /* tw_fault: wire fault injection for the lab (bcc, BPF_PROG_TYPE_SCHED_CLS; loaded,
  * attached to TC egress of the lines' exchange-side interfaces and driven through its maps
- * by host/faults.py).
+ * by host/exchange/wirefaults.py).
  *
  * One program instance serves a lab's two lines. Line slot i (0 = A, 1 = B) is configured
  * by tw_fault_cfg[i] and counted in tw_fault_stats[i * TW_FC_LEN ...]; a frame belongs to
@@ -24,14 +24,13 @@
  *       TW_FF_RANGE  data packets (1 <= count <= 0xFFFE) whose messages seq..seq+count-1
  *                    include any sequence of [seq_first, seq_last];
  *       TW_FF_LOSS   data packets for which bpf_get_prandom_u32() < loss_threshold
- *                    (2^32 = every packet).
+ *                    (TW_LOSS_ONE = 2^32 = every packet).
  *     Heartbeats (count 0) and end-of-session (0xFFFF) fall only to ALL and CUT.
  *   - Everything else passes (TC_ACT_OK) untouched. The program never modifies a packet.
  * Counters are per CPU (tw_fault_stats): seen = passed + every dropped_*, and for the
  * sequence extremes each CPU keeps its own minimum / maximum (user space folds them).
  *
- * Shared with user space (host/faults.py mirrors it; tests/test_faults.py checks the
- * mirror against this file): struct tw_fault_cfg, the TW_FF_* flags, the TW_FC_*
+ * Shared with user space, in fault.h: struct tw_fault_cfg, the TW_FF_* flags, the TW_FC_*
  * counter indices, and the names tw_fault, tw_fault_cfg, tw_fault_stats.
  */
 #include <uapi/linux/bpf.h>
@@ -41,37 +40,7 @@
 #include <linux/ip.h>
 #include <linux/udp.h>
 
-#define TW_FAULT_LINES 2
-
-/* tw_fault_cfg[slot]: every field a __u64 in host byte order (the layout is 8 * index) */
-struct tw_fault_cfg {
-	__u64 ifindex;        /* the line's interface (0 = slot unused) */
-	__u64 flags;          /* TW_FF_* */
-	__u64 cut_start_ns;   /* cut window [start, end), CLOCK_MONOTONIC ns */
-	__u64 cut_end_ns;
-	__u64 seq_first;      /* sequence range [first, last], inclusive */
-	__u64 seq_last;
-	__u64 loss_threshold; /* drop when prandom_u32 < this; 0..2^32 */
-	__u64 group;          /* IPv4 destination (host order, 0 = any) */
-	__u64 port;           /* UDP destination port (0 = any) */
-};
-
-#define TW_FF_ALL 1
-#define TW_FF_CUT 2
-#define TW_FF_RANGE 4
-#define TW_FF_LOSS 8
-
-#define TW_FC_SEEN 0            /* every frame the program ran on */
-#define TW_FC_PASSED 1          /* TC_ACT_OK */
-#define TW_FC_FEED 2            /* feed packets among the seen (dropped or not) */
-#define TW_FC_DROPPED_ALL 3
-#define TW_FC_DROPPED_CUT 4
-#define TW_FC_DROPPED_RANGE 5
-#define TW_FC_DROPPED_RANDOM 6
-#define TW_FC_DROPPED_MESSAGES 7 /* messages in dropped data packets */
-#define TW_FC_FIRST_DROPPED_SEQ 8 /* lowest sequence in a dropped data packet, 0 = none */
-#define TW_FC_LAST_DROPPED_SEQ 9  /* highest sequence in a dropped data packet, 0 = none */
-#define TW_FC_LEN 10             /* counters per line slot */
+#include "fault.h"
 
 #define TW_MOLD_HEADER_LEN 20
 #define TW_MOLD_SEQ_OFF 10

@@ -1,5 +1,5 @@
 /* tw_pktgen and tw_sink: the lab's in-kernel traffic generator and its XDP_DROP sink (bcc;
- * loaded by host/pktgen.py, used by tickwire bench rx and its tests).
+ * loaded by host/exchange/pktgen.py, used by tickwire bench rx and its tests).
  *
  * tw_pktgen is run with BPF_PROG_RUN in live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES),
  * never attached. User space supplies one template frame (Ethernet, IPv4 without options,
@@ -22,11 +22,13 @@
  *     peer (an XDP program or GRO there).
  * A template too short for the MoldUDP64 header is counted (TW_PG_SHORT) and dropped.
  * The state is a plain array updated without atomics: one BPF_PROG_RUN at a time per
- * loaded program (host/pktgen.py serialises them). Live-frames mode does not rewrite a
+ * loaded program (host/exchange/pktgen.py serialises them). Live-frames mode does not rewrite a
  * recycled page, so every field that varies is written on every transmitted frame.
  *
  * tw_sink, attached to the appliance end of a line, counts every frame (per CPU: packets,
  * bytes) and drops it: the XDP_DROP ceiling of that interface.
+ *
+ * Shared with user space, in pktgen.h: the tw_pg_state slots and the frame offsets.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -34,27 +36,7 @@
 #include <linux/ip.h>
 #include <linux/udp.h>
 
-/* tw_pg_state slots (host/pktgen.py mirrors them) */
-#define TW_PG_NEXT_SEQ 0  /* sequence stamped into the next frame */
-#define TW_PG_FRAMES 1    /* frames transmitted, all runs */
-#define TW_PG_SHORT 2     /* template too short for a MoldUDP64 header: dropped */
-#define TW_PG_BUDGET 3    /* frames still to transmit in this run (0: every run drops) */
-#define TW_PG_INTERVAL 4  /* ns between frames (0: as fast as possible) */
-#define TW_PG_DUE 5       /* ktime the next frame is due (0: now) */
-#define TW_PG_BURST 6     /* ns a late sender may catch up at once */
-#define TW_PG_FIRST 7     /* ktime of the run's first frame (0: none yet) */
-#define TW_PG_LAST 8      /* ktime of the run's last frame */
-#define TW_PG_WAITS 9     /* repetitions dropped waiting for the next frame to be due */
-#define TW_PG_IDLE 10     /* repetitions dropped after the budget was spent */
-#define TW_PG_STATE_LEN 16
-
-/* offsets in the frame: Ethernet 14, IPv4 20 (no options), UDP 8, then MoldUDP64 */
-#define TW_PG_MOLD (14 + 20 + 8)
-#define TW_PG_SEQ (TW_PG_MOLD + 10)
-#define TW_PG_COUNT (TW_PG_MOLD + 18)
-#define TW_PG_MOLD_END (TW_PG_MOLD + 20)
-/* first message block: length(2), type(1), locate(2), tracking(2), timestamp(6) */
-#define TW_PG_TS (TW_PG_MOLD_END + 2 + 5)
+#include "pktgen.h"
 
 BPF_ARRAY(tw_pg_state, __u64, TW_PG_STATE_LEN);
 BPF_PERCPU_ARRAY(tw_sink_stats, __u64, 2);

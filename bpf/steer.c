@@ -1,4 +1,4 @@
-/* tw_steer: the XDP steering program (bcc; loaded and attached by host/loader.py).
+/* tw_steer: the XDP steering program (bcc; loaded and attached by host/appliance/loader.py).
  *
  * Contract, for every frame on an interface it is attached to:
  *   - Parses Ethernet, at most one 802.1Q or 802.1AD tag, IPv4 (version 4, ihl >= 5,

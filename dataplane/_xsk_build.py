@@ -1,9 +1,13 @@
-"""cffi (API mode) build of ``dataplane._xsk``: libxdp's AF_XDP socket API.
+"""cffi (API mode) build of ``dataplane._xsk``: libxdp's AF_XDP socket API, the libbpf
+calls on BPF objects (pins, maps, program information, test runs) and the SIOCETHTOOL
+ioctl -- every kernel interface of Tickwire that is not netlink (pyroute2) or bcc.
 
 Built at install time through ``setup.py``'s ``cffi_modules``; compiled against the real
-headers (``<xdp/xsk.h>``, ``<linux/if_xdp.h>``, ``<linux/if_link.h>``), so every constant
-below declared with ``...`` is read from them, and every struct declared with ``...;`` is
-laid out by the C compiler, not by us.
+headers (``<xdp/xsk.h>``, ``<bpf/bpf.h>``, ``<linux/if_xdp.h>``, ``<linux/if_link.h>``,
+``<linux/ethtool.h>``), so every constant below declared with ``...`` is read from them,
+and every struct declared with ``...;`` is laid out by the C compiler, not by us.
+Python wrappers: ``dataplane.xsk`` (sockets, rings), ``dataplane.xdpabi`` (the XDP attach
+flags), ``dataplane.ethtool`` (SIOCETHTOOL), ``host.appliance.bpfsys`` (libbpf).
 
 libxdp's ring functions are ``inline`` in its header; declaring them here makes cffi emit
 real, callable wrappers around them. ``tw_*_info`` hand out a ring's addresses and sizes so
@@ -40,6 +44,7 @@ typedef int... __u64;
 #define XDP_FLAGS_SKB_MODE ...
 #define XDP_FLAGS_DRV_MODE ...
 #define XDP_FLAGS_HW_MODE ...
+#define XDP_FLAGS_REPLACE ...
 #define XDP_PACKET_HEADROOM ...
 #define XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD ...
 #define XSK_RING_CONS__DEFAULT_NUM_DESCS ...
@@ -128,8 +133,213 @@ int xsk_socket__update_xskmap(struct xsk_socket *xsk, int xsks_map_fd);
 int xsk_umem__delete(struct xsk_umem *umem);
 void xsk_socket__delete(struct xsk_socket *xsk);
 
-/* --- libbpf: put a socket's fd in an XSKMAP at any key (0, or a negative errno) -------- */
+/* --- libbpf: BPF objects by fd, pin and id (each: >= 0, or a negative errno) ------------- */
+#define BPF_ANY ...
+#define BPF_NOEXIST ...
+#define BPF_EXIST ...
+#define BPF_OBJ_NAME_LEN ...
+#define BPF_F_TEST_XDP_LIVE_FRAMES ...
+
+struct bpf_prog_info {
+    __u32 type;
+    __u32 id;
+    char name[...];
+    ...;
+};
+
+struct bpf_map_info {
+    __u32 type;
+    __u32 id;
+    __u32 key_size;
+    __u32 value_size;
+    __u32 max_entries;
+    char name[...];
+    ...;
+};
+
+/* BPF_PROG_RUN's arguments; sz must be sizeof(struct bpf_test_run_opts) */
+struct bpf_test_run_opts {
+    size_t sz;
+    const void *data_in;
+    void *data_out;
+    __u32 data_size_in;
+    __u32 data_size_out;
+    const void *ctx_in;
+    void *ctx_out;
+    __u32 ctx_size_in;
+    __u32 ctx_size_out;
+    __u32 retval;
+    int repeat;
+    __u32 duration;
+    __u32 flags;
+    __u32 cpu;
+    __u32 batch_size;
+    ...;
+};
+
+/* the XDP program context, as BPF_PROG_RUN takes it in ctx_in */
+struct xdp_md {
+    __u32 data;
+    __u32 data_end;
+    __u32 data_meta;
+    __u32 ingress_ifindex;
+    __u32 rx_queue_index;
+    __u32 egress_ifindex;
+    ...;
+};
+
+int bpf_obj_pin(int fd, const char *pathname);
+int bpf_obj_get(const char *pathname);
+int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
+int bpf_prog_get_fd_by_id(__u32 id);
+int bpf_map_get_fd_by_id(__u32 id);
+int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
+int bpf_map_delete_elem(int fd, const void *key);
+int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
+int libbpf_num_possible_cpus(void);
+
+/* --- <linux/ethtool.h>: SIOCETHTOOL commands ----------------------------------------- */
+#define SIOCETHTOOL ...
+#define ETHTOOL_GCHANNELS ...
+#define ETHTOOL_GET_TS_INFO ...
+
+struct ethtool_channels {
+    __u32 cmd;
+    __u32 max_rx;
+    __u32 max_tx;
+    __u32 max_other;
+    __u32 max_combined;
+    __u32 rx_count;
+    __u32 tx_count;
+    __u32 other_count;
+    __u32 combined_count;
+    ...;
+};
+
+struct ethtool_ts_info {
+    __u32 cmd;
+    __u32 so_timestamping;
+    int phc_index;
+    __u32 tx_types;
+    __u32 rx_filters;
+    ...;
+};
+
+/* rings, features and flow rules (``tickwire preflight``) */
+typedef int... __u8;
+#define ETHTOOL_GRINGPARAM ...
+#define ETHTOOL_GSSET_INFO ...
+#define ETHTOOL_GSTRINGS ...
+#define ETHTOOL_GFEATURES ...
+#define ETHTOOL_GRXCLSRLCNT ...
+#define ETHTOOL_GRXCLSRULE ...
+#define ETHTOOL_GRXCLSRLALL ...
+#define ETH_SS_FEATURES ...
+#define ETH_GSTRING_LEN ...
+#define TCP_V4_FLOW ...
+#define UDP_V4_FLOW ...
+#define SCTP_V4_FLOW ...
+#define AH_V4_FLOW ...
+#define ESP_V4_FLOW ...
+#define IPV4_USER_FLOW ...
+#define FLOW_EXT ...
+#define FLOW_MAC_EXT ...
+#define FLOW_RSS ...
+#define RX_CLS_FLOW_DISC ...
+#define RX_CLS_FLOW_WAKE ...
+#define ETHTOOL_RX_FLOW_SPEC_RING ...
+#define ETHTOOL_RX_FLOW_SPEC_RING_VF ...
+#define ETHTOOL_RX_FLOW_SPEC_RING_VF_OFF ...
+/* <linux/net_tstamp.h>: what ETHTOOL_GET_TS_INFO's so_timestamping holds */
+#define SOF_TIMESTAMPING_TX_HARDWARE ...
+#define SOF_TIMESTAMPING_TX_SOFTWARE ...
+#define SOF_TIMESTAMPING_RX_HARDWARE ...
+#define SOF_TIMESTAMPING_RX_SOFTWARE ...
+#define SOF_TIMESTAMPING_SOFTWARE ...
+#define SOF_TIMESTAMPING_SYS_HARDWARE ...
+#define SOF_TIMESTAMPING_RAW_HARDWARE ...
+
+struct ethtool_ringparam {
+    __u32 cmd;
+    __u32 rx_max_pending;
+    __u32 rx_mini_max_pending;
+    __u32 rx_jumbo_max_pending;
+    __u32 tx_max_pending;
+    __u32 rx_pending;
+    __u32 rx_mini_pending;
+    __u32 rx_jumbo_pending;
+    __u32 tx_pending;
+    ...;
+};
+
+/* variable length: the trailing arrays are allocated with ffi.new(TYPE, n) */
+struct ethtool_sset_info {
+    __u32 cmd;
+    __u32 reserved;
+    __u64 sset_mask;
+    __u32 data[];
+};
+
+struct ethtool_gstrings {
+    __u32 cmd;
+    __u32 string_set;
+    __u32 len;
+    __u8 data[];
+};
+
+struct ethtool_get_features_block {
+    __u32 available;
+    __u32 requested;
+    __u32 active;
+    __u32 never_changed;
+};
+
+struct ethtool_gfeatures {
+    __u32 cmd;
+    __u32 size;
+    struct ethtool_get_features_block features[];
+};
+
+/* an IPv4 flow's fields, in network byte order (tcp, udp, sctp) */
+struct ethtool_tcpip4_spec {
+    __u32 ip4src;
+    __u32 ip4dst;
+    __u16 psrc;
+    __u16 pdst;
+    __u8 tos;
+    ...;
+};
+
+union ethtool_flow_union {
+    struct ethtool_tcpip4_spec tcp_ip4_spec;
+    struct ethtool_tcpip4_spec udp_ip4_spec;
+    struct ethtool_tcpip4_spec sctp_ip4_spec;
+    __u8 hdata[...];
+    ...;
+};
+
+struct ethtool_rx_flow_spec {
+    __u32 flow_type;
+    union ethtool_flow_union h_u;
+    union ethtool_flow_union m_u;
+    __u64 ring_cookie;
+    __u32 location;
+    ...;
+};
+
+struct ethtool_rxnfc {
+    __u32 cmd;
+    __u32 flow_type;
+    __u64 data;
+    struct ethtool_rx_flow_spec fs;
+    union {
+        __u32 rule_cnt;
+        __u32 rss_context;
+    };
+    __u32 rule_locs[];
+};
 
 /* --- libxdp: the inline ring functions, as real functions ---------------------------- */
 __u64 *xsk_ring_prod__fill_addr(struct xsk_ring_prod *fill, __u32 idx);
@@ -159,16 +369,27 @@ void tw_cons_info(const struct xsk_ring_cons *r, __u64 *out);
 int tw_kick(int fd);
 /* getsockopt(fd, SOL_XDP, XDP_STATISTICS): 0, or a negative errno */
 int tw_statistics(int fd, struct xdp_statistics *out);
+/* ioctl(SIOCETHTOOL) on ``ifname`` in the calling thread's network namespace, ``cmd``
+   an ethtool command struct with its cmd set: 0, or a negative errno */
+int tw_ethtool(const char *ifname, void *cmd);
 """
 
 SOURCE = r"""
 #include <errno.h>
 #include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <net/if.h>
 #include <linux/bpf.h>
+#include <linux/ethtool.h>
 #include <linux/if_link.h>
 #include <linux/if_xdp.h>
+#include <linux/net_tstamp.h>
+#include <linux/sockios.h>
 #include <bpf/bpf.h>
+#include <bpf/libbpf.h>
 #include <xdp/xsk.h>
 
 #define TW_RING_INFO_LEN 8
@@ -200,6 +421,25 @@ static int tw_statistics(int fd, struct xdp_statistics *out)
     if (getsockopt(fd, SOL_XDP, XDP_STATISTICS, out, &len) < 0)
         return -errno;
     return 0;
+}
+
+static int tw_ethtool(const char *ifname, void *cmd)
+{
+    struct ifreq ifr;
+    int fd, rc = 0;
+
+    if (strlen(ifname) >= IFNAMSIZ)
+        return -ENAMETOOLONG;
+    fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    memset(&ifr, 0, sizeof(ifr));
+    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
+    ifr.ifr_data = cmd;
+    if (ioctl(fd, SIOCETHTOOL, &ifr) < 0)
+        rc = -errno;
+    close(fd);
+    return rc;
 }
 """
 

@@ -1,5 +1,7 @@
 """The Python mirror of ``bpf/common.h``: what the XDP steering program and user space
-agree on (map names, struct layouts, the per-CPU statistics layout).
+agree on (map names, struct layouts, the per-CPU statistics layout); and the XDP attach
+flags of ``<linux/if_link.h>``, read from the header through the cffi module -- the one
+definition every attach (the loader, AF_XDP sockets, the lab's packet generator) uses.
 
 ``tests/test_steer.py`` compiles a small C program against the header and checks every
 constant, size and field offset here against it; change both together. Records are
@@ -11,6 +13,15 @@ them; ``META`` is host byte order and sits ``META_SIZE`` bytes before a frame's 
 from __future__ import annotations
 
 import numpy as np
+
+from dataplane._xsk import lib
+
+# <linux/if_link.h>: IFLA_XDP_FLAGS
+XDP_FLAGS_UPDATE_IF_NOEXIST = int(lib.XDP_FLAGS_UPDATE_IF_NOEXIST)
+XDP_FLAGS_SKB_MODE = int(lib.XDP_FLAGS_SKB_MODE)
+XDP_FLAGS_DRV_MODE = int(lib.XDP_FLAGS_DRV_MODE)
+XDP_FLAGS_HW_MODE = int(lib.XDP_FLAGS_HW_MODE)
+XDP_FLAGS_REPLACE = int(lib.XDP_FLAGS_REPLACE)
 
 MAX_CHANNELS = 64
 MAX_QUEUES = 64

@@ -45,14 +45,10 @@ the kernel hands back, so recycling never fails.
 
 from __future__ import annotations
 
-import ctypes
 import errno as _errno
-import fcntl
 import mmap
 import os
 import resource
-import socket
-import struct
 import time
 
 import numpy as np
@@ -69,13 +65,14 @@ except ImportError as e:  # pragma: no cover - only when the build step was skip
         "which installs libxdp-dev/libbpf-dev and builds it"
     ) from e
 
+from dataplane import ethtool
+from dataplane.xdpabi import XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE
+
 # --- constants from the headers (via the compiled binding) -----------------------------
 XDP_COPY = int(lib.XDP_COPY)
 XDP_ZEROCOPY = int(lib.XDP_ZEROCOPY)
 XDP_USE_NEED_WAKEUP = int(lib.XDP_USE_NEED_WAKEUP)
 XDP_RING_NEED_WAKEUP = int(lib.XDP_RING_NEED_WAKEUP)
-XDP_FLAGS_SKB_MODE = int(lib.XDP_FLAGS_SKB_MODE)
-XDP_FLAGS_DRV_MODE = int(lib.XDP_FLAGS_DRV_MODE)
 XDP_PACKET_HEADROOM = int(lib.XDP_PACKET_HEADROOM)
 XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD = int(lib.XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD)
 XSK_RING_CONS__DEFAULT_NUM_DESCS = int(lib.XSK_RING_CONS__DEFAULT_NUM_DESCS)
@@ -89,8 +86,6 @@ DEFAULT_BATCH = 64
 HUGEPAGE = 2 << 20
 _MAP_HUGETLB = getattr(mmap, "MAP_HUGETLB", 0x40000)  # <asm-generic/mman-common.h>
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
-_SIOCETHTOOL = 0x8946  # <linux/sockios.h>
-_ETHTOOL_GCHANNELS = 0x3C  # <linux/ethtool.h>
 
 # --- ring_info layout ----------------------------------------------------------------------
 # Each ring takes 8 slots: its producer/consumer/ring/flags addresses, mask, size, and the
@@ -326,10 +321,13 @@ class XskSocket:
                 break
             time.sleep(0.002)
         if rc == -_errno.EINVAL:
-            channels = _channels(self.ifname)
-            if channels is not None:
+            try:
+                ch = ethtool.channels(self.ifname)
+            except OSError:
+                ch = None  # no ethtool on this driver: the plain advice
+            if ch is not None:
                 raise XskError(_errno.EINVAL, what, ADVICE[_errno.EINVAL] + f"; ethtool -l "
-                               f"{self.ifname}: {channels[0]} rx, {channels[1]} combined")
+                               f"{self.ifname}: {ch.rx} rx, {ch.combined} combined")
         _check(rc, what)
         self._xsk = pp[0]
 
@@ -392,19 +390,6 @@ class XskSocket:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _channels(ifname: str) -> tuple[int, int] | None:
-    """(rx, combined) channel counts (``ETHTOOL_GCHANNELS``) in the thread's namespace."""
-    buf = ctypes.create_string_buffer(struct.pack("9I", _ETHTOOL_GCHANNELS, *[0] * 8), 36)
-    ifr = struct.pack("16sQ16x", ifname.encode()[:15], ctypes.addressof(buf))
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            fcntl.ioctl(s.fileno(), _SIOCETHTOOL, ifr)
-    except OSError:
-        return None
-    vals = struct.unpack("9I", buf.raw)
-    return vals[5], vals[8]
 
 
 # --- raw memory access for numba --------------------------------------------------------------

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.labnet import built, lab_or_skip, private_lab
+from tests.labnet import built, private_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSIBLE = ROOT / "ansible"
@@ -352,15 +352,6 @@ def _preflight(cfg_path: Path, ns: str, *stages: str) -> dict:
     return json.loads(done.stdout)
 
 
-def _preflight_or_skip() -> None:
-    if not (ROOT / "host" / "preflight.py").exists() or not TICKWIRE.exists():
-        pytest.skip("tickwire preflight is not there yet (host/preflight.py)")
-    done = subprocess.run([TICKWIRE, "preflight", "--help"], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"tickwire preflight --help fails: {done.stderr.strip()[-200:]}")
-
-
 def _stage(report: dict, name: str) -> dict:
     return next(s for s in report["stages"] if s["stage"] == name)
 
@@ -407,7 +398,6 @@ ntuple = false
 @pytest.fixture(scope="module")
 def applied(tmp_path_factory):
     """The lab, the preflight before provisioning, and the playbook run twice."""
-    lab_or_skip()
     if shutil.which("ethtool") is None or not PLAYBOOK.exists():
         pytest.skip("needs ethtool and ansible-playbook (pip install -e .[provision])")
     tmp = tmp_path_factory.mktemp("network")
@@ -420,9 +410,7 @@ def applied(tmp_path_factory):
             assert done.returncode == 0, done.stderr
         prov = Provision(cfg, tmp)
         host_cfg = _host_config(cfg, tmp / "tickwire.toml", prov.cpu)
-        before = None
-        if (ROOT / "host" / "preflight.py").exists() and TICKWIRE.exists():
-            before = _preflight(host_cfg, ns, "nic", "irq_affinity")
+        before = _preflight(host_cfg, ns, "nic", "irq_affinity")
         check = prov.run("--check")
         checked = {i: _ns_run(ns, ["ethtool", "-l", i]).stdout for i in ("feed-a", "feed-b")}
         runs = [prov.run(), prov.run()]
@@ -525,9 +513,7 @@ def test_boot_scripts_restore_drifted_settings(applied):
 
 @pytest.mark.lab
 def test_preflight_is_not_ok_before_and_ok_after(applied):
-    _preflight_or_skip()
     before = applied["before"]
-    assert before is not None
     for stage in ("nic", "irq_affinity"):
         assert _stage(before, stage)["status"] != "OK", _stage(before, stage)
     after = _preflight(applied["host_cfg"], applied["ns"], "nic", "irq_affinity")

@@ -1,5 +1,5 @@
-"""``tickwire preflight``: every stage against fake /proc, /sys and /etc trees (with ethtool
-outputs captured from a real veth and in ethtool's documented formats for a real NIC), the
+"""``tickwire preflight``: every stage against fake /proc, /sys and /etc trees (with the
+ethtool ioctls' answers as read on a real veth and as a multi-queue NIC gives them), the
 report and exit codes, then for real in a private lab, and ``tickwire run``'s gate."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dataplane import ethtool
 from host import cli, config
 from host.appliance import preflight
 from host.appliance.preflight import NOT_CONFIGURED, OK, PARTIAL, SKIPPED
@@ -21,116 +22,61 @@ from tests.labnet import built, private_lab, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# --- ethtool outputs -------------------------------------------------------------------------
-# captured with ethtool 6.1 on a veth in a scratch namespace (feature list shortened)
-VETH_K = """Features for {ifname}:
-rx-checksumming: on
-tx-checksumming: on
-\ttx-checksum-ipv4: off [fixed]
-\ttx-checksum-ip-generic: on
-scatter-gather: on
-\ttx-scatter-gather: on
-tcp-segmentation-offload: on
-\ttx-tcp-segmentation: on
-generic-segmentation-offload: on
-generic-receive-offload: off
-large-receive-offload: off [fixed]
-rx-vlan-offload: on
-tx-vlan-offload: on
-ntuple-filters: off [fixed]
-receive-hashing: off [fixed]
-rx-gro-hw: off [fixed]
-rx-gro-list: off
-rx-udp-gro-forwarding: off
-"""
-VETH_L = """Channel parameters for {ifname}:
-Pre-set maximums:
-RX:\t\t2
-TX:\t\t2
-Other:\t\tn/a
-Combined:\tn/a
-Current hardware settings:
-RX:\t\t1
-TX:\t\t1
-Other:\t\tn/a
-Combined:\tn/a
-"""
-VETH_T = """Time stamping parameters for {ifname}:
-Capabilities:
-\tsoftware-transmit
-\tsoftware-receive
-\tsoftware-system-clock
-PTP Hardware Clock: none
-Hardware Transmit Timestamp Modes: none
-Hardware Receive Filter Modes: none
-"""
-VETH_G_ERR = "netlink error: Operation not supported"
-VETH_N_ERR = "Cannot get RX rings: Operation not supported"
-# a multi-queue NIC: -l and -g as ethtool 6.1 prints them (virtio-net, captured), -n and -T
-# in the formats of ethtool's rxclass.c and tsinfo
-NIC_L = """Channel parameters for {ifname}:
-Pre-set maximums:
-RX:\t\tn/a
-TX:\t\tn/a
-Other:\t\t1
-Combined:\t63
-Current hardware settings:
-RX:\t\tn/a
-TX:\t\tn/a
-Other:\t\t1
-Combined:\t{channels}
-"""
-NIC_G = """Ring parameters for {ifname}:
-Pre-set maximums:
-RX:\t\t8192
-RX Mini:\tn/a
-RX Jumbo:\tn/a
-TX:\t\t8192
-Current hardware settings:
-RX:\t\t{rx}
-RX Mini:\tn/a
-RX Jumbo:\tn/a
-TX:\t\t1024
-RX Buf Len:\t\tn/a
-CQE Size:\t\tn/a
-TX Push:\toff
-TCP data split:\tn/a
-"""
-NIC_RULE = """Filter: {loc}
-\tRule Type: UDP over IPv4
-\tSrc IP addr: 0.0.0.0 mask: 255.255.255.255
-\tDest IP addr: {ip} mask: 0.0.0.0
-\tTOS: 0x0 mask: 0xff
-\tSrc port: 0 mask: 0xffff
-\tDest port: {port} mask: 0x0
-\tAction: Direct to queue {queue}
-"""
-NIC_T_HW = """Time stamping parameters for {ifname}:
-Capabilities:
-\thardware-transmit
-\tsoftware-transmit
-\thardware-receive
-\tsoftware-receive
-\tsoftware-system-clock
-\thardware-raw-clock
-PTP Hardware Clock: 0
-Hardware Transmit Timestamp Modes:
-\toff
-\ton
-Hardware Receive Filter Modes:
-\tnone
-\tall
-"""
-GRO_ON = VETH_K.replace("generic-receive-offload: off", "generic-receive-offload: on")
-NIC_K_TUNED = (VETH_K.replace("ntuple-filters: off [fixed]", "ntuple-filters: on")
-               .replace("rx-checksumming: on", "rx-checksumming: off"))  # fmt: skip
+# --- what the kernel's ethtool ioctls answer --------------------------------------------------
+def feat(on: bool, fixed: bool = False) -> ethtool.Feature:
+    return ethtool.Feature(available=not fixed, requested=on, active=on, never_changed=False)
+
+
+# a veth, as read on one in a scratch namespace (feature list shortened)
+VETH_FEATURES = {
+    "rx-checksum": feat(True), "tx-checksum-ipv4": feat(False, True),
+    "tx-checksum-ip-generic": feat(True), "tx-scatter-gather": feat(True),
+    "tx-tcp-segmentation": feat(True), "tx-generic-segmentation": feat(True),
+    "rx-gro": feat(False), "rx-lro": feat(False, True), "rx-vlan-hw-parse": feat(True),
+    "tx-vlan-hw-insert": feat(True), "rx-ntuple-filter": feat(False, True),
+    "rx-hashing": feat(False, True), "rx-gro-hw": feat(False, True), "rx-gro-list": feat(False),
+    "rx-udp-gro-forwarding": feat(False),
+}  # fmt: skip
+VETH_CHANNELS = ethtool.Channels(max_rx=2, max_tx=2, max_other=0, max_combined=0, rx=1, tx=1,
+                                 other=0, combined=0)  # fmt: skip
+SOF = ethtool.SOF_TIMESTAMPING
+VETH_TS = ethtool.TsInfo(phc_index=-1, so_timestamping=SOF["software-transmit"]
+                         | SOF["software-receive"] | SOF["software-system-clock"],
+                         tx_types=0, rx_filters=0)  # fmt: skip
+# a multi-queue NIC with flow steering and a PTP hardware clock
+NIC_TS = ethtool.TsInfo(phc_index=0, so_timestamping=sum(SOF.values()) - SOF[
+    "hardware-legacy-clock"], tx_types=3, rx_filters=3)  # fmt: skip
+
+
+def nic_channels(n: int) -> ethtool.Channels:
+    return ethtool.Channels(max_rx=0, max_tx=0, max_other=1, max_combined=63, rx=0, tx=0,
+                            other=1, combined=n)  # fmt: skip
+
+
+def nic_rings(rx: int) -> ethtool.Rings:
+    return ethtool.Rings(max_rx=8192, max_rx_mini=0, max_rx_jumbo=0, max_tx=8192, rx=rx,
+                         rx_mini=0, rx_jumbo=0, tx=1024)  # fmt: skip
+
+
+def udp_rule(loc: int, ip: str, port: int, queue: int | None) -> ethtool.FlowRule:
+    return ethtool.FlowRule(loc, ethtool.UDP_V4_FLOW, ip, "255.255.255.255", port, 0xFFFF, queue)
+
+
+def with_features(base: dict, **changes: ethtool.Feature) -> dict:
+    return {**base, **{k.replace("_", "-"): v for k, v in changes.items()}}
+
+
+NIC_FEATURES_TUNED = with_features(VETH_FEATURES, rx_ntuple_filter=feat(True),
+                                   rx_checksum=feat(False))  # fmt: skip
 
 
 class Tree:
-    """A fake host under ``root``: proc/, sys/, etc/, netns/ and ethtool/IF/OPT outputs."""
+    """A fake host under ``root``: proc/, sys/, etc/, netns/, and per interface what each
+    ethtool read (``dataplane.ethtool`` function) answers."""
 
     def __init__(self, root: Path):
         self.root = root
+        self.nics: dict[str, dict[str, object]] = {}
         self.interrupts: list[str] = ["           CPU0       CPU1       CPU2       CPU3"]
         self.write("proc/self/status", "Name:\tpython3\nCpus_allowed_list:\t0-3\n"
                    "CapEff:\t000001ffffffffff\n")  # fmt: skip
@@ -159,23 +105,20 @@ class Tree:
         return preflight.Host(proc=r / "proc", sys=r / "sys", etc=r / "etc",
                               netns_dir=r / "netns", ethtool=self.ethtool)  # fmt: skip
 
-    def ethtool(self, args: list[str]) -> str:
-        opt, ifname = args
-        base = self.root / "ethtool" / ifname / opt.lstrip("-")
-        err = base.with_name(base.name + ".err")
-        if err.exists():
-            raise preflight.EthtoolError(errno.EOPNOTSUPP, err.read_text().strip())
-        if not base.exists():
-            raise preflight.EthtoolError(errno.ENODEV, f"Cannot get device settings: No such "
-                                         f"device ({ifname})")  # fmt: skip
-        return base.read_text()
+    def ethtool(self, what: str, ifname: str):
+        got = self.nics.get(ifname, {}).get(what)
+        if got is None:
+            got = ethtool.EthtoolError(errno.ENODEV, f"{ifname}: No such device")
+        if isinstance(got, OSError):
+            raise got
+        return got
 
-    def outputs(self, ifname: str, **outs: str) -> None:
-        for opt, text in outs.items():
-            self.write(f"ethtool/{ifname}/{opt.rstrip('_')}", text.format(ifname=ifname))
+    def outputs(self, ifname: str, **readings) -> None:
+        self.nics.setdefault(ifname, {}).update(readings)
 
-    def fails(self, ifname: str, opt: str, text: str) -> None:
-        self.write(f"ethtool/{ifname}/{opt}.err", text)
+    def fails(self, ifname: str, what: str, err: int = errno.EOPNOTSUPP) -> None:
+        self.outputs(ifname, **{what: ethtool.EthtoolError(err, f"{ifname}: {what}: "
+                                                            f"{os.strerror(err)}")})
 
     def queues(self, ifname: str, n: int, rps: str = "0", xps: str = "0") -> None:
         for q in range(n):
@@ -184,9 +127,9 @@ class Tree:
 
     def veth(self, ifname: str) -> None:
         self.queues(ifname, 1)
-        self.outputs(ifname, k=VETH_K, l=VETH_L, T=VETH_T)
-        self.fails(ifname, "g", VETH_G_ERR)
-        self.fails(ifname, "n", VETH_N_ERR)
+        self.outputs(ifname, features=VETH_FEATURES, channels=VETH_CHANNELS, ts_info=VETH_TS)
+        self.fails(ifname, "rings")
+        self.fails(ifname, "flow_rules")
 
     def nic(self, ifname: str, pci: str, irqs: dict[int, tuple[str, str]],
             via_virtio: str = "") -> None:  # fmt: skip
@@ -213,8 +156,20 @@ def tree(tmp_path) -> Tree:
     return Tree(tmp_path)
 
 
+# the lines the fake hosts receive on (a run's lines have no defaults)
+LINES = {"line_a": {"interface": "feed-a", "group": "239.77.1.1", "port": 26477},
+         "line_b": {"interface": "feed-b", "group": "239.77.2.1", "port": 26478}}  # fmt: skip
+
+
+LINES_TOML = "".join(f'[run.{k}]\n' + "".join(f"{f} = {v!r}\n".replace("'", '"')
+                                               for f, v in line.items())
+                     for k, line in LINES.items())  # fmt: skip
+
+
 def cfg_of(host: dict | None = None, run: dict | None = None) -> config.Config:
-    return config.from_dict({"host": host or {}, "run": {"core": 2, **(run or {})}})
+    run = dict(run or {})
+    lines = {k: {**v, **run.pop(k, {})} for k, v in LINES.items()}
+    return config.from_dict({"host": host or {}, "run": {"core": 2, **lines, **run}})
 
 
 NIC_RUN = {"line_a": {"interface": "ens1f0", "queue": 2},
@@ -248,25 +203,30 @@ def test_cpulists_drop_kernel_flags_and_print_canonically():
         "ro": "", "isolcpus": "2-3", "quiet": ""}  # fmt: skip
 
 
-def test_ethtool_formats_parse():
-    f = preflight.parse_features(VETH_K)
+def test_ethtool_readings_as_ethtool_shows_them():
+    f = preflight.shown_features(VETH_FEATURES)
     assert f["generic-receive-offload"] == (False, False)
     assert f["large-receive-offload"] == (False, True) and f["rx-checksumming"] == (True, False)
-    assert f["tx-checksum-ipv4"] == (False, True)  # indented sub-features too
-    assert preflight.parse_channels(VETH_L)["RX"] == 1
-    assert preflight.parse_channels(VETH_L)["Combined"] is None
-    assert preflight.parse_channels(NIC_L.format(ifname="x", channels=8))["Combined"] == 8
-    assert preflight.parse_rings(NIC_G.format(ifname="x", rx=4096)) == {"RX": 4096, "TX": 1024}
-    rules = preflight.parse_ntuple("4 RX rings available\nTotal 2 rules\n\n"
-                                   + NIC_RULE.format(loc=1023, ip="239.1.1.1", port=100, queue=2)
-                                   + "\n" + NIC_RULE.format(loc=1022, ip="239.1.1.2", port=101,
-                                                            queue=3))  # fmt: skip
-    assert [(r.location, r.dst_ip, r.dst_port, r.queue) for r in rules] == [
-        (1023, "239.1.1.1", 100, 2), (1022, "239.1.1.2", 101, 3)]  # fmt: skip
-    assert rules[0].steers("239.1.1.1", 100, 2) and not rules[0].steers("239.1.1.1", 100, 3)
-    assert not rules[0].steers("239.1.1.1", 101, 2)
-    hw, sw = preflight.parse_timestamping(NIC_T_HW), preflight.parse_timestamping(VETH_T)
+    # several features under one old flag: the flag is on when any is, and never fixed
+    assert f["tx-checksumming"] == (True, False) and f["tx-checksum-ipv4"] == (False, True)
+    assert f["ntuple-filters"] == (False, True) and "rx-ntuple-filter" not in f
+    assert f["rx-gro-hw"] == (False, True) and "udp-fragmentation-offload" not in f
+    never = ethtool.Feature(available=True, requested=True, active=True, never_changed=True)
+    assert preflight.shown_features({"rx-lro": never})["large-receive-offload"] == (True, True)
+    assert preflight.current_channels(VETH_CHANNELS) == {"RX": 1, "TX": 1, "Other": None,
+                                                         "Combined": None}  # fmt: skip
+    assert preflight.current_channels(nic_channels(8))["Combined"] == 8
+    assert preflight.current_rings(nic_rings(4096)) == {"RX": 4096, "TX": 1024}
+    rule = udp_rule(1023, "239.1.1.1", 100, 2)
+    assert preflight.steers(rule, "239.1.1.1", 100, 2)
+    assert not preflight.steers(rule, "239.1.1.1", 100, 3)
+    assert not preflight.steers(rule, "239.1.1.1", 101, 2)
+    assert preflight.steers(rule._replace(dst_port=0, dst_port_mask=0), "239.1.1.1", 101, 2)
+    assert not preflight.steers(rule._replace(dst_ip_mask="255.255.255.0"), "239.1.1.1", 100, 2)
+    assert not preflight.steers(rule._replace(flow_type=ethtool.TCP_V4_FLOW), "239.1.1.1", 100, 2)
+    hw, sw = preflight.Timestamping.of(NIC_TS), preflight.Timestamping.of(VETH_TS)
     assert (hw.hardware, hw.phc) == (True, 0) and (sw.hardware, sw.software) == (False, True)
+    assert not preflight.Timestamping.of(NIC_TS._replace(phc_index=-1)).hardware
 
 
 IRQ_NAMES = [  # (IRQ name, interface, its device name, queue)
@@ -499,12 +459,10 @@ NIC_PROMISE = {"channels": 8, "rx_ring": 4096, "ntuple": True,
 
 def _tuned_nic(tree: Tree) -> None:
     tree.nic("ens1f0", "0000:3b:00.0", {})
-    rules = "".join("\n" + NIC_RULE.format(loc=loc, ip=ip, port=port, queue=q)
-                    for loc, ip, port, q in ((1023, "239.77.1.1", 26477, 2),
-                                             (1022, "239.77.2.1", 26478, 3)))  # fmt: skip
-    tree.outputs("ens1f0", l=NIC_L.replace("{channels}", "8"),
-                 g=NIC_G.replace("{rx}", "4096"), k=NIC_K_TUNED,
-                 n=f"8 RX rings available\nTotal 2 rules\n{rules}")  # fmt: skip
+    tree.outputs("ens1f0", channels=nic_channels(8), rings=nic_rings(4096),
+                 features=NIC_FEATURES_TUNED,
+                 flow_rules=[udp_rule(1023, "239.77.1.1", 26477, 2),
+                             udp_rule(1022, "239.77.2.1", 26478, 3)])  # fmt: skip
 
 
 def test_nic_ok_partial_skipped(tree):
@@ -513,10 +471,8 @@ def test_nic_ok_partial_skipped(tree):
     r = stage(tree, "nic", cfg_of(NIC_PROMISE, NIC_RUN))
     assert r.status == OK, failing(r)
     assert len(r.checks) == 8  # channels, ring, 3 offloads, ntuple feature, 2 rules
-    tree.outputs("ens1f0", k=NIC_K_TUNED.replace("generic-receive-offload: off",
-                                                 "generic-receive-offload: on"),
-                 n="8 RX rings available\nTotal 1 rules\n\n" + NIC_RULE.format(
-                     loc=1023, ip="239.77.1.1", port=26477, queue=5))  # fmt: skip
+    tree.outputs("ens1f0", features=with_features(NIC_FEATURES_TUNED, rx_gro=feat(True)),
+                 flow_rules=[udp_rule(1023, "239.77.1.1", 26477, 5)])  # fmt: skip
     r = stage(tree, "nic", cfg_of(NIC_PROMISE, NIC_RUN))
     bad = failing(r)
     assert r.status == PARTIAL
@@ -529,20 +485,19 @@ def test_nic_ok_partial_skipped(tree):
 
 
 def test_nic_not_configured_on_a_veth(tree):
-    # the veth cannot set rings or ntuple rules: ethtool says "Operation not supported"
+    # the veth has no rings or ntuple rules: the kernel says "Operation not supported"
     promise = {"rx_ring": 4096, "ntuple": True, "offloads_off": ["rx-checksumming"]}
     r = stage(tree, "nic", cfg_of(promise))
     assert r.status == NOT_CONFIGURED
     bad = failing(r)
-    assert bad["feed-a rx ring"].have == "unsupported: netlink error: Operation not supported"
+    assert bad["feed-a rx ring"].have == "unsupported: Operation not supported"
     assert bad["feed-a ntuple-filters"].have == "off"
-    assert bad["feed-a ntuple rule line A"].have.startswith("unsupported: Cannot get RX rings")
+    assert bad["feed-a ntuple rule line A"].have == "unsupported: Operation not supported"
     assert bad["feed-b rx-checksumming"].have == "on"
 
 
 def test_nic_fixed_offload_and_missing_interface(tree):
-    tree.outputs("feed-a", k=VETH_K.replace("large-receive-offload: off [fixed]",
-                                            "large-receive-offload: on [fixed]"))  # fmt: skip
+    tree.outputs("feed-a", features=with_features(VETH_FEATURES, rx_lro=feat(True, True)))
     r = stage(tree, "nic", cfg_of({"offloads_off": ["large-receive-offload"]},
                                   {"line_b": {"interface": "gone0"}}))  # fmt: skip
     bad = failing(r)
@@ -570,7 +525,7 @@ def test_sysctl_every_status(tree):
 # --- ptp -------------------------------------------------------------------------------------
 def test_ptp_hardware_ok_partial_not_configured(tree):
     assert stage(tree, "ptp", cfg_of()).status == SKIPPED
-    tree.outputs("eth1", T=NIC_T_HW)
+    tree.outputs("eth1", ts_info=NIC_TS)
     promise = {"ptp_interfaces": ["eth1"]}
     r = stage(tree, "ptp", cfg_of(promise))
     assert r.status == NOT_CONFIGURED and failing(r)["ptp4l on eth1"].have == "not running"
@@ -584,7 +539,7 @@ def test_ptp_hardware_ok_partial_not_configured(tree):
 
 
 def test_ptp_software_timestamping(tree):
-    tree.outputs("eth1", T=VETH_T)
+    tree.outputs("eth1", ts_info=VETH_TS)
     tree.write("etc/linuxptp/ptp4l.conf", "[global]\ntime_stamping hardware\n[eth1]\n")
     tree.process(700, "/usr/sbin/ptp4l", "-f", "/etc/linuxptp/ptp4l.conf")
     r = stage(tree, "ptp", cfg_of({"ptp_interfaces": ["eth1"]}))
@@ -668,7 +623,7 @@ def _fake_live(monkeypatch, tree: Tree):
 def test_cli_text_json_and_exit_codes(tree, tmp_path, monkeypatch, capsys):
     tree.write("proc/sys/vm/swappiness", "60\n")
     path = tmp_path / "t.toml"
-    path.write_text('[run]\ncore = 2\n[host]\nrequired = ["sysctl"]\n'
+    path.write_text('[run]\ncore = 2\n' + LINES_TOML + '[host]\nrequired = ["sysctl"]\n'
                     '[host.sysctl]\n"vm.swappiness" = 60\n')
     with _fake_live(monkeypatch, tree):
         assert cli.main(["preflight", "--config", str(path)]) == 0

@@ -1,20 +1,23 @@
-"""cffi (API mode) build of ``host.appliance._clock``: the PTP hardware clock ioctls, the TSC and
-the system clocks, for ``host.appliance.clock`` (``tickwire calibrate``).
+"""cffi (API mode) build of ``host.appliance._clock``: the PTP hardware clock ioctls, the
+TSC and the system clocks, for ``host.appliance.clock`` (``tickwire calibrate``). (Which PHC
+an interface has is an ethtool question: ``dataplane.ethtool``.)
 
 Built at install time through ``setup.py``'s ``cffi_modules``; compiled against the real
-``<linux/ptp_clock.h>`` and ``<linux/ethtool.h>``, so every constant declared with ``...``
-is read from them and every struct declared with ``...;`` is laid out by the C compiler.
+``<linux/ptp_clock.h>``, so every constant declared with ``...`` is read from it and every
+struct declared with ``...;`` is laid out by the C compiler.
 
 ``struct ptp_sys_offset_extended`` is declared with only the fields Tickwire touches: the
 word after ``n_samples`` is ``rsv[0]`` in headers before Linux 6.12 and ``clockid`` from
-6.12 on (same offset); ``host.appliance.clock`` writes it through a pointer, so either header builds.
+6.12 on (same offset); ``host.appliance.clock`` writes it through a pointer, so either
+header builds.
 
 The ``tw_*`` helpers keep the timing-sensitive reads in C, where a Python call's hundreds
 of nanoseconds do not widen the brackets: a (TSC, CLOCK_MONOTONIC, TSC) triple, the cost of
-one clock read, a (clock A, clock B, clock A) bracket, and the ETHTOOL_GET_TS_INFO ioctl
-that names an interface's PHC. Each returns 0 or a negative errno.
+one clock read and a (clock A, clock B, clock A) bracket. Each returns 0 or a negative
+errno.
 
-``python host/_clock_build.py`` rebuilds it in place, intermediates under ``build/``.
+``python host/appliance/_clock_build.py`` rebuilds it in place, intermediates under
+``build/``.
 """
 
 from __future__ import annotations
@@ -81,23 +84,15 @@ int tw_tsc_mono(int tries, unsigned long long *out);
 long long tw_read_cost(int clk, int n);
 /* the tightest of ``tries`` (a, b, a) brackets of two clocks, ns, into out[3] */
 int tw_bracket(int clk_a, int clk_b, int tries, long long *out);
-/* ETHTOOL_GET_TS_INFO on ``ifname`` in the calling thread's network namespace:
-   out[0] = phc_index (-1: none), out[1] = so_timestamping flags; 0 or a negative errno */
-int tw_ts_info(const char *ifname, int *out);
 """
 
 SOURCE = r"""
 #include <errno.h>
 #include <fcntl.h>
-#include <string.h>
 #include <time.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
-#include <sys/socket.h>
-#include <net/if.h>
-#include <linux/ethtool.h>
 #include <linux/ptp_clock.h>
-#include <linux/sockios.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <x86intrin.h>
 #define TW_HAVE_TSC 1
@@ -178,32 +173,6 @@ static int tw_bracket(int clk_a, int clk_b, int tries, long long *out)
     }
     return 0;
 }
-
-static int tw_ts_info(const char *ifname, int *out)
-{
-    struct ethtool_ts_info info;
-    struct ifreq ifr;
-    int fd, rc = 0;
-
-    if (strlen(ifname) >= IFNAMSIZ)
-        return -ENAMETOOLONG;
-    fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return -errno;
-    memset(&info, 0, sizeof(info));
-    memset(&ifr, 0, sizeof(ifr));
-    info.cmd = ETHTOOL_GET_TS_INFO;
-    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
-    ifr.ifr_data = (char *)&info;
-    if (ioctl(fd, SIOCETHTOOL, &ifr) < 0)
-        rc = -errno;
-    close(fd);
-    if (rc == 0) {
-        out[0] = info.phc_index;
-        out[1] = (int)info.so_timestamping;
-    }
-    return rc;
-}
 """
 
 ffibuilder = FFI()
@@ -211,8 +180,9 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source("host.appliance._clock", SOURCE, extra_compile_args=["-O2"])
 
 if __name__ == "__main__":
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.join(here, "..", "..")
     built = ffibuilder.compile(tmpdir=os.path.join(root, "build", "cffi"), verbose=True)
-    for old in glob.glob(os.path.join(root, "host", "_clock.*.so")):
+    for old in glob.glob(os.path.join(here, "_clock.*.so")):
         os.remove(old)  # a stale build with another suffix would shadow this one
-    shutil.copy(built, os.path.join(root, "host"))
+    shutil.copy(built, here)

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataplane import ethtool
 from host import netns
 
 try:
@@ -57,7 +58,7 @@ try:
 except ImportError as e:  # pragma: no cover - only when the build step was skipped
     raise ImportError(
         "host.appliance._clock (the cffi binding of the PTP clock ioctls) is not built: run "
-        "`bash host/setup.sh` (pip install -e .), or `python host/_clock_build.py`"
+        "`make setup` (pip install -e .), or `python host/appliance/_clock_build.py`"
     ) from e
 
 FILE_NAME = "clock.json"
@@ -149,14 +150,14 @@ def realtime_minus_monotonic(tries: int = 64) -> tuple[int, float]:
 def phc_index(ifname: str) -> int:
     """The PHC index of ``ifname`` in the calling thread's namespace (-1: none), from
     ETHTOOL_GET_TS_INFO (what ``ethtool -T`` prints as "PTP Hardware Clock")."""
-    out = ffi.new("int[2]")
-    rc = lib.tw_ts_info(ifname.encode(), out)
-    if rc == -errno.EOPNOTSUPP:
-        return -1
-    if rc == -errno.ENODEV:
-        raise ClockError(errno.ENODEV, f"interface {ifname} not found")
-    _check(rc, f"{ifname}: ETHTOOL_GET_TS_INFO")
-    return int(out[0])
+    try:
+        return ethtool.ts_info(ifname).phc_index
+    except OSError as e:
+        if e.errno == errno.EOPNOTSUPP:
+            return -1
+        if e.errno == errno.ENODEV:
+            raise ClockError(errno.ENODEV, f"interface {ifname} not found") from None
+        raise ClockError(e.errno, e.strerror) from None
 
 
 def _ioctl(fd: int, cmd: int, arg) -> int:
@@ -487,11 +488,3 @@ class ClockCollector:
 
     def collect(self):
         yield from metric_families(self.channel, load(self.channel))
-
-
-def main(args, cfg) -> int:
-    """``tickwire calibrate`` on ``cfg`` (the CLI resolved ``--config``/``--lab``)."""
-    r = calibrate(cfg, duration=args.duration, samples=args.samples)
-    path = save(r)
-    print(json.dumps({**r, "path": str(path)}) if args.json else text(r, path), flush=True)
-    return 0

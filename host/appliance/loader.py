@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import os
@@ -35,25 +34,18 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
+import bpf
 from dataplane import xdpabi as abi
 from host import netns
 from host.appliance import bpfsys
 
-BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
+BPF_DIR = bpf.DIR
 STEER_SRC = BPF_DIR / "steer.c"
 
-# <linux/if_link.h>
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
-XDP_FLAGS_HW_MODE = 1 << 3
-XDP_FLAGS_REPLACE = 1 << 4
-
 MODES = ("auto", "native", "generic")
-_MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE,
-               "offload": XDP_FLAGS_HW_MODE}  # fmt: skip
+_MODE_FLAGS = {"native": abi.XDP_FLAGS_DRV_MODE, "generic": abi.XDP_FLAGS_SKB_MODE,
+               "offload": abi.XDP_FLAGS_HW_MODE}  # fmt: skip
 _IP_OFF_ADVICE = {"native": "xdpdrv", "generic": "xdpgeneric", "offload": "xdpoffload"}
 
 Log = Callable[[str], None]
@@ -104,32 +96,19 @@ def _netlink(nsfd: int, fn):
         return fn(ipr)
 
 
-# --- program information -------------------------------------------------------------------
-_PROG_INFO_NAME_OFF = 64  # struct bpf_prog_info.name[16]
-
-
-def _bpf(cmd: int, attr) -> int:
-    """bpf(2) for the best-effort queries below: -1 instead of an error."""
-    try:
-        return bpfsys.sys_bpf(cmd, attr)
-    except OSError:
-        return -1
-
-
+# --- program information (best effort: None when it cannot be read) -------------------------
 def _prog_info(fd: int) -> tuple[int, str] | None:
-    buf = ctypes.create_string_buffer(_PROG_INFO_NAME_OFF + 16)
-    attr = bpfsys.InfoAttr(fd, len(buf), ctypes.addressof(buf))
-    if _bpf(bpfsys.BPF_OBJ_GET_INFO_BY_FD, attr) != 0:
+    try:
+        return bpfsys.prog_info(fd)
+    except OSError:
         return None
-    prog_id = int.from_bytes(buf.raw[4:8], "little")
-    name = buf.raw[_PROG_INFO_NAME_OFF:].split(b"\0", 1)[0].decode(errors="replace")
-    return prog_id, name
 
 
 def _prog_name(prog_id: int) -> str | None:
     """The name of loaded program ``prog_id`` (None without CAP_SYS_ADMIN)."""
-    fd = _bpf(bpfsys.BPF_PROG_GET_FD_BY_ID, bpfsys.FdByIdAttr(prog_id, 0, 0))
-    if fd < 0:
+    try:
+        fd = bpfsys.prog_fd_by_id(prog_id)
+    except OSError:
         return None
     try:
         info = _prog_info(fd)
@@ -446,7 +425,7 @@ class Steering:
         tries = ["native", "generic"] if self.requested_mode == "auto" else [self.requested_mode]
         for mode in tries:
             flag = _MODE_FLAGS[mode]
-            attrs = _xdp_attrs(self._prog_fd, XDP_FLAGS_UPDATE_IF_NOEXIST | flag)
+            attrs = _xdp_attrs(self._prog_fd, abi.XDP_FLAGS_UPDATE_IF_NOEXIST | flag)
             try:
                 # recorded first: whatever ends this process from here on detaches it
                 self._attached[ifname] = (idx, flag)
@@ -485,7 +464,7 @@ class Steering:
         from pyroute2 import NetlinkError
 
         idx, flag = self._attached[ifname]
-        attrs = _xdp_attrs(-1, XDP_FLAGS_REPLACE | flag, expected_fd=self._prog_fd)
+        attrs = _xdp_attrs(-1, abi.XDP_FLAGS_REPLACE | flag, expected_fd=self._prog_fd)
 
         def run(ipr) -> bool:
             try:

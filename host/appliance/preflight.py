@@ -20,18 +20,24 @@ The host is ready when every required stage is OK: ``runtime`` and the stages na
 ``host.required`` (or, with ``--stage``, the stages asked for). A required stage that
 ``[host]`` promises nothing for is not OK: there is nothing to prove it.
 
-Everything is read through a ``Host``: the roots of ``/proc``, ``/sys`` and ``/etc`` and an
-``ethtool`` runner are injectable, so the tests build fake trees. ``Host.live(netns)``
-looks at a network namespace the way the appliance will see it: ethtool runs under
-``ip netns exec``, and network sysfs (``class/net``) is read through a helper process that
-``ip netns exec`` left with the namespace's own sysfs mounted (``/proc/PID/root/sys``);
-``net.*`` sysctls are read with the thread switched into the namespace.
+Everything is read through a ``Host``: the roots of ``/proc``, ``/sys`` and ``/etc`` and the
+ethtool reader are injectable, so the tests build fake trees. What ``ethtool -l/-g/-k/-n/-T``
+would show comes from the kernel, not from ethtool's text: the SIOCETHTOOL ioctl through
+``dataplane.ethtool`` (channels, rings, features, flow rules, timestamping). The names of
+the offloads are the ones ``ethtool -k`` prints (``shown_features``), since that is what
+``[host] offloads_off`` and the nic role's ``nic_offloads_off`` list.
+
+``Host.live(netns)`` looks at a network namespace the way the appliance will see it: the
+ioctls and ``net.*`` sysctls run with the thread switched into the namespace, and network
+sysfs (``class/net``) is read through a helper process that ``ip netns exec`` left with the
+namespace's own sysfs mounted (``/proc/PID/root/sys``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import glob
 import os
 import re
@@ -41,12 +47,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dataplane import ethtool
+from dataplane.ethtool import EthtoolError
+from host import netns as nsmod
 from host.config import STAGES, Config, cpulist
 
 RUNTIME = "runtime"
 ALL_STAGES = (RUNTIME, *STAGES)
 OK, PARTIAL, NOT_CONFIGURED, SKIPPED = "OK", "PARTIAL", "NOT CONFIGURED", "SKIPPED"
-ETHTOOL = "/usr/sbin/ethtool"
 
 # the Ansible role (playbook tag) that applies each stage
 ROLE = {
@@ -66,10 +74,6 @@ SERVICE_CAPS = ("CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_
 
 class PreflightError(OSError):
     """The host is not ready for ``tickwire run``; the message lists what fails."""
-
-
-class EthtoolError(OSError):
-    """ethtool could not answer (no such device, operation not supported, not installed)."""
 
 
 def playbook(stage: str) -> str:
@@ -174,81 +178,66 @@ def parse_grub(text: str) -> dict[str, str]:
     return params
 
 
-def parse_features(text: str) -> dict[str, tuple[bool, bool]]:
-    """``ethtool -k``: feature -> (on, fixed)."""
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r"\s*([\w-]+):\s+(on|off)(\s+\[(?:fixed|requested \w+)\])?", line)
-        if m:
-            out[m.group(1)] = (m.group(2) == "on", "fixed" in (m.group(3) or ""))
+# ``ethtool -k`` shows the old ethtool flags first, each by its long name, folding the
+# features whose kernel names match its pattern (ethtool's common.c off_flag_def and
+# netlink/features.c dump_features): one matching feature is shown under the flag's name,
+# several by their own names after a line "flag: on|off" (on when any is on, never
+# [fixed]); "udp-fragmentation-offload" is not shown (no kernel with netlink ethtool has it)
+LEGACY_FLAGS = (
+    ("rx-checksumming", "rx-checksum"), ("tx-checksumming", "tx-checksum-*"),
+    ("scatter-gather", "tx-scatter-gather*"), ("tcp-segmentation-offload", "tx-tcp*-segmentation"),
+    ("generic-segmentation-offload", "tx-generic-segmentation"),
+    ("generic-receive-offload", "rx-gro"), ("large-receive-offload", "rx-lro"),
+    ("rx-vlan-offload", "rx-vlan-hw-parse"), ("tx-vlan-offload", "tx-vlan-hw-insert"),
+    ("ntuple-filters", "rx-ntuple-filter"), ("receive-hashing", "rx-hashing"),
+    ("udp-fragmentation-offload", "tx-udp-fragmentation"),  # folded, never shown
+)  # fmt: skip
+
+
+def _fixed(f: ethtool.Feature) -> bool:
+    return not f.available or f.never_changed
+
+
+def shown_features(features: dict[str, ethtool.Feature]) -> dict[str, tuple[bool, bool]]:
+    """The kernel's features as ``ethtool -k`` names them: name -> (on, fixed)."""
+    out: dict[str, tuple[bool, bool]] = {}
+    folded: set[str] = set()
+    for long_name, pattern in LEGACY_FLAGS:
+        match = [n for n in features if fnmatch.fnmatchcase(n, pattern)]
+        folded.update(match)
+        if long_name == "udp-fragmentation-offload":
+            continue
+        if len(match) == 1:
+            f = features[match[0]]
+            out[long_name] = (f.active, _fixed(f))
+            continue
+        out[long_name] = (any(features[n].active for n in match), False)
+        for n in match:
+            out[n] = (features[n].active, _fixed(features[n]))
+    for n, f in features.items():
+        if n not in folded:
+            out[n] = (f.active, _fixed(f))
     return out
 
 
-def _settings(text: str, section: str) -> dict[str, str]:
-    """The "Key:<tab>value" lines after ``section`` (ethtool -l/-g "Current hardware
-    settings:") up to the next section."""
-    out, inside = {}, False
-    for line in text.splitlines():
-        if line.rstrip().endswith(":") and "\t" not in line:
-            inside = line.strip().rstrip(":") == section
-            continue
-        if inside and ":" in line:
-            key, _, value = line.partition(":")
-            out[key.strip()] = value.strip()
-    return out
+def current_channels(ch: ethtool.Channels) -> dict[str, int | None]:
+    """The current RX, TX, Other, Combined counts; None for a kind the NIC does not have
+    (``ethtool -l`` prints n/a)."""
+    return {"RX": ch.rx if ch.max_rx else None, "TX": ch.tx if ch.max_tx else None,
+            "Other": ch.other if ch.max_other else None,
+            "Combined": ch.combined if ch.max_combined else None}  # fmt: skip
 
 
-def _int_or_none(text: str | None) -> int | None:
-    return int(text) if text and text.isdigit() else None
+def current_rings(r: ethtool.Rings) -> dict[str, int | None]:
+    """The current RX and TX ring sizes (None: the NIC has no such ring, ``n/a``)."""
+    return {"RX": r.rx if r.max_rx else None, "TX": r.tx if r.max_tx else None}
 
 
-def parse_channels(text: str) -> dict[str, int | None]:
-    """``ethtool -l``: the current RX, TX, Other, Combined counts (None for n/a)."""
-    cur = _settings(text, "Current hardware settings")
-    return {k: _int_or_none(cur.get(k)) for k in ("RX", "TX", "Other", "Combined")}
-
-
-def parse_rings(text: str) -> dict[str, int | None]:
-    """``ethtool -g``: the current RX and TX ring sizes."""
-    cur = _settings(text, "Current hardware settings")
-    return {k: _int_or_none(cur.get(k)) for k in ("RX", "TX")}
-
-
-@dataclass(frozen=True)
-class NtupleRule:
-    location: int
-    flow: str  # "UDP over IPv4", ...
-    dst_ip: str
-    dst_ip_mask: str  # ethtool prints the don't-care bits: 0.0.0.0 is an exact match
-    dst_port: int | None
-    dst_port_mask: int | None
-    queue: int | None  # None: drop, RSS context or other action
-
-    def steers(self, group: str, port: int, queue: int) -> bool:
-        exact_ip = self.dst_ip == group and self.dst_ip_mask == "0.0.0.0"
-        port_ok = self.dst_port_mask == 0xFFFF or (
-            self.dst_port == port and self.dst_port_mask == 0)
-        return exact_ip and port_ok and self.flow.startswith("UDP") and self.queue == queue
-
-
-def parse_ntuple(text: str) -> list[NtupleRule]:
-    """``ethtool -n``: the IPv4 flow rules (other flow types are left out)."""
-    rules = []
-    for block in re.split(r"\n(?=Filter: )", text):
-        m = re.search(r"^Filter: (\d+)", block, re.M)
-        ip = re.search(r"Dest IP addr: (\S+) mask: (\S+)", block)
-        if not m or not ip:
-            continue
-        flow = re.search(r"(?:Rule|Flow) Type: (.+)", block)
-        port = re.search(r"Dest port: (\d+) mask: 0x([0-9a-fA-F]+)", block)
-        queue = re.search(r"Action: Direct to queue (\d+)", block)
-        rules.append(NtupleRule(
-            location=int(m.group(1)), flow=flow.group(1).strip() if flow else "",
-            dst_ip=ip.group(1), dst_ip_mask=ip.group(2),
-            dst_port=int(port.group(1)) if port else None,
-            dst_port_mask=int(port.group(2), 16) if port else None,
-            queue=int(queue.group(1)) if queue else None))  # fmt: skip
-    return rules
+def steers(rule: ethtool.FlowRule, group: str, port: int, queue: int) -> bool:
+    """``rule`` sends UDP to ``group``:``port`` (or to ``group``, any port) to ``queue``."""
+    exact_ip = rule.dst_ip == group and rule.dst_ip_mask == "255.255.255.255"
+    port_ok = rule.dst_port_mask == 0 or (rule.dst_port == port and rule.dst_port_mask == 0xFFFF)
+    return exact_ip and port_ok and rule.flow_type == ethtool.UDP_V4_FLOW and rule.queue == queue
 
 
 @dataclass(frozen=True)
@@ -257,14 +246,12 @@ class Timestamping:
     phc: int | None
     software: bool
 
-
-def parse_timestamping(text: str) -> Timestamping:
-    """``ethtool -T``."""
-    caps = set(re.findall(r"^\s+([a-z-]+)\s*(?:\(SOF_[A-Z_]+\))?\s*$", text, re.M))
-    m = re.search(r"PTP Hardware Clock: (\d+)", text)
-    phc = int(m.group(1)) if m else None
-    hw = {"hardware-transmit", "hardware-receive"} <= caps and phc is not None
-    return Timestamping(hw, phc, {"software-transmit", "software-receive"} <= caps)
+    @classmethod
+    def of(cls, ts: ethtool.TsInfo) -> Timestamping:
+        caps = {name for name, bit in ethtool.SOF_TIMESTAMPING.items() if ts.so_timestamping & bit}
+        phc = ts.phc_index if ts.phc_index >= 0 else None
+        hw = {"hardware-transmit", "hardware-receive"} <= caps and phc is not None
+        return cls(hw, phc, {"software-transmit", "software-receive"} <= caps)
 
 
 def parse_unit(texts: list[str], section: str = "Service") -> dict[str, list[str]]:
@@ -316,30 +303,10 @@ def parse_interrupts(text: str) -> dict[int, str]:
 
 
 # --- the host -----------------------------------------------------------------------------
-def run_ethtool(args: list[str], netns: str = "") -> str:
-    """stdout of ``ethtool ARGS`` (inside ``netns`` when given); EthtoolError otherwise."""
-    cmd = [ETHTOOL, *args]
-    if netns:
-        cmd = ["ip", "netns", "exec", netns, *cmd]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-    except FileNotFoundError as e:
-        raise EthtoolError(errno.ENOENT, f"{e.filename} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise EthtoolError(errno.ETIMEDOUT, f"{' '.join(cmd)} timed out") from None
-    if done.returncode != 0:
-        lines = [ln.strip() for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
-        text = lines[-1] if lines else f"exit status {done.returncode}"
-        for ln in lines:  # the first line naming the cause
-            if "not supported" in ln or "No such device" in ln:
-                text = ln
-                break
-        raise EthtoolError(errno.EIO, text)
-    return done.stdout
-
-
 class Host:
-    """The machine as files under ``proc``, ``sys`` and ``etc`` plus an ``ethtool`` runner.
+    """The machine as files under ``proc``, ``sys`` and ``etc`` plus an ethtool reader:
+    ``ethtool(what, ifname)`` returns ``dataplane.ethtool.<what>(ifname)`` (``channels``,
+    ``rings``, ``features``, ``flow_rules``, ``ts_info``) or raises ``EthtoolError``.
 
     ``net_sys`` is the sysfs that shows the feed interfaces (``sys`` unless the feeds live
     in another network namespace); ``enter()`` is a context manager that switches the
@@ -348,14 +315,14 @@ class Host:
     """
 
     def __init__(self, proc: str | Path = "/proc", sys: str | Path = "/sys",
-                 etc: str | Path = "/etc", ethtool: Callable[[list[str]], str] | None = None,
+                 etc: str | Path = "/etc", ethtool: Callable[[str, str], object] | None = None,
                  net_sys: str | Path | None = None, netns_dir: str | Path = "/var/run/netns",
                  enter: Callable[[], contextlib.AbstractContextManager] | None = None,
                  netns: str = "", netns_error: str = ""):  # fmt: skip
         self.proc, self.sys, self.etc = Path(proc), Path(sys), Path(etc)
         self.net_sys = Path(net_sys) if net_sys is not None else self.sys
         self.netns_dir = Path(netns_dir)
-        self._ethtool = ethtool or run_ethtool
+        self._ethtool = ethtool or self._kernel_ethtool
         self.enter = enter or contextlib.nullcontext
         self.netns = netns
         self.netns_error = netns_error
@@ -368,7 +335,7 @@ class Host:
             yield cls()
             return
 
-        if not netns.exists(netns):
+        if not nsmod.exists(netns):
             yield cls(netns=netns, netns_error=f"network namespace {netns} does not exist")
             return
         # ip netns exec mounts the namespace's own sysfs on /sys in a private mount
@@ -388,8 +355,7 @@ class Host:
                           f"{netns}: {reason[-1] if reason else 'ip netns exec failed'}")
                 return
             yield cls(net_sys=f"/proc/{holder.pid}/root/sys", netns=netns,
-                      ethtool=lambda args: run_ethtool(args, netns),
-                      enter=lambda: netns.entered(netns))  # fmt: skip
+                      enter=lambda: nsmod.entered(netns))  # fmt: skip
         finally:
             if holder.poll() is None:
                 holder.kill()
@@ -432,10 +398,14 @@ class Host:
                 return self.read(path)
         return self.read(path)
 
-    def ethtool(self, args: list[str]) -> str:
+    def _kernel_ethtool(self, what: str, ifname: str):
+        with self.enter():  # the ioctl's socket belongs to the namespace it is opened in
+            return getattr(ethtool, what)(ifname)
+
+    def ethtool(self, what: str, ifname: str):
         if self.netns_error:
             raise EthtoolError(errno.ENOENT, self.netns_error)
-        return self._ethtool(args)
+        return self._ethtool(what, ifname)
 
     def processes(self) -> list[tuple[int, list[str]]]:
         """(pid, argv) of every process."""
@@ -756,11 +726,13 @@ def check_irq_affinity(host: Host, cfg: Config) -> list[Check]:
     return checks
 
 
-def _ethtool(host: Host, args: list[str]) -> tuple[str | None, str]:
+def _ethtool(host: Host, what: str, ifname: str):
+    """(the reading, "") or (None, why not)."""
     try:
-        return host.ethtool(args), ""
-    except EthtoolError as e:
-        return None, f"unsupported: {e.strerror or e}"
+        return host.ethtool(what, ifname), ""
+    except OSError as e:
+        why = e.strerror if host.netns_error or not e.errno else os.strerror(e.errno)
+        return None, f"unsupported: {why}"
 
 
 def check_nic(host: Host, cfg: Config) -> list[Check]:
@@ -772,24 +744,24 @@ def check_nic(host: Host, cfg: Config) -> list[Check]:
             checks.append(_missing_interface(host, ifname, "nic"))
             continue
         if h.channels:
-            text, err = _ethtool(host, ["-l", ifname])
-            ch = parse_channels(text) if text is not None else {}
+            got, err = _ethtool(host, "channels", ifname)
+            ch = current_channels(got) if got is not None else {}
             kind = "combined" if ch.get("Combined") else "rx"
             n = ch.get("Combined") or ch.get("RX")
             ok = n == h.channels
             checks.append(Check(f"{ifname} channels", ok, err or f"{kind} {n}",
                                 f"{h.channels}", "" if ok else fix))  # fmt: skip
         if h.rx_ring:
-            text, err = _ethtool(host, ["-g", ifname])
-            n = parse_rings(text).get("RX") if text is not None else None
+            got, err = _ethtool(host, "rings", ifname)
+            n = current_rings(got)["RX"] if got is not None else None
             ok = n == h.rx_ring
             checks.append(Check(f"{ifname} rx ring", ok, err or str(n), str(h.rx_ring),
                                 "" if ok else fix))  # fmt: skip
         features: dict[str, tuple[bool, bool]] = {}
         ferr = ""
         if h.offloads_off or h.ntuple:
-            text, ferr = _ethtool(host, ["-k", ifname])
-            features = parse_features(text) if text is not None else {}
+            got, ferr = _ethtool(host, "features", ifname)
+            features = shown_features(got) if got is not None else {}
         for name in h.offloads_off:
             state = features.get(name)
             ok = state is not None and not state[0]
@@ -807,12 +779,13 @@ def check_nic(host: Host, cfg: Config) -> list[Check]:
             checks.append(Check(f"{ifname} ntuple-filters", on, ferr or (
                 "no such feature" if state is None else "on" if on else "off"), "on",
                 "" if on else fix))  # fmt: skip
-            text, err = _ethtool(host, ["-n", ifname])
-            rules = parse_ntuple(text) if text is not None else []
+            got, err = _ethtool(host, "flow_rules", ifname)
+            rules = got or []
             for letter, line in run.lines.items():
                 if line.interface != ifname:
                     continue
-                hit = next((r for r in rules if r.steers(line.group, line.port, line.queue)), None)
+                hit = next((r for r in rules if steers(r, line.group, line.port, line.queue)),
+                           None)  # fmt: skip
                 same = [r for r in rules if r.dst_ip == line.group]
                 have = err or (f"rule {hit.location}" if hit else
                                f"rule {same[0].location} to queue {same[0].queue}" if same else
@@ -887,8 +860,8 @@ def check_ptp(host: Host, cfg: Config) -> list[Check]:
     ptp4l = [(pid, argv) for pid, argv in procs if os.path.basename(argv[0]) == "ptp4l"]
     phc2sys = [(pid, argv) for pid, argv in procs if os.path.basename(argv[0]) == "phc2sys"]
     for ifname in cfg.host.ptp_interfaces:
-        text, err = _ethtool(host, ["-T", ifname])
-        ts = parse_timestamping(text) if text is not None else None
+        got, err = _ethtool(host, "ts_info", ifname)
+        ts = Timestamping.of(got) if got is not None else None
         want_mode = "hardware" if ts and ts.hardware else "software"
         why = "" if ts and ts.hardware else (f" ({ifname} has no hardware timestamping)"
                                              if ts else f" (ethtool -T {ifname}: {err})")

@@ -1,5 +1,7 @@
-"""The simulator's fault plan (``tickwire sim --fault``, ``--faults plan.toml``): per-line
-faults on whole packets, parsed and validated once, applied by the publisher's schedule.
+"""The fault grammar of the simulator (``tickwire sim --fault``, ``--faults plan.toml``)
+and of the wire (``tickwire lab fault``): per-line faults on whole packets, parsed and
+validated once, here. The publisher's schedule applies the simulator's; the wire's go to
+the BPF program through ``host.exchange.wirefaults``.
 """
 
 from __future__ import annotations
@@ -14,21 +16,36 @@ class SimError(ValueError):
     """A session, pacing or fault plan the simulator cannot use."""
 
 
-# --- fault plan ---------------------------------------------------------------------------
+# --- the fault grammar ----------------------------------------------------------------------
+# One grammar for the simulator's faults (``tickwire sim --fault``, fault files) and the
+# wire's (``tickwire lab fault``, host.exchange.wirefaults): ``[LINE:]KIND=ARGS``, LINE one
+# of A, B, AB. A spelling means the same in both; a kind one of them cannot do is refused
+# with an error that says where it works.
+SIM, WIRE = "sim", "wire"
+TARGETS = {SIM: "the simulator (tickwire sim --fault)", WIRE: "the wire (tickwire lab fault)"}
 FAULT_KINDS = {
-    "drop": "drop=FIRST-LAST: drop every packet carrying a sequence in FIRST..LAST",
-    "loss": "loss=P: drop each packet with probability P",
-    "cut": "cut=MS@T: send nothing (data or heartbeats) for MS ms from T ms after start",
+    "drop": "drop=FIRST-LAST (or drop=N): drop every data packet carrying a sequence in "
+            "FIRST..LAST; drop=all: every packet, heartbeats too (wire only)",
+    "loss": "loss=P (0.01) or loss=P% (1%): drop each data packet with probability P",
+    "cut": "cut=MS@T: send nothing, heartbeats included, for MS ms from T ms on -- after the "
+           "simulator starts (T required), or after the command (wire; T defaults to 0)",
     "dup": "dup=FIRST-LAST or dup=P: send packets twice (a range, or with probability P)",
     "reorder": "reorder=W[@P]: with probability P (0.05) move a packet up to W-1 later",
     "delay": "delay=MS: send this line MS ms after its nominal time",
-}
+}  # fmt: skip
+KINDS = {SIM: ("drop", "loss", "cut", "dup", "reorder", "delay"),
+         WIRE: ("drop", "drop_all", "loss", "cut")}  # fmt: skip
+
+
+class FaultSpecError(ValueError):
+    """A fault spec that does not parse, or that its target cannot do; the message names
+    the spec."""
 
 
 @dataclass(frozen=True)
 class Fault:
     line: str  # "A" or "B"
-    kind: str
+    kind: str  # drop, drop_all, loss, cut, dup, reorder, delay
     first: int = 0
     last: int = 0
     prob: float = 0.0
@@ -38,72 +55,128 @@ class Fault:
     spec: str = ""
 
 
-def _range(text: str, spec: str) -> tuple[int, int]:
-    a, sep, b = text.partition("-")
-    try:
-        first, last = int(a), int(b if sep else a)
-    except ValueError:
-        raise SimError(f"fault {spec!r}: expected a sequence range like 100-199") from None
-    if first < 1 or last < first:
-        raise SimError(f"fault {spec!r}: sequence range must be 1 <= FIRST <= LAST")
+def _fail(spec: str, why: str) -> FaultSpecError:
+    return FaultSpecError(f"fault {spec!r}: {why}")
+
+
+# The checks of each value, shared by the parsers below and by the Python API of the wire
+# faults (WireFaults.cut, .drop_range, .loss); ``spec`` names the fault in the error.
+def check_range(first: int, last: int, spec: str) -> tuple[int, int]:
+    if not 1 <= first <= last < 1 << 64:
+        raise _fail(spec, "a sequence range must be 1 <= FIRST <= LAST")
     return first, last
 
 
-def _prob(text: str, spec: str) -> float:
-    try:
-        p = float(text)
-    except ValueError:
-        raise SimError(f"fault {spec!r}: expected a probability, got {text!r}") from None
+def check_prob(p: float, spec: str) -> float:
     if not 0.0 <= p <= 1.0:
-        raise SimError(f"fault {spec!r}: probability must be within 0..1")
+        raise _fail(spec, "a probability must be within 0..1 (0%..100%)")
     return p
 
 
-def _ms(text: str, spec: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise SimError(f"fault {spec!r}: expected milliseconds, got {text!r}") from None
-    if v < 0:
-        raise SimError(f"fault {spec!r}: milliseconds must not be negative")
+def check_ms(v: float, spec: str) -> float:
+    if not v >= 0:  # NaN too
+        raise _fail(spec, "milliseconds must not be negative")
     return v
 
 
-def parse_fault(spec: str) -> list[Fault]:
-    """``LINE:KIND=ARGS`` with LINE ``A``, ``B`` or ``AB``; see ``FAULT_KINDS``."""
-    where, sep, rest = spec.partition(":")
-    kind, eq, arg = rest.partition("=")
-    lines = where.strip().upper()
-    if not sep or not eq or lines not in ("A", "B", "AB") or kind not in FAULT_KINDS:
-        raise SimError(f"fault {spec!r}: expected LINE:KIND=ARGS, LINE A, B or AB, KIND one of "
-                       f"{', '.join(FAULT_KINDS)}")  # fmt: skip
+def check_cut(ms: float, at_ms: float, spec: str) -> tuple[float, float]:
+    if not ms > 0:
+        raise _fail(spec, "a cut lasts more than 0 ms")
+    return ms, check_ms(at_ms, spec)
+
+
+def parse_range(text: str, spec: str) -> tuple[int, int]:
+    """``FIRST-LAST`` or ``N``: sequence numbers, 1 <= FIRST <= LAST < 2^64."""
+    a, sep, b = text.strip().partition("-")
+    try:
+        first, last = int(a), int(b if sep else a)
+    except ValueError:
+        raise _fail(spec, "expected a sequence range like 100-199") from None
+    return check_range(first, last, spec)
+
+
+def parse_prob(text: str, spec: str) -> float:
+    """``0.01`` or ``1%``: a probability within 0..1."""
+    t = text.strip()
+    try:
+        p = float(t.removesuffix("%")) / (100 if t.endswith("%") else 1)
+    except ValueError:
+        raise _fail(spec, f"expected a probability (0.01 or 1%), got {text!r}") from None
+    return check_prob(p, spec)
+
+
+def parse_ms(text: str, spec: str) -> float:
+    """Milliseconds, not negative."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise _fail(spec, f"expected milliseconds, got {text!r}") from None
+    return check_ms(v, spec)
+
+
+def parse_cut(text: str, spec: str, target: str = SIM) -> tuple[float, float]:
+    """``MS@T`` (``MS``: T = 0, on the wire only): (ms, at_ms), MS > 0."""
+    dur, at, when = text.partition("@")
+    if not at and target == SIM:
+        raise _fail(spec, "the simulator's cut is relative to its start: give the time, "
+                    f"cut={dur}@T (T ms after the simulator starts)")  # fmt: skip
+    return check_cut(parse_ms(dur, spec), parse_ms(when, spec) if at else 0.0, spec)
+
+
+def _args(kind: str, arg: str, spec: str, target: str) -> tuple[str, dict]:
+    """(kind, the Fault fields of ARGS), the kind refined (``drop=all``)."""
     kw: dict = {}
-    if kind == "drop":
-        kw["first"], kw["last"] = _range(arg, spec)
+    if kind == "drop" and arg.strip().lower() == "all":
+        kind = "drop_all"
+    elif kind == "drop":
+        kw["first"], kw["last"] = parse_range(arg, spec)
     elif kind == "loss":
-        kw["prob"] = _prob(arg, spec)
+        kw["prob"] = parse_prob(arg, spec)
     elif kind == "cut":
-        dur, at, when = arg.partition("@")
-        if not at:
-            raise SimError(f"fault {spec!r}: expected cut=MS@T")
-        kw["ms"], kw["at_ms"] = _ms(dur, spec), _ms(when, spec)
+        kw["ms"], kw["at_ms"] = parse_cut(arg, spec, target)
     elif kind == "dup":
-        if "-" in arg or arg.isdigit():
-            kw["first"], kw["last"] = _range(arg, spec)
+        if "-" in arg or arg.strip().isdigit():
+            kw["first"], kw["last"] = parse_range(arg, spec)
         else:
-            kw["prob"] = _prob(arg, spec)
+            kw["prob"] = parse_prob(arg, spec)
     elif kind == "reorder":
         w, at, p = arg.partition("@")
         try:
             kw["window"] = int(w)
         except ValueError:
-            raise SimError(f"fault {spec!r}: expected reorder=W[@P]") from None
+            raise _fail(spec, "expected reorder=W[@P]") from None
         if kw["window"] < 2:
-            raise SimError(f"fault {spec!r}: the reorder window must be at least 2 packets")
-        kw["prob"] = _prob(p, spec) if at else 0.05
+            raise _fail(spec, "the reorder window must be at least 2 packets")
+        kw["prob"] = parse_prob(p, spec) if at else 0.05
     elif kind == "delay":
-        kw["ms"] = _ms(arg, spec)
-    return [Fault(line=ln, kind=kind, spec=spec, **kw) for ln in lines]
+        kw["ms"] = parse_ms(arg, spec)
+    if kind not in KINDS[target]:
+        other = WIRE if target == SIM else SIM
+        alt = "; the simulator silences a line with cut=MS@T" if kind == "drop_all" else \
+            "; the wire only drops packets: it cannot duplicate, reorder or delay them"  # fmt: skip
+        raise _fail(spec, f"{'drop=all' if kind == 'drop_all' else kind} is a fault of "
+                    f"{TARGETS[other]}, not of {TARGETS[target]}{alt}")  # fmt: skip
+    return kind, kw
+
+
+def parse_fault(spec: str, target: str = SIM, lines: str | None = None) -> list[Fault]:
+    """``[LINE:]KIND=ARGS`` as one Fault per line; LINE is A, B or AB, and may be left out
+    when ``lines`` gives the default. ``target``: SIM or WIRE (see ``FAULT_KINDS``, and
+    ``KINDS`` for what each can do)."""
+    if target not in TARGETS:
+        raise ValueError(f"fault target {target!r}: expected {SIM!r} or {WIRE!r}")
+    form = "LINE:KIND=ARGS" if lines is None else "[LINE:]KIND=ARGS"
+    where, sep, rest = spec.partition(":") if ":" in spec else ("", "", spec)
+    kind, eq, arg = rest.partition("=")
+    kind = kind.strip().lower()
+    letters = where.strip().upper() if sep else (lines or "").upper()
+    if letters == "BA":
+        letters = "AB"
+    if not eq or letters not in ("A", "B", "AB") or kind not in FAULT_KINDS:
+        raise _fail(spec, f"expected {form}, LINE A, B or AB, KIND one of "
+                    f"{', '.join(k for k in FAULT_KINDS if k in KINDS[target])}")  # fmt: skip
+    kind, kw = _args(kind, arg, spec, target)
+    return [Fault(line=ln, kind=kind, spec=spec, **kw) for ln in letters]
 
 
 def load_faults(path: str) -> tuple[list[Fault], int | None]:

@@ -14,14 +14,18 @@ qdisc when no filter is left on it, the slot, and the pins once no line uses the
 Faults (see ``bpf/fault.c`` for the exact rules) apply to the line's multicast feed only:
 ``drop_all``, ``cut`` (a window of CLOCK_MONOTONIC time, heartbeats included),
 ``drop_range`` (data packets carrying any sequence of the range) and ``loss`` (data
-packets, with a probability). Every dropped packet is counted under one reason.
+packets, with a probability). Every dropped packet is counted under one reason. They are
+spelled and validated as the simulator's (``host.exchange.faultplan``, target WIRE):
+``A:cut=200@1000``, ``B:drop=100-199``, ``AB:drop=all``, ``A:loss=1%``; the CLI's options
+(``--cut 200``, ``--drop-range``, ``--loss``, ``--drop-all``) are the same specs.
 
 Python API: ``WireFaults(labcfg, "A")`` (or ``"B"``, ``"AB"``) attaches, and is a context
-manager that detaches on exit; module functions ``attach``, ``configure``, ``clear``,
-``status``, ``detach`` and ``remove_all`` (what ``tickwire lab down`` calls) work across
-processes through the pins. ``python -m host.exchange.wirefaults`` is the CLI without ``host.cli``.
-Errors are ``FaultError`` (an ``OSError``: lab not up, unknown line, cannot load or
-attach); bad fault values are ``ValueError``.
+manager that detaches on exit; module functions ``attach``, ``configure``, ``apply``
+(specs), ``clear``, ``status``, ``detach`` and ``remove_all`` (what ``tickwire lab down``
+calls) work across processes through the pins. ``tickwire lab fault``
+(``host/exchange/cli.py``) is the CLI. Errors are ``FaultError`` (an ``OSError``: lab not
+up, unknown line, cannot load or attach); bad fault values are ``FaultSpecError`` (a
+``ValueError``).
 """
 
 from __future__ import annotations
@@ -35,41 +39,36 @@ import ipaddress
 import json
 import operator
 import os
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
+import numpy as np
+
+import bpf
+from dataplane.sysabi import LIBC
 from host import netns
-from host.appliance.bpfsys import (
-    BPF_MAP_LOOKUP_ELEM,
-    BPF_MAP_UPDATE_ELEM,
-    BPF_OBJ_GET,
-    BPF_OBJ_GET_INFO_BY_FD,
-    BPF_OBJ_PIN,
-    ElemAttr,
-    InfoAttr,
-    ObjAttr,
-    brief,
-    stderr_captured,
-    sys_bpf,
-)
+from host.appliance import bpfsys
+from host.appliance.bpfsys import brief, stderr_captured
 from host.config import Config, LabConfig
+from host.exchange import faultplan
 
-FAULT_SRC = Path(__file__).resolve().parents[1] / "bpf" / "fault.c"
+BPF_DIR = bpf.DIR
+FAULT_SRC = BPF_DIR / "fault.c"
 PIN_ROOT = "/sys/fs/bpf/tickwire"
-PROG_NAME = "tw_fault"
-MAP_CFG = "tw_fault_cfg"
-MAP_STATS = "tw_fault_stats"
 FILTER_PRIO = 7  # the filter's tc preference on the egress hook
 TC_EGRESS = 0xFFFFFFF3  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
 TC_INGRESS = 0xFFFFFFF2
 
-# --- mirror of bpf/fault.c (tests/test_faults.py checks it against the file) -------------
+# --- mirror of bpf/fault.h (tests/test_bpfabi.py checks it against the header) -----------
+PROG_NAME = "tw_fault"
+MAP_CFG = "tw_fault_cfg"
+MAP_STATS = "tw_fault_stats"
 FAULT_LINES = 2
 LINE_SLOTS = {"A": 0, "B": 1}
 CFG_FIELDS = ("ifindex", "flags", "cut_start_ns", "cut_end_ns", "seq_first", "seq_last",
               "loss_threshold", "group", "port")  # fmt: skip
+FAULT_CFG = np.dtype([(name, np.uint64) for name in CFG_FIELDS], align=True)
+LOSS_ONE = 1 << 32  # loss_threshold that drops every data packet
 FF_ALL = 1
 FF_CUT = 2
 FF_RANGE = 4
@@ -87,7 +86,6 @@ FC_LAST_DROPPED_SEQ = 9
 FC_LEN = 10
 COUNTERS = ("seen", "passed", "feed", "dropped_all", "dropped_cut", "dropped_range",
             "dropped_random", "dropped_messages", "first_dropped_seq", "last_dropped_seq")
-LOSS_ONE = 1 << 32  # loss_threshold that drops every data packet
 
 
 class FaultError(OSError):
@@ -107,33 +105,6 @@ def lines_of(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return sorted(set(letters))
 
 
-# --- the bpf(2) system call (host/bpfsys.py) ------------------------------------------------
-_libc = ctypes.CDLL(None, use_errno=True)
-BPF_FS_MAGIC = 0xCAFE4A11
-
-
-def _obj_pin(fd: int, path: str) -> None:
-    raw = ctypes.create_string_buffer(path.encode())
-    sys_bpf(BPF_OBJ_PIN, ObjAttr(ctypes.addressof(raw), fd, 0, 0, 0))
-
-
-def _obj_get(path: str) -> int:
-    raw = ctypes.create_string_buffer(path.encode())
-    return sys_bpf(BPF_OBJ_GET, ObjAttr(ctypes.addressof(raw), 0, 0, 0, 0))
-
-
-def _obj_id(fd: int) -> int:
-    buf = ctypes.create_string_buffer(64)  # the id is the second u32 of prog and map info
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, InfoAttr(fd, len(buf), ctypes.addressof(buf)))
-    return int.from_bytes(buf.raw[4:8], "little")
-
-
-def _possible_cpus() -> int:
-    with open("/sys/devices/system/cpu/possible") as f:
-        text = f.read().strip()
-    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
-
-
 # --- bpffs ---------------------------------------------------------------------------------
 def _bpffs_mounted(path: str = "/sys/fs/bpf") -> bool:
     with open("/proc/self/mountinfo") as f:
@@ -149,7 +120,7 @@ def _ensure_bpffs() -> None:
     if _bpffs_mounted():
         return
     # like tc(8) and bpftool: mount bpffs where everyone expects it
-    if _libc.mount(b"bpf", b"/sys/fs/bpf", b"bpf", 0, None) != 0:
+    if LIBC.mount(b"bpf", b"/sys/fs/bpf", b"bpf", 0, None) != 0:
         e = ctypes.get_errno()
         raise FaultError(e, f"cannot mount the BPF filesystem on /sys/fs/bpf: {os.strerror(e)}"
                          + (" (run as root)" if e == errno.EPERM else ""))  # fmt: skip
@@ -179,8 +150,8 @@ class FaultMaps:
     def __init__(self, prefix: str, prog_fd: int, cfg_fd: int, stats_fd: int):
         self.prefix = prefix
         self.prog_fd, self.cfg_fd, self.stats_fd = prog_fd, cfg_fd, stats_fd
-        self.prog_id = _obj_id(prog_fd)
-        self._ncpu = _possible_cpus()
+        self.prog_id = bpfsys.prog_info(prog_fd)[0]
+        self._ncpu = bpfsys.possible_cpus()
 
     @property
     def filter_name(self) -> str:
@@ -195,7 +166,7 @@ class FaultMaps:
         fds: list[int] = []
         try:
             for name in ("prog", "cfg", "stats"):
-                fds.append(_obj_get(f"{where}/{name}"))
+                fds.append(bpfsys.open_pinned(f"{where}/{name}"))
             return cls(prefix, *fds)
         except OSError as e:
             for fd in fds:
@@ -224,7 +195,7 @@ class FaultMaps:
             try:
                 os.makedirs(where, exist_ok=True)
                 for name, fd in objs:
-                    _obj_pin(fd, f"{where}/{name}")
+                    bpfsys.pin(fd, f"{where}/{name}")
             except OSError as e:
                 _unpin(prefix)
                 raise FaultError(e.errno, f"cannot pin the fault program in {where}: "
@@ -249,11 +220,8 @@ class FaultMaps:
 
     # -- cfg
     def config(self, letter: str) -> dict[str, int]:
-        key = ctypes.c_uint32(LINE_SLOTS[letter])
-        val = (ctypes.c_uint64 * len(CFG_FIELDS))()
-        sys_bpf(BPF_MAP_LOOKUP_ELEM, ElemAttr(self.cfg_fd, 0, ctypes.addressof(key),
-                                               ctypes.addressof(val), 0))  # fmt: skip
-        return dict(zip(CFG_FIELDS, val, strict=True))
+        val = bpfsys.lookup(self.cfg_fd, _key(LINE_SLOTS[letter]), np.zeros(1, FAULT_CFG))
+        return {name: int(val[0][name]) for name in CFG_FIELDS}
 
     def set_config(self, letter: str, **fields: int) -> dict[str, int]:
         """Change ``fields`` of the line's slot (one map update: the program sees either
@@ -263,19 +231,16 @@ class FaultMaps:
             raise ValueError(f"unknown fault configuration field(s): {sorted(unknown)}")
         cfg = self.config(letter)
         cfg.update(fields)
-        key = ctypes.c_uint32(LINE_SLOTS[letter])
-        val = (ctypes.c_uint64 * len(CFG_FIELDS))(*(cfg[f] for f in CFG_FIELDS))
-        sys_bpf(BPF_MAP_UPDATE_ELEM, ElemAttr(self.cfg_fd, 0, ctypes.addressof(key),
-                                               ctypes.addressof(val), 0))  # fmt: skip
+        val = np.zeros(1, FAULT_CFG)
+        for name in CFG_FIELDS:
+            val[0][name] = cfg[name]
+        bpfsys.update(self.cfg_fd, _key(LINE_SLOTS[letter]), val)
         return cfg
 
     # -- counters
     def _per_cpu(self, idx: int) -> list[int]:
-        key = ctypes.c_uint32(idx)
-        val = (ctypes.c_uint64 * self._ncpu)()
-        sys_bpf(BPF_MAP_LOOKUP_ELEM, ElemAttr(self.stats_fd, 0, ctypes.addressof(key),
-                                               ctypes.addressof(val), 0))  # fmt: skip
-        return list(val)
+        val = bpfsys.lookup(self.stats_fd, _key(idx), np.zeros(self._ncpu, np.uint64))
+        return [int(v) for v in val]
 
     def counters(self, letter: str) -> dict[str, int | None]:
         """The line's counters, summed over CPUs; ``dropped`` is every reason together,
@@ -296,11 +261,14 @@ class FaultMaps:
 
     def reset_counters(self, letter: str) -> None:
         base = LINE_SLOTS[letter] * FC_LEN
-        zeros = (ctypes.c_uint64 * self._ncpu)()
+        zeros = np.zeros(self._ncpu, np.uint64)
         for i in range(FC_LEN):
-            key = ctypes.c_uint32(base + i)
-            sys_bpf(BPF_MAP_UPDATE_ELEM, ElemAttr(self.stats_fd, 0, ctypes.addressof(key),
-                                                   ctypes.addressof(zeros), 0))  # fmt: skip
+            bpfsys.update(self.stats_fd, _key(base + i), zeros)
+
+
+def _key(index: int) -> np.ndarray:
+    """An array map's key."""
+    return np.array([index], np.uint32)
 
 
 def _unpin(prefix: str) -> bool:
@@ -327,7 +295,8 @@ def _compile():
     failure: Exception | None = None
     with stderr_captured() as err:
         try:
-            bpf = BPF(src_file=str(FAULT_SRC).encode())  # no -D: parameters go in the maps
+            # no -D: parameters go in the maps; -I: fault.h
+            bpf = BPF(src_file=str(FAULT_SRC).encode(), cflags=[f"-I{BPF_DIR}"])
         except Exception as e:
             failure = e
     if failure is not None:
@@ -537,22 +506,17 @@ def _fault_fields(cfg: dict[str, int], *, cut=None, drop_range=None, loss=None,
     new: dict[str, int] = {}
     flags = cfg["flags"]
     if cut is not None:
-        ms, after_ms = cut
-        if not ms > 0 or not after_ms >= 0:
-            raise ValueError(f"cut: {ms} ms after {after_ms} ms: the duration must be positive "
-                             "and the delay not negative")  # fmt: skip
+        ms, after_ms = faultplan.check_cut(*cut, f"cut={cut[0]}@{cut[1]}")
         start = time.monotonic_ns() + int(after_ms * 1e6)  # CLOCK_MONOTONIC = bpf_ktime
         new.update(cut_start_ns=start, cut_end_ns=start + int(ms * 1e6))
         flags |= FF_CUT
     if drop_range is not None:
         first, last = (operator.index(x) for x in drop_range)
-        if not 1 <= first <= last < 1 << 64:
-            raise ValueError(f"drop range {first}-{last}: expected sequences 1 <= first <= last")
+        faultplan.check_range(first, last, f"drop={first}-{last}")
         new.update(seq_first=first, seq_last=last)
         flags |= FF_RANGE
     if loss is not None:
-        if not 0.0 <= loss <= 1.0:
-            raise ValueError(f"loss {loss}: a probability is between 0 and 1")
+        faultplan.check_prob(loss, f"loss={loss}")
         new.update(loss_threshold=round(loss * LOSS_ONE))
         flags = flags | FF_LOSS if loss > 0 else flags & ~FF_LOSS
     if drop_all is not None:
@@ -760,93 +724,141 @@ class WireFaults:
 
 
 # --- CLI -----------------------------------------------------------------------------------
-EPILOG = """fault examples (the exchange side of each line, TC egress; see host/faults.py):
+EPILOG = """fault examples (the exchange side of each line, TC egress; host/exchange/wirefaults.py):
   tickwire lab fault A --cut 200                 line A silent for 200 ms from now
   tickwire lab fault B --cut 100@500             line B silent 100 ms, starting in 500 ms
   tickwire lab fault A --drop-range 1000-1999    drop A's packets carrying those sequences
   tickwire lab fault AB --loss 0.01              each data packet lost with p = 0.01
   tickwire lab fault A --drop-all                line A dead (heartbeats too)
+  tickwire lab fault A:loss=1% B:cut=200@1000    the fault specs tickwire sim --fault takes
+  tickwire lab fault A drop=10-20 loss=0.5%      a spec without LINE: is on the LINE given
   tickwire lab fault status --json               faults armed and counters, per line
   tickwire lab fault clear                       disarm every fault (counters stay)
   tickwire lab fault off                         detach and unpin (lab down does it too)
 """
 _WORDS = ("status", "clear", "off")
+WIRE = faultplan.WIRE
 
 
-def _cut_spec(text: str) -> tuple[float, float]:
-    ms, _, after = text.partition("@")
-    try:
-        value = (float(ms), float(after or 0))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MS or MS@AFTER (ms): {text}") from None
-    if not value[0] > 0 or value[1] < 0:
-        raise argparse.ArgumentTypeError(f"MS must be positive and AFTER not negative: {text}")
-    return value
+def _option(kind: str, parse):
+    """The argparse type of option ``--KIND``: its value as the fault grammar's
+    ``KIND=VALUE`` (host.exchange.faultplan validates both spellings)."""
 
+    def value(text: str):
+        try:
+            return parse(text, f"{kind}={text}")
+        except faultplan.FaultSpecError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
-def _range_spec(text: str) -> tuple[int, int]:
-    first, _, last = text.partition("-")
-    try:
-        value = (int(first), int(last or first))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected FIRST-LAST sequence numbers: {text}") from None
-    if not 1 <= value[0] <= value[1]:
-        raise argparse.ArgumentTypeError(f"expected 1 <= FIRST <= LAST: {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text.removesuffix("%")) / (100 if text.endswith("%") else 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability (0.01 or 1%): {text}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"a probability is between 0 and 1: {text}")
+    value.__name__ = kind  # argparse names the type in its messages
     return value
 
 
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
-    """The words and options of ``tickwire lab fault`` (on the ``lab`` verb's parser)."""
-    p.add_argument("fault_args", nargs="*", metavar="LINE|status|clear|off",
-                   help="with fault: line A, B or AB (both, the default), then status "
-                        "(the default without options), clear or off")  # fmt: skip
-    g = p.add_argument_group("fault options (tickwire lab fault LINE ...)")
-    g.add_argument("--cut", type=_cut_spec, metavar="MS[@AFTER]",
+    """The words and options of ``tickwire lab fault`` (on its parser)."""
+    p.add_argument("fault_args", nargs="*", metavar="LINE|SPEC|status|clear|off",
+                   help="line A, B or AB (both, the default); fault specs [LINE:]KIND=ARGS as "
+                        "tickwire sim --fault takes them: cut=MS[@T], drop=FIRST-LAST, "
+                        "drop=all, loss=P or P%%; or status (the default without faults), "
+                        "clear or off")  # fmt: skip
+    g = p.add_argument_group("fault options (tickwire lab fault LINE ...; each is a spec: "
+                             "--cut 200 is cut=200)")  # fmt: skip
+    g.add_argument("--cut", metavar="MS[@AFTER]",
+                   type=_option("cut", lambda t, spec: faultplan.parse_cut(t, spec, WIRE)),
                    help="drop everything for MS ms, starting AFTER ms from now (0)")
-    g.add_argument("--drop-range", type=_range_spec, metavar="FIRST-LAST",
-                   help="drop data packets carrying any of these sequences")
-    g.add_argument("--loss", type=_probability, metavar="P",
-                   help="drop each data packet with probability P (0 turns it off)")
-    g.add_argument("--drop-all", action="store_true", help="drop every feed packet")
+    g.add_argument("--drop-range", type=_option("drop", faultplan.parse_range),
+                   metavar="FIRST-LAST", help="drop data packets carrying any of these sequences")
+    g.add_argument("--loss", type=_option("loss", faultplan.parse_prob), metavar="P",
+                   help="drop each data packet with probability P (0.01 or 1%%; 0: no loss)")
+    g.add_argument("--drop-all", action="store_true", help="drop every feed packet (drop=all)")
 
 
-def fault_options_given(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "fault_args", None)) or any(
-        getattr(args, k, None) not in (None, False)
-        for k in ("cut", "drop_range", "loss", "drop_all"))  # fmt: skip
+_SETTING = {"cut": "cut", "drop": "drop_range", "loss": "loss", "drop_all": "drop_all"}
 
 
-def run_cli(labcfg: Config | LabConfig, args: argparse.Namespace) -> int:
-    """``tickwire lab fault ...``: prints the resulting status (``--json``: as JSON)."""
-    lc = _lab(labcfg)
-    lines, action = "AB", None
-    for word in args.fault_args:
+def settings(faults: list[faultplan.Fault]) -> dict[str, dict]:
+    """Wire faults as ``configure``'s keyword arguments, by line letter. A line has one
+    fault of each kind at a time (one cut window, one range, one loss rate)."""
+    out: dict[str, dict] = {}
+    seen: dict[tuple[str, str], str] = {}
+    for f in faults:
+        if f.kind not in _SETTING:
+            raise faultplan.FaultSpecError(f"fault {f.spec!r}: {f.kind} is not a wire fault")
+        if (f.line, f.kind) in seen:
+            raise faultplan.FaultSpecError(f"faults {seen[f.line, f.kind]!r} and {f.spec!r}: "
+                                           f"line {f.line} has one {f.kind} fault at a time")
+        seen[f.line, f.kind] = f.spec
+        value = {"cut": (f.ms, f.at_ms), "drop": (f.first, f.last), "loss": f.prob,
+                 "drop_all": True}[f.kind]  # fmt: skip
+        out.setdefault(f.line, {})[_SETTING[f.kind]] = value
+    return out
+
+
+def _arm(lc: LabConfig, per_line: dict[str, dict]) -> dict:
+    for letter, kw in sorted(per_line.items()):
+        configure(lc, letter, **kw)
+    return status(lc)
+
+
+def apply(labcfg: Config | LabConfig, specs: str | list[str]) -> dict:
+    """Arm faults given as specs of the fault grammar (``"A:loss=1%"``, ``"AB:drop=5-9"``;
+    a LINE is required), attaching where needed; each line's other faults stay as they
+    are. Returns ``status``."""
+    specs = [specs] if isinstance(specs, str) else specs
+    faults = [f for spec in specs for f in faultplan.parse_fault(spec, WIRE)]
+    return _arm(_lab(labcfg), settings(faults))
+
+
+def cli_faults(words: list[str], **options) -> tuple[str, str | None, dict[str, dict]]:
+    """``tickwire lab fault``'s words and (parsed) options as (lines, action or None,
+    ``configure`` keywords by line letter). Options and specs without a LINE apply to
+    the LINE word (AB without one); a spec's own LINE must agree with it."""
+    line_word, action, specs = None, None, []
+    for word in words:
         if word.lower() in _WORDS:
             if action is not None:
                 raise FaultError(errno.EINVAL, f"{action} and {word.lower()}: one at a time")
             action = word.lower()
         elif word.upper() in ("A", "B", "AB", "BA"):
-            lines = word.upper()
+            line_word = "".join(lines_of(word))
+        elif "=" in word:
+            specs.append(word)
         else:
-            raise FaultError(errno.EINVAL, f"unknown line or action {word!r}: expected A, B "
-                             "or AB, then status, clear or off")  # fmt: skip
-    armed = {"cut": args.cut, "drop_range": args.drop_range, "loss": args.loss,
-             "drop_all": True if args.drop_all else None}  # fmt: skip
-    if action is not None and any(v is not None for v in armed.values()):
+            raise FaultError(errno.EINVAL, f"unknown line, fault or action {word!r}: expected "
+                             "A, B or AB, fault specs like A:loss=1%, then status, clear or "
+                             "off")  # fmt: skip
+    options = {k: v for k, v in options.items() if v not in (None, False)}
+    if action is not None and (options or specs):
         raise ValueError(f"lab fault {action} takes no fault options")
+    lines = line_word or "AB"
+    faults = []
+    for spec in specs:
+        got = faultplan.parse_fault(spec, WIRE, lines=lines)
+        if line_word is not None and "".join(f.line for f in got) != line_word:
+            raise faultplan.FaultSpecError(f"fault {spec!r} is not on line {line_word}, the "
+                                           "LINE given")  # fmt: skip
+        faults += got
+    per_line = settings(faults)
+    for letter in lines_of(lines):
+        for key, value in options.items():
+            if key in per_line.get(letter, {}):
+                raise faultplan.FaultSpecError(f"--{key.replace('_', '-')} and a fault spec "
+                                               f"both set line {letter}'s {key}: one of them")
+            per_line.setdefault(letter, {})[key] = value
+    return lines, action, per_line
+
+
+def run_cli(labcfg: Config | LabConfig, words: list[str], *,
+            cut: tuple[float, float] | None = None, drop_range: tuple[int, int] | None = None,
+            loss: float | None = None, drop_all: bool = False, as_json: bool = False) -> int:
+    """``tickwire lab fault [LINE] [SPEC ...] [status|clear|off]`` with the fault options
+    as keywords: prints the resulting status (``as_json``: as JSON)."""
+    lc = _lab(labcfg)
+    lines, action, per_line = cli_faults(words, cut=cut, drop_range=drop_range, loss=loss,
+                                         drop_all=drop_all)  # fmt: skip
     if action == "off":
         removed = detach(lc, lines)
-        if args.json:
+        if as_json:
             print(json.dumps({"prefix": lc.prefix, "detached": removed}))
         else:
             print(f"lab {lc.prefix}: fault program detached from line(s) "
@@ -855,32 +867,10 @@ def run_cli(labcfg: Config | LabConfig, args: argparse.Namespace) -> int:
         return 0
     if action == "clear":
         st = clear(lc, lines)
-    elif action == "status" or all(v is None for v in armed.values()):
+    elif action == "status" or not per_line:
         st = status(lc)
     else:
-        st = configure(lc, lines, **armed)
-    print(json.dumps(st) if args.json else status_text(st))
+        st = _arm(lc, per_line)
+    print(json.dumps(st) if as_json else status_text(st))
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m host.exchange.wirefaults [--config FILE] [--prefix P] [--json] [LINE] [...]``."""
-    from host import config
-
-    p = argparse.ArgumentParser(prog="python -m host.exchange.wirefaults", description="wire fault "
-                                "injection in the lab (tickwire lab fault)", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--config", metavar="FILE", help="TOML configuration ([lab] table)")
-    p.add_argument("--prefix", help="lab name prefix, overrides the config (tw)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_cli_arguments(p)
-    args = p.parse_intermixed_args(argv)  # LINE may come after the options here
-    try:
-        return run_cli(config.load(args.config, prefix=args.prefix), args)
-    except (OSError, ValueError) as e:
-        print(f"tickwire: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
