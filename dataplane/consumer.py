@@ -28,6 +28,7 @@ from dataplane import arbiter, shm, xsk
 from dataplane import book as bk
 from dataplane.itch import rd_u16
 from dataplane.sysabi import IOVEC, MMSGHDR
+from dataplane.xdpabi import META, META_SIZE
 
 OK = 0
 STOPPED = 1  # control asked to stop
@@ -176,7 +177,7 @@ def socket_buffers(batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @njit(nogil=True, _nrt=False)
-def _housekeeping(loops, t_end, ts, arb, bk_):
+def _housekeeping(t_end, ts, arb, bk_):
     """Every 64 idle polls: the arbiter's clock work and the control block. Returns a loop
     status or a book ``NEED_*`` (as ``(status, need)``), ``(-1, 0)`` to keep polling."""
     ctr = arb[0]
@@ -238,7 +239,7 @@ def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, arb, bk_, ts):
             continue
         loops += 1
         if (loops & 63) == 0:
-            status, need = _housekeeping(loops, t_end, ts, arb, bk_)
+            status, need = _housekeeping(t_end, ts, arb, bk_)
             if status >= 0:
                 return status, need
 
@@ -247,7 +248,8 @@ def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, arb, bk_, ts):
 ETH_P_IP = 0x0800
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
-META_LEN = 16  # struct tw_meta (bpf/common.h) in front of the frame: rx_ns u64, channel, line
+# the XDP program's struct tw_meta ends where the frame starts; its rx_ns is read from there
+RX_NS_AT = META.fields["rx_ns"][1] - META_SIZE
 
 # pending rows of the AF_XDP loop: payload start and end (UMEM offsets), line, rx time,
 # frame address to recycle
@@ -324,7 +326,7 @@ def xdp_loop(ri, umem_a, umem_b, pstate, pend, budget_ns, session, arb, bk_, ts)
             k = 0
             for j in range(n):
                 addr, length = xsk.rx_desc(r, idx + j)
-                rx = np.int64(xsk.load_u64(r[xsk.RI_UMEM_BASE] + addr - META_LEN))
+                rx = np.int64(xsk.load_u64(r[xsk.RI_UMEM_BASE] + addr + RX_NS_AT))
                 count_rx(ctr, ln, length, rx)
                 start, end = udp_payload(u, addr, length)
                 frame_ = xsk.frame_addr(r, addr)
@@ -353,7 +355,7 @@ def xdp_loop(ri, umem_a, umem_b, pstate, pend, budget_ns, session, arb, bk_, ts)
                 if xsk.fill_needs_wakeup(ri[ln]):
                     xsk.kick(ri[ln])
                     ctr[shm.S_WAKEUPS] += 1
-            status, need = _housekeeping(loops, t_end, ts, arb, bk_)
+            status, need = _housekeeping(t_end, ts, arb, bk_)
             if status >= 0:
                 return status, need
 

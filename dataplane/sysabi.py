@@ -1,7 +1,8 @@
 """The C ABI of the socket calls the hot loops make (x86-64 Linux): ``struct iovec``,
 ``struct msghdr`` and ``struct mmsghdr`` as numpy records, for ``recvmmsg`` (the
 consumer's kernel-socket path) and ``sendmmsg`` (the publisher), and the one process-wide
-handle on libc for calls made through ctypes off the hot path.
+handle on libc for calls made through ctypes off the hot path, and the socket option
+constants Python's ``socket`` module lacks.
 
 ``tests/test_sysabi.py`` checks the records' sizes and offsets against the C compiler's.
 """
@@ -17,5 +18,9 @@ MSGHDR = np.dtype(
      ("flags", np.int32), ("_p1", np.int32)],
 )  # fmt: skip
 MMSGHDR = np.dtype([("hdr", MSGHDR), ("len", np.uint32), ("_p", np.uint32)])
+
+# <asm-generic/socket.h>: Python's socket module does not export it (checked against the
+# compiler by tests/test_sysabi.py). Needs CAP_NET_ADMIN; past net.core.rmem_max.
+SO_RCVBUFFORCE = 33
 
 LIBC = ctypes.CDLL(None, use_errno=True)  # libc, once: every ctypes call goes through it

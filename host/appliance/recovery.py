@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dataplane import moldudp64 as mold
-from dataplane import shm
+from dataplane import shm, sysabi
 
 POLICIES = {"stale": shm.POLICY_STALE, "halt": shm.POLICY_HALT}
 
@@ -320,9 +320,7 @@ class RecoveryClient:
         if self._sock is not None:
             return
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
-            if opt is None:
-                continue
+        for opt in (sysabi.SO_RCVBUFFORCE, socket.SO_RCVBUF):
             try:  # answers come in bursts of up to max_inflight * max_per_request messages
                 s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
                 break
@@ -471,10 +469,8 @@ class RecoveryClient:
                 return
             except OSError:  # e.g. an ICMP error queued on the socket: nothing to read
                 continue
-            reason = self._check(buf, n)
+            reason, seq, count = self._check(buf, n)
             if reason is None:
-                seq = int.from_bytes(buf[10:18], "big")
-                count = int.from_bytes(buf[18:20], "big")
                 filled = self._fill(seq, seq + count, now)
                 if filled:
                     c["answers"] += 1
@@ -485,17 +481,16 @@ class RecoveryClient:
             c["rejected_answers"] += 1
             c[f"rejected_{reason}"] += 1
 
-    def _check(self, buf: bytearray, n: int) -> str | None:
-        if n < mold.HEADER_LEN:
-            return "malformed"
-        if buf[: mold.SESSION_LEN] != self.session:
-            return "other_session"
-        if n > shm.REC_SLOT_BYTES:
-            return "malformed"
-        status, _seq, _count = mold.parse_header(np.frombuffer(buf, np.uint8, n), 0, n)
-        if status != mold.P_DATA:
-            return "malformed"
-        return None
+    def _check(self, buf: bytearray, n: int) -> tuple[str | None, int, int]:
+        """``(None, seq, count)`` for an answer of our session, or ``(reason, 0, 0)``."""
+        status, seq, count = mold.parse_header(np.frombuffer(buf, np.uint8, n), 0, n)
+        if status == mold.P_SHORT:
+            return "malformed", 0, 0
+        if buf[mold.SESSION_OFF : mold.SESSION_OFF + mold.SESSION_LEN] != self.session:
+            return "other_session", 0, 0
+        if n > shm.REC_SLOT_BYTES or status != mold.P_DATA:
+            return "malformed", 0, 0
+        return None, int(seq), int(count)
 
     def _asked(self, a: int, b: int) -> bool:
         return any(s < b and a < e for s, e in self._recent)
@@ -635,7 +630,7 @@ class RecoveryClient:
             else:
                 g.move("released")
                 c["filled"] += 1
-                i = min(shm.lat_bucket(max(0, now - g.detected_ns)), shm.LAT_BUCKETS - 1)
+                i = min(shm.lat_bucket.py_func(max(0, now - g.detected_ns)), shm.LAT_BUCKETS - 1)
                 self._hist[i] += 1
 
     def _mirror(self, now: int | None = None) -> None:
@@ -669,13 +664,11 @@ class RecoveryClient:
 
 
 # --- metrics ------------------------------------------------------------------------------------
-def metric_families(channel: str, st: dict, bounds_s: tuple[float, ...]) -> Iterator:
+def metric_families(channel: str, st: dict) -> Iterator:
     """Prometheus families for a ``status()`` / ``read_shared()`` dict (for a collector)."""
-    from prometheus_client.core import (
-        CounterMetricFamily,
-        GaugeMetricFamily,
-        HistogramMetricFamily,
-    )
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from host.appliance.metrics import latency_histogram
 
     c = st["counters"]
     ch = channel
@@ -713,11 +706,5 @@ def metric_families(channel: str, st: dict, bounds_s: tuple[float, ...]) -> Iter
                           "Unrecoverable-gap policy: 1 halt, 0 stale", labels=["channel"])
     g.add_metric([ch], float(st["policy"] == "halt"))
     yield g
-    hist = np.asarray(st["histogram"])
-    lows = np.array([shm.bucket_low(i) for i in range(shm.LAT_BUCKETS)], np.float64) / 1e9
-    buckets = [(f"{ub:g}", float(hist[lows < ub].sum())) for ub in bounds_s]
-    buckets.append(("+Inf", float(hist.sum())))
-    h = HistogramMetricFamily("tickwire_recovery_latency_seconds",
-                              "Gap detected to completely filled", labels=["channel"])
-    h.add_metric([ch], buckets, sum_value=float((hist * lows).sum()))
-    yield h
+    yield latency_histogram("tickwire_recovery_latency_seconds",
+                            "Gap detected to completely filled", ch, st["histogram"])

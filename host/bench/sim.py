@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from dataplane import moldudp64 as mold
 from host import config, netns
 from host.bench.book import generated_session, say
 from host.exchange import lab
@@ -16,15 +17,16 @@ from host.exchange import publisher as simmod
 from host.exchange.publisher import line_socket
 
 
-def bench_sim(args) -> dict:
+def bench_sim(session_file: str | None = None, messages: int = 5_000_000, stocks: int = 100,
+              repeat: int = 3, seed: int = 1) -> dict:  # fmt: skip
     """Publisher rate: ``Simulator`` (numba + sendmmsg, both lines) against a plain Python
-    loop sending the same packets with one ``sendmsg`` each, in a private lab."""
-
-    if args.session:
-        buf, name = np.fromfile(args.session, np.uint8), args.session
+    loop sending the same packets with one ``sendmsg`` each, in a private lab; on the ITCH
+    file ``session_file``, else a generated session. The best of ``repeat`` runs."""
+    if session_file:
+        buf, name = np.fromfile(session_file, np.uint8), session_file
     else:
-        buf = generated_session(args.messages, args.stocks, args.seed)
-        name = f"generated {args.messages:,} msgs / {args.stocks:,} stocks"
+        buf = generated_session(messages, stocks, seed)
+        name = f"generated {messages:,} msgs / {stocks:,} stocks"
     session = simmod.Session.from_buffer(buf, name)
     cfg = config.with_lab(prefix=f"tb{os.getpid() % 100000:05d}")
     opts = simmod.SimOptions(pacing=simmod.Pacing(mode="max"), eos_for=0.0, serve=False)
@@ -34,7 +36,7 @@ def bench_sim(args) -> dict:
         with netns.entered(cfg.lab.exchange_ns):
             sim_s, base_s = float("inf"), float("inf")
             sim = None
-            for _ in range(args.repeat):
+            for _ in range(repeat):
                 sim = simmod.Simulator(session, cfg.lab, opts)
                 stats = sim.run()
                 sim_s = min(sim_s, stats["seconds"])
@@ -56,12 +58,12 @@ def _baseline_send(sim, labcfg) -> float:
     socks = [line_socket(line) for line in labcfg.lines.values()]
     hv = memoryview(sim.headers)
     mv = memoryview(sim.session.buf)
-    rows = [(20 * k, int(p["start"]), int(p["end"])) for k, p in enumerate(sim.packets)]
+    rows = [(mold.HEADER_LEN * k, int(p["start"]), int(p["end"])) for k, p in enumerate(sim.packets)]
     try:
         t0 = time.perf_counter()
         for h, a, b in rows:
             for s in socks:
-                s.sendmsg([hv[h : h + 20], mv[a:b]])
+                s.sendmsg([hv[h : h + mold.HEADER_LEN], mv[a:b]])
         return time.perf_counter() - t0
     finally:
         for s in socks:

@@ -46,8 +46,6 @@ an interface and detaches it on exit; ``packets()`` sums its per-CPU counter.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import ipaddress
 import os
@@ -57,29 +55,40 @@ import struct
 import subprocess
 import threading
 import time
-from pathlib import Path
 
+import bpf
+from dataplane import moldudp64 as mold
+from dataplane.xdpabi import XDP_FLAGS_DRV_MODE, XDP_FLAGS_REPLACE, XDP_FLAGS_UPDATE_IF_NOEXIST
 from host import netns
+from host.appliance import bpfsys
 from host.config import LabConfig
 
-BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
+BPF_DIR = bpf.DIR
 PKTGEN_SRC = BPF_DIR / "pktgen.c"
 PROG_GEN = "tw_pktgen"
 PROG_SINK = "tw_sink"
 
-BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 MAX_BATCH = 256  # the kernel's limit on batch_size in live-frames mode
-# state slots (bpf/pktgen.c)
-(ST_NEXT_SEQ, ST_FRAMES, ST_SHORT, ST_BUDGET, ST_INTERVAL, ST_DUE, ST_BURST, ST_FIRST,
- ST_LAST, ST_WAITS, ST_IDLE) = range(11)  # fmt: skip
 MAX_REPEAT = (1 << 31) - 1
-# <linux/if_link.h>
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
-XDP_FLAGS_DRV_MODE = 1 << 2
-XDP_FLAGS_REPLACE = 1 << 4
+# --- mirror of bpf/pktgen.h (tests/test_bpfabi.py checks it against the header) ----------
+MAP_STATE = "tw_pg_state"
+MAP_SINK_STATS = "tw_sink_stats"
+ST_NEXT_SEQ = 0  # sequence stamped into the next frame
+ST_FRAMES = 1  # frames transmitted, all runs
+ST_SHORT = 2  # template too short for a MoldUDP64 header: dropped
+ST_BUDGET = 3  # frames still to transmit in this run
+ST_INTERVAL = 4  # ns between frames (0: as fast as possible)
+ST_DUE = 5  # ktime the next frame is due (0: now)
+ST_BURST = 6  # ns a late sender may catch up at once
+ST_FIRST = 7  # ktime of the run's first frame
+ST_LAST = 8  # ktime of the run's last frame
+ST_WAITS = 9  # repetitions dropped waiting for the next frame to be due
+ST_IDLE = 10  # repetitions dropped after the budget was spent
+STATE_LEN = 16
 
 SRC_PORT = 26400
 MIN_FRAME = 64
+MOLD_AT = 14 + 20 + 8  # Ethernet, IPv4 (no options), UDP, then MoldUDP64 (TW_PG_MOLD)
 FULL_PAIRS = 23  # 20 + 23 * (38 + 21) = 1,377 bytes of UDP payload, 46 messages
 LOCATE = 1
 REF_BASE = 1 << 40
@@ -115,10 +124,6 @@ def frame(payload: bytes, src_ip: str, group: str, port: int, src_mac: bytes,
     return out + bytes(max(0, pad_to - len(out)))
 
 
-def mold_header(session: str, seq: int, count: int) -> bytes:
-    return session.encode("ascii").ljust(10, b" ") + struct.pack(">QH", seq, count)
-
-
 def _itch_header(t: bytes) -> bytes:
     return t + struct.pack(">HH", LOCATE, 0) + bytes(6)  # timestamp stamped at send
 
@@ -141,62 +146,21 @@ def itch_pairs(pairs: int) -> tuple[bytes, int]:
 
 def heartbeat_frame(line, session: str, src_mac: bytes = b"\x02\x00\x00\x00\x00\x01") -> bytes:
     """A 64-byte frame with a MoldUDP64 heartbeat on ``line`` (a ``LineConfig``)."""
-    return frame(mold_header(session, 0, 0), line.exchange_ip, line.group, line.port, src_mac)
+    hb = mold.heartbeat(mold.session_bytes(session), 0)
+    return frame(hb, line.exchange_ip, line.group, line.port, src_mac)
 
 
 def data_frame(line, session: str, pairs: int = FULL_PAIRS,
                src_mac: bytes = b"\x02\x00\x00\x00\x00\x01") -> bytes:  # fmt: skip
     """A MoldUDP64 data packet of ``2 * pairs`` book-neutral ITCH messages."""
     blocks, count = itch_pairs(pairs)
-    return frame(mold_header(session, 0, count) + blocks, line.exchange_ip, line.group,
-                 line.port, src_mac)  # fmt: skip
+    hdr = mold.header(mold.session_bytes(session), 0, count)
+    return frame(hdr + blocks, line.exchange_ip, line.group, line.port, src_mac)
 
 
 def frame_messages(f: bytes) -> int:
     """Message count of a template built here (0 for a heartbeat)."""
-    return struct.unpack_from(">H", f, 14 + 20 + 8 + 18)[0]
-
-
-# --- libbpf ----------------------------------------------------------------------------------
-class _RunOpts(ctypes.Structure):  # struct bpf_test_run_opts (libbpf >= 0.7)
-    _fields_ = [
-        ("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
-        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p),
-        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
-    ]  # fmt: skip
-
-
-class _XdpMd(ctypes.Structure):  # struct xdp_md
-    _fields_ = [(n, ctypes.c_uint32) for n in ("data", "data_end", "data_meta",
-                                               "ingress_ifindex", "rx_queue_index",
-                                               "egress_ifindex")]  # fmt: skip
-
-
-_libbpf = None
-
-
-def _test_run():
-    global _libbpf
-    if _libbpf is None:
-        for name in ("libbpf.so.1", ctypes.util.find_library("bpf")):
-            if not name:
-                continue
-            try:
-                lib = ctypes.CDLL(name, use_errno=True)
-                fn = lib.bpf_prog_test_run_opts
-            except (OSError, AttributeError):
-                continue
-            fn.argtypes = [ctypes.c_int, ctypes.POINTER(_RunOpts)]
-            fn.restype = ctypes.c_int
-            _libbpf = fn
-            break
-        else:
-            raise PktgenError(errno.ENOPKG, "libbpf (>= 0.7) with bpf_prog_test_run_opts is "
-                              "not installed: apt-get install libbpf1 (make setup)")  # fmt: skip
-    return _libbpf
+    return mold.unpack_header(f[MOLD_AT:])[2]
 
 
 # --- the generator ---------------------------------------------------------------------------
@@ -210,7 +174,7 @@ def _load():
         raise PktgenError(errno.EPERM, "the packet generator needs root (CAP_BPF, "
                           "CAP_NET_ADMIN)")  # fmt: skip
     try:
-        bpf = BPF(src_file=str(PKTGEN_SRC).encode())
+        bpf = BPF(src_file=str(PKTGEN_SRC).encode(), cflags=[f"-I{BPF_DIR}"])  # pktgen.h
         gen = bpf.load_func(PROG_GEN.encode(), BPF.XDP)
         sink = bpf.load_func(PROG_SINK.encode(), BPF.XDP)
     except Exception as e:
@@ -254,12 +218,11 @@ class PacketGen:
         self.burst = burst
         self.spin_rate: float | None = None
         self.ns = labcfg.exchange_ns
-        self._run = _test_run()
         self.src_mac = _mac(self.ns, self.line.exchange_if)
         with netns.entered(self.ns):
             self.ifindex = socket.if_nametoindex(self.line.exchange_if)
         self._bpf, self.gen_fd, self.sink_fd = _load()
-        self._state = self._bpf[b"tw_pg_state"]
+        self._state = self._bpf[MAP_STATE.encode()]
         self._lock = threading.Lock()
         self.template = b""
         self.use(self.heartbeat())
@@ -300,16 +263,14 @@ class PacketGen:
 
     # -- sending
     def _call(self, buf, ctx, repeat: int) -> float:
-        opts = _RunOpts(sz=ctypes.sizeof(_RunOpts), data_in=ctypes.addressof(buf),
-                        data_size_in=len(self.template), ctx_in=ctypes.addressof(ctx),
-                        ctx_size_in=ctypes.sizeof(ctx), repeat=min(repeat, MAX_REPEAT),
-                        flags=BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=self.batch)  # fmt: skip
         t0 = time.monotonic()
-        rc = self._run(self.gen_fd, ctypes.byref(opts))
-        if rc != 0:
-            e = -rc if rc < 0 else ctypes.get_errno()
-            raise PktgenError(e, f"BPF_PROG_RUN (live frames) on {self.ns}/"
-                              f"{self.line.exchange_if}: {os.strerror(e)}")  # fmt: skip
+        try:
+            bpfsys.prog_run(self.gen_fd, buf, ctx=ctx, repeat=min(repeat, MAX_REPEAT),
+                            flags=bpfsys.BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=self.batch)
+        except OSError as e:
+            where = f"{self.ns}/{self.line.exchange_if}"
+            raise PktgenError(e.errno, f"BPF_PROG_RUN (live frames) on {where}: "
+                              f"{os.strerror(e.errno)}") from None
         return time.monotonic() - t0
 
     def _calibrate(self, buf, ctx) -> None:
@@ -324,8 +285,8 @@ class PacketGen:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         if self.cpu is not None:
             os.sched_setaffinity(0, {self.cpu})  # this thread only
-        buf = ctypes.create_string_buffer(self.template, len(self.template))
-        ctx = _XdpMd(data=0, data_end=len(self.template), ingress_ifindex=self.ifindex)
+        buf = self.template
+        ctx = bpfsys.xdp_md(len(buf), self.ifindex)
         interval = 0 if not rate_pps else max(1, round(1e9 / rate_pps))
         calls = 0
         with self._lock, netns.entered(self.ns):
@@ -419,7 +380,7 @@ class Sink:
 
     def __init__(self, pg: PacketGen, ns: str, ifname: str):
         self.pg, self.ns, self.ifname = pg, ns, ifname
-        self._stats = pg._bpf[b"tw_sink_stats"]
+        self._stats = pg._bpf[MAP_SINK_STATS.encode()]
         self._idx = None
 
     def _link(self, fd: int, flags: int, expected: int | None = None) -> None:

@@ -25,7 +25,6 @@ import ctypes
 import json
 import os
 import random
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import numpy as np
 from numba import njit
 
 from dataplane import moldudp64 as mold
-from dataplane.sysabi import IOVEC, MMSGHDR
+from dataplane.sysabi import IOVEC, LIBC, MMSGHDR
 from host.config import LabConfig, LineConfig
 from host.exchange.faultplan import LINES, Fault, SimError
 from host.exchange.rerequest import ReRequestServer, ServerConfig
@@ -109,15 +108,14 @@ def nominal_times(session: Session, packets: np.ndarray, pacing: Pacing) -> np.n
 
 
 # --- the sender ---------------------------------------------------------------------------
-_libc = ctypes.CDLL(None, use_errno=True)
-_sendmmsg = _libc.sendmmsg
+_sendmmsg = LIBC.sendmmsg
 _sendmmsg.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int]
 _sendmmsg.restype = ctypes.c_int
-_errno_loc = _libc.__errno_location
+_errno_loc = LIBC.__errno_location
 _errno_loc.argtypes = []
 _errno_loc.restype = ctypes.POINTER(ctypes.c_int)
 
-assert MMSGHDR.itemsize == 64  # struct mmsghdr on x86-64 (dataplane.consumer)
+MMSG_SIZE = MMSGHDR.itemsize
 EINTR, EAGAIN, ENOBUFS = 4, 11, 105
 
 
@@ -142,15 +140,15 @@ def send_due(fd, mm, iov, hdr_addr, buf_addr, packets, sched, due, cursor, now, 
             cutlog[ncut, 1] = now
             ncut += 1
         else:
-            iov[2 * k].base = hdr_addr + 20 * pkt
-            iov[2 * k].len = 20
+            iov[2 * k].base = hdr_addr + mold.HEADER_LEN * pkt
+            iov[2 * k].len = mold.HEADER_LEN
             iov[2 * k + 1].base = buf_addr + packets[pkt].start
             iov[2 * k + 1].len = packets[pkt].end - packets[pkt].start
             k += 1
         cursor += 1
     done = 0
     while done < k:
-        r = _sendmmsg(fd, mm.ctypes.data + 64 * done, k - done, 0)
+        r = _sendmmsg(fd, mm.ctypes.data + MMSG_SIZE * done, k - done, 0)
         if r < 0:
             e = _errno_loc()[0]
             if e == EINTR or e == EAGAIN or e == ENOBUFS:
@@ -170,6 +168,8 @@ class LineState:
     events: list[dict]
     delay_ns: int = 0
     sock: socket.socket | None = None
+    mm: np.ndarray | None = None  # MMSGHDR[batch], each pointing at two IOVECs of iov
+    iov: np.ndarray | None = None  # IOVEC[2 * batch]: header, then payload, per message
     cursor: int = 0
     ncut: int = 0
     cutlog: np.ndarray | None = None
@@ -342,101 +342,121 @@ class Simulator:
                                   "next_seq": seq, "at_ms": now / 1e6})  # fmt: skip
                 st.last_tx = now
                 return
-        st.sock.send(self.name + seq.to_bytes(8, "big") + count.to_bytes(2, "big"))
-        st.last_tx = now
         if count == mold.HEARTBEAT:
+            st.sock.send(mold.heartbeat(self.name, seq))
             st.heartbeats += 1
         else:
+            st.sock.send(mold.end_of_session(self.name, seq))
             st.eos += 1
+        st.last_tx = now
 
     def run(self, progress=None) -> dict:
         """Publish everything, then end-of-session; returns the summary (``self.stats``)."""
-        opts = self.opts
-        batch = opts.batch
-        for st in self.lines.values():
-            st.sock = line_socket(st.cfg)
-        mm = {}
-        iov = {}
-        for letter in LINES:
-            iov[letter] = np.zeros(2 * batch, IOVEC)
-            mm[letter] = np.zeros(batch, MMSGHDR)
-            for i in range(batch):
-                mm[letter][i]["hdr"]["iov"] = iov[letter].ctypes.data + 2 * IOVEC.itemsize * i
-                mm[letter][i]["hdr"]["iovlen"] = 2
-        if opts.serve:
-            self.server = ReRequestServer(self.session, self.name, self.published, opts.server,
-                                          opts.payload)  # fmt: skip
-            self.server.start()
-        hb_ns = int(opts.heartbeat * 1e9)
-        for st in self.lines.values():  # compile the sender now, not inside the timing
-            send_due(-1, mm[st.letter], iov[st.letter], 0, 0, self.packets, st.sched, st.due,
-                     st.cursor, -(1 << 62), st.cuts, st.cutlog, st.ncut)  # fmt: skip
-        hdr_addr = self.headers.ctypes.data
-        buf_addr = self.session.buf.ctypes.data
-        t_start = time.monotonic_ns()
-        t0 = t_start + int(opts.preroll * 1e9)
-        next_progress = t_start + 1_000_000_000
-        interrupted = False
         try:
-            while not all(st.done() for st in self.lines.values()):
-                if self._stop:
-                    interrupted = True
-                    break
-                now = time.monotonic_ns() - t0
-                self.published[0] = max(self.published[0], self._published_at(now))
-                busy = False
-                for st in self.lines.values():
-                    if st.done():
-                        continue
-                    cur, st.ncut, sent, err = send_due(
-                        st.sock.fileno(), mm[st.letter], iov[st.letter], hdr_addr, buf_addr,
-                        self.packets, st.sched, st.due, st.cursor, now, st.cuts, st.cutlog,
-                        st.ncut)  # fmt: skip
-                    if err:
-                        raise OSError(err, f"line {st.letter}: send failed: "
-                                      f"{os.strerror(err)}")  # fmt: skip
-                    if cur != st.cursor:
-                        busy = True
-                    st.cursor = cur
-                    if sent:
-                        st.data_packets += sent
-                        st.last_tx = now
-                    elif now - st.last_tx >= hb_ns:
-                        self._control(st, mold.HEARTBEAT, now)
-                if progress is not None and time.monotonic_ns() >= next_progress:
-                    next_progress += 1_000_000_000
-                    progress(self._progress())
-                if not busy:
-                    nxt = min([int(st.due[st.cursor]) for st in self.lines.values()
-                               if not st.done()] + [now + hb_ns])  # fmt: skip
-                    wait = (nxt - (time.monotonic_ns() - t0)) / 1e9
-                    if wait > 0:
-                        time.sleep(min(wait, 0.05))
+            self._start_lines()
+            if self.opts.serve:
+                self.server = ReRequestServer(self.session, self.name, self.published,
+                                              self.opts.server, self.opts.payload)  # fmt: skip
+                self.server.start()
+            t0 = time.monotonic_ns() + int(self.opts.preroll * 1e9)
+            interrupted = not self._publish(t0, progress)
             self.published[0] = int(self.pkt_end_seq[-1])
             t_data = time.monotonic_ns() - t0
             if not interrupted:
-                t_end = time.monotonic_ns() + int(opts.eos_for * 1e9)
-                while True:
-                    now = time.monotonic_ns() - t0
-                    for st in self.lines.values():
-                        self._control(st, mold.END_OF_SESSION, now)
-                    if self._stop:
-                        interrupted = True
-                        break
-                    left = t_end - time.monotonic_ns()
-                    if left <= 0:
-                        break
-                    deadline = time.monotonic() + min(opts.heartbeat, left / 1e9)
-                    while not self._stop and time.monotonic() < deadline:
-                        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                interrupted = not self._end_session(t0)
         finally:
-            if self.server is not None:
-                self.server.stop()
-            for st in self.lines.values():
-                if st.sock is not None:
-                    st.sock.close()
+            self._close()
         self.stats = self._summary(max(t_data, 1), interrupted)
         return self.stats
+
+    def _start_lines(self) -> None:
+        """Each line's socket and ``sendmmsg`` vectors; the sender compiled (now, not
+        inside the timing)."""
+        batch = self.opts.batch
+        for st in self.lines.values():
+            st.sock = line_socket(st.cfg)
+            st.iov = np.zeros(2 * batch, IOVEC)
+            st.mm = np.zeros(batch, MMSGHDR)
+            for i in range(batch):
+                st.mm[i]["hdr"]["iov"] = st.iov.ctypes.data + 2 * IOVEC.itemsize * i
+                st.mm[i]["hdr"]["iovlen"] = 2
+            send_due(-1, st.mm, st.iov, 0, 0, self.packets, st.sched, st.due, st.cursor,
+                     -(1 << 62), st.cuts, st.cutlog, st.ncut)  # fmt: skip
+
+    def _publish(self, t0: int, progress) -> bool:
+        """Send every line's schedule (due times are ns after ``t0``), with heartbeats on
+        idle lines; False if stopped before the end."""
+        hb_ns = int(self.opts.heartbeat * 1e9)
+        addrs = (self.headers.ctypes.data, self.session.buf.ctypes.data)
+        next_progress = time.monotonic_ns() + 1_000_000_000
+        while not all(st.done() for st in self.lines.values()):
+            if self._stop:
+                return False
+            now = time.monotonic_ns() - t0
+            self.published[0] = max(self.published[0], self._published_at(now))
+            busy = self._send_step(now, hb_ns, *addrs)
+            if progress is not None and time.monotonic_ns() >= next_progress:
+                next_progress += 1_000_000_000
+                progress(self._progress())
+            if not busy:
+                self._wait_due(t0, now + hb_ns)
+        return True
+
+    def _send_step(self, now: int, hb_ns: int, hdr_addr: int, buf_addr: int) -> bool:
+        """One pass over the lines: what is due at ``now`` (one batch per line), or a
+        heartbeat on a line idle for ``hb_ns``. True if any line moved on."""
+        busy = False
+        for st in self.lines.values():
+            if st.done():
+                continue
+            cur, st.ncut, sent, err = send_due(
+                st.sock.fileno(), st.mm, st.iov, hdr_addr, buf_addr, self.packets, st.sched,
+                st.due, st.cursor, now, st.cuts, st.cutlog, st.ncut)  # fmt: skip
+            if err:
+                raise OSError(err, f"line {st.letter}: send failed: {os.strerror(err)}")
+            if cur != st.cursor:
+                busy = True
+            st.cursor = cur
+            if sent:
+                st.data_packets += sent
+                st.last_tx = now
+            elif now - st.last_tx >= hb_ns:
+                self._control(st, mold.HEARTBEAT, now)
+        return busy
+
+    def _wait_due(self, t0: int, horizon: int) -> None:
+        """Sleep until the next slot of any line is due (or ``horizon``), 50 ms at most."""
+        nxt = min([int(st.due[st.cursor]) for st in self.lines.values() if not st.done()]
+                  + [horizon])  # fmt: skip
+        wait = (nxt - (time.monotonic_ns() - t0)) / 1e9
+        if wait > 0:
+            time.sleep(min(wait, 0.05))
+
+    def _end_session(self, t0: int) -> bool:
+        """End-of-session on every line at once and every ``heartbeat`` seconds for
+        ``eos_for`` seconds, while the re-request server keeps answering; False if
+        stopped before that time is up."""
+        opts = self.opts
+        t_end = time.monotonic_ns() + int(opts.eos_for * 1e9)
+        while True:
+            now = time.monotonic_ns() - t0
+            for st in self.lines.values():
+                self._control(st, mold.END_OF_SESSION, now)
+            if self._stop:
+                return False
+            left = t_end - time.monotonic_ns()
+            if left <= 0:
+                return True
+            deadline = time.monotonic() + min(opts.heartbeat, left / 1e9)
+            while not self._stop and time.monotonic() < deadline:
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        for st in self.lines.values():
+            if st.sock is not None:
+                st.sock.close()
 
     def _progress(self) -> str:
         done = min(st.cursor for st in self.lines.values())
@@ -517,14 +537,6 @@ def summary_text(s: dict) -> str:
                    f"({r['messages']:,} messages in {r['packets']:,} packets), "
                    f"{ignored:,} ignored")  # fmt: skip
     return "\n".join(out)
-
-
-def install_signal_handlers(sim: Simulator) -> None:
-    def handler(signum, frame):
-        sim.stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
 
 
 def write_record(sim: Simulator, path: str) -> None:

@@ -108,8 +108,6 @@ class ReRequestServer:
 
     def _serve(self, s: socket.socket) -> None:
         packets = np.zeros(self.cfg.max_messages, mold.PACKET)
-        hdr = np.zeros(mold.HEADER_LEN, np.uint8)
-        name = np.frombuffer(self.name, np.uint8)
         while not self._stop.is_set():
             try:
                 data, addr = s.recvfrom(2048)
@@ -121,21 +119,18 @@ class ReRequestServer:
                 continue
             self._count(requests=1)
             try:
-                self._answer(s, data, addr, packets, hdr, name)
+                self._answer(s, data, addr, packets)
             except OSError:  # e.g. the requester's address is unreachable: count, go on
                 self._count(send_errors=1)
 
-    def _answer(self, s, data, addr, packets, hdr, name) -> None:
-        if len(data) != mold.REQUEST_LEN:
+    def _answer(self, s, data, addr, packets) -> None:
+        try:
+            session, seq, count = mold.parse_request(data)
+        except mold.MoldError:
             self._count(malformed=1)
             return
-        seq = int.from_bytes(data[10:18], "big")
-        count = int.from_bytes(data[18:20], "big")
-        if data[:10] != self.name:
+        if session != self.name:
             self._count(other_session=1)
-            return
-        if seq < 1 or count == 0 or count == mold.END_OF_SESSION:
-            self._count(malformed=1)
             return
         top = int(self.published[0])
         if seq > top:
@@ -158,8 +153,8 @@ class ReRequestServer:
             size = mold.HEADER_LEN + int(p["end"] - p["start"])
             if sent_bytes + size > self.cfg.max_bytes:
                 break
-            mold.put_header(hdr, 0, name, int(p["seq"]), int(p["count"]))
-            s.sendmsg([hdr.tobytes(), mv[int(p["start"]) : int(p["end"])]], [], 0, addr)
+            hdr = mold.header(self.name, int(p["seq"]), int(p["count"]))
+            s.sendmsg([hdr, mv[int(p["start"]) : int(p["end"])]], [], 0, addr)
             sent_msgs += int(p["count"])
             sent_pkts += 1
             sent_bytes += size
