@@ -81,18 +81,6 @@ def compiler_fence(typingctx):
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def lat_bucket(v):
-    if v < shm.LAT_SUB:
-        return max(v, 0)
-    e = 0
-    x = v
-    while x > 1:
-        x >>= 1
-        e += 1
-    return (e - 2) * shm.LAT_SUB + ((v >> (e - 3)) & (shm.LAT_SUB - 1))
-
-
-@njit(cache=True, nogil=True, inline="always", _nrt=False)
 def publish_bbo(bbo, sides, locate, feed_seq, t):
     """Copy one locate's cached best levels into its seqlocked record when they changed."""
     b = sides[2 * locate]
@@ -156,7 +144,7 @@ def take(b, pos, end, seq, count, line, rx_ns, t, ctr, orders, levels, sides, la
     ctr[lb + shm.L_DUPLICATES] += s - seq
     ctr[shm.A_PACKETS] += 1
     if rx_ns > 0 and t >= rx_ns:
-        lat[lat_bucket(t - rx_ns)] += 1
+        lat[shm.lat_bucket(t - rx_ns)] += 1
     return 0
 
 
@@ -279,7 +267,7 @@ def _declare(t, first, lo, ctr, gaps, control):
     compiler_fence()
     control[shm.C_GAP_HEAD] = head + 1
     ctr[shm.A_DECLARED_TO] = lo
-    ctr[shm.A_GAP_EVENTS] += 1
+    ctr[shm.A_GAPS_DECLARED] += 1
     ctr[shm.A_GAP_DECLARED_MSGS] += lo - first
     return True
 
@@ -347,8 +335,8 @@ def lost(first, count, ctr, control):
         return 1
     if first > nxt:
         return 0
-    ctr[shm.A_GAP_MESSAGES] += end - nxt
-    ctr[shm.A_LOST_EVENTS] += 1
+    ctr[shm.A_UNRECOVERABLE_MSGS] += end - nxt
+    ctr[shm.A_UNRECOVERABLE_GAPS] += 1
     control[shm.C_STALE] = 1
     if control[shm.C_POLICY] == shm.POLICY_HALT:
         control[shm.C_HALTED] = 1  # the books stop before the gap; nothing more applies
@@ -358,6 +346,12 @@ def lost(first, count, ctr, control):
     return 1
 
 
+# Why 21 positional arguments: a numba record holds only fixed-size fields, not the book's
+# arrays (they grow); a structref is reference-counted, which code compiled with _nrt=False
+# cannot be (tests/test_nrt.py). A namedtuple would cost nothing (numba flattens tuple
+# arguments), but it would change every caller -- the consumer's arb/bk_ tuples, the
+# runner that builds them, take, drain and the tests -- at once, and no bench in the tree
+# runs this path offline (bench book does not call it). Left for a change of its own.
 @njit(cache=True, nogil=True, _nrt=False)
 def on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta, orders, levels,
               sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat):  # fmt: skip

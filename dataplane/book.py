@@ -28,7 +28,7 @@ Structure (all numpy arrays; the jitted functions take them as arguments):
   (bid key = price, ask key = 2^32-1 - price), so adds and removals near the top move few
   entries. A side of up to ``SCAN`` levels is searched with one vector compare (the ladder
   ends in ``SCAN`` rungs of padding so that read never leaves it), a longer one bisects.
-  ``sides`` also caches the best level's price and shares (the BBO) and the live order count.
+  ``sides`` also caches the best level's price and shares (the BBO).
 - ``stocks`` (``STOCK``): the symbol from the stock directory and the trading state.
 - ``meta``: free-list heads, high-water marks, the hash shift and count, the live-order
   count and its limit, the ring's mask and its size limit.
@@ -1129,7 +1129,9 @@ class Book:
                    ladder=max(1 << 16, orders // 2), counters=counters)  # fmt: skip
 
     # -- feeding --
-    def _state(self):
+    def arrays(self):
+        """The book's arrays, in the order the jitted apply functions take them (again after
+        every ``grow``, which may replace them)."""
         return (self.orders, self.levels, self.sides, self.ladder, self.htab, self.stocks,
                 self.meta, self.counters)  # fmt: skip
 
@@ -1143,16 +1145,18 @@ class Book:
         end = len(buf) if end is None else end
         pos = start
         while True:
-            status, pos = apply_stream(buf, pos, end, *self._state())
+            status, pos = apply_stream(buf, pos, end, *self.arrays())
             if status == itch.OK:
                 return pos
             if status == TRUNCATED:
                 if partial_ok:
                     return pos
                 raise itch.TruncatedInput(pos)
-            self._grow(status)
+            self.grow(status)
 
-    def _grow(self, need: int) -> None:
+    def grow(self, need: int) -> None:
+        """Make the room an apply function asked for (its ``NEED_*`` status), off the hot
+        path. Raises ``CapacityError`` past ``max_orders``."""
         if need == NEED_ORDERS:
             raise CapacityError(f"live orders would exceed the configured maximum of "
                                 f"{self.max_orders}")  # fmt: skip

@@ -55,11 +55,11 @@ class Rig:
         self.t = 1_000
 
     def bk(self):
-        return (*self.book._state(), self.m["bbo"], self.touched, self.m["latency"])
+        return (*self.book.arrays(), self.m["bbo"], self.touched, self.m["latency"])
 
     def _settle(self, status: int) -> None:
         while status != 0:  # the book asked for room: grow, then the same call again
-            self.book._grow(status)
+            self.book.grow(status)
             status = self._retry()
         while (gap := shm.gap_pop(self.m)) is not None:
             self.lost.append((gap[0], gap[1]))
@@ -77,7 +77,7 @@ class Rig:
                         self.control[shm.C_GAP_HEAD] == self.control[shm.C_GAP_TAIL]:  # fmt: skip
                     break
             if st_ != 0:
-                self.book._grow(st_)
+                self.book.grow(st_)
             while (gap := shm.gap_pop(self.m)) is not None:
                 self.lost.append((gap[0], gap[1]))
                 assert shm.rec_push(self.m, shm.REC_LOST, gap[0], gap[1])
@@ -89,7 +89,7 @@ class Rig:
             need, done = consumer._packet(b, 0, len(b), line, self.t - 500, self.t,
                                           self.session, self.arb, self.bk())  # fmt: skip
             if need:
-                self.book._grow(need)
+                self.book.grow(need)
             if done:
                 break
         self._retry = lambda: consumer._idle(self.t, self.arb, self.bk())
@@ -162,10 +162,10 @@ def test_a_hole_waits_for_the_other_line_within_the_window():
     for p in packets[1:]:  # line A lost the first packet
         rig.packet(0, p[2])
     assert rig.queue() == [] and rig.ctr[shm.A_HELD_NOW] == len(packets) - 1
-    assert rig.ctr[shm.A_GAP_EVENTS] == 0  # within the window: no gap yet
+    assert rig.ctr[shm.A_GAPS_DECLARED] == 0  # within the window: no gap yet
     rig.packet(1, packets[0][2])  # line B fills it
     assert rig.queue() == list(range(1, 31)) and rig.ctr[shm.A_HELD_NOW] == 0
-    assert rig.lost == [] and rig.ctr[shm.A_GAP_EVENTS] == 0
+    assert rig.lost == [] and rig.ctr[shm.A_GAPS_DECLARED] == 0
 
 
 def test_window_in_messages_declares_early_and_tail_loss_is_seen_by_heartbeat():
@@ -173,7 +173,7 @@ def test_window_in_messages_declares_early_and_tail_loss_is_seen_by_heartbeat():
     packets = _packets(60, random.Random(2))
     for p in packets[3:]:
         rig.packet(0, p[2])
-    assert rig.ctr[shm.A_GAP_EVENTS] == 1 and rig.lost[0][0] == 1  # declared by count
+    assert rig.ctr[shm.A_GAPS_DECLARED] == 1 and rig.lost[0][0] == 1  # declared by count
     assert rig.queue()[0] == packets[3][0]
     rig2 = Rig(64, window_ns=5_000, window_msgs=10**9)
     for p in packets[:-2]:  # the burst's last two packets are lost on both lines
@@ -246,9 +246,9 @@ def test_heavy_loss_declares_every_hole_past_the_window_at_once():
     for p in kept:
         rig.packet(0, p[2])
     holes = len(packets) // 2  # the lost packets before the last one kept
-    assert rig.ctr[shm.A_GAP_EVENTS] < holes  # the latest holes are still young
+    assert rig.ctr[shm.A_GAPS_DECLARED] < holes  # the latest holes are still young
     rig.idle(60_000)  # one tick past the window
-    assert rig.ctr[shm.A_GAP_EVENTS] == holes
+    assert rig.ctr[shm.A_GAPS_DECLARED] == holes
     assert rig.ctr[shm.A_NEXT] == kept[-1][0] + kept[-1][1]
     out = rig.queue()
     assert out == [s for (seq, k, _) in kept for s in range(seq, seq + k)]

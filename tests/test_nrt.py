@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent(
     m = {n: np.zeros(shape, dt) for n, (dt, shape) in shm.REGIONS.items() if n != "levels"}
     arb = (m["counters"], *arbiter.new_hold(4), m["gaps"], m["control"], m["recov"],
            m["recov_meta"])
-    bk_ = (*b._state(), m["bbo"], np.zeros(256, np.int64), m["latency"])
+    bk_ = (*b.arrays(), m["bbo"], np.zeros(256, np.int64), m["latency"])
     session, ts = np.zeros(10, np.uint8), np.zeros(2, np.int64)
     rbuf, _iov, mm = consumer.socket_buffers(4)
     sock_args = (np.zeros(2, np.int64), mm, rbuf, np.zeros(8, np.int64), 0, session, arb, bk_,

@@ -1,11 +1,16 @@
-"""Line health: up / stale / down per line, as an explicit transition table.
+"""Line health: up / stale / down per line, from the consumer's counters and the time.
 
 A line is judged by its silence: the time since its last packet of any kind (heartbeats
-count), from the consumer's shared counters (``L_RX_NS``, CLOCK_MONOTONIC). The exchange
-sends heartbeats every second while idle, so a line silent for longer than ``stale_after``
-has missed one; longer than ``down_after`` it is gone. ``LineHealth.observe`` feeds the
-event for the current silence through ``TRANSITIONS`` and remembers the state, so every
-change is explicit (and logged by whoever watches).
+count), from the consumer's shared counters (``L_RX_NS``, CLOCK_MONOTONIC, one clock for
+every process). The exchange sends heartbeats every second while idle, so a line silent
+for longer than ``stale_after`` has missed one; longer than ``down_after`` it is gone; a
+line never heard is ``unknown``.
+
+The state is a function of the silence alone (``state_for``), not of what an observer saw
+before: ``tickwire status``, every Prometheus scrape and the appliance's log see the same
+state at the same moment, however often and however many of them look. ``LineHealth``
+only remembers the states it last reported, to say which changed (the appliance logs
+those).
 """
 
 from __future__ import annotations
@@ -16,50 +21,48 @@ from dataclasses import dataclass, field
 from dataplane import shm
 
 UP, STALE, DOWN, UNKNOWN = "up", "stale", "down", "unknown"
-HEARD, QUIET, SILENT = "heard", "quiet", "silent"  # events, by silence
-
-# (state, event) -> next state
-TRANSITIONS = {
-    (UNKNOWN, HEARD): UP, (UNKNOWN, QUIET): UNKNOWN, (UNKNOWN, SILENT): UNKNOWN,
-    (UP, HEARD): UP, (UP, QUIET): STALE, (UP, SILENT): DOWN,
-    (STALE, HEARD): UP, (STALE, QUIET): STALE, (STALE, SILENT): DOWN,
-    (DOWN, HEARD): UP, (DOWN, QUIET): DOWN, (DOWN, SILENT): DOWN,
-}  # fmt: skip
 STATE_CODE = {UNKNOWN: -1, UP: 0, STALE: 1, DOWN: 2}
+# silence (s) after which a line is stale (one heartbeat missed) and down
+STALE_AFTER = 1.5
+DOWN_AFTER = 5.0
 
 
-def event_for(silence_s: float | None, stale_after: float, down_after: float) -> str:
+def state_for(silence_s: float | None, stale_after: float = STALE_AFTER,
+              down_after: float = DOWN_AFTER) -> str:  # fmt: skip
+    """The state of a line silent for ``silence_s`` seconds (None: never heard)."""
     if silence_s is None:
-        return SILENT
+        return UNKNOWN
     if silence_s <= stale_after:
-        return HEARD
-    return QUIET if silence_s <= down_after else SILENT
+        return UP
+    return STALE if silence_s <= down_after else DOWN
+
+
+def lines(counters, now_ns: int | None = None, stale_after: float = STALE_AFTER,
+          down_after: float = DOWN_AFTER) -> dict[str, dict]:  # fmt: skip
+    """Per line (A, B): ``state`` and ``silence_s`` (None: never heard) at ``now_ns``
+    (CLOCK_MONOTONIC; default now)."""
+    now = time.monotonic_ns() if now_ns is None else now_ns
+    out = {}
+    for k, letter in enumerate("AB"):
+        rx = int(counters[k * shm.LINE_STRIDE + shm.L_RX_NS])
+        silence = max(0, now - rx) / 1e9 if rx > 0 else None
+        out[letter] = {"state": state_for(silence, stale_after, down_after),
+                       "silence_s": silence}  # fmt: skip
+    return out
 
 
 @dataclass
 class LineHealth:
-    # silence (s) after which a line is stale (one heartbeat missed) and down
-    stale_after: float = 1.5
-    down_after: float = 5.0
-    states: dict[str, str] = field(default_factory=lambda: {"A": UNKNOWN, "B": UNKNOWN})
+    """Reports the lines' states and which changed since the last ``observe``."""
+
+    stale_after: float = STALE_AFTER
+    down_after: float = DOWN_AFTER
+    last: dict[str, str] = field(default_factory=lambda: {"A": UNKNOWN, "B": UNKNOWN})
 
     def observe(self, counters, now_ns: int | None = None) -> dict[str, dict]:
-        """Update every line from the shared counters; returns per line state, silence,
-        and whether it changed."""
-        now = time.monotonic_ns() if now_ns is None else now_ns
-        out = {}
-        for k, letter in enumerate("AB"):
-            rx = int(counters[k * shm.LINE_STRIDE + shm.L_RX_NS])
-            silence = (now - rx) / 1e9 if rx > 0 else None
-            old = self.states[letter]
-            new = TRANSITIONS[(old, event_for(silence, self.stale_after, self.down_after))]
-            self.states[letter] = new
-            out[letter] = {"state": new, "silence_s": silence, "changed": new != old}
+        """``lines()``, each with ``changed``: its state differs from the last one seen."""
+        out = lines(counters, now_ns, self.stale_after, self.down_after)
+        for letter, h in out.items():
+            h["changed"] = h["state"] != self.last[letter]
+            self.last[letter] = h["state"]
         return out
-
-
-def snapshot(counters, now_ns: int | None = None, stale_after: float = 1.5,
-             down_after: float = 5.0) -> dict[str, dict]:  # fmt: skip
-    """The states a fresh observer reaches from the counters alone (``tickwire status``)."""
-    h = LineHealth(stale_after, down_after)
-    return h.observe(counters, now_ns)

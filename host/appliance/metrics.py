@@ -7,6 +7,7 @@ channels are labels.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -17,7 +18,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
-from dataplane import shm
+from dataplane import book as bk
+from dataplane import itch, shm
+from host.appliance import linehealth
+from host.config import host_port
 
 LINE_COUNTERS = (
     ("line_packets", shm.L_PACKETS, "Packets received on the line"),
@@ -36,21 +40,47 @@ LAT_BOUNDS_S = (1e-6, 2e-6, 5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1
                 5e-3, 10e-3, 100e-3, 1.0)  # fmt: skip
 
 
+def latency_histogram(name: str, doc: str, channel: str, hist) -> HistogramMetricFamily:
+    """A shared-memory latency histogram (``shm.LAT_BUCKETS`` counts of nanoseconds) as a
+    Prometheus histogram in seconds, cumulative at ``LAT_BOUNDS_S``; its sum counts each
+    bucket at its lower bound. The one conversion, for every such histogram."""
+    hist = np.array(hist)  # one copy: buckets, count and sum from the same moment
+    lows = np.array([shm.bucket_low(i) for i in range(shm.LAT_BUCKETS)], np.float64) / 1e9
+    buckets = [(f"{ub:g}", float(hist[lows < ub].sum())) for ub in LAT_BOUNDS_S]
+    buckets.append(("+Inf", float(hist.sum())))
+    h = HistogramMetricFamily(name, doc, labels=["channel"])
+    h.add_metric([channel], buckets, sum_value=float((hist * lows).sum()))
+    return h
+
+
 class ConsumerCollector:
-    """Collects one channel's counters from shared memory (and XDP stats if given)."""
+    """Collects one channel's counters from shared memory (and XDP stats if given).
+    Stateless: a scrape shows the counters and, for line health, their age at ``now_ns()``
+    (CLOCK_MONOTONIC), so any number of scrapers see the same thing."""
 
     def __init__(self, channel: str, maps: dict, xdp_stats: Callable[[], dict] | None = None,
-                 recovery: Callable[[], dict] | None = None):  # fmt: skip
+                 recovery: Callable[[], dict] | None = None,
+                 now_ns: Callable[[], int] = time.monotonic_ns):  # fmt: skip
         self.channel = channel
         self.m = maps
         self.xdp_stats = xdp_stats
         self.recovery = recovery
-        from host.appliance.linehealth import LineHealth
-
-        self.health = LineHealth()
+        self.now_ns = now_ns
 
     def collect(self):
-        c = np.array(self.m["counters"])
+        c = np.array(self.m["counters"])  # one copy: every family from the same moment
+        yield from self._lines(c)
+        yield from self._sequencing(c)
+        yield from self._book(c[shm.BOOK_BASE :])
+        yield latency_histogram("tickwire_receive_to_book_seconds",
+                                "Receive (XDP stamp or recvmmsg return) to book applied, "
+                                "per packet", self.channel, self.m["latency"])  # fmt: skip
+        yield from self._clock()
+        yield from self._recovery()
+        yield from self._xdp()
+
+    def _lines(self, c: np.ndarray):
+        """Per line: the consumer's counters, last sequence and health."""
         ch = self.channel
         for name, idx, doc in LINE_COUNTERS:
             f = CounterMetricFamily(f"tickwire_{name}", doc, labels=["channel", "line"])
@@ -62,37 +92,36 @@ class ConsumerCollector:
         for k, letter in enumerate("AB"):
             g.add_metric([ch, letter], float(c[k * shm.LINE_STRIDE + shm.L_LAST_SEQ]))
         yield g
-        states = self.health.observe(c)
         g = GaugeMetricFamily("tickwire_line_state",
                               "Line health: 0 up, 1 stale, 2 down, -1 never heard",
                               labels=["channel", "line"])  # fmt: skip
-        from host.appliance.linehealth import STATE_CODE
-
-        for letter, h in states.items():
-            g.add_metric([ch, letter], float(STATE_CODE[h["state"]]))
+        for letter, h in linehealth.lines(c, self.now_ns()).items():
+            g.add_metric([ch, letter], float(linehealth.STATE_CODE[h["state"]]))
         yield g
+
+    def _sequencing(self, c: np.ndarray):
+        """The arbiter's sequence, gaps and hold; the consumer's and the books' state."""
+        ch = self.channel
         g = GaugeMetricFamily("tickwire_sequence_next", "Next sequence number expected",
                               labels=["channel"])  # fmt: skip
         g.add_metric([ch], float(c[shm.A_NEXT]))
         yield g
         for name, idx, doc in (
             ("messages_taken", shm.A_TAKEN, "Messages taken into the book, each sequence once"),
-            ("gap_messages", shm.A_GAP_MESSAGES, "Sequences declared unrecoverable, skipped"),
-            ("gap_events", shm.A_GAP_EVENTS, "Gaps declared (handed to recovery)"),
+            ("gaps_declared", shm.A_GAPS_DECLARED, "Gaps declared (handed to recovery)"),
             ("gap_declared_messages", shm.A_GAP_DECLARED_MSGS, "Messages in declared gaps"),
-            ("unrecoverable_gaps", shm.A_LOST_EVENTS, "Unrecoverable ranges applied"),
+            ("unrecoverable_gaps", shm.A_UNRECOVERABLE_GAPS, "Unrecoverable ranges applied"),
+            ("unrecoverable_messages", shm.A_UNRECOVERABLE_MSGS,
+             "Sequences given up by recovery, skipped (never taken)"),
             ("hold_overflow_packets", shm.A_HOLD_OVERFLOW,
              "Packets ahead of a hole not held for want of a slot (left to recovery)"),
-        ):
+        ):  # fmt: skip
             f = CounterMetricFamily(f"tickwire_{name}", doc, labels=["channel"])
             f.add_metric([ch], float(c[idx]))
             yield f
-        g = GaugeMetricFamily("tickwire_consumer_up", "1 while the consumer loop runs",
-                              labels=["channel"])  # fmt: skip
-        g.add_metric([ch], float(c[shm.S_RUNNING]))
-        yield g
         ctl = self.m["control"]
         for name, value, doc in (
+            ("consumer_up", c[shm.S_RUNNING], "1 while the consumer loop runs"),
             ("books_stale", ctl[shm.C_STALE], "1 once a gap was unrecoverable: books not whole"),
             ("consumer_halted", ctl[shm.C_HALTED], "1 when halted by the unrecoverable policy"),
             ("held_packets", c[shm.A_HELD_NOW], "Packets held ahead of a hole right now"),
@@ -100,10 +129,10 @@ class ConsumerCollector:
             g = GaugeMetricFamily(f"tickwire_{name}", doc, labels=["channel"])
             g.add_metric([ch], float(value))
             yield g
-        from dataplane import book as bk
-        from dataplane import itch
 
-        b = c[shm.BOOK_BASE :]
+    def _book(self, b: np.ndarray):
+        """The decoder's and the book's counters (``b``: the counters from ``BOOK_BASE``)."""
+        ch = self.channel
         f = CounterMetricFamily("tickwire_book_messages", "ITCH messages decoded",
                                 labels=["channel"])  # fmt: skip
         f.add_metric([ch], float(b[itch.C_MESSAGES]))
@@ -115,59 +144,59 @@ class ConsumerCollector:
         f.add_metric([ch, "unknown_type"], float(b[itch.C_UNKNOWN_TYPE]))
         f.add_metric([ch, "bad_length"], float(b[itch.C_BAD_LENGTH]))
         yield f
-        hist = np.array(self.m["latency"])
-        total = int(hist.sum())
-        lows = np.array([shm.bucket_low(i) for i in range(shm.LAT_BUCKETS)], np.float64) / 1e9
-        buckets = [(f"{ub:g}", float(hist[lows < ub].sum())) for ub in LAT_BOUNDS_S]
-        buckets.append(("+Inf", float(total)))
-        h = HistogramMetricFamily("tickwire_receive_to_book_seconds",
-                                  "Receive (XDP stamp or recvmmsg return) to book applied, "
-                                  "per packet", labels=["channel"])  # fmt: skip
-        h.add_metric([ch], buckets, sum_value=float((hist * lows).sum()))
-        yield h
-        try:  # the channel's clock.json (tickwire calibrate): offsets, source, TSC Hz
-            from host.appliance import clock
-        except ImportError:  # host.appliance._clock not built: no clock metrics, the rest still scrape
-            clock = None
-        if clock is not None:
-            yield from clock.ClockCollector(ch).collect()
-        if self.recovery is not None:
-            from host.appliance import recovery
 
-            try:
-                st = self.recovery()
-            except Exception:  # noqa: BLE001 - a scrape must not fail on a stopped client
-                st = None
-            if st:
-                yield from recovery.metric_families(ch, st, LAT_BOUNDS_S)
-        if self.xdp_stats is not None:
-            try:
-                st = self.xdp_stats()
-            except Exception:  # noqa: BLE001 - a scrape must not fail on a detached program
-                return
-            f = CounterMetricFamily("tickwire_xdp_packets", "Packets the XDP program steered",
-                                    labels=["channel", "line"])  # fmt: skip
-            fb = CounterMetricFamily("tickwire_xdp_bytes", "Bytes the XDP program steered",
-                                     labels=["channel", "line"])  # fmt: skip
-            for letter, v in st.get("lines", {}).items():
-                f.add_metric([ch, letter], float(v["packets"]))
-                fb.add_metric([ch, letter], float(v["bytes"]))
-            yield f
-            yield fb
-            f = CounterMetricFamily("tickwire_xdp_passed_packets",
-                                    "Packets the XDP program passed to the kernel, by reason",
-                                    labels=["reason"])  # fmt: skip
-            for reason, v in st.get("passed", {}).items():
-                f.add_metric([reason], float(v))
-            yield f
+    def _clock(self):
+        """The channel's clock.json (``tickwire calibrate``): offsets, source, TSC Hz."""
+        try:
+            from host.appliance import clock
+        except ImportError:  # host.appliance._clock not built: the rest still scrape
+            return
+        yield from clock.ClockCollector(self.channel).collect()
+
+    def _recovery(self):
+        if self.recovery is None:
+            return
+        from host.appliance import recovery
+
+        try:
+            st = self.recovery()
+        except Exception:  # noqa: BLE001 - a scrape must not fail on a stopped client
+            st = None
+        if st:
+            yield from recovery.metric_families(self.channel, st)
+
+    def _xdp(self):
+        """The XDP program's per-line steering and pass counters."""
+        if self.xdp_stats is None:
+            return
+        try:
+            st = self.xdp_stats()
+        except Exception:  # noqa: BLE001 - a scrape must not fail on a detached program
+            return
+        ch = self.channel
+        f = CounterMetricFamily("tickwire_xdp_packets", "Packets the XDP program steered",
+                                labels=["channel", "line"])  # fmt: skip
+        fb = CounterMetricFamily("tickwire_xdp_bytes", "Bytes the XDP program steered",
+                                 labels=["channel", "line"])  # fmt: skip
+        for letter, v in st.get("lines", {}).items():
+            f.add_metric([ch, letter], float(v["packets"]))
+            fb.add_metric([ch, letter], float(v["bytes"]))
+        yield f
+        yield fb
+        f = CounterMetricFamily("tickwire_xdp_passed_packets",
+                                "Packets the XDP program passed to the kernel, by reason",
+                                labels=["channel", "reason"])  # fmt: skip
+        for reason, v in st.get("passed", {}).items():
+            f.add_metric([ch, reason], float(v))
+        yield f
 
 
 def serve(address: str, collector) -> object:
     """Start the HTTP endpoint on ``host:port``; returns the server (``shutdown()``)."""
     from prometheus_client import start_http_server
 
-    host, _, port = address.rpartition(":")
+    host, port = host_port(address, "run.metrics")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    server, _thread = start_http_server(int(port), addr=host, registry=registry)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

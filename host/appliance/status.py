@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataplane import shm
 
 
-def collect(channel: str, netns: str | None = None) -> dict:
+def collect(channel: str, netns: str | None = None, now_ns: int | None = None) -> dict:
+    """What runs on ``channel``: the consumer's counters, its lines' health at ``now_ns``
+    (CLOCK_MONOTONIC; default now), the recovery client's, the clock's and XDP's state."""
     out: dict = {"channel": channel}
     try:
         r = shm.Reader(channel)
@@ -14,8 +16,7 @@ def collect(channel: str, netns: str | None = None) -> dict:
         out["consumer"]["latency_ns"] = r.latency()
         from host.appliance import linehealth
 
-        health = linehealth.snapshot(r.m["counters"])
-        for letter, h in health.items():
+        for letter, h in linehealth.lines(r.m["counters"], now_ns).items():
             out["consumer"]["lines"][letter]["state"] = h["state"]
             out["consumer"]["lines"][letter]["silence_s"] = h["silence_s"]
         from host.appliance import recovery
@@ -52,11 +53,11 @@ def text(st: dict) -> str:
         if not c["running"] and c["start"]["how"] == "starting" and c["pid"]:
             state = "starting (compiling, or loading from numba's cache)"
         lines.append(f"channel {st['channel']}: consumer {state} (pid {c['pid']}, {c['mode']}"
-                     f" mode), next sequence {c['next_seq']:,}, taken {c['taken']:,}, gaps "
-                     f"{c['gap_messages']:,}")  # fmt: skip
+                     f" mode), next sequence {c['next_seq']:,}, taken {c['taken']:,}, "
+                     f"unrecoverable {c['unrecoverable_messages']:,}")  # fmt: skip
         if c["stale"] or c["halted"]:
-            lines.append(f"  BOOKS STALE: {c['lost_events']} unrecoverable gap(s), "
-                         f"{c['gap_messages']:,} messages missing"
+            lines.append(f"  BOOKS STALE: {c['unrecoverable_gaps']} unrecoverable gap(s), "
+                         f"{c['unrecoverable_messages']:,} messages missing"
                          + (" -- consumer HALTED by policy" if c["halted"] else ""))  # fmt: skip
         lines.append(f"  gaps declared {c['gaps_declared']:,} ({c['gap_declared_messages']:,} "
                      f"messages), held now {c['held_now']}")  # fmt: skip

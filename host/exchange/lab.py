@@ -23,6 +23,15 @@ import time
 from host import netns
 from host.config import LabConfig
 
+# A veth hands a packet to the peer's rx queue numbered like the tx queue it was sent on,
+# so an end must never send on a queue its peer lacks (the kernel warns "feed-a received
+# packet on queue 2, but number of RX queues is 2" and the packet skips RPS). The exchange
+# end sends on one queue: whatever the appliance's NIC role sets the appliance end's
+# channels to (at least one), every line lands on its rx queue 0, where the config's
+# AF_XDP socket is. The appliance end sends (IGMP, re-requests) on at most ``queues``, as
+# many as the exchange end receives on.
+EXCHANGE_TX_QUEUES = 1
+
 
 class LabError(OSError):
     """The lab cannot be built, entered or removed; the message says why and what to do."""
@@ -70,7 +79,7 @@ def up(cfg: LabConfig, say=lambda msg: None) -> dict:
             if _link(ipr, line.exchange_if) is None:
                 try:
                     ipr.link("add", ifname=line.exchange_if, kind="veth",
-                             num_rx_queues=cfg.queues, num_tx_queues=cfg.queues,
+                             num_rx_queues=cfg.queues, num_tx_queues=EXCHANGE_TX_QUEUES,
                              peer={"ifname": line.appliance_if, "net_ns_fd": cfg.appliance_ns,
                                    "num_rx_queues": cfg.queues,
                                    "num_tx_queues": cfg.queues})  # fmt: skip
@@ -79,19 +88,21 @@ def up(cfg: LabConfig, say=lambda msg: None) -> dict:
                                    f"{line.exchange_if}/{line.appliance_if}: {e}") from None
                 say(f"created line {letter}: {cfg.exchange_ns}/{line.exchange_if} <-> "
                     f"{cfg.appliance_ns}/{line.appliance_if}")
-        for ns, ifname, addr in ((cfg.exchange_ns, line.exchange_if, line.exchange_ip),
-                                 (cfg.appliance_ns, line.appliance_if, line.appliance_ip)):
+        for ns, ifname, addr, txq in (
+            (cfg.exchange_ns, line.exchange_if, line.exchange_ip, EXCHANGE_TX_QUEUES),
+            (cfg.appliance_ns, line.appliance_if, line.appliance_ip, cfg.queues),
+        ):
             with _iproute(ns) as ipr:
                 idx = _link(ipr, ifname)
                 if idx is None:
                     raise LabError(errno.ENOENT, f"{ns}/{ifname} is missing but its veth "
                                    f"peer exists: run tickwire lab down, then up")  # fmt: skip
                 info = ipr.get_links(idx)[0]
-                rxq = info.get("IFLA_NUM_RX_QUEUES")
-                if rxq is not None and rxq != cfg.queues:
-                    raise LabError(errno.EEXIST, f"{ns}/{ifname} has {rxq} queues, the "
-                                   f"config wants {cfg.queues}: run tickwire lab down, "
-                                   "then up")  # fmt: skip
+                have = (info.get("IFLA_NUM_RX_QUEUES"), info.get("IFLA_NUM_TX_QUEUES"))
+                if None not in have and have != (cfg.queues, txq):
+                    raise LabError(errno.EEXIST, f"{ns}/{ifname} has {have[0]} rx and {have[1]} "
+                                   f"tx queues, the lab wants {cfg.queues} and {txq}: run "
+                                   "tickwire lab down, then up")  # fmt: skip
                 if info.get("IFLA_MTU") != cfg.mtu:
                     ipr.link("set", index=idx, mtu=cfg.mtu)
                 have = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
