@@ -2,7 +2,9 @@
 
 Every table and key is checked: an unknown key, a wrong type or an out-of-range value
 raises ``ConfigError`` naming the key (``lab.line_b.group: ...``). Missing keys take the
-defaults below, so an empty file (or no file) is a working lab.
+defaults below, so an empty file (or no file) is a working lab. ``[run]``'s lines have no
+defaults (they are the host's, never the lab's): ``for_lab`` (``--lab``) writes the lab's
+lines into it, and ``require_lines`` names the key a run still lacks.
 
 ```toml
 [lab]
@@ -89,20 +91,17 @@ class FeedConfig:
 
 @dataclass(frozen=True)
 class RxLineConfig:
+    """One line as the appliance receives it. No defaults: a host's lines are its own (the
+    lab's are written by ``for_lab``, ``--lab``); ``require_lines`` names what is unset."""
+
     # interface the line arrives on, and the queue its packets land on
-    interface: str
-    queue: int
+    interface: str = ""
+    queue: int = 0
     # the line's multicast group and UDP port
-    group: str
-    port: int
+    group: str = ""
+    port: int = 0
     # address of ``interface`` used to join the group (IGMP); "" = let the kernel choose
     address: str = ""
-
-
-def _rx_line(letter: str, octet: int) -> RxLineConfig:
-    lab = _line(letter, octet)
-    return RxLineConfig(interface=lab.appliance_if, queue=0, group=lab.group, port=lab.port,
-                        address=lab.appliance_ip)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -146,8 +145,9 @@ class RunConfig:
     recovery_slo_ms: float = 2000.0
     recovery_interval_ms: float = 1.0
     recovery_max_messages: int = 1000
-    line_a: RxLineConfig = field(default_factory=lambda: _rx_line("a", 1))
-    line_b: RxLineConfig = field(default_factory=lambda: _rx_line("b", 2))
+    # lines A and B (unset until given, or pointed at the lab by --lab)
+    line_a: RxLineConfig = field(default_factory=RxLineConfig)
+    line_b: RxLineConfig = field(default_factory=RxLineConfig)
 
     @property
     def lines(self) -> dict[str, RxLineConfig]:
@@ -276,6 +276,16 @@ def _check_port(key: str, port: int) -> None:
         raise ConfigError(f"{key}: port {port} is outside 1..65535")
 
 
+def host_port(text: str, key: str) -> tuple[str, int]:
+    """``"host:port"`` as (host, port): the one parser of endpoints in configuration
+    (``run.metrics``, ``run.recovery``). Raises ``ConfigError`` naming ``key``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{key}: {text!r} must be host:port")
+    _check_port(key, int(port))
+    return host, int(port)
+
+
 def _validate_line(key: str, line: LineConfig) -> None:
     _check_ip(f"{key}.group", line.group, multicast=True)
     _check_port(f"{key}.port", line.port)
@@ -321,11 +331,7 @@ def _validate_run(run: RunConfig) -> None:
     if not 16 <= run.hold_slots <= 1 << 20:
         raise ConfigError(f"run.hold_slots: {run.hold_slots} is outside 16..1048576")
     if run.recovery:
-        rhost, sep, rport = run.recovery.rpartition(":")
-        if not sep or not rport.isdigit():
-            raise ConfigError(f"run.recovery: {run.recovery!r} must be host:port or empty")
-        _check_ip("run.recovery", rhost)
-        _check_port("run.recovery", int(rport))
+        _check_ip("run.recovery", host_port(run.recovery, "run.recovery")[0])
     for key in ("recovery_timeout_ms", "recovery_slo_ms", "recovery_interval_ms"):
         if getattr(run, key) < 0:
             raise ConfigError(f"run.{key}: must not be negative")
@@ -334,25 +340,23 @@ def _validate_run(run: RunConfig) -> None:
     if run.orders < 16 or run.orders > 1 << 28:
         raise ConfigError(f"run.orders: {run.orders} is outside 16..268435456")
     if run.metrics:
-        host, sep, port = run.metrics.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ConfigError(f"run.metrics: {run.metrics!r} must be host:port")
-        _check_ip("run.metrics", host)
-        _check_port("run.metrics", int(port))
-    for letter, line in run.lines.items():
+        _check_ip("run.metrics", host_port(run.metrics, "run.metrics")[0])
+    for letter, line in run.lines.items():  # what is set; require_lines asks for the rest
         key = f"run.line_{letter.lower()}"
-        if not _IFNAME.match(line.interface):
+        if line.interface and not _IFNAME.match(line.interface):
             raise ConfigError(f"{key}.interface: not a valid interface name")
         if not 0 <= line.queue < 64:
             raise ConfigError(f"{key}.queue: {line.queue} is outside 0..63")
-        _check_ip(f"{key}.group", line.group, multicast=True)
-        _check_port(f"{key}.port", line.port)
+        if line.group:
+            _check_ip(f"{key}.group", line.group, multicast=True)
+        if line.port:
+            _check_port(f"{key}.port", line.port)
         if line.address:
             _check_ip(f"{key}.address", line.address)
     a, b = run.line_a, run.line_b
-    if (a.group, a.port) == (b.group, b.port):
+    if a.group and a.port and (a.group, a.port) == (b.group, b.port):
         raise ConfigError("run.line_b: lines A and B must use different group/port pairs")
-    if (a.interface, a.queue) == (b.interface, b.queue):
+    if a.interface and (a.interface, a.queue) == (b.interface, b.queue):
         raise ConfigError(f"run.line_b: lines A and B both arrive on {a.interface} queue "
                           f"{a.queue}; the consumer takes each line from its own (interface, "
                           "queue): steer B to another queue or interface")  # fmt: skip
@@ -427,6 +431,21 @@ def with_lab(cfg: Config | None = None, **changes) -> Config:
     private lab for a test or a benchmark, ``with_lab(prefix="tb123")``."""
     cfg = cfg or Config()
     return validate(dataclasses.replace(cfg, lab=dataclasses.replace(cfg.lab, **changes)))
+
+
+# what each key of a [run] line is, for the error when it is unset
+_LINE_KEYS = {"interface": "the interface the line arrives on",
+              "group": "the line's multicast group", "port": "the line's UDP port"}
+
+
+def require_lines(run: RunConfig, keys: tuple[str, ...] = ("interface", "group", "port")) -> None:
+    """Raise ``ConfigError`` naming the first of ``keys`` a line of ``run`` leaves unset:
+    ``[run]`` has no lines of its own (``--lab`` takes the lab's)."""
+    for letter, line in run.lines.items():
+        for key in keys:
+            if not getattr(line, key):
+                raise ConfigError(f"run.line_{letter.lower()}.{key}: not set ({_LINE_KEYS[key]}"
+                                  "; --lab uses the lab's lines)")
 
 
 def for_lab(cfg: Config) -> Config:

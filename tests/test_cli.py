@@ -1,18 +1,23 @@
 """`tickwire book` end to end on generated sessions it has never seen, against two
 independent references (the dict model in tests/reference.py and the itch-book C++ book),
-plus the command's error paths."""
+plus the command's error paths; and the CLI itself: every verb and sub-verb has --help with
+an example, SIGTERM/SIGINT become a stop request."""
 
+import argparse
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from host import cli, signals
 from host.appliance import replay
 from host.exchange import itchgen
-from tests.reference import ReferenceBook
+from tests.reference import ReferenceBook, frames
 
 SESSIONS = [(120_000, 50, 11), (80_000, 2_000, 12)]
 
@@ -62,15 +67,7 @@ def test_book_bbo_matches_itch_book(session):
 def test_invariants_hold_and_no_book_is_crossed(session):
     book, result = replay.replay_file(str(session))
     assert book.check(allow_crossed=False) is None
-    assert result.messages == len(list(_frames(session.read_bytes())))
-
-
-def _frames(data: bytes):
-    pos = 0
-    while pos < len(data):
-        n = int.from_bytes(data[pos : pos + 2], "big")
-        yield data[pos + 2 : pos + 2 + n]
-        pos += 2 + n
+    assert result.messages == len(list(frames(session.read_bytes())))
 
 
 def test_summary_is_short_and_human(session):
@@ -93,16 +90,9 @@ def test_truncated_file_reports_the_offset(session, tmp_path):
     assert done.returncode != 0
     (line,) = done.stderr.strip().splitlines()
     last = 0
-    for pos in _offsets(data):
+    for pos, _ in frames(data):
         last = pos
     assert f"byte offset {last}" in line and "truncated" in line
-
-
-def _offsets(data: bytes):
-    pos = 0
-    while pos < len(data):
-        yield pos
-        pos += 2 + int.from_bytes(data[pos : pos + 2], "big")
 
 
 def test_empty_file_is_an_empty_session(tmp_path):
@@ -112,10 +102,51 @@ def test_empty_file_is_an_empty_session(tmp_path):
     assert doc["messages"] == 0 and doc["stocks"] == {}
 
 
-def test_help_everywhere():
-    for args in (["--help"], ["book", "--help"], ["gen", "--help"], ["bench", "book", "--help"]):
-        done = tickwire(*args)
-        assert "usage: tickwire" in done.stdout
+def _verbs(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """``parser``'s own path, then every verb and sub-verb under it, as their words."""
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _verbs(sub, (*path, name))
+
+
+def test_every_verb_and_sub_verb_has_help_with_an_example(capsys):
+    paths = list(_verbs(cli.build_parser()))
+    assert {("run",), ("lab", "fault"), ("bench", "failover"), ("calibrate",)} <= set(paths)
+    for path in paths:
+        with pytest.raises(SystemExit) as e:
+            cli.main([*path, "--help"])
+        assert e.value.code == 0, path
+        out = capsys.readouterr().out
+        words = " ".join(("tickwire", *path))
+        assert out.startswith(f"usage: {words} "), path
+        examples = out[out.index("examples"):]
+        assert re.search(rf"^  (\S+=\S+ )?{re.escape(words)}\b", examples, re.M), path
+
+
+def test_help_from_the_entry_point():
+    assert tickwire("--help").stdout.startswith("usage: tickwire ")
+
+
+def test_signals_call_stop_inside_the_block_only():
+    calls = []
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with signals.stopping(lambda: calls.append("stop")):
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
+        with signals.stopping(lambda: calls.append("inner")):  # over another handler
+            signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
+    assert calls == ["stop", "stop", "inner", "stop"]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_lab_fault_takes_its_line_after_the_options():
+    args = cli.build_parser().parse_args(["lab", "fault", "--cut", "200@50", "A", "--json"])
+    assert (args.fault_args, args.cut, args.json) == (["A"], (200.0, 50.0), True)
+    with pytest.raises(SystemExit):  # fault options belong to lab fault only
+        cli.build_parser().parse_args(["lab", "up", "--cut", "200"])
 
 
 def test_gen_then_book_round_trip(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN_IN_DATAPLANE = {"logging", "prometheus_client", "pyroute2", "bcc", "host"}
-HOST_TOP = {"__init__.py", "cli.py", "config.py", "netns.py"}
+HOST_TOP = {"__init__.py", "cli.py", "config.py", "netns.py", "signals.py"}
 ROOMS = ("appliance", "exchange", "bench")
 
 
@@ -52,7 +52,7 @@ def test_the_appliance_never_imports_the_exchange_or_the_benches():
     shared = [ROOT / "host" / n for n in sorted(HOST_TOP)]
     assert len(files) > 5
     for f in [*files, *shared]:
-        if f.name == "cli.py":  # the CLI's verb list names every room
+        if f == ROOT / "host" / "cli.py":  # the verb list names every room; not its rooms' cli
             continue
         bad = _imports(f, depth=2) & {"host.exchange", "host.bench"}
         assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}"

@@ -13,6 +13,7 @@ parent asks the consumer to stop through shared memory, waits for its final repo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -26,18 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
-from dataplane import shm
-from host import netns
-from host.config import Config, RunConfig
-
-SO_RCVBUFFORCE = 33
+from dataplane import shm, sysabi
+from host import netns, signals
+from host.config import Config, RunConfig, host_port, require_lines
 
 
 class RunError(OSError):
     """The appliance cannot start or run; the message says why and what to do."""
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
+    """The appliance's log line (stderr, ``tickwire run: ...``)."""
     print(f"tickwire run: {msg}", file=sys.stderr, flush=True)
 
 
@@ -58,7 +58,7 @@ def join_socket(line, bind: bool) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if bind:
-        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+        s.setsockopt(socket.SOL_SOCKET, sysabi.SO_RCVBUFFORCE, 32 << 20)
         s.bind((line.group, line.port))
         s.setblocking(False)
     addr = line.address or "0.0.0.0"
@@ -90,7 +90,7 @@ def _loop_state(cfg: Config, maps: dict, book):
     touched = np.zeros(256, np.int64)
 
     def bk_():
-        return (*book._state(), maps["bbo"], touched, maps["latency"])
+        return (*book.arrays(), maps["bbo"], touched, maps["latency"])
 
     return arb, bk_
 
@@ -113,7 +113,7 @@ def _drive(cfg: Config, maps: dict, book, loop, dispatcher) -> str:
             ctr[shm.S_RUNNING] = 1
             first = False
         if need:
-            book._grow(need)
+            book.grow(need)
         elif status == cs.STOPPED:
             return "stopped"
         elif status == cs.HALTED:
@@ -158,7 +158,7 @@ def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: in
             socks.append(s)
             s.register(map_fd, key=slot)
         if any(not s.umem.hugepages for s in socks):
-            _log("UMEM in normal pages (no free 2 MiB hugepages)")
+            log("UMEM in normal pages (no free 2 MiB hugepages)")
         ri = np.stack([s.ring_info for s in socks])
         umems = [s.umem.array for s in socks]
         maps["counters"][shm.S_MODE] = shm.MODE_XDP
@@ -325,9 +325,9 @@ def start_recovery(cfg: Config, maps: dict, log):
         return NoRecovery(maps)
     from host.appliance import recovery
 
-    host, _, port = run.recovery.rpartition(":")
+    host, port = host_port(run.recovery, "run.recovery")
     rc = recovery.RecoveryConfig(
-        server_host=host, server_port=int(port), session=cfg.feed.session,
+        server_host=host, server_port=port, session=cfg.feed.session,
         max_per_request=run.recovery_max_messages,
         min_interval=run.recovery_interval_ms / 1e3, timeout=run.recovery_timeout_ms / 1e3,
         retries=run.recovery_retries, slo=run.recovery_slo_ms / 1e3, policy=run.policy,
@@ -338,21 +338,91 @@ def start_recovery(cfg: Config, maps: dict, log):
     return client
 
 
+class _Consumer:
+    """The forked consumer process; ``pid`` is 0 once it is reaped."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def exited(self) -> bool:
+        """Whether it has exited (reaped here if it just did)."""
+        if self.pid and os.waitpid(self.pid, os.WNOHANG)[0]:
+            self.pid = 0
+        return not self.pid
+
+    def kill(self) -> None:
+        if self.pid:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+
+
+def _create_channel(cfg: Config) -> dict:
+    """The channel's shared memory, reset for a run: no report of an earlier consumer, the
+    next sequence 1, the arbitration window and the gap policy in the control block."""
+    run = cfg.run
+    maps = shm.create(run.channel)
+    for name in ("final.json", "error.txt"):
+        (shm.channel_dir(run.channel) / name).unlink(missing_ok=True)
+    maps["counters"][shm.A_NEXT] = 1
+    ctl = maps["control"]
+    ctl[shm.C_WINDOW_NS] = int(run.window_ms * 1e6)
+    ctl[shm.C_WINDOW_MSGS] = run.window_messages
+    ctl[shm.C_POLICY] = shm.POLICY_HALT if run.policy == "halt" else shm.POLICY_STALE
+    return maps
+
+
 class Appliance:
     """Run one channel until stopped; ``run()`` returns the summary."""
 
-    def __init__(self, cfg: Config, log=_log):
+    def __init__(self, cfg: Config, log=log):
         self.cfg = cfg
         self.log = log
         self._stop = False
         self.mode = None
         self.steering = None
         self.recovery = None
+        self.xdp_stats = None
 
-    def stop(self, *_args) -> None:
+    def stop(self) -> None:
+        """Ask ``run()`` to stop the consumer and return (SIGTERM and SIGINT call it)."""
         self._stop = True
 
-    def _choose_mode(self) -> str:
+    def run(self, until_eos: bool = False, eos_grace: float = 2.0, duration: float | None = None,
+            ready=None) -> dict:  # fmt: skip
+        """Receive until ``stop()``, the consumer's exit, the end of session with
+        ``until_eos`` (every sequence taken, or ``eos_grace`` s after it was seen), or
+        ``duration`` s; ``ready()`` is called once the consumer keeps up. Every way out stops
+        the consumer and detaches XDP; the summary is returned on the regular ones."""
+        # what the host must offer (capabilities, not root; namespace, interfaces, core) is
+        # preflight's runtime stage, which `tickwire run` checks before it gets here; unset
+        # lines, entering the namespace and finding the interfaces still fail with one line
+        run = self.cfg.run
+        require_lines(run)
+        t0 = time.monotonic()
+        with contextlib.ExitStack() as stack:  # undone in reverse: consumer first, XDP last
+            stack.enter_context(signals.stopping(self.stop))
+            if run.netns:
+                netns.enter(run.netns)
+            _check_interfaces(run)
+            maps = _create_channel(self.cfg)
+            self.mode = self._attach(stack)
+            consumer = self._start_consumer(stack, maps)
+            self._serve_metrics(stack, maps)
+            self._wait_running(maps, consumer)
+            self.recovery = start_recovery(self.cfg, maps, self.log)
+            stack.callback(self.recovery.stop)
+            if ready is not None:
+                ready()
+            self._watch(maps, consumer, t0, until_eos, eos_grace, duration)
+            maps["control"][shm.C_STOP] = 1
+            self._reap(consumer)
+        return self._summary(maps, shm.channel_dir(run.channel), time.monotonic() - t0)
+
+    def _attach(self, stack: contextlib.ExitStack) -> str:
+        """The receive path: "xdp" with the steering program attached to the lines'
+        interfaces until ``stack`` closes, else "socket" (asked for, or ``rx_mode = "auto"``
+        falling back, said once)."""
         run = self.cfg.run
         if run.rx_mode == "socket":
             return "socket"
@@ -361,134 +431,104 @@ class Appliance:
 
             channels = [(line.group, line.port, 0, letter) for letter, line in run.lines.items()]
             ifaces = sorted({line.interface for line in run.lines.values()})
-            self.steering = loader.Steering(ifaces, channels, mode=run.xdp_mode, log=self.log)
-            self.steering.__enter__()
-            import dataplane.xsk  # noqa: F401 - fail here, not in the child
-            return "xdp"
+            with contextlib.ExitStack() as attempt:
+                steering = attempt.enter_context(
+                    loader.Steering(ifaces, channels, mode=run.xdp_mode, log=self.log))
+                import dataplane.xsk  # noqa: F401 - fail here, not in the child
+                stack.enter_context(attempt.pop_all())
         except Exception as e:  # noqa: BLE001 - auto falls back, xdp reports
-            if self.steering is not None:
-                self.steering.__exit__(None, None, None)
-                self.steering = None
             if run.rx_mode == "xdp":
                 raise RunError(getattr(e, "errno", None) or errno.EOPNOTSUPP,
                                f"AF_XDP receive path unavailable: {e}") from None  # fmt: skip
             self.log(f"AF_XDP unavailable ({e}); receiving with kernel UDP sockets")
             return "socket"
+        self.steering = steering
+        # The loader's signal handlers would detach at the signal: ours again on top, so the
+        # consumer stops first and the stack detaches after it, keeping the final XDP
+        # counters. (The loader's atexit hook covers an exit that never unwinds the stack.)
+        stack.enter_context(signals.stopping(self.stop))
+        stack.callback(self._keep_xdp_stats)
+        return "xdp"
 
-    def run(self, until_eos: bool = False, eos_grace: float = 2.0, duration: float | None = None,
-            ready=None) -> dict:  # fmt: skip
-        # what the host must offer (capabilities, not root; namespace, interfaces, core) is
-        # host.appliance.preflight's runtime stage, which `tickwire run` checks before it gets here;
-        # entering the namespace and finding the interfaces still fail with one clear line
-        cfg, run = self.cfg, self.cfg.run
-        if run.netns:
-            netns.enter(run.netns)
-        _check_interfaces(run)
-        cdir = shm.channel_dir(run.channel)
-        maps = shm.create(run.channel)
-        for name in ("final.json", "error.txt"):
-            (cdir / name).unlink(missing_ok=True)
-        maps["counters"][shm.A_NEXT] = 1
-        ctl = maps["control"]
-        ctl[shm.C_WINDOW_NS] = int(run.window_ms * 1e6)
-        ctl[shm.C_WINDOW_MSGS] = run.window_messages
-        ctl[shm.C_POLICY] = shm.POLICY_HALT if run.policy == "halt" else shm.POLICY_STALE
-        joins: list[socket.socket] = []
-        server = None
-        pid = 0
-        t0 = time.monotonic()
+    def _keep_xdp_stats(self) -> None:
         try:
-            self.mode = self._choose_mode()
-            if self.steering is not None and threading.current_thread() is threading.main_thread():
-                # The loader's handlers would detach at the signal; we stop the consumer
-                # first and detach in the finally below (keeping the final XDP counters).
-                # Its atexit hook still covers an exit that never reaches the finally.
-                signal.signal(signal.SIGTERM, self.stop)
-                signal.signal(signal.SIGINT, self.stop)
-            if self.mode == "xdp":
-                joins = [join_socket(line, bind=False) for line in run.lines.values()]
-                map_fd = self.steering.xsks_map_fd
-                slots = [self.steering.xsk_slot(line.interface, line.queue)
-                         for line in run.lines.values()]  # fmt: skip
-            else:
-                map_fd, slots = -1, []
-            pid = os.fork()
-            if pid == 0:
-                _child(cfg, self.mode, map_fd, maps, slots)
-            where = f"core {run.core}" if run.core >= 0 else "any core"
-            ifs = ", ".join(f"{k}={v.interface}" for k, v in run.lines.items())
-            self.log(f"consumer pid {pid} on {where}, {self.mode} mode, lines {ifs}")
-            if run.metrics:
-                from host.appliance import metrics
+            self.xdp_stats = xdp_stats(self.steering)
+        except Exception:  # noqa: BLE001 - a signal may have detached it already
+            self.xdp_stats = None
 
-                stats = None
-                if self.steering is not None:
-                    steering = self.steering
-                    stats = lambda: xdp_stats(steering)  # noqa: E731
-                def rec():
-                    r = self.recovery
-                    return r.status() if r is not None and hasattr(r, "status") else None
+    def _start_consumer(self, stack: contextlib.ExitStack, maps: dict) -> _Consumer:
+        """Join the lines' groups (IGMP) and fork the consumer; when ``stack`` closes, a
+        consumer still running is killed and the channel marked not running."""
+        run = self.cfg.run
+        map_fd, slots = -1, []
+        if self.mode == "xdp":  # the AF_XDP sockets receive; these sockets only join
+            for line in run.lines.values():
+                stack.enter_context(join_socket(line, bind=False))
+            map_fd = self.steering.xsks_map_fd
+            slots = [self.steering.xsk_slot(line.interface, line.queue)
+                     for line in run.lines.values()]  # fmt: skip
+        pid = os.fork()
+        if pid == 0:
+            _child(self.cfg, self.mode, map_fd, maps, slots)
+        consumer = _Consumer(pid)
 
-                server = metrics.serve(run.metrics, metrics.ConsumerCollector(
-                    run.channel, maps, stats, recovery=rec))  # fmt: skip
-                self.log(f"metrics on http://{run.metrics}/metrics"
-                         + (f" (in {run.netns})" if run.netns else ""))  # fmt: skip
-            try:
-                self._wait_running(maps, pid)
-                self.recovery = start_recovery(cfg, maps, self.log)
-            except RunError:
-                pid = 0  # reaped, or killed by _wait_running's caller below
-                raise
-            if ready is not None:
-                ready()
-            eos_at = None
-            from host.appliance.linehealth import LineHealth
-
-            health, next_health, heard = LineHealth(), 0.0, set()
-            while not self._stop:
-                if time.monotonic() >= next_health:  # line health changes, logged
-                    next_health = time.monotonic() + 0.1
-                    for letter, h in health.observe(maps["counters"]).items():
-                        if h["changed"] and (h["state"] != "up" or letter in heard):
-                            self.log(f"line {letter}: {h['state']}")
-                        if h["state"] == "up":
-                            heard.add(letter)
-                done, _ = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    pid = 0
-                    break
-                c = maps["counters"]
-                if until_eos and c[shm.A_END_SEQ] > 0:
-                    eos_at = eos_at or time.monotonic()
-                    if c[shm.A_NEXT] >= c[shm.A_END_SEQ] or time.monotonic() - eos_at > eos_grace:
-                        break
-                if duration is not None and time.monotonic() - t0 >= duration:
-                    break
-                time.sleep(0.02)
-            maps["control"][shm.C_STOP] = 1
-            if pid:
-                self._reap(pid)
-                pid = 0
-        finally:
-            if pid:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+        def end() -> None:
+            consumer.kill()
             maps["counters"][shm.S_RUNNING] = 0  # whatever happened to the consumer
-            if getattr(self, "recovery", None) is not None:
-                self.recovery.stop()
-            if server is not None:
-                server.shutdown()
-            for s in joins:
-                s.close()
-            if self.steering is not None:
-                try:
-                    self.xdp_stats = xdp_stats(self.steering)
-                except Exception:  # noqa: BLE001 - a signal may have detached it already
-                    self.xdp_stats = None
-                self.steering.__exit__(None, None, None)
-        return self._summary(maps, cdir, time.monotonic() - t0)
 
-    def _wait_running(self, maps, pid: int) -> None:
+        stack.callback(end)
+        where = f"core {run.core}" if run.core >= 0 else "any core"
+        ifs = ", ".join(f"{k}={v.interface}" for k, v in run.lines.items())
+        self.log(f"consumer pid {pid} on {where}, {self.mode} mode, lines {ifs}")
+        return consumer
+
+    def _serve_metrics(self, stack: contextlib.ExitStack, maps: dict) -> None:
+        """Prometheus on ``run.metrics`` ("" = none) until ``stack`` closes."""
+        run = self.cfg.run
+        if not run.metrics:
+            return
+        from host.appliance import metrics
+
+        steering = self.steering
+        stats = None if steering is None else (lambda: xdp_stats(steering))
+
+        def rec():
+            r = self.recovery
+            return r.status() if r is not None and hasattr(r, "status") else None
+
+        server = metrics.serve(run.metrics, metrics.ConsumerCollector(
+            run.channel, maps, stats, recovery=rec))  # fmt: skip
+        stack.callback(server.shutdown)
+        self.log(f"metrics on http://{run.metrics}/metrics"
+                 + (f" (in {run.netns})" if run.netns else ""))  # fmt: skip
+
+    def _watch(self, maps: dict, consumer: _Consumer, t0: float, until_eos: bool,
+               eos_grace: float, duration: float | None) -> None:  # fmt: skip
+        """Until ``stop()``, the consumer's exit, the end of session (``until_eos``) or
+        ``duration``: log the lines' health as it changes."""
+        from host.appliance.linehealth import LineHealth
+
+        health, next_health, heard, eos_at = LineHealth(), 0.0, set(), None
+        c = maps["counters"]
+        while not self._stop:
+            if time.monotonic() >= next_health:
+                next_health = time.monotonic() + 0.1
+                for letter, h in health.observe(c).items():
+                    if h["changed"] and (h["state"] != "up" or letter in heard):
+                        self.log(f"line {letter}: {h['state']}")
+                    if h["state"] == "up":
+                        heard.add(letter)
+            if consumer.exited():
+                return
+            if until_eos and c[shm.A_END_SEQ] > 0:
+                eos_at = eos_at or time.monotonic()
+                if c[shm.A_NEXT] >= c[shm.A_END_SEQ] or time.monotonic() - eos_at > eos_grace:
+                    return
+            if duration is not None and time.monotonic() - t0 >= duration:
+                return
+            time.sleep(0.02)
+
+    def _wait_running(self, maps: dict, consumer: _Consumer) -> None:
         """Wait for the consumer loop to come up: loaded from numba's cache it takes a
         second or two; with a cold cache (a fresh install, a new CPU) it is compiled, which
         takes about a minute, reported as it goes. Past ``run.start_timeout_s`` it is
@@ -499,14 +539,12 @@ class Appliance:
         cdir = shm.channel_dir(self.cfg.run.channel)
         ctr = maps["counters"]
         while not ctr[shm.S_RUNNING]:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
+            if consumer.exited():
                 err = cdir / "error.txt"
                 why = err.read_text().splitlines()[0] if err.exists() else "no report"
                 raise RunError(errno.EIO, f"the consumer failed to start: {why}")
             if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+                consumer.kill()
                 raise RunError(errno.ETIMEDOUT, f"the consumer did not start within {timeout:g} s "
                                "(run.start_timeout_s)")  # fmt: skip
             now = time.monotonic()
@@ -519,15 +557,13 @@ class Appliance:
         how = "compiled" if ctr[shm.S_START_HOW] == shm.START_COMPILED else "from numba's cache"
         self.log(f"consumer running after {ctr[shm.S_START_NS] / 1e9:.1f} s ({how})")
 
-    def _reap(self, pid: int, timeout: float = 30.0) -> None:
+    def _reap(self, consumer: _Consumer, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
+            if consumer.exited():
                 return
             time.sleep(0.01)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        consumer.kill()
         raise RunError(errno.ETIMEDOUT, "the consumer did not stop within 30 s (killed)")
 
     def _summary(self, maps, cdir: Path, seconds: float) -> dict:
@@ -540,9 +576,9 @@ class Appliance:
         final = cdir / "final.json"
         if final.exists():
             out.update(json.loads(final.read_text()))
-        if getattr(self, "xdp_stats", None):
+        if self.xdp_stats:
             out["xdp"] = self.xdp_stats
-        if getattr(self, "recovery", None) is not None:
+        if self.recovery is not None:
             out["recovery"] = self.recovery.counters()
             out["recovery_latency_ns"] = self.recovery.latency()
         return out
@@ -552,8 +588,9 @@ def summary_text(s: dict) -> str:
     lines = [f"channel {s['channel']} ({s['mode']}): {s['taken']:,} messages taken, next "
              f"sequence {s['next_seq']:,}, {s['seconds']:.1f} s"]  # fmt: skip
     lines.append(f"  gaps: {s['gaps_declared']:,} declared ({s['gap_declared_messages']:,} "
-                 f"messages), {s['lost_events']:,} unrecoverable ({s['gap_messages']:,} "
-                 f"messages skipped){'; BOOKS STALE' if s['stale'] else ''}"
+                 f"messages), {s['unrecoverable_gaps']:,} unrecoverable "
+                 f"({s['unrecoverable_messages']:,} messages skipped)"
+                 f"{'; BOOKS STALE' if s['stale'] else ''}"
                  f"{'; HALTED' if s['halted'] else ''}")  # fmt: skip
     for letter, ln in s["lines"].items():
         if letter == "recovery" and not ln["packets"]:

@@ -161,26 +161,24 @@ def _row(r: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_book(args) -> list[dict]:
-    if args.session:
-        sessions = [(args.session, lambda: np.fromfile(args.session, np.uint8))]
+def bench_book(session: str | None = None, messages: int = 5_000_000,
+               stocks: tuple[int, ...] = (100, 9000), repeat: int = 7, seed: int = 1,
+               print_rows: bool = False) -> list[dict]:  # fmt: skip
+    """``bench_buffer`` on the ITCH file ``session``, else on a generated session of
+    ``messages`` per count of ``stocks``; ``print_rows``: each result's line as it comes."""
+    if session:
+        sessions = [(session, lambda: np.fromfile(session, np.uint8))]
     else:
-        try:
-            counts = [int(x) for x in args.stocks.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(
-                f"--stocks takes comma-separated numbers, got {args.stocks!r}"
-            ) from None
         sessions = [
-            (f"generated {args.messages:,} msgs / {n:,} stocks",
-             lambda n=n: generated_session(args.messages, n, args.seed))
-            for n in counts
+            (f"generated {messages:,} msgs / {n:,} stocks",
+             lambda n=n: generated_session(messages, n, seed))
+            for n in stocks
         ]  # fmt: skip
     results = []
     for name, load in sessions:
         say(f"bench book: {name}")
         buf = load()
-        results.append(bench_buffer(name, buf, args.repeat))
-        if not args.json:
+        results.append(bench_buffer(name, buf, repeat))
+        if print_rows:
             print(_row(results[-1]), flush=True)
     return results

@@ -64,21 +64,25 @@ def _sim(cfg_path: str, session: Path, rate: int, *extra: str) -> subprocess.Pop
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def bench_failover(args) -> dict:
+def bench_failover(messages: int = 300_000, rate: int = 200_000, cut_ms: float = 200.0,
+                   mode: str = "xdp") -> dict:  # fmt: skip
+    """In a private lab (root): line A cut for ``cut_ms`` mid-session of ``messages`` at
+    ``rate`` msgs/s, then gaps of 1, 100 and 10,000 messages lost on both lines."""
     from host.exchange import wirefaults as faults
 
-    mode = args.mode
+    if os.geteuid() != 0:
+        raise PermissionError("bench failover needs root (network namespaces, XDP, BPF)")
     prefix = f"tbf{os.getpid() % 100000:05d}"
     cfg = config.with_lab(prefix=prefix)
     window_ms = config.RunConfig().window_ms
     tmp = Path(tempfile.mkdtemp(prefix="tickwire-bench-"))
     session = tmp / "s.itch"
-    say(f"bench failover: generating {args.messages:,} messages")
-    itchgen.write_session(str(session), args.messages, 100, 5)
+    say(f"bench failover: generating {messages:,} messages")
+    itchgen.write_session(str(session), messages, 100, 5)
     cfg_path = tmp / "lab.toml"
     cfg_path.write_text(f'[lab]\nprefix = "{prefix}"\n[run]\nchannel = "{prefix}"\n'
                         f'metrics = ""\n')  # fmt: skip
-    out: dict = {"mode": mode, "rate": args.rate, "messages": args.messages,
+    out: dict = {"mode": mode, "rate": rate, "messages": messages,
                  "window_ms": window_ms}  # fmt: skip
     say(f"bench failover: private lab {prefix}")
     lab.up(cfg.lab)
@@ -87,13 +91,13 @@ def bench_failover(args) -> dict:
         app = _App(str(cfg_path), prefix, mode)
         try:
             with faults.WireFaults(cfg.lab, "A") as wire:
-                sim = _sim(str(cfg_path), session, args.rate)
+                sim = _sim(str(cfg_path), session, rate)
                 r = app.reader
-                while r.counters()["taken"] < args.messages // 3:
+                while r.counters()["taken"] < messages // 3:
                     time.sleep(0.001)
                 b0 = r.counters()["lines"]["B"]["first"]
                 t0 = time.monotonic_ns()
-                wire.cut(args.cut_ms)
+                wire.cut(cut_ms)
                 t_switch = None
                 deadline = t0 + 5_000_000_000
                 while time.monotonic_ns() < deadline:
@@ -110,7 +114,7 @@ def bench_failover(args) -> dict:
         out["failover_ms"] = None if t_switch is None else (t_switch - t0) / 1e6
         out["failover_cut_packets"] = cut["dropped_cut"]
         out["failover_gaps_declared"] = s["gaps_declared"]
-        out["failover_digest_ok"] = s["check"] is None and s["gap_messages"] == 0
+        out["failover_digest_ok"] = s["check"] is None and s["unrecoverable_messages"] == 0
         say(f"  failover: {out['failover_ms']} ms from cut to the first message from B")
         # 2. gap fill for 1, 100, 10,000 messages lost on both lines
         out["gap_fill"] = {}
@@ -118,9 +122,9 @@ def bench_failover(args) -> dict:
             app = _App(str(cfg_path), prefix, mode)
             try:
                 with faults.WireFaults(cfg.lab, "AB") as wire:
-                    first = args.messages // 2
+                    first = messages // 2
                     wire.drop_range(first, first + size - 1)
-                    sim = _sim(str(cfg_path), session, args.rate)
+                    sim = _sim(str(cfg_path), session, rate)
                     sim.communicate(timeout=300)
                     s = app.finish()
                     dropped = wire.stats("A")["dropped_messages"]
@@ -132,7 +136,7 @@ def bench_failover(args) -> dict:
                 "recovery_p50_ms": (lat.get("p50") or 0) / 1e6,
                 "recovery_max_ms": (lat.get("p99.9") or 0) / 1e6,
                 "fill_ms": window_ms + (lat.get("p50") or 0) / 1e6,
-                "whole": s["gap_messages"] == 0 and s["taken"] == args.messages,
+                "whole": s["unrecoverable_messages"] == 0 and s["taken"] == messages,
             }  # fmt: skip
             say(f"  gap of {size}: {out['gap_fill'][str(size)]}")
     finally:
@@ -155,11 +159,3 @@ def text(r: dict) -> str:
                      f"whole packets): recovery p50 {g['recovery_p50_ms']:.2f} ms, fill "
                      f"~{g['fill_ms']:.2f} ms incl. window, books whole: {g['whole']}")
     return "\n".join(lines)
-
-
-def main(args) -> int:
-    if os.geteuid() != 0:
-        raise PermissionError("bench failover needs root (network namespaces, XDP, BPF)")
-    r = bench_failover(args)
-    print(json.dumps({"bench": "failover", "result": r}) if args.json else text(r))
-    return 0

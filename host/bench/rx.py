@@ -46,6 +46,7 @@ every exit path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -61,22 +62,24 @@ import numpy as np
 from numba import njit
 
 from dataplane import shm
-from dataplane.arbiter import lat_bucket
 from dataplane.consumer import now_ns
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULTS = {
-    "duration": 1.0,  # seconds per step
-    "json": False,
-    "steps": 6,  # bisection steps per search
-    "latency_rate": 100_000.0,  # packets/s of the latency phases
-    "latency_seconds": 2.0,
-    "jitter_seconds": 2.0,
-    "sender_core": 0,
-    "consumer_core": -1,  # -1: the last CPU this process may use
-    "modes": "xdp,socket",
-    "prefix": None,  # lab prefix (default tbrx<pid>)
-}
+ROOT = Path(__file__).resolve().parents[2]  # the repository (host/bench/rx.py)
+@dataclasses.dataclass(frozen=True)
+class RxOptions:
+    """What ``bench_rx`` measures, and how long (``tickwire bench rx``'s options)."""
+
+    duration: float = 1.0  # seconds per step
+    steps: int = 6  # bisection steps per search
+    latency_rate: float = 100_000.0  # packets/s of the latency phases
+    latency_seconds: float = 2.0
+    jitter_seconds: float = 2.0
+    sender_core: int = 0
+    consumer_core: int = -1  # -1: the last CPU this process may use
+    modes: str = "xdp,socket"
+    prefix: str | None = None  # lab prefix (default tbrx<pid>)
+
+
 TARGET_VS_SOCKET = 3.0
 TARGET_VS_DROP = 0.75
 TARGET_P50_NS = 10_000
@@ -89,11 +92,6 @@ class BenchError(OSError):
 
 def say(msg: str) -> None:
     print(f"bench rx: {msg}", file=sys.stderr, flush=True)
-
-
-def _opt(args, name: str):
-    v = getattr(args, name, None)
-    return DEFAULTS[name] if v is None else v
 
 
 # --- jitter probe -----------------------------------------------------------------------------
@@ -110,7 +108,7 @@ def _spin(hist, seconds_ns, ts, stall_ns):
     while prev < end:
         t = now_ns(ts)
         g = t - prev
-        hist[lat_bucket(g)] += 1
+        hist[shm.lat_bucket(g)] += 1
         if g > mx:
             mx = g
         if g > stall_ns:
@@ -204,7 +202,7 @@ class Consumer:
     def arbiter(self) -> tuple[int, int, int]:
         """(next sequence, sequences skipped as unrecoverable, packets held)."""
         c = self.reader.m["counters"]
-        return int(c[shm.A_NEXT]), int(c[shm.A_GAP_MESSAGES]), int(c[shm.A_HELD_NOW])
+        return int(c[shm.A_NEXT]), int(c[shm.A_UNRECOVERABLE_MSGS]), int(c[shm.A_HELD_NOW])
 
     def settle(self, pg, limit: float = 10.0) -> bool:
         """Wait until the arbiter has taken or given up everything sent so far: the next
@@ -399,8 +397,8 @@ def _path(pg, cfg, mode: str, o: dict, workdir: Path, ceilings: dict, log) -> di
     out["packets_per_s"] = out["small"]["packets_per_s"]
     out["full_packets_per_s"] = out["full"]["packets_per_s"]
     out["messages_per_s"] = out["full"]["messages_per_s"]
-    out["consumer"] = {k: summary.get(k) for k in ("mode", "taken", "gap_messages",
-                                                   "gap_events", "live_orders", "error")
+    out["consumer"] = {k: summary.get(k) for k in ("mode", "taken", "unrecoverable_messages",
+                                                   "gaps_declared", "live_orders", "error")
                        if k in summary}  # fmt: skip
     if "book" in summary:
         out["consumer"]["book_anomalies"] = sum(
@@ -414,12 +412,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
-def bench_rx(args) -> dict:
+def bench_rx(opts: RxOptions = RxOptions()) -> dict:
     """Run the whole receive benchmark (see the module doc); returns the result dict."""
     from host.exchange import lab
     from host.exchange import pktgen as pgmod
 
-    o = {k: _opt(args, k) for k in DEFAULTS}
+    o = dataclasses.asdict(opts)
     cpus = sorted(os.sched_getaffinity(0))
     if o["consumer_core"] < 0:
         o["consumer_core"] = cpus[-1]
@@ -579,11 +577,3 @@ def rx_text(r: dict) -> str:
         f"  ({r['seconds']:.0f} s in all)",
     ]  # fmt: skip
     return "\n".join(lines)
-
-
-def main(args) -> int:
-    """``tickwire bench rx``: print the report (or JSON with ``--json``)."""
-    r = bench_rx(args)
-    print(json.dumps({"bench": "rx", "result": r}, indent=2) if _opt(args, "json")
-          else rx_text(r), flush=True)  # fmt: skip
-    return 0

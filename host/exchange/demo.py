@@ -48,7 +48,7 @@ def _pin(cpu: int):
 
 
 def main() -> int:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the repository: host/exchange/demo.py
     out = root / "out"
     out.mkdir(exist_ok=True)
     session = out / f"demo-{MESSAGES}-{STOCKS}-{SEED}.itch"
@@ -124,7 +124,7 @@ def _summary(s: dict, sim_s: dict, ref: dict, book) -> bool:
           f"{s['taken'] / secs / 1e6:.2f}M msgs/s over {secs:.1f} s")  # fmt: skip
     recovered = s["lines"]["recovery"]["first"]
     print(f"  gaps              {s['gaps_declared']:,} declared, {recovered:,} messages "
-          f"recovered, {s['gap_messages']:,} unrecoverable"
+          f"recovered, {s['unrecoverable_messages']:,} unrecoverable"
           + ("  BOOKS STALE" if s["stale"] else ""))  # fmt: skip
     for letter, ln in s["lines"].items():
         if letter == "recovery":

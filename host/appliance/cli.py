@@ -1,0 +1,212 @@
+"""The appliance's verbs: ``book``, ``run``, ``warm``, ``status``, ``preflight``,
+``calibrate``. ``add_parsers`` declares them on ``tickwire``'s verb list; each verb's
+function turns its arguments into calls of the typed functions of this room."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from host import config
+from host.cli import positive, positive_float, verb
+
+EPILOG_BOOK = """examples:
+  tickwire book 01302019.NASDAQ_ITCH50          JSON: messages, rate, digest, per-stock BBO
+  tickwire book session.itch --summary           short human summary instead of JSON
+"""
+EPILOG_RUN = """examples:
+  tickwire run --lab                             AF_XDP in the lab (kernel sockets if no XDP)
+  tickwire run --lab --mode socket --until-eos --json
+  tickwire run --config /etc/tickwire/tickwire.toml
+  tickwire run --lab --skip-preflight            start even if a required stage fails
+
+[run] has no lines of its own: the config gives [run.line_a] and [run.line_b] (interface,
+queue, group, port), or --lab uses the lab's.
+"""
+EPILOG_WARM = """examples:
+  NUMBA_CACHE_DIR=/var/cache/tickwire/numba tickwire warm --config /etc/tickwire/tickwire.toml
+  tickwire warm --lab --json
+
+The cache is per CPU model and per installed Tickwire: Ansible's tickwire role warms it
+(as the service user) after every install on a booted host; an image root is not warmed,
+so the appliance image's first start compiles (about a minute, logged as it goes).
+"""
+EPILOG_STATUS = """examples:
+  tickwire status                                counters of the running consumer
+  tickwire status --netns tw-appl --json
+"""
+EPILOG_PREFLIGHT = """examples:
+  tickwire preflight --config /etc/tickwire/tickwire.toml    every stage; exit 0 when ready
+  tickwire preflight --lab --json                the lab's namespace; runtime checks only
+  tickwire preflight --stage nic --stage irq_affinity        just these (they must be OK)
+
+stages: runtime (what run always needs), hugepages, cpu_isolation, irq_affinity, nic,
+sysctl, ptp, service -- one Ansible role each; a stage [host] promises nothing for is
+SKIPPED. Exit status: 0 ready, 1 a required stage is not OK, 2 usage or config error.
+"""
+EPILOG_CALIBRATE = """examples:
+  tickwire calibrate --lab                       the lab's feed interfaces (software stamps)
+  tickwire calibrate --config /etc/tickwire/tickwire.toml --json
+  tickwire calibrate --lab --duration 1 --samples 10
+"""
+LINE_KEYS = ("interface", "group", "port")  # what receiving a line needs
+LINE_STAGES = ("runtime", "irq_affinity", "nic")  # the preflight stages that look at lines
+
+
+def add_parsers(sub) -> None:
+    b = verb(sub, "book", "decode an ITCH 5.0 file into books; print JSON", EPILOG_BOOK)
+    b.add_argument("file", metavar="FILE", help="Nasdaq binary ITCH 5.0 file (2-byte lengths)")
+    b.add_argument("--summary", action="store_true", help="human summary instead of JSON")
+    b.add_argument("--top", type=positive, default=5, help="symbols in the summary (5)")
+    b.add_argument("--indent", type=int, default=None, help="indent the JSON")
+    b.set_defaults(func=_book)
+
+    ru = verb(sub, "run", "run the appliance: receive lines A and B into books", EPILOG_RUN)
+    _config_options(ru, "[run], [feed]", "run in the lab's appliance namespace on its lines")
+    ru.add_argument("--mode", choices=["auto", "xdp", "socket"], help="override run.rx_mode")
+    ru.add_argument("--until-eos", action="store_true",
+                    help="stop once the end of session is seen and every sequence taken")
+    ru.add_argument("--duration", type=positive_float, help="stop after this many seconds")
+    ru.add_argument("--json", action="store_true", help="machine-readable summary")
+    ru.add_argument("--skip-preflight", action="store_true",
+                    help="start even when a required preflight stage fails")
+    ru.set_defaults(func=_run)
+
+    wa = verb(sub, "warm", "compile the consumer into numba's cache, so that the next run "
+              "starts in a second instead of compiling for about a minute",
+              EPILOG_WARM)  # fmt: skip
+    _config_options(wa, "[run], [feed]", "the lab's configuration")
+    wa.add_argument("--mode", choices=["all", "xdp", "socket"], default="all",
+                    help="which receive path's loop (all)")
+    wa.add_argument("--json", action="store_true", help="machine-readable report")
+    wa.set_defaults(func=_warm)
+
+    pf = verb(sub, "preflight", "check the host against what provisioning promised: OK, "
+              "PARTIAL, NOT CONFIGURED or SKIPPED per stage", EPILOG_PREFLIGHT)  # fmt: skip
+    _config_options(pf, "[host], [run]", "the lab's appliance namespace and lines")
+    pf.add_argument("--stage", action="append", default=[], metavar="NAME",
+                    help="check only this stage (repeatable); the listed stages must be OK")
+    pf.add_argument("--json", action="store_true", help="machine-readable report")
+    pf.set_defaults(func=_preflight)
+
+    st = verb(sub, "status", "what runs: consumer counters, attached XDP programs",
+              EPILOG_STATUS)  # fmt: skip
+    st.add_argument("--channel", default="totalview", help="channel (totalview)")
+    st.add_argument("--netns", help="also list XDP programs attached in this namespace")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_status)
+
+    ca = verb(sub, "calibrate", "measure feed PHC offsets (or say timestamps are software) "
+              "and the TSC frequency; store them for the latency metrics",
+              EPILOG_CALIBRATE)  # fmt: skip
+    _config_options(ca, "[run], [host]", "the lab's appliance namespace and lines")
+    ca.add_argument("--duration", type=positive_float, default=0.2,
+                    help="seconds of TSC sampling (0.2)")
+    ca.add_argument("--samples", type=positive, default=25,
+                    help="PHC samples per interface, 1..25 (25)")
+    ca.add_argument("--json", action="store_true", help="machine-readable output")
+    ca.set_defaults(func=_calibrate)
+
+
+def _config_options(p: argparse.ArgumentParser, tables: str, lab_help: str) -> None:
+    p.add_argument("--config", metavar="FILE", help=f"TOML configuration ({tables})")
+    p.add_argument("--lab", action="store_true", help=lab_help)
+    p.add_argument("--prefix", help="lab prefix with --lab (tw)")
+
+
+def _config(args: argparse.Namespace, lines: tuple[str, ...] = ()) -> config.Config:
+    """``--config``/``--prefix``, with ``[run]`` pointed at the lab when ``--lab``; ``lines``:
+    the line keys the verb needs set (``ConfigError`` naming the first one unset)."""
+    cfg = config.load(args.config, prefix=args.prefix)
+    cfg = config.for_lab(cfg) if args.lab else cfg
+    if lines:
+        config.require_lines(cfg.run, lines)
+    return cfg
+
+
+def _book(args: argparse.Namespace) -> int:
+    from host.appliance import replay
+
+    book, result = replay.replay_file(args.file, progress=replay.terminal_progress("book"))
+    if args.summary:
+        print(replay.summary_text(book, result, top=args.top))
+    else:
+        json.dump(replay.result_json(book, result), sys.stdout, indent=args.indent)
+        print()
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from host.appliance import preflight, runner
+
+    cfg = _config(args, LINE_KEYS)
+    if args.mode:
+        cfg = config.validate(dataclasses.replace(
+            cfg, run=dataclasses.replace(cfg.run, rx_mode=args.mode)))  # fmt: skip
+    if args.skip_preflight:
+        runner.log("preflight skipped (--skip-preflight)")
+    else:
+        preflight.require(cfg, runner.log)
+    s = runner.Appliance(cfg).run(until_eos=args.until_eos, duration=args.duration)
+    print(json.dumps(s) if args.json else runner.summary_text(s), flush=True)
+    if s.get("ended") == "halted":
+        print("tickwire: halted by policy at an unrecoverable gap (run.policy = \"halt\")",
+              file=sys.stderr)  # fmt: skip
+        return 3
+    return 0
+
+
+def _warm(args: argparse.Namespace) -> int:
+    from host.appliance import runner
+
+    def log(msg: str) -> None:
+        print(f"tickwire warm: {msg}", file=sys.stderr, flush=True)
+
+    cfg = _config(args)
+    modes = ("xdp", "socket") if args.mode == "all" else (args.mode,)
+    where = os.environ.get("NUMBA_CACHE_DIR", "numba's default cache (__pycache__)")
+    log(f"into {where}")
+    out = runner.warm_consumer(cfg, modes, log=log)
+    if args.json:
+        print(json.dumps({"cache": where, "modes": out}))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from host.appliance import status
+
+    st = status.collect(args.channel, args.netns)
+    print(json.dumps(st) if args.json else status.text(st))
+    return 0
+
+
+def _preflight(args: argparse.Namespace) -> int:
+    from host.appliance import preflight
+
+    stages = args.stage or list(preflight.ALL_STAGES)
+    try:
+        for name in stages:
+            if name not in preflight.ALL_STAGES:
+                raise config.ConfigError(f"--stage {name}: not a stage "
+                                         f"({', '.join(preflight.ALL_STAGES)})")  # fmt: skip
+        cfg = _config(args, LINE_KEYS if set(stages) & set(LINE_STAGES) else ())
+    except ValueError as e:
+        print(f"tickwire: {e}", file=sys.stderr)
+        return 2
+    with preflight.Host.live(cfg.run.netns) as host:
+        report = preflight.check(cfg, host, args.stage or None)
+    print(json.dumps(report.as_json()) if args.json else preflight.text(report))
+    return 0 if report.ready else 1
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from host.appliance import clock
+
+    cfg = _config(args, ("interface",))
+    r = clock.calibrate(cfg, duration=args.duration, samples=args.samples)
+    path = clock.save(r)
+    print(json.dumps({**r, "path": str(path)}) if args.json else clock.text(r, path), flush=True)
+    return 0

@@ -1,0 +1,146 @@
+"""``tickwire bench book|sim|rx|failover``: ``add_parsers`` declares the verb and its
+sub-verbs on ``tickwire``'s verb list; each sub-verb calls its benchmark's typed function
+and prints the report (``--json``: the result as JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from host.cli import positive, positive_float, verb
+
+EPILOG = """examples:
+  tickwire bench book                            5M messages on 100 and on 9,000 stocks
+  tickwire bench sim                             publisher rate, 5M messages, private lab
+  tickwire bench rx                              AF_XDP vs sockets vs XDP_DROP, latency, jitter
+  tickwire bench failover                        line cut -> other line; gap-fill latency
+"""
+EPILOG_BOOK = """examples:
+  tickwire bench book                            5M messages on 100 and on 9,000 stocks
+  tickwire bench book --messages 1000000 --json
+  tickwire bench book --session 01302019.NASDAQ_ITCH50
+"""
+EPILOG_SIM = """examples:
+  tickwire bench sim                             5M messages, private lab, best of 3
+  tickwire bench sim --session s.itch --repeat 5 --json
+"""
+EPILOG_RX = """examples:
+  tickwire bench rx                              both paths, 1 s per step (root)
+  tickwire bench rx --modes xdp --duration 2 --json
+  tickwire bench rx --sender-core 0 --consumer-core 3
+"""
+EPILOG_FAILOVER = """examples:
+  tickwire bench failover                        AF_XDP, 300,000 messages at 200,000/s (root)
+  tickwire bench failover --mode socket --cut-ms 500 --json
+"""
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive numbers ("100,9000")."""
+    try:
+        counts = tuple(positive(x.strip()) for x in text.split(",") if x.strip())
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers: {text!r}") from None
+    if not counts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers: {text!r}")
+    return counts
+
+
+def add_parsers(sub) -> None:
+    from host.bench.rx import RxOptions
+
+    be = verb(sub, "bench", "benchmarks, as ratios against a baseline in the same run", EPILOG)
+    what = be.add_subparsers(dest="what", metavar="WHAT", required=True)
+
+    bb = verb(what, "book", "decode and decode+book rates against itch-book", EPILOG_BOOK)
+    bb.add_argument("--messages", type=positive, default=5_000_000, help="per session (5M)")
+    bb.add_argument("--stocks", type=_counts, default=(100, 9000),
+                    help="sessions to generate (100,9000)")
+    bb.add_argument("--session", metavar="FILE", help="use this ITCH file instead")
+    bb.add_argument("--repeat", type=positive, default=7,
+                    help="rounds, each timing every contender once (7)")
+    bb.add_argument("--seed", type=int, default=1, help="generator seed (1)")
+    bb.add_argument("--json", action="store_true", help="machine-readable output")
+    bb.set_defaults(func=_book)
+
+    bs = verb(what, "sim", "publisher rate (both lines) against per-packet sends", EPILOG_SIM)
+    bs.add_argument("--messages", type=positive, default=5_000_000, help="session size (5M)")
+    bs.add_argument("--stocks", type=positive, default=100, help="stocks (100)")
+    bs.add_argument("--session", metavar="FILE", help="use this ITCH file instead")
+    bs.add_argument("--repeat", type=positive, default=3, help="timed runs, best kept (3)")
+    bs.add_argument("--seed", type=int, default=1, help="generator seed (1)")
+    bs.add_argument("--json", action="store_true", help="machine-readable output")
+    bs.set_defaults(func=_sim)
+
+    d = RxOptions()
+    br = verb(what, "rx", "receive path: AF_XDP and kernel sockets against the XDP_DROP "
+              "ceiling (private lab, root)", EPILOG_RX)  # fmt: skip
+    br.add_argument("--duration", type=positive_float, default=d.duration,
+                    help="seconds per step (1)")
+    br.add_argument("--steps", type=int, default=d.steps,
+                    help="bisection steps per loss-free search (6)")
+    br.add_argument("--latency-rate", type=positive_float, default=d.latency_rate,
+                    help="packets/s of the latency phases (100000)")
+    br.add_argument("--latency-seconds", type=positive_float, default=d.latency_seconds,
+                    help="seconds per latency phase (2)")
+    br.add_argument("--jitter-seconds", type=positive_float, default=d.jitter_seconds,
+                    help="jitter probe length (2)")
+    br.add_argument("--sender-core", type=int, default=d.sender_core,
+                    help="CPU of the packet generator (0)")
+    br.add_argument("--consumer-core", type=int, default=d.consumer_core,
+                    help="CPU of the consumer and the jitter probe (-1: last)")
+    br.add_argument("--modes", default=d.modes, help="paths to measure (xdp,socket)")
+    br.add_argument("--prefix", help="lab prefix (tbrx<pid>)")
+    br.add_argument("--json", action="store_true", help="machine-readable output")
+    br.set_defaults(func=_rx)
+
+    bf = verb(what, "failover", "line cut -> other line, and gap-fill latency (private lab, "
+              "root)", EPILOG_FAILOVER)  # fmt: skip
+    bf.add_argument("--messages", type=positive, default=300_000, help="session size (300000)")
+    bf.add_argument("--rate", type=positive, default=200_000, help="msgs/s published (200000)")
+    bf.add_argument("--cut-ms", type=positive_float, default=200.0, help="line A cut (200)")
+    bf.add_argument("--mode", choices=["xdp", "socket"], default="xdp", help="receive path")
+    bf.add_argument("--json", action="store_true", help="machine-readable output")
+    bf.set_defaults(func=_failover)
+
+
+def _book(args: argparse.Namespace) -> int:
+    from host.bench import book
+
+    results = book.bench_book(args.session, args.messages, args.stocks, args.repeat, args.seed,
+                              print_rows=not args.json)  # fmt: skip
+    if args.json:
+        print(json.dumps({"bench": "book", "cpu": os.cpu_count(), "results": results},
+                         indent=2))  # fmt: skip
+    return 0
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from host.bench import sim
+
+    r = sim.bench_sim(args.session, args.messages, args.stocks, args.repeat, args.seed)
+    print(json.dumps({"bench": "sim", "cpu": os.cpu_count(), "result": r}, indent=2)
+          if args.json else sim.sim_text(r))  # fmt: skip
+    return 0
+
+
+def _rx(args: argparse.Namespace) -> int:
+    from host.bench import rx
+
+    r = rx.bench_rx(rx.RxOptions(
+        duration=args.duration, steps=args.steps, latency_rate=args.latency_rate,
+        latency_seconds=args.latency_seconds, jitter_seconds=args.jitter_seconds,
+        sender_core=args.sender_core, consumer_core=args.consumer_core, modes=args.modes,
+        prefix=args.prefix))  # fmt: skip
+    print(json.dumps({"bench": "rx", "result": r}, indent=2) if args.json else rx.rx_text(r),
+          flush=True)  # fmt: skip
+    return 0
+
+
+def _failover(args: argparse.Namespace) -> int:
+    from host.bench import failover
+
+    r = failover.bench_failover(args.messages, args.rate, args.cut_ms, args.mode)
+    print(json.dumps({"bench": "failover", "result": r}) if args.json else failover.text(r))
+    return 0

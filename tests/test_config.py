@@ -1,0 +1,123 @@
+"""Configuration that is the host's own: the one ``host:port`` parser, ``[run]`` lines that
+never default to the lab's, the lab writing its own, and the README's examples."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from host import cli, config
+from host.appliance import runner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- host:port ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "want"), [
+    ("127.0.0.1:9108", ("127.0.0.1", 9108)),
+    ("10.77.1.1:1", ("10.77.1.1", 1)),
+    ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+    ("feed.example:26500", ("feed.example", 26500)),
+])  # fmt: skip
+def test_host_port_splits_good_forms(text, want):
+    assert config.host_port(text, "run.metrics") == want
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("localhost", "must be host:port"),
+    (":9108", "must be host:port"),
+    ("127.0.0.1:", "must be host:port"),
+    ("127.0.0.1:http", "must be host:port"),
+    ("127.0.0.1:-1", "must be host:port"),
+    ("127.0.0.1:0", "port 0 is outside 1..65535"),
+    ("127.0.0.1:65536", "port 65536 is outside 1..65535"),
+])  # fmt: skip
+def test_host_port_names_the_key_of_a_bad_form(text, why):
+    with pytest.raises(config.ConfigError, match=f"^run.recovery: .*{re.escape(why)}"):
+        config.host_port(text, "run.recovery")
+
+
+@pytest.mark.parametrize("key", ["metrics", "recovery"])
+def test_endpoints_are_checked_at_load(key):
+    assert config.from_dict({"run": {key: "10.0.0.1:80"}})
+    with pytest.raises(config.ConfigError, match=f"run.{key}: .*must be host:port"):
+        config.from_dict({"run": {key: "10.0.0.1"}})
+    with pytest.raises(config.ConfigError, match=f"run.{key}: not an IPv4 address"):
+        config.from_dict({"run": {key: "feed.example:80"}})
+
+
+# --- [run] lines: the host's, never the lab's ----------------------------------------------
+LINES = {"line_a": {"interface": "ens1f0", "queue": 2, "group": "233.54.12.111", "port": 26477},
+         "line_b": {"interface": "ens1f0", "queue": 3, "group": "233.49.196.111",
+                    "port": 26477}}  # fmt: skip
+
+
+def test_run_lines_default_to_nothing_of_the_lab():
+    run = config.load(None).run
+    lab = config.LabConfig()
+    names = {lab.line_a.appliance_if, lab.line_b.appliance_if, lab.line_a.group}
+    for line in run.lines.values():
+        assert line == config.RxLineConfig()
+        assert not names & {line.interface, line.group}
+
+
+@pytest.mark.parametrize(("run", "key"), [
+    ({}, "run.line_a.interface"),
+    ({"line_a": {"interface": "ens1f0"}}, "run.line_a.group"),
+    ({"line_a": {"interface": "ens1f0", "group": "233.54.12.111"}}, "run.line_a.port"),
+    ({"line_a": LINES["line_a"]}, "run.line_b.interface"),
+])  # fmt: skip
+def test_a_run_without_its_lines_names_the_key(run, key):
+    cfg = config.from_dict({"run": run})  # loads: a lab or a sim needs no [run] lines
+    with pytest.raises(config.ConfigError, match=f"^{re.escape(key)}: not set"):
+        config.require_lines(cfg.run)
+
+
+def test_a_run_with_its_lines_is_complete():
+    cfg = config.from_dict({"run": LINES})
+    config.require_lines(cfg.run)
+    assert cfg.run.line_b.queue == 3
+
+
+def test_set_line_values_are_still_checked_at_load():
+    with pytest.raises(config.ConfigError, match="run.line_a.group: 10.0.0.1 is not a multicast"):
+        config.from_dict({"run": {"line_a": {"group": "10.0.0.1"}}})
+    with pytest.raises(config.ConfigError, match="run.line_b: lines A and B both arrive"):
+        config.from_dict({"run": {"line_a": {"interface": "x0"}, "line_b": {"interface": "x0"}}})
+
+
+def test_the_lab_writes_its_own_run_lines():
+    cfg = config.for_lab(config.load(None, prefix="tq"))
+    config.require_lines(cfg.run)
+    assert cfg.run.netns == "tq-appl"
+    for letter, line in cfg.run.lines.items():
+        lab = cfg.lab.lines[letter]
+        assert (line.interface, line.group, line.port, line.address) == (
+            lab.appliance_if, lab.group, lab.port, lab.appliance_ip)
+    assert cfg.run.recovery == f"{cfg.lab.line_a.exchange_ip}:{cfg.lab.rerequest_port}"
+
+
+def test_the_appliance_refuses_a_run_without_lines_before_touching_anything(tmp_path):
+    cfg = config.from_dict({"run": {"netns": "no-such-ns", "channel": "tcfg"}})
+    with pytest.raises(config.ConfigError, match="run.line_a.interface: not set"):
+        runner.Appliance(cfg).run(duration=1)
+
+
+def test_tickwire_run_without_lines_is_one_line(tmp_path, capsys):
+    path = tmp_path / "host.toml"
+    path.write_text('[run]\nchannel = "tcfg"\n')
+    assert cli.main(["run", "--config", str(path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "tickwire: run.line_a.interface: not set (the interface the line arrives on; --lab "
+        "uses the lab's lines)"]  # fmt: skip
+
+
+# --- the README's examples -----------------------------------------------------------------
+def test_the_readme_configuration_examples_load():
+    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert any("[run]" in b for b in blocks) and any("[lab]" in b for b in blocks)
+    for text in blocks:
+        cfg = config.from_dict(tomllib.loads(text))
+        if "[run.line_a]" in text:
+            config.require_lines(cfg.run)
