@@ -1,11 +1,16 @@
 """Test-side network helpers: a private lab per module, a plain kernel-socket receiver of
-both lines in the appliance namespace, a re-request client, and running ``tickwire sim``.
+both lines in the appliance namespace, a re-request client, running ``tickwire sim``, and
+running ``tickwire run`` (the appliance) in the background.
+
+A test using them is marked ``lab`` (``tests/conftest.py`` skips it, naming what is missing,
+where this machine cannot build a lab); nothing here skips.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import select
@@ -16,20 +21,14 @@ import sys
 import threading
 import time
 
-import pytest
-
 from dataplane import moldudp64 as mold
+from dataplane import shm
 from host import config, netns
+from host.appliance import runner
 from host.exchange import lab
+from tests.helpers import free_port, wait_for
 
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python does not export it
-
-
-def lab_or_skip() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: network namespaces and veth pairs (CAP_NET_ADMIN)")
-    if not os.path.isdir("/proc/self/ns") or not os.path.exists("/proc/self/ns/net"):
-        pytest.skip("no network namespace support in this kernel")
 
 
 def private_lab(tag: str, **lab_kw) -> config.Config:
@@ -40,7 +39,6 @@ def private_lab(tag: str, **lab_kw) -> config.Config:
 
 @contextlib.contextmanager
 def built(cfg: config.Config):
-    lab_or_skip()
     try:
         lab.up(cfg.lab)
         yield cfg
@@ -93,13 +91,15 @@ class Receiver:
                     self.packets.append(Packet(by_fd[s.fileno()], time.monotonic(), data))
 
     def wait_eos(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(any(p.line == ln and p.parsed[0] == mold.P_END for p in self.line(ln))
-                   for ln in ("A", "B")):  # fmt: skip
-                return
-            time.sleep(0.05)
-        raise AssertionError("no end-of-session on both lines within the timeout")
+        """Until an end-of-session packet has arrived on both lines."""
+        wait_for(lambda: all(any(p.parsed[0] == mold.P_END for p in self.line(ln))
+                             for ln in ("A", "B")), timeout, "end-of-session on both lines")
+
+    def wait_packets(self, counts: dict[str, int], timeout: float = 60.0) -> None:
+        """Until ``counts[letter]`` packets have arrived on each line named, e.g. as many
+        as the simulator's summary says it sent."""
+        wait_for(lambda: all(len(self.line(ln)) >= n for ln, n in counts.items()), timeout,
+                 f"{counts} packets", lambda: {ln: len(self.line(ln)) for ln in counts})
 
     def line(self, letter: str) -> list[Packet]:
         return [p for p in list(self.packets) if p.line == letter]
@@ -118,6 +118,22 @@ class Receiver:
         self._thread.join()
         for s in self.socks.values():
             s.close()
+
+
+def receive_messages(sock: socket.socket, messages: int, timeout: float = 30.0) -> list[bytes]:
+    """MoldUDP64 packets from ``sock`` until they carry ``messages`` messages in all: an
+    answer's size is known to the test, and anything beyond it would show up at the head
+    of the next one."""
+    out: list[bytes] = []
+    got = 0
+    deadline = time.monotonic() + timeout
+    while got < messages:
+        ready, _, _ = select.select([sock], [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            raise AssertionError(f"{got} of {messages} messages answered within {timeout} s")
+        out.append(sock.recv(65536))
+        got += mold.parse(out[-1])[2]
+    return out
 
 
 class Requester:
@@ -139,16 +155,8 @@ class Requester:
         self.send_raw(mold.request(session or self.session, seq, count))
         return self
 
-    def collect(self, quiet: float = 0.5, limit: float = 10.0) -> list[bytes]:
-        """Packets until none arrived for ``quiet`` seconds (or ``limit`` in all)."""
-        out = []
-        end = time.monotonic() + limit
-        while time.monotonic() < end:
-            ready, _, _ = select.select([self.sock], [], [], quiet)
-            if not ready:
-                break
-            out.append(self.sock.recv(65536))
-        return out
+    def answer(self, messages: int, timeout: float = 30.0) -> list[bytes]:
+        return receive_messages(self.sock, messages, timeout)
 
     def close(self) -> None:
         self.sock.close()
@@ -164,6 +172,13 @@ def write_config(cfg: config.Config, path) -> str:
            f'[feed]\nsession = "{cfg.feed.session}"\n'  # fmt: skip
     path.write_text(text)
     return str(path)
+
+
+def sent_counts(summary: dict) -> dict[str, int]:
+    """Packets each line put on the wire (data, heartbeats, end of session), by the
+    simulator's own count in its JSON summary."""
+    return {ln: s["packets"] + s["heartbeats"] + s["end_of_session"]
+            for ln, s in summary["lines"].items()}  # fmt: skip
 
 
 def run_sim(cfg_path: str, *args: str, timeout: float = 120.0) -> dict:
@@ -191,3 +206,83 @@ class SimProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+# --- the appliance ------------------------------------------------------------------------
+_channels = itertools.count()
+
+
+class Appliance:
+    """``tickwire run --lab`` in the background, with its own channel and metrics port."""
+
+    def __init__(self, cfg, tmp_path, mode: str, *extra: str, until_eos: bool = True,
+                 run_extra: str = "", wrap: tuple[str, ...] = (),
+                 owner: int | None = None):  # fmt: skip
+        self.channel = f"test{os.getpid()}{mode}{next(_channels)}"
+        self.port = free_port()
+        self.cfg_path = tmp_path / "run.toml"
+        write_config(cfg, self.cfg_path)
+        with open(self.cfg_path, "a") as f:
+            f.write(f'[run]\nchannel = "{self.channel}"\nmetrics = "127.0.0.1:{self.port}"\n'
+                    + run_extra)
+        if owner is not None:  # as Ansible's tmpfiles entry hands the service user its root
+            cdir = shm.channel_dir(self.channel)
+            cdir.mkdir(parents=True, exist_ok=True)
+            os.chown(cdir, owner, owner)
+        args = [*wrap, sys.executable, "-m", "host.cli", "run", "--config", str(self.cfg_path),
+                "--lab", "--mode", mode, "--json", *extra]  # fmt: skip
+        if until_eos:
+            args.append("--until-eos")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)  # fmt: skip
+        try:
+            # a run with an empty numba cache compiles the whole consumer first: about a
+            # minute, more on a slow moment of this VM; the run gives up at its own
+            # run.start_timeout_s (600 s) and says so
+            self.reader = runner.wait_consumer(self.channel, self.proc, timeout=620)
+        except BaseException:
+            self.kill()  # the run never came up: no process, no shared memory left behind
+            raise
+
+    def wait_counters(self, condition, what: str, timeout: float = 60.0) -> dict:
+        """The consumer's counters once ``condition(counters)`` holds."""
+        def met():
+            c = self.reader.counters()
+            return c if condition(c) else None
+
+        return wait_for(met, timeout, what, self.reader.counters)
+
+    def wait_taken(self, n: int, timeout: float = 60.0) -> dict:
+        return self.wait_counters(lambda c: c["taken"] >= n, f"{n} messages taken", timeout)
+
+    def finish(self, terminate: bool = False, timeout: float = 120, rc: int = 0) -> dict:
+        if terminate:
+            self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == rc, err
+        self.stderr = err
+        return json.loads(out)
+
+    def kill(self) -> None:
+        """Stop the run if it is still up: SIGTERM first, so it detaches its XDP programs
+        (a SIGKILLed run leaves them on the lab's links, and every later run there
+        refuses to replace them), SIGKILL only if it does not exit."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shm.remove(self.channel)
+
+
+def run_session(cfg, tmp_path, mode: str, *sim_args: str, **appliance_kw) -> tuple[dict, dict]:
+    """One ``tickwire run`` (``Appliance`` keywords) through one ``tickwire sim`` with
+    ``sim_args``, both to the end; returns (the run's summary, the simulator's)."""
+    app = Appliance(cfg, tmp_path, mode, **appliance_kw)
+    try:
+        sim = run_sim(write_config(cfg, tmp_path / "sim.toml"), *sim_args)
+        return app.finish(), sim
+    finally:
+        app.kill()

@@ -27,7 +27,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,7 @@ import yaml
 
 from host import config
 from host.appliance import preflight
+from tests.capabilities import MIRROR, SUITE
 
 REPO = Path(__file__).resolve().parents[1]
 ANSIBLE = REPO / "ansible"
@@ -42,7 +42,7 @@ BIN = Path(sys.executable).parent
 INVENTORY = ANSIBLE / "inventory" / "example.yml"
 MY_ROLES = ("hugepages", "cpu_isolation", "sysctl", "ptp", "tickwire")
 
-SUITE, VARIANT, MIRROR = "bookworm", "minbase", "http://deb.debian.org/debian"
+VARIANT = "minbase"
 # what the image root starts with: enough for Ansible (python3) and offline systemctl
 INCLUDE = ("python3", "systemd", "ca-certificates")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tickwire"
@@ -150,14 +150,12 @@ def _debootstrap_root() -> Path:
     building = root.with_name(root.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
-    t0 = time.monotonic()
     r = _run(["debootstrap", f"--variant={VARIANT}", f"--include={','.join(INCLUDE)}",
               SUITE, str(building), MIRROR], timeout=480)  # fmt: skip
     if r.returncode != 0:
         shutil.rmtree(building, ignore_errors=True)
         pytest.fail(f"debootstrap failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
     _run(["chroot", str(building), "apt-get", "clean"])  # the .debs: 100 MB per copy
-    (building / ".tickwire-debootstrap-seconds").write_text(f"{time.monotonic() - t0:.1f}\n")
     building.rename(root)
     return root
 
@@ -205,18 +203,16 @@ def _wheelhouse(wheel: Path) -> Path:
     return house
 
 
-def _playbook(*extra: Path) -> tuple[dict, float]:
-    t0 = time.monotonic()
+def _playbook(*extra: Path) -> dict:
     r = _run([str(BIN / "ansible-playbook"), "-i", str(INVENTORY), "provision.yml",
               *(a for e in extra for a in ("-e", f"@{e}")), "--skip-tags", "network"],
              cwd=ANSIBLE, timeout=420, env=_env(ANSIBLE_STDOUT_CALLBACK="json"))  # fmt: skip
-    seconds = time.monotonic() - t0
     try:
         out = json.loads(r.stdout)
     except ValueError:
         pytest.fail(f"ansible-playbook printed no JSON (rc {r.returncode}):\n"
                     f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")  # fmt: skip
-    return out, seconds
+    return out
 
 
 def _changed_tasks(run: dict) -> list[str]:
@@ -249,28 +245,15 @@ def _host_sysctls() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def applied(tmp_path_factory):
-    """provision.yml applied twice to a fresh copy of the cached root: (root, run1, run2,
-    timings). /proc is the only mount, removed in teardown; the copy is deleted after."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (chroot, mount, debootstrap)")
-    if not shutil.which("debootstrap"):
-        pytest.skip("needs debootstrap (apt-get install debootstrap)")
-    if not shutil.which("chroot"):
-        pytest.skip("needs chroot (coreutils)")
+    """provision.yml applied twice to a fresh copy of the cached root: root, extra, run1,
+    run2, and the build host's sysctls before and after. /proc is the only mount, removed in
+    teardown; the copy is deleted after."""
     work = tmp_path_factory.mktemp("provision")
-    timings: dict[str, float] = {}
-    t0 = time.monotonic()
     cached = _debootstrap_root()
-    timings["debootstrap"] = float((cached / ".tickwire-debootstrap-seconds").read_text())
-    timings["root"] = time.monotonic() - t0
     root = work / "root"
-    t0 = time.monotonic()
     subprocess.run(["cp", "-a", "--reflink=auto", str(cached), str(root)], check=True)
-    timings["copy"] = time.monotonic() - t0
-    t0 = time.monotonic()
     wheel = _build_wheel(work)
     house = _wheelhouse(wheel)
-    timings["wheel"] = time.monotonic() - t0
     shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
     # an image build starts no daemons (invoke-rc.d asks policy-rc.d)
     policy = root / "usr" / "sbin" / "policy-rc.d"
@@ -290,9 +273,9 @@ def applied(tmp_path_factory):
     before = _host_sysctls()
     subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
     try:
-        run1, timings["apply1"] = _playbook(extra)
-        run2, timings["apply2"] = _playbook(extra) if not _failed_tasks(run1) else (run1, 0.0)
-        yield {"root": root, "extra": extra, "run1": run1, "run2": run2, "timings": timings,
+        run1 = _playbook(extra)
+        run2 = _playbook(extra) if not _failed_tasks(run1) else run1
+        yield {"root": root, "extra": extra, "run1": run1, "run2": run2,
                "host_sysctls": (before, _host_sysctls())}  # fmt: skip
     finally:
         if _run(["umount", str(root / "proc")]).returncode != 0:
@@ -306,7 +289,12 @@ def _stats(run: dict) -> dict:
     return run["stats"]["feed1"]
 
 
-@pytest.mark.lab
+# a real apply: root (chroot, mount), debootstrap, and the mirror both it and apt inside the
+# root install from; no lab (no namespace is involved)
+APPLY = pytest.mark.needs("root", "chroot", "debootstrap", "mirror")
+
+
+@APPLY
 def test_apply_twice_second_run_changes_nothing(applied):
     run1, run2 = applied["run1"], applied["run2"]
     assert not _failed_tasks(run1), _failed_tasks(run1)
@@ -317,7 +305,7 @@ def test_apply_twice_second_run_changes_nothing(applied):
     assert _stats(run2)["changed"] == 0, f"second run changed: {_changed_tasks(run2)}"
 
 
-@pytest.mark.lab
+@APPLY
 def test_apply_never_touches_the_build_hosts_kernel(applied):
     before, after = applied["host_sysctls"]
     assert before == after
@@ -327,7 +315,7 @@ def test_apply_never_touches_the_build_hosts_kernel(applied):
     assert "eno1: software timestamping (not probed: image root" in text
 
 
-@pytest.mark.lab
+@APPLY
 def test_kernel_command_line(applied):
     inv, root = _inventory_host(), applied["root"]
     params = preflight.parse_grub((root / "etc/default/grub.d/tickwire.cfg").read_text())
@@ -347,7 +335,7 @@ def test_kernel_command_line(applied):
     assert preflight.param_cpus(unit["CPUAffinity"][0]) == hk
 
 
-@pytest.mark.lab
+@APPLY
 def test_service_unit_least_privilege(applied):
     inv, root = _inventory_host(), applied["root"]
     unit = preflight.parse_unit([(root / "etc/systemd/system/tickwire.service").read_text()])
@@ -373,7 +361,7 @@ def test_service_unit_least_privilege(applied):
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (int(m[1]), int(m[2]), 0o755)
 
 
-@pytest.mark.lab
+@APPLY
 def test_sysctl_file_holds_the_settings(applied):
     root = applied["root"]
     want = {**_defaults("sysctl")["sysctl_settings"], **_inventory_host()["sysctl_extra_settings"]}
@@ -382,7 +370,7 @@ def test_sysctl_file_holds_the_settings(applied):
     assert {k.strip(): v.strip() for k, v in have.items()} == {k: str(v) for k, v in want.items()}
 
 
-@pytest.mark.lab
+@APPLY
 def test_config_loads_and_matches_the_inventory(applied):
     inv, root = _inventory_host(), applied["root"]
     cfg = config.load(root / "etc/tickwire/tickwire.toml")
@@ -420,7 +408,7 @@ def test_config_loads_and_matches_the_inventory(applied):
     assert oct(mode.st_mode & 0o777) == "0o640"
 
 
-@pytest.mark.lab
+@APPLY
 def test_hugepages_persistence(applied, tmp_path):
     inv, root = _inventory_host(), applied["root"]
     assert (
@@ -460,7 +448,7 @@ def test_hugepages_persistence(applied, tmp_path):
     assert r.returncode == 1 and "node 0 has no 1048576 kB pool" in r.stderr
 
 
-@pytest.mark.lab
+@APPLY
 def test_ptp_units(applied):
     root = applied["root"]
     conf = (root / "etc/linuxptp/ptp4l-eno1.conf").read_text()
@@ -471,7 +459,7 @@ def test_ptp_units(applied):
     assert not (wants / "phc2sys@eno1.service").exists()  # software: ptp4l steers the clock
 
 
-@pytest.mark.lab
+@APPLY
 def test_appliance_runs_inside_the_root(applied):
     root = applied["root"]
     r = _run(["chroot", str(root), "/opt/tickwire/venv/bin/tickwire", "--help"])
@@ -502,12 +490,12 @@ def undone(applied):
     """The same root after two more runs with every role's ``<role>_state: absent``."""
     absent = applied["root"].parent / "absent.yml"
     absent.write_text(yaml.safe_dump({f"{role}_state": "absent" for role in MY_ROLES}))
-    run3, _ = _playbook(applied["extra"], absent)
-    run4, _ = _playbook(applied["extra"], absent) if not _failed_tasks(run3) else (run3, 0.0)
+    run3 = _playbook(applied["extra"], absent)
+    run4 = _playbook(applied["extra"], absent) if not _failed_tasks(run3) else run3
     return {**applied, "run3": run3, "run4": run4}
 
 
-@pytest.mark.lab
+@APPLY
 def test_undo_removes_what_apply_installed_and_is_idempotent(undone):
     run3, run4, root = undone["run3"], undone["run4"], undone["root"]
     assert not _failed_tasks(run3), _failed_tasks(run3)

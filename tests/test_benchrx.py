@@ -1,15 +1,14 @@
 """The receive benchmark's parts: the in-kernel generator's frames (no root), what it
 delivers across a real lab veth to a plain kernel-socket receiver and to its XDP_DROP sink,
 and a short ``bench_rx`` run that must report every number and remove its lab. Nothing here
-asserts a rate target: only behaviour, with bounds generous enough for any machine."""
+asserts a rate or a duration: pacing is checked on the generator's own send times, stamped
+in the frames, against its schedule; every wait is for an event, with a deadline."""
 
 from __future__ import annotations
 
 import os
 import socket
 import struct
-import time
-import types
 
 import numpy as np
 import pytest
@@ -19,17 +18,10 @@ from dataplane.book import Book
 from host import config, netns
 from host.exchange import lab
 from host.exchange import pktgen as pgmod
-from tests.labnet import Receiver, built, lab_or_skip, private_lab
+from tests.helpers import wait_for
+from tests.labnet import Receiver, built, private_lab
 
 SESSION = config.FeedConfig().session
-
-
-def _bcc_or_skip() -> None:
-    lab_or_skip()
-    try:
-        import bcc  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"bcc is not importable ({e}): the generator is loaded with bcc")
 
 
 def _udp_payload(frame: bytes) -> bytes:
@@ -72,7 +64,6 @@ def test_data_frame_carries_book_neutral_itch(pairs):
 # --- the generator in a lab (root) -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gen():
-    _bcc_or_skip()
     cfg = private_lab("brx")
     with built(cfg):
         pgmod.peer_napi(cfg.lab.appliance_ns, cfg.lab.line_a.appliance_if)
@@ -80,14 +71,8 @@ def gen():
             yield cfg, pg
 
 
-def _wait_packets(rx: Receiver, n: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(rx.line("A")) < n and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.2)  # and nothing more after that
-
-
 @pytest.mark.lab
+@pytest.mark.needs("bcc")
 def test_exactly_n_frames_with_contiguous_sequences(gen):
     cfg, pg = gen
     rx = Receiver(cfg)
@@ -98,7 +83,7 @@ def test_exactly_n_frames_with_contiguous_sequences(gen):
         r = pg.send(n, rate_pps=50_000)
         assert r["sent"] == n
         assert r["next_seq"] == 1000 + 6 * n
-        _wait_packets(rx, n)
+        rx.wait_packets({"A": n})
         data = rx.data("A")
         assert len(data) == n and not rx.line("B")
         assert [seq for seq, _, _ in data] == list(range(1000, 1000 + 6 * n, 6))
@@ -111,7 +96,7 @@ def test_exactly_n_frames_with_contiguous_sequences(gen):
         pg.use(pg.heartbeat())
         before = len(rx.line("A"))
         assert pg.send(500)["sent"] == 500  # as fast as possible
-        _wait_packets(rx, before + 500)
+        rx.wait_packets({"A": before + 500})
         beats = rx.line("A")[before:]
         assert len(beats) == 500
         assert {p.parsed[:3] for p in beats} == {(mold.P_HEARTBEAT, 1000 + 6 * n, 0)}
@@ -120,28 +105,41 @@ def test_exactly_n_frames_with_contiguous_sequences(gen):
         rx.close()
 
 
+def _stamp(body: bytes) -> int:
+    """The generator's send time (ktime ns, 48 bits) in a data frame's first message."""
+    return int.from_bytes(body[7:13], "big")
+
+
 @pytest.mark.lab
-def test_rate_is_roughly_honoured(gen):
+@pytest.mark.needs("bcc")
+def test_a_paced_frame_is_never_sent_before_it_is_due(gen):
+    """Frame k of a paced send goes at least k intervals after the first: the program's
+    own send times, stamped in the frames, checked against its schedule (a late sender
+    catches up, but never gets ahead). Unpaced, it never waits."""
     cfg, pg = gen
     rx = Receiver(cfg)
     try:
-        pg.use(pg.heartbeat())
-        n, rate = 20_000, 40_000.0
+        pg.reset(1)
+        pg.use(pg.data(1))
+        n, rate = 2000, 40_000.0
         r = pg.send(n, rate_pps=rate)
-        _wait_packets(rx, n)
-        got = rx.line("A")
-        assert len(got) == n
-        # paced, not one burst: generous bounds on the generator's own clock and on
-        # the receiver's (which only sees arrivals, batched by its select loop)
-        assert 0.5 * rate <= r["rate_pps"] <= 1.5 * rate
-        assert got[-1].t - got[0].t >= 0.5 * n / rate
+        assert r["sent"] == n and r["requested_pps"] == rate
+        rx.wait_packets({"A": n})
+        interval = round(1e9 / rate)
+        sent_at = {seq: _stamp(body) for seq, _, body in rx.data("A")}
+        assert sorted(sent_at) == list(range(1, 1 + 2 * n, 2))  # two messages a frame
+        first = sent_at[1]
+        early = [(seq, (t - first) % (1 << 48)) for seq, t in sent_at.items()
+                 if (t - first) % (1 << 48) < (seq - 1) // 2 * interval]  # fmt: skip
+        assert not early, f"frames sent ahead of their schedule: {early[:5]}"
         fast = pg.send(n)
-        assert fast["rate_pps"] > r["rate_pps"]
+        assert fast["sent"] == n and fast["waits"] == 0 and fast["requested_pps"] == 0
     finally:
         rx.close()
 
 
 @pytest.mark.lab
+@pytest.mark.needs("bcc", "xdp")
 def test_sink_counts_every_frame_and_detaches(gen):
     from host.appliance import loader
 
@@ -151,24 +149,24 @@ def test_sink_counts_every_frame_and_detaches(gen):
     with pg.sink(ns, ifname) as sink:
         before = sink.packets()
         assert pg.send(100_000)["sent"] == 100_000
-        time.sleep(0.1)
+        wait_for(lambda: sink.packets() - before >= 100_000, 20, "100,000 frames at the sink",
+                 lambda: sink.packets() - before)
         assert sink.packets() - before == 100_000
     assert not [p for p in loader.attached(ns) if p["ifname"] == ifname]
 
 
 # --- the whole benchmark, short ----------------------------------------------------------------
 @pytest.mark.lab
+@pytest.mark.needs("bcc", "xdp", "afxdp")
 def test_short_bench_rx_reports_everything_and_removes_its_lab():
-    _bcc_or_skip()
     from host.bench import rx as benchrx
 
     prefix = f"tbrr{os.getpid() % 100000:05d}"
-    args = types.SimpleNamespace(duration=0.2, steps=3, json=True, prefix=prefix,
-                                 latency_seconds=0.3, jitter_seconds=0.2,
-                                 latency_rate=50_000.0)  # fmt: skip
+    opts = benchrx.RxOptions(duration=0.2, steps=3, prefix=prefix, latency_seconds=0.3,
+                             jitter_seconds=0.2, latency_rate=50_000.0)  # fmt: skip
     cfg = benchrx._lab_config(prefix)
     try:
-        r = benchrx.bench_rx(args)
+        r = benchrx.bench_rx(opts)
     finally:
         lab.down(cfg.lab)  # a no-op when bench_rx cleaned up, as it must
     assert not netns.exists(cfg.lab.exchange_ns) and not netns.exists(cfg.lab.appliance_ns)
@@ -181,13 +179,28 @@ def test_short_bench_rx_reports_everything_and_removes_its_lab():
     for path in ("af_xdp", "socket"):
         p = r[path]
         assert "error" not in p, p.get("error")
-        assert p["packets_per_s"] > 0 and p["full_packets_per_s"] > 0
+        # the highest loss-free rate of a three-step search: 0 when a busy machine lost
+        # packets at every step (a benchmark reports it; a test does not judge it)
+        assert p["packets_per_s"] >= 0 and p["full_packets_per_s"] >= 0
         assert p["messages_per_s"] == pytest.approx(p["full_packets_per_s"] * 46)
-        for lk in ("latency_ns", "latency_full_ns"):
+        for lk in ("latency_ns", "latency_full_ns"):  # the path carried the probes
             assert p[lk]["count"] > 0 and p[lk]["p50"] <= p[lk]["p99"] <= p[lk]["p99.9"]
         assert p["consumer"]["book_anomalies"] == 0 and p["consumer"]["live_orders"] == 0
-    assert all(v is not None and v > 0 for v in r["ratios"].values())
-    assert set(r["targets"]) == {"af_xdp_3x_socket", "af_xdp_75pct_of_xdp_drop",
-                                 "af_xdp_p50_under_10us"}  # fmt: skip
-    assert all(isinstance(v, bool) for v in r["targets"].values())
+    # how the ratios and targets are formed from the numbers reported
+    x, k, d, ra, t = r["af_xdp"], r["socket"], r["xdp_drop"], r["ratios"], r["targets"]
+
+    def ratio(a, b):
+        return pytest.approx(a / b) if a and b else None
+
+    assert ra == {"af_xdp_vs_socket": ratio(x["packets_per_s"], k["packets_per_s"]),
+                  "af_xdp_vs_socket_messages": ratio(x["messages_per_s"], k["messages_per_s"]),
+                  "af_xdp_vs_xdp_drop": ratio(x["packets_per_s"], d["packets_per_s"]),
+                  "af_xdp_vs_xdp_drop_full": ratio(x["full_packets_per_s"],
+                                                   d["full_packets_per_s"])}  # fmt: skip
+    vs_s, vs_d = ra["af_xdp_vs_socket"], ra["af_xdp_vs_xdp_drop"]
+    assert t == {
+        "af_xdp_3x_socket": None if vs_s is None else vs_s >= benchrx.TARGET_VS_SOCKET,
+        "af_xdp_75pct_of_xdp_drop": None if vs_d is None else vs_d >= benchrx.TARGET_VS_DROP,
+        "af_xdp_p50_under_10us": x["latency_ns"]["p50"] < benchrx.TARGET_P50_NS,
+    }
     assert "AF_XDP loss-free" in benchrx.rx_text(r)

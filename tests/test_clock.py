@@ -7,7 +7,6 @@ import errno
 import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -104,9 +103,8 @@ int main(void) {
 """
 
 
+@pytest.mark.needs("gcc")
 def test_binding_layout_matches_the_kernel_header(tmp_path):
-    if shutil.which("gcc") is None:
-        pytest.skip("no gcc to compile the header's layout independently")
     src = tmp_path / "layout.c"
     src.write_text(LAYOUT_C)
     exe = tmp_path / "layout"
@@ -290,7 +288,7 @@ def test_calibrate_help_has_examples():
     assert done.returncode == 0 and "tickwire calibrate --lab" in done.stdout
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chown")
+@pytest.mark.needs("root")  # chown
 def test_a_channel_root_creates_is_handed_to_the_service_user(tmp_path, monkeypatch):
     """An operator's `tickwire calibrate` (root) must not leave a channel directory the
     service (the owner of the shared-memory root) cannot create its regions in."""

@@ -1,18 +1,16 @@
-"""Wire fault injection (bpf/fault.c, host/faults.py): the Python mirror of the program's
-maps, the program itself on crafted frames (BPF_PROG_TEST_RUN), and the faults on the
+"""Wire fault injection (bpf/fault.c, host/exchange/wirefaults.py): the CLI's values, the
+program itself on crafted frames (BPF_PROG_RUN), and the faults on the
 lab's real lines -- the simulator publishing, plain kernel sockets receiving both lines in
 the appliance namespace, line B (or A) as the witness of what was sent."""
 
-import ctypes
-import importlib.util
 import json
 import os
-import re
 import socket
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,16 @@ from host import netns
 from host.appliance import bpfsys
 from host.exchange import itchgen, lab
 from host.exchange import wirefaults as faults
-from tests.labnet import Receiver, SimProcess, built, private_lab, run_sim, write_config
+from tests.helpers import wait_for
+from tests.labnet import (
+    Receiver,
+    SimProcess,
+    built,
+    private_lab,
+    run_sim,
+    sent_counts,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 N_MSGS = 30_000
@@ -30,47 +37,9 @@ RATE = "200000"
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
 
 
-def _need_bcc() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: loads BPF programs and pins them in bpffs (CAP_BPF)")
-    if importlib.util.find_spec("bcc") is None:
-        pytest.skip("needs bcc (python3-bpfcc) to compile bpf/fault.c")
-
-
-# --- the mirror (no root) ------------------------------------------------------------------
-def test_mirror_matches_fault_c():
-    text = (ROOT / "bpf" / "fault.c").read_text()
-    body = re.search(r"struct tw_fault_cfg \{(.*?)\};", text, re.S)[1]
-    fields = re.findall(r"^\s*(\S+)\s+(\w+);", body, re.M)
-    assert all(t == "__u64" for t, _ in fields)  # the layout is 8 * index
-    assert tuple(name for _, name in fields) == faults.CFG_FIELDS
-    defines = {m[1]: int(m[2]) for m in
-               re.finditer(r"^#define\s+(TW_(?:FF|FC)_\w+|TW_FAULT_LINES)\s+(\d+)", text, re.M)}
-    assert len(defines) == 16
-    for name, value in defines.items():
-        assert getattr(faults, name.removeprefix("TW_")) == value, name
-    for name, value in defines.items():
-        if name.startswith("TW_FC_") and name != "TW_FC_LEN":
-            assert faults.COUNTERS[value] == name.removeprefix("TW_FC_").lower()
-    assert len(faults.COUNTERS) == faults.FC_LEN
-    assert re.search(rf"^BPF_ARRAY\({faults.MAP_CFG},", text, re.M)
-    assert re.search(rf"^BPF_PERCPU_ARRAY\({faults.MAP_STATS},", text, re.M)
-    assert re.search(rf"^int {faults.PROG_NAME}\(struct __sk_buff \*skb\)", text, re.M)
-    assert " -w" not in text and "XDP_" not in text
-
-
-def test_cli_specs():
-    assert faults._cut_spec("200") == (200.0, 0.0)
-    assert faults._cut_spec("100@500") == (100.0, 500.0)
-    assert faults._range_spec("1000-1999") == (1000, 1999)
-    assert faults._range_spec("7") == (7, 7)
-    assert faults._probability("0.05") == 0.05 and faults._probability("5%") == 0.05
-    for fn, bad in ((faults._cut_spec, "0"), (faults._cut_spec, "x@1"),
-                    (faults._cut_spec, "10@-1"), (faults._range_spec, "9-3"),
-                    (faults._range_spec, "0-3"), (faults._range_spec, "a-b"),
-                    (faults._probability, "1.5"), (faults._probability, "p")):  # fmt: skip
-        with pytest.raises(Exception, match="expected|must|between"):
-            fn(bad)
+# --- values (no root; the mirror of bpf/fault.h: tests/test_bpfabi.py) ---------------------
+# (the CLI's spellings: tests/test_faultgrammar.py)
+def test_lines():
     assert faults.lines_of("ab") == ["A", "B"] and faults.lines_of(["B"]) == ["B"]
     with pytest.raises(faults.FaultError, match="unknown line 'C'"):
         faults.lines_of("C")
@@ -96,11 +65,14 @@ def test_errors_are_one_line_without_a_lab():
     st = faults.status(cfg)
     assert st["pinned"] is None and not st["lab_up"]
     assert faults.remove_all(cfg) == []
-    for args, text in ((["C", "--cut", "10"], "unknown line or action 'C'"),
+    for args, text in ((["C", "--cut", "10"], "unknown line, fault or action 'C'"),
                        (["A", "--cut", "10"], f"lab {cfg.lab.prefix} is not up"),
+                       (["A:loss=1%"], f"lab {cfg.lab.prefix} is not up"),
+                       (["A:reorder=4"], "reorder is a fault of the simulator"),
                        (["clear", "--loss", "0.1"], "takes no fault options")):  # fmt: skip
-        done = subprocess.run([sys.executable, "-m", "host.exchange.wirefaults", "--prefix", cfg.lab.prefix,
-                               *args], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "host.cli", "lab", "fault", "--prefix",
+                               cfg.lab.prefix, *args], capture_output=True, text=True,
+                              cwd=ROOT)  # fmt: skip
         assert done.returncode == 1 and done.stdout == ""
         assert done.stderr.count("\n") == 1 and text in done.stderr, done.stderr
 
@@ -121,18 +93,11 @@ def _frame(seq: int, count: int, *, group="239.77.1.1", port=26477, vlan=False, 
 
 
 def _run(prog_fd: int, data: bytes) -> int:
-    buf_in = ctypes.create_string_buffer(data, len(data))
-    buf_out = ctypes.create_string_buffer(4096)
-    attr = bpfsys.TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_size_out=4096,
-                              data_in=ctypes.addressof(buf_in),
-                              data_out=ctypes.addressof(buf_out), repeat=1)  # fmt: skip
-    bpfsys.sys_bpf(bpfsys.BPF_PROG_TEST_RUN, attr)
-    return attr.retval
+    return bpfsys.prog_run(prog_fd, data, data_out=bytearray(4096)).retval
 
 
-@pytest.mark.lab
+@pytest.mark.needs("root", "bcc", "bpffs")  # no lab: BPF_PROG_TEST_RUN on loopback
 def test_program_rules_on_crafted_frames():
-    _need_bcc()
     prefix = f"tfltu{os.getpid() % 100000:05d}"
     maps = faults.FaultMaps.create(prefix)
     try:
@@ -200,7 +165,6 @@ def test_program_rules_on_crafted_frames():
 # --- the lab -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def labcfg():
-    _need_bcc()
     cfg = private_lab("flt")
     with built(cfg):
         try:
@@ -219,24 +183,31 @@ def files(labcfg, tmp_path_factory):
             "long": str(d / "long.itch")}  # fmt: skip
 
 
-def _settle(rx: Receiver, quiet: float = 0.3, limit: float = 10.0) -> None:
-    """Until no packet arrived for ``quiet`` seconds."""
-    end = time.monotonic() + limit
-    n = -1
-    while time.monotonic() < end and n != len(rx.packets):
-        n = len(rx.packets)
-        time.sleep(quiet)
+def _counts(wf) -> Callable[[], dict[str, dict]]:
+    """The wire-fault counters of ``wf``'s lines, read when called."""
+    return lambda: {letter: wf.stats(letter) for letter in wf.lines}
 
 
-def _publish(labcfg, files, *extra: str, session: str = "session", eos: bool = True):
-    """Run the simulator once; the receiver's record of both lines."""
+def _arrive(rx: Receiver, summary: dict, counts, before: dict[str, dict]) -> None:
+    """Until every packet the simulator sent has arrived, less what the wire-fault program
+    dropped since ``before`` on the lines ``counts()`` reads (its counters are final once
+    the sender is done: TC egress runs in the sending call)."""
+    want = sent_counts(summary)
+    for letter, c in counts().items():
+        b = before[letter]
+        want[letter] = (c["feed"] - b["feed"]) - (c["dropped"] - b["dropped"])
+    rx.wait_packets(want)
+
+
+def _publish(labcfg, files, counts, *extra: str, session: str = "session"):
+    """Run the simulator once; the receiver's record of both lines, once all that the
+    wire let through (``counts``: see ``_arrive``) has arrived."""
     rx = Receiver(labcfg)
     try:
-        run_sim(files["config"], "--session", files[session], "--rate", RATE, "--no-rerequest",
-                "--eos-for", "0.5", *extra)  # fmt: skip
-        if eos:
-            rx.wait_eos()
-        _settle(rx)
+        before = counts()
+        summary = run_sim(files["config"], "--session", files[session], "--rate", RATE,
+                          "--no-rerequest", "--eos-for", "0.5", *extra)  # fmt: skip
+        _arrive(rx, summary, counts, before)
     finally:
         rx.close()
     return rx
@@ -265,11 +236,12 @@ def _tc(labcfg, what: str, ifname: str, *more: str) -> str:
 
 
 @pytest.mark.lab
+@pytest.mark.needs("bcc", "bpffs")
 def test_drop_range_drops_exactly_the_packets_covering_it(labcfg, files):
     first, last = 10_000, 10_999
     with faults.WireFaults(labcfg, "A") as wf:
         wf.drop_range(first, last)
-        rx = _publish(labcfg, files)
+        rx = _publish(labcfg, files, _counts(wf))
         stats = wf.stats()
     a, b = rx.data("A"), rx.data("B")
     _complete(b)
@@ -286,24 +258,27 @@ def test_drop_range_drops_exactly_the_packets_covering_it(labcfg, files):
 
 
 @pytest.mark.lab
+@pytest.mark.needs("bcc", "bpffs")
 def test_cut_drops_one_contiguous_block(labcfg, files):
     n = 150_000
     rx = Receiver(labcfg)
     try:
         with faults.WireFaults(labcfg, "B") as wf:
+            before = _counts(wf)()
             sim = SimProcess(files["config"], "--session", files["long"], "--rate", RATE,
                              "--no-rerequest", "--eos-for", "0.5")  # fmt: skip
             try:
-                deadline = time.monotonic() + 60
-                while not rx.data("B") and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                assert rx.data("B"), "no data on line B"
-                wf.cut(100, after_ms=100)  # data flows for ~750 ms in all
-                sim.finish()
+                wait_for(lambda: rx.data("B"), 60, "data on line B")
+                # silent from now until the program has cut some data, whatever the pace
+                # of a loaded machine (data flows for ~750 ms in all)
+                wf.cut(60_000)
+                wait_for(lambda: wf.stats()["dropped_messages"] > 0, 60, "data cut on B",
+                         wf.stats)  # fmt: skip
+                wf.clear()
+                summary = sim.finish()
             finally:
                 sim.kill()
-            rx.wait_eos()
-            _settle(rx)
+            _arrive(rx, summary, _counts(wf), before)
             stats = wf.stats()
     finally:
         rx.close()
@@ -321,10 +296,11 @@ def test_cut_drops_one_contiguous_block(labcfg, files):
 
 
 @pytest.mark.lab
+@pytest.mark.needs("bcc", "bpffs")
 def test_random_loss_is_counted_exactly(labcfg, files):
     with faults.WireFaults(labcfg, "A") as wf:
         wf.loss(0.05)
-        rx = _publish(labcfg, files)
+        rx = _publish(labcfg, files, _counts(wf))
         stats = wf.stats()
     a, b = rx.data("A"), rx.data("B")
     _complete(b)
@@ -337,16 +313,17 @@ def test_random_loss_is_counted_exactly(labcfg, files):
 
 
 @pytest.mark.lab
+@pytest.mark.needs("bcc", "bpffs")
 def test_drop_all_then_clear_restores_the_line(labcfg, files):
     with faults.WireFaults(labcfg, "A") as wf:
         wf.drop_all()
-        rx = _publish(labcfg, files, eos=False)
+        rx = _publish(labcfg, files, _counts(wf))
         assert rx.line("A") == []
         _complete(rx.data("B"))
         first = wf.stats()
         assert first["dropped_all"] == first["dropped"] == first["feed"] == len(rx.line("B"))
         wf.clear()
-        rx = _publish(labcfg, files)
+        rx = _publish(labcfg, files, _counts(wf))
         assert rx.data("A") == rx.data("B")
         _complete(rx.data("A"))
         assert _kinds(rx.line("A")) == _kinds(rx.line("B"))
@@ -356,10 +333,11 @@ def test_drop_all_then_clear_restores_the_line(labcfg, files):
 
 
 @pytest.mark.lab
+@pytest.mark.needs("bcc", "bpffs")
 def test_heartbeats_survive_a_sequence_range_fault(labcfg, files):
     with faults.WireFaults(labcfg, "A") as wf:
         wf.drop_range(1, (1 << 64) - 1)
-        rx = _publish(labcfg, files, "--preroll", "0.5", "--heartbeat", "0.1")
+        rx = _publish(labcfg, files, _counts(wf), "--preroll", "0.5", "--heartbeat", "0.1")
         stats = wf.stats()
     _complete(rx.data("B"))
     assert rx.data("A") == []
@@ -371,6 +349,7 @@ def test_heartbeats_survive_a_sequence_range_fault(labcfg, files):
 
 
 @pytest.mark.lab
+@pytest.mark.needs("bcc", "bpffs")
 def test_detach_leaves_no_qdisc_filter_or_pin(labcfg, files):
     with faults.WireFaults(labcfg, "AB") as wf:
         wf.cut(50, after_ms=10_000)
@@ -398,21 +377,23 @@ def test_detach_leaves_no_qdisc_filter_or_pin(labcfg, files):
 
 
 def _cli(labcfg, files, *args: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "host.exchange.wirefaults", "--config", files["config"],
-                           "--json", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "host.cli", "lab", "fault", "--config",
+                           files["config"], "--json", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
 @pytest.mark.lab
+@pytest.mark.needs("bcc", "bpffs")
 def test_cli_drives_the_pinned_maps_across_processes(labcfg, files):
     first, last = 20_000, 20_499
     try:
         st = _cli(labcfg, files, "A", "--drop-range", f"{first}-{last}")
         assert st["lines"]["A"]["attached"] and not st["lines"]["B"]["attached"]
         assert st["lines"]["A"]["faults"]["drop_range"] == [first, last]
-        rx = _publish(labcfg, files)
+        rx = _publish(labcfg, files,
+                      lambda: {"A": _cli(labcfg, files, "status")["lines"]["A"]["counters"]})
         b = rx.data("B")
         hit = [s for s, c, _ in b if s <= last and s + c - 1 >= first]
         assert [s for s, _, _ in rx.data("A")] == [s for s, _, _ in b if s not in hit]
@@ -420,7 +401,7 @@ def test_cli_drives_the_pinned_maps_across_processes(labcfg, files):
         assert st["lines"]["A"]["counters"]["dropped_range"] == len(hit)
         assert st["lines"]["A"]["counters"]["feed"] == len(rx.line("B"))
 
-        st = _cli(labcfg, files, "B", "--cut", "50@60000", "--loss", "0.25")
+        st = _cli(labcfg, files, "B:cut=50@60000", "B:loss=25%")  # the simulator's spelling
         assert st["lines"]["B"]["faults"]["cut"]["state"] == "pending"
         assert st["lines"]["B"]["faults"]["loss"] == 0.25
         assert st["lines"]["A"]["faults"]["drop_range"] == [first, last]  # untouched
@@ -432,8 +413,9 @@ def test_cli_drives_the_pinned_maps_across_processes(labcfg, files):
             f = st["lines"][letter]["faults"]
             assert (f["drop_all"], f["cut"], f["drop_range"], f["loss"]) == (False, None, None,
                                                                              None)  # fmt: skip
-        done = subprocess.run([sys.executable, "-m", "host.exchange.wirefaults", "--config", files["config"],
-                               "status"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "host.cli", "lab", "fault", "--config",
+                               files["config"], "status"], capture_output=True, text=True,
+                              cwd=ROOT)  # fmt: skip
         assert done.returncode == 0 and "line A" in done.stdout and "faults: none" in done.stdout
         assert _cli(labcfg, files, "off") == {"prefix": labcfg.lab.prefix,
                                               "detached": ["A", "B"]}  # fmt: skip
@@ -445,6 +427,7 @@ def test_cli_drives_the_pinned_maps_across_processes(labcfg, files):
 
 
 @pytest.mark.lab
+@pytest.mark.needs("bcc", "bpffs")
 def test_remove_all_after_the_lab_is_gone(labcfg, files):
     other = private_lab("fgo")
     with built(other):

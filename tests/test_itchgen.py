@@ -14,11 +14,8 @@ import numpy as np
 import pytest
 
 from host.exchange import itchgen
-
-try:
-    from tests.reference import ANOMALIES, LENGTHS, ReferenceBook, frames, timestamp
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    from reference import ANOMALIES, LENGTHS, ReferenceBook, frames, timestamp
+from tests.itchbytes import framed
+from tests.reference import ANOMALIES, LENGTHS, ReferenceBook, frames, timestamp
 
 T_0400 = 4 * 3600 * 10**9
 T_2001 = 20 * 3600 * 10**9 + 60 * 10**9
@@ -277,10 +274,6 @@ def directory(locate, symbol) -> bytes:
     )
 
 
-def frame(*msgs: bytes) -> bytes:
-    return b"".join(struct.pack(">H", len(m)) + m for m in msgs)
-
-
 def book_of(*msgs: bytes) -> ReferenceBook:
     b = ReferenceBook()
     for m in msgs:
@@ -389,11 +382,11 @@ def test_validation_and_message_counters():
 
 def test_replay_and_truncation():
     msgs = [directory(1, "AB"), add(1), add(2, side="S", price=10_100)]
-    data = frame(*msgs)
+    data = framed(*msgs)
     b = ReferenceBook().replay(data)
     assert b.bbo(1) == (10_000, 100, 10_100, 100)
-    first = len(frame(msgs[0]))
-    second = first + len(frame(msgs[1]))
+    first = len(framed(msgs[0]))
+    second = first + len(framed(msgs[1]))
     with pytest.raises(ValueError, match=f"offset {second}"):
         ReferenceBook().replay(data[:-1])  # body of the third runs past the end
     with pytest.raises(ValueError, match=f"offset {second}"):

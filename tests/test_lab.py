@@ -5,15 +5,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from host import config, netns
 from host.exchange import lab
-from tests.labnet import Receiver, built, lab_or_skip, private_lab
-
-pytestmark = pytest.mark.lab
+from tests.helpers import wait_for
+from tests.labnet import Receiver, built, private_lab
 
 
 # --- configuration (no root needed) -------------------------------------------------------
@@ -34,7 +32,8 @@ def test_defaults_are_a_valid_lab():
         ("[lab.line_b]\ngroup = '239.77.1.1'\nport = 26477\n", "different group/port"),
         ("[feed]\nsession = 'MUCH-TOO-LONG'\n", "feed.session"),
         ("[nope]\n", "nope: unknown key"),
-        ("[run.line_b]\ninterface = 'feed-a'\n", "run.line_b: lines A and B both arrive"),
+        ("[run.line_a]\ninterface = 'feed-a'\n[run.line_b]\ninterface = 'feed-a'\n",
+         "run.line_b: lines A and B both arrive"),
         ("[run]\nring_size = 1000\n", "run.ring_size"),
         ("[run]\nmetrics = 'localhost'\n", "run.metrics"),
         ("[lab\n", "not valid TOML"),
@@ -69,8 +68,8 @@ def _root_links() -> set[str]:
     return set(os.listdir("/sys/class/net"))
 
 
+@pytest.mark.lab
 def test_up_is_idempotent_and_down_removes_only_its_own():
-    lab_or_skip()
     a = private_lab("ida")
     b = private_lab("idb", mtu=1400, queues=2)
     root_before = _root_links()
@@ -101,17 +100,14 @@ def test_up_is_idempotent_and_down_removes_only_its_own():
         assert lab.down(a.lab) == []  # nothing left to remove
 
 
+@pytest.mark.lab
 def test_down_stops_processes_left_in_the_lab():
-    lab_or_skip()
     cfg = private_lab("prc")
     with built(cfg):
         proc = subprocess.Popen(["ip", "netns", "exec", cfg.lab.exchange_ns, "sleep", "300"])
         try:
-            for _ in range(100):
-                if proc.pid in lab.status(cfg.lab)["namespaces"][cfg.lab.exchange_ns][
-                        "processes"]:  # fmt: skip
-                    break
-                time.sleep(0.02)
+            wait_for(lambda: proc.pid in lab.status(cfg.lab)["namespaces"][
+                cfg.lab.exchange_ns]["processes"], 10, "the process seen in the lab")  # fmt: skip
             lab.down(cfg.lab)
             assert proc.wait(timeout=10) != 0
         finally:
@@ -119,8 +115,8 @@ def test_down_stops_processes_left_in_the_lab():
                 proc.kill()
 
 
+@pytest.mark.lab
 def test_lab_cli_up_status_down_json():
-    lab_or_skip()
     prefix = f"tc{os.getpid() % 100000:05d}"
     cli = [sys.executable, "-m", "host.cli", "lab"]
     try:
@@ -139,9 +135,9 @@ def test_lab_cli_up_status_down_json():
     assert json.loads(st.stdout)["up"] is False
 
 
+@pytest.mark.lab
 def test_traffic_stays_in_the_lab():
     """A multicast sent on line A reaches the appliance end and nothing in the root ns."""
-    lab_or_skip()
     cfg = private_lab("trf")
     with built(cfg):
         rx = Receiver(cfg)
@@ -152,9 +148,7 @@ def test_traffic_stays_in_the_lab():
                          socket.inet_aton(cfg.lab.line_a.exchange_ip))  # fmt: skip
             s.sendto(b"hello", (cfg.lab.line_a.group, cfg.lab.line_a.port))
             s.close()
-            deadline = time.monotonic() + 5
-            while not rx.line("A") and time.monotonic() < deadline:
-                time.sleep(0.02)
+            rx.wait_packets({"A": 1})
             assert [p.data for p in rx.line("A")] == [b"hello"]
             assert rx.line("B") == []
         finally:

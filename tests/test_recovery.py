@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import tempfile
 import time
+import types
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,9 +30,10 @@ from host.appliance.recovery import (
     metric_families,
     read_shared,
 )
-from host.exchange import itchgen
+from host.exchange import itchgen, rerequest
 from host.exchange.publisher import Session
 from host.exchange.rerequest import ReRequestServer, ServerConfig
+from tests.helpers import free_port, wait_for
 
 NAME = "RECOVTEST1"
 N = 20_000
@@ -54,15 +56,13 @@ def packet(sess: Session, seq: int, count: int, name: str = NAME) -> bytes:
     return mold.session_bytes(name) + seq.to_bytes(8, "big") + count.to_bytes(2, "big") + blocks
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def udp_port() -> int:
+    return free_port(socket.SOCK_DGRAM)
 
 
 @contextmanager
 def server(sess: Session, **kw):
-    cfg = ServerConfig(port=free_port(), workers=2, **kw)
+    cfg = ServerConfig(port=udp_port(), workers=2, **kw)
     srv = ReRequestServer(sess, mold.session_bytes(NAME), np.array([sess.n], np.int64), cfg,
                           payload_limit=1400, bind_ip="127.0.0.1")  # fmt: skip
     srv.start()
@@ -108,16 +108,37 @@ class Consumer:
 
 def wait_until(client: RecoveryClient, consumer: Consumer, pred, timeout: float = 30.0,
                drain: bool = True):  # fmt: skip
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def met():
         if drain:
             consumer.drain()
         c = client.counters()
-        if pred(c):
-            return c
         assert client.error is None, client.error
-        time.sleep(0.002)
-    pytest.fail(f"condition not met within {timeout} s: {client.counters()}")
+        return c if pred(c) else None
+
+    return wait_for(met, timeout, "the recovery condition", client.counters, interval=0.002)
+
+
+def lockstep(client: RecoveryClient, srv: ReRequestServer, consumer: Consumer, now_ns: int):
+    """Step a client driven by hand (``start=False``) at ``now_ns`` until the exchange with
+    the server is quiet: it has taken every request sent, the client every packet answered
+    (a wait for events, with a deadline; the time both see is the test's)."""
+
+    def quiet():
+        client.step(now_ns)
+        consumer.drain()
+        c = client.counters()
+        answered = c["answers"] + c["rejected_answers"]
+        return c if (srv.counters["requests"] == c["requested"]
+                     and answered == srv.counters["packets"]) else None  # fmt: skip
+
+    return wait_for(quiet, 30, "a quiet exchange", lambda: (client.counters(), srv.counters))
+
+
+def frozen_server_clock(monkeypatch) -> list[int]:
+    """The re-request server's clock, in ns, set by the test (its rate limit refills by it)."""
+    now = [0]
+    monkeypatch.setattr(rerequest, "time", types.SimpleNamespace(monotonic=lambda: now[0] / S))
+    return now
 
 
 def settled(c: dict) -> bool:
@@ -207,20 +228,30 @@ def test_partial_answers_are_completed(sess, tmp_path):
         assert c["requested"] > 3 and c["filled"] == 1 and c["unrecoverable"] == 0
 
 
-def test_rate_limited_server_fills_eventually(sess, tmp_path):
+def test_rate_limited_server_fills_eventually(sess, tmp_path, monkeypatch):
+    """Client and server on the test's clock, 50 ms at a time: 6,000 messages from a server
+    giving 3,000 a second (its bucket full to start) take at least one second, and come
+    back whole within the SLO."""
+    server_now = frozen_server_clock(monkeypatch)
     with server(sess, rate=3000.0) as srv, \
-            running(tmp_path, srv.cfg.port, slo=120.0, retries=20) as (client, cons):  # fmt: skip
-        cons.declare(10, 6000)
-        c = wait_until(client, cons, settled, timeout=100)
-        cons.drain()
+            running(tmp_path, srv.cfg.port, start=False, slo=10.0, retries=20,
+                    timeout=0.2) as (client, cons):  # fmt: skip
+        t0 = server_now[0] = time.monotonic_ns()
+        cons.declare(10, 6000, t0)
+        t = t0
+        while not settled(c := lockstep(client, srv, cons, t)):
+            assert t - t0 < 10 * S, c
+            t += S // 20
+            server_now[0] = t
         assert_exact(sess, cons, set(range(10, 6010)))
         assert srv.counters["rate_limited"] + srv.counters["partial"] > 0
         assert c["filled"] == 1 and c["unrecoverable"] == 0
+        assert t - t0 >= S  # the second 3,000 waited for the bucket to refill
 
 
 # --- rejecting --------------------------------------------------------------------------------
 def test_answers_of_another_session_unrequested_or_malformed_are_rejected(sess, tmp_path):
-    dead = free_port()  # nothing answers: the gap stays outstanding while we inject
+    dead = udp_port()  # nothing answers: the gap stays outstanding while we inject
     with running(tmp_path, dead, timeout=5.0, slo=60.0) as (client, cons), \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as inj:  # fmt: skip
         cons.declare(500, 100)
@@ -250,7 +281,7 @@ def test_answers_of_another_session_unrequested_or_malformed_are_rejected(sess, 
 def test_server_down_retries_with_backoff_then_lost(tmp_path):
     """Injected clock: each retry waits twice as long; after the retries, REC_LOST."""
     cfg = {"timeout": 0.02, "retries": 3, "backoff": 2.0, "slo": 10.0, "min_interval": 0.0}
-    with running(tmp_path, free_port(), start=False, **cfg) as (client, cons):
+    with running(tmp_path, udp_port(), start=False, **cfg) as (client, cons):
         t0 = time.monotonic_ns()
         cons.declare(700, 2500, t0)  # three requests at the cap of 1,000
         # sent at 0; timeouts 20, 40, 80 ms -> retries at 20, 60, 140 ms; lost at 300 ms
@@ -275,8 +306,10 @@ def test_server_down_retries_with_backoff_then_lost(tmp_path):
         assert cons.m["control"][shm.C_STALE] == 0  # the consumer applies the policy
 
 
-def test_server_down_in_real_time_gives_up_within_the_slo(tmp_path):
-    with running(tmp_path, free_port(), timeout=0.01, retries=3, slo=30.0) as (client, cons):
+def test_server_down_in_real_time_gives_up_after_its_retries(tmp_path):
+    """The client's own thread and clock: its retries (0.01 s, doubling) run out long before
+    its SLO of an hour."""
+    with running(tmp_path, udp_port(), timeout=0.01, retries=3, slo=3600.0) as (client, cons):
         cons.declare(42, 1500)
         c = wait_until(client, cons, settled)
         cons.drain()
@@ -287,7 +320,7 @@ def test_server_down_in_real_time_gives_up_within_the_slo(tmp_path):
 
 def test_slo_passed_declares_the_rest_unrecoverable(sess, tmp_path):
     """Injected clock: a gap older than its SLO gives up what is still missing."""
-    dead = free_port()
+    dead = udp_port()
     with running(tmp_path, dead, start=False, timeout=0.05, retries=100, backoff=1.0,
                  slo=0.3) as (client, cons), \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as inj:  # fmt: skip
@@ -295,10 +328,8 @@ def test_slo_passed_declares_the_rest_unrecoverable(sess, tmp_path):
         cons.declare(100, 50, t0)
         client.step(t0)
         inj.sendto(packet(sess, 100, 20), client.address)  # part of it arrives
-        deadline = time.monotonic() + 10
-        while client.counters()["answers"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.001)
-            client.step(t0 + 1)
+        wait_for(lambda: (client.step(t0 + 1), client.counters()["answers"])[1], 10,
+                 "the partial answer taken")
         client.step(t0 + int(0.3 * S) - 1)
         cons.drain()
         assert cons.lost == [] and set(cons.data) == set(range(100, 120))
@@ -318,38 +349,47 @@ def test_requests_are_throttled_by_min_interval(sess, tmp_path):
         cons.declare(1, 3000, t0)
         expect = [(0.0, 1), (0.5, 1), (0.999, 1), (1.0, 2), (1.5, 2), (2.0, 3), (5.0, 3)]
         for at, requested in expect:
-            client.step(t0 + int(at * S))
-            assert client.counters()["requested"] == requested, at
-            time.sleep(0.02)
-        deadline = time.monotonic() + 20
-        while client.counters()["outstanding"] and time.monotonic() < deadline:
-            client.step(t0 + 5 * S)
-            time.sleep(0.002)
+            assert lockstep(client, srv, cons, t0 + int(at * S))["requested"] == requested, at
+        wait_for(lambda: (client.step(t0 + 5 * S), not client.counters()["outstanding"])[1],
+                 20, "every answer taken")
         cons.drain()
         assert_exact(sess, cons, set(range(1, 3001)))
         assert srv.counters["requests"] == 3
 
 
+def stepped(client: RecoveryClient, pred, what: str) -> dict:
+    """Step a client driven by hand (``start=False``) on its own clock until ``pred`` holds
+    for its counters; returns them."""
+
+    def met():
+        client.step()
+        c = client.counters()
+        return c if pred(c) else None
+
+    return wait_for(met, 30, what, client.counters)
+
+
 def test_full_ring_holds_entries_until_room(sess, tmp_path):
-    with server(sess) as srv, running(tmp_path, srv.cfg.port) as (client, cons):
+    with server(sess) as srv, running(tmp_path, srv.cfg.port, start=False) as (client, cons):
         ctl = cons.m["control"]
         ctl[shm.C_REC_HEAD] = shm.REC_SLOTS  # the consumer has not taken anything: full
         cons.declare(300, 100)
-        c = wait_until(client, cons, lambda c: c["messages_recovered"] == 100 and c["held"] > 0
-                       and c["ring_full"] >= 1, drain=False)  # fmt: skip
-        time.sleep(0.05)
-        c = client.counters()
-        assert c["filled"] == 0 and c["outstanding"] == 1
-        assert int(ctl[shm.C_REC_HEAD]) == shm.REC_SLOTS
+        c = stepped(client, lambda c: c["messages_recovered"] == 100, "the whole gap answered")
+        assert c["held"] > 0 and c["ring_full"] == 1
+        for _ in range(3):  # more iterations change nothing while the ring stays full
+            client.step()
+            c = client.counters()
+            assert c["filled"] == 0 and c["outstanding"] == 1 and c["ring_full"] == 1
+            assert int(ctl[shm.C_REC_HEAD]) == shm.REC_SLOTS
         ctl[shm.C_REC_TAIL] = shm.REC_SLOTS  # it takes them: room again
-        c = wait_until(client, cons, settled)
+        c = stepped(client, settled, "the held entries handed over")
         cons.drain()
         assert_exact(sess, cons, set(range(300, 400)))
         assert c["filled"] == 1 and c["held"] == 0
 
 
 def test_bad_gap_declarations_are_ignored_and_counted(tmp_path):
-    with running(tmp_path, free_port(), start=False) as (client, cons):
+    with running(tmp_path, udp_port(), start=False) as (client, cons):
         cons.declare(0, 10)
         cons.declare(5, 0)
         client.step()
@@ -379,15 +419,15 @@ def test_shared_mirror_and_metrics(sess, tmp_path):
             running(tmp_path, srv.cfg.port, shared=arr, policy="halt") as (client, cons):
         cons.declare(77, 700)
         wait_until(client, cons, settled)
-        time.sleep(0.01)
-        st = read_shared(arr)
+        st = wait_for(lambda: (st := read_shared(arr))["counters"]["filled"] == 1 and st, 10,
+                      "the shared mirror showing the gap filled")
         assert st["running"] and st["policy"] == "halt"
         assert st["counters"]["filled"] == 1 and st["counters"]["messages_recovered"] == 700
         assert st["latency_ns"]["count"] == 1
 
         class Coll:
             def collect(self):
-                yield from metric_families("t", read_shared(arr), (0.001, 0.01, 0.1, 1.0))
+                yield from metric_families("t", read_shared(arr))
 
         reg = CollectorRegistry(auto_describe=False)
         reg.register(Coll())

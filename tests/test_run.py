@@ -5,12 +5,10 @@ exactly where ``tickwire book`` ends on the same file."""
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,34 +18,15 @@ import pytest
 from dataplane import shm
 from dataplane.book import Book
 from host import netns
-from host.appliance import runner as appliance
 from host.exchange import itchgen
-from tests.labnet import built, lab_or_skip, private_lab, run_sim, write_config
+from tests.labnet import Appliance, built, private_lab, run_session, run_sim, write_config
 
-pytestmark = pytest.mark.lab
 N_MSGS = 60_000
-
-
-def _xdp_available() -> str | None:
-    try:
-        import bcc  # noqa: F401
-
-        from dataplane import xsk  # noqa: F401
-        from host.appliance import loader  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return f"AF_XDP path not importable: {e}"
-    return None
-
-
-MODES = ["socket", pytest.param("xdp", marks=pytest.mark.skipif(
-    _xdp_available() is not None, reason=str(_xdp_available())))]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def labcfg(tmp_path_factory):
-    cfg = private_lab("run")
-    with built(cfg):
-        yield cfg
+# [run] lines of a host that is not the lab (no such interfaces here either)
+HOST_LINES = ('[run.line_a]\ninterface = "nope0"\ngroup = "239.1.1.1"\nport = 26477\n'
+              '[run.line_b]\ninterface = "nope1"\ngroup = "239.1.1.2"\nport = 26477\n')
+# the AF_XDP receive path: an XDP program on the lab's links and AF_XDP sockets
+MODES = ["socket", pytest.param("xdp", marks=pytest.mark.needs("xdp", "afxdp"))]
 
 
 @pytest.fixture(scope="module")
@@ -59,77 +38,6 @@ def session_file(tmp_path_factory):
     return path, book.digest()
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Appliance:
-    """``tickwire run --lab`` in the background, with its own channel and metrics port."""
-
-    def __init__(self, cfg, tmp_path, mode: str, *extra: str, until_eos: bool = True,
-                 run_extra: str = "", wrap: tuple[str, ...] = (),
-                 owner: int | None = None):  # fmt: skip
-        self.channel = f"test{os.getpid()}{mode}{int(time.monotonic() * 1000) % 100000}"
-        self.port = _free_port()
-        self.cfg_path = tmp_path / "run.toml"
-        write_config(cfg, self.cfg_path)
-        with open(self.cfg_path, "a") as f:
-            f.write(f'[run]\nchannel = "{self.channel}"\nmetrics = "127.0.0.1:{self.port}"\n'
-                    + run_extra)
-        if owner is not None:  # as Ansible's tmpfiles entry hands the service user its root
-            cdir = shm.channel_dir(self.channel)
-            cdir.mkdir(parents=True, exist_ok=True)
-            os.chown(cdir, owner, owner)
-        args = [*wrap, sys.executable, "-m", "host.cli", "run", "--config", str(self.cfg_path),
-                "--lab", "--mode", mode, "--json", *extra]  # fmt: skip
-        if until_eos:
-            args.append("--until-eos")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)  # fmt: skip
-        try:
-            # a run with an empty numba cache compiles the whole consumer first: about a
-            # minute, more on a slow moment of this VM; the run gives up at its own
-            # run.start_timeout_s (600 s) and says so
-            self.reader = appliance.wait_consumer(self.channel, self.proc, timeout=620)
-        except BaseException:
-            self.kill()  # the run never came up: no process, no shared memory left behind
-            raise
-
-    def wait_taken(self, n: int, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            c = self.reader.counters()
-            if c["taken"] >= n:
-                return c
-            time.sleep(0.05)
-        raise AssertionError(f"only {self.reader.counters()['taken']} of {n} taken")
-
-    def finish(self, terminate: bool = False, timeout: float = 120, rc: int = 0) -> dict:
-        if terminate:
-            self.proc.send_signal(signal.SIGTERM)
-        out, err = self.proc.communicate(timeout=timeout)
-        assert self.proc.returncode == rc, err
-        self.stderr = err
-        return json.loads(out)
-
-    def kill(self) -> None:
-        """Stop the run if it is still up: SIGTERM first, so it detaches its XDP programs
-        (a SIGKILLed run leaves them on the lab's links, and every later run there
-        refuses to replace them), SIGKILL only if it does not exit."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shm.remove(self.channel)
-
-
 def _sim_cfg(cfg, tmp_path) -> str:
     return write_config(cfg, tmp_path / "sim.toml")
 
@@ -137,21 +45,17 @@ def _sim_cfg(cfg, tmp_path) -> str:
 def _run_session(cfg, tmp_path, path, mode: str, **kw) -> dict:
     """One run in ``mode`` (``Appliance`` keywords ``kw``) of the session at ``path``,
     published once at 400k msg/s with no re-requests; returns the run's summary."""
-    app = Appliance(cfg, tmp_path, mode, **kw)
-    try:
-        run_sim(_sim_cfg(cfg, tmp_path), "--session", str(path), "--rate", "400000",
-                "--eos-for", "1", "--no-rerequest")  # fmt: skip
-        return app.finish()
-    finally:
-        app.kill()
+    return run_session(cfg, tmp_path, mode, "--session", str(path), "--rate", "400000",
+                       "--eos-for", "1", "--no-rerequest", **kw)[0]  # fmt: skip
 
 
+@pytest.mark.lab
 @pytest.mark.parametrize("mode", MODES)
 def test_books_end_with_the_offline_digest(labcfg, session_file, tmp_path, mode):
     path, digest = session_file
     s = _run_session(labcfg, tmp_path, path, mode)
     assert s["mode"] == mode
-    assert s["taken"] == N_MSGS and s["next_seq"] == N_MSGS + 1 and s["gap_messages"] == 0
+    assert s["taken"] == N_MSGS and s["next_seq"] == N_MSGS + 1 and s["unrecoverable_messages"] == 0
     assert s["digest"] == digest and s["check"] is None
     for letter in "AB":  # both lines delivered everything; each sequence taken once
         assert s["lines"][letter]["messages"] == N_MSGS
@@ -166,12 +70,12 @@ UNIT_CAPS = "+bpf,+net_admin,+net_raw,+ipc_lock,+sys_nice,+perfmon,+sys_admin"
 NOBODY = 65534
 
 
+@pytest.mark.lab
+@pytest.mark.needs("setpriv")
 @pytest.mark.parametrize("mode", MODES)
 def test_runs_unprivileged_with_the_units_capabilities(labcfg, session_file, tmp_path, mode):
     """The provisioned service runs as its own user with six capabilities, not as root: the
     same run, as ``nobody`` with exactly those, ends with the offline digest."""
-    if not os.path.exists("/usr/bin/setpriv"):
-        pytest.skip("setpriv (util-linux) is missing: cannot drop to a capability set")
     path, digest = session_file
     # pytest's tmp_path sits under a root-only directory: the run's config and numba cache
     # go where nobody can reach them, as /etc/tickwire and /var/cache/tickwire are
@@ -206,18 +110,14 @@ def test_runs_unprivileged_with_the_units_capabilities(labcfg, session_file, tmp
     assert "(compiled)" in runs[0].stderr and "(from numba's cache)" in runs[1].stderr
 
 
+@pytest.mark.lab
 @pytest.mark.parametrize("mode", MODES)
 def test_duplicates_never_reach_the_book_twice(labcfg, session_file, tmp_path, mode):
     path, digest = session_file
     record = tmp_path / "rec.json"
-    app = Appliance(labcfg, tmp_path, mode)
-    try:
-        run_sim(_sim_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "300000",
-                "--fault", "A:dup=0.2", "--fault", "B:dup=0.3", "--seed", "4",
-                "--record", str(record), "--eos-for", "1", "--no-rerequest")  # fmt: skip
-        s = app.finish()
-    finally:
-        app.kill()
+    s, _ = run_session(labcfg, tmp_path, mode, "--session", str(path), "--rate", "300000",
+                       "--fault", "A:dup=0.2", "--fault", "B:dup=0.3", "--seed", "4",
+                       "--record", str(record), "--eos-for", "1", "--no-rerequest")  # fmt: skip
     rec = json.loads(record.read_text())
     sent = {ln: sum(rec["packets"][k][1] for k in rec["lines"][ln]["sent"]) for ln in "AB"}
     assert all(e["fault"] == "dup" for ln in "AB" for e in rec["lines"][ln]["events"])
@@ -228,6 +128,7 @@ def test_duplicates_never_reach_the_book_twice(labcfg, session_file, tmp_path, m
     assert dups == sent["A"] + sent["B"] - N_MSGS  # every copy but the first dropped
 
 
+@pytest.mark.lab
 @pytest.mark.parametrize("mode", MODES)
 def test_metrics_snapshot_and_status_while_running(labcfg, session_file, tmp_path, mode):
     path, digest = session_file
@@ -282,6 +183,7 @@ def test_metrics_snapshot_and_status_while_running(labcfg, session_file, tmp_pat
         app.kill()
 
 
+@pytest.mark.lab
 @pytest.mark.parametrize("mode", MODES)
 def test_malformed_packets_are_counted_and_harmless(labcfg, session_file, tmp_path, mode):
     path, digest = session_file
@@ -299,10 +201,7 @@ def test_malformed_packets_are_counted_and_harmless(labcfg, session_file, tmp_pa
         s.sendto(b"OTHERSESS1" + (1).to_bytes(8, "big") + (0).to_bytes(2, "big"),
                  (line.group, line.port))  # fmt: skip
         s.close()
-        deadline = time.monotonic() + 10
-        while app.reader.counters()["lines"]["A"]["malformed"] < 4:
-            assert time.monotonic() < deadline, app.reader.counters()
-            time.sleep(0.05)
+        app.wait_counters(lambda c: c["lines"]["A"]["malformed"] >= 4, "4 malformed on A")
         run_sim(_sim_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "400000",
                 "--eos-for", "1", "--no-rerequest")  # fmt: skip
         out = app.finish()
@@ -320,21 +219,21 @@ def test_run_errors_are_one_line(tmp_path):
     assert done.returncode == 1 and "run.rx_mode" in done.stderr
     assert done.stderr.strip().count("\n") == 0
     ok = tmp_path / "ok.toml"
-    ok.write_text('[run]\nnetns = "no-such-ns-here"\n')
+    ok.write_text('[run]\nnetns = "no-such-ns-here"\n' + HOST_LINES)
     done = subprocess.run([sys.executable, "-m", "host.cli", "run", "--config", str(ok)],
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0
     assert ("no-such-ns-here does not exist" in done.stderr) or ("root" in done.stderr)
 
 
+@pytest.mark.lab
 def test_socket_mode_needs_its_interfaces(tmp_path):
-    lab_or_skip()
     cfg = private_lab("nif")
     with built(cfg):
         path = tmp_path / "c.toml"
         write_config(cfg, path)
         with open(path, "a") as f:
-            f.write('[run]\nchannel = "nif"\nmetrics = ""\n[run.line_a]\ninterface = "nope0"\n')
+            f.write('[run]\nchannel = "nif"\nmetrics = ""\n' + HOST_LINES)
         done = subprocess.run([sys.executable, "-m", "host.cli", "run", "--config", str(path),
                                "--mode", "socket", "--duration", "1"], capture_output=True,
                               text=True)  # fmt: skip
@@ -342,7 +241,8 @@ def test_socket_mode_needs_its_interfaces(tmp_path):
         assert done.returncode == 1 and "nope0 does not exist" in done.stderr
 
 
-@pytest.mark.skipif(_xdp_available() is not None, reason=str(_xdp_available()))
+@pytest.mark.lab
+@pytest.mark.needs("xdp", "afxdp")
 def test_warm_fills_the_cache_each_receive_path_starts_from(labcfg, session_file, tmp_path):
     """``tickwire warm`` compiles the consumer without a network into an empty cache; runs
     in both modes then load their loops from it, and a second warm finds them there."""

@@ -1,4 +1,4 @@
-"""The XDP steering program (bpf/steer.c), its loader (host/loader.py) and the Python
+"""The XDP steering program (bpf/steer.c), its loader (host/appliance/loader.py) and the Python
 mirror of bpf/common.h (dataplane/xdpabi.py).
 
 Unit tier (no root): the mirror against the header, argument validation. Lab tier (root,
@@ -10,7 +10,6 @@ the interfaces clean.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -31,7 +30,8 @@ import pytest
 from dataplane import xdpabi as abi
 from host import netns
 from host.appliance import bpfsys, loader
-from tests.labnet import Receiver, built, lab_or_skip, private_lab
+from tests.helpers import wait_for
+from tests.labnet import Receiver, built, private_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ROOT / "bpf" / "common.h"
@@ -55,10 +55,9 @@ def test_mirror_has_every_integer_constant_of_the_header():
     assert mirrored == {n.removeprefix("TW_") for n in defines}
 
 
+@pytest.mark.needs("gcc")
 def test_mirror_matches_the_compiled_header():
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("needs a C compiler (gcc) to read sizes and offsets from bpf/common.h")
+    cc = shutil.which("gcc")
     structs = {"tw_chan_key": abi.CHAN_KEY, "tw_chan_val": abi.CHAN_VAL, "tw_meta": abi.META}
     lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "common.h"',
              '#define P(k, v) printf("\\"%s\\": %lld,\\n", k, (long long)(v))',
@@ -131,15 +130,8 @@ def test_bad_arguments_are_value_errors(kw, match):
 
 
 # --- errors before any interface is touched --------------------------------------------------
-def _bcc_or_skip() -> None:
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        pytest.skip("needs bcc (python3-bpfcc) to compile the XDP program")
-
-
+@pytest.mark.needs("bcc")
 def test_compile_failure_shows_the_compiler_message(tmp_path, monkeypatch, capfd):
-    _bcc_or_skip()
     broken = tmp_path / "steer.c"
     broken.write_text('#include "common.h"\n'
                       "int tw_steer(struct xdp_md *ctx) { return no_such_thing; }\n")
@@ -161,8 +153,8 @@ except AttachError as e:
 """
 
 
+@pytest.mark.needs("bcc")
 def test_without_privilege_it_says_run_as_root():
-    _bcc_or_skip()
     if os.geteuid() == 0:  # drop to nobody in a child
         done = subprocess.run([sys.executable, "-c", UNPRIVILEGED], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -180,8 +172,6 @@ def test_without_privilege_it_says_run_as_root():
 
 @pytest.fixture(scope="module")
 def cfg():
-    lab_or_skip()
-    _bcc_or_skip()
     with built(private_lab("stg")) as c:
         yield c
 
@@ -216,15 +206,6 @@ def _ip_link(ns: str) -> str:
                           capture_output=True, text=True).stdout  # fmt: skip
 
 
-def _wait(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def _udp_sender(cfg, letter: str) -> socket.socket:
     line = cfg.lab.lines[letter]
     with netns.entered(cfg.lab.exchange_ns):
@@ -251,6 +232,7 @@ def _send_feed(cfg, counts: dict[str, list[int]]) -> dict[str, int]:
 
 
 @pytest.mark.lab
+@pytest.mark.needs("xdp")
 def test_subscribed_traffic_is_counted_and_passed_without_a_socket(cfg, appl):
     """(a) and (c): native on veth; no AF_XDP socket, so everything reaches the kernel."""
     la = cfg.lab.line_a
@@ -278,7 +260,7 @@ def test_subscribed_traffic_is_counted_and_passed_without_a_socket(cfg, appl):
 
             sent = _send_feed(cfg, sizes)
             total = sum(len(v) for v in sizes.values())
-            assert _wait(lambda: len(rx.packets) == total), "the kernel did not get them all"
+            wait_for(lambda: len(rx.packets) == total, 20, "the kernel getting them all")
             assert sorted(len(p.data) for p in rx.line("A")) == sorted(sizes["A"])
             assert sorted(len(p.data) for p in rx.line("B")) == sorted(sizes["B"])
             stats = st.stats()
@@ -343,6 +325,7 @@ def _eth(proto: int, body: bytes, tags: tuple[int, ...] = ()) -> bytes:
 
 
 @pytest.mark.lab
+@pytest.mark.needs("xdp")
 def test_malformed_and_odd_frames_are_counted_and_passed(cfg, appl):
     """(b): raw frames through the veth; nothing crashes, each lands in its counter."""
     la = cfg.lab.line_a
@@ -394,7 +377,7 @@ def test_malformed_and_odd_frames_are_counted_and_passed(cfg, appl):
             return s["channels"][(CHANNEL, "A")]["packets"] == len(steered) and \
                 s["malformed"] == len(malformed) and s["fragment"] == len(fragments)  # fmt: skip
 
-        assert _wait(arrived), st.stats()
+        wait_for(arrived, 20, "the packets", st.stats)
         after = st.stats()
         assert after["malformed"] - before["malformed"] == len(malformed)
         assert after["fragment"] - before["fragment"] == len(fragments)
@@ -413,23 +396,14 @@ def test_malformed_and_odd_frames_are_counted_and_passed(cfg, appl):
 def _test_run(prog_fd: int, frame: bytes, ifindex: int) -> tuple[int, bytes]:
     """Run the program once on ``frame`` as if received on ``ifindex`` queue 0 (in the
     calling thread's namespace); returns (action, bytes from data_meta to data_end)."""
-    if bpfsys.NR_BPF is None:
-        pytest.skip("BPF_PROG_TEST_RUN syscall number unknown on this architecture")
-    data_in = ctypes.create_string_buffer(frame, len(frame))
-    data_out = ctypes.create_string_buffer(len(frame) + 256)
-    ctx = (ctypes.c_uint32 * 6)(0, len(frame), 0, ifindex, 0, 0)
-    attr = bpfsys.TestRunAttr(prog_fd=prog_fd, data_size_in=len(frame), data_size_out=len(data_out),
-                    data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out),
-                    repeat=1, ctx_size_in=ctypes.sizeof(ctx),
-                    ctx_in=ctypes.addressof(ctx))  # fmt: skip
-    try:
-        bpfsys.sys_bpf(bpfsys.BPF_PROG_TEST_RUN, attr)
-    except OSError as e:
-        raise OSError(e.errno, f"BPF_PROG_TEST_RUN: {e.strerror}") from None
-    return attr.retval, data_out.raw[: attr.data_size_out]
+    data_out = bytearray(len(frame) + 256)
+    run = bpfsys.prog_run(prog_fd, frame, ctx=bpfsys.xdp_md(len(frame), ifindex),
+                          data_out=data_out)  # fmt: skip
+    return run.retval, bytes(data_out[: run.data_size_out])
 
 
 @pytest.mark.lab
+@pytest.mark.needs("xdp")
 def test_metadata_sits_in_front_of_a_steered_frame(cfg, appl):
     la, lb = cfg.lab.line_a, cfg.lab.line_b
     frame = _eth(0x0800, _ipv4(lb.exchange_ip, lb.group, _udp(lb.port, b"payload")))
@@ -452,15 +426,13 @@ def test_metadata_sits_in_front_of_a_steered_frame(cfg, appl):
 
 
 @pytest.mark.lab
+@pytest.mark.needs("xdp", "afxdp")
 def test_steered_frames_reach_an_af_xdp_socket_with_metadata(cfg, appl):
     """The whole path: a socket on line B's interface, registered at that interface's
     slot (line A's interface owns slot 0, so B's queue 0 is not key 0), gets exactly line
     B's datagrams, each with its tw_meta 16 bytes before it in the UMEM; line A, with no
     socket, still goes to the kernel."""
-    try:
-        from dataplane import xsk
-    except (ImportError, OSError) as e:
-        pytest.skip(f"needs the AF_XDP binding dataplane.xsk (libxdp): {e}")
+    from dataplane import xsk
     la, lb = cfg.lab.line_a, cfg.lab.line_b
     sizes = [8, 100, 333, 1200, 64]
     with loader.Steering(_ifaces(cfg), _channels(cfg), netns=appl) as st:
@@ -494,7 +466,7 @@ def test_steered_frames_reach_an_af_xdp_socket_with_metadata(cfg, appl):
             assert frame[30:34] == socket.inet_aton(lb.group)  # IPv4 destination
             assert (int(meta["channel"]), int(meta["line"])) == (CHANNEL, abi.LINE_B)
             assert t0 <= int(meta["rx_ns"]) <= t1
-        assert _wait(lambda: st.stats()["no_socket"] == 2)
+        wait_for(lambda: st.stats()["no_socket"] == 2, 20, "no_socket == 2", st.stats)
         stats = st.stats()
         assert stats["redirected"] == len(sizes)
         assert stats["channels"][(CHANNEL, "B")] == {"packets": len(sizes), "bytes": sent["B"]}
@@ -503,6 +475,7 @@ def test_steered_frames_reach_an_af_xdp_socket_with_metadata(cfg, appl):
 
 # modes ------------------------------------------------------------------------------------
 @pytest.mark.lab
+@pytest.mark.needs("xdp")
 def test_forced_generic_mode(cfg, appl):
     """(c): generic (skb) mode on request, and it counts the same way."""
     with loader.Steering(_ifaces(cfg), _channels(cfg), mode="generic", netns=appl) as st:
@@ -512,13 +485,14 @@ def test_forced_generic_mode(cfg, appl):
         rx = Receiver(cfg)
         try:
             sent = _send_feed(cfg, {"A": [10, 20]})
-            assert _wait(lambda: len(rx.line("A")) == 2)
+            wait_for(lambda: len(rx.line("A")) == 2, 20, "2 packets on A")
         finally:
             rx.close()
         assert st.stats()["channels"][(CHANNEL, "A")] == {"packets": 2, "bytes": sent["A"]}
 
 
 @pytest.mark.lab
+@pytest.mark.needs("xdp")
 def test_auto_falls_back_to_generic_once_and_native_says_why(cfg, appl):
     """Loopback has no native XDP: auto falls back with one log line; native refuses."""
     notices: list[str] = []
@@ -532,6 +506,7 @@ def test_auto_falls_back_to_generic_once_and_native_says_why(cfg, appl):
 
 # every exit path leaves nothing attached -------------------------------------------------
 @pytest.mark.lab
+@pytest.mark.needs("xdp")
 def test_exception_inside_the_block_detaches(cfg, appl):
     """(d)"""
     with pytest.raises(RuntimeError, match="boom"):
@@ -542,6 +517,7 @@ def test_exception_inside_the_block_detaches(cfg, appl):
 
 
 @pytest.mark.lab
+@pytest.mark.needs("xdp")
 @pytest.mark.parametrize(("second", "mode", "code"), [
     ("nosuch0", "auto", errno.ENODEV),  # the interface does not exist
     ("lo", "native", errno.EOPNOTSUPP),  # the kernel refuses the attach itself
@@ -566,6 +542,7 @@ sys.stdin.readline()  # blocks until the test signals, or closes stdin to let it
 
 
 @pytest.mark.lab
+@pytest.mark.needs("xdp")
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "exit"])
 def test_a_process_holding_steering_leaves_nothing_when_it_ends(cfg, appl, how):
     """(e): a signal (the default action still ends the process with that signal), or
@@ -594,6 +571,7 @@ def test_a_process_holding_steering_leaves_nothing_when_it_ends(cfg, appl, how):
 
 
 @pytest.mark.lab
+@pytest.mark.needs("xdp")
 def test_refuses_to_replace_a_program_it_did_not_attach(cfg, appl, monkeypatch):
     """(f): another Steering, or anyone else's program, stays where it is."""
     la = cfg.lab.line_a
@@ -614,7 +592,7 @@ def test_refuses_to_replace_a_program_it_did_not_attach(cfg, appl, monkeypatch):
         with netns.entered(appl), IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=la.appliance_if)[0]
             ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fn.fd),
-                                                      ("IFLA_XDP_FLAGS", 2)]})  # fmt: skip
+                                                      ("IFLA_XDP_FLAGS", abi.XDP_FLAGS_SKB_MODE)]})
         for mode in ("auto", "native", "generic"):
             with pytest.raises(loader.AttachError, match="does not replace"):
                 loader.Steering([la.appliance_if], _channels(cfg), mode=mode, netns=appl)
@@ -639,6 +617,7 @@ def test_refuses_to_replace_a_program_it_did_not_attach(cfg, appl, monkeypatch):
 
 
 @pytest.mark.lab
+@pytest.mark.needs("xdp")
 def test_works_from_a_thread_inside_the_namespace(cfg, appl):
     """host.exchange.lab.entered switches only the calling thread; the loader follows it, and a
     close() from another thread still reaches the namespace."""
