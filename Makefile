@@ -19,7 +19,8 @@ bench: setup
 	$(TICKWIRE) bench book
 
 lint: setup
-	$(PY) -m ruff check dataplane host tests
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -448,8 +448,9 @@ def _pkg_config(*args: str) -> list[str]:
     if shutil.which("pkg-config") is None:
         return []
     try:
-        out = subprocess.run(["pkg-config", *args, "libxdp", "libbpf"], check=True,
-                             capture_output=True, text=True).stdout  # fmt: skip
+        out = subprocess.run(
+            ["pkg-config", *args, "libxdp", "libbpf"], check=True, capture_output=True, text=True
+        ).stdout
     except subprocess.CalledProcessError:
         return []
     return shlex.split(out)
@@ -463,9 +464,11 @@ def _flags() -> dict:
     libraries = [f[2:] for f in libs if f.startswith("-l")] or ["xdp", "bpf"]
     extra = [f for f in cflags if not f.startswith("-I")]
     return {
-        "include_dirs": include_dirs, "library_dirs": library_dirs, "libraries": libraries,
+        "include_dirs": include_dirs,
+        "library_dirs": library_dirs,
+        "libraries": libraries,
         "extra_compile_args": [*extra, "-O2"],
-    }  # fmt: skip
+    }
 
 
 ffibuilder = FFI()

@@ -86,8 +86,12 @@ def publish_bbo(bbo, sides, locate, feed_seq, t):
     b = sides[2 * locate]
     a = sides[2 * locate + 1]
     r = bbo[locate]
-    if r.bid_px == b.best_px and r.bid_qty == b.best_qty and r.ask_px == a.best_px and \
-            r.ask_qty == a.best_qty:  # fmt: skip
+    if (
+        r.bid_px == b.best_px
+        and r.bid_qty == b.best_qty
+        and r.ask_px == a.best_px
+        and r.ask_qty == a.best_qty
+    ):
         return
     r.seq += 1
     compiler_fence()
@@ -102,8 +106,28 @@ def publish_bbo(bbo, sides, locate, feed_seq, t):
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def take(b, pos, end, seq, count, line, rx_ns, t, ctr, orders, levels, sides, ladder, htab,
-         stocks, meta, bctr, bbo, touched, lat):  # fmt: skip
+def take(
+    b,
+    pos,
+    end,
+    seq,
+    count,
+    line,
+    rx_ns,
+    t,
+    ctr,
+    orders,
+    levels,
+    sides,
+    ladder,
+    htab,
+    stocks,
+    meta,
+    bctr,
+    bbo,
+    touched,
+    lat,
+):
     """Apply the messages of the validated data packet ``b[pos:end]`` (sequences
     ``seq..seq+count-1``, ``seq <= A_NEXT``) that were not taken yet. Returns 0 or a
     book ``NEED_*`` status (then ``A_NEXT`` stands after the last message applied, and
@@ -122,8 +146,7 @@ def take(b, pos, end, seq, count, line, rx_ns, t, ctr, orders, levels, sides, la
             touched[n_touch] = rd_u16(b, q + 3)
             n_touch += 1
         q += 2 + rd_u16(b, q)
-    st, stop = bk.apply_stream(b, p, end, orders, levels, sides, ladder, htab, stocks,
-                               meta, bctr)  # fmt: skip
+    st, stop = bk.apply_stream(b, p, end, orders, levels, sides, ladder, htab, stocks, meta, bctr)
     if st == itch.OK:
         applied = seq + count - s
     else:  # stopped at a message that needs room: count what went in before it
@@ -228,8 +251,23 @@ def _release_lowest(ctr, hold_meta):
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder, htab, stocks, meta,
-          bctr, bbo, touched, lat):  # fmt: skip
+def drain(
+    t,
+    ctr,
+    hold_buf,
+    hold_meta,
+    orders,
+    levels,
+    sides,
+    ladder,
+    htab,
+    stocks,
+    meta,
+    bctr,
+    bbo,
+    touched,
+    lat,
+):
     """Release held packets in order while the lowest starts at or before ``A_NEXT``."""
     while ctr[shm.A_HELD_NOW] > 0:
         nxt = ctr[shm.A_NEXT]
@@ -244,9 +282,28 @@ def drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder, htab, stoc
             ctr[line * shm.LINE_STRIDE + shm.L_DUPLICATES] += count
             _release_lowest(ctr, hold_meta)
             continue
-        st = take(hold_buf[found], 0, hold_meta[found, H_LEN], seq, count, line, 0, t, ctr,
-                  orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo,
-                  touched, lat)  # fmt: skip
+        st = take(
+            hold_buf[found],
+            0,
+            hold_meta[found, H_LEN],
+            seq,
+            count,
+            line,
+            0,
+            t,
+            ctr,
+            orders,
+            levels,
+            sides,
+            ladder,
+            htab,
+            stocks,
+            meta,
+            bctr,
+            bbo,
+            touched,
+            lat,
+        )
         if st != 0:
             return st
         _release_lowest(ctr, hold_meta)
@@ -353,8 +410,29 @@ def lost(first, count, ctr, control):
 # runner that builds them, take, drain and the tests -- at once, and no bench in the tree
 # runs this path offline (bench book does not call it). Left for a change of its own.
 @njit(cache=True, nogil=True, _nrt=False)
-def on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta, orders, levels,
-              sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat):  # fmt: skip
+def on_packet(
+    b,
+    pos,
+    end,
+    line,
+    rx_ns,
+    t,
+    session,
+    ctr,
+    hold_buf,
+    hold_meta,
+    orders,
+    levels,
+    sides,
+    ladder,
+    htab,
+    stocks,
+    meta,
+    bctr,
+    bbo,
+    touched,
+    lat,
+):
     """Handle one MoldUDP64 packet ``b[pos:end]`` from ``line`` (0 A, 1 B, 2 recovery)
     received at ``rx_ns``: drop it as a duplicate, hold it, or take it. Returns 0, or a
     book ``NEED_*`` status: grow the book and call again with the same packet (nothing is
@@ -389,8 +467,28 @@ def on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta, or
         elif seq > nxt:
             hold(b, pos, end, seq, count, line, t, ctr, hold_buf, hold_meta)
         else:
-            st = take(b, pos, end, seq, count, line, rx_ns, t, ctr, orders, levels, sides,
-                      ladder, htab, stocks, meta, bctr, bbo, touched, lat)  # fmt: skip
+            st = take(
+                b,
+                pos,
+                end,
+                seq,
+                count,
+                line,
+                rx_ns,
+                t,
+                ctr,
+                orders,
+                levels,
+                sides,
+                ladder,
+                htab,
+                stocks,
+                meta,
+                bctr,
+                bbo,
+                touched,
+                lat,
+            )
             if st != 0:
                 return st
         ctr[lb + shm.L_MESSAGES] += count  # once the packet is done (a retry counts it)

@@ -120,8 +120,15 @@ def prefetch(typingctx, arr, idx):
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
-                          ir.Constant(i32, 1)])  # fmt: skip
+        builder.call(
+            fn,
+            [
+                builder.bitcast(ptr, i8p),
+                ir.Constant(i32, 0),
+                ir.Constant(i32, 3),
+                ir.Constant(i32, 1),
+            ],
+        )
         return context.get_dummy_value()
 
     return types.none(arr, idx), codegen
@@ -142,8 +149,9 @@ def _popcount(builder, v):
 
 def _lane_mask(builder, bits):
     """The low ``SCAN`` bits of the i64 ``bits`` as a ``<SCAN x i1>`` lane mask."""
-    return builder.bitcast(builder.trunc(bits, ir.IntType(SCAN)),
-                           ir.VectorType(ir.IntType(1), SCAN))  # fmt: skip
+    return builder.bitcast(
+        builder.trunc(bits, ir.IntType(SCAN)), ir.VectorType(ir.IntType(1), SCAN)
+    )
 
 
 @intrinsic
@@ -151,8 +159,12 @@ def count_below(typingctx, ladder, start, count, key):
     """How many of the ``count`` (<= ``SCAN``) rungs from ``ladder[start]`` have a key below
     ``key``: one vector load of ``SCAN`` rungs, compare, mask by ``count``, popcount.
     Reads ``SCAN`` rungs whatever ``count`` is (the ladder is padded for it)."""
-    if not (isinstance(ladder, types.Array) and isinstance(start, types.Integer)
-            and isinstance(count, types.Integer) and isinstance(key, types.Integer)):  # fmt: skip
+    if not (
+        isinstance(ladder, types.Array)
+        and isinstance(start, types.Integer)
+        and isinstance(count, types.Integer)
+        and isinstance(key, types.Integer)
+    ):
         return None
 
     def codegen(context, builder, sig, args):
@@ -184,8 +196,11 @@ def _lanes(builder, vt, v):
     """``v`` (an integer of the vector's element type) in every lane of ``vt``."""
     i32 = ir.IntType(32)
     one = builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
-    return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined),
-                                  ir.Constant(ir.VectorType(i32, vt.count), [0] * vt.count))
+    return builder.shuffle_vector(
+        one,
+        ir.Constant(vt, ir.Undefined),
+        ir.Constant(ir.VectorType(i32, vt.count), [0] * vt.count),
+    )
 
 
 def _load_run(context, builder, sig, args):
@@ -223,8 +238,9 @@ def ladder_insert(typingctx, ladder, start, count, j, key, level):
         k = builder.zext(builder.trunc(args[4], i32), i64)
         lv = builder.zext(builder.trunc(args[5], i32), i64)
         rung = _lanes(builder, vt, builder.or_(k, builder.shl(lv, ir.Constant(i64, 32))))
-        up = builder.shuffle_vector(rungs, rung, ir.Constant(ir.VectorType(i32, SCAN),
-                                                             [SCAN] + list(range(SCAN - 1))))
+        up = builder.shuffle_vector(
+            rungs, rung, ir.Constant(ir.VectorType(i32, SCAN), [SCAN] + list(range(SCAN - 1)))
+        )
         lane = ir.Constant(vt, list(range(SCAN)))
         value = builder.select(builder.icmp_signed("==", lane, _lanes(builder, vt, j)), rung, up)
         _store_lanes(builder, value, vptr, j, builder.add(n, ir.Constant(i64, 1)))
@@ -243,8 +259,11 @@ def ladder_delete(typingctx, ladder, start, count, j):
 
     def codegen(context, builder, sig, args):
         vt, vptr, rungs, n, j = _load_run(context, builder, sig, args)
-        down = builder.shuffle_vector(rungs, ir.Constant(vt, ir.Undefined), ir.Constant(
-            ir.VectorType(ir.IntType(32), SCAN), list(range(1, SCAN)) + [SCAN - 1]))  # fmt: skip
+        down = builder.shuffle_vector(
+            rungs,
+            ir.Constant(vt, ir.Undefined),
+            ir.Constant(ir.VectorType(ir.IntType(32), SCAN), list(range(1, SCAN)) + [SCAN - 1]),
+        )
         _store_lanes(builder, down, vptr, j, builder.sub(n, ir.Constant(ir.IntType(64), 1)))
         return context.get_dummy_value()
 
@@ -261,21 +280,39 @@ NIL = -1
 SCRATCH = 0  # order row 0 is never an order: branch-free links write there instead of nowhere
 
 ORDER = np.dtype(
-    [("ref", np.uint64), ("shares", np.uint32), ("sd", np.uint32), ("level", np.int32),
-     ("prev", np.int32), ("next", np.int32), ("spill", np.int32)],
+    [
+        ("ref", np.uint64),
+        ("shares", np.uint32),
+        ("sd", np.uint32),
+        ("level", np.int32),
+        ("prev", np.int32),
+        ("next", np.int32),
+        ("spill", np.int32),
+    ],
     align=True,
-)  # fmt: skip  -- 32 bytes; sd = locate * 2 + side, the price is its level's
+)  # 32 bytes; sd = locate * 2 + side, the price is its level's
 RING_BASE = SCRATCH + 1  # rows RING_BASE .. RING_BASE + ring - 1 are the reference ring
 LEVEL = np.dtype(
-    [("price", np.uint32), ("count", np.int32), ("shares", np.int64), ("head", np.int32),
-     ("tail", np.int32)],
+    [
+        ("price", np.uint32),
+        ("count", np.int32),
+        ("shares", np.int64),
+        ("head", np.int32),
+        ("tail", np.int32),
+    ],
     align=True,
-)  # fmt: skip
+)
 SIDE = np.dtype(
-    [("start", np.int32), ("count", np.int32), ("cap", np.int32), ("best_px", np.uint32),
-     ("best_qty", np.int64), ("_spare", np.int64)],
+    [
+        ("start", np.int32),
+        ("count", np.int32),
+        ("cap", np.int32),
+        ("best_px", np.uint32),
+        ("best_qty", np.int64),
+        ("_spare", np.int64),
+    ],
     align=True,
-)  # fmt: skip  -- 32 bytes (_spare is padding): a stock's bid and ask share one cache line
+)  # 32 bytes (_spare is padding): a stock's bid and ask share one cache line
 RUNG = np.dtype([("key", np.uint32), ("level", np.int32)], align=True)  # 8 bytes
 HASH = np.dtype([("key", np.uint64), ("slot", np.int64)], align=True)
 STOCK = np.dtype([("symbol", np.uint64), ("named", np.uint8), ("state", np.uint8)], align=True)
@@ -310,9 +347,13 @@ for _t in (T_E, T_C, T_X):
     SHARES_AT[_t] = 8
 OVER_OF[T_X] = B_OVER_CANCEL
 ANOMALIES = {
-    "dup_add": B_DUP_ADD, "unknown_ref": B_UNKNOWN_REF, "over_exec": B_OVER_EXEC,
-    "over_cancel": B_OVER_CANCEL, "zero_shares": B_ZERO_SHARES, "bad_side": B_BAD_SIDE,
-}  # fmt: skip
+    "dup_add": B_DUP_ADD,
+    "unknown_ref": B_UNKNOWN_REF,
+    "over_exec": B_OVER_EXEC,
+    "over_cancel": B_OVER_CANCEL,
+    "zero_shares": B_ZERO_SHARES,
+    "bad_side": B_BAD_SIDE,
+}
 
 # apply_stream statuses (itch.OK and itch.TRUNCATED keep their meaning)
 NEED_ORDERS = 10  # max_orders live: fails loudly
@@ -530,7 +571,8 @@ def _fits_add(sides, ladder, orders, levels, htab, meta, sd, ref, rm):
             return NEED_LADDER
     if orders[_u(_ring_row(rm, ref))].level != NIL:  # its ring row is taken: it would spill
         if 4 * (meta[M_HASH_COUNT] + 1) > meta[M_RING_MASK] + 1 and (
-                meta[M_RING_MASK] + 1 < meta[M_RING_MAX]):  # fmt: skip
+            meta[M_RING_MASK] + 1 < meta[M_RING_MAX]
+        ):
             return NEED_RING
         if meta[M_ORDER_FREE] == NIL and meta[M_ORDER_HWM] >= orders.shape[0]:
             return NEED_SPILL
@@ -724,8 +766,20 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
         need = _fits_add(sides, ladder, orders, levels, htab, meta, sd, ref, rm)
         if need != 0:
             return need
-        _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, rd_u32(b, q + 21),
-             shares, rm)  # fmt: skip
+        _add(
+            orders,
+            levels,
+            sides,
+            ladder,
+            htab,
+            meta,
+            counters,
+            ref,
+            sd,
+            rd_u32(b, q + 21),
+            shares,
+            rm,
+        )
     elif t == T_D or t == T_E or t == T_C or t == T_X:
         _reduce(orders, levels, sides, ladder, htab, meta, counters, b, q, t, rm)
     elif t == T_U:
@@ -743,8 +797,20 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
         if shares == 0:
             counters[B_ZERO_SHARES] += 1
             return 0
-        _add(orders, levels, sides, ladder, htab, meta, counters, new_ref, sd,
-             rd_u32(b, q + 20), shares, rm)  # fmt: skip
+        _add(
+            orders,
+            levels,
+            sides,
+            ladder,
+            htab,
+            meta,
+            counters,
+            new_ref,
+            sd,
+            rd_u32(b, q + 20),
+            shares,
+            rm,
+        )
     elif t == T_R:
         locate = rd_u16(b, p + 1)
         stocks[_u(locate)].symbol = rd_u64(b, q)
@@ -776,8 +842,9 @@ def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, stocks, meta,
                 nxt = p + length + 2
                 prefetch(orders, _ring_row(rm, rd_u64(b, nxt + HEADER_LEN)))
                 prefetch(sides, 2 * np.int64(rd_u16(b, nxt + 1)))
-                need = apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks,
-                                     meta, counters, rm)  # fmt: skip
+                need = apply_message(
+                    b, p, t, orders, levels, sides, ladder, htab, stocks, meta, counters, rm
+                )
                 if need != 0:
                     return need, pos
                 counters[itch.C_MESSAGES] += 1
@@ -797,8 +864,9 @@ def apply_stream(b, pos, end, orders, levels, sides, ladder, htab, stocks, meta,
             prefetch(orders, _ring_row(rm, rd_u64(b, nxt + HEADER_LEN)))
             prefetch(sides, 2 * np.int64(rd_u16(b, nxt + 1)))
         if status == itch.OK:
-            need = apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta,
-                                 counters, rm)  # fmt: skip
+            need = apply_message(
+                b, p, t, orders, levels, sides, ladder, htab, stocks, meta, counters, rm
+            )
             if need != 0:
                 return need, pos
         count_frame(counters, status, t)
@@ -1017,8 +1085,12 @@ def check_invariants(orders, levels, sides, ladder, htab, meta, allow_crossed):
         e = htab[i]
         if e.slot >= 0:
             hashed += 1
-            if (e.slot < spill_start or e.slot >= meta[M_ORDER_HWM]
-                    or orders[e.slot].level == NIL or orders[e.slot].ref != e.key):  # fmt: skip
+            if (
+                e.slot < spill_start
+                or e.slot >= meta[M_ORDER_HWM]
+                or orders[e.slot].level == NIL
+                or orders[e.slot].ref != e.key
+            ):
                 return 13, -1, -1, e.slot
             spill[_ring_row(_ring_mask(meta), e.key) - RING_BASE] += 1
     for i in range(ring):
@@ -1080,10 +1152,17 @@ class Book:
     ring row is taken, ``hash`` (default: twice ``spill``) the hash that finds them.
     """
 
-    def __init__(self, orders: int = 1 << 16, levels: int = 1 << 14, ladder: int = 1 << 16,
-                 max_orders: int = 1 << 28, counters: np.ndarray | None = None,
-                 ring: int | None = None, spill: int | None = None,
-                 hash: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        orders: int = 1 << 16,
+        levels: int = 1 << 14,
+        ladder: int = 1 << 16,
+        max_orders: int = 1 << 28,
+        counters: np.ndarray | None = None,
+        ring: int | None = None,
+        spill: int | None = None,
+        hash: int | None = None,
+    ):
         self.max_orders = max_orders
         ring = _pow2(orders if ring is None else ring)
         spill = max(16, ring // 8 if spill is None else spill)
@@ -1118,25 +1197,44 @@ class Book:
     @classmethod
     def sized_like(cls, other: Book) -> Book:
         """An empty book with ``other``'s current room (benchmarks: no growth while timed)."""
-        return cls(orders=other.ring, levels=len(other.levels),
-                   ladder=len(other.ladder) - SCAN, ring=other.ring, spill=other.spill_rows,
-                   hash=len(other.htab), max_orders=other.max_orders)  # fmt: skip
+        return cls(
+            orders=other.ring,
+            levels=len(other.levels),
+            ladder=len(other.ladder) - SCAN,
+            ring=other.ring,
+            spill=other.spill_rows,
+            hash=len(other.htab),
+            max_orders=other.max_orders,
+        )
 
     @classmethod
     def for_capacity(cls, orders: int, counters: np.ndarray | None = None) -> Book:
         """The book ``tickwire run`` allocates for ``run.orders`` initial orders."""
-        return cls(orders=orders, levels=max(1 << 14, orders // 4),
-                   ladder=max(1 << 16, orders // 2), counters=counters)  # fmt: skip
+        return cls(
+            orders=orders,
+            levels=max(1 << 14, orders // 4),
+            ladder=max(1 << 16, orders // 2),
+            counters=counters,
+        )
 
     # -- feeding --
     def arrays(self):
         """The book's arrays, in the order the jitted apply functions take them (again after
         every ``grow``, which may replace them)."""
-        return (self.orders, self.levels, self.sides, self.ladder, self.htab, self.stocks,
-                self.meta, self.counters)  # fmt: skip
+        return (
+            self.orders,
+            self.levels,
+            self.sides,
+            self.ladder,
+            self.htab,
+            self.stocks,
+            self.meta,
+            self.counters,
+        )
 
-    def feed(self, buf: np.ndarray, start: int = 0, end: int | None = None,
-             partial_ok: bool = False) -> int:  # fmt: skip
+    def feed(
+        self, buf: np.ndarray, start: int = 0, end: int | None = None, partial_ok: bool = False
+    ) -> int:
         """Apply every message of ``buf[start:end]``; returns the offset where it stopped.
 
         A message running past ``end`` raises ``itch.TruncatedInput`` unless
@@ -1158,14 +1256,16 @@ class Book:
         """Make the room an apply function asked for (its ``NEED_*`` status), off the hot
         path. Raises ``CapacityError`` past ``max_orders``."""
         if need == NEED_ORDERS:
-            raise CapacityError(f"live orders would exceed the configured maximum of "
-                                f"{self.max_orders}")  # fmt: skip
+            raise CapacityError(
+                f"live orders would exceed the configured maximum of {self.max_orders}"
+            )
         self.counters[B_GROWTHS] += 1
         if need == NEED_SPILL:
             room = self.spill_rows
             if 2 * room > self.max_orders:
-                raise CapacityError(f"spill rows would exceed the configured maximum of "
-                                    f"{self.max_orders}")  # fmt: skip
+                raise CapacityError(
+                    f"spill rows would exceed the configured maximum of {self.max_orders}"
+                )
             new = zeros(len(self.orders) + room, ORDER)
             new[: len(self.orders)] = self.orders
             new["level"][len(self.orders) :] = NIL
@@ -1198,8 +1298,16 @@ class Book:
             htab["slot"] = NIL
             remap = np.full(len(self.orders), NIL, np.int32)
             spilled, hwm = relocate_orders(
-                self.orders, self.meta[M_ORDER_HWM], new, ring - 1, remap, self.levels,
-                self.meta[M_LEVEL_HWM], htab, self.meta[M_HASH_SHIFT])  # fmt: skip
+                self.orders,
+                self.meta[M_ORDER_HWM],
+                new,
+                ring - 1,
+                remap,
+                self.levels,
+                self.meta[M_LEVEL_HWM],
+                htab,
+                self.meta[M_HASH_SHIFT],
+            )
             self.orders, self.htab = new, htab
             self.meta[M_RING_MASK] = ring - 1
             self.meta[M_HASH_COUNT] = spilled
@@ -1238,9 +1346,13 @@ class Book:
             return None
         od = self.orders[o]
         sd = int(od["sd"])
-        return {"ref": int(od["ref"]), "locate": sd // 2, "side": "BS"[sd % 2],
-                "price": int(self.levels[int(od["level"])]["price"]),
-                "shares": int(od["shares"])}  # fmt: skip
+        return {
+            "ref": int(od["ref"]),
+            "locate": sd // 2,
+            "side": "BS"[sd % 2],
+            "price": int(self.levels[int(od["level"])]["price"]),
+            "shares": int(od["shares"]),
+        }
 
     def queue(self, locate: int, side: int, price: int) -> list[int]:
         """References resting at one level, in time priority (oldest first)."""
@@ -1281,9 +1393,12 @@ class Book:
             bp, bq, ap, aq = self.bbo(loc)
             out[str(loc)] = {
                 "symbol": _symbol(self.stocks[loc]["symbol"]) if self.stocks[loc]["named"] else "",
-                "bid_px": bp, "bid_qty": bq, "ask_px": ap, "ask_qty": aq,
+                "bid_px": bp,
+                "bid_qty": bq,
+                "ask_px": ap,
+                "ask_qty": aq,
                 "orders": int(orders[loc]),
-            }  # fmt: skip
+            }
         return out
 
     def anomalies(self) -> dict[str, int]:
@@ -1292,8 +1407,8 @@ class Book:
     def check(self, allow_crossed: bool = False) -> str | None:
         """The first broken invariant as one line, or None when every invariant holds."""
         code, locate, side, detail = check_invariants(
-            self.orders, self.levels, self.sides, self.ladder, self.htab, self.meta,
-            allow_crossed)  # fmt: skip
+            self.orders, self.levels, self.sides, self.ladder, self.htab, self.meta, allow_crossed
+        )
         if code == 0:
             return None
         where = f"locate {locate} side {'BS'[side]}" if locate >= 0 else "order index"

@@ -55,8 +55,9 @@ def _clock_gettime(typingctx, clock, addr):
 
     def codegen(context, builder, sig, args):
         i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
-        return xsk.call_by_symbol(builder, "clock_gettime", i32, [i32, i8p],
-                                  _int64_args(context, builder, sig, args))  # fmt: skip
+        return xsk.call_by_symbol(
+            builder, "clock_gettime", i32, [i32, i8p], _int64_args(context, builder, sig, args)
+        )
 
     return types.int64(clock, addr), codegen
 
@@ -70,8 +71,13 @@ def _recvmmsg(typingctx, fd, msgvec, vlen, flags, timeout):
 
     def codegen(context, builder, sig, args):
         i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
-        return xsk.call_by_symbol(builder, "recvmmsg", i32, [i32, i8p, i32, i32, i8p],
-                                  _int64_args(context, builder, sig, args))  # fmt: skip
+        return xsk.call_by_symbol(
+            builder,
+            "recvmmsg",
+            i32,
+            [i32, i8p, i32, i32, i8p],
+            _int64_args(context, builder, sig, args),
+        )
 
     return types.int64(fd, msgvec, vlen, flags, timeout), codegen
 
@@ -100,9 +106,29 @@ def _packet(b, pos, end, line, rx_ns, t, session, arb, bk_):
     room (it resumes at the next packet or idle tick)."""
     ctr, hold_buf, hold_meta, _g, _c, _r, _rm = arb
     orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat = bk_
-    need = arbiter.on_packet(b, pos, end, line, rx_ns, t, session, ctr, hold_buf, hold_meta,
-                             orders, levels, sides, ladder, htab, stocks, meta, bctr,
-                             bbo, touched, lat)  # fmt: skip
+    need = arbiter.on_packet(
+        b,
+        pos,
+        end,
+        line,
+        rx_ns,
+        t,
+        session,
+        ctr,
+        hold_buf,
+        hold_meta,
+        orders,
+        levels,
+        sides,
+        ladder,
+        htab,
+        stocks,
+        meta,
+        bctr,
+        bbo,
+        touched,
+        lat,
+    )
     if need != 0:
         return need, 0
     return _idle(t, arb, bk_), 1
@@ -143,8 +169,23 @@ def _idle(t, arb, bk_):
     ctr, hold_buf, hold_meta, gaps, control, _r, _rm = arb
     orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat = bk_
     if ctr[shm.A_HELD_NOW] > 0:
-        need = arbiter.drain(t, ctr, hold_buf, hold_meta, orders, levels, sides, ladder, htab,
-                             stocks, meta, bctr, bbo, touched, lat)  # fmt: skip
+        need = arbiter.drain(
+            t,
+            ctr,
+            hold_buf,
+            hold_meta,
+            orders,
+            levels,
+            sides,
+            ladder,
+            htab,
+            stocks,
+            meta,
+            bctr,
+            bbo,
+            touched,
+            lat,
+        )
         if need != 0:
             return need
     arbiter.hole_check(t, ctr, hold_meta, gaps, control)
@@ -211,8 +252,9 @@ def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, arb, bk_, ts):
             ln = pstate[P_LINE]
             i = pstate[P_I]
             off = i * SLOT
-            need, done = _packet(rbuf[ln], off, off + mm[ln, i].len, ln, pstate[P_RX],
-                                 now_ns(ts), session, arb, bk_)  # fmt: skip
+            need, done = _packet(
+                rbuf[ln], off, off + mm[ln, i].len, ln, pstate[P_RX], now_ns(ts), session, arb, bk_
+            )
             pstate[P_I] = i + done
             if need != 0:
                 return OK, need
@@ -303,8 +345,17 @@ def xdp_loop(ri, umem_a, umem_b, pstate, pend, budget_ns, session, arb, bk_, ts)
             i = pstate[P_I]
             ln = pend[i, X_LINE]
             u = umem_a if ln == 0 else umem_b
-            need, done = _packet(u, pend[i, X_START], pend[i, X_END], ln, pend[i, X_RX],
-                                 now_ns(ts), session, arb, bk_)  # fmt: skip
+            need, done = _packet(
+                u,
+                pend[i, X_START],
+                pend[i, X_END],
+                ln,
+                pend[i, X_RX],
+                now_ns(ts),
+                session,
+                arb,
+                bk_,
+            )
             if done:
                 if xsk.fill_put(ri[ln], pend[i, X_FRAME]) == 0:
                     ctr[shm.S_RING_FULL] += 1
@@ -372,4 +423,3 @@ def snapshot(sides, ladder, levels, out, control):
         control[shm.C_SNAP_TRUNC] = 0
         control[shm.C_SNAP_ROWS] = n
     control[shm.C_SNAP_DONE] = control[shm.C_SNAP_REQ]
-

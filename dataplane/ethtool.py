@@ -32,7 +32,7 @@ SOF_TIMESTAMPING = {
     "software-system-clock": lib.SOF_TIMESTAMPING_SOFTWARE,
     "hardware-legacy-clock": lib.SOF_TIMESTAMPING_SYS_HARDWARE,
     "hardware-raw-clock": lib.SOF_TIMESTAMPING_RAW_HARDWARE,
-}  # fmt: skip
+}
 
 
 class EthtoolError(OSError):
@@ -65,8 +65,16 @@ class Channels(NamedTuple):
 def channels(ifname: str) -> Channels:
     """The interface's queue (channel) counts and their maxima, ``ETHTOOL_GCHANNELS``."""
     c = _call(ifname, "ethtool_channels", ETHTOOL_GCHANNELS, "ETHTOOL_GCHANNELS")
-    return Channels(c.max_rx, c.max_tx, c.max_other, c.max_combined, c.rx_count, c.tx_count,
-                    c.other_count, c.combined_count)  # fmt: skip
+    return Channels(
+        c.max_rx,
+        c.max_tx,
+        c.max_other,
+        c.max_combined,
+        c.rx_count,
+        c.tx_count,
+        c.other_count,
+        c.combined_count,
+    )
 
 
 class TsInfo(NamedTuple):
@@ -96,9 +104,16 @@ class Rings(NamedTuple):
 def rings(ifname: str) -> Rings:
     """The interface's descriptor ring sizes and their maxima, ``ETHTOOL_GRINGPARAM``."""
     r = _call(ifname, "ethtool_ringparam", lib.ETHTOOL_GRINGPARAM, "ETHTOOL_GRINGPARAM")
-    return Rings(r.rx_max_pending, r.rx_mini_max_pending, r.rx_jumbo_max_pending,
-                 r.tx_max_pending, r.rx_pending, r.rx_mini_pending, r.rx_jumbo_pending,
-                 r.tx_pending)  # fmt: skip
+    return Rings(
+        r.rx_max_pending,
+        r.rx_mini_max_pending,
+        r.rx_jumbo_max_pending,
+        r.tx_max_pending,
+        r.rx_pending,
+        r.rx_mini_pending,
+        r.rx_jumbo_pending,
+        r.tx_pending,
+    )
 
 
 class Feature(NamedTuple):
@@ -126,12 +141,16 @@ def features(ifname: str) -> dict[str, Feature]:
     raw = ffi.buffer(strings.data, n * width)
     out = {}
     for i in range(n):
-        label = bytes(raw[i * width:(i + 1) * width]).split(b"\0", 1)[0].decode()
+        label = bytes(raw[i * width : (i + 1) * width]).split(b"\0", 1)[0].decode()
         if not label:
             continue
         b, bit = blocks.features[i // 32], 1 << (i % 32)
-        out[label] = Feature(bool(b.available & bit), bool(b.requested & bit),
-                             bool(b.active & bit), bool(b.never_changed & bit))  # fmt: skip
+        out[label] = Feature(
+            bool(b.available & bit),
+            bool(b.requested & bit),
+            bool(b.active & bit),
+            bool(b.never_changed & bit),
+        )
     return out
 
 
@@ -148,8 +167,11 @@ class FlowRule(NamedTuple):
     queue: int | None  # None: drop, wake-on-LAN, a VF's queue or an RSS context's
 
 
-_PORTS = {"tcp_ip4_spec": lib.TCP_V4_FLOW, "udp_ip4_spec": lib.UDP_V4_FLOW,
-          "sctp_ip4_spec": lib.SCTP_V4_FLOW}  # fmt: skip
+_PORTS = {
+    "tcp_ip4_spec": lib.TCP_V4_FLOW,
+    "udp_ip4_spec": lib.UDP_V4_FLOW,
+    "sctp_ip4_spec": lib.SCTP_V4_FLOW,
+}
 _IPV4 = {*_PORTS.values(), lib.AH_V4_FLOW, lib.ESP_V4_FLOW, lib.IPV4_USER_FLOW}
 
 
@@ -185,10 +207,20 @@ def flow_rules(ifname: str) -> list[FlowRule]:
         h, m = getattr(fs.h_u, ports or "tcp_ip4_spec"), getattr(fs.m_u, ports or "tcp_ip4_spec")
         cookie = int(fs.ring_cookie)
         vf = (cookie & lib.ETHTOOL_RX_FLOW_SPEC_RING_VF) >> lib.ETHTOOL_RX_FLOW_SPEC_RING_VF_OFF
-        plain = cookie not in (RX_CLS_FLOW_DISC, RX_CLS_FLOW_WAKE) and not vf and not (
-            fs.flow_type & lib.FLOW_RSS)
-        out.append(FlowRule(
-            loc, kind, _ip(h.ip4dst), _ip(m.ip4dst),
-            _port(h.pdst) if ports else None, _port(m.pdst) if ports else None,
-            cookie & lib.ETHTOOL_RX_FLOW_SPEC_RING if plain else None))  # fmt: skip
+        plain = (
+            cookie not in (RX_CLS_FLOW_DISC, RX_CLS_FLOW_WAKE)
+            and not vf
+            and not (fs.flow_type & lib.FLOW_RSS)
+        )
+        out.append(
+            FlowRule(
+                loc,
+                kind,
+                _ip(h.ip4dst),
+                _ip(m.ip4dst),
+                _port(h.pdst) if ports else None,
+                _port(m.pdst) if ports else None,
+                cookie & lib.ETHTOOL_RX_FLOW_SPEC_RING if plain else None,
+            )
+        )
     return out

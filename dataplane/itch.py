@@ -25,10 +25,30 @@ from numba.extending import intrinsic
 
 # --- message types and their total lengths (header included), from the spec ---------
 MSG_LENGTHS: dict[str, int] = {
-    "S": 12, "R": 39, "H": 25, "Y": 20, "L": 26, "V": 35, "W": 12, "K": 28, "J": 35,
-    "h": 21, "A": 36, "F": 40, "E": 31, "C": 36, "X": 23, "D": 19, "U": 35, "P": 44,
-    "Q": 40, "B": 19, "I": 50, "N": 20, "O": 48,
-}  # fmt: skip
+    "S": 12,
+    "R": 39,
+    "H": 25,
+    "Y": 20,
+    "L": 26,
+    "V": 35,
+    "W": 12,
+    "K": 28,
+    "J": 35,
+    "h": 21,
+    "A": 36,
+    "F": 40,
+    "E": 31,
+    "C": 36,
+    "X": 23,
+    "D": 19,
+    "U": 35,
+    "P": 44,
+    "Q": 40,
+    "B": 19,
+    "I": 50,
+    "N": 20,
+    "O": 48,
+}
 
 MSG_LEN = np.zeros(256, np.int64)  # type byte -> length; 0 = not an ITCH 5.0 type
 for _t, _n in MSG_LENGTHS.items():
@@ -88,8 +108,11 @@ def _be_loader(nbytes: int):
 
     @intrinsic
     def load(typingctx, arr, idx):
-        if not (isinstance(arr, types.Array) and arr.dtype == types.uint8
-                and isinstance(idx, types.Integer)):  # fmt: skip
+        if not (
+            isinstance(arr, types.Array)
+            and arr.dtype == types.uint8
+            and isinstance(idx, types.Integer)
+        ):
             return None
         rtype = types.uint64 if nbytes == 8 else types.int64
 
@@ -100,8 +123,7 @@ def _be_loader(nbytes: int):
             ity = ir.IntType(bits)
             value = builder.load(builder.bitcast(ptr, ity.as_pointer()), align=1)
             if nbytes > 1:
-                value = builder.call(builder.module.declare_intrinsic("llvm.bswap", [ity]),
-                                     [value])  # fmt: skip
+                value = builder.call(builder.module.declare_intrinsic("llvm.bswap", [ity]), [value])
             return builder.zext(value, ir.IntType(64)) if nbytes < 8 else value
 
         return rtype(arr, idx), codegen
@@ -180,43 +202,87 @@ def count_frame(counters, status, t):
 # One structured row holds any message; each type fills the fields FIELDS names for it.
 RECORD = np.dtype(
     [
-        ("type", np.uint8), ("locate", np.uint16), ("tracking", np.uint16),
+        ("type", np.uint8),
+        ("locate", np.uint16),
+        ("tracking", np.uint16),
         ("timestamp", np.uint64),
-        ("order_ref", np.uint64), ("new_order_ref", np.uint64), ("match", np.uint64),
-        ("side", np.uint8), ("shares", np.uint64), ("price", np.uint32),
+        ("order_ref", np.uint64),
+        ("new_order_ref", np.uint64),
+        ("match", np.uint64),
+        ("side", np.uint8),
+        ("shares", np.uint64),
+        ("price", np.uint32),
         ("stock", np.uint64),  # 8 ASCII bytes, big-endian packed
         ("attribution", np.uint32),  # F attribution, L MPID (4 ASCII bytes packed)
-        ("printable", np.uint8), ("cross_type", np.uint8), ("event_code", np.uint8),
+        ("printable", np.uint8),
+        ("cross_type", np.uint8),
+        ("event_code", np.uint8),
         # R stock directory
-        ("market_category", np.uint8), ("financial_status", np.uint8),
-        ("round_lot_size", np.uint32), ("round_lots_only", np.uint8),
-        ("issue_classification", np.uint8), ("issue_subtype", np.uint16),
-        ("authenticity", np.uint8), ("short_sale_threshold", np.uint8), ("ipo_flag", np.uint8),
-        ("luld_tier", np.uint8), ("etp_flag", np.uint8), ("etp_leverage", np.uint32),
+        ("market_category", np.uint8),
+        ("financial_status", np.uint8),
+        ("round_lot_size", np.uint32),
+        ("round_lots_only", np.uint8),
+        ("issue_classification", np.uint8),
+        ("issue_subtype", np.uint16),
+        ("authenticity", np.uint8),
+        ("short_sale_threshold", np.uint8),
+        ("ipo_flag", np.uint8),
+        ("luld_tier", np.uint8),
+        ("etp_flag", np.uint8),
+        ("etp_leverage", np.uint32),
         ("inverse", np.uint8),
         # H, Y, L, W, h, N
-        ("trading_state", np.uint8), ("reserved", np.uint8), ("reason", np.uint32),
-        ("reg_sho_action", np.uint8), ("primary_mm", np.uint8), ("mm_mode", np.uint8),
-        ("participant_state", np.uint8), ("breached_level", np.uint8),
-        ("market_code", np.uint8), ("halt_action", np.uint8), ("interest_flag", np.uint8),
+        ("trading_state", np.uint8),
+        ("reserved", np.uint8),
+        ("reason", np.uint32),
+        ("reg_sho_action", np.uint8),
+        ("primary_mm", np.uint8),
+        ("mm_mode", np.uint8),
+        ("participant_state", np.uint8),
+        ("breached_level", np.uint8),
+        ("market_code", np.uint8),
+        ("halt_action", np.uint8),
+        ("interest_flag", np.uint8),
         # V (Price(8)), K, J, I, O
-        ("level1", np.uint64), ("level2", np.uint64), ("level3", np.uint64),
-        ("release_time", np.uint32), ("release_qualifier", np.uint8),
-        ("upper_price", np.uint32), ("lower_price", np.uint32), ("extension", np.uint32),
-        ("paired_shares", np.uint64), ("imbalance_shares", np.uint64),
-        ("imbalance_direction", np.uint8), ("far_price", np.uint32), ("near_price", np.uint32),
-        ("variation", np.uint8), ("open_eligibility", np.uint8),
+        ("level1", np.uint64),
+        ("level2", np.uint64),
+        ("level3", np.uint64),
+        ("release_time", np.uint32),
+        ("release_qualifier", np.uint8),
+        ("upper_price", np.uint32),
+        ("lower_price", np.uint32),
+        ("extension", np.uint32),
+        ("paired_shares", np.uint64),
+        ("imbalance_shares", np.uint64),
+        ("imbalance_direction", np.uint8),
+        ("far_price", np.uint32),
+        ("near_price", np.uint32),
+        ("variation", np.uint8),
+        ("open_eligibility", np.uint8),
         ("near_time", np.uint64),
     ],
     align=True,
-)  # fmt: skip
+)
 
 _COMMON = ("type", "locate", "tracking", "timestamp")
 FIELDS: dict[str, tuple[str, ...]] = {
     "S": ("event_code",),
-    "R": ("stock", "market_category", "financial_status", "round_lot_size", "round_lots_only",
-          "issue_classification", "issue_subtype", "authenticity", "short_sale_threshold",
-          "ipo_flag", "luld_tier", "etp_flag", "etp_leverage", "inverse"),
+    "R": (
+        "stock",
+        "market_category",
+        "financial_status",
+        "round_lot_size",
+        "round_lots_only",
+        "issue_classification",
+        "issue_subtype",
+        "authenticity",
+        "short_sale_threshold",
+        "ipo_flag",
+        "luld_tier",
+        "etp_flag",
+        "etp_leverage",
+        "inverse",
+    ),
     "H": ("stock", "trading_state", "reserved", "reason"),
     "Y": ("stock", "reg_sho_action"),
     "L": ("attribution", "stock", "primary_mm", "mm_mode", "participant_state"),
@@ -235,24 +301,64 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "P": ("order_ref", "side", "shares", "stock", "price", "match"),
     "Q": ("shares", "stock", "price", "match", "cross_type"),
     "B": ("match",),
-    "I": ("paired_shares", "imbalance_shares", "imbalance_direction", "stock", "far_price",
-          "near_price", "price", "cross_type", "variation"),
+    "I": (
+        "paired_shares",
+        "imbalance_shares",
+        "imbalance_direction",
+        "stock",
+        "far_price",
+        "near_price",
+        "price",
+        "cross_type",
+        "variation",
+    ),
     "N": ("stock", "interest_flag"),
-    "O": ("stock", "open_eligibility", "price", "upper_price", "near_price", "near_time",
-          "lower_price", "extension"),
-}  # fmt: skip
+    "O": (
+        "stock",
+        "open_eligibility",
+        "price",
+        "upper_price",
+        "near_price",
+        "near_time",
+        "lower_price",
+        "extension",
+    ),
+}
 # O: Min Allowable Price -> price, Max Allowable -> upper_price, Lower/Upper Collar ->
 #    lower_price/extension (named for their position; see decode_into).
 # I: Current Reference Price -> price.   J: Reference Price -> price.
 _ALPHA_FIELDS = {"stock": 8, "attribution": 4}
 _CHAR_FIELDS = {
-    "type", "side", "printable", "cross_type", "event_code", "market_category",
-    "financial_status", "round_lots_only", "issue_classification", "authenticity",
-    "short_sale_threshold", "ipo_flag", "luld_tier", "etp_flag", "inverse", "trading_state",
-    "reserved", "reg_sho_action", "primary_mm", "mm_mode", "participant_state",
-    "breached_level", "market_code", "halt_action", "interest_flag", "release_qualifier",
-    "imbalance_direction", "variation", "open_eligibility",
-}  # fmt: skip
+    "type",
+    "side",
+    "printable",
+    "cross_type",
+    "event_code",
+    "market_category",
+    "financial_status",
+    "round_lots_only",
+    "issue_classification",
+    "authenticity",
+    "short_sale_threshold",
+    "ipo_flag",
+    "luld_tier",
+    "etp_flag",
+    "inverse",
+    "trading_state",
+    "reserved",
+    "reg_sho_action",
+    "primary_mm",
+    "mm_mode",
+    "participant_state",
+    "breached_level",
+    "market_code",
+    "halt_action",
+    "interest_flag",
+    "release_qualifier",
+    "imbalance_direction",
+    "variation",
+    "open_eligibility",
+}
 
 
 @njit(cache=True, nogil=True)

@@ -67,10 +67,15 @@ P_BAD_BLOCKS = 4  # blocks do not add up to the count and the packet length
 # a packet table row (publisher side): messages first..first+count-1 (0-based message
 # index into the session), bytes [start, end) of the session buffer
 PACKET = np.dtype(
-    [("seq", np.int64), ("count", np.int64), ("start", np.int64), ("end", np.int64),
-     ("first", np.int64)],
+    [
+        ("seq", np.int64),
+        ("count", np.int64),
+        ("start", np.int64),
+        ("end", np.int64),
+        ("first", np.int64),
+    ],
     align=True,
-)  # fmt: skip
+)
 
 
 def session_bytes(name: str) -> bytes:
@@ -227,8 +232,7 @@ def unpack_header(data: bytes) -> tuple[bytes, int, int]:
     """``(session, seq, count)`` of the header at the start of ``data`` (what follows is
     not looked at; ``parse`` validates a whole packet)."""
     if len(data) < HEADER_LEN:
-        raise MoldError(f"{len(data)} bytes is shorter than a MoldUDP64 header "
-                        f"({HEADER_LEN})")  # fmt: skip
+        raise MoldError(f"{len(data)} bytes is shorter than a MoldUDP64 header ({HEADER_LEN})")
     h = np.frombuffer(data, HEADER, count=1)[0]
     return h["session"].tobytes(), int(h["seq"]), int(h["count"])
 

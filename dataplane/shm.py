@@ -87,11 +87,18 @@ MODE_SOCKET = 2
 
 # --- BBO ----------------------------------------------------------------------------------
 BBO = np.dtype(
-    [("seq", np.uint64), ("bid_px", np.uint32), ("ask_px", np.uint32), ("bid_qty", np.int64),
-     ("ask_qty", np.int64), ("feed_seq", np.int64), ("update_ns", np.int64),
-     ("_pad", np.int64, 2)],
+    [
+        ("seq", np.uint64),
+        ("bid_px", np.uint32),
+        ("ask_px", np.uint32),
+        ("bid_qty", np.int64),
+        ("ask_qty", np.int64),
+        ("feed_seq", np.int64),
+        ("update_ns", np.int64),
+        ("_pad", np.int64, 2),
+    ],
     align=True,
-)  # fmt: skip  -- 64 bytes: one cache line per instrument
+)  # 64 bytes: one cache line per instrument
 assert BBO.itemsize == 64
 
 # --- latency histogram -------------------------------------------------------------------
@@ -280,10 +287,18 @@ class Reader:
     def counters(self) -> dict:
         c = np.array(self.m["counters"])  # one copy: a consistent-enough view for metrics
         lines = {}
-        names = {"packets": L_PACKETS, "bytes": L_BYTES, "messages": L_MESSAGES,
-                 "duplicates": L_DUPLICATES, "malformed": L_MALFORMED,
-                 "last_seq": L_LAST_SEQ, "heartbeats": L_HEARTBEATS, "end_of_session": L_END,
-                 "other_session": L_OTHER_SESSION, "first": L_FIRST_TAKEN}  # fmt: skip
+        names = {
+            "packets": L_PACKETS,
+            "bytes": L_BYTES,
+            "messages": L_MESSAGES,
+            "duplicates": L_DUPLICATES,
+            "malformed": L_MALFORMED,
+            "last_seq": L_LAST_SEQ,
+            "heartbeats": L_HEARTBEATS,
+            "end_of_session": L_END,
+            "other_session": L_OTHER_SESSION,
+            "first": L_FIRST_TAKEN,
+        }
         names.update(held=L_HELD, late=L_LATE, rx_ns=L_RX_NS)
         for k, letter in enumerate(("A", "B", "recovery")):
             lines[letter] = {n: int(c[k * LINE_STRIDE + i]) for n, i in names.items()}
@@ -292,27 +307,36 @@ class Reader:
 
         return {
             "lines": lines,
-            "next_seq": int(c[A_NEXT]), "taken": int(c[A_TAKEN]),
-            "end_seq": int(c[A_END_SEQ]), "running": bool(c[S_RUNNING]),
+            "next_seq": int(c[A_NEXT]),
+            "taken": int(c[A_TAKEN]),
+            "end_seq": int(c[A_END_SEQ]),
+            "running": bool(c[S_RUNNING]),
             "gaps_declared": int(c[A_GAPS_DECLARED]),
             "gap_declared_messages": int(c[A_GAP_DECLARED_MSGS]),
             "unrecoverable_gaps": int(c[A_UNRECOVERABLE_GAPS]),
             "unrecoverable_messages": int(c[A_UNRECOVERABLE_MSGS]),
             "held_now": int(c[A_HELD_NOW]),
-            "held_max": int(c[A_HELD_MAX]), "hold_overflow": int(c[A_HOLD_OVERFLOW]),
+            "held_max": int(c[A_HELD_MAX]),
+            "hold_overflow": int(c[A_HOLD_OVERFLOW]),
             "stale": bool(self.m["control"][C_STALE]),
             "halted": bool(self.m["control"][C_HALTED]),
             "mode": {MODE_XDP: "xdp", MODE_SOCKET: "socket"}.get(int(c[S_MODE]), "none"),
-            "pid": int(c[S_PID]), "cpu": int(c[S_CPU]),
-            "start": {"seconds": int(c[S_START_NS]) / 1e9,
-                      "how": {START_COMPILED: "compiled", START_CACHED: "cache"}.get(
-                          int(c[S_START_HOW]), "starting")},
-            "book": {"messages": int(book_c[itch.C_MESSAGES]),
-                     "unknown_type": int(book_c[itch.C_UNKNOWN_TYPE]),
-                     "bad_length": int(book_c[itch.C_BAD_LENGTH]),
-                     **{name: int(book_c[i]) for name, i in bk.ANOMALIES.items()},
-                     "growths": int(book_c[bk.B_GROWTHS])},
-        }  # fmt: skip
+            "pid": int(c[S_PID]),
+            "cpu": int(c[S_CPU]),
+            "start": {
+                "seconds": int(c[S_START_NS]) / 1e9,
+                "how": {START_COMPILED: "compiled", START_CACHED: "cache"}.get(
+                    int(c[S_START_HOW]), "starting"
+                ),
+            },
+            "book": {
+                "messages": int(book_c[itch.C_MESSAGES]),
+                "unknown_type": int(book_c[itch.C_UNKNOWN_TYPE]),
+                "bad_length": int(book_c[itch.C_BAD_LENGTH]),
+                **{name: int(book_c[i]) for name, i in bk.ANOMALIES.items()},
+                "growths": int(book_c[bk.B_GROWTHS]),
+            },
+        }
 
     def bbo(self, locate: int, tries: int = 1000) -> tuple[int, int, int, int]:
         """``(bid_px, bid_qty, ask_px, ask_qty)`` of one locate, torn reads retried."""

@@ -13,10 +13,18 @@ import numpy as np
 
 IOVEC = np.dtype([("base", np.uint64), ("len", np.uint64)])
 MSGHDR = np.dtype(
-    [("name", np.uint64), ("namelen", np.uint32), ("_p0", np.uint32), ("iov", np.uint64),
-     ("iovlen", np.uint64), ("control", np.uint64), ("controllen", np.uint64),
-     ("flags", np.int32), ("_p1", np.int32)],
-)  # fmt: skip
+    [
+        ("name", np.uint64),
+        ("namelen", np.uint32),
+        ("_p0", np.uint32),
+        ("iov", np.uint64),
+        ("iovlen", np.uint64),
+        ("control", np.uint64),
+        ("controllen", np.uint64),
+        ("flags", np.int32),
+        ("_p1", np.int32),
+    ],
+)
 MMSGHDR = np.dtype([("hdr", MSGHDR), ("len", np.uint32), ("_p", np.uint32)])
 
 # <asm-generic/socket.h>: Python's socket module does not export it (checked against the

@@ -40,8 +40,7 @@ PROG_NAME = "tw_steer"
 
 CHAN_KEY = np.dtype([("group", ">u4"), ("port", ">u2"), ("pad", np.uint16)], align=True)
 CHAN_VAL = np.dtype([("channel", np.uint32), ("line", np.uint32)], align=True)
-META = np.dtype([("rx_ns", np.uint64), ("channel", np.uint32), ("line", np.uint32)],
-                align=True)  # fmt: skip
+META = np.dtype([("rx_ns", np.uint64), ("channel", np.uint32), ("line", np.uint32)], align=True)
 META_SIZE = 16
 
 # tw_stats: global counters (packet counts) ...
@@ -55,8 +54,15 @@ G_NO_SLOT = 6  # subscribed, the interface/queue has no XSKMAP slot; passed
 G_RESERVED = 7
 G_COUNT = 8
 # the global counters' names in Steering.stats(), by index
-GLOBAL_NAMES = ("pass_other", "malformed", "no_socket", "meta_fail", "fragment",
-                "redirected", "no_slot")  # fmt: skip
+GLOBAL_NAMES = (
+    "pass_other",
+    "malformed",
+    "no_socket",
+    "meta_fail",
+    "fragment",
+    "redirected",
+    "no_slot",
+)
 
 # ... then packets and bytes per (channel, line)
 STATS_BASE = 8

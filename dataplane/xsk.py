@@ -163,8 +163,9 @@ def _raise_memlock() -> None:
     if os.geteuid() != 0:
         return
     try:
-        resource.setrlimit(resource.RLIMIT_MEMLOCK,
-                           (resource.RLIM_INFINITY, resource.RLIM_INFINITY))  # fmt: skip
+        resource.setrlimit(
+            resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        )
     except (ValueError, OSError):
         pass  # the bind reports ENOMEM with advice if it matters
 
@@ -173,10 +174,14 @@ def _raise_memlock() -> None:
 class Umem:
     """Packet memory plus its fill and completion rings (``xsk_umem__create``)."""
 
-    def __init__(self, frames: int = DEFAULT_FRAMES,
-                 frame_size: int = XSK_UMEM__DEFAULT_FRAME_SIZE,
-                 fill_size: int = DEFAULT_RING, comp_size: int = DEFAULT_RING,
-                 hugepages: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        frames: int = DEFAULT_FRAMES,
+        frame_size: int = XSK_UMEM__DEFAULT_FRAME_SIZE,
+        fill_size: int = DEFAULT_RING,
+        comp_size: int = DEFAULT_RING,
+        hugepages: bool = True,
+    ):
         if int(frames) <= 0:
             raise ValueError(f"frames must be positive, got {frames}")
         self.frames = int(frames)
@@ -197,9 +202,12 @@ class Umem:
         cfg.frame_size, cfg.frame_headroom, cfg.flags = self.frame_size, 0, 0
         pp = ffi.new("struct xsk_umem **")
         try:
-            _check(lib.xsk_umem__create(pp, ffi.cast("void *", self.base), self.size,
-                                        self.fill, self.comp, cfg),
-                   f"UMEM of {self.frames} x {self.frame_size} B")  # fmt: skip
+            _check(
+                lib.xsk_umem__create(
+                    pp, ffi.cast("void *", self.base), self.size, self.fill, self.comp, cfg
+                ),
+                f"UMEM of {self.frames} x {self.frame_size} B",
+            )
         except BaseException:
             self._unmap()
             raise
@@ -241,11 +249,16 @@ def _map_area(size: int, hugepages: bool) -> tuple[mmap.mmap, bool, str]:
     if hugepages:
         length = -(-size // HUGEPAGE) * HUGEPAGE
         try:
-            return mmap.mmap(-1, length, flags=base | _MAP_HUGETLB, prot=prot), True, \
-                f"{length // HUGEPAGE} x 2 MiB hugepages"  # fmt: skip
+            return (
+                mmap.mmap(-1, length, flags=base | _MAP_HUGETLB, prot=prot),
+                True,
+                f"{length // HUGEPAGE} x 2 MiB hugepages",
+            )
         except OSError as e:
-            note = (f"no {length // HUGEPAGE} free 2 MiB hugepages ({os.strerror(e.errno)}; "
-                    "set vm.nr_hugepages): UMEM in normal pages")  # fmt: skip
+            note = (
+                f"no {length // HUGEPAGE} free 2 MiB hugepages ({os.strerror(e.errno)}; "
+                "set vm.nr_hugepages): UMEM in normal pages"
+            )
     return mmap.mmap(-1, size, flags=base, prot=prot), False, note
 
 
@@ -264,14 +277,26 @@ class XskSocket:
     EBUSY bind is retried (see ``_create``) before it is reported.
     """
 
-    def __init__(self, ifname: str, queue: int = 0, umem: Umem | None = None, *,
-                 rx_size: int = DEFAULT_RING, frames: int = DEFAULT_FRAMES,
-                 frame_size: int = XSK_UMEM__DEFAULT_FRAME_SIZE,
-                 fill_size: int = DEFAULT_RING, comp_size: int = DEFAULT_RING,
-                 zerocopy: bool = False, need_wakeup: bool = True, xdp_mode: str = "native",
-                 rx_batch: int = DEFAULT_BATCH, fill_batch: int = DEFAULT_BATCH,
-                 hugepages: bool = True, prefill: bool = True,
-                 busy_timeout: float = 1.0):  # fmt: skip
+    def __init__(
+        self,
+        ifname: str,
+        queue: int = 0,
+        umem: Umem | None = None,
+        *,
+        rx_size: int = DEFAULT_RING,
+        frames: int = DEFAULT_FRAMES,
+        frame_size: int = XSK_UMEM__DEFAULT_FRAME_SIZE,
+        fill_size: int = DEFAULT_RING,
+        comp_size: int = DEFAULT_RING,
+        zerocopy: bool = False,
+        need_wakeup: bool = True,
+        xdp_mode: str = "native",
+        rx_batch: int = DEFAULT_BATCH,
+        fill_batch: int = DEFAULT_BATCH,
+        hugepages: bool = True,
+        prefill: bool = True,
+        busy_timeout: float = 1.0,
+    ):
         if xdp_mode not in ("native", "skb"):
             raise ValueError(f"xdp_mode must be 'native' or 'skb', got {xdp_mode!r}")
         if int(queue) < 0:
@@ -305,8 +330,9 @@ class XskSocket:
         cfg.rx_size, cfg.tx_size = self.rx_size, 0
         cfg.libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD
         cfg.xdp_flags = XDP_FLAGS_DRV_MODE if xdp_mode == "native" else XDP_FLAGS_SKB_MODE
-        cfg.bind_flags = (XDP_ZEROCOPY if self.zerocopy else XDP_COPY) | \
-            (XDP_USE_NEED_WAKEUP if need_wakeup else 0)  # fmt: skip
+        cfg.bind_flags = (XDP_ZEROCOPY if self.zerocopy else XDP_COPY) | (
+            XDP_USE_NEED_WAKEUP if need_wakeup else 0
+        )
         self.rx = ffi.new("struct xsk_ring_cons *")
         pp = ffi.new("struct xsk_socket **")
         mode = "zero-copy" if self.zerocopy else "copy"
@@ -315,8 +341,9 @@ class XskSocket:
         # here), so a bind right after a close can see EBUSY: retry that for a while.
         deadline = time.monotonic() + busy_timeout
         while True:
-            rc = lib.xsk_socket__create(pp, self.ifname.encode(), self.queue, self.umem._umem,
-                                        self.rx, ffi.NULL, cfg)  # fmt: skip
+            rc = lib.xsk_socket__create(
+                pp, self.ifname.encode(), self.queue, self.umem._umem, self.rx, ffi.NULL, cfg
+            )
             if rc != -_errno.EBUSY or time.monotonic() >= deadline:
                 break
             time.sleep(0.002)
@@ -326,19 +353,25 @@ class XskSocket:
             except OSError:
                 ch = None  # no ethtool on this driver: the plain advice
             if ch is not None:
-                raise XskError(_errno.EINVAL, what, ADVICE[_errno.EINVAL] + f"; ethtool -l "
-                               f"{self.ifname}: {ch.rx} rx, {ch.combined} combined")
+                raise XskError(
+                    _errno.EINVAL,
+                    what,
+                    ADVICE[_errno.EINVAL] + f"; ethtool -l "
+                    f"{self.ifname}: {ch.rx} rx, {ch.combined} combined",
+                )
         _check(rc, what)
         self._xsk = pp[0]
 
     def _ring_info(self, rx_batch: int, fill_batch: int) -> np.ndarray:
         ri = np.zeros(RI_LEN, np.int64)
         out = ffi.new("__u64[]", int(lib.TW_RING_INFO_LEN))
-        for base, fn, ring in ((RI_RX, lib.tw_cons_info, self.rx),
-                               (RI_FQ, lib.tw_prod_info, self.umem.fill),
-                               (RI_CQ, lib.tw_cons_info, self.umem.comp)):  # fmt: skip
+        for base, fn, ring in (
+            (RI_RX, lib.tw_cons_info, self.rx),
+            (RI_FQ, lib.tw_prod_info, self.umem.fill),
+            (RI_CQ, lib.tw_cons_info, self.umem.comp),
+        ):
             fn(ring, out)
-            ri[base:base + 8] = list(out)
+            ri[base : base + 8] = list(out)
         ri[RI_UMEM_BASE] = self.umem.base
         ri[RI_UMEM_SIZE] = self.umem.size
         ri[RI_FRAME_SIZE] = self.umem.frame_size
@@ -359,8 +392,9 @@ class XskSocket:
         if key is None:
             rc = lib.xsk_socket__update_xskmap(self._xsk, int(map_fd))
         else:
-            rc = lib.bpf_map_update_elem(int(map_fd), ffi.new("__u32 *", slot),
-                                         ffi.new("int *", self.fd), 0)  # fmt: skip
+            rc = lib.bpf_map_update_elem(
+                int(map_fd), ffi.new("__u32 *", slot), ffi.new("int *", self.fd), 0
+            )
         if rc == -_errno.E2BIG:
             raise XskError(-rc, what, "key beyond the XSKMAP's max_entries")
         if rc in (-_errno.EBADF, -_errno.EINVAL):
@@ -371,9 +405,17 @@ class XskSocket:
         """The kernel's ``XDP_STATISTICS`` for this socket (drops, empty fill ring, ...)."""
         st = ffi.new("struct xdp_statistics *")
         _check(lib.tw_statistics(self.fd, st), "XDP_STATISTICS")
-        return {k: int(getattr(st, k)) for k in (
-            "rx_dropped", "rx_invalid_descs", "tx_invalid_descs", "rx_ring_full",
-            "rx_fill_ring_empty_descs", "tx_ring_empty_descs")}  # fmt: skip
+        return {
+            k: int(getattr(st, k))
+            for k in (
+                "rx_dropped",
+                "rx_invalid_descs",
+                "tx_invalid_descs",
+                "rx_ring_full",
+                "rx_fill_ring_empty_descs",
+                "tx_ring_empty_descs",
+            )
+        }
 
     def close(self) -> None:
         """Delete the socket, then the UMEM if this socket owns it."""
@@ -430,8 +472,7 @@ def store_release_u32(typingctx, addr, value):
         return None
 
     def codegen(context, builder, sig, args):
-        v = builder.trunc(context.cast(builder, args[1], sig.args[1], types.int64),
-                          ir.IntType(32))  # fmt: skip
+        v = builder.trunc(context.cast(builder, args[1], sig.args[1], types.int64), ir.IntType(32))
         builder.store_atomic(v, _ptr(builder, args[0], 32), "release", 4)
         return context.get_dummy_value()
 
@@ -500,15 +541,25 @@ def _recvfrom_dontwait(typingctx, fd):
     def codegen(context, builder, sig, args):
         i32, i64, i8p = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
         fd64 = context.cast(builder, args[0], sig.args[0], types.int64)
-        rc = call_by_symbol(builder, "recvfrom", i64, [i32, i8p, i64, i32, i8p, i32.as_pointer()],
-                            [fd64, ir.Constant(i8p, None), ir.Constant(i64, 0),
-                             ir.Constant(i32, _MSG_DONTWAIT), ir.Constant(i8p, None),
-                             ir.Constant(i32.as_pointer(), None)])  # fmt: skip
+        rc = call_by_symbol(
+            builder,
+            "recvfrom",
+            i64,
+            [i32, i8p, i64, i32, i8p, i32.as_pointer()],
+            [
+                fd64,
+                ir.Constant(i8p, None),
+                ir.Constant(i64, 0),
+                ir.Constant(i32, _MSG_DONTWAIT),
+                ir.Constant(i8p, None),
+                ir.Constant(i32.as_pointer(), None),
+            ],
+        )
         errloc = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(i32.as_pointer(), []), "__errno_location")
+            builder.module, ir.FunctionType(i32.as_pointer(), []), "__errno_location"
+        )
         out = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))
-        with builder.if_then(builder.icmp_signed("<", rc, ir.Constant(i64, 0)),
-                             likely=False):  # fmt: skip
+        with builder.if_then(builder.icmp_signed("<", rc, ir.Constant(i64, 0)), likely=False):
             err = builder.load(builder.call(errloc, []))
             builder.store(builder.neg(builder.sext(err, i64)), out)
         return builder.load(out)

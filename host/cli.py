@@ -43,8 +43,13 @@ def positive_float(text: str) -> float:
 
 def verb(sub, name: str, text: str, epilog: str) -> argparse.ArgumentParser:
     """A verb (or sub-verb) on ``sub``, its help ending in ``epilog``'s examples."""
-    return sub.add_parser(name, help=text, description=text, epilog=epilog,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    return sub.add_parser(
+        name,
+        help=text,
+        description=text,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     from host.exchange import cli as exchange
 
     p = argparse.ArgumentParser(
-        prog="tickwire", description="Tickwire: ITCH 5.0 / MoldUDP64 feed handler with L3 books.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        prog="tickwire",
+        description="Tickwire: ITCH 5.0 / MoldUDP64 feed handler with L3 books.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
     appliance.add_parsers(sub)  # book, run, warm, preflight, status, calibrate
     exchange.add_parsers(sub)  # gen, lab, sim

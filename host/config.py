@@ -51,10 +51,13 @@ class LineConfig:
 
 def _line(letter: str, octet: int) -> LineConfig:
     return LineConfig(
-        group=f"239.77.{octet}.1", port=26476 + octet,
-        exchange_if=f"ex-{letter}", appliance_if=f"feed-{letter}",
-        exchange_ip=f"10.77.{octet}.1", appliance_ip=f"10.77.{octet}.2",
-    )  # fmt: skip
+        group=f"239.77.{octet}.1",
+        port=26476 + octet,
+        exchange_if=f"ex-{letter}",
+        appliance_if=f"feed-{letter}",
+        exchange_ip=f"10.77.{octet}.1",
+        appliance_ip=f"10.77.{octet}.2",
+    )
 
 
 @dataclass(frozen=True)
@@ -230,24 +233,29 @@ def _validate_host(host: HostConfig) -> None:
     for key in ("isolated_cpus", "housekeeping_cpus"):
         text = getattr(host, key)
         if text and not _CPULIST.match(text):
-            raise ConfigError(f"host.{key}: {text!r} is not a cpulist (e.g. \"2-5,7\")")
-    if host.isolated_cpus and host.housekeeping_cpus and (
-            cpulist(host.isolated_cpus) & cpulist(host.housekeeping_cpus)):
+            raise ConfigError(f'host.{key}: {text!r} is not a cpulist (e.g. "2-5,7")')
+    if (
+        host.isolated_cpus
+        and host.housekeeping_cpus
+        and (cpulist(host.isolated_cpus) & cpulist(host.housekeeping_cpus))
+    ):
         raise ConfigError("host.housekeeping_cpus: overlaps host.isolated_cpus")
     if host.irq_placement not in ("consumer", "housekeeping"):
-        raise ConfigError(f"host.irq_placement: {host.irq_placement!r} is not one of "
-                          "consumer, housekeeping")  # fmt: skip
+        raise ConfigError(
+            f"host.irq_placement: {host.irq_placement!r} is not one of consumer, housekeeping"
+        )
     for key in ("rps_mask", "xps_mask"):
         text = getattr(host, key)
         if text and not _HEXMASK.match(text):
-            raise ConfigError(f"host.{key}: {text!r} is not a hex cpumask (e.g. \"0\", \"c\")")
+            raise ConfigError(f'host.{key}: {text!r} is not a hex cpumask (e.g. "0", "c")')
     for path in host.hugetlbfs:
         if not path.startswith("/"):
             raise ConfigError(f"host.hugetlbfs: {path!r} is not an absolute path")
     for name, value in host.sysctl.items():
         if not _SYSCTL.match(name) or not isinstance(value, (int, str)) or isinstance(value, bool):
-            raise ConfigError(f"host.sysctl.{name}: expected a dotted name with an integer or "
-                              "string value")  # fmt: skip
+            raise ConfigError(
+                f"host.sysctl.{name}: expected a dotted name with an integer or string value"
+            )
     for name in host.ptp_interfaces:
         if not _IFNAME.match(name):
             raise ConfigError(f"host.ptp_interfaces: {name!r} is not a valid interface name")
@@ -299,16 +307,21 @@ def _validate_line(key: str, line: LineConfig) -> None:
     net_x = ipaddress.IPv4Interface(f"{line.exchange_ip}/{line.prefixlen}").network
     net_a = ipaddress.IPv4Interface(f"{line.appliance_ip}/{line.prefixlen}").network
     if net_x != net_a or line.exchange_ip == line.appliance_ip:
-        raise ConfigError(f"{key}: exchange_ip and appliance_ip must be two addresses of one "
-                          f"/{line.prefixlen} network")  # fmt: skip
+        raise ConfigError(
+            f"{key}: exchange_ip and appliance_ip must be two addresses of one "
+            f"/{line.prefixlen} network"
+        )
 
 
 def _validate_run(run: RunConfig) -> None:
     if not _CHANNEL.match(run.channel):
-        raise ConfigError(f"run.channel: {run.channel!r} must be letters, digits, - or _ "
-                          "(1-32 characters)")  # fmt: skip
-    for key, value, allowed in (("rx_mode", run.rx_mode, ("auto", "xdp", "socket")),
-                                ("xdp_mode", run.xdp_mode, ("auto", "native", "generic"))):
+        raise ConfigError(
+            f"run.channel: {run.channel!r} must be letters, digits, - or _ (1-32 characters)"
+        )
+    for key, value, allowed in (
+        ("rx_mode", run.rx_mode, ("auto", "xdp", "socket")),
+        ("xdp_mode", run.xdp_mode, ("auto", "native", "generic")),
+    ):
         if value not in allowed:
             raise ConfigError(f"run.{key}: {value!r} is not one of {', '.join(allowed)}")
     if run.core < -1 or run.core >= 4096:
@@ -318,8 +331,9 @@ def _validate_run(run: RunConfig) -> None:
     if run.ring_size < 64 or run.ring_size & (run.ring_size - 1) or run.ring_size > 1 << 16:
         raise ConfigError(f"run.ring_size: {run.ring_size} must be a power of two, 64..65536")
     if run.frames < run.ring_size or run.frames > 1 << 20:
-        raise ConfigError(f"run.frames: {run.frames} must be at least ring_size and at most "
-                          "1048576")  # fmt: skip
+        raise ConfigError(
+            f"run.frames: {run.frames} must be at least ring_size and at most 1048576"
+        )
     if not 1 <= run.start_timeout_s <= 3600:
         raise ConfigError(f"run.start_timeout_s: {run.start_timeout_s} is outside 1..3600")
     if run.policy not in ("stale", "halt"):
@@ -357,16 +371,20 @@ def _validate_run(run: RunConfig) -> None:
     if a.group and a.port and (a.group, a.port) == (b.group, b.port):
         raise ConfigError("run.line_b: lines A and B must use different group/port pairs")
     if a.interface and (a.interface, a.queue) == (b.interface, b.queue):
-        raise ConfigError(f"run.line_b: lines A and B both arrive on {a.interface} queue "
-                          f"{a.queue}; the consumer takes each line from its own (interface, "
-                          "queue): steer B to another queue or interface")  # fmt: skip
+        raise ConfigError(
+            f"run.line_b: lines A and B both arrive on {a.interface} queue "
+            f"{a.queue}; the consumer takes each line from its own (interface, "
+            "queue): steer B to another queue or interface"
+        )
 
 
 def validate(cfg: Config) -> Config:
     lab = cfg.lab
     if not _PREFIX.match(lab.prefix):
-        raise ConfigError(f"lab.prefix: {lab.prefix!r} must be a lower-case letter followed "
-                          "by up to 9 letters or digits")  # fmt: skip
+        raise ConfigError(
+            f"lab.prefix: {lab.prefix!r} must be a lower-case letter followed "
+            "by up to 9 letters or digits"
+        )
     if not 576 <= lab.mtu <= 9000:
         raise ConfigError(f"lab.mtu: {lab.mtu} is outside 576..9000")
     if not 1 <= lab.queues <= 16:
@@ -434,8 +452,11 @@ def with_lab(cfg: Config | None = None, **changes) -> Config:
 
 
 # what each key of a [run] line is, for the error when it is unset
-_LINE_KEYS = {"interface": "the interface the line arrives on",
-              "group": "the line's multicast group", "port": "the line's UDP port"}
+_LINE_KEYS = {
+    "interface": "the interface the line arrives on",
+    "group": "the line's multicast group",
+    "port": "the line's UDP port",
+}
 
 
 def require_lines(run: RunConfig, keys: tuple[str, ...] = ("interface", "group", "port")) -> None:
@@ -444,8 +465,10 @@ def require_lines(run: RunConfig, keys: tuple[str, ...] = ("interface", "group",
     for letter, line in run.lines.items():
         for key in keys:
             if not getattr(line, key):
-                raise ConfigError(f"run.line_{letter.lower()}.{key}: not set ({_LINE_KEYS[key]}"
-                                  "; --lab uses the lab's lines)")
+                raise ConfigError(
+                    f"run.line_{letter.lower()}.{key}: not set ({_LINE_KEYS[key]}"
+                    "; --lab uses the lab's lines)"
+                )
 
 
 def for_lab(cfg: Config) -> Config:
@@ -455,8 +478,12 @@ def for_lab(cfg: Config) -> Config:
     for letter, line in cfg.lab.lines.items():
         old = cfg.run.lines[letter]
         lines[f"line_{letter.lower()}"] = dataclasses.replace(
-            old, interface=line.appliance_if, group=line.group, port=line.port,
-            address=line.appliance_ip)  # fmt: skip
+            old,
+            interface=line.appliance_if,
+            group=line.group,
+            port=line.port,
+            address=line.appliance_ip,
+        )
     recovery = cfg.run.recovery or f"{cfg.lab.line_a.exchange_ip}:{cfg.lab.rerequest_port}"
     run = dataclasses.replace(cfg.run, netns=cfg.lab.appliance_ns, recovery=recovery, **lines)
     return validate(dataclasses.replace(cfg, run=run))

@@ -36,14 +36,18 @@ def _setns(fd: int) -> None:
     try:
         _pr_netns.setns(fd, flags=0)
     except OSError as e:
-        raise NetnsError(e.errno, f"cannot switch network namespace: {os.strerror(e.errno)}"
-                         + (" (run as root)" if e.errno == errno.EPERM else "")) from None
+        raise NetnsError(
+            e.errno,
+            f"cannot switch network namespace: {os.strerror(e.errno)}"
+            + (" (run as root)" if e.errno == errno.EPERM else ""),
+        ) from None
 
 
 def _open(name: str) -> int:
     if not exists(name):
-        raise NetnsError(errno.ENOENT, f"network namespace {name} does not exist "
-                         "(run: tickwire lab up)")  # fmt: skip
+        raise NetnsError(
+            errno.ENOENT, f"network namespace {name} does not exist (run: tickwire lab up)"
+        )
     return os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
 
 

@@ -37,8 +37,10 @@ def apt_mirror(sources: str = "/etc/apt") -> str | None:
             continue
         for stanza in re.split(r"\n\s*\n", text):  # deb822
             fields = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.M))
-            if "deb" in fields.get("Types", "").split() and SUITE in \
-                    fields.get("Suites", "").split():  # fmt: skip
+            if (
+                "deb" in fields.get("Types", "").split()
+                and SUITE in fields.get("Suites", "").split()
+            ):
                 return fields.get("URIs", "").split()[0].rstrip("/") or None
         for line in text.splitlines():  # one-line style
             words = line.split("#", 1)[0].split()
@@ -155,9 +157,16 @@ def _mirror() -> str | None:
     if MIRROR is None:
         return f"needs a Debian mirror for {SUITE} in apt's sources (/etc/apt)"
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["/usr/lib/apt/apt-helper", "-o", "Acquire::http::Timeout=10", "-o",
-                "Acquire::Retries=0", "download-file", f"{MIRROR}/dists/{SUITE}/InRelease",
-                os.path.join(tmp, "InRelease")]  # fmt: skip
+        argv = [
+            "/usr/lib/apt/apt-helper",
+            "-o",
+            "Acquire::http::Timeout=10",
+            "-o",
+            "Acquire::Retries=0",
+            "download-file",
+            f"{MIRROR}/dists/{SUITE}/InRelease",
+            os.path.join(tmp, "InRelease"),
+        ]
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as e:

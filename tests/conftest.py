@@ -27,8 +27,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         unknown = sorted(set(_needs(item)) - set(capabilities.CAPABILITIES))
         if unknown:
-            raise pytest.UsageError(f"{item.nodeid}: unknown capability {unknown} in "
-                                    f"needs(); known: {sorted(capabilities.CAPABILITIES)}")
+            raise pytest.UsageError(
+                f"{item.nodeid}: unknown capability {unknown} in "
+                f"needs(); known: {sorted(capabilities.CAPABILITIES)}"
+            )
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -18,8 +18,13 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], T], timeout: float = 30.0, what: str = "the condition",
-             detail: Callable[[], object] | None = None, interval: float = 0.005) -> T:
+def wait_for(
+    condition: Callable[[], T],
+    timeout: float = 30.0,
+    what: str = "the condition",
+    detail: Callable[[], object] | None = None,
+    interval: float = 0.005,
+) -> T:
     """Poll ``condition`` until it returns something true, and return that; fail the test
     naming ``what`` (and ``detail()``, the state to show) when ``timeout`` passes first.
     The timeout is a deadline for a hang, never a measurement."""

@@ -25,9 +25,26 @@ def S(code="O", **h):
 
 
 def R(stock="AAPL", locate=1, **h):
-    return header("R", locate=locate, **h) + alpha(stock) + struct.pack(
-        ">ccIcc2scccccIc", b"Q", b"N", 100, b"N", b"C", b"Z ", b"P", b"N", b"N", b"1", b"N",
-        0, b"N")  # fmt: skip
+    return (
+        header("R", locate=locate, **h)
+        + alpha(stock)
+        + struct.pack(
+            ">ccIcc2scccccIc",
+            b"Q",
+            b"N",
+            100,
+            b"N",
+            b"C",
+            b"Z ",
+            b"P",
+            b"N",
+            b"N",
+            b"1",
+            b"N",
+            0,
+            b"N",
+        )
+    )
 
 
 def H(stock="AAPL", state="T", reason="    ", **h):
@@ -35,13 +52,15 @@ def H(stock="AAPL", state="T", reason="    ", **h):
 
 
 def A(ref, side, shares, price, stock="AAPL", **h):
-    return header("A", **h) + struct.pack(">Qc I8sI".replace(" ", ""), ref, side.encode(), shares,
-                                          alpha(stock), price)  # fmt: skip
+    return header("A", **h) + struct.pack(
+        ">Qc I8sI".replace(" ", ""), ref, side.encode(), shares, alpha(stock), price
+    )
 
 
 def F(ref, side, shares, price, stock="AAPL", mpid="GSCO", **h):
-    return header("F", **h) + struct.pack(">QcI8sI4s", ref, side.encode(), shares, alpha(stock),
-                                          price, mpid.encode())  # fmt: skip
+    return header("F", **h) + struct.pack(
+        ">QcI8sI4s", ref, side.encode(), shares, alpha(stock), price, mpid.encode()
+    )
 
 
 def E(ref, shares, match=1, **h):
@@ -65,13 +84,15 @@ def U(ref, new_ref, shares, price, **h):
 
 
 def P(shares, price, stock="AAPL", ref=0, side="B", match=1, **h):
-    return header("P", **h) + struct.pack(">QcI8sIQ", ref, side.encode(), shares, alpha(stock),
-                                          price, match)  # fmt: skip
+    return header("P", **h) + struct.pack(
+        ">QcI8sIQ", ref, side.encode(), shares, alpha(stock), price, match
+    )
 
 
 def Q(shares, price, stock="AAPL", match=1, cross="O", **h):
-    return header("Q", **h) + struct.pack(">Q8sIQc", shares, alpha(stock), price, match,
-                                          cross.encode())  # fmt: skip
+    return header("Q", **h) + struct.pack(
+        ">Q8sIQc", shares, alpha(stock), price, match, cross.encode()
+    )
 
 
 def B(match, **h):

@@ -92,14 +92,21 @@ class Receiver:
 
     def wait_eos(self, timeout: float = 60.0) -> None:
         """Until an end-of-session packet has arrived on both lines."""
-        wait_for(lambda: all(any(p.parsed[0] == mold.P_END for p in self.line(ln))
-                             for ln in ("A", "B")), timeout, "end-of-session on both lines")
+        wait_for(
+            lambda: all(any(p.parsed[0] == mold.P_END for p in self.line(ln)) for ln in ("A", "B")),
+            timeout,
+            "end-of-session on both lines",
+        )
 
     def wait_packets(self, counts: dict[str, int], timeout: float = 60.0) -> None:
         """Until ``counts[letter]`` packets have arrived on each line named, e.g. as many
         as the simulator's summary says it sent."""
-        wait_for(lambda: all(len(self.line(ln)) >= n for ln, n in counts.items()), timeout,
-                 f"{counts} packets", lambda: {ln: len(self.line(ln)) for ln in counts})
+        wait_for(
+            lambda: all(len(self.line(ln)) >= n for ln, n in counts.items()),
+            timeout,
+            f"{counts} packets",
+            lambda: {ln: len(self.line(ln)) for ln in counts},
+        )
 
     def line(self, letter: str) -> list[Packet]:
         return [p for p in list(self.packets) if p.line == letter]
@@ -168,8 +175,10 @@ def sim_cmd(cfg_path: str, *args: str) -> list[str]:
 
 def write_config(cfg: config.Config, path) -> str:
     lc = cfg.lab
-    text = f'[lab]\nprefix = "{lc.prefix}"\nmtu = {lc.mtu}\nqueues = {lc.queues}\n' \
-           f'[feed]\nsession = "{cfg.feed.session}"\n'  # fmt: skip
+    text = (
+        f'[lab]\nprefix = "{lc.prefix}"\nmtu = {lc.mtu}\nqueues = {lc.queues}\n'
+        f'[feed]\nsession = "{cfg.feed.session}"\n'
+    )
     path.write_text(text)
     return str(path)
 
@@ -177,13 +186,14 @@ def write_config(cfg: config.Config, path) -> str:
 def sent_counts(summary: dict) -> dict[str, int]:
     """Packets each line put on the wire (data, heartbeats, end of session), by the
     simulator's own count in its JSON summary."""
-    return {ln: s["packets"] + s["heartbeats"] + s["end_of_session"]
-            for ln, s in summary["lines"].items()}  # fmt: skip
+    return {
+        ln: s["packets"] + s["heartbeats"] + s["end_of_session"]
+        for ln, s in summary["lines"].items()
+    }
 
 
 def run_sim(cfg_path: str, *args: str, timeout: float = 120.0) -> dict:
-    done = subprocess.run(sim_cmd(cfg_path, *args), capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    done = subprocess.run(sim_cmd(cfg_path, *args), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -192,8 +202,9 @@ class SimProcess:
     """``tickwire sim`` in the background; ``finish()`` returns its JSON summary."""
 
     def __init__(self, cfg_path: str, *args: str):
-        self.proc = subprocess.Popen(sim_cmd(cfg_path, *args), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            sim_cmd(cfg_path, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     def finish(self, terminate: bool = False, timeout: float = 120.0) -> dict:
         if terminate and self.proc.poll() is None:
@@ -215,26 +226,49 @@ _channels = itertools.count()
 class Appliance:
     """``tickwire run --lab`` in the background, with its own channel and metrics port."""
 
-    def __init__(self, cfg, tmp_path, mode: str, *extra: str, until_eos: bool = True,
-                 run_extra: str = "", wrap: tuple[str, ...] = (),
-                 owner: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg,
+        tmp_path,
+        mode: str,
+        *extra: str,
+        until_eos: bool = True,
+        run_extra: str = "",
+        wrap: tuple[str, ...] = (),
+        owner: int | None = None,
+    ):
         self.channel = f"test{os.getpid()}{mode}{next(_channels)}"
         self.port = free_port()
         self.cfg_path = tmp_path / "run.toml"
         write_config(cfg, self.cfg_path)
         with open(self.cfg_path, "a") as f:
-            f.write(f'[run]\nchannel = "{self.channel}"\nmetrics = "127.0.0.1:{self.port}"\n'
-                    + run_extra)
+            f.write(
+                f'[run]\nchannel = "{self.channel}"\nmetrics = "127.0.0.1:{self.port}"\n'
+                + run_extra
+            )
         if owner is not None:  # as Ansible's tmpfiles entry hands the service user its root
             cdir = shm.channel_dir(self.channel)
             cdir.mkdir(parents=True, exist_ok=True)
             os.chown(cdir, owner, owner)
-        args = [*wrap, sys.executable, "-m", "host.cli", "run", "--config", str(self.cfg_path),
-                "--lab", "--mode", mode, "--json", *extra]  # fmt: skip
+        args = [
+            *wrap,
+            sys.executable,
+            "-m",
+            "host.cli",
+            "run",
+            "--config",
+            str(self.cfg_path),
+            "--lab",
+            "--mode",
+            mode,
+            "--json",
+            *extra,
+        ]
         if until_eos:
             args.append("--until-eos")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         try:
             # a run with an empty numba cache compiles the whole consumer first: about a
             # minute, more on a slow moment of this VM; the run gives up at its own
@@ -246,6 +280,7 @@ class Appliance:
 
     def wait_counters(self, condition, what: str, timeout: float = 60.0) -> dict:
         """The consumer's counters once ``condition(counters)`` holds."""
+
         def met():
             c = self.reader.counters()
             return c if condition(c) else None

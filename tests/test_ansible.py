@@ -49,8 +49,13 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tickwi
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-               ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", PY_COLORS="0")  # fmt: skip
+    env = dict(
+        os.environ,
+        PATH=f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        PY_COLORS="0",
+    )
     env.update(extra)
     return env
 
@@ -73,14 +78,20 @@ def _defaults(role: str) -> dict:
 
 # --- unprivileged ---------------------------------------------------------------------------
 def test_syntax_check():
-    r = _run([str(BIN / "ansible-playbook"), "-i", str(INVENTORY), "provision.yml",
-              "--syntax-check"], cwd=ANSIBLE, env=_env())  # fmt: skip
+    r = _run(
+        [str(BIN / "ansible-playbook"), "-i", str(INVENTORY), "provision.yml", "--syntax-check"],
+        cwd=ANSIBLE,
+        env=_env(),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_lint_production_profile():
-    r = _run([str(BIN / "ansible-lint"), "--offline", "--profile", "production"], cwd=ANSIBLE,
-             env=_env(ANSIBLE_LINT_SKIP_SCHEMA_UPDATE="1", NO_COLOR="1"))  # fmt: skip
+    r = _run(
+        [str(BIN / "ansible-lint"), "--offline", "--profile", "production"],
+        cwd=ANSIBLE,
+        env=_env(ANSIBLE_LINT_SKIP_SCHEMA_UPDATE="1", NO_COLOR="1"),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Profile 'production' was required, and it passed" in r.stdout + r.stderr
 
@@ -111,9 +122,9 @@ def test_public_variables_prefixed_and_defaulted():
             m = re.match(r"^([a-z][a-z0-9_]*):", line)
             if m:
                 above = [t for t in text[max(0, i - 3) : i] if t.strip()]
-                assert above and (above[-1].lstrip().startswith("#") or
-                                  re.match(r"^[a-z][a-z0-9_]*:", above[-1])), \
-                    f"{role}: {m.group(1)} has no comment above it"  # fmt: skip
+                assert above and (
+                    above[-1].lstrip().startswith("#") or re.match(r"^[a-z][a-z0-9_]*:", above[-1])
+                ), f"{role}: {m.group(1)} has no comment above it"
         if role not in MY_ROLES:
             continue
         used: set[str] = set()
@@ -150,8 +161,17 @@ def _debootstrap_root() -> Path:
     building = root.with_name(root.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
-    r = _run(["debootstrap", f"--variant={VARIANT}", f"--include={','.join(INCLUDE)}",
-              SUITE, str(building), MIRROR], timeout=480)  # fmt: skip
+    r = _run(
+        [
+            "debootstrap",
+            f"--variant={VARIANT}",
+            f"--include={','.join(INCLUDE)}",
+            SUITE,
+            str(building),
+            MIRROR,
+        ],
+        timeout=480,
+    )
     if r.returncode != 0:
         shutil.rmtree(building, ignore_errors=True)
         pytest.fail(f"debootstrap failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
@@ -179,8 +199,21 @@ def _build_wheel(out: Path) -> Path:
             src / pkg,
             ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.nbi", "*.nbc"),
         )
-    r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-              "--disable-pip-version-check", "-q", "-w", str(out / "dist"), str(src)])  # fmt: skip
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            str(out / "dist"),
+            str(src),
+        ]
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = (out / "dist").glob("tickwire-*.whl")
     return wheel
@@ -188,14 +221,28 @@ def _build_wheel(out: Path) -> Path:
 
 def _wheelhouse(wheel: Path) -> Path:
     """The dependencies' wheels, downloaded once per dependency list (offline installs)."""
-    deps = re.search(r"^dependencies = \[(.*?)\]", (REPO / "pyproject.toml").read_text(),
-                     re.M | re.S).group(1)  # fmt: skip
+    deps = re.search(
+        r"^dependencies = \[(.*?)\]", (REPO / "pyproject.toml").read_text(), re.M | re.S
+    ).group(1)
     key = hashlib.sha256(f"{sys.version_info[:2]} {deps}".encode()).hexdigest()[:12]
     house = CACHE / f"wheelhouse-{key}"
     if not (house / ".complete").exists():
         shutil.rmtree(house, ignore_errors=True)
-        r = _run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q",
-                  "--only-binary=:all:", "-d", str(house), str(wheel)], timeout=400)  # fmt: skip
+        r = _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--disable-pip-version-check",
+                "-q",
+                "--only-binary=:all:",
+                "-d",
+                str(house),
+                str(wheel),
+            ],
+            timeout=400,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         for w in house.glob("tickwire-*.whl"):
             w.unlink()
@@ -204,25 +251,47 @@ def _wheelhouse(wheel: Path) -> Path:
 
 
 def _playbook(*extra: Path) -> dict:
-    r = _run([str(BIN / "ansible-playbook"), "-i", str(INVENTORY), "provision.yml",
-              *(a for e in extra for a in ("-e", f"@{e}")), "--skip-tags", "network"],
-             cwd=ANSIBLE, timeout=420, env=_env(ANSIBLE_STDOUT_CALLBACK="json"))  # fmt: skip
+    r = _run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(INVENTORY),
+            "provision.yml",
+            *(a for e in extra for a in ("-e", f"@{e}")),
+            "--skip-tags",
+            "network",
+        ],
+        cwd=ANSIBLE,
+        timeout=420,
+        env=_env(ANSIBLE_STDOUT_CALLBACK="json"),
+    )
     try:
         out = json.loads(r.stdout)
     except ValueError:
-        pytest.fail(f"ansible-playbook printed no JSON (rc {r.returncode}):\n"
-                    f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")  # fmt: skip
+        pytest.fail(
+            f"ansible-playbook printed no JSON (rc {r.returncode}):\n"
+            f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        )
     return out
 
 
 def _changed_tasks(run: dict) -> list[str]:
-    return [t["task"]["name"] for play in run["plays"] for t in play["tasks"]
-            if any(h.get("changed") for h in t["hosts"].values())]  # fmt: skip
+    return [
+        t["task"]["name"]
+        for play in run["plays"]
+        for t in play["tasks"]
+        if any(h.get("changed") for h in t["hosts"].values())
+    ]
 
 
 def _failed_tasks(run: dict) -> list[str]:
-    return [f"{t['task']['name']}: {h.get('msg', '')}" for play in run["plays"]
-            for t in play["tasks"] for h in t["hosts"].values() if h.get("failed")]  # fmt: skip
+    return [
+        f"{t['task']['name']}: {h.get('msg', '')}"
+        for play in run["plays"]
+        for t in play["tasks"]
+        for h in t["hosts"].values()
+        if h.get("failed")
+    ]
 
 
 def _messages(run: dict) -> list[str]:
@@ -260,23 +329,32 @@ def applied(tmp_path_factory):
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
     extra = work / "chroot.yml"
-    extra.write_text(yaml.safe_dump({
-        "ansible_connection": "community.general.chroot",
-        "ansible_host": str(root),
-        "ansible_python_interpreter": "/usr/bin/python3",
-        "ansible_become": False,
-        "tickwire_package": str(wheel),
-        "tickwire_wheelhouse": str(house),
-        # bcc's kernel headers pull in a compiler (~150 MB): not for this test
-        "tickwire_kernel_headers_package": "",
-    }))  # fmt: skip
+    extra.write_text(
+        yaml.safe_dump(
+            {
+                "ansible_connection": "community.general.chroot",
+                "ansible_host": str(root),
+                "ansible_python_interpreter": "/usr/bin/python3",
+                "ansible_become": False,
+                "tickwire_package": str(wheel),
+                "tickwire_wheelhouse": str(house),
+                # bcc's kernel headers pull in a compiler (~150 MB): not for this test
+                "tickwire_kernel_headers_package": "",
+            }
+        )
+    )
     before = _host_sysctls()
     subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
     try:
         run1 = _playbook(extra)
         run2 = _playbook(extra) if not _failed_tasks(run1) else run1
-        yield {"root": root, "extra": extra, "run1": run1, "run2": run2,
-               "host_sysctls": (before, _host_sysctls())}  # fmt: skip
+        yield {
+            "root": root,
+            "extra": extra,
+            "run1": run1,
+            "run2": run2,
+            "host_sysctls": (before, _host_sysctls()),
+        }
     finally:
         if _run(["umount", str(root / "proc")]).returncode != 0:
             _run(["umount", "-l", str(root / "proc")])
@@ -328,8 +406,9 @@ def test_kernel_command_line(applied):
     assert params["skew_tick"] == "1" and params["tsc"] == "reliable"
     hp = preflight.parse_grub((root / "etc/default/grub.d/tickwire-hugepages.cfg").read_text())
     assert hp["hugepagesz"] == "1G"
-    assert hp["hugepages"] == ",".join(f"{n}:{inv['hugepages_1g_per_node']}"
-                                       for n in inv["hugepages_nodes"])  # fmt: skip
+    assert hp["hugepages"] == ",".join(
+        f"{n}:{inv['hugepages_1g_per_node']}" for n in inv["hugepages_nodes"]
+    )
     dropin = (root / "etc/systemd/system.conf.d/tickwire-cpu-isolation.conf").read_text()
     unit = preflight.parse_unit([dropin], "Manager")
     assert preflight.param_cpus(unit["CPUAffinity"][0]) == hk
@@ -391,8 +470,10 @@ def test_config_loads_and_matches_the_inventory(applied):
     assert cfg.run.recovery == inv["tickwire_recovery"]
     h = cfg.host
     assert list(h.required) == inv["tickwire_preflight_required"]
-    assert (h.hugepages_2m, h.hugepages_1g) == (inv["hugepages_2m_per_node"],
-                                                inv["hugepages_1g_per_node"])  # fmt: skip
+    assert (h.hugepages_2m, h.hugepages_1g) == (
+        inv["hugepages_2m_per_node"],
+        inv["hugepages_1g_per_node"],
+    )
     assert list(h.hugetlbfs) == [m["path"] for m in inv["hugepages_mounts"]]
     assert h.isolated_cpus == inv["cpu_isolation_isolated_cpus"]
     assert h.housekeeping_cpus == inv["cpu_isolation_housekeeping_cpus"]
@@ -414,10 +495,16 @@ def test_hugepages_persistence(applied, tmp_path):
     assert (
         root / "etc/systemd/system/sysinit.target.wants/tickwire-hugepages.service"
     ).is_symlink()
-    fstab = [line.split() for line in (root / "etc/fstab").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]  # fmt: skip
-    gid = next(line.split(":")[2] for line in (root / "etc/group").read_text().splitlines()
-               if line.startswith("tickwire:"))  # fmt: skip
+    fstab = [
+        line.split()
+        for line in (root / "etc/fstab").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    gid = next(
+        line.split(":")[2]
+        for line in (root / "etc/group").read_text().splitlines()
+        if line.startswith("tickwire:")
+    )
     for m in inv["hugepages_mounts"]:
         entry = next(e for e in fstab if e[1] == m["path"])
         assert entry[2] == "hugetlbfs"
@@ -430,8 +517,10 @@ def test_hugepages_persistence(applied, tmp_path):
             d = sysfs / f"devices/system/node/node{node}/hugepages/hugepages-{size}"
             d.mkdir(parents=True)
             (d / "nr_hugepages").write_text("0\n")
-    r = _run(["sh", str(root / "usr/local/sbin/tickwire-hugepages")],
-             env={"TICKWIRE_SYSFS": str(sysfs), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    r = _run(
+        ["sh", str(root / "usr/local/sbin/tickwire-hugepages")],
+        env={"TICKWIRE_SYSFS": str(sysfs), "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr
     node = sysfs / "devices/system/node"
     assert (node / "node0/hugepages/hugepages-2048kB/nr_hugepages").read_text().strip() == str(
@@ -443,8 +532,10 @@ def test_hugepages_persistence(applied, tmp_path):
     assert (node / "node1/hugepages/hugepages-2048kB/nr_hugepages").read_text().strip() == "0"
     # a node whose pool is missing makes the unit fail, naming it
     shutil.rmtree(node / "node0/hugepages/hugepages-1048576kB")
-    r = _run(["sh", str(root / "usr/local/sbin/tickwire-hugepages")],
-             env={"TICKWIRE_SYSFS": str(sysfs), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    r = _run(
+        ["sh", str(root / "usr/local/sbin/tickwire-hugepages")],
+        env={"TICKWIRE_SYSFS": str(sysfs), "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 1 and "node 0 has no 1048576 kB pool" in r.stderr
 
 
@@ -466,21 +557,48 @@ def test_appliance_runs_inside_the_root(applied):
     assert r.returncode == 0, r.stderr
     assert "usage: tickwire" in r.stdout
     # bcc from Debian's python3-bpfcc is visible to the virtualenv
-    r = _run(["chroot", str(root), "/opt/tickwire/venv/bin/python", "-c",
-              "import bcc, numba, dataplane._xsk, host.appliance.loader; "
-              "print(host.appliance.loader.STEER_SRC.is_file())"])  # fmt: skip
+    r = _run(
+        [
+            "chroot",
+            str(root),
+            "/opt/tickwire/venv/bin/python",
+            "-c",
+            "import bcc, numba, dataplane._xsk, host.appliance.loader; "
+            "print(host.appliance.loader.STEER_SRC.is_file())",
+        ]
+    )
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stdout + r.stderr
     # the preflight's own view of the unit the role wrote
-    r = _run(["chroot", str(root), "/opt/tickwire/venv/bin/tickwire", "preflight", "--config",
-              "/etc/tickwire/tickwire.toml", "--stage", "service", "--json"])  # fmt: skip
+    r = _run(
+        [
+            "chroot",
+            str(root),
+            "/opt/tickwire/venv/bin/tickwire",
+            "preflight",
+            "--config",
+            "/etc/tickwire/tickwire.toml",
+            "--stage",
+            "service",
+            "--json",
+        ]
+    )
     report = json.loads(r.stdout)
     (service,) = [s for s in report["stages"] if s["stage"] == "service"]
     assert service["status"] == "OK", service
     # every unit the roles installed parses
-    r = _run(["chroot", str(root), "systemd-analyze", "verify", "--man=no",
-              "/etc/systemd/system/tickwire.service",
-              "/etc/systemd/system/tickwire-hugepages.service",
-              "ptp4l@eno1.service", "phc2sys@eno1.service"])  # fmt: skip
+    r = _run(
+        [
+            "chroot",
+            str(root),
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            "/etc/systemd/system/tickwire.service",
+            "/etc/systemd/system/tickwire-hugepages.service",
+            "ptp4l@eno1.service",
+            "phc2sys@eno1.service",
+        ]
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -503,18 +621,23 @@ def test_undo_removes_what_apply_installed_and_is_idempotent(undone):
     assert not _failed_tasks(run4), _failed_tasks(run4)
     assert _stats(run4)["changed"] == 0, f"second undo changed: {_changed_tasks(run4)}"
     gone = [
-        "etc/default/grub.d/tickwire.cfg", "etc/default/grub.d/tickwire-hugepages.cfg",
+        "etc/default/grub.d/tickwire.cfg",
+        "etc/default/grub.d/tickwire-hugepages.cfg",
         "etc/systemd/system.conf.d/tickwire-cpu-isolation.conf",
         "etc/sysctl.d/90-tickwire.conf",
-        "etc/systemd/system/tickwire-hugepages.service", "usr/local/sbin/tickwire-hugepages",
+        "etc/systemd/system/tickwire-hugepages.service",
+        "usr/local/sbin/tickwire-hugepages",
         "etc/systemd/system/sysinit.target.wants/tickwire-hugepages.service",
-        "etc/systemd/system/ptp4l@.service", "etc/systemd/system/phc2sys@.service",
+        "etc/systemd/system/ptp4l@.service",
+        "etc/systemd/system/phc2sys@.service",
         "etc/linuxptp/ptp4l-eno1.conf",
         "etc/systemd/system/multi-user.target.wants/ptp4l@eno1.service",
         "etc/systemd/system/tickwire.service",
         "etc/systemd/system/multi-user.target.wants/tickwire.service",
-        "etc/tickwire/tickwire.toml", "opt/tickwire", "etc/tmpfiles.d/tickwire.conf",
-    ]  # fmt: skip
+        "etc/tickwire/tickwire.toml",
+        "opt/tickwire",
+        "etc/tmpfiles.d/tickwire.conf",
+    ]
     left = [p for p in gone if os.path.lexists(root / p)]
     assert not left, f"undo left: {left}"
     assert "hugetlbfs" not in (root / "etc/fstab").read_text()

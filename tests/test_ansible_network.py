@@ -37,8 +37,13 @@ VENV_BIN = Path(sys.executable).parent
 PLAYBOOK = VENV_BIN / "ansible-playbook"
 TICKWIRE = VENV_BIN / "tickwire"
 
-OFFLOADS_OFF = ["generic-receive-offload", "large-receive-offload", "rx-gro-hw", "rx-gro-list",
-                "rx-udp-gro-forwarding"]  # fmt: skip
+OFFLOADS_OFF = [
+    "generic-receive-offload",
+    "large-receive-offload",
+    "rx-gro-hw",
+    "rx-gro-list",
+    "rx-udp-gro-forwarding",
+]
 
 
 def _load(name: str, path: Path):
@@ -59,35 +64,58 @@ class FakeNic:
     def __init__(self):
         self.combined, self.combined_max = 8, 16
         self.rings = {"rx": 512, "tx": 512}
-        self.features = {"generic-receive-offload": [True, False],
-                         "large-receive-offload": [False, True],
-                         "rx-gro-hw": [True, True], "ntuple-filters": [False, False]}
+        self.features = {
+            "generic-receive-offload": [True, False],
+            "large-receive-offload": [False, True],
+            "rx-gro-hw": [True, True],
+            "ntuple-filters": [False, False],
+        }
         self.rules: dict[int, tuple[str, int, int]] = {}
         self.writes: list[list[str]] = []
 
     def __call__(self, argv):
         flag, args = argv[1], argv[3:]
         if flag == "-l":
-            return 0, (f"Channel parameters for x:\nPre-set maximums:\nRX:\t\tn/a\nTX:\t\tn/a\n"
-                       f"Other:\t\t1\nCombined:\t{self.combined_max}\nCurrent hardware "
-                       f"settings:\nRX:\t\tn/a\nTX:\t\tn/a\nOther:\t\t1\nCombined:\t"
-                       f"{self.combined}\n"), ""
+            return (
+                0,
+                (
+                    f"Channel parameters for x:\nPre-set maximums:\nRX:\t\tn/a\nTX:\t\tn/a\n"
+                    f"Other:\t\t1\nCombined:\t{self.combined_max}\nCurrent hardware "
+                    f"settings:\nRX:\t\tn/a\nTX:\t\tn/a\nOther:\t\t1\nCombined:\t"
+                    f"{self.combined}\n"
+                ),
+                "",
+            )
         if flag == "-g":
-            return 0, ("Ring parameters for x:\nPre-set maximums:\nRX:\t\t4096\nRX Mini:\tn/a\n"
-                       "RX Jumbo:\tn/a\nTX:\t\t4096\nCurrent hardware settings:\n"
-                       f"RX:\t\t{self.rings['rx']}\nRX Mini:\tn/a\nRX Jumbo:\tn/a\n"
-                       f"TX:\t\t{self.rings['tx']}\n"), ""
+            return (
+                0,
+                (
+                    "Ring parameters for x:\nPre-set maximums:\nRX:\t\t4096\nRX Mini:\tn/a\n"
+                    "RX Jumbo:\tn/a\nTX:\t\t4096\nCurrent hardware settings:\n"
+                    f"RX:\t\t{self.rings['rx']}\nRX Mini:\tn/a\nRX Jumbo:\tn/a\n"
+                    f"TX:\t\t{self.rings['tx']}\n"
+                ),
+                "",
+            )
         if flag == "-k":
-            return 0, "Features for x:\n" + "".join(
-                f"{n}: {'on' if on else 'off'}{' [fixed]' if fixed else ''}\n"
-                for n, (on, fixed) in self.features.items()), ""
+            return (
+                0,
+                "Features for x:\n"
+                + "".join(
+                    f"{n}: {'on' if on else 'off'}{' [fixed]' if fixed else ''}\n"
+                    for n, (on, fixed) in self.features.items()
+                ),
+                "",
+            )
         if flag == "-n":
             text = f"16 RX rings available\nTotal {len(self.rules)} rules\n\n"
             for loc, (ip, port, q) in sorted(self.rules.items()):
-                text += (f"Filter: {loc}\n\tRule Type: UDP over IPv4\n\tSrc IP addr: 0.0.0.0 "
-                         f"mask: 255.255.255.255\n\tDest IP addr: {ip} mask: 0.0.0.0\n\tTOS: "
-                         f"0x0 mask: 0xff\n\tSrc port: 0 mask: 0xffff\n\tDest port: {port} "
-                         f"mask: 0x0\n\tAction: Direct to queue {q}\n\n")
+                text += (
+                    f"Filter: {loc}\n\tRule Type: UDP over IPv4\n\tSrc IP addr: 0.0.0.0 "
+                    f"mask: 255.255.255.255\n\tDest IP addr: {ip} mask: 0.0.0.0\n\tTOS: "
+                    f"0x0 mask: 0xff\n\tSrc port: 0 mask: 0xffff\n\tDest port: {port} "
+                    f"mask: 0x0\n\tAction: Direct to queue {q}\n\n"
+                )
             return 0, text, ""
         self.writes.append(argv[1:])
         if flag == "-L":
@@ -110,12 +138,24 @@ class FakeNic:
 
 
 def _nic_params(**kw):
-    p = {"interface": "lo", "channels": 4, "rx_ring": 2048, "tx_ring": 0,
-         "offloads_off": ["generic-receive-offload", "large-receive-offload", "rx-gro-hw",
-                          "no-such-offload"],
-         "ntuple": True, "ntuple_required": True,
-         "flows": [{"group": "233.54.12.1", "port": 26477, "queue": 2},
-                   {"group": "233.54.12.2", "port": 26478, "queue": 3}]}  # fmt: skip
+    p = {
+        "interface": "lo",
+        "channels": 4,
+        "rx_ring": 2048,
+        "tx_ring": 0,
+        "offloads_off": [
+            "generic-receive-offload",
+            "large-receive-offload",
+            "rx-gro-hw",
+            "no-such-offload",
+        ],
+        "ntuple": True,
+        "ntuple_required": True,
+        "flows": [
+            {"group": "233.54.12.1", "port": 26477, "queue": 2},
+            {"group": "233.54.12.2", "port": 26478, "queue": 3},
+        ],
+    }
     p.update(kw)
     return p
 
@@ -145,18 +185,23 @@ def test_nic_module_check_mode_writes_nothing():
 
 def test_nic_module_names_what_the_nic_cannot_take():
     nic = FakeNic()
-    with pytest.raises(nicmod.NicError, match="nic_channels=32 is above the NIC's maximum of 16 "
-                       "combined"):  # fmt: skip
+    with pytest.raises(
+        nicmod.NicError, match="nic_channels=32 is above the NIC's maximum of 16 combined"
+    ):
         nicmod.apply(_nic_params(channels=32), nic, check=False)
     nic.features["ntuple-filters"] = [False, True]
-    with pytest.raises(nicmod.NicError, match=r"lo refuses ntuple flow steering \(ntuple-filters: "
-                       r"off \[fixed\]\).*nic_ntuple_required is true"):  # fmt: skip
+    with pytest.raises(
+        nicmod.NicError,
+        match=r"lo refuses ntuple flow steering \(ntuple-filters: "
+        r"off \[fixed\]\).*nic_ntuple_required is true",
+    ):
         nicmod.apply(_nic_params(), nic, check=False)
     res = nicmod.apply(_nic_params(ntuple_required=False), nic, check=False)
     assert res["ntuple_status"] == "refused" and "lo refuses ntuple" in res["ntuple_message"]
     with pytest.raises(nicmod.NicError, match="nic_flows"):
-        nicmod.apply(_nic_params(flows=[{"group": "not-an-ip", "port": 1, "queue": 0}]), nic,
-                     check=False)  # fmt: skip
+        nicmod.apply(
+            _nic_params(flows=[{"group": "not-an-ip", "port": 1, "queue": 0}]), nic, check=False
+        )
 
 
 # --- unit: IRQ discovery in each driver's naming ----------------------------------------------
@@ -182,10 +227,12 @@ def fake_host(tmp_path):
     """A sysfs and procfs with an i40e (feed0), an mlx5 (feed1), a virtio-net (eth0) and a
     veth (feed-a), every IRQ on CPU 0-3."""
     sys_root, proc_root = tmp_path / "sys", tmp_path / "proc"
-    devices = {"feed0": ("pci0000:3a/0000:3b:00.0", range(100, 104), 3),
-               "feed1": ("pci0000:5d/0000:5e:00.0", range(110, 113), 2),
-               "eth0": ("pci0000:00/0000:00:03.0/virtio2", range(120, 123), 2),
-               "feed-a": (None, (), 2)}  # fmt: skip
+    devices = {
+        "feed0": ("pci0000:3a/0000:3b:00.0", range(100, 104), 3),
+        "feed1": ("pci0000:5d/0000:5e:00.0", range(110, 113), 2),
+        "eth0": ("pci0000:00/0000:00:03.0/virtio2", range(120, 123), 2),
+        "feed-a": (None, (), 2),
+    }
     for ifname, (dev, irqs, nq) in devices.items():
         net = sys_root / "class/net" / ifname
         for q in range(nq):
@@ -225,12 +272,20 @@ def test_queue_irqs_are_found_in_each_drivers_naming(fake_host, ifname, queues, 
 
 def test_irq_module_places_queues_then_changes_nothing(fake_host):
     sys_root, proc_root = fake_host
-    p = {"interface": "feed0", "queues": [{"queue": 0, "cpu": 2}, {"queue": 1, "cpu": 3}],
-         "placement": "consumer", "rps_mask": "0", "xps_mask": "c", "sys_root": sys_root,
-         "proc_root": proc_root}  # fmt: skip
+    p = {
+        "interface": "feed0",
+        "queues": [{"queue": 0, "cpu": 2}, {"queue": 1, "cpu": 3}],
+        "placement": "consumer",
+        "rps_mask": "0",
+        "xps_mask": "c",
+        "sys_root": sys_root,
+        "proc_root": proc_root,
+    }
     res = irqmod.apply(p, check=False)
-    assert res["changed"] and {(i["irq"], i["cpus"]) for i in res["irqs"]} == {(101, "2"),
-                                                                                (102, "3")}
+    assert res["changed"] and {(i["irq"], i["cpus"]) for i in res["irqs"]} == {
+        (101, "2"),
+        (102, "3"),
+    }
     assert Path(proc_root, "irq/101/smp_affinity_list").read_text().strip() == "2"
     assert Path(proc_root, "irq/103/smp_affinity_list").read_text().strip() == "0-3"  # not listed
     assert Path(sys_root, "class/net/feed0/queues/tx-2/xps_cpus").read_text().strip() == "c"
@@ -244,14 +299,31 @@ def test_irq_module_places_queues_then_changes_nothing(fake_host):
 
 def test_irq_module_reports_veth_and_names_unknown_irqs(fake_host):
     sys_root, proc_root = fake_host
-    res = irqmod.apply({"interface": "feed-a", "queues": [{"queue": 0, "cpu": 1}],
-                        "rps_mask": "1", "sys_root": sys_root, "proc_root": proc_root},
-                       check=False)  # fmt: skip
+    res = irqmod.apply(
+        {
+            "interface": "feed-a",
+            "queues": [{"queue": 0, "cpu": 1}],
+            "rps_mask": "1",
+            "sys_root": sys_root,
+            "proc_root": proc_root,
+        },
+        check=False,
+    )
     assert res["irqs"] == [] and "feed-a is a virtual interface" in res["notes"][0]
-    with pytest.raises(irqmod.IrqError, match=r"feed1: no IRQ found for queue\(s\) 5; the "
-                       r"device's IRQs are named: mlx5_async@pci:0000:5e:00.0, mlx5_comp0"):
-        irqmod.apply({"interface": "feed1", "queues": [{"queue": 5, "cpu": 1}],
-                      "sys_root": sys_root, "proc_root": proc_root}, check=False)
+    with pytest.raises(
+        irqmod.IrqError,
+        match=r"feed1: no IRQ found for queue\(s\) 5; the "
+        r"device's IRQs are named: mlx5_async@pci:0000:5e:00.0, mlx5_comp0",
+    ):
+        irqmod.apply(
+            {
+                "interface": "feed1",
+                "queues": [{"queue": 5, "cpu": 1}],
+                "sys_root": sys_root,
+                "proc_root": proc_root,
+            },
+            check=False,
+        )
 
 
 def test_irq_discovery_on_this_hosts_own_nic():
@@ -268,8 +340,13 @@ def test_irq_discovery_on_this_hosts_own_nic():
 
 # --- lab: the playbook for real in a namespace -------------------------------------------------
 def _ns_run(ns: str, argv: list, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", ns, *map(str, argv)], capture_output=True,
-                          text=True, timeout=300, **kw)  # fmt: skip
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
 
 
 def _ns_read(ns: str, path: str) -> str:
@@ -284,47 +361,96 @@ class Provision:
         ncpu = os.cpu_count() or 1
         self.cpu = 1 if ncpu > 1 else 0
         self.inventory = tmp / "inventory.yml"
-        self.inventory.write_text(json.dumps({"tickwire": {"hosts": {"localhost": {
-            "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
-            "ansible_become": False}}}}))  # fmt: skip
+        self.inventory.write_text(
+            json.dumps(
+                {
+                    "tickwire": {
+                        "hosts": {
+                            "localhost": {
+                                "ansible_connection": "local",
+                                "ansible_python_interpreter": sys.executable,
+                                "ansible_become": False,
+                            }
+                        }
+                    }
+                }
+            )
+        )
         lines = cfg.lab.lines
         self.vars = {
-            "nic_interfaces": ["feed-a", "feed-b"], "nic_channels": 2,
-            "nic_offloads_off": OFFLOADS_OFF, "nic_ntuple": True, "nic_ntuple_required": False,
-            "nic_flows": [{"interface": "feed-a", "group": lines["A"].group,
-                           "port": lines["A"].port, "queue": 0},
-                          {"interface": "feed-b", "group": lines["B"].group,
-                           "port": lines["B"].port, "queue": 1}],
+            "nic_interfaces": ["feed-a", "feed-b"],
+            "nic_channels": 2,
+            "nic_offloads_off": OFFLOADS_OFF,
+            "nic_ntuple": True,
+            "nic_ntuple_required": False,
+            "nic_flows": [
+                {
+                    "interface": "feed-a",
+                    "group": lines["A"].group,
+                    "port": lines["A"].port,
+                    "queue": 0,
+                },
+                {
+                    "interface": "feed-b",
+                    "group": lines["B"].group,
+                    "port": lines["B"].port,
+                    "queue": 1,
+                },
+            ],
             "nic_packages": [],
             "nic_persist_script": str(tmp / "libexec/tickwire_nic.py"),
             "nic_persist_config": str(tmp / "etc/nic.json"),
             "nic_persist_unit_dir": str(tmp / "units"),
-            "irq_affinity_queues": [{"interface": "feed-a", "queue": 0, "cpu": self.cpu},
-                                    {"interface": "feed-b", "queue": 1, "cpu": self.cpu}],
-            "irq_affinity_placement": "consumer", "irq_affinity_rps_mask": "1",
-            "irq_affinity_xps_mask": "1", "irq_affinity_disable_irqbalance": False,
+            "irq_affinity_queues": [
+                {"interface": "feed-a", "queue": 0, "cpu": self.cpu},
+                {"interface": "feed-b", "queue": 1, "cpu": self.cpu},
+            ],
+            "irq_affinity_placement": "consumer",
+            "irq_affinity_rps_mask": "1",
+            "irq_affinity_xps_mask": "1",
+            "irq_affinity_disable_irqbalance": False,
             "irq_affinity_persist_script": str(tmp / "libexec/tickwire_irq.py"),
             "irq_affinity_persist_config": str(tmp / "etc/irq_affinity.json"),
             "irq_affinity_persist_unit_dir": str(tmp / "units"),
-        }  # fmt: skip
+        }
 
     def run(self, *flags: str, **overrides) -> tuple[subprocess.CompletedProcess, dict, float]:
         varfile = self.tmp / "vars.json"
         varfile.write_text(json.dumps(dict(self.vars, **overrides)))
-        env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="json", ANSIBLE_NOCOLOR="1",
-                   ANSIBLE_HOME=str(self.tmp / "ansible-home"),
-                   ANSIBLE_LOCAL_TEMP=str(self.tmp / "ansible-tmp"),
-                   ANSIBLE_REMOTE_TEMP=str(self.tmp / "ansible-tmp"),
-                   ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_PYTHON_INTERPRETER=sys.executable)
+        env = dict(
+            os.environ,
+            ANSIBLE_STDOUT_CALLBACK="json",
+            ANSIBLE_NOCOLOR="1",
+            ANSIBLE_HOME=str(self.tmp / "ansible-home"),
+            ANSIBLE_LOCAL_TEMP=str(self.tmp / "ansible-tmp"),
+            ANSIBLE_REMOTE_TEMP=str(self.tmp / "ansible-tmp"),
+            ANSIBLE_RETRY_FILES_ENABLED="0",
+            ANSIBLE_PYTHON_INTERPRETER=sys.executable,
+        )
         t0 = time.monotonic()
-        done = _ns_run(self.ns, [PLAYBOOK, "-i", self.inventory, "provision.yml", "--tags",
-                                 "network", "-e", f"@{varfile}", *flags], cwd=ANSIBLE, env=env)
+        done = _ns_run(
+            self.ns,
+            [
+                PLAYBOOK,
+                "-i",
+                self.inventory,
+                "provision.yml",
+                "--tags",
+                "network",
+                "-e",
+                f"@{varfile}",
+                *flags,
+            ],
+            cwd=ANSIBLE,
+            env=env,
+        )
         took = time.monotonic() - t0
         try:
-            out = json.loads(done.stdout[done.stdout.index("{"):])
+            out = json.loads(done.stdout[done.stdout.index("{") :])
         except ValueError:
-            raise AssertionError(f"no JSON from ansible-playbook:\n{done.stdout}\n{done.stderr}"
-                                 ) from None
+            raise AssertionError(
+                f"no JSON from ansible-playbook:\n{done.stdout}\n{done.stderr}"
+            ) from None
         return done, out, took
 
 
@@ -405,8 +531,9 @@ def applied(tmp_path_factory):
     with built(cfg):
         ns = cfg.lab.appliance_ns
         for ifname in ("feed-a", "feed-b"):  # a real NIC's defaults: receive aggregation on
-            done = _ns_run(ns, ["ethtool", "-K", ifname, "generic-receive-offload", "on",
-                                "rx-gro-list", "on"])  # fmt: skip
+            done = _ns_run(
+                ns, ["ethtool", "-K", ifname, "generic-receive-offload", "on", "rx-gro-list", "on"]
+            )
             assert done.returncode == 0, done.stderr
         prov = Provision(cfg, tmp)
         host_cfg = _host_config(cfg, tmp / "tickwire.toml", prov.cpu)
@@ -414,8 +541,16 @@ def applied(tmp_path_factory):
         check = prov.run("--check")
         checked = {i: _ns_run(ns, ["ethtool", "-l", i]).stdout for i in ("feed-a", "feed-b")}
         runs = [prov.run(), prov.run()]
-        yield {"cfg": cfg, "ns": ns, "prov": prov, "runs": runs, "before": before,
-               "host_cfg": host_cfg, "check": check, "checked": checked}
+        yield {
+            "cfg": cfg,
+            "ns": ns,
+            "prov": prov,
+            "runs": runs,
+            "before": before,
+            "host_cfg": host_cfg,
+            "check": check,
+            "checked": checked,
+        }
 
 
 @pytest.mark.lab
@@ -424,8 +559,12 @@ def test_first_run_changes_and_second_changes_nothing(applied):
     assert done1.returncode == 0, done1.stdout[-3000:]
     assert _stats(out1)["failures"] == 0 and _stats(out1)["changed"] > 0
     assert done2.returncode == 0, done2.stdout[-3000:]
-    changed = [t["task"]["name"] for p in out2["plays"] for t in p["tasks"]
-               if t["hosts"].get("localhost", {}).get("changed")]
+    changed = [
+        t["task"]["name"]
+        for p in out2["plays"]
+        for t in p["tasks"]
+        if t["hosts"].get("localhost", {}).get("changed")
+    ]
     assert _stats(out2)["failures"] == 0 and _stats(out2)["changed"] == 0, changed
 
 
@@ -463,16 +602,19 @@ def test_veth_refusing_ntuple_is_a_clear_warning(applied):
     tune = _task(out1, TUNE)
     for item in tune["results"]:
         assert item["ntuple_status"] == "refused", item
-        assert any(f"{item['item']} refuses ntuple flow steering (ntuple-filters: off [fixed])"
-                   in w and "continuing without it" in w
-                   for w in tune["warnings"]), tune["warnings"]  # fmt: skip
+        assert any(
+            f"{item['item']} refuses ntuple flow steering (ntuple-filters: off [fixed])" in w
+            and "continuing without it" in w
+            for w in tune["warnings"]
+        ), tune["warnings"]
         assert item["offloads_fixed"]["large-receive-offload"] == "off"
     active = _task(out1, "Record whether the flow-steering rules are in place")
     assert active["ansible_facts"]["nic_ntuple_active"] is False
     irq = _task(out1, "Place each feed queue's IRQs and set the RPS/XPS masks")
     for item in irq["results"]:
-        assert f"{item['item']} is a virtual interface (no device): it has no IRQs" in \
-            item["notes"][0]  # fmt: skip
+        assert (
+            f"{item['item']} is a virtual interface (no device): it has no IRQs" in item["notes"][0]
+        )
 
 
 @pytest.mark.lab
@@ -480,8 +622,12 @@ def test_veth_refusing_required_ntuple_fails_clearly(applied):
     done, out, _ = applied["prov"].run(nic_ntuple_required=True)
     assert done.returncode != 0 and _stats(out)["failures"] == 1
     msgs = [item.get("msg", "") for item in _task(out, TUNE)["results"]]
-    assert all("ntuple flow steering refused: " in m and "refuses ntuple flow steering" in m
-               and "nic_ntuple_required is true" in m for m in msgs), msgs
+    assert all(
+        "ntuple flow steering refused: " in m
+        and "refuses ntuple flow steering" in m
+        and "nic_ntuple_required is true" in m
+        for m in msgs
+    ), msgs
 
 
 @pytest.mark.lab

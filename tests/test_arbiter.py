@@ -37,17 +37,26 @@ class Rig:
     declared gap "unrecoverable" at once (what the appliance does with no server)."""
 
     def __init__(self, hold_slots: int, window_ns: int, window_msgs: int):
-        self.m = {name: np.zeros(shape, dtype) for name, (dtype, shape) in shm.REGIONS.items()
-                  if name != "levels"}  # fmt: skip
+        self.m = {
+            name: np.zeros(shape, dtype)
+            for name, (dtype, shape) in shm.REGIONS.items()
+            if name != "levels"
+        }
         self.ctr, self.control = self.m["counters"], self.m["control"]
         self.ctr[shm.A_NEXT] = 1
         self.control[shm.C_WINDOW_NS] = window_ns
         self.control[shm.C_WINDOW_MSGS] = window_msgs
-        self.book = Book(orders=16, levels=16, ladder=16,
-                         counters=self.ctr[shm.BOOK_BASE :])  # fmt: skip
+        self.book = Book(orders=16, levels=16, ladder=16, counters=self.ctr[shm.BOOK_BASE :])
         hold_buf, self.hold_meta = arbiter.new_hold(hold_slots)
-        self.arb = (self.ctr, hold_buf, self.hold_meta, self.m["gaps"], self.control,
-                    self.m["recov"], self.m["recov_meta"])  # fmt: skip
+        self.arb = (
+            self.ctr,
+            hold_buf,
+            self.hold_meta,
+            self.m["gaps"],
+            self.control,
+            self.m["recov"],
+            self.m["recov_meta"],
+        )
         self.touched = np.zeros(256, np.int64)
         self.session = np.frombuffer(SESSION, np.uint8).copy()
         self.lost: list[tuple[int, int]] = []
@@ -73,8 +82,11 @@ class Rig:
             if st_ == 0:
                 st_ = consumer._idle(self.t, self.arb, self.bk())
                 moved = mark != (int(self.control[shm.C_REC_TAIL]), int(self.ctr[shm.A_NEXT]))
-                if st_ == 0 and not moved and \
-                        self.control[shm.C_GAP_HEAD] == self.control[shm.C_GAP_TAIL]:  # fmt: skip
+                if (
+                    st_ == 0
+                    and not moved
+                    and self.control[shm.C_GAP_HEAD] == self.control[shm.C_GAP_TAIL]
+                ):
                     break
             if st_ != 0:
                 self.book.grow(st_)
@@ -86,8 +98,9 @@ class Rig:
         self.t += 1_000
         b = np.frombuffer(data, np.uint8).copy()
         while True:  # a NEED with done == 0: grow and hand in the same packet again
-            need, done = consumer._packet(b, 0, len(b), line, self.t - 500, self.t,
-                                          self.session, self.arb, self.bk())  # fmt: skip
+            need, done = consumer._packet(
+                b, 0, len(b), line, self.t - 500, self.t, self.session, self.arb, self.bk()
+            )
             if need:
                 self.book.grow(need)
             if done:
@@ -123,10 +136,15 @@ def _line(packets, rng, loss, dup, reorder):
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 400), seed=st.integers(0, 2**32 - 1),
-       loss=st.sampled_from([0.0, 0.02, 0.2, 0.6]), dup=st.sampled_from([0.0, 0.1, 0.5]),
-       reorder=st.sampled_from([0.0, 0.1, 0.4]), hold=st.sampled_from([4, 64]),
-       window=st.sampled_from([1_500, 50_000, 10**12]))  # fmt: skip
+@given(
+    n=st.integers(1, 400),
+    seed=st.integers(0, 2**32 - 1),
+    loss=st.sampled_from([0.0, 0.02, 0.2, 0.6]),
+    dup=st.sampled_from([0.0, 0.1, 0.5]),
+    reorder=st.sampled_from([0.0, 0.1, 0.4]),
+    hold=st.sampled_from([4, 64]),
+    window=st.sampled_from([1_500, 50_000, 10**12]),
+)
 def test_output_is_the_sequence_minus_declared_gaps(n, seed, loss, dup, reorder, hold, window):
     rng = random.Random(seed)
     packets = _packets(n, rng)
@@ -253,5 +271,6 @@ def test_heavy_loss_declares_every_hole_past_the_window_at_once():
     out = rig.queue()
     assert out == [s for (seq, k, _) in kept for s in range(seq, seq + k)]
     lost = sorted(s for first, count in rig.lost for s in range(first, first + count))
-    assert lost == [s for (seq, k, _) in packets[0::2] for s in range(seq, seq + k)
-                    if s < kept[-1][0]]  # fmt: skip
+    assert lost == [
+        s for (seq, k, _) in packets[0::2] for s in range(seq, seq + k) if s < kept[-1][0]
+    ]

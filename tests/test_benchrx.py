@@ -129,8 +129,11 @@ def test_a_paced_frame_is_never_sent_before_it_is_due(gen):
         sent_at = {seq: _stamp(body) for seq, _, body in rx.data("A")}
         assert sorted(sent_at) == list(range(1, 1 + 2 * n, 2))  # two messages a frame
         first = sent_at[1]
-        early = [(seq, (t - first) % (1 << 48)) for seq, t in sent_at.items()
-                 if (t - first) % (1 << 48) < (seq - 1) // 2 * interval]  # fmt: skip
+        early = [
+            (seq, (t - first) % (1 << 48))
+            for seq, t in sent_at.items()
+            if (t - first) % (1 << 48) < (seq - 1) // 2 * interval
+        ]
         assert not early, f"frames sent ahead of their schedule: {early[:5]}"
         fast = pg.send(n)
         assert fast["sent"] == n and fast["waits"] == 0 and fast["requested_pps"] == 0
@@ -149,8 +152,12 @@ def test_sink_counts_every_frame_and_detaches(gen):
     with pg.sink(ns, ifname) as sink:
         before = sink.packets()
         assert pg.send(100_000)["sent"] == 100_000
-        wait_for(lambda: sink.packets() - before >= 100_000, 20, "100,000 frames at the sink",
-                 lambda: sink.packets() - before)
+        wait_for(
+            lambda: sink.packets() - before >= 100_000,
+            20,
+            "100,000 frames at the sink",
+            lambda: sink.packets() - before,
+        )
         assert sink.packets() - before == 100_000
     assert not [p for p in loader.attached(ns) if p["ifname"] == ifname]
 
@@ -162,16 +169,31 @@ def test_short_bench_rx_reports_everything_and_removes_its_lab():
     from host.bench import rx as benchrx
 
     prefix = f"tbrr{os.getpid() % 100000:05d}"
-    opts = benchrx.RxOptions(duration=0.2, steps=3, prefix=prefix, latency_seconds=0.3,
-                             jitter_seconds=0.2, latency_rate=50_000.0)  # fmt: skip
+    opts = benchrx.RxOptions(
+        duration=0.2,
+        steps=3,
+        prefix=prefix,
+        latency_seconds=0.3,
+        jitter_seconds=0.2,
+        latency_rate=50_000.0,
+    )
     cfg = benchrx._lab_config(prefix)
     try:
         r = benchrx.bench_rx(opts)
     finally:
         lab.down(cfg.lab)  # a no-op when bench_rx cleaned up, as it must
     assert not netns.exists(cfg.lab.exchange_ns) and not netns.exists(cfg.lab.appliance_ns)
-    for key in ("machine", "frames", "xdp_drop", "jitter_ns", "af_xdp", "socket", "ratios",
-                "targets", "seconds"):  # fmt: skip
+    for key in (
+        "machine",
+        "frames",
+        "xdp_drop",
+        "jitter_ns",
+        "af_xdp",
+        "socket",
+        "ratios",
+        "targets",
+        "seconds",
+    ):
         assert key in r, key
     assert r["xdp_drop"]["packets_per_s"] > 0 and r["xdp_drop"]["full_packets_per_s"] > 0
     j = r["jitter_ns"]
@@ -192,11 +214,12 @@ def test_short_bench_rx_reports_everything_and_removes_its_lab():
     def ratio(a, b):
         return pytest.approx(a / b) if a and b else None
 
-    assert ra == {"af_xdp_vs_socket": ratio(x["packets_per_s"], k["packets_per_s"]),
-                  "af_xdp_vs_socket_messages": ratio(x["messages_per_s"], k["messages_per_s"]),
-                  "af_xdp_vs_xdp_drop": ratio(x["packets_per_s"], d["packets_per_s"]),
-                  "af_xdp_vs_xdp_drop_full": ratio(x["full_packets_per_s"],
-                                                   d["full_packets_per_s"])}  # fmt: skip
+    assert ra == {
+        "af_xdp_vs_socket": ratio(x["packets_per_s"], k["packets_per_s"]),
+        "af_xdp_vs_socket_messages": ratio(x["messages_per_s"], k["messages_per_s"]),
+        "af_xdp_vs_xdp_drop": ratio(x["packets_per_s"], d["packets_per_s"]),
+        "af_xdp_vs_xdp_drop_full": ratio(x["full_packets_per_s"], d["full_packets_per_s"]),
+    }
     vs_s, vs_d = ra["af_xdp_vs_socket"], ra["af_xdp_vs_xdp_drop"]
     assert t == {
         "af_xdp_3x_socket": None if vs_s is None else vs_s >= benchrx.TARGET_VS_SOCKET,

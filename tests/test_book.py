@@ -24,8 +24,14 @@ def feed(*msgs: bytes, book: Book | None = None) -> Book:
 
 
 def test_adds_build_price_time_levels():
-    b = feed(m.A(1, "B", 100, 1000), m.A(2, "B", 50, 1000), m.A(3, "B", 10, 990),
-             m.A(4, "S", 20, 1010), m.A(5, "S", 30, 1020), m.F(6, "S", 5, 1010))  # fmt: skip
+    b = feed(
+        m.A(1, "B", 100, 1000),
+        m.A(2, "B", 50, 1000),
+        m.A(3, "B", 10, 990),
+        m.A(4, "S", 20, 1010),
+        m.A(5, "S", 30, 1020),
+        m.F(6, "S", 5, 1010),
+    )
     assert b.bbo(1) == (1000, 150, 1010, 25)
     assert b.depth(1, BID) == [(1000, 150, 2), (990, 10, 1)]
     assert b.depth(1, ASK) == [(1010, 25, 2), (1020, 30, 1)]
@@ -58,8 +64,11 @@ def test_delete_removes_and_empties_levels():
 
 
 def test_replace_moves_to_back_keeps_stock_and_side_from_original():
-    b = feed(m.A(1, "B", 100, 1000, locate=9), m.A(2, "B", 50, 1000, locate=9),
-             m.U(1, 10, 70, 1000, locate=0))  # header locate is ignored  # fmt: skip
+    b = feed(
+        m.A(1, "B", 100, 1000, locate=9),
+        m.A(2, "B", 50, 1000, locate=9),
+        m.U(1, 10, 70, 1000, locate=0),
+    )  # header locate is ignored
     assert b.queue(9, BID, 1000) == [2, 10]
     assert b.order(10) == {"ref": 10, "locate": 9, "side": "B", "price": 1000, "shares": 70}
     assert b.bbo(0) == (0, 0, 0, 0)
@@ -71,15 +80,24 @@ def test_stock_of_executions_comes_from_the_resting_order():
 
 
 def test_trades_and_crosses_leave_the_book_alone():
-    b = feed(m.A(1, "B", 100, 1000), m.P(500, 1000, ref=0, side="B"), m.Q(10_000, 1000),
-             m.B(1), m.S("Q"), m.H(state="H"))  # fmt: skip
+    b = feed(
+        m.A(1, "B", 100, 1000),
+        m.P(500, 1000, ref=0, side="B"),
+        m.Q(10_000, 1000),
+        m.B(1),
+        m.S("Q"),
+        m.H(state="H"),
+    )
     assert b.bbo(1) == (1000, 100, 0, 0) and b.live_orders == 1
     assert b.stocks["state"][1] == ord("H")
 
 
 def test_edge_values():
-    b = feed(m.R("BRK A", locate=65535), m.A(BIG_REF, "S", 70_000, BIG_PX, locate=65535),
-             m.A(BIG_REF + 1, "B", 100_000, BIG_PX - 10_000, locate=65535))  # fmt: skip
+    b = feed(
+        m.R("BRK A", locate=65535),
+        m.A(BIG_REF, "S", 70_000, BIG_PX, locate=65535),
+        m.A(BIG_REF + 1, "B", 100_000, BIG_PX - 10_000, locate=65535),
+    )
     assert b.bbo(65535) == (BIG_PX - 10_000, 100_000, BIG_PX, 70_000)
     assert b.stocks_summary()["65535"]["symbol"] == "BRK A"
     assert b.order(BIG_REF)["price"] == BIG_PX
@@ -109,8 +127,10 @@ def test_anomalies_have_their_documented_outcome(msgs, counter, live):
 
 
 def test_growth_from_tiny_arrays_is_counted_and_exact():
-    msgs = [m.A(i, "BS"[i % 2], 10 + i, 1000 + (i % 50) * (1 if i % 2 else -1), locate=1 + i % 5)
-            for i in range(1, 600)]  # fmt: skip
+    msgs = [
+        m.A(i, "BS"[i % 2], 10 + i, 1000 + (i % 50) * (1 if i % 2 else -1), locate=1 + i % 5)
+        for i in range(1, 600)
+    ]
     msgs += [m.D(i) for i in range(1, 600, 3)]
     b = Book(orders=2, levels=2, ladder=2)
     feed(*msgs, book=b)
@@ -143,16 +163,23 @@ def test_a_taken_ring_entry_spills_and_stays_exact():
     feed(m.A(c, "S", 1, 2000), book=b)  # a duplicate, though its ring entry is free
     assert b.anomalies()["dup_add"] == 1
     feed(m.E(c, 20), m.U(c, a, 7, 999), book=b)  # replace from the hash into the ring
-    assert b.order(c) is None and b.order(a) == {"ref": a, "locate": 1, "side": "B",
-                                                 "price": 999, "shares": 7}  # fmt: skip
+    assert b.order(c) is None and b.order(a) == {
+        "ref": a,
+        "locate": 1,
+        "side": "B",
+        "price": 999,
+        "shares": 7,
+    }
     assert int(b.meta[bk.M_HASH_COUNT]) == 0 and b.ring == ring
 
 
 def test_the_ring_doubles_when_a_quarter_of_it_spilled():
     ring = 16
     refs = [1 + k * ring for k in range(40)]  # every one on ring entry 1 at first
-    msgs = [m.A(r, "BS"[k % 2], 10 + k, 1000 + (k % 7) * (1 if k % 2 else -1), locate=1 + k % 3)
-            for k, r in enumerate(refs)]  # fmt: skip
+    msgs = [
+        m.A(r, "BS"[k % 2], 10 + k, 1000 + (k % 7) * (1 if k % 2 else -1), locate=1 + k % 3)
+        for k, r in enumerate(refs)
+    ]
     msgs += [m.X(r, 3) for r in refs[::3]] + [m.D(r) for r in refs[1::4]]
     b = Book(orders=16, ring=ring)
     feed(*msgs, book=b)
@@ -202,8 +229,9 @@ def test_spill_rows_grow_and_the_live_limit_fails_loudly():
     assert b.spill_rows > 16 and b.live_orders == 40 and b.ring == 256
     assert [b.order(r)["price"] for r in refs] == [1000 + k for k in range(40)]
     more = [m.A(7 + 256 * k, "S", 1, 5000) for k in range(30)]
-    with pytest.raises(CapacityError, match="live orders would exceed the configured "
-                                            "maximum of 64"):  # fmt: skip
+    with pytest.raises(
+        CapacityError, match="live orders would exceed the configured maximum of 64"
+    ):
         feed(*more, book=b)
     assert b.live_orders == 64 and b.check() is None
 
@@ -249,10 +277,22 @@ def _msg():
     loc = st.sampled_from(LOCATES)
     px = st.sampled_from(PRICES)
     return st.one_of(
-        st.builds(lambda r, s, n, p, lo: m.A(r, s, n, p, locate=lo), ref,
-                  st.sampled_from("BBSSZ"), SHARES, px, loc),
-        st.builds(lambda r, s, n, p, lo: m.F(r, s, n, p, locate=lo), ref, st.sampled_from("BS"),
-                  SHARES, px, loc),
+        st.builds(
+            lambda r, s, n, p, lo: m.A(r, s, n, p, locate=lo),
+            ref,
+            st.sampled_from("BBSSZ"),
+            SHARES,
+            px,
+            loc,
+        ),
+        st.builds(
+            lambda r, s, n, p, lo: m.F(r, s, n, p, locate=lo),
+            ref,
+            st.sampled_from("BS"),
+            SHARES,
+            px,
+            loc,
+        ),
         st.builds(lambda r, n: m.E(r, n), ref, SHARES),
         st.builds(lambda r, n, p: m.C(r, n, p), ref, SHARES, px),
         st.builds(lambda r, n: m.X(r, n), ref, SHARES),
@@ -262,7 +302,7 @@ def _msg():
         st.builds(lambda: m.Q(1, 1000)),
         st.builds(lambda lo: m.R("SYM" + str(lo), locate=lo), loc),
         st.binary(max_size=12),  # malformed: unknown type or bad length
-    )  # fmt: skip
+    )
 
 
 def _same_state(b: Book, ref: ReferenceBook) -> None:
@@ -300,9 +340,13 @@ def _resized(msg: bytes, d: int) -> bytes:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.builds(_resized, _msg(), st.sampled_from([0, 0, 0, 0, 1, -1])), min_size=1,
-                max_size=80),
-       st.sampled_from([2, 64]), st.sampled_from([16, 64]))  # fmt: skip
+@given(
+    st.lists(
+        st.builds(_resized, _msg(), st.sampled_from([0, 0, 0, 0, 1, -1])), min_size=1, max_size=80
+    ),
+    st.sampled_from([2, 64]),
+    st.sampled_from([16, 64]),
+)
 def test_random_sequences_in_one_buffer_match_the_reference(msgs, cap, ring):
     """The same sequences as one buffer: all but its last ``FAST_SLACK`` bytes go through
     apply_stream's one-compare fast path (growth, malformed and unknown messages, lengths

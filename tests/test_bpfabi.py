@@ -32,9 +32,14 @@ def _defines(header: Path) -> list[str]:
 def _compiled(tmp_path: Path, header: Path, structs: dict[str, np.dtype]) -> dict[str, int]:
     """Every TW_ constant of ``header`` and the size and field offsets and sizes of
     ``structs``, as gcc sees them."""
-    lines = ["#include <stdio.h>", "#include <stddef.h>", f'#include "{header.name}"',
-             '#define P(k, v) printf("\\"%s\\": %lld,\\n", k, (long long)(v))',
-             "int main(void) {", 'printf("{\\n");']  # fmt: skip
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        f'#include "{header.name}"',
+        '#define P(k, v) printf("\\"%s\\": %lld,\\n", k, (long long)(v))',
+        "int main(void) {",
+        'printf("{\\n");',
+    ]
     for name in _defines(header):
         lines.append(f'P("{name}", {name});')
     for s, dt in structs.items():
@@ -44,9 +49,19 @@ def _compiled(tmp_path: Path, header: Path, structs: dict[str, np.dtype]) -> dic
             lines.append(f'P("{s}.{f} size", sizeof(((struct {s} *)0)->{f}));')
     lines += ['printf("\\"end\\": 0}\\n");', "return 0;", "}"]
     (tmp_path / "abi.c").write_text("\n".join(lines))
-    subprocess.run([shutil.which("gcc"), "-Wall", "-Werror", f"-I{BPF}", "-o",
-                    str(tmp_path / "abi"), str(tmp_path / "abi.c")], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            shutil.which("gcc"),
+            "-Wall",
+            "-Werror",
+            f"-I{BPF}",
+            "-o",
+            str(tmp_path / "abi"),
+            str(tmp_path / "abi.c"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     out = subprocess.run([str(tmp_path / "abi")], check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
@@ -80,8 +95,11 @@ def test_fault_mirror_matches_the_compiled_header(tmp_path):
     assert faults.FAULT_CFG.names == faults.CFG_FIELDS
     assert all(faults.FAULT_CFG[f] == np.uint64 for f in faults.CFG_FIELDS)
     # the counters' names follow their indices
-    indices = {n.removeprefix("TW_FC_").lower(): got[n] for n in names
-               if n.startswith("TW_FC_") and n != "TW_FC_LEN"}  # fmt: skip
+    indices = {
+        n.removeprefix("TW_FC_").lower(): got[n]
+        for n in names
+        if n.startswith("TW_FC_") and n != "TW_FC_LEN"
+    }
     assert [indices[c] for c in faults.COUNTERS] == list(range(faults.FC_LEN))
 
 
@@ -90,10 +108,15 @@ def test_fault_program_uses_the_header_and_its_names():
     assert '#include "fault.h"' in text
     assert not re.search(r"^#define\s+TW_(FF|FC|FAULT)_", text, re.M)  # only in the header
     assert _declared(BPF / "fault.c") == ({faults.MAP_CFG, faults.MAP_STATS}, {faults.PROG_NAME})
-    assert re.search(rf"^BPF_ARRAY\({faults.MAP_CFG}, struct tw_fault_cfg, TW_FAULT_LINES\)",
-                     text, re.M)  # fmt: skip
-    assert re.search(rf"^BPF_PERCPU_ARRAY\({faults.MAP_STATS}, __u64, TW_FAULT_LINES \* "
-                     r"TW_FC_LEN\)", text, re.M)  # fmt: skip
+    assert re.search(
+        rf"^BPF_ARRAY\({faults.MAP_CFG}, struct tw_fault_cfg, TW_FAULT_LINES\)", text, re.M
+    )
+    assert re.search(
+        rf"^BPF_PERCPU_ARRAY\({faults.MAP_STATS}, __u64, TW_FAULT_LINES \* "
+        r"TW_FC_LEN\)",
+        text,
+        re.M,
+    )
     assert " -w" not in text and "XDP_" not in text
 
 
@@ -126,16 +149,21 @@ def test_pktgen_program_uses_the_header_and_its_names():
     text = (BPF / "pktgen.c").read_text()
     assert '#include "pktgen.h"' in text
     assert not re.search(r"^#define\s+TW_PG_", text, re.M)
-    assert _declared(BPF / "pktgen.c") == ({pktgen.MAP_STATE, pktgen.MAP_SINK_STATS},
-                                          {pktgen.PROG_GEN, pktgen.PROG_SINK})  # fmt: skip
+    assert _declared(BPF / "pktgen.c") == (
+        {pktgen.MAP_STATE, pktgen.MAP_SINK_STATS},
+        {pktgen.PROG_GEN, pktgen.PROG_SINK},
+    )
     assert re.search(rf"^BPF_ARRAY\({pktgen.MAP_STATE}, __u64, TW_PG_STATE_LEN\)", text, re.M)
 
 
 # --- kernel interfaces, defined once -----------------------------------------------------------
 def _python_sources() -> dict[str, str]:
     """The product's Python (tests may spell the numbers they check)."""
-    return {str(p.relative_to(ROOT)): p.read_text() for top in ("dataplane", "host")
-            for p in (ROOT / top).rglob("*.py")}  # fmt: skip
+    return {
+        str(p.relative_to(ROOT)): p.read_text()
+        for top in ("dataplane", "host")
+        for p in (ROOT / top).rglob("*.py")
+    }
 
 
 def test_xdp_flags_come_from_the_kernel_header_once():
@@ -144,8 +172,9 @@ def test_xdp_flags_come_from_the_kernel_header_once():
     for name in ("UPDATE_IF_NOEXIST", "SKB_MODE", "DRV_MODE", "HW_MODE", "REPLACE"):
         assert getattr(xdpabi, "XDP_FLAGS_" + name) == getattr(lib, "XDP_FLAGS_" + name)
     assert (xdpabi.XDP_FLAGS_SKB_MODE, xdpabi.XDP_FLAGS_DRV_MODE) == (2, 4)  # uapi: stable
-    defining = sorted(p for p, text in _python_sources().items()
-                      if re.search(r"^XDP_FLAGS_\w+\s*=", text, re.M))  # fmt: skip
+    defining = sorted(
+        p for p, text in _python_sources().items() if re.search(r"^XDP_FLAGS_\w+\s*=", text, re.M)
+    )
     assert defining == ["dataplane/xdpabi.py"]
 
 
@@ -155,11 +184,16 @@ def test_no_hand_rolled_kernel_calls():
     the cffi module (host.appliance.bpfsys, dataplane.ethtool). (One libc handle:
     tests/test_sysabi.py.)"""
     rules = {
-        r"\bNR_BPF\b|syscall\(\s*(321|280)\b|BPF_OBJ_PIN\s*=|ctypes\.Structure":
-            "a bpf(2) syscall table or a hand-packed struct",
+        r"\bNR_BPF\b|syscall\(\s*(321|280)\b|BPF_OBJ_PIN\s*=|ctypes\.Structure": (
+            "a bpf(2) syscall table or a hand-packed struct"
+        ),
         r"find_library\(\s*[\"']bpf|CDLL\([\"']libbpf": "libbpf through ctypes",
         r"0x8946|SIOCETHTOOL\s*=\s*\d|ETHTOOL_\w+\s*=\s*(0x)?\d": "an ethtool number",
     }
-    found = [(path, what) for path, text in _python_sources().items()
-             for pattern, what in rules.items() if re.search(pattern, text)]  # fmt: skip
+    found = [
+        (path, what)
+        for path, text in _python_sources().items()
+        for pattern, what in rules.items()
+        if re.search(pattern, text)
+    ]
     assert found == []

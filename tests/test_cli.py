@@ -23,8 +23,9 @@ SESSIONS = [(120_000, 50, 11), (80_000, 2_000, 12)]
 
 
 def tickwire(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "host.cli", *args], capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "host.cli", *args], capture_output=True, text=True, timeout=600
+    )
     if check:
         assert done.returncode == 0, done.stderr
     return done
@@ -121,7 +122,7 @@ def test_every_verb_and_sub_verb_has_help_with_an_example(capsys):
         out = capsys.readouterr().out
         words = " ".join(("tickwire", *path))
         assert out.startswith(f"usage: {words} "), path
-        examples = out[out.index("examples"):]
+        examples = out[out.index("examples") :]
         assert re.search(rf"^  (\S+=\S+ )?{re.escape(words)}\b", examples, re.M), path
 
 
@@ -151,8 +152,11 @@ def test_lab_fault_takes_its_line_after_the_options():
 
 def test_gen_then_book_round_trip(tmp_path):
     out = tmp_path / "g.itch"
-    info = json.loads(tickwire("gen", str(out), "--messages", "5000", "--stocks", "20",
-                               "--seed", "3", "--json").stdout)  # fmt: skip
+    info = json.loads(
+        tickwire(
+            "gen", str(out), "--messages", "5000", "--stocks", "20", "--seed", "3", "--json"
+        ).stdout
+    )
     assert info["messages"] == 5000 and out.stat().st_size == info["bytes"]
     doc = json.loads(tickwire("book", str(out)).stdout)
     assert doc["messages"] == 5000

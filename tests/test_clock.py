@@ -42,9 +42,14 @@ def test_sysoff_recovers_a_known_offset_within_its_uncertainty(base, offset):
 
 
 def test_sysoff_takes_the_narrowest_window():
-    s = np.array([[1000, 6000, 2000],  # window 1000: offset 4500
-                  [3000, 8010, 3020],  # window 20: offset 4_000 (+0)
-                  [5000, 9900, 5500]], np.int64)  # fmt: skip
+    s = np.array(
+        [
+            [1000, 6000, 2000],  # window 1000: offset 4500
+            [3000, 8010, 3020],  # window 20: offset 4_000 (+0)
+            [5000, 9900, 5500],
+        ],
+        np.int64,
+    )
     est = clock.sysoff_estimate(s)
     assert est == {**est, "offset_ns": 8010 - 3010, "uncertainty_ns": 10.0, "delay_ns": 20}
 
@@ -78,8 +83,10 @@ def test_tsc_fit_rejects_too_few_or_frozen_samples():
 
 
 def test_kernel_tsc_khz_and_flags_parsing():
-    log = ("[    0.000021] tsc: Detected 2245.780 MHz processor\n"
-           "[    1.2] tsc: Refined TSC clocksource calibration: 2999.912 MHz\n")  # fmt: skip
+    log = (
+        "[    0.000021] tsc: Detected 2245.780 MHz processor\n"
+        "[    1.2] tsc: Refined TSC clocksource calibration: 2999.912 MHz\n"
+    )
     assert clock.kernel_tsc_khz(log) == 2999912
     assert clock.kernel_tsc_khz(log.splitlines()[0]) == 2245780
     assert clock.kernel_tsc_khz("nothing here") is None
@@ -131,8 +138,9 @@ def test_tsc_against_the_kernels_own_estimate():
         pytest.skip("not x86: no TSC")
     khz = clock.kernel_tsc_khz()
     if khz is None:
-        pytest.skip("the kernel's TSC frequency is not in its boot log (dmesg unreadable or "
-                    "rotated)")  # fmt: skip
+        pytest.skip(
+            "the kernel's TSC frequency is not in its boot log (dmesg unreadable or rotated)"
+        )
     t = clock.measure_tsc(0.2)
     assert abs(t["hz"] - khz * 1000) <= 0.01 * khz * 1000
     assert 0 <= t["uncertainty_ppm"] < 100
@@ -142,9 +150,13 @@ def test_tsc_against_the_kernels_own_estimate():
 def test_missing_interface_is_one_line_and_non_zero(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[run.line_a]\ninterface = "twnone0a"\n[run.line_b]\ninterface = "twnone0b"\n')
-    done = subprocess.run([sys.executable, "-m", "host.cli", "calibrate", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "TICKWIRE_SHM": str(tmp_path / "shm")})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "host.cli", "calibrate", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TICKWIRE_SHM": str(tmp_path / "shm")},
+    )
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.count("\n") == 1
     assert "feed interface twnone0a not found" in done.stderr
@@ -185,16 +197,31 @@ def test_phc_path_where_a_ptp_hardware_clock_exists():
 
 # --- storage, metrics, status -------------------------------------------------------------
 PHC_RECORD = {
-    "channel": "tcalunit", "netns": "", "source": "mixed", "reference_clock": "CLOCK_MONOTONIC",
-    "clock_read_ns": 20, "measured_at": 1_700_000_000.5, "seconds": 0.3,
+    "channel": "tcalunit",
+    "netns": "",
+    "source": "mixed",
+    "reference_clock": "CLOCK_MONOTONIC",
+    "clock_read_ns": 20,
+    "measured_at": 1_700_000_000.5,
+    "seconds": 0.3,
     "interfaces": {
-        "ens1f0": {"source": "phc", "phc": "/dev/ptp3", "offset_ns": -1_500,
-                   "uncertainty_ns": 12.5, "spread_ns": 3.0},
+        "ens1f0": {
+            "source": "phc",
+            "phc": "/dev/ptp3",
+            "offset_ns": -1_500,
+            "uncertainty_ns": 12.5,
+            "spread_ns": 3.0,
+        },
         "ens1f1": {"source": "software", "phc": None, "offset_ns": 0, "uncertainty_ns": 20.0},
     },
-    "tsc": {"hz": 3e9, "uncertainty_ppm": 0.5, "flags": ["constant_tsc", "nonstop_tsc"],
-            "kernel_tsc_khz": 3_000_000, "clocksource": "tsc"},
-}  # fmt: skip
+    "tsc": {
+        "hz": 3e9,
+        "uncertainty_ppm": 0.5,
+        "flags": ["constant_tsc", "nonstop_tsc"],
+        "kernel_tsc_khz": 3_000_000,
+        "clocksource": "tsc",
+    },
+}
 
 
 def _scrape(collector) -> dict:
@@ -202,8 +229,11 @@ def _scrape(collector) -> dict:
 
     reg = CollectorRegistry(auto_describe=False)
     reg.register(collector)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in reg.collect() for s in fam.samples}  # fmt: skip
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in reg.collect()
+        for s in fam.samples
+    }
 
 
 def test_stored_phc_calibration_as_metrics_text_and_status(tmp_path, monkeypatch):
@@ -222,11 +252,15 @@ def test_stored_phc_calibration_as_metrics_text_and_status(tmp_path, monkeypatch
     assert got[("tickwire_clock_offset_uncertainty_seconds", a)] == pytest.approx(12.5e-9)
     assert got[("tickwire_clock_source_info", b)] == 1.0
     assert got[("tickwire_tsc_hz", (("channel", "tcalunit"),))] == 3e9
-    assert got[("tickwire_clock_calibrated_timestamp_seconds",
-                (("channel", "tcalunit"),))] == 1_700_000_000.5  # fmt: skip
+    assert (
+        got[("tickwire_clock_calibrated_timestamp_seconds", (("channel", "tcalunit"),))]
+        == 1_700_000_000.5
+    )
     line = clock.timestamps_line(PHC_RECORD)
-    assert line == ("timestamps: mixed (ens1f0 /dev/ptp3 offset -1,500 ns ± 12.5 ns vs "
-                    "CLOCK_MONOTONIC; no PTP hardware clock on ens1f1)")  # fmt: skip
+    assert line == (
+        "timestamps: mixed (ens1f0 /dev/ptp3 offset -1,500 ns ± 12.5 ns vs "
+        "CLOCK_MONOTONIC; no PTP hardware clock on ens1f1)"
+    )
     assert clock.status_line(PHC_RECORD, now=1_700_000_030.5).endswith("calibrated 30 s ago")
     # a damaged file: no clock metrics, and no failed scrape
     path.write_text('{"interfaces": 5}')
@@ -247,8 +281,9 @@ def test_calibrate_the_lab_software_timestamps_file_and_metrics(tmp_path, monkey
     cmd = [sys.executable, "-m", "host.cli", "calibrate", "--config", str(conf), "--lab"]
     with built(cfg):
         human = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-        done = subprocess.run([*cmd, "--json", "--samples", "5"], capture_output=True,
-                              text=True, timeout=120, env=env)  # fmt: skip
+        done = subprocess.run(
+            [*cmd, "--json", "--samples", "5"], capture_output=True, text=True, timeout=120, env=env
+        )
     assert human.returncode == 0, human.stderr
     out = human.stdout.splitlines()
     assert out[0] == "timestamps: software (no PTP hardware clock on feed-a, feed-b)"
@@ -283,8 +318,12 @@ def test_calibrate_the_lab_software_timestamps_file_and_metrics(tmp_path, monkey
 
 
 def test_calibrate_help_has_examples():
-    done = subprocess.run([sys.executable, "-m", "host.cli", "calibrate", "--help"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "host.cli", "calibrate", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0 and "tickwire calibrate --lab" in done.stdout
 
 

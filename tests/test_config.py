@@ -14,25 +14,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- host:port ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(("text", "want"), [
-    ("127.0.0.1:9108", ("127.0.0.1", 9108)),
-    ("10.77.1.1:1", ("10.77.1.1", 1)),
-    ("0.0.0.0:65535", ("0.0.0.0", 65535)),
-    ("feed.example:26500", ("feed.example", 26500)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("127.0.0.1:9108", ("127.0.0.1", 9108)),
+        ("10.77.1.1:1", ("10.77.1.1", 1)),
+        ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+        ("feed.example:26500", ("feed.example", 26500)),
+    ],
+)
 def test_host_port_splits_good_forms(text, want):
     assert config.host_port(text, "run.metrics") == want
 
 
-@pytest.mark.parametrize(("text", "why"), [
-    ("localhost", "must be host:port"),
-    (":9108", "must be host:port"),
-    ("127.0.0.1:", "must be host:port"),
-    ("127.0.0.1:http", "must be host:port"),
-    ("127.0.0.1:-1", "must be host:port"),
-    ("127.0.0.1:0", "port 0 is outside 1..65535"),
-    ("127.0.0.1:65536", "port 65536 is outside 1..65535"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("localhost", "must be host:port"),
+        (":9108", "must be host:port"),
+        ("127.0.0.1:", "must be host:port"),
+        ("127.0.0.1:http", "must be host:port"),
+        ("127.0.0.1:-1", "must be host:port"),
+        ("127.0.0.1:0", "port 0 is outside 1..65535"),
+        ("127.0.0.1:65536", "port 65536 is outside 1..65535"),
+    ],
+)
 def test_host_port_names_the_key_of_a_bad_form(text, why):
     with pytest.raises(config.ConfigError, match=f"^run.recovery: .*{re.escape(why)}"):
         config.host_port(text, "run.recovery")
@@ -48,9 +54,10 @@ def test_endpoints_are_checked_at_load(key):
 
 
 # --- [run] lines: the host's, never the lab's ----------------------------------------------
-LINES = {"line_a": {"interface": "ens1f0", "queue": 2, "group": "233.54.12.111", "port": 26477},
-         "line_b": {"interface": "ens1f0", "queue": 3, "group": "233.49.196.111",
-                    "port": 26477}}  # fmt: skip
+LINES = {
+    "line_a": {"interface": "ens1f0", "queue": 2, "group": "233.54.12.111", "port": 26477},
+    "line_b": {"interface": "ens1f0", "queue": 3, "group": "233.49.196.111", "port": 26477},
+}
 
 
 def test_run_lines_default_to_nothing_of_the_lab():
@@ -62,12 +69,15 @@ def test_run_lines_default_to_nothing_of_the_lab():
         assert not names & {line.interface, line.group}
 
 
-@pytest.mark.parametrize(("run", "key"), [
-    ({}, "run.line_a.interface"),
-    ({"line_a": {"interface": "ens1f0"}}, "run.line_a.group"),
-    ({"line_a": {"interface": "ens1f0", "group": "233.54.12.111"}}, "run.line_a.port"),
-    ({"line_a": LINES["line_a"]}, "run.line_b.interface"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("run", "key"),
+    [
+        ({}, "run.line_a.interface"),
+        ({"line_a": {"interface": "ens1f0"}}, "run.line_a.group"),
+        ({"line_a": {"interface": "ens1f0", "group": "233.54.12.111"}}, "run.line_a.port"),
+        ({"line_a": LINES["line_a"]}, "run.line_b.interface"),
+    ],
+)
 def test_a_run_without_its_lines_names_the_key(run, key):
     cfg = config.from_dict({"run": run})  # loads: a lab or a sim needs no [run] lines
     with pytest.raises(config.ConfigError, match=f"^{re.escape(key)}: not set"):
@@ -94,7 +104,11 @@ def test_the_lab_writes_its_own_run_lines():
     for letter, line in cfg.run.lines.items():
         lab = cfg.lab.lines[letter]
         assert (line.interface, line.group, line.port, line.address) == (
-            lab.appliance_if, lab.group, lab.port, lab.appliance_ip)
+            lab.appliance_if,
+            lab.group,
+            lab.port,
+            lab.appliance_ip,
+        )
     assert cfg.run.recovery == f"{cfg.lab.line_a.exchange_ip}:{cfg.lab.rerequest_port}"
 
 
@@ -110,7 +124,8 @@ def test_tickwire_run_without_lines_is_one_line(tmp_path, capsys):
     assert cli.main(["run", "--config", str(path)]) == 1
     assert capsys.readouterr().err.splitlines() == [
         "tickwire: run.line_a.interface: not set (the interface the line arrives on; --lab "
-        "uses the lab's lines)"]  # fmt: skip
+        "uses the lab's lines)"
+    ]
 
 
 # --- the README's examples -----------------------------------------------------------------

@@ -23,7 +23,8 @@ from host.appliance import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
-    "tickwire_nic", ROOT / "ansible/roles/nic/library/tickwire_nic.py")
+    "tickwire_nic", ROOT / "ansible/roles/nic/library/tickwire_nic.py"
+)
 nicmod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(nicmod)
 
@@ -31,8 +32,12 @@ pytestmark = pytest.mark.lab
 
 
 def _ethtool_text(cfg, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", cfg.lab.appliance_ns, "ethtool", *args],
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    return subprocess.run(
+        ["ip", "netns", "exec", cfg.lab.appliance_ns, "ethtool", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def _kernel(cfg, what: str, ifname: str):
@@ -55,22 +60,36 @@ def test_channels_read_the_same(labcfg):
             _set(labcfg, "-L", ifname, "rx", str(count), "tx", str(count))
             text = nicmod.parse_channels(_ethtool_text(labcfg, "-l", ifname).stdout)
             ch = _kernel(labcfg, "channels", ifname)
-            maxima = {"rx": ch.max_rx, "tx": ch.max_tx, "other": ch.max_other,
-                      "combined": ch.max_combined}  # fmt: skip
+            maxima = {
+                "rx": ch.max_rx,
+                "tx": ch.max_tx,
+                "other": ch.max_other,
+                "combined": ch.max_combined,
+            }
             current = preflight.current_channels(ch)
             assert text == {
                 "max": {k: v or None for k, v in maxima.items()},  # ethtool: n/a
-                "current": {k.lower(): v for k, v in current.items()}}, ifname
+                "current": {k.lower(): v for k, v in current.items()},
+            }, ifname
             assert text["current"]["rx"] == count
 
 
-@pytest.mark.parametrize("changes", [
-    (),  # as the lab leaves them
-    ("generic-receive-offload", "on", "rx-gro-list", "on"),
-    ("rx-checksumming", "off", "tx-checksum-ip-generic", "off", "tcp-segmentation-offload",
-     "off"),
-    ("generic-receive-offload", "off", "rx-checksumming", "on", "tx-checksumming", "on"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "changes",
+    [
+        (),  # as the lab leaves them
+        ("generic-receive-offload", "on", "rx-gro-list", "on"),
+        (
+            "rx-checksumming",
+            "off",
+            "tx-checksum-ip-generic",
+            "off",
+            "tcp-segmentation-offload",
+            "off",
+        ),
+        ("generic-receive-offload", "off", "rx-checksumming", "on", "tx-checksumming", "on"),
+    ],
+)
 def test_features_read_the_same(labcfg, changes):
     """Every name ``ethtool -k`` prints, with its on/off and [fixed], including the old
     flags that fold several kernel features (tx-checksumming, scatter-gather, ...)."""
@@ -90,8 +109,9 @@ def test_timestamping_reads_the_same(labcfg):
         shown = out.split("Capabilities:", 1)[1].split("PTP Hardware Clock:", 1)[0]
         names = set(re.findall(r"^\s+([a-z-]+)", shown, re.M))
         ts = _kernel(labcfg, "ts_info", ifname)
-        assert names == {n for n, bit in ethtool.SOF_TIMESTAMPING.items()
-                         if ts.so_timestamping & bit}, ifname  # fmt: skip
+        assert names == {
+            n for n, bit in ethtool.SOF_TIMESTAMPING.items() if ts.so_timestamping & bit
+        }, ifname
         phc = re.search(r"PTP Hardware Clock: (\S+)", out).group(1)
         assert phc == ("none" if ts.phc_index < 0 else str(ts.phc_index))
         got = preflight.Timestamping.of(ts)

@@ -40,11 +40,21 @@ def _cfg(labcfg, tmp_path) -> str:
     return write_config(labcfg, tmp_path / "sim.toml")
 
 
-def _run(labcfg, mode, tmp_path, session_file, *faults, rate="500000", extra=(),
-         run_extra=""):  # fmt: skip
+def _run(labcfg, mode, tmp_path, session_file, *faults, rate="500000", extra=(), run_extra=""):
     """The session through the appliance with ``faults``; (run, sim, sim's record)."""
-    args = ["--session", str(session_file[0]), "--rate", rate, "--eos-for", "3", "--heartbeat",
-            "0.1", "--record", str(tmp_path / "rec.json"), *extra]  # fmt: skip
+    args = [
+        "--session",
+        str(session_file[0]),
+        "--rate",
+        rate,
+        "--eos-for",
+        "3",
+        "--heartbeat",
+        "0.1",
+        "--record",
+        str(tmp_path / "rec.json"),
+        *extra,
+    ]
     for f in faults:
         args += ["--fault", f]
     s, sim = run_session(labcfg, tmp_path, mode, *args, run_extra=run_extra)
@@ -85,35 +95,61 @@ def test_same_range_dropped_on_both_lines_is_recovered(labcfg, mode, session_fil
 
 
 def test_random_loss_on_both_lines_with_reordering(labcfg, mode, session_file, tmp_path):
-    s, sim, rec = _run(labcfg, mode, tmp_path, session_file, "A:loss=0.01", "B:loss=0.01",
-                       "A:reorder=4@0.05", "B:reorder=4@0.05", extra=["--seed", "9"])  # fmt: skip
+    s, sim, rec = _run(
+        labcfg,
+        mode,
+        tmp_path,
+        session_file,
+        "A:loss=0.01",
+        "B:loss=0.01",
+        "A:reorder=4@0.05",
+        "B:reorder=4@0.05",
+        extra=["--seed", "9"],
+    )
     _whole(s, session_file[1])
-    lost = {ln: {e["packet"] for e in rec["lines"][ln]["events"] if e["fault"] == "loss"}
-            for ln in "AB"}  # fmt: skip
+    lost = {
+        ln: {e["packet"] for e in rec["lines"][ln]["events"] if e["fault"] == "loss"} for ln in "AB"
+    }
     assert lost["A"] and lost["B"]
     both = lost["A"] & lost["B"]
     if both:  # packets neither line carried came from the re-request server
         assert s["lines"]["recovery"]["first"] > 0
 
 
-def test_loss_at_the_end_of_a_burst_is_seen_through_heartbeats(labcfg, mode, session_file,
-                                                                tmp_path):  # fmt: skip
+def test_loss_at_the_end_of_a_burst_is_seen_through_heartbeats(
+    labcfg, mode, session_file, tmp_path
+):
     s, sim, rec = _run(labcfg, mode, tmp_path, session_file, f"AB:drop={N_MSGS - 40}-{N_MSGS}")
     _whole(s, session_file[1])
     assert s["gaps_declared"] >= 1 and s["lines"]["recovery"]["first"] >= 40
 
 
-def test_server_down_makes_gaps_unrecoverable_and_books_stale(labcfg, mode, session_file,
-                                                              tmp_path):  # fmt: skip
+def test_server_down_makes_gaps_unrecoverable_and_books_stale(labcfg, mode, session_file, tmp_path):
     from host.appliance import status
 
     path, digest = session_file
-    app = Appliance(labcfg, tmp_path, mode, until_eos=False,
-                    run_extra="recovery_retries = 2\nrecovery_timeout_ms = 20\n")  # fmt: skip
+    app = Appliance(
+        labcfg,
+        tmp_path,
+        mode,
+        until_eos=False,
+        run_extra="recovery_retries = 2\nrecovery_timeout_ms = 20\n",
+    )
     try:
-        run_sim(_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "500000",
-                "--eos-for", "0.5", "--heartbeat", "0.1", "--no-rerequest", "--fault",
-                "AB:drop=30000-30999")  # fmt: skip
+        run_sim(
+            _cfg(labcfg, tmp_path),
+            "--session",
+            str(path),
+            "--rate",
+            "500000",
+            "--eos-for",
+            "0.5",
+            "--heartbeat",
+            "0.1",
+            "--no-rerequest",
+            "--fault",
+            "AB:drop=30000-30999",
+        )
         app.wait_counters(lambda c: c["stale"], "books stale")
         c = app.wait_counters(lambda c: c["next_seq"] > N_MSGS, "the whole session seen")
         assert c["stale"] and c["unrecoverable_gaps"] >= 1 and c["unrecoverable_messages"] >= 1000
@@ -131,12 +167,28 @@ def test_server_down_makes_gaps_unrecoverable_and_books_stale(labcfg, mode, sess
 
 def test_halt_policy_stops_before_the_gap(labcfg, mode, session_file, tmp_path):
     path, _ = session_file
-    app = Appliance(labcfg, tmp_path, mode, until_eos=False,
-                    run_extra='policy = "halt"\nrecovery_retries = 1\nrecovery_timeout_ms = 20\n')
+    app = Appliance(
+        labcfg,
+        tmp_path,
+        mode,
+        until_eos=False,
+        run_extra='policy = "halt"\nrecovery_retries = 1\nrecovery_timeout_ms = 20\n',
+    )
     try:
-        run_sim(_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "500000",
-                "--eos-for", "0.5", "--heartbeat", "0.1", "--no-rerequest", "--fault",
-                "AB:drop=30000-30999")  # fmt: skip
+        run_sim(
+            _cfg(labcfg, tmp_path),
+            "--session",
+            str(path),
+            "--rate",
+            "500000",
+            "--eos-for",
+            "0.5",
+            "--heartbeat",
+            "0.1",
+            "--no-rerequest",
+            "--fault",
+            "AB:drop=30000-30999",
+        )
         s = app.finish(timeout=60, rc=3)
     finally:
         app.kill()
@@ -153,13 +205,26 @@ def test_bpf_cut_of_line_a_mid_session(labcfg, mode, session_file, tmp_path):
     app = Appliance(labcfg, tmp_path, mode)
     with faults.WireFaults(labcfg.lab, "AB") as wire:
         try:
-            sim = SimProcess(_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "200000",
-                             "--eos-for", "2", "--heartbeat", "0.1")  # fmt: skip
+            sim = SimProcess(
+                _cfg(labcfg, tmp_path),
+                "--session",
+                str(path),
+                "--rate",
+                "200000",
+                "--eos-for",
+                "2",
+                "--heartbeat",
+                "0.1",
+            )
             app.wait_taken(20_000)  # mid-session
             # A goes dark until it has lost a good part of the session, then comes back
             wire.cut(600_000, line="A")
-            cut = wait_for(lambda: (st := wire.stats("A"))["dropped_messages"] > 1000 and st,
-                           60, "1000 messages cut on A", lambda: wire.stats("A"))
+            cut = wait_for(
+                lambda: (st := wire.stats("A"))["dropped_messages"] > 1000 and st,
+                60,
+                "1000 messages cut on A",
+                lambda: wire.stats("A"),
+            )
             wire.clear(line="A")
             sim.finish()
             s = app.finish()
@@ -186,9 +251,25 @@ def test_bpf_same_range_dropped_on_both_lines(labcfg, mode, session_file, tmp_pa
 
 
 def test_bench_failover_reports_and_cleans_up(mode):
-    done = subprocess.run([sys.executable, "-m", "host.cli", "bench", "failover", "--messages",
-                           "60000", "--rate", "100000", "--mode", mode, "--json"],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "host.cli",
+            "bench",
+            "failover",
+            "--messages",
+            "60000",
+            "--rate",
+            "100000",
+            "--mode",
+            mode,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     r = json.loads(done.stdout)["result"]
     assert r["failover_ms"] is not None and r["failover_ms"] >= 0

@@ -39,8 +39,11 @@ def test_a_spelling_means_the_same_in_the_simulator_and_on_the_wire(spec):
 
 
 def test_percent_and_fraction_are_one_probability():
-    for a, b in (("A:loss=1%", "A:loss=0.01"), ("A:loss=50%", "A:loss=0.5"),
-                 ("A:dup=10%", "A:dup=0.1")):  # fmt: skip
+    for a, b in (
+        ("A:loss=1%", "A:loss=0.01"),
+        ("A:loss=50%", "A:loss=0.5"),
+        ("A:dup=10%", "A:dup=0.1"),
+    ):
         assert parse_fault(a)[0].prob == pytest.approx(parse_fault(b)[0].prob)
 
 
@@ -49,8 +52,9 @@ def _cli(argv: list[str]) -> tuple[str, str | None, dict[str, dict]]:
     p = argparse.ArgumentParser(exit_on_error=False)
     wire.add_cli_arguments(p)
     a = p.parse_args(argv)
-    return wire.cli_faults(a.fault_args, cut=a.cut, drop_range=a.drop_range, loss=a.loss,
-                           drop_all=a.drop_all)  # fmt: skip
+    return wire.cli_faults(
+        a.fault_args, cut=a.cut, drop_range=a.drop_range, loss=a.loss, drop_all=a.drop_all
+    )
 
 
 @pytest.mark.parametrize(
@@ -58,15 +62,21 @@ def _cli(argv: list[str]) -> tuple[str, str | None, dict[str, dict]]:
     [
         (["A", "--cut", "200"], ["A:cut=200"], {"A": {"cut": (200.0, 0.0)}}),
         (["B", "--cut", "100@500"], ["B:cut=100@500"], {"B": {"cut": (100.0, 500.0)}}),
-        (["A", "--drop-range", "1000-1999"], ["A:drop=1000-1999"],
-         {"A": {"drop_range": (1000, 1999)}}),
+        (
+            ["A", "--drop-range", "1000-1999"],
+            ["A:drop=1000-1999"],
+            {"A": {"drop_range": (1000, 1999)}},
+        ),
         (["AB", "--loss", "0.01"], ["AB:loss=1%"], {"A": {"loss": 0.01}, "B": {"loss": 0.01}}),
         (["A", "--drop-all"], ["A:drop=all"], {"A": {"drop_all": True}}),
         (["--loss", "5%"], ["loss=0.05"], {"A": {"loss": 0.05}, "B": {"loss": 0.05}}),
-        (["B", "--cut", "50@60000", "--loss", "0.25"], ["B", "cut=50@60000", "loss=25%"],
-         {"B": {"cut": (50.0, 60000.0), "loss": 0.25}}),
+        (
+            ["B", "--cut", "50@60000", "--loss", "0.25"],
+            ["B", "cut=50@60000", "loss=25%"],
+            {"B": {"cut": (50.0, 60000.0), "loss": 0.25}},
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_wire_options_are_spellings_of_the_specs(options, specs, want):
     assert _cli(options)[1:] == (None, want)
     assert _cli(specs)[1:] == (None, want)
@@ -74,11 +84,11 @@ def test_the_wire_options_are_spellings_of_the_specs(options, specs, want):
 
 def test_the_wire_maps_a_spec_to_the_program_configuration():
     cfg = dict.fromkeys(wire.CFG_FIELDS, 0)
-    (letter, kw), = wire.settings(parse_fault("A:loss=1%", WIRE)).items()  # fmt: skip
+    ((letter, kw),) = wire.settings(parse_fault("A:loss=1%", WIRE)).items()
     new = wire._fault_fields(cfg, **kw)
     assert letter == "A" and new["loss_threshold"] == round(0.01 * (1 << 32))
     assert new["flags"] == wire.FF_LOSS
-    (_, kw), = wire.settings(parse_fault("B:drop=5-9", WIRE)).items()  # fmt: skip
+    ((_, kw),) = wire.settings(parse_fault("B:drop=5-9", WIRE)).items()
     new = wire._fault_fields(cfg, **kw)
     assert (new["seq_first"], new["seq_last"], new["flags"]) == (5, 9, wire.FF_RANGE)
 
@@ -107,7 +117,7 @@ def test_the_wire_maps_a_spec_to_the_program_configuration():
         ("A:reorder=1", SIM, "at least 2 packets"),
         ("A:delay=-3", SIM, "must not be negative"),
     ],
-)  # fmt: skip
+)
 def test_a_bad_spec_is_one_error_naming_it(spec, target, text):
     with pytest.raises(FaultSpecError) as e:
         parse_fault(spec, target, lines=None if target == SIM else "AB")
@@ -118,18 +128,22 @@ def test_a_bad_spec_is_one_error_naming_it(spec, target, text):
 def test_a_bad_option_value_is_the_same_error():
     p = argparse.ArgumentParser(exit_on_error=False)
     wire.add_cli_arguments(p)
-    for argv, text in ((["--cut", "0"], "fault 'cut=0': a cut lasts more than 0 ms"),
-                       (["--loss", "1.5"], "fault 'loss=1.5': a probability must be within"),
-                       (["--drop-range", "9-3"], "fault 'drop=9-3': a sequence range must")):
+    for argv, text in (
+        (["--cut", "0"], "fault 'cut=0': a cut lasts more than 0 ms"),
+        (["--loss", "1.5"], "fault 'loss=1.5': a probability must be within"),
+        (["--drop-range", "9-3"], "fault 'drop=9-3': a sequence range must"),
+    ):
         with pytest.raises(argparse.ArgumentError, match=text):
             p.parse_args(argv)
 
 
 def test_the_python_api_checks_values_with_the_same_rules():
     cfg = dict.fromkeys(wire.CFG_FIELDS, 0)
-    for kw, text in (({"loss": 1.5}, "fault 'loss=1.5': a probability"),
-                     ({"drop_range": (9, 5)}, "fault 'drop=9-5': a sequence range"),
-                     ({"cut": (0, 0)}, "fault 'cut=0@0': a cut lasts")):  # fmt: skip
+    for kw, text in (
+        ({"loss": 1.5}, "fault 'loss=1.5': a probability"),
+        ({"drop_range": (9, 5)}, "fault 'drop=9-5': a sequence range"),
+        ({"cut": (0, 0)}, "fault 'cut=0@0': a cut lasts"),
+    ):
         with pytest.raises(FaultSpecError, match=text):
             wire._fault_fields(cfg, **kw)
 
@@ -149,8 +163,11 @@ def test_fault_files_use_the_grammar(tmp_path):
     plan = tmp_path / "plan.toml"
     plan.write_text('faults = ["A:loss=1%", "AB:drop=10-20"]\nseed = 7\n')
     faults, seed = faultplan.load_faults(str(plan))
-    assert seed == 7 and [(f.line, f.kind) for f in faults] == [("A", "loss"), ("A", "drop"),
-                                                                ("B", "drop")]  # fmt: skip
+    assert seed == 7 and [(f.line, f.kind) for f in faults] == [
+        ("A", "loss"),
+        ("A", "drop"),
+        ("B", "drop"),
+    ]
     assert faults[0].prob == 0.01
     plan.write_text('faults = ["A:drop=all"]\n')
     with pytest.raises(FaultSpecError, match="'A:drop=all': drop=all is a fault of the wire"):

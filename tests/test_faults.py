@@ -51,8 +51,13 @@ def test_fault_values_are_checked():
     assert faults._fault_fields(cfg, loss=0)["flags"] == 0
     new = faults._fault_fields(cfg, drop_range=(5, 9), drop_all=True)
     assert new["flags"] == faults.FF_RANGE | faults.FF_ALL and new["seq_last"] == 9
-    for bad in ({"loss": 1.5}, {"drop_range": (9, 5)}, {"drop_range": (0, 5)},
-                {"cut": (0, 0)}, {"cut": (10, -1)}):  # fmt: skip
+    for bad in (
+        {"loss": 1.5},
+        {"drop_range": (9, 5)},
+        {"drop_range": (0, 5)},
+        {"cut": (0, 0)},
+        {"cut": (10, -1)},
+    ):
         with pytest.raises(ValueError):
             faults._fault_fields(cfg, **bad)
 
@@ -65,27 +70,57 @@ def test_errors_are_one_line_without_a_lab():
     st = faults.status(cfg)
     assert st["pinned"] is None and not st["lab_up"]
     assert faults.remove_all(cfg) == []
-    for args, text in ((["C", "--cut", "10"], "unknown line, fault or action 'C'"),
-                       (["A", "--cut", "10"], f"lab {cfg.lab.prefix} is not up"),
-                       (["A:loss=1%"], f"lab {cfg.lab.prefix} is not up"),
-                       (["A:reorder=4"], "reorder is a fault of the simulator"),
-                       (["clear", "--loss", "0.1"], "takes no fault options")):  # fmt: skip
-        done = subprocess.run([sys.executable, "-m", "host.cli", "lab", "fault", "--prefix",
-                               cfg.lab.prefix, *args], capture_output=True, text=True,
-                              cwd=ROOT)  # fmt: skip
+    for args, text in (
+        (["C", "--cut", "10"], "unknown line, fault or action 'C'"),
+        (["A", "--cut", "10"], f"lab {cfg.lab.prefix} is not up"),
+        (["A:loss=1%"], f"lab {cfg.lab.prefix} is not up"),
+        (["A:reorder=4"], "reorder is a fault of the simulator"),
+        (["clear", "--loss", "0.1"], "takes no fault options"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "host.cli", "lab", "fault", "--prefix", cfg.lab.prefix, *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert done.returncode == 1 and done.stdout == ""
         assert done.stderr.count("\n") == 1 and text in done.stderr, done.stderr
 
 
 # --- the program on crafted frames (root, bcc; no lab) -------------------------------------
-def _frame(seq: int, count: int, *, group="239.77.1.1", port=26477, vlan=False, ihl=5,
-           frag=0, truncate=0, ethertype=0x0800) -> bytes:  # fmt: skip
+def _frame(
+    seq: int,
+    count: int,
+    *,
+    group="239.77.1.1",
+    port=26477,
+    vlan=False,
+    ihl=5,
+    frag=0,
+    truncate=0,
+    ethertype=0x0800,
+) -> bytes:
     mold_hdr = b"TICKWIRE01" + struct.pack("!QH", seq, count)
     payload = mold_hdr + (b"\x00\x05hello" * (count if 0 < count < 0xFFFF else 0))
     udp = struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload
     opts = b"\x01" * (4 * (ihl - 5))
-    ip = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 4 * ihl + len(udp), 1, frag, 1, 17, 0,
-                     socket.inet_aton("10.77.1.1"), socket.inet_aton(group)) + opts + udp
+    ip = (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x40 | ihl,
+            0,
+            4 * ihl + len(udp),
+            1,
+            frag,
+            1,
+            17,
+            0,
+            socket.inet_aton("10.77.1.1"),
+            socket.inet_aton(group),
+        )
+        + opts
+        + udp
+    )
     eth = b"\x01\x00\x5e\x4d\x01\x01" + b"\x02\x00\x00\x00\x00\x01"
     eth += (struct.pack("!HH", 0x8100, 7) if vlan else b"") + struct.pack("!H", ethertype)
     data = eth + ip
@@ -137,8 +172,9 @@ def test_program_rules_on_crafted_frames():
         assert _run(maps.prog_fd, _frame(1, 3, port=9, group="239.1.1.1")) == TC_ACT_SHOT
         maps.set_config("A", group=base["group"], port=base["port"])
         now = time.monotonic_ns()
-        maps.set_config("A", flags=faults.FF_CUT, cut_start_ns=now - 10**9,
-                        cut_end_ns=now + 10 * 10**9)  # fmt: skip
+        maps.set_config(
+            "A", flags=faults.FF_CUT, cut_start_ns=now - 10**9, cut_end_ns=now + 10 * 10**9
+        )
         assert _run(maps.prog_fd, _frame(1, 0)) == TC_ACT_SHOT
         maps.set_config("A", cut_end_ns=now)  # the window is over
         assert _run(maps.prog_fd, _frame(1, 3)) == TC_ACT_OK
@@ -179,8 +215,11 @@ def files(labcfg, tmp_path_factory):
     d = tmp_path_factory.mktemp("faults")
     itchgen.write_session(d / "s.itch", N_MSGS, 50, 11)
     itchgen.write_session(d / "long.itch", 150_000, 50, 12)
-    return {"config": write_config(labcfg, d / "lab.toml"), "session": str(d / "s.itch"),
-            "long": str(d / "long.itch")}  # fmt: skip
+    return {
+        "config": write_config(labcfg, d / "lab.toml"),
+        "session": str(d / "s.itch"),
+        "long": str(d / "long.itch"),
+    }
 
 
 def _counts(wf) -> Callable[[], dict[str, dict]]:
@@ -205,8 +244,17 @@ def _publish(labcfg, files, counts, *extra: str, session: str = "session"):
     rx = Receiver(labcfg)
     try:
         before = counts()
-        summary = run_sim(files["config"], "--session", files[session], "--rate", RATE,
-                          "--no-rerequest", "--eos-for", "0.5", *extra)  # fmt: skip
+        summary = run_sim(
+            files["config"],
+            "--session",
+            files[session],
+            "--rate",
+            RATE,
+            "--no-rerequest",
+            "--eos-for",
+            "0.5",
+            *extra,
+        )
         _arrive(rx, summary, counts, before)
     finally:
         rx.close()
@@ -230,9 +278,24 @@ def _kinds(packets) -> dict[int, int]:
 
 def _tc(labcfg, what: str, ifname: str, *more: str) -> str:
     """``tc -s qdisc|filter show dev IFNAME ...`` in the exchange namespace."""
-    return subprocess.run(["ip", "netns", "exec", labcfg.lab.exchange_ns, "tc", "-s", what,
-                           "show", "dev", ifname, *more], capture_output=True, text=True,
-                          check=True).stdout  # fmt: skip
+    return subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            labcfg.lab.exchange_ns,
+            "tc",
+            "-s",
+            what,
+            "show",
+            "dev",
+            ifname,
+            *more,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
 @pytest.mark.lab
@@ -265,15 +328,22 @@ def test_cut_drops_one_contiguous_block(labcfg, files):
     try:
         with faults.WireFaults(labcfg, "B") as wf:
             before = _counts(wf)()
-            sim = SimProcess(files["config"], "--session", files["long"], "--rate", RATE,
-                             "--no-rerequest", "--eos-for", "0.5")  # fmt: skip
+            sim = SimProcess(
+                files["config"],
+                "--session",
+                files["long"],
+                "--rate",
+                RATE,
+                "--no-rerequest",
+                "--eos-for",
+                "0.5",
+            )
             try:
                 wait_for(lambda: rx.data("B"), 60, "data on line B")
                 # silent from now until the program has cut some data, whatever the pace
                 # of a loaded machine (data flows for ~750 ms in all)
                 wf.cut(60_000)
-                wait_for(lambda: wf.stats()["dropped_messages"] > 0, 60, "data cut on B",
-                         wf.stats)  # fmt: skip
+                wait_for(lambda: wf.stats()["dropped_messages"] > 0, 60, "data cut on B", wf.stats)
                 wf.clear()
                 summary = sim.finish()
             finally:
@@ -377,9 +447,23 @@ def test_detach_leaves_no_qdisc_filter_or_pin(labcfg, files):
 
 
 def _cli(labcfg, files, *args: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "host.cli", "lab", "fault", "--config",
-                           files["config"], "--json", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "host.cli",
+            "lab",
+            "fault",
+            "--config",
+            files["config"],
+            "--json",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -392,8 +476,9 @@ def test_cli_drives_the_pinned_maps_across_processes(labcfg, files):
         st = _cli(labcfg, files, "A", "--drop-range", f"{first}-{last}")
         assert st["lines"]["A"]["attached"] and not st["lines"]["B"]["attached"]
         assert st["lines"]["A"]["faults"]["drop_range"] == [first, last]
-        rx = _publish(labcfg, files,
-                      lambda: {"A": _cli(labcfg, files, "status")["lines"]["A"]["counters"]})
+        rx = _publish(
+            labcfg, files, lambda: {"A": _cli(labcfg, files, "status")["lines"]["A"]["counters"]}
+        )
         b = rx.data("B")
         hit = [s for s, c, _ in b if s <= last and s + c - 1 >= first]
         assert [s for s, _, _ in rx.data("A")] == [s for s, _, _ in b if s not in hit]
@@ -411,14 +496,29 @@ def test_cli_drives_the_pinned_maps_across_processes(labcfg, files):
         st = _cli(labcfg, files, "clear")
         for letter in "AB":
             f = st["lines"][letter]["faults"]
-            assert (f["drop_all"], f["cut"], f["drop_range"], f["loss"]) == (False, None, None,
-                                                                             None)  # fmt: skip
-        done = subprocess.run([sys.executable, "-m", "host.cli", "lab", "fault", "--config",
-                               files["config"], "status"], capture_output=True, text=True,
-                              cwd=ROOT)  # fmt: skip
+            assert (f["drop_all"], f["cut"], f["drop_range"], f["loss"]) == (
+                False,
+                None,
+                None,
+                None,
+            )
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "host.cli",
+                "lab",
+                "fault",
+                "--config",
+                files["config"],
+                "status",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert done.returncode == 0 and "line A" in done.stdout and "faults: none" in done.stdout
-        assert _cli(labcfg, files, "off") == {"prefix": labcfg.lab.prefix,
-                                              "detached": ["A", "B"]}  # fmt: skip
+        assert _cli(labcfg, files, "off") == {"prefix": labcfg.lab.prefix, "detached": ["A", "B"]}
         assert not os.path.exists(faults.pin_dir(labcfg))
         for ifname in ("ex-a", "ex-b"):
             assert "clsact" not in _tc(labcfg, "qdisc", ifname)
@@ -437,7 +537,9 @@ def test_remove_all_after_the_lab_is_gone(labcfg, files):
         st = faults.status(other)
         assert st["pinned"] and not st["lab_up"] and not st["lines"]["B"]["attached"]
         assert "lab not up" in faults.status_text(st)
-        assert faults.remove_all(other) == ["fault program on line B",
-                                            f"pins in {faults.pin_dir(other)}"]  # fmt: skip
+        assert faults.remove_all(other) == [
+            "fault program on line B",
+            f"pins in {faults.pin_dir(other)}",
+        ]
     assert not os.path.exists(faults.pin_dir(other))
     assert faults.remove_all(other) == []

@@ -32,13 +32,15 @@ def test_defaults_are_a_valid_lab():
         ("[lab.line_b]\ngroup = '239.77.1.1'\nport = 26477\n", "different group/port"),
         ("[feed]\nsession = 'MUCH-TOO-LONG'\n", "feed.session"),
         ("[nope]\n", "nope: unknown key"),
-        ("[run.line_a]\ninterface = 'feed-a'\n[run.line_b]\ninterface = 'feed-a'\n",
-         "run.line_b: lines A and B both arrive"),
+        (
+            "[run.line_a]\ninterface = 'feed-a'\n[run.line_b]\ninterface = 'feed-a'\n",
+            "run.line_b: lines A and B both arrive",
+        ),
         ("[run]\nring_size = 1000\n", "run.ring_size"),
         ("[run]\nmetrics = 'localhost'\n", "run.metrics"),
         ("[lab\n", "not valid TOML"),
     ],
-)  # fmt: skip
+)
 def test_bad_configuration_names_the_key(tmp_path, text, key):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -57,8 +59,11 @@ def test_config_file_overrides_defaults(tmp_path):
 def test_lab_cli_bad_config_is_one_line(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[lab]\nqueues = 99\n")
-    done = subprocess.run([sys.executable, "-m", "host.cli", "lab", "status", "--config",
-                           str(path)], capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "host.cli", "lab", "status", "--config", str(path)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "lab.queues" in done.stderr
 
@@ -77,17 +82,23 @@ def test_up_is_idempotent_and_down_removes_only_its_own():
         try:
             st = lab.up(a.lab)
             assert st["up"], st
-            first = {ns: [(i["name"], i["addresses"]) for i in info["interfaces"]]
-                     for ns, info in st["namespaces"].items()}  # fmt: skip
+            first = {
+                ns: [(i["name"], i["addresses"]) for i in info["interfaces"]]
+                for ns, info in st["namespaces"].items()
+            }
             again = lab.up(a.lab)  # second run: same interfaces, same addresses
-            assert {ns: [(i["name"], i["addresses"]) for i in info["interfaces"]]
-                    for ns, info in again["namespaces"].items()} == first  # fmt: skip
+            assert {
+                ns: [(i["name"], i["addresses"]) for i in info["interfaces"]]
+                for ns, info in again["namespaces"].items()
+            } == first
             exch = st["namespaces"][a.lab.exchange_ns]
             names = {i["name"]: i for i in exch["interfaces"]}
             assert names["ex-a"]["addresses"] == ["10.77.1.1/30"]
             assert names["ex-a"]["mtu"] == 1500 and names["ex-a"]["state"] == "up"
             assert {r["group"]: r["dev"] for r in exch["group_routes"]} == {
-                "239.77.1.1": "ex-a", "239.77.2.1": "ex-b"}  # fmt: skip
+                "239.77.1.1": "ex-a",
+                "239.77.2.1": "ex-b",
+            }
             sb = lab.status(b.lab)
             feed = {i["name"]: i for i in sb["namespaces"][b.lab.appliance_ns]["interfaces"]}
             assert feed["feed-b"]["mtu"] == 1400 and feed["feed-b"]["queues"] == 2
@@ -106,8 +117,13 @@ def test_down_stops_processes_left_in_the_lab():
     with built(cfg):
         proc = subprocess.Popen(["ip", "netns", "exec", cfg.lab.exchange_ns, "sleep", "300"])
         try:
-            wait_for(lambda: proc.pid in lab.status(cfg.lab)["namespaces"][
-                cfg.lab.exchange_ns]["processes"], 10, "the process seen in the lab")  # fmt: skip
+            wait_for(
+                lambda: (
+                    proc.pid in lab.status(cfg.lab)["namespaces"][cfg.lab.exchange_ns]["processes"]
+                ),
+                10,
+                "the process seen in the lab",
+            )
             lab.down(cfg.lab)
             assert proc.wait(timeout=10) != 0
         finally:
@@ -120,18 +136,22 @@ def test_lab_cli_up_status_down_json():
     prefix = f"tc{os.getpid() % 100000:05d}"
     cli = [sys.executable, "-m", "host.cli", "lab"]
     try:
-        up = subprocess.run([*cli, "up", "--prefix", prefix, "--json"], capture_output=True,
-                            text=True, check=True)  # fmt: skip
+        up = subprocess.run(
+            [*cli, "up", "--prefix", prefix, "--json"], capture_output=True, text=True, check=True
+        )
         assert json.loads(up.stdout)["up"] is True
-        st = subprocess.run([*cli, "status", "--prefix", prefix], capture_output=True,
-                            text=True, check=True)  # fmt: skip
+        st = subprocess.run(
+            [*cli, "status", "--prefix", prefix], capture_output=True, text=True, check=True
+        )
         assert f"lab {prefix}: up" in st.stdout and "feed-a" in st.stdout
     finally:
-        down = subprocess.run([*cli, "down", "--prefix", prefix, "--json"], capture_output=True,
-                              text=True)  # fmt: skip
+        down = subprocess.run(
+            [*cli, "down", "--prefix", prefix, "--json"], capture_output=True, text=True
+        )
     assert json.loads(down.stdout)["removed"] == [f"{prefix}-exch", f"{prefix}-appl"]
-    st = subprocess.run([*cli, "status", "--prefix", prefix, "--json"], capture_output=True,
-                        text=True)  # fmt: skip
+    st = subprocess.run(
+        [*cli, "status", "--prefix", prefix, "--json"], capture_output=True, text=True
+    )
     assert json.loads(st.stdout)["up"] is False
 
 
@@ -144,8 +164,11 @@ def test_traffic_stays_in_the_lab():
         try:
             with netns.entered(cfg.lab.exchange_ns):
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                         socket.inet_aton(cfg.lab.line_a.exchange_ip))  # fmt: skip
+            s.setsockopt(
+                socket.IPPROTO_IP,
+                socket.IP_MULTICAST_IF,
+                socket.inet_aton(cfg.lab.line_a.exchange_ip),
+            )
             s.sendto(b"hello", (cfg.lab.line_a.group, cfg.lab.line_a.port))
             s.close()
             rx.wait_packets({"A": 1})

@@ -13,8 +13,12 @@ pytestmark = pytest.mark.lab
 
 def _queues(ns: str, ifname: str) -> tuple[int, int]:
     """``(rx, tx)``: the queues the kernel uses now (sysfs, as seen inside ``ns``)."""
-    out = subprocess.run(["ip", "netns", "exec", ns, "ls", f"/sys/class/net/{ifname}/queues"],
-                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "ls", f"/sys/class/net/{ifname}/queues"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     return sum(q.startswith("rx-") for q in out), sum(q.startswith("tx-") for q in out)
 
 
@@ -24,8 +28,22 @@ def test_no_end_sends_on_a_queue_its_peer_lacks():
     with built(cfg):
         line = lab.line_a
         # what the nic role does with nic_channels = 2 (tests/test_ansible_network.py)
-        subprocess.run(["ip", "netns", "exec", lab.appliance_ns, "ethtool", "-L",
-                        line.appliance_if, "rx", "2", "tx", "2"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                lab.appliance_ns,
+                "ethtool",
+                "-L",
+                line.appliance_if,
+                "rx",
+                "2",
+                "tx",
+                "2",
+            ],
+            check=True,
+        )
         for letter, ln in lab.lines.items():
             ex_rx, ex_tx = _queues(lab.exchange_ns, ln.exchange_if)
             ap_rx, ap_tx = _queues(lab.appliance_ns, ln.appliance_if)

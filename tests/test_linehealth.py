@@ -31,10 +31,13 @@ def test_a_first_look_sees_stale_and_down_lines():
     one silent for 10 s down, not "unknown" (an observer that started at "unknown" and
     kept it on silence could never show either)."""
     got = lh.lines(_counters(NOW - 2 * S, NOW - 10 * S), NOW)
-    assert got == {"A": {"state": "stale", "silence_s": 2.0},
-                   "B": {"state": "down", "silence_s": 10.0}}  # fmt: skip
+    assert got == {
+        "A": {"state": "stale", "silence_s": 2.0},
+        "B": {"state": "down", "silence_s": 10.0},
+    }
     assert lh.LineHealth().observe(_counters(NOW - 2 * S, NOW - 10 * S), NOW)["A"]["state"] == (
-        "stale")  # fmt: skip
+        "stale"
+    )
 
 
 def test_how_often_it_is_read_does_not_change_the_state():

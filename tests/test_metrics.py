@@ -19,13 +19,19 @@ def _scrape(*collectors) -> dict:
     reg = CollectorRegistry(auto_describe=False)
     for c in collectors:
         reg.register(c)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in reg.collect() for s in fam.samples}  # fmt: skip
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in reg.collect()
+        for s in fam.samples
+    }
 
 
 def _maps(rx_a: int = 0, rx_b: int = 0) -> dict:
-    m = {name: np.zeros(shape, dtype) for name, (dtype, shape) in shm.REGIONS.items()
-         if name in ("counters", "latency", "control")}  # fmt: skip
+    m = {
+        name: np.zeros(shape, dtype)
+        for name, (dtype, shape) in shm.REGIONS.items()
+        if name in ("counters", "latency", "control")
+    }
     m["counters"][shm.L_RX_NS] = rx_a
     m["counters"][shm.LINE_STRIDE + shm.L_RX_NS] = rx_b
     return m
@@ -93,8 +99,13 @@ def test_both_latency_histograms_convert_alike():
         hist[shm.lat_bucket.py_func(ns)] += n
     m = _maps()
     m["latency"][:] = hist
-    st = {"running": True, "alive_ns": 0, "policy": "stale", "histogram": hist,
-          "counters": dict.fromkeys(recovery.COUNTERS, 0)}  # fmt: skip
+    st = {
+        "running": True,
+        "alive_ns": 0,
+        "policy": "stale",
+        "histogram": hist,
+        "counters": dict.fromkeys(recovery.COUNTERS, 0),
+    }
 
     class Rec:
         def collect(self):

@@ -34,8 +34,10 @@ def test_layout_is_the_specs_table():
     assert (mold.SEQ_OFF, mold.SEQ_LEN) == (10, 8)
     assert (mold.COUNT_OFF, mold.COUNT_LEN) == (18, 2)
     assert mold.HEADER_LEN == mold.REQUEST_LEN == mold.HEADER.itemsize == 20
-    fields = {name: (mold.HEADER.fields[name][1], mold.HEADER.fields[name][0].itemsize)
-              for name in mold.HEADER.names}
+    fields = {
+        name: (mold.HEADER.fields[name][1], mold.HEADER.fields[name][0].itemsize)
+        for name in mold.HEADER.names
+    }
     assert fields == {"session": (0, 10), "seq": (10, 8), "count": (18, 2)}
 
 
@@ -57,11 +59,20 @@ def test_header_round_trips_and_both_sides_write_the_same_bytes(session, seq, co
 @settings(max_examples=100, deadline=None)
 @given(session=sessions, next_seq=st.integers(1, 2**63 - 1))
 def test_heartbeat_and_end_of_session_round_trip(session, next_seq):
-    assert mold.parse(mold.heartbeat(session, next_seq)) == (mold.P_HEARTBEAT, next_seq,
-                                                             mold.HEARTBEAT, session, [])
-    assert mold.parse(mold.end_of_session(session, next_seq)) == (mold.P_END, next_seq,
-                                                                  mold.END_OF_SESSION, session,
-                                                                  [])
+    assert mold.parse(mold.heartbeat(session, next_seq)) == (
+        mold.P_HEARTBEAT,
+        next_seq,
+        mold.HEARTBEAT,
+        session,
+        [],
+    )
+    assert mold.parse(mold.end_of_session(session, next_seq)) == (
+        mold.P_END,
+        next_seq,
+        mold.END_OF_SESSION,
+        session,
+        [],
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -81,8 +92,10 @@ def test_data_packet_round_trips(session, seq, msgs):
 
 
 @settings(max_examples=50, deadline=None)
-@given(msgs=st.lists(st.binary(min_size=1, max_size=200), min_size=1, max_size=200),
-       limit=st.integers(mold.HEADER_LEN + 2 + 200, 1400))
+@given(
+    msgs=st.lists(st.binary(min_size=1, max_size=200), min_size=1, max_size=200),
+    limit=st.integers(mold.HEADER_LEN + 2 + 200, 1400),
+)
 def test_publisher_packets_parse_back_to_the_session(msgs, limit):
     """index_messages + pack + write_headers (the publisher) against parse (a receiver)."""
     buf = np.frombuffer(b"".join(len(m).to_bytes(2, "big") + m for m in msgs), np.uint8)
@@ -135,8 +148,9 @@ def test_any_bytes_parse_to_a_status_never_an_exception(data):
 def test_truncated_or_overlong_packets_are_drops(seq, msgs, extra):
     pkt = mold.packet(SESSION, seq, msgs)
     for cut in range(len(pkt)):
-        assert mold.parse(pkt[:cut])[0] == (mold.P_SHORT if cut < mold.HEADER_LEN
-                                            else mold.P_BAD_BLOCKS), cut
+        assert mold.parse(pkt[:cut])[0] == (
+            mold.P_SHORT if cut < mold.HEADER_LEN else mold.P_BAD_BLOCKS
+        ), cut
     assert mold.parse(pkt + extra)[0] == mold.P_BAD_BLOCKS
     for ctl in (mold.heartbeat(SESSION, seq), mold.end_of_session(SESSION, seq)):
         assert mold.parse(ctl + extra)[0] == mold.P_BAD_BLOCKS
@@ -152,14 +166,17 @@ def test_parse_header_reads_nothing_past_end(seq, msgs):
         assert mold.parse_header(pkt, 0, end)[0] in DROPS
 
 
-@pytest.mark.parametrize("data, why", [
-    (b"", "20 bytes, not 0"),
-    (SESSION + bytes(9), "20 bytes, not 19"),
-    (mold.request(SESSION, 1, 1) + b"!", "20 bytes, not 21"),
-    (mold.request(SESSION, 0, 10), "sequence number 1 or later"),
-    (mold.request(SESSION, 5, 0), "messages, not 0"),
-    (mold.request(SESSION, 5, mold.END_OF_SESSION), "messages, not 65535"),
-])
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (b"", "20 bytes, not 0"),
+        (SESSION + bytes(9), "20 bytes, not 19"),
+        (mold.request(SESSION, 1, 1) + b"!", "20 bytes, not 21"),
+        (mold.request(SESSION, 0, 10), "sequence number 1 or later"),
+        (mold.request(SESSION, 5, 0), "messages, not 0"),
+        (mold.request(SESSION, 5, mold.END_OF_SESSION), "messages, not 65535"),
+    ],
+)
 def test_bad_requests_are_a_clear_error(data, why):
     with pytest.raises(mold.MoldError, match=why):
         mold.parse_request(data)
@@ -238,27 +255,39 @@ def hand_coded_headers(source: str) -> list[int]:
             if (_const_int(node.lower), _const_int(node.upper)) in _FIELD_SLICES:
                 hits.add(node.lineno)
         elif isinstance(node, ast.BinOp):
-            widths = {_const_int(c.args[0]) for c in ast.walk(node)
-                      if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)
-                      and c.func.attr == "to_bytes" and c.args}
+            widths = {
+                _const_int(c.args[0])
+                for c in ast.walk(node)
+                if isinstance(c, ast.Call)
+                and isinstance(c.func, ast.Attribute)
+                and c.func.attr == "to_bytes"
+                and c.args
+            }
             if {mold.SEQ_LEN, mold.COUNT_LEN} <= widths:
                 hits.add(node.lineno)
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                and node.func.attr in ("unpack_from", "pack_into") and len(node.args) >= 3:
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("unpack_from", "pack_into")
+            and len(node.args) >= 3
+        ):
             leaves = _int_leaves(node.args[2])
             if leaves and len(leaves) > 1 and leaves[-1] in _FIELD_OFFSETS:
                 hits.add(node.lineno)
     return sorted(hits)
 
 
-@pytest.mark.parametrize("snippet", [
-    'struct.pack(">QH", seq, count)',
-    'struct.Struct("!10sQH").unpack(data)',
-    'seq = int.from_bytes(buf[10:18], "big")',
-    'count = int.from_bytes(data[18:20], "big")',
-    'sock.send(name + seq.to_bytes(8, "big") + count.to_bytes(2, "big"))',
-    'n = struct.unpack_from(">H", f, 14 + 20 + 8 + 18)[0]',
-])
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        'struct.pack(">QH", seq, count)',
+        'struct.Struct("!10sQH").unpack(data)',
+        'seq = int.from_bytes(buf[10:18], "big")',
+        'count = int.from_bytes(data[18:20], "big")',
+        'sock.send(name + seq.to_bytes(8, "big") + count.to_bytes(2, "big"))',
+        'n = struct.unpack_from(">H", f, 14 + 20 + 8 + 18)[0]',
+    ],
+)
 def test_the_guard_sees_each_way_the_header_was_hand_coded(snippet):
     assert hand_coded_headers(snippet) == [1]
 

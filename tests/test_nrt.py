@@ -60,13 +60,21 @@ SCRIPT = textwrap.dedent(
 
 def test_hot_path_llvm_has_no_allocation_or_python_calls(tmp_path):
     env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=str(ROOT),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     # the checker works: an allocating function is caught
-    assert any(k.startswith("NRT_MemInfo") or k.startswith("NRT_Allocate")
-               for k in result["control"]["calls"]), result["control"]
+    assert any(
+        k.startswith("NRT_MemInfo") or k.startswith("NRT_Allocate")
+        for k in result["control"]["calls"]
+    ), result["control"]
     # and it really read the hot functions (their byte loads are bswaps)
     assert result["apply_stream"]["bswap"] and result["walk_checksum"]["bswap"]
     assert result["apply_stream"]["calls"] == {}

@@ -22,6 +22,7 @@ from tests.labnet import built, private_lab, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 # --- what the kernel's ethtool ioctls answer --------------------------------------------------
 def feat(on: bool, fixed: bool = False) -> ethtool.Feature:
     return ethtool.Feature(available=not fixed, requested=on, active=on, never_changed=False)
@@ -29,33 +30,60 @@ def feat(on: bool, fixed: bool = False) -> ethtool.Feature:
 
 # a veth, as read on one in a scratch namespace (feature list shortened)
 VETH_FEATURES = {
-    "rx-checksum": feat(True), "tx-checksum-ipv4": feat(False, True),
-    "tx-checksum-ip-generic": feat(True), "tx-scatter-gather": feat(True),
-    "tx-tcp-segmentation": feat(True), "tx-generic-segmentation": feat(True),
-    "rx-gro": feat(False), "rx-lro": feat(False, True), "rx-vlan-hw-parse": feat(True),
-    "tx-vlan-hw-insert": feat(True), "rx-ntuple-filter": feat(False, True),
-    "rx-hashing": feat(False, True), "rx-gro-hw": feat(False, True), "rx-gro-list": feat(False),
+    "rx-checksum": feat(True),
+    "tx-checksum-ipv4": feat(False, True),
+    "tx-checksum-ip-generic": feat(True),
+    "tx-scatter-gather": feat(True),
+    "tx-tcp-segmentation": feat(True),
+    "tx-generic-segmentation": feat(True),
+    "rx-gro": feat(False),
+    "rx-lro": feat(False, True),
+    "rx-vlan-hw-parse": feat(True),
+    "tx-vlan-hw-insert": feat(True),
+    "rx-ntuple-filter": feat(False, True),
+    "rx-hashing": feat(False, True),
+    "rx-gro-hw": feat(False, True),
+    "rx-gro-list": feat(False),
     "rx-udp-gro-forwarding": feat(False),
-}  # fmt: skip
-VETH_CHANNELS = ethtool.Channels(max_rx=2, max_tx=2, max_other=0, max_combined=0, rx=1, tx=1,
-                                 other=0, combined=0)  # fmt: skip
+}
+VETH_CHANNELS = ethtool.Channels(
+    max_rx=2, max_tx=2, max_other=0, max_combined=0, rx=1, tx=1, other=0, combined=0
+)
 SOF = ethtool.SOF_TIMESTAMPING
-VETH_TS = ethtool.TsInfo(phc_index=-1, so_timestamping=SOF["software-transmit"]
-                         | SOF["software-receive"] | SOF["software-system-clock"],
-                         tx_types=0, rx_filters=0)  # fmt: skip
+VETH_TS = ethtool.TsInfo(
+    phc_index=-1,
+    so_timestamping=SOF["software-transmit"]
+    | SOF["software-receive"]
+    | SOF["software-system-clock"],
+    tx_types=0,
+    rx_filters=0,
+)
 # a multi-queue NIC with flow steering and a PTP hardware clock
-NIC_TS = ethtool.TsInfo(phc_index=0, so_timestamping=sum(SOF.values()) - SOF[
-    "hardware-legacy-clock"], tx_types=3, rx_filters=3)  # fmt: skip
+NIC_TS = ethtool.TsInfo(
+    phc_index=0,
+    so_timestamping=sum(SOF.values()) - SOF["hardware-legacy-clock"],
+    tx_types=3,
+    rx_filters=3,
+)
 
 
 def nic_channels(n: int) -> ethtool.Channels:
-    return ethtool.Channels(max_rx=0, max_tx=0, max_other=1, max_combined=63, rx=0, tx=0,
-                            other=1, combined=n)  # fmt: skip
+    return ethtool.Channels(
+        max_rx=0, max_tx=0, max_other=1, max_combined=63, rx=0, tx=0, other=1, combined=n
+    )
 
 
 def nic_rings(rx: int) -> ethtool.Rings:
-    return ethtool.Rings(max_rx=8192, max_rx_mini=0, max_rx_jumbo=0, max_tx=8192, rx=rx,
-                         rx_mini=0, rx_jumbo=0, tx=1024)  # fmt: skip
+    return ethtool.Rings(
+        max_rx=8192,
+        max_rx_mini=0,
+        max_rx_jumbo=0,
+        max_tx=8192,
+        rx=rx,
+        rx_mini=0,
+        rx_jumbo=0,
+        tx=1024,
+    )
 
 
 def udp_rule(loc: int, ip: str, port: int, queue: int | None) -> ethtool.FlowRule:
@@ -66,8 +94,9 @@ def with_features(base: dict, **changes: ethtool.Feature) -> dict:
     return {**base, **{k.replace("_", "-"): v for k, v in changes.items()}}
 
 
-NIC_FEATURES_TUNED = with_features(VETH_FEATURES, rx_ntuple_filter=feat(True),
-                                   rx_checksum=feat(False))  # fmt: skip
+NIC_FEATURES_TUNED = with_features(
+    VETH_FEATURES, rx_ntuple_filter=feat(True), rx_checksum=feat(False)
+)
 
 
 class Tree:
@@ -78,14 +107,22 @@ class Tree:
         self.root = root
         self.nics: dict[str, dict[str, object]] = {}
         self.interrupts: list[str] = ["           CPU0       CPU1       CPU2       CPU3"]
-        self.write("proc/self/status", "Name:\tpython3\nCpus_allowed_list:\t0-3\n"
-                   "CapEff:\t000001ffffffffff\n")  # fmt: skip
-        self.write("proc/self/limits", "Limit                     Soft Limit           Hard "
-                   "Limit           Units     \nMax locked memory         8388608              "
-                   "8388608              bytes     \n")  # fmt: skip
-        self.write("proc/mounts", "sysfs /sys sysfs rw,nosuid 0 0\n"
-                   "bpf /sys/fs/bpf bpf rw,relatime 0 0\n"
-                   "hugetlbfs /dev/hugepages hugetlbfs rw,relatime,pagesize=2M 0 0\n")
+        self.write(
+            "proc/self/status",
+            "Name:\tpython3\nCpus_allowed_list:\t0-3\nCapEff:\t000001ffffffffff\n",
+        )
+        self.write(
+            "proc/self/limits",
+            "Limit                     Soft Limit           Hard "
+            "Limit           Units     \nMax locked memory         8388608              "
+            "8388608              bytes     \n",
+        )
+        self.write(
+            "proc/mounts",
+            "sysfs /sys sysfs rw,nosuid 0 0\n"
+            "bpf /sys/fs/bpf bpf rw,relatime 0 0\n"
+            "hugetlbfs /dev/hugepages hugetlbfs rw,relatime,pagesize=2M 0 0\n",
+        )
         self.write("proc/cmdline", "BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro quiet\n")
         self.write("sys/devices/system/cpu/online", "0-3\n")
         self.write("sys/devices/system/cpu/isolated", "\n")
@@ -102,8 +139,13 @@ class Tree:
 
     def host(self) -> preflight.Host:
         r = self.root
-        return preflight.Host(proc=r / "proc", sys=r / "sys", etc=r / "etc",
-                              netns_dir=r / "netns", ethtool=self.ethtool)  # fmt: skip
+        return preflight.Host(
+            proc=r / "proc",
+            sys=r / "sys",
+            etc=r / "etc",
+            netns_dir=r / "netns",
+            ethtool=self.ethtool,
+        )
 
     def ethtool(self, what: str, ifname: str):
         got = self.nics.get(ifname, {}).get(what)
@@ -117,8 +159,9 @@ class Tree:
         self.nics.setdefault(ifname, {}).update(readings)
 
     def fails(self, ifname: str, what: str, err: int = errno.EOPNOTSUPP) -> None:
-        self.outputs(ifname, **{what: ethtool.EthtoolError(err, f"{ifname}: {what}: "
-                                                            f"{os.strerror(err)}")})
+        self.outputs(
+            ifname, **{what: ethtool.EthtoolError(err, f"{ifname}: {what}: {os.strerror(err)}")}
+        )
 
     def queues(self, ifname: str, n: int, rps: str = "0", xps: str = "0") -> None:
         for q in range(n):
@@ -131,8 +174,9 @@ class Tree:
         self.fails(ifname, "rings")
         self.fails(ifname, "flow_rules")
 
-    def nic(self, ifname: str, pci: str, irqs: dict[int, tuple[str, str]],
-            via_virtio: str = "") -> None:  # fmt: skip
+    def nic(
+        self, ifname: str, pci: str, irqs: dict[int, tuple[str, str]], via_virtio: str = ""
+    ) -> None:
         """A PCI NIC whose MSI-X IRQs are ``{irq: (name, smp_affinity_list)}``; with
         ``via_virtio`` the netdev's device is a virtio device under the PCI function."""
         func = self.root / "sys/devices/pci0000:00" / pci
@@ -157,13 +201,16 @@ def tree(tmp_path) -> Tree:
 
 
 # the lines the fake hosts receive on (a run's lines have no defaults)
-LINES = {"line_a": {"interface": "feed-a", "group": "239.77.1.1", "port": 26477},
-         "line_b": {"interface": "feed-b", "group": "239.77.2.1", "port": 26478}}  # fmt: skip
+LINES = {
+    "line_a": {"interface": "feed-a", "group": "239.77.1.1", "port": 26477},
+    "line_b": {"interface": "feed-b", "group": "239.77.2.1", "port": 26478},
+}
 
 
-LINES_TOML = "".join(f'[run.{k}]\n' + "".join(f"{f} = {v!r}\n".replace("'", '"')
-                                               for f, v in line.items())
-                     for k, line in LINES.items())  # fmt: skip
+LINES_TOML = "".join(
+    f"[run.{k}]\n" + "".join(f"{f} = {v!r}\n".replace("'", '"') for f, v in line.items())
+    for k, line in LINES.items()
+)
 
 
 def cfg_of(host: dict | None = None, run: dict | None = None) -> config.Config:
@@ -172,8 +219,10 @@ def cfg_of(host: dict | None = None, run: dict | None = None) -> config.Config:
     return config.from_dict({"host": host or {}, "run": {"core": 2, **lines, **run}})
 
 
-NIC_RUN = {"line_a": {"interface": "ens1f0", "queue": 2},
-           "line_b": {"interface": "ens1f0", "queue": 3}}  # fmt: skip
+NIC_RUN = {
+    "line_a": {"interface": "ens1f0", "queue": 2},
+    "line_b": {"interface": "ens1f0", "queue": 3},
+}
 
 
 def stage(tree: Tree, name: str, cfg: config.Config) -> preflight.StageResult:
@@ -187,10 +236,17 @@ def failing(result: preflight.StageResult) -> dict[str, preflight.Check]:
 
 
 # --- parsing ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("a,b,equal", [
-    ("00000000,00000003", "3", True), ("0000000c", "c", True), ("00000000,00000000", "0", True),
-    ("00000001,00000000", "100000000", True), ("3", "1", False), ("0", "f", False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "a,b,equal",
+    [
+        ("00000000,00000003", "3", True),
+        ("0000000c", "c", True),
+        ("00000000,00000000", "0", True),
+        ("00000001,00000000", "100000000", True),
+        ("3", "1", False),
+        ("0", "f", False),
+    ],
+)
 def test_masks_compare_as_numbers(a, b, equal):
     assert (preflight.mask_value(a) == preflight.mask_value(b)) is equal
 
@@ -200,7 +256,10 @@ def test_cpulists_drop_kernel_flags_and_print_canonically():
     assert preflight.param_cpus("") == frozenset() and preflight.param_cpus(None) is None
     assert preflight.cpus_text({0, 1, 2, 3, 8, 10, 11}) == "0-3,8,10-11"
     assert preflight.parse_cmdline("ro isolcpus=2-3 quiet -- isolcpus=9") == {
-        "ro": "", "isolcpus": "2-3", "quiet": ""}  # fmt: skip
+        "ro": "",
+        "isolcpus": "2-3",
+        "quiet": "",
+    }
 
 
 def test_ethtool_readings_as_ethtool_shows_them():
@@ -213,8 +272,12 @@ def test_ethtool_readings_as_ethtool_shows_them():
     assert f["rx-gro-hw"] == (False, True) and "udp-fragmentation-offload" not in f
     never = ethtool.Feature(available=True, requested=True, active=True, never_changed=True)
     assert preflight.shown_features({"rx-lro": never})["large-receive-offload"] == (True, True)
-    assert preflight.current_channels(VETH_CHANNELS) == {"RX": 1, "TX": 1, "Other": None,
-                                                         "Combined": None}  # fmt: skip
+    assert preflight.current_channels(VETH_CHANNELS) == {
+        "RX": 1,
+        "TX": 1,
+        "Other": None,
+        "Combined": None,
+    }
     assert preflight.current_channels(nic_channels(8))["Combined"] == 8
     assert preflight.current_rings(nic_rings(4096)) == {"RX": 4096, "TX": 1024}
     rule = udp_rule(1023, "239.1.1.1", 100, 2)
@@ -230,13 +293,16 @@ def test_ethtool_readings_as_ethtool_shows_them():
 
 
 IRQ_NAMES = [  # (IRQ name, interface, its device name, queue)
-    ("mlx5_comp3@pci:0000:3b:00.0", "ens1f0", "", 3), ("i40e-ens1f0-TxRx-2", "ens1f0", "", 2),
-    ("ens1f0-rx-5", "ens1f0", "", 5), ("virtio2-input.0", "eth0", "virtio2", 0),
-    ("virtio2-output.1", "eth0", "virtio2", 1), ("eth2-7", "eth2", "", 7),
+    ("mlx5_comp3@pci:0000:3b:00.0", "ens1f0", "", 3),
+    ("i40e-ens1f0-TxRx-2", "ens1f0", "", 2),
+    ("ens1f0-rx-5", "ens1f0", "", 5),
+    ("virtio2-input.0", "eth0", "virtio2", 0),
+    ("virtio2-output.1", "eth0", "virtio2", 1),
+    ("eth2-7", "eth2", "", 7),
     ("virtio2-config", "eth0", "virtio2", None),
     ("mlx5_async0@pci:0000:3b:00.0", "ens1f0", "", None),
     ("i40e-0000:3b:00.0:misc", "ens1f0", "", None),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name,ifname,devname,queue", IRQ_NAMES)
@@ -262,13 +328,22 @@ def test_irq_affinity_role_places_the_irqs_preflight_checks(name, ifname, devnam
 def test_runtime_ok_on_a_ready_host(tree):
     r = stage(tree, "runtime", cfg_of())
     assert r.status == OK and r.required
-    assert {c.name for c in r.checks} >= {"line A interface", "line B interface", "capabilities",
-                                         "locked memory", "bpffs", "consumer core"}
+    assert {c.name for c in r.checks} >= {
+        "line A interface",
+        "line B interface",
+        "capabilities",
+        "locked memory",
+        "bpffs",
+        "consumer core",
+    }
 
 
 def test_runtime_is_never_skipped_and_names_what_is_missing(tree):
-    r = stage(tree, "runtime", cfg_of(run={"line_a": {"interface": "nope0"}, "core": -1,
-                                           "rx_mode": "socket"}))  # fmt: skip
+    r = stage(
+        tree,
+        "runtime",
+        cfg_of(run={"line_a": {"interface": "nope0"}, "core": -1, "rx_mode": "socket"}),
+    )
     assert r.status == PARTIAL
     assert "nope0 does not exist" in failing(r)["line A interface"].have
     assert "bpffs" not in {c.name for c in r.checks}  # the socket path needs neither
@@ -283,8 +358,9 @@ def test_runtime_capabilities_memlock_and_core(tree):
     assert "CAP_BPF" in bad["capabilities"].have and "8388608" in bad["locked memory"].have
     assert bad["bpffs"].have == "not mounted"
     assert "consumer core" not in bad  # CPU 2 is online; outside the shell's 0-1 is a note
-    assert "outside this shell's affinity 0-1" in {c.name: c for c in r.checks}[
-        "consumer core"].have
+    assert (
+        "outside this shell's affinity 0-1" in {c.name: c for c in r.checks}["consumer core"].have
+    )
     assert "not in host.isolated_cpus 3" in bad["consumer core isolated"].have
     assert r.status == PARTIAL  # the interfaces are there
     tree.write("sys/devices/system/cpu/online", "0-1\n")
@@ -293,9 +369,13 @@ def test_runtime_capabilities_memlock_and_core(tree):
 
 def test_runtime_missing_namespace(tree):
     cfg = cfg_of(run={"netns": "nosuch"})
-    host = preflight.Host(proc=tree.root / "proc", sys=tree.root / "sys",
-                          netns_dir=tree.root / "netns", netns="nosuch",
-                          netns_error="network namespace nosuch does not exist")  # fmt: skip
+    host = preflight.Host(
+        proc=tree.root / "proc",
+        sys=tree.root / "sys",
+        netns_dir=tree.root / "netns",
+        netns="nosuch",
+        netns_error="network namespace nosuch does not exist",
+    )
     r = preflight.check(cfg, host, ["runtime"]).stages[0]
     bad = failing(r)
     assert "nosuch does not exist" in bad["network namespace"].have
@@ -308,8 +388,10 @@ def _nodes(tree: Tree, counts_2m: list[int], counts_1g: list[int] | None = None)
     for n, count in enumerate(counts_2m):
         base = f"sys/devices/system/node/node{n}/hugepages"
         tree.write(f"{base}/hugepages-2048kB/nr_hugepages", f"{count}\n")
-        tree.write(f"{base}/hugepages-1048576kB/nr_hugepages",
-                   f"{(counts_1g or [0] * len(counts_2m))[n]}\n")  # fmt: skip
+        tree.write(
+            f"{base}/hugepages-1048576kB/nr_hugepages",
+            f"{(counts_1g or [0] * len(counts_2m))[n]}\n",
+        )
 
 
 def test_hugepages_every_status(tree):
@@ -326,8 +408,9 @@ def test_hugepages_every_status(tree):
     _nodes(tree, [0, 0])
     tree.write("proc/mounts", "hugetlbfs /mnt/huge1g hugetlbfs rw,pagesize=1024M 0 0\n")
     r = stage(tree, "hugepages", cfg_of({"hugepages_2m": 16, "hugetlbfs": ["/dev/hugepages"]}))
-    assert r.status == NOT_CONFIGURED and failing(r)["hugetlbfs /dev/hugepages"].have == \
-        "not mounted"  # fmt: skip
+    assert (
+        r.status == NOT_CONFIGURED and failing(r)["hugetlbfs /dev/hugepages"].have == "not mounted"
+    )
 
 
 def test_hugepages_without_numa_nodes_uses_the_global_count(tree):
@@ -341,8 +424,11 @@ ISO = {"isolated_cpus": "2-3", "housekeeping_cpus": "0-1"}
 
 
 def _isolated_host(tree: Tree) -> None:
-    tree.write("proc/cmdline", "BOOT_IMAGE=/vmlinuz ro isolcpus=managed_irq,domain,2-3 "
-               "nohz_full=2-3 rcu_nocbs=2,3 irqaffinity=0-1 quiet\n")  # fmt: skip
+    tree.write(
+        "proc/cmdline",
+        "BOOT_IMAGE=/vmlinuz ro isolcpus=managed_irq,domain,2-3 "
+        "nohz_full=2-3 rcu_nocbs=2,3 irqaffinity=0-1 quiet\n",
+    )
     tree.write("sys/devices/system/cpu/isolated", "2-3\n")
     tree.write("sys/devices/system/cpu/nohz_full", "2-3\n")
     tree.write("etc/systemd/system.conf.d/tickwire.conf", "[Manager]\nCPUAffinity=0 1\n")
@@ -363,17 +449,22 @@ def test_cpu_isolation_reboot_required(tree):
     tree.write("sys/devices/system/cpu/isolated", "\n")
     (tree.root / "sys/devices/system/cpu/nohz_full").unlink()
     tree.write("etc/default/grub", 'GRUB_CMDLINE_LINUX_DEFAULT="quiet"\n')
-    tree.write("etc/default/grub.d/tickwire.cfg", 'GRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX '
-               'isolcpus=managed_irq,domain,2-3 nohz_full=2-3 rcu_nocbs=2-3 irqaffinity=0-1"\n')
+    tree.write(
+        "etc/default/grub.d/tickwire.cfg",
+        'GRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX '
+        'isolcpus=managed_irq,domain,2-3 nohz_full=2-3 rcu_nocbs=2-3 irqaffinity=0-1"\n',
+    )
     r = stage(tree, "cpu_isolation", cfg_of(ISO))
     assert r.status == PARTIAL and r.reboot_required  # systemd and irqbalance are done
     bad = failing(r)
     assert bad["kernel command line isolcpus"].have == "absent"
-    assert bad["kernel command line isolcpus"].fix.startswith("reboot required: "
-                                                              "/etc/default/grub.d/tickwire.cfg")
+    assert bad["kernel command line isolcpus"].fix.startswith(
+        "reboot required: /etc/default/grub.d/tickwire.cfg"
+    )
     assert bad["kernel nohz_full CPUs"].have.startswith("absent")
-    assert "reboot required" in preflight.text(preflight.check(cfg_of(ISO), tree.host(),
-                                                               ["cpu_isolation"]))  # fmt: skip
+    assert "reboot required" in preflight.text(
+        preflight.check(cfg_of(ISO), tree.host(), ["cpu_isolation"])
+    )
 
 
 def test_cpu_isolation_not_configured(tree):
@@ -391,26 +482,43 @@ def test_irqbalance_banned_mask_and_absence(tree):
     assert stage(tree, "cpu_isolation", cfg_of(ISO)).status == OK
     tree.write("etc/default/irqbalance", 'IRQBALANCE_BANNED_CPUS="00000004"\n')
     assert set(failing(stage(tree, "cpu_isolation", cfg_of(ISO)))) == {
-        "irqbalance keeps off isolated CPUs"}  # fmt: skip
+        "irqbalance keeps off isolated CPUs"
+    }
     (tree.root / "proc/812/cmdline").unlink()  # not running: nothing to ban
     assert stage(tree, "cpu_isolation", cfg_of(ISO)).status == OK
 
 
 # --- irq_affinity ----------------------------------------------------------------------------
 def test_irq_affinity_on_the_consumer_core(tree):
-    promise = {"isolated_cpus": "2-3", "irq_placement": "consumer", "rps_mask": "0",
-               "xps_mask": "0"}  # fmt: skip
-    assert stage(tree, "irq_affinity", cfg_of({"isolated_cpus": "2-3", "irq_placement":
-                                               "housekeeping"})).status == SKIPPED  # fmt: skip
-    tree.nic("ens1f0", "0000:3b:00.0", {
-        90: ("i40e-0000:3b:00.0:misc", "0-1"), 91: ("i40e-ens1f0-TxRx-0", "0"),
-        92: ("i40e-ens1f0-TxRx-1", "1"), 93: ("i40e-ens1f0-TxRx-2", "2"),
-        94: ("i40e-ens1f0-TxRx-3", "2")})  # fmt: skip
+    promise = {
+        "isolated_cpus": "2-3",
+        "irq_placement": "consumer",
+        "rps_mask": "0",
+        "xps_mask": "0",
+    }
+    assert (
+        stage(
+            tree, "irq_affinity", cfg_of({"isolated_cpus": "2-3", "irq_placement": "housekeeping"})
+        ).status
+        == SKIPPED
+    )
+    tree.nic(
+        "ens1f0",
+        "0000:3b:00.0",
+        {
+            90: ("i40e-0000:3b:00.0:misc", "0-1"),
+            91: ("i40e-ens1f0-TxRx-0", "0"),
+            92: ("i40e-ens1f0-TxRx-1", "1"),
+            93: ("i40e-ens1f0-TxRx-2", "2"),
+            94: ("i40e-ens1f0-TxRx-3", "2"),
+        },
+    )
     tree.write("sys/class/net/ens1f0/queues/rx-2/rps_cpus", "00000000,00000000\n")
     r = stage(tree, "irq_affinity", cfg_of(promise, NIC_RUN))
     assert r.status == OK, failing(r)
     assert [c.name for c in r.checks][:1] == [
-        "ens1f0 queue 2 IRQ on consumer CPUs (IRQ 93 i40e-ens1f0-TxRx-2)"]
+        "ens1f0 queue 2 IRQ on consumer CPUs (IRQ 93 i40e-ens1f0-TxRx-2)"
+    ]
     tree.write("proc/irq/94/smp_affinity_list", "0-3\n")
     tree.write("sys/class/net/ens1f0/queues/tx-3/xps_cpus", "00000000,00000004\n")
     r = stage(tree, "irq_affinity", cfg_of(promise, NIC_RUN))
@@ -423,10 +531,18 @@ def test_irq_affinity_on_the_consumer_core(tree):
 
 def test_irq_affinity_housekeeping_virtio_layout(tree):
     # virtio-net: the netdev's device is virtioN, the MSI-X IRQs belong to its PCI parent
-    tree.nic("eth1", "0000:00:03.0", {37: ("virtio2-config", "0-3"),
-                                      38: ("virtio2-input.0", "3"), 39: ("virtio2-output.0", "2"),
-                                      40: ("virtio2-input.1", "3"), 41: ("virtio2-output.1", "3")},
-             via_virtio="virtio2")  # fmt: skip
+    tree.nic(
+        "eth1",
+        "0000:00:03.0",
+        {
+            37: ("virtio2-config", "0-3"),
+            38: ("virtio2-input.0", "3"),
+            39: ("virtio2-output.0", "2"),
+            40: ("virtio2-input.1", "3"),
+            41: ("virtio2-output.1", "3"),
+        },
+        via_virtio="virtio2",
+    )
     run = {"line_a": {"interface": "eth1", "queue": 0}, "line_b": {"interface": "eth1", "queue": 1}}
     promise = {"housekeeping_cpus": "0-1", "irq_placement": "housekeeping"}
     r = stage(tree, "irq_affinity", cfg_of(promise, run))
@@ -452,17 +568,23 @@ def test_rps_masks_compare_numerically(tree):
 
 
 # --- nic -------------------------------------------------------------------------------------
-NIC_PROMISE = {"channels": 8, "rx_ring": 4096, "ntuple": True,
-               "offloads_off": ["generic-receive-offload", "large-receive-offload",
-                                "rx-checksumming"]}  # fmt: skip
+NIC_PROMISE = {
+    "channels": 8,
+    "rx_ring": 4096,
+    "ntuple": True,
+    "offloads_off": ["generic-receive-offload", "large-receive-offload", "rx-checksumming"],
+}
 
 
 def _tuned_nic(tree: Tree) -> None:
     tree.nic("ens1f0", "0000:3b:00.0", {})
-    tree.outputs("ens1f0", channels=nic_channels(8), rings=nic_rings(4096),
-                 features=NIC_FEATURES_TUNED,
-                 flow_rules=[udp_rule(1023, "239.77.1.1", 26477, 2),
-                             udp_rule(1022, "239.77.2.1", 26478, 3)])  # fmt: skip
+    tree.outputs(
+        "ens1f0",
+        channels=nic_channels(8),
+        rings=nic_rings(4096),
+        features=NIC_FEATURES_TUNED,
+        flow_rules=[udp_rule(1023, "239.77.1.1", 26477, 2), udp_rule(1022, "239.77.2.1", 26478, 3)],
+    )
 
 
 def test_nic_ok_partial_skipped(tree):
@@ -471,17 +593,25 @@ def test_nic_ok_partial_skipped(tree):
     r = stage(tree, "nic", cfg_of(NIC_PROMISE, NIC_RUN))
     assert r.status == OK, failing(r)
     assert len(r.checks) == 8  # channels, ring, 3 offloads, ntuple feature, 2 rules
-    tree.outputs("ens1f0", features=with_features(NIC_FEATURES_TUNED, rx_gro=feat(True)),
-                 flow_rules=[udp_rule(1023, "239.77.1.1", 26477, 5)])  # fmt: skip
+    tree.outputs(
+        "ens1f0",
+        features=with_features(NIC_FEATURES_TUNED, rx_gro=feat(True)),
+        flow_rules=[udp_rule(1023, "239.77.1.1", 26477, 5)],
+    )
     r = stage(tree, "nic", cfg_of(NIC_PROMISE, NIC_RUN))
     bad = failing(r)
     assert r.status == PARTIAL
-    assert set(bad) == {"ens1f0 generic-receive-offload", "ens1f0 ntuple rule line A",
-                        "ens1f0 ntuple rule line B"}  # fmt: skip
+    assert set(bad) == {
+        "ens1f0 generic-receive-offload",
+        "ens1f0 ntuple rule line A",
+        "ens1f0 ntuple rule line B",
+    }
     assert bad["ens1f0 ntuple rule line A"].have == "rule 1023 to queue 5"
     assert bad["ens1f0 ntuple rule line B"].have == "no rule"
-    assert "ethtool -N ens1f0 flow-type udp4 dst-ip 239.77.2.1 dst-port 26478 action 3" in \
-        bad["ens1f0 ntuple rule line B"].fix  # fmt: skip
+    assert (
+        "ethtool -N ens1f0 flow-type udp4 dst-ip 239.77.2.1 dst-port 26478 action 3"
+        in bad["ens1f0 ntuple rule line B"].fix
+    )
 
 
 def test_nic_not_configured_on_a_veth(tree):
@@ -498,8 +628,11 @@ def test_nic_not_configured_on_a_veth(tree):
 
 def test_nic_fixed_offload_and_missing_interface(tree):
     tree.outputs("feed-a", features=with_features(VETH_FEATURES, rx_lro=feat(True, True)))
-    r = stage(tree, "nic", cfg_of({"offloads_off": ["large-receive-offload"]},
-                                  {"line_b": {"interface": "gone0"}}))  # fmt: skip
+    r = stage(
+        tree,
+        "nic",
+        cfg_of({"offloads_off": ["large-receive-offload"]}, {"line_b": {"interface": "gone0"}}),
+    )
     bad = failing(r)
     assert r.status == NOT_CONFIGURED
     assert "fixed on by the driver" in bad["feed-a large-receive-offload"].fix
@@ -580,14 +713,18 @@ def test_service_every_status(tree):
     (wants / "tickwire.service").symlink_to("/etc/systemd/system/tickwire.service")
     assert stage(tree, "service", cfg_of(promise)).status == OK
     # a drop-in that widens the bounding set, and the wrong core
-    tree.write("etc/systemd/system/tickwire.service.d/override.conf",
-               "[Service]\nCapabilityBoundingSet=CAP_SYS_ADMIN\n")
+    tree.write(
+        "etc/systemd/system/tickwire.service.d/override.conf",
+        "[Service]\nCapabilityBoundingSet=CAP_SYS_ADMIN\n",
+    )
     r = stage(tree, "service", cfg_of(promise, {"core": 3}))
     bad = failing(r)
     assert set(bad) == {"tickwire.service CapabilityBoundingSet", "tickwire.service CPUAffinity"}
     assert "CAP_SYS_ADMIN" in bad["tickwire.service CapabilityBoundingSet"].have
-    tree.write("etc/systemd/system/tickwire.service.d/override.conf",
-               "[Service]\nCapabilityBoundingSet=\nAmbientCapabilities=\n")
+    tree.write(
+        "etc/systemd/system/tickwire.service.d/override.conf",
+        "[Service]\nCapabilityBoundingSet=\nAmbientCapabilities=\n",
+    )
     r = stage(tree, "service", cfg_of(promise))
     assert failing(r)["tickwire.service AmbientCapabilities"].have == "not set"
 
@@ -608,23 +745,29 @@ def test_ready_follows_the_required_stages(tree):
     # --stage: exactly the listed stages, all required
     report = preflight.check(cfg_of(), tree.host(), ["hugepages"])
     assert [(s.stage, s.required, s.status) for s in report.stages] == [
-        ("hugepages", True, SKIPPED)] and not report.ready  # fmt: skip
+        ("hugepages", True, SKIPPED)
+    ] and not report.ready
     with pytest.raises(ValueError, match="no stage 'bogus'"):
         preflight.check(cfg_of(), tree.host(), ["bogus"])
 
 
 @contextlib.contextmanager
 def _fake_live(monkeypatch, tree: Tree):
-    monkeypatch.setattr(preflight.Host, "live", classmethod(
-        lambda cls, netns="": contextlib.nullcontext(tree.host())))  # fmt: skip
+    monkeypatch.setattr(
+        preflight.Host,
+        "live",
+        classmethod(lambda cls, netns="": contextlib.nullcontext(tree.host())),
+    )
     yield
 
 
 def test_cli_text_json_and_exit_codes(tree, tmp_path, monkeypatch, capsys):
     tree.write("proc/sys/vm/swappiness", "60\n")
     path = tmp_path / "t.toml"
-    path.write_text('[run]\ncore = 2\n' + LINES_TOML + '[host]\nrequired = ["sysctl"]\n'
-                    '[host.sysctl]\n"vm.swappiness" = 60\n')
+    path.write_text(
+        "[run]\ncore = 2\n" + LINES_TOML + '[host]\nrequired = ["sysctl"]\n'
+        '[host.sysctl]\n"vm.swappiness" = 60\n'
+    )
     with _fake_live(monkeypatch, tree):
         assert cli.main(["preflight", "--config", str(path)]) == 0
         out = capsys.readouterr().out.splitlines()
@@ -636,9 +779,20 @@ def test_cli_text_json_and_exit_codes(tree, tmp_path, monkeypatch, capsys):
         doc = json.loads(capsys.readouterr().out)
         assert set(doc) == {"ready", "stages"} and doc["ready"] is False
         sysctl = [s for s in doc["stages"] if s["stage"] == "sysctl"][0]
-        assert sysctl == {"stage": "sysctl", "status": "NOT CONFIGURED", "required": True,
-                          "checks": [{"name": "vm.swappiness", "ok": False, "have": "10",
-                                      "want": "60", "fix": sysctl["checks"][0]["fix"]}]}
+        assert sysctl == {
+            "stage": "sysctl",
+            "status": "NOT CONFIGURED",
+            "required": True,
+            "checks": [
+                {
+                    "name": "vm.swappiness",
+                    "ok": False,
+                    "have": "10",
+                    "want": "60",
+                    "fix": sysctl["checks"][0]["fix"],
+                }
+            ],
+        }
         assert "--tags sysctl" in sysctl["checks"][0]["fix"]
         assert cli.main(["preflight", "--config", str(path)]) == 1
         text = capsys.readouterr().out
@@ -675,8 +829,9 @@ def labcfg():
 
 
 def _tickwire(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "host.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "host.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.lab
@@ -697,9 +852,11 @@ def test_lab_preflight_looks_inside_the_namespace(labcfg, tmp_path):
     path = write_config(labcfg, tmp_path / "lab.toml")
     ifname = labcfg.lab.line_a.appliance_if
     with open(path, "a") as f:
-        f.write(f'[host]\nrequired = ["nic"]\nrps_mask = "0"\nxps_mask = "00000000"\n'
-                f'offloads_off = ["rx-checksumming", "generic-segmentation-offload"]\n'
-                f'[host.sysctl]\n"net.ipv4.conf.{ifname}.rp_filter" = 0\n')
+        f.write(
+            f'[host]\nrequired = ["nic"]\nrps_mask = "0"\nxps_mask = "00000000"\n'
+            f'offloads_off = ["rx-checksumming", "generic-segmentation-offload"]\n'
+            f'[host.sysctl]\n"net.ipv4.conf.{ifname}.rp_filter" = 0\n'
+        )
     done = _tickwire("preflight", "--config", path, "--lab", "--json")
     assert done.returncode == 1, done.stdout + done.stderr
     doc = json.loads(done.stdout)
@@ -708,10 +865,18 @@ def test_lab_preflight_looks_inside_the_namespace(labcfg, tmp_path):
     assert stages["irq_affinity"]["status"] == OK and stages["sysctl"]["status"] == OK
     assert stages["nic"]["status"] == NOT_CONFIGURED and stages["nic"]["required"] is True
     assert {(c["name"], c["have"]) for c in stages["nic"]["checks"]} >= {
-        (f"{ifname} rx-checksumming", "on"), (f"{ifname} generic-segmentation-offload", "on")}
+        (f"{ifname} rx-checksumming", "on"),
+        (f"{ifname} generic-segmentation-offload", "on"),
+    }
     # GRO is already off on a fresh veth: one promise kept of three
-    text = open(path).read().replace('"generic-segmentation-offload"',
-                                     '"generic-segmentation-offload", "generic-receive-offload"')
+    text = (
+        open(path)
+        .read()
+        .replace(
+            '"generic-segmentation-offload"',
+            '"generic-segmentation-offload", "generic-receive-offload"',
+        )
+    )
     Path(path).write_text(text)
     done = _tickwire("preflight", "--config", path, "--lab", "--stage", "nic")
     assert done.returncode == 1 and done.stdout.startswith("PARTIAL         nic")
@@ -732,14 +897,26 @@ def channel(request):
 def test_run_refuses_a_failing_required_stage(labcfg, tmp_path, channel):
     path = write_config(labcfg, tmp_path / "run.toml")
     with open(path, "a") as f:
-        f.write(f'[run]\nchannel = "{channel}"\nmetrics = ""\n'
-                '[host]\nrequired = ["nic"]\noffloads_off = ["rx-checksumming"]\n')
+        f.write(
+            f'[run]\nchannel = "{channel}"\nmetrics = ""\n'
+            '[host]\nrequired = ["nic"]\noffloads_off = ["rx-checksumming"]\n'
+        )
     done = _tickwire("run", "--config", path, "--lab", "--mode", "socket", "--duration", "1")
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "nic NOT CONFIGURED" in done.stderr
     assert "rx-checksumming: on" in done.stderr and "--skip-preflight" in done.stderr
-    done = _tickwire("run", "--config", path, "--lab", "--mode", "socket", "--duration", "1",
-                     "--json", "--skip-preflight")  # fmt: skip
+    done = _tickwire(
+        "run",
+        "--config",
+        path,
+        "--lab",
+        "--mode",
+        "socket",
+        "--duration",
+        "1",
+        "--json",
+        "--skip-preflight",
+    )
     assert done.returncode == 0, done.stderr
     assert "preflight skipped" in done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["mode"] == "socket"
@@ -750,7 +927,8 @@ def test_run_logs_the_preflight_summary(labcfg, tmp_path, channel):
     path = write_config(labcfg, tmp_path / "run.toml")
     with open(path, "a") as f:
         f.write(f'[run]\nchannel = "{channel}"\nmetrics = ""\n')
-    done = _tickwire("run", "--config", path, "--lab", "--mode", "socket", "--duration", "1",
-                     "--json")  # fmt: skip
+    done = _tickwire(
+        "run", "--config", path, "--lab", "--mode", "socket", "--duration", "1", "--json"
+    )
     assert done.returncode == 0, done.stderr
     assert "tickwire run: preflight: host ready (1 OK, 7 SKIPPED)" in done.stderr

@@ -51,8 +51,9 @@ def message(sess: Session, seq: int) -> bytes:
 
 def packet(sess: Session, seq: int, count: int, name: str = NAME) -> bytes:
     """A MoldUDP64 data packet carrying the file's messages seq..seq+count-1."""
-    blocks = b"".join(len(m).to_bytes(2, "big") + m
-                      for m in (message(sess, s) for s in range(seq, seq + count)))  # fmt: skip
+    blocks = b"".join(
+        len(m).to_bytes(2, "big") + m for m in (message(sess, s) for s in range(seq, seq + count))
+    )
     return mold.session_bytes(name) + seq.to_bytes(8, "big") + count.to_bytes(2, "big") + blocks
 
 
@@ -63,8 +64,14 @@ def udp_port() -> int:
 @contextmanager
 def server(sess: Session, **kw):
     cfg = ServerConfig(port=udp_port(), workers=2, **kw)
-    srv = ReRequestServer(sess, mold.session_bytes(NAME), np.array([sess.n], np.int64), cfg,
-                          payload_limit=1400, bind_ip="127.0.0.1")  # fmt: skip
+    srv = ReRequestServer(
+        sess,
+        mold.session_bytes(NAME),
+        np.array([sess.n], np.int64),
+        cfg,
+        payload_limit=1400,
+        bind_ip="127.0.0.1",
+    )
     srv.start()
     try:
         yield srv
@@ -96,8 +103,12 @@ class Consumer:
             self.entries.append((kind, first, count))
             if kind == shm.REC_DATA:
                 status, seq, cnt, name, msgs = mold.parse(self.m["recov"][i, :n].tobytes())
-                assert (status, seq, cnt, name) == (mold.P_DATA, first, count,
-                                                    mold.session_bytes(NAME))  # fmt: skip
+                assert (status, seq, cnt, name) == (
+                    mold.P_DATA,
+                    first,
+                    count,
+                    mold.session_bytes(NAME),
+                )
                 for k, msg in enumerate(msgs):
                     self.data.setdefault(seq + k, msg)
             else:
@@ -106,8 +117,9 @@ class Consumer:
             ctl[shm.C_REC_TAIL] = int(ctl[shm.C_REC_TAIL]) + 1
 
 
-def wait_until(client: RecoveryClient, consumer: Consumer, pred, timeout: float = 30.0,
-               drain: bool = True):  # fmt: skip
+def wait_until(
+    client: RecoveryClient, consumer: Consumer, pred, timeout: float = 30.0, drain: bool = True
+):
     def met():
         if drain:
             consumer.drain()
@@ -128,8 +140,11 @@ def lockstep(client: RecoveryClient, srv: ReRequestServer, consumer: Consumer, n
         consumer.drain()
         c = client.counters()
         answered = c["answers"] + c["rejected_answers"]
-        return c if (srv.counters["requests"] == c["requested"]
-                     and answered == srv.counters["packets"]) else None  # fmt: skip
+        return (
+            c
+            if (srv.counters["requests"] == c["requested"] and answered == srv.counters["packets"])
+            else None
+        )
 
     return wait_for(quiet, 30, "a quiet exchange", lambda: (client.counters(), srv.counters))
 
@@ -152,8 +167,9 @@ def cfg_for(port: int, **kw) -> RecoveryConfig:
 @contextmanager
 def running(tmp: Path, port: int, start: bool = True, shared=None, **kw):
     maps = shm.create("t", root=tmp)
-    client = RecoveryClient(cfg_for(port, **kw), maps, bind_ip="127.0.0.1", log=lambda m: None,
-                            shared=shared)  # fmt: skip
+    client = RecoveryClient(
+        cfg_for(port, **kw), maps, bind_ip="127.0.0.1", log=lambda m: None, shared=shared
+    )
     consumer = Consumer(maps)
     if start:
         client.start()
@@ -233,9 +249,13 @@ def test_rate_limited_server_fills_eventually(sess, tmp_path, monkeypatch):
     giving 3,000 a second (its bucket full to start) take at least one second, and come
     back whole within the SLO."""
     server_now = frozen_server_clock(monkeypatch)
-    with server(sess, rate=3000.0) as srv, \
-            running(tmp_path, srv.cfg.port, start=False, slo=10.0, retries=20,
-                    timeout=0.2) as (client, cons):  # fmt: skip
+    with (
+        server(sess, rate=3000.0) as srv,
+        running(tmp_path, srv.cfg.port, start=False, slo=10.0, retries=20, timeout=0.2) as (
+            client,
+            cons,
+        ),
+    ):
         t0 = server_now[0] = time.monotonic_ns()
         cons.declare(10, 6000, t0)
         t = t0
@@ -252,8 +272,10 @@ def test_rate_limited_server_fills_eventually(sess, tmp_path, monkeypatch):
 # --- rejecting --------------------------------------------------------------------------------
 def test_answers_of_another_session_unrequested_or_malformed_are_rejected(sess, tmp_path):
     dead = udp_port()  # nothing answers: the gap stays outstanding while we inject
-    with running(tmp_path, dead, timeout=5.0, slo=60.0) as (client, cons), \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as inj:  # fmt: skip
+    with (
+        running(tmp_path, dead, timeout=5.0, slo=60.0) as (client, cons),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as inj,
+    ):
         cons.declare(500, 100)
         wait_until(client, cons, lambda c: c["requested"] >= 1)
         to = client.address
@@ -263,8 +285,11 @@ def test_answers_of_another_session_unrequested_or_malformed_are_rejected(sess, 
         inj.sendto(mold.session_bytes(NAME) + (510).to_bytes(8, "big") + bytes(2), to)  # heartbeat
         inj.sendto(packet(sess, 500, 10)[:-1], to)  # blocks do not add up
         c = wait_until(client, cons, lambda c: c["rejected_answers"] == 5)
-        assert (c["rejected_other_session"], c["rejected_unrequested"],
-                c["rejected_malformed"]) == (1, 1, 3)  # fmt: skip
+        assert (
+            c["rejected_other_session"],
+            c["rejected_unrequested"],
+            c["rejected_malformed"],
+        ) == (1, 1, 3)
         assert c["answers"] == 0 and cons.entries == []
         inj.sendto(packet(sess, 500, 10), to)  # a good answer for part of the gap
         c = wait_until(client, cons, lambda c: c["answers"] == 1 and len(cons.entries) == 1)
@@ -300,8 +325,14 @@ def test_server_down_retries_with_backoff_then_lost(tmp_path):
         assert union(cons.lost) == set(range(700, 3200)) and cons.data == {}
         assert sum(n for _f, n in cons.lost) == 2500
         assert (c["requested"], c["retries"]) == (12, 9)
-        assert (c["unrecoverable"], c["unrecoverable_messages"], c["lost_by_retries"],
-                c["lost_by_slo"], c["filled"], c["outstanding"]) == (1, 2500, 2500, 0, 0, 0)
+        assert (
+            c["unrecoverable"],
+            c["unrecoverable_messages"],
+            c["lost_by_retries"],
+            c["lost_by_slo"],
+            c["filled"],
+            c["outstanding"],
+        ) == (1, 2500, 2500, 0, 0, 0)
         assert client.latency()["count"] == 0
         assert cons.m["control"][shm.C_STALE] == 0  # the consumer applies the policy
 
@@ -321,15 +352,22 @@ def test_server_down_in_real_time_gives_up_after_its_retries(tmp_path):
 def test_slo_passed_declares_the_rest_unrecoverable(sess, tmp_path):
     """Injected clock: a gap older than its SLO gives up what is still missing."""
     dead = udp_port()
-    with running(tmp_path, dead, start=False, timeout=0.05, retries=100, backoff=1.0,
-                 slo=0.3) as (client, cons), \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as inj:  # fmt: skip
+    with (
+        running(tmp_path, dead, start=False, timeout=0.05, retries=100, backoff=1.0, slo=0.3) as (
+            client,
+            cons,
+        ),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as inj,
+    ):
         t0 = time.monotonic_ns()
         cons.declare(100, 50, t0)
         client.step(t0)
         inj.sendto(packet(sess, 100, 20), client.address)  # part of it arrives
-        wait_for(lambda: (client.step(t0 + 1), client.counters()["answers"])[1], 10,
-                 "the partial answer taken")
+        wait_for(
+            lambda: (client.step(t0 + 1), client.counters()["answers"])[1],
+            10,
+            "the partial answer taken",
+        )
         client.step(t0 + int(0.3 * S) - 1)
         cons.drain()
         assert cons.lost == [] and set(cons.data) == set(range(100, 120))
@@ -342,16 +380,28 @@ def test_slo_passed_declares_the_rest_unrecoverable(sess, tmp_path):
 
 # --- throttle, ring full, config ----------------------------------------------------------------
 def test_requests_are_throttled_by_min_interval(sess, tmp_path):
-    with server(sess) as srv, \
-            running(tmp_path, srv.cfg.port, start=False, min_interval=1.0,
-                    timeout=30.0, settle=1.0, slo=60.0) as (client, cons):  # fmt: skip
+    with (
+        server(sess) as srv,
+        running(
+            tmp_path,
+            srv.cfg.port,
+            start=False,
+            min_interval=1.0,
+            timeout=30.0,
+            settle=1.0,
+            slo=60.0,
+        ) as (client, cons),
+    ):
         t0 = time.monotonic_ns()
         cons.declare(1, 3000, t0)
         expect = [(0.0, 1), (0.5, 1), (0.999, 1), (1.0, 2), (1.5, 2), (2.0, 3), (5.0, 3)]
         for at, requested in expect:
             assert lockstep(client, srv, cons, t0 + int(at * S))["requested"] == requested, at
-        wait_for(lambda: (client.step(t0 + 5 * S), not client.counters()["outstanding"])[1],
-                 20, "every answer taken")
+        wait_for(
+            lambda: (client.step(t0 + 5 * S), not client.counters()["outstanding"])[1],
+            20,
+            "every answer taken",
+        )
         cons.drain()
         assert_exact(sess, cons, set(range(1, 3001)))
         assert srv.counters["requests"] == 3
@@ -398,10 +448,14 @@ def test_bad_gap_declarations_are_ignored_and_counted(tmp_path):
 
 
 def test_config_is_validated_naming_the_field():
-    for kw, field in (({"policy": "panic"}, "policy"), ({"server_host": "nope"}, "server_host"),
-                      ({"max_per_request": 70000}, "max_per_request"),
-                      ({"timeout": 0.0}, "timeout"), ({"backoff": 0.5}, "backoff"),
-                      ({"settle": 1.0}, "settle")):  # fmt: skip
+    for kw, field in (
+        ({"policy": "panic"}, "policy"),
+        ({"server_host": "nope"}, "server_host"),
+        ({"max_per_request": 70000}, "max_per_request"),
+        ({"timeout": 0.0}, "timeout"),
+        ({"backoff": 0.5}, "backoff"),
+        ({"settle": 1.0}, "settle"),
+    ):
         with pytest.raises(ValueError, match=field):
             RecoveryConfig(**kw)
     with pytest.raises(ValueError, match="session"):
@@ -415,12 +469,17 @@ def test_shared_mirror_and_metrics(sess, tmp_path):
     from prometheus_client.registry import CollectorRegistry
 
     arr = np.zeros(SHARED_LEN, np.int64)
-    with server(sess) as srv, \
-            running(tmp_path, srv.cfg.port, shared=arr, policy="halt") as (client, cons):
+    with (
+        server(sess) as srv,
+        running(tmp_path, srv.cfg.port, shared=arr, policy="halt") as (client, cons),
+    ):
         cons.declare(77, 700)
         wait_until(client, cons, settled)
-        st = wait_for(lambda: (st := read_shared(arr))["counters"]["filled"] == 1 and st, 10,
-                      "the shared mirror showing the gap filled")
+        st = wait_for(
+            lambda: (st := read_shared(arr))["counters"]["filled"] == 1 and st,
+            10,
+            "the shared mirror showing the gap filled",
+        )
         assert st["running"] and st["policy"] == "halt"
         assert st["counters"]["filled"] == 1 and st["counters"]["messages_recovered"] == 700
         assert st["latency_ns"]["count"] == 1
@@ -445,17 +504,19 @@ def shared_server(sess):
         yield srv
 
 
-gap_sets = st.lists(st.tuples(st.integers(1, N - 700), st.integers(1, 700)), min_size=1,
-                    max_size=8)  # fmt: skip
+gap_sets = st.lists(st.tuples(st.integers(1, N - 700), st.integers(1, 700)), min_size=1, max_size=8)
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(gaps=gap_sets, split=st.integers(0, 8))
 def test_any_gap_set_recovers_exactly_its_union(sess, shared_server, gaps, split):
     """Some gaps are declared before the client starts, the rest while it runs."""
-    with tempfile.TemporaryDirectory() as tmp, \
-            running(Path(tmp), shared_server.cfg.port, start=False) as (client, cons):  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running(Path(tmp), shared_server.cfg.port, start=False) as (client, cons),
+    ):
         for g in gaps[:split]:
             cons.declare(*g)
         client.start()

@@ -23,8 +23,10 @@ from tests.labnet import Appliance, built, private_lab, run_session, run_sim, wr
 
 N_MSGS = 60_000
 # [run] lines of a host that is not the lab (no such interfaces here either)
-HOST_LINES = ('[run.line_a]\ninterface = "nope0"\ngroup = "239.1.1.1"\nport = 26477\n'
-              '[run.line_b]\ninterface = "nope1"\ngroup = "239.1.1.2"\nport = 26477\n')
+HOST_LINES = (
+    '[run.line_a]\ninterface = "nope0"\ngroup = "239.1.1.1"\nport = 26477\n'
+    '[run.line_b]\ninterface = "nope1"\ngroup = "239.1.1.2"\nport = 26477\n'
+)
 # the AF_XDP receive path: an XDP program on the lab's links and AF_XDP sockets
 MODES = ["socket", pytest.param("xdp", marks=pytest.mark.needs("xdp", "afxdp"))]
 
@@ -45,8 +47,19 @@ def _sim_cfg(cfg, tmp_path) -> str:
 def _run_session(cfg, tmp_path, path, mode: str, **kw) -> dict:
     """One run in ``mode`` (``Appliance`` keywords ``kw``) of the session at ``path``,
     published once at 400k msg/s with no re-requests; returns the run's summary."""
-    return run_session(cfg, tmp_path, mode, "--session", str(path), "--rate", "400000",
-                       "--eos-for", "1", "--no-rerequest", **kw)[0]  # fmt: skip
+    return run_session(
+        cfg,
+        tmp_path,
+        mode,
+        "--session",
+        str(path),
+        "--rate",
+        "400000",
+        "--eos-for",
+        "1",
+        "--no-rerequest",
+        **kw,
+    )[0]
 
 
 @pytest.mark.lab
@@ -84,10 +97,18 @@ def test_runs_unprivileged_with_the_units_capabilities(labcfg, session_file, tmp
     cache = work / "numba"
     cache.mkdir()
     os.chown(cache, NOBODY, NOBODY)
-    wrap = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-            f"--inh-caps={UNIT_CAPS}", f"--ambient-caps={UNIT_CAPS}",
-            f"--bounding-set=-all,{UNIT_CAPS}", "env", f"HOME={cache}",
-            f"NUMBA_CACHE_DIR={cache}")  # fmt: skip
+    wrap = (
+        "setpriv",
+        f"--reuid={NOBODY}",
+        f"--regid={NOBODY}",
+        "--clear-groups",
+        f"--inh-caps={UNIT_CAPS}",
+        f"--ambient-caps={UNIT_CAPS}",
+        f"--bounding-set=-all,{UNIT_CAPS}",
+        "env",
+        f"HOME={cache}",
+        f"NUMBA_CACHE_DIR={cache}",
+    )
     runs = []
     try:
         # the first run finds the service's cache empty and compiles the consumer; the
@@ -95,8 +116,16 @@ def test_runs_unprivileged_with_the_units_capabilities(labcfg, session_file, tmp
         for _ in range(2):
             app = Appliance(labcfg, work, mode, wrap=wrap, owner=NOBODY)
             runs.append(app)
-            run_sim(_sim_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "400000",
-                    "--eos-for", "1", "--no-rerequest")  # fmt: skip
+            run_sim(
+                _sim_cfg(labcfg, tmp_path),
+                "--session",
+                str(path),
+                "--rate",
+                "400000",
+                "--eos-for",
+                "1",
+                "--no-rerequest",
+            )
             s = app.finish()
             assert shm.channel_dir(app.channel).stat().st_uid == NOBODY
             assert s["mode"] == mode and s["taken"] == N_MSGS and s["digest"] == digest
@@ -115,9 +144,26 @@ def test_runs_unprivileged_with_the_units_capabilities(labcfg, session_file, tmp
 def test_duplicates_never_reach_the_book_twice(labcfg, session_file, tmp_path, mode):
     path, digest = session_file
     record = tmp_path / "rec.json"
-    s, _ = run_session(labcfg, tmp_path, mode, "--session", str(path), "--rate", "300000",
-                       "--fault", "A:dup=0.2", "--fault", "B:dup=0.3", "--seed", "4",
-                       "--record", str(record), "--eos-for", "1", "--no-rerequest")  # fmt: skip
+    s, _ = run_session(
+        labcfg,
+        tmp_path,
+        mode,
+        "--session",
+        str(path),
+        "--rate",
+        "300000",
+        "--fault",
+        "A:dup=0.2",
+        "--fault",
+        "B:dup=0.3",
+        "--seed",
+        "4",
+        "--record",
+        str(record),
+        "--eos-for",
+        "1",
+        "--no-rerequest",
+    )
     rec = json.loads(record.read_text())
     sent = {ln: sum(rec["packets"][k][1] for k in rec["lines"][ln]["sent"]) for ln in "AB"}
     assert all(e["fault"] == "dup" for ln in "AB" for e in rec["lines"][ln]["events"])
@@ -134,13 +180,24 @@ def test_metrics_snapshot_and_status_while_running(labcfg, session_file, tmp_pat
     path, digest = session_file
     app = Appliance(labcfg, tmp_path, mode, until_eos=False)
     try:
-        run_sim(_sim_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "400000",
-                "--eos-for", "0.3", "--no-rerequest")  # fmt: skip
+        run_sim(
+            _sim_cfg(labcfg, tmp_path),
+            "--session",
+            str(path),
+            "--rate",
+            "400000",
+            "--eos-for",
+            "0.3",
+            "--no-rerequest",
+        )
         c = app.wait_taken(N_MSGS)
         assert app.reader.digest() == digest  # a live snapshot of every level
         with netns.entered(labcfg.lab.appliance_ns):
-            body = urllib.request.urlopen(f"http://127.0.0.1:{app.port}/metrics",
-                                          timeout=10).read().decode()  # fmt: skip
+            body = (
+                urllib.request.urlopen(f"http://127.0.0.1:{app.port}/metrics", timeout=10)
+                .read()
+                .decode()
+            )
         metrics = {}
         for line in body.splitlines():
             if line and not line.startswith("#"):
@@ -152,24 +209,44 @@ def test_metrics_snapshot_and_status_while_running(labcfg, session_file, tmp_pat
         for letter in "AB":
             lab_ = f'channel="{ch}",line="{letter}"'
             assert metrics[f"tickwire_line_messages_total{{{lab_}}}"] == N_MSGS
-            assert metrics[f"tickwire_line_packets_total{{{lab_}}}"] == \
-                c["lines"][letter]["packets"]  # fmt: skip
+            assert (
+                metrics[f"tickwire_line_packets_total{{{lab_}}}"] == c["lines"][letter]["packets"]
+            )
         assert metrics[f'tickwire_consumer_up{{channel="{ch}"}}'] == 1
         assert metrics[f'tickwire_receive_to_book_seconds_count{{channel="{ch}"}}'] > 0
         if mode == "xdp":
-            assert sum(v for k, v in metrics.items()
-                       if k.startswith("tickwire_xdp_packets_total")) >= 2 * 1000  # fmt: skip
+            assert (
+                sum(v for k, v in metrics.items() if k.startswith("tickwire_xdp_packets_total"))
+                >= 2 * 1000
+            )
         bid_px, _, ask_px, _ = app.reader.bbo(1)
         book = Book()
         book.feed(np.fromfile(path, np.uint8))
         assert (bid_px, ask_px) == (book.bbo(1)[0], book.bbo(1)[2])
         # the kernel still gets everything else: ping across line A while steering runs
-        ping = subprocess.run(["ip", "netns", "exec", labcfg.lab.exchange_ns, "ping", "-c", "2",
-                               "-W", "3", labcfg.lab.line_a.appliance_ip], capture_output=True,
-                              text=True)  # fmt: skip
+        ping = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                labcfg.lab.exchange_ns,
+                "ping",
+                "-c",
+                "2",
+                "-W",
+                "3",
+                labcfg.lab.line_a.appliance_ip,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert ping.returncode == 0, ping.stdout + ping.stderr
-        st = subprocess.run([sys.executable, "-m", "host.cli", "status", "--channel", ch,
-                             "--json"], capture_output=True, text=True, check=True)  # fmt: skip
+        st = subprocess.run(
+            [sys.executable, "-m", "host.cli", "status", "--channel", ch, "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         status = json.loads(st.stdout)
         assert status["consumer"]["taken"] == N_MSGS and status["consumer"]["running"]
         s = app.finish(terminate=True)
@@ -192,18 +269,30 @@ def test_malformed_packets_are_counted_and_harmless(labcfg, session_file, tmp_pa
         line = labcfg.lab.line_a
         with netns.entered(labcfg.lab.exchange_ns):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                     socket.inet_aton(line.exchange_ip))  # fmt: skip
-        junk = [b"", b"x" * 7, b"TICKWIRE01" + (1).to_bytes(8, "big") + (3).to_bytes(2, "big"),
-                b"TICKWIRE01" + (1).to_bytes(8, "big") + (1).to_bytes(2, "big") + b"\x00\x40ab"]
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(line.exchange_ip))
+        junk = [
+            b"",
+            b"x" * 7,
+            b"TICKWIRE01" + (1).to_bytes(8, "big") + (3).to_bytes(2, "big"),
+            b"TICKWIRE01" + (1).to_bytes(8, "big") + (1).to_bytes(2, "big") + b"\x00\x40ab",
+        ]
         for j in junk:
             s.sendto(j, (line.group, line.port))
-        s.sendto(b"OTHERSESS1" + (1).to_bytes(8, "big") + (0).to_bytes(2, "big"),
-                 (line.group, line.port))  # fmt: skip
+        s.sendto(
+            b"OTHERSESS1" + (1).to_bytes(8, "big") + (0).to_bytes(2, "big"), (line.group, line.port)
+        )
         s.close()
         app.wait_counters(lambda c: c["lines"]["A"]["malformed"] >= 4, "4 malformed on A")
-        run_sim(_sim_cfg(labcfg, tmp_path), "--session", str(path), "--rate", "400000",
-                "--eos-for", "1", "--no-rerequest")  # fmt: skip
+        run_sim(
+            _sim_cfg(labcfg, tmp_path),
+            "--session",
+            str(path),
+            "--rate",
+            "400000",
+            "--eos-for",
+            "1",
+            "--no-rerequest",
+        )
         out = app.finish()
     finally:
         app.kill()
@@ -214,14 +303,20 @@ def test_malformed_packets_are_counted_and_harmless(labcfg, session_file, tmp_pa
 def test_run_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[run]\nrx_mode = "dpdk"\n')
-    done = subprocess.run([sys.executable, "-m", "host.cli", "run", "--config", str(bad)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "host.cli", "run", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 1 and "run.rx_mode" in done.stderr
     assert done.stderr.strip().count("\n") == 0
     ok = tmp_path / "ok.toml"
     ok.write_text('[run]\nnetns = "no-such-ns-here"\n' + HOST_LINES)
-    done = subprocess.run([sys.executable, "-m", "host.cli", "run", "--config", str(ok)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "host.cli", "run", "--config", str(ok)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0
     assert ("no-such-ns-here does not exist" in done.stderr) or ("root" in done.stderr)
 
@@ -234,9 +329,22 @@ def test_socket_mode_needs_its_interfaces(tmp_path):
         write_config(cfg, path)
         with open(path, "a") as f:
             f.write('[run]\nchannel = "nif"\nmetrics = ""\n' + HOST_LINES)
-        done = subprocess.run([sys.executable, "-m", "host.cli", "run", "--config", str(path),
-                               "--mode", "socket", "--duration", "1"], capture_output=True,
-                              text=True)  # fmt: skip
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "host.cli",
+                "run",
+                "--config",
+                str(path),
+                "--mode",
+                "socket",
+                "--duration",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+        )
         # without --lab the run stays in this namespace, where nope0 does not exist either
         assert done.returncode == 1 and "nope0 does not exist" in done.stderr
 
@@ -254,16 +362,31 @@ def test_warm_fills_the_cache_each_receive_path_starts_from(labcfg, session_file
     write_config(labcfg, cfg_path)
 
     def warm():
-        p = subprocess.run([sys.executable, "-m", "host.cli", "warm", "--config", str(cfg_path),
-                            "--lab", "--json"], env=env, capture_output=True, text=True,
-                           timeout=900)  # fmt: skip
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "host.cli",
+                "warm",
+                "--config",
+                str(cfg_path),
+                "--lab",
+                "--json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert p.returncode == 0, p.stderr
         return json.loads(p.stdout)
 
     first = warm()
     assert first["cache"] == str(cache)
-    assert {m: v["how"] for m, v in first["modes"].items()} == {"xdp": "compiled",
-                                                               "socket": "compiled"}
+    assert {m: v["how"] for m, v in first["modes"].items()} == {
+        "xdp": "compiled",
+        "socket": "compiled",
+    }
     assert any(cache.rglob("*.nbi")), "nothing written to the cache"
     for mode in ("socket", "xdp"):
         s = _run_session(labcfg, tmp_path, path, mode, wrap=("env", f"NUMBA_CACHE_DIR={cache}"))

@@ -66,8 +66,12 @@ def test_pack_never_splits_and_respects_the_limit(lengths, limit):
     for j in range(k):
         pkt = hdrs[20 * j : 20 * j + 20].tobytes() + buf[p["start"][j] : p["end"][j]].tobytes()
         status, seq, count, session, msgs = mold.parse(pkt)
-        assert (status, seq, count, session) == (mold.P_DATA, p["seq"][j], p["count"][j],
-                                                 b"SESSION001")  # fmt: skip
+        assert (status, seq, count, session) == (
+            mold.P_DATA,
+            p["seq"][j],
+            p["count"][j],
+            b"SESSION001",
+        )
         assert [len(m) for m in msgs] == lengths[seq - 1 : seq - 1 + count]
 
 
@@ -86,14 +90,24 @@ def test_parse_rejects_malformed_packets():
 
 def test_fault_specs_parse_and_reject():
     f = faultplan.parse_fault("AB:drop=10-20")
-    assert [(x.line, x.kind, x.first, x.last) for x in f] == [("A", "drop", 10, 20),
-                                                             ("B", "drop", 10, 20)]  # fmt: skip
+    assert [(x.line, x.kind, x.first, x.last) for x in f] == [
+        ("A", "drop", 10, 20),
+        ("B", "drop", 10, 20),
+    ]
     assert faultplan.parse_fault("B:cut=200@1000")[0].ms == 200
     assert faultplan.parse_fault("A:reorder=4")[0].prob == 0.05
     assert faultplan.parse_fault("A:dup=0.5")[0].prob == 0.5
     assert faultplan.parse_fault("A:dup=7-9")[0].first == 7
-    for bad in ("C:drop=1-2", "A:drop=5-1", "A:loss=2", "A:cut=100", "A:boom=1", "A:drop",
-                "A:reorder=1", "A:delay=-3"):  # fmt: skip
+    for bad in (
+        "C:drop=1-2",
+        "A:drop=5-1",
+        "A:loss=2",
+        "A:cut=100",
+        "A:boom=1",
+        "A:drop",
+        "A:reorder=1",
+        "A:delay=-3",
+    ):
         with pytest.raises(faultplan.FaultSpecError):
             faultplan.parse_fault(bad)
 
@@ -111,16 +125,18 @@ def test_sim_errors_are_one_line(tmp_path):
         (["--session", str(good), "--session-name", "WAY-TOO-LONG"], "1-10"),
     ]
     for args, text in cases:
-        done = subprocess.run([sys.executable, "-m", "host.cli", "sim", *args],
-                              capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "host.cli", "sim", *args], capture_output=True, text=True
+        )
         assert done.returncode == 1, (args, done.stderr)
         assert text in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
 
 
 # --- schedule and pacing (no root): when each packet is due, and nothing goes before ------
 def _sim(n: int = 3000, **opts) -> sim.Simulator:
-    return sim.Simulator(sim.Session.from_buffer(itchgen.generate(n, 10, 3)), LabConfig(),
-                         sim.SimOptions(**opts))  # fmt: skip
+    return sim.Simulator(
+        sim.Session.from_buffer(itchgen.generate(n, 10, 3)), LabConfig(), sim.SimOptions(**opts)
+    )
 
 
 def test_rate_pacing_spaces_packets_by_their_first_message():
@@ -143,8 +159,9 @@ def test_realtime_pacing_follows_the_itch_timestamps_over_the_speed():
 
 
 def test_delay_holds_one_line_back_by_exactly_its_milliseconds():
-    s = _sim(pacing=sim.Pacing(mode="rate", rate=50_000.0),
-             faults=faultplan.parse_fault("B:delay=400"))  # fmt: skip
+    s = _sim(
+        pacing=sim.Pacing(mode="rate", rate=50_000.0), faults=faultplan.parse_fault("B:delay=400")
+    )
     a, b = s.lines["A"], s.lines["B"]
     assert np.array_equal(a.sched, b.sched)  # the same packets, in the same order
     assert np.array_equal(b.due, a.due + 400_000_000) and b.delay_ns == 400_000_000
@@ -154,29 +171,44 @@ def test_delay_holds_one_line_back_by_exactly_its_milliseconds():
 def test_nothing_is_sent_before_it_is_due():
     """The sender's gate, with the clock given: a packet goes out at its due time, never a
     nanosecond before, and goes out whole (the header, then its slice of the session)."""
-    s = _sim(pacing=sim.Pacing(mode="rate", rate=50_000.0),
-             faults=faultplan.parse_fault("B:delay=400"))  # fmt: skip
+    s = _sim(
+        pacing=sim.Pacing(mode="rate", rate=50_000.0), faults=faultplan.parse_fault("B:delay=400")
+    )
     st = s.lines["B"]
     batch = 4
     iov, mm = np.zeros(2 * batch, IOVEC), np.zeros(batch, MMSGHDR)
     for i in range(batch):
         mm[i]["hdr"]["iov"] = iov.ctypes.data + 2 * IOVEC.itemsize * i
         mm[i]["hdr"]["iovlen"] = 2
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:  # fmt: skip
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
         rx.bind(("127.0.0.1", 0))
         rx.settimeout(10)
         tx.connect(rx.getsockname())
         for k in (0, len(st.sched) // 2, len(st.sched) - 1):
-            args = (tx.fileno(), mm, iov, s.headers.ctypes.data, s.session.buf.ctypes.data,
-                    s.packets, st.sched, st.due, k)  # fmt: skip
+            args = (
+                tx.fileno(),
+                mm,
+                iov,
+                s.headers.ctypes.data,
+                s.session.buf.ctypes.data,
+                s.packets,
+                st.sched,
+                st.due,
+                k,
+            )
             assert sim.send_due(*args, st.due[k] - 1, st.cuts, st.cutlog, 0) == (k, 0, 0, 0)
             cursor, _, sent, err = sim.send_due(*args, st.due[k], st.cuts, st.cutlog, 0)
             assert (err, sent) == (0, cursor - k) and sent >= 1
             p = s.packets[st.sched[k]]
             data = rx.recv(65536)
-            assert data == s.headers[20 * st.sched[k] : 20 * st.sched[k] + 20].tobytes() + \
-                s.session.buf[p["start"] : p["end"]].tobytes()  # fmt: skip
+            assert (
+                data
+                == s.headers[20 * st.sched[k] : 20 * st.sched[k] + 20].tobytes()
+                + s.session.buf[p["start"] : p["end"]].tobytes()
+            )
             for _ in range(sent - 1):  # others due at the same nanosecond went with it
                 rx.recv(65536)
 
@@ -190,8 +222,9 @@ def test_rerequest_rate_limit_per_requester_with_the_clock_given(monkeypatch):
     sess = sim.Session.from_buffer(itchgen.generate(3000, 10, 5))
     name = mold.session_bytes("TICKWIRE01")
     cfg = rerequest.ServerConfig(port=free_port(socket.SOCK_DGRAM), rate=200.0, workers=1)
-    srv = rerequest.ReRequestServer(sess, name, np.array([sess.n], np.int64), cfg,
-                                    payload_limit=1400, bind_ip="127.0.0.1")  # fmt: skip
+    srv = rerequest.ReRequestServer(
+        sess, name, np.array([sess.n], np.int64), cfg, payload_limit=1400, bind_ip="127.0.0.1"
+    )
     srv.start()
     a, b = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
     try:
@@ -202,8 +235,10 @@ def test_rerequest_rate_limit_per_requester_with_the_clock_given(monkeypatch):
         def ask(sock, seq, count, expect):
             sock.sendto(mold.request(name, seq, count), to)
             got = [m for p in receive_messages(sock, expect) for m in mold.parse(p)[4]]
-            assert got == [bytes(sess.buf[sess.offsets[i] + 2 : sess.offsets[i + 1]])
-                           for i in range(seq - 1, seq - 1 + expect)]  # fmt: skip
+            assert got == [
+                bytes(sess.buf[sess.offsets[i] + 2 : sess.offsets[i + 1]])
+                for i in range(seq - 1, seq - 1 + expect)
+            ]
 
         ask(a, 100, 150, 150)
         ask(a, 300, 150, 50)  # what is left of the bucket: a partial answer
@@ -245,9 +280,20 @@ def test_both_lines_carry_the_session_with_heartbeats_and_end(simlab, session_fi
     cfg, cfg_path = simlab
     rx = Receiver(cfg)
     try:
-        summary = run_sim(cfg_path, "--session", str(session_file), "--rate", "300000",
-                          "--preroll", "0.7", "--heartbeat", "0.2", "--eos-for", "0.5",
-                          "--no-rerequest")  # fmt: skip
+        summary = run_sim(
+            cfg_path,
+            "--session",
+            str(session_file),
+            "--rate",
+            "300000",
+            "--preroll",
+            "0.7",
+            "--heartbeat",
+            "0.2",
+            "--eos-for",
+            "0.5",
+            "--no-rerequest",
+        )
         rx.wait_packets(sent_counts(summary))  # everything the simulator says it sent
     finally:
         rx.close()
@@ -282,8 +328,16 @@ def test_start_at_a_sequence_and_at_a_market_phase(simlab, session_file):
     for args, first in ((["--start-seq", "12345"], 12345), (["--start-phase", "Q"], q)):
         rx = Receiver(cfg)
         try:
-            s = run_sim(cfg_path, "--session", str(session_file), "--max", "--eos-for", "0.3",
-                        "--no-rerequest", *args)  # fmt: skip
+            s = run_sim(
+                cfg_path,
+                "--session",
+                str(session_file),
+                "--max",
+                "--eos-for",
+                "0.3",
+                "--no-rerequest",
+                *args,
+            )
             rx.wait_eos()  # each line's data went before its end of session
         finally:
             rx.close()
@@ -298,13 +352,28 @@ def test_every_fault_happens_exactly_as_recorded(simlab, session_file, tmp_path)
     cfg, cfg_path = simlab
     record = tmp_path / "record.json"
     plan = tmp_path / "plan.toml"
-    plan.write_text('seed = 5\nfaults = ["A:drop=1000-2999", "A:loss=0.02", "A:dup=0.01", '
-                    '"A:reorder=4@0.05", "B:cut=120@100", "B:delay=40"]\n')  # fmt: skip
+    plan.write_text(
+        'seed = 5\nfaults = ["A:drop=1000-2999", "A:loss=0.02", "A:dup=0.01", '
+        '"A:reorder=4@0.05", "B:cut=120@100", "B:delay=40"]\n'
+    )
     rx = Receiver(cfg)
     try:
-        summary = run_sim(cfg_path, "--session", str(session_file), "--rate", "100000",
-                          "--faults", str(plan), "--record", str(record), "--eos-for", "0.3",
-                          "--heartbeat", "0.05", "--no-rerequest")  # fmt: skip
+        summary = run_sim(
+            cfg_path,
+            "--session",
+            str(session_file),
+            "--rate",
+            "100000",
+            "--faults",
+            str(plan),
+            "--record",
+            str(record),
+            "--eos-for",
+            "0.3",
+            "--heartbeat",
+            "0.05",
+            "--no-rerequest",
+        )
         rx.wait_packets(sent_counts(summary))
     finally:
         rx.close()
@@ -336,8 +405,9 @@ def test_every_fault_happens_exactly_as_recorded(simlab, session_file, tmp_path)
     ev_b = rec["lines"]["B"]["events"]
     cut = [e for e in ev_b if e["fault"] == "cut" and "packet" in e]
     assert cut and all(100 <= e["at_ms"] < 220 for e in ev_b if e["fault"] == "cut")
-    assert rec["lines"]["B"]["sent"] == [k for k in range(len(packets))
-                                         if k not in {e["packet"] for e in cut}]  # fmt: skip
+    assert rec["lines"]["B"]["sent"] == [
+        k for k in range(len(packets)) if k not in {e["packet"] for e in cut}
+    ]
     assert any(e["fault"] == "delay" and e["ms"] == 40 for e in ev_b)
 
 
@@ -348,8 +418,18 @@ def test_a_delayed_line_carries_the_same_packets(simlab, session_file):
     cfg, cfg_path = simlab
     rx = Receiver(cfg)
     try:
-        summary = run_sim(cfg_path, "--session", str(session_file), "--rate", "200000",
-                          "--fault", "B:delay=400", "--eos-for", "0.2", "--no-rerequest")
+        summary = run_sim(
+            cfg_path,
+            "--session",
+            str(session_file),
+            "--rate",
+            "200000",
+            "--fault",
+            "B:delay=400",
+            "--eos-for",
+            "0.2",
+            "--no-rerequest",
+        )
         rx.wait_packets(sent_counts(summary))
     finally:
         rx.close()
@@ -360,15 +440,31 @@ def test_a_delayed_line_carries_the_same_packets(simlab, session_file):
 @pytest.mark.lab
 def test_pacing_options_reach_the_schedule(simlab, session_file):
     cfg, cfg_path = simlab
-    s = run_sim(cfg_path, "--session", str(session_file), "--rate", "50000", "--eos-for", "0",
-                "--no-rerequest")  # fmt: skip
+    s = run_sim(
+        cfg_path,
+        "--session",
+        str(session_file),
+        "--rate",
+        "50000",
+        "--eos-for",
+        "0",
+        "--no-rerequest",
+    )
     assert s["pacing"] == "50,000 msgs/s" and s["published"] == N_MSGS
     sess = sim.Session.from_file(str(session_file))
     ts = np.zeros(sess.n, np.int64)
     mold.timestamps(sess.buf, sess.offsets, sess.n, ts)
     speed = (ts[-1] - ts[0]) / 1e9 / 0.5  # the session's span in half a second
-    s = run_sim(cfg_path, "--session", str(session_file), "--speed", f"{speed}", "--eos-for",
-                "0", "--no-rerequest")  # fmt: skip
+    s = run_sim(
+        cfg_path,
+        "--session",
+        str(session_file),
+        "--speed",
+        f"{speed}",
+        "--eos-for",
+        "0",
+        "--no-rerequest",
+    )
     assert s["pacing"] == f"real time x {speed:g}" and s["published"] == N_MSGS
 
 
@@ -390,16 +486,32 @@ def test_rerequests_answer_exactly_and_honour_caps_and_bad_requests(simlab, sess
     cfg, cfg_path = simlab
     msgs = _messages(session_file.read_bytes())
     rx = Receiver(cfg)
-    proc = SimProcess(cfg_path, "--session", str(session_file), "--max", "--eos-for", "60",
-                      "--heartbeat", "0.2", "--rr-window", "10000", "--rr-max-messages", "300",
-                      "--rr-max-bytes", "64000", "--rr-rate", "1000000")  # fmt: skip
+    proc = SimProcess(
+        cfg_path,
+        "--session",
+        str(session_file),
+        "--max",
+        "--eos-for",
+        "60",
+        "--heartbeat",
+        "0.2",
+        "--rr-window",
+        "10000",
+        "--rr-max-messages",
+        "300",
+        "--rr-max-bytes",
+        "64000",
+        "--rr-rate",
+        "1000000",
+    )
     req = Requester(cfg, "A")
     try:
         rx.wait_eos()  # everything published, the server is up
         heads, got, _ = _answer(req.ask(25_000, 100), 100)
         assert got == msgs[25_000 - 1 : 25_100 - 1]
-        assert heads[0][0] == 25_000 and all(s + c == n[0] for (s, c), n in
-                                             zip(heads, heads[1:], strict=False))  # fmt: skip
+        assert heads[0][0] == 25_000 and all(
+            s + c == n[0] for (s, c), n in zip(heads, heads[1:], strict=False)
+        )
         _, got, _ = _answer(req.ask(22_000, 5_000), 300)  # over the message cap
         assert got == msgs[22_000 - 1 : 22_300 - 1]
         _, got, _ = _answer(req.ask(N_MSGS - 9, 50), 10)  # past the end: what exists
@@ -407,9 +519,14 @@ def test_rerequests_answer_exactly_and_honour_caps_and_bad_requests(simlab, sess
         req.ask(N_MSGS + 1, 10)  # the future
         req.ask(100, 10)  # below the retained window (the last 10,000)
         req.ask(25_000, 10, session=b"OTHERSESS1")
-        for junk in (b"", b"x" * 5, mold.request(req.session, 25_000, 10) + b"!",
-                     mold.request(req.session, 0, 10), mold.request(req.session, 25_000, 0)):
-            req.send_raw(junk)  # fmt: skip
+        for junk in (
+            b"",
+            b"x" * 5,
+            mold.request(req.session, 25_000, 10) + b"!",
+            mold.request(req.session, 0, 10),
+            mold.request(req.session, 25_000, 0),
+        ):
+            req.send_raw(junk)
         # the server still works, and answered none of those: one worker takes this
         # requester's datagrams in order, so an answer to any of them would come first
         heads, got, _ = _answer(req.ask(29_000, 20), 20)
@@ -445,9 +562,24 @@ def test_rerequest_byte_cap_and_requesters_apart(simlab, session_file):
     cfg, cfg_path = simlab
     msgs = _messages(session_file.read_bytes())
     rx = Receiver(cfg)
-    proc = SimProcess(cfg_path, "--session", str(session_file), "--max", "--eos-for", "60",
-                      "--heartbeat", "0.2", "--payload", "400", "--rr-max-messages", "1000",
-                      "--rr-max-bytes", "2000", "--rr-rate", "200")  # fmt: skip
+    proc = SimProcess(
+        cfg_path,
+        "--session",
+        str(session_file),
+        "--max",
+        "--eos-for",
+        "60",
+        "--heartbeat",
+        "0.2",
+        "--payload",
+        "400",
+        "--rr-max-messages",
+        "1000",
+        "--rr-max-bytes",
+        "2000",
+        "--rr-rate",
+        "200",
+    )
     a, b = Requester(cfg, "A"), Requester(cfg, "B")
     try:
         rx.wait_eos()
@@ -473,9 +605,23 @@ def test_rerequest_byte_cap_and_requesters_apart(simlab, session_file):
 
 @pytest.mark.lab
 def test_bench_sim_reports_rates_and_cleans_up(session_file):
-    done = subprocess.run([sys.executable, "-m", "host.cli", "bench", "sim", "--session",
-                           str(session_file), "--repeat", "1", "--json"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "host.cli",
+            "bench",
+            "sim",
+            "--session",
+            str(session_file),
+            "--repeat",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     r = json.loads(done.stdout)["result"]
     assert r["messages"] == N_MSGS and r["packets_per_line"] > 0

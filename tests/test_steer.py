@@ -49,9 +49,16 @@ def test_mirror_has_every_integer_constant_of_the_header():
     assert defines["TW_MAX_CHANNELS"] == 64 and defines["TW_MAX_QUEUES"] == 64
     for name, value in defines.items():
         assert getattr(abi, name.removeprefix("TW_")) == value, name
-    mirrored = {n for n in dir(abi) if re.fullmatch(r"(MAX|G|S|LINE)_[A-Z_]+|META_SIZE|"
-                                                    r"STATS_BASE", n)
-                and isinstance(getattr(abi, n), int)}  # fmt: skip
+    mirrored = {
+        n
+        for n in dir(abi)
+        if re.fullmatch(
+            r"(MAX|G|S|LINE)_[A-Z_]+|META_SIZE|"
+            r"STATS_BASE",
+            n,
+        )
+        and isinstance(getattr(abi, n), int)
+    }
     assert mirrored == {n.removeprefix("TW_") for n in defines}
 
 
@@ -59,27 +66,45 @@ def test_mirror_has_every_integer_constant_of_the_header():
 def test_mirror_matches_the_compiled_header():
     cc = shutil.which("gcc")
     structs = {"tw_chan_key": abi.CHAN_KEY, "tw_chan_val": abi.CHAN_VAL, "tw_meta": abi.META}
-    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "common.h"',
-             '#define P(k, v) printf("\\"%s\\": %lld,\\n", k, (long long)(v))',
-             "int main(void) {", 'printf("{\\n");',
-             'P("STATS_LEN", TW_STATS_LEN);']  # fmt: skip
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        '#include "common.h"',
+        '#define P(k, v) printf("\\"%s\\": %lld,\\n", k, (long long)(v))',
+        "int main(void) {",
+        'printf("{\\n");',
+        'P("STATS_LEN", TW_STATS_LEN);',
+    ]
     for name in _header_defines():
         lines.append(f'P("{name.removeprefix("TW_")}", {name});')
     for struct_name, dt in structs.items():
         lines.append(f'P("sizeof {struct_name}", sizeof(struct {struct_name}));')
         for field in dt.names:
             lines.append(f'P("{struct_name}.{field}", offsetof(struct {struct_name}, {field}));')
-            lines.append(f'P("{struct_name}.{field} size", '
-                         f'sizeof(((struct {struct_name} *)0)->{field}));')  # fmt: skip
+            lines.append(
+                f'P("{struct_name}.{field} size", sizeof(((struct {struct_name} *)0)->{field}));'
+            )
     lines += ['printf("\\"end\\": 0}\\n");', "return 0;", "}"]
     build = Path(os.environ.get("TMPDIR", "/tmp")) / f"twabi{os.getpid()}"
     build.mkdir(exist_ok=True)
     try:
         (build / "abi.c").write_text("\n".join(lines))
-        subprocess.run([cc, "-Wall", "-Werror", f"-I{HEADER.parent}", "-o", str(build / "abi"),
-                        str(build / "abi.c")], check=True, capture_output=True)  # fmt: skip
-        got = json.loads(subprocess.run([str(build / "abi")], check=True, capture_output=True,
-                                         text=True).stdout)  # fmt: skip
+        subprocess.run(
+            [
+                cc,
+                "-Wall",
+                "-Werror",
+                f"-I{HEADER.parent}",
+                "-o",
+                str(build / "abi"),
+                str(build / "abi.c"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        got = json.loads(
+            subprocess.run([str(build / "abi")], check=True, capture_output=True, text=True).stdout
+        )
     finally:
         shutil.rmtree(build)
     assert got["STATS_LEN"] == abi.STATS_LEN == 8 + 64 * 2 * 2
@@ -122,7 +147,7 @@ def test_channel_key_is_in_network_byte_order():
         ({"channels": [("239.1.1.1", 1, 1, "A"), ("239.1.1.1", 1, 2, "A")]}, "twice"),
         ({"channels": [("239.1.1.1", 1, 1, "A"), ("239.1.1.2", 1, 1, "A")]}, "twice"),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments_are_value_errors(kw, match):
     args = {"interfaces": ["feed-a"], "channels": [("239.1.1.1", 1, 1, "A")]} | kw
     with pytest.raises(ValueError, match=match):
@@ -133,8 +158,9 @@ def test_bad_arguments_are_value_errors(kw, match):
 @pytest.mark.needs("bcc")
 def test_compile_failure_shows_the_compiler_message(tmp_path, monkeypatch, capfd):
     broken = tmp_path / "steer.c"
-    broken.write_text('#include "common.h"\n'
-                      "int tw_steer(struct xdp_md *ctx) { return no_such_thing; }\n")
+    broken.write_text(
+        '#include "common.h"\nint tw_steer(struct xdp_md *ctx) { return no_such_thing; }\n'
+    )
     monkeypatch.setattr(loader, "STEER_SRC", broken)
     with pytest.raises(loader.AttachError, match="does not compile.*no_such_thing") as e:
         loader.Steering(["lo"], [("239.1.1.1", 1, 1, "A")])
@@ -156,8 +182,13 @@ except AttachError as e:
 @pytest.mark.needs("bcc")
 def test_without_privilege_it_says_run_as_root():
     if os.geteuid() == 0:  # drop to nobody in a child
-        done = subprocess.run([sys.executable, "-c", UNPRIVILEGED], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", UNPRIVILEGED],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         code, _, message = done.stdout.strip().partition(" ")
         assert done.stderr == ""
     else:
@@ -202,8 +233,9 @@ def _ifaces(cfg) -> list[str]:
 
 
 def _ip_link(ns: str) -> str:
-    return subprocess.run(["ip", "-n", ns, "-d", "link", "show"], check=True,
-                          capture_output=True, text=True).stdout  # fmt: skip
+    return subprocess.run(
+        ["ip", "-n", ns, "-d", "link", "show"], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def _udp_sender(cfg, letter: str) -> socket.socket:
@@ -244,17 +276,20 @@ def test_subscribed_traffic_is_counted_and_passed_without_a_socket(cfg, appl):
     rx = Receiver(cfg)
     try:
         other.bind(("", other_port))
-        other.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
-                         socket.inet_aton(la.group) + socket.inet_aton(la.appliance_ip))
+        other.setsockopt(
+            socket.IPPROTO_IP,
+            socket.IP_ADD_MEMBERSHIP,
+            socket.inet_aton(la.group) + socket.inet_aton(la.appliance_ip),
+        )
         other.settimeout(5)
-        with loader.Steering(_ifaces(cfg), _channels(cfg), log=notices.append,
-                             netns=appl) as st:  # fmt: skip
+        with loader.Steering(_ifaces(cfg), _channels(cfg), log=notices.append, netns=appl) as st:
             assert st.mode == {la.appliance_if: "native", cfg.lab.line_b.appliance_if: "native"}
             assert notices == []
             progs = loader.attached(appl)
             assert sorted(p["ifname"] for p in progs) == sorted(_ifaces(cfg))
-            assert {(p["mode"], p["prog_id"], p["prog_name"]) for p in progs} == \
-                {("native", st.prog_id, abi.PROG_NAME)}  # fmt: skip
+            assert {(p["mode"], p["prog_id"], p["prog_name"]) for p in progs} == {
+                ("native", st.prog_id, abi.PROG_NAME)
+            }
             assert "prog/xdp" in _ip_link(appl)
             assert st.xsk_slot(la.appliance_if, 0) != st.xsk_slot(cfg.lab.line_b.appliance_if, 0)
 
@@ -270,14 +305,34 @@ def test_subscribed_traffic_is_counted_and_passed_without_a_socket(cfg, appl):
                 (63, "A"): {"packets": 0, "bytes": 0},
             }
             assert stats["no_socket"] == total
-            assert (stats["redirected"], stats["malformed"], stats["meta_fail"],
-                    stats["no_slot"], stats["fragment"]) == (0, 0, 0, 0, 0)  # fmt: skip
+            assert (
+                stats["redirected"],
+                stats["malformed"],
+                stats["meta_fail"],
+                stats["no_slot"],
+                stats["fragment"],
+            ) == (0, 0, 0, 0, 0)
 
             # unsubscribed traffic keeps working: ping, unicast UDP, the group on another port
             before = stats["pass_other"]
-            ping = subprocess.run(["ip", "netns", "exec", cfg.lab.exchange_ns, "ping", "-c",
-                                   "2", "-i", "0.2", "-W", "2", la.appliance_ip],
-                                  capture_output=True, text=True)  # fmt: skip
+            ping = subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    cfg.lab.exchange_ns,
+                    "ping",
+                    "-c",
+                    "2",
+                    "-i",
+                    "0.2",
+                    "-W",
+                    "2",
+                    la.appliance_ip,
+                ],
+                capture_output=True,
+                text=True,
+            )
             assert ping.returncode == 0, ping.stdout + ping.stderr
             with contextlib.closing(_udp_sender(cfg, "A")) as s:
                 s.sendto(b"unicast", (la.appliance_ip, other_port))
@@ -303,18 +358,43 @@ def _csum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def _ipv4(src: str, dst: str, payload: bytes, *, proto: int = 17, ihl: int = 5,
-          tot_len: int | None = None, frag: int = 0, options: bytes = b"") -> bytes:  # fmt: skip
+def _ipv4(
+    src: str,
+    dst: str,
+    payload: bytes,
+    *,
+    proto: int = 17,
+    ihl: int = 5,
+    tot_len: int | None = None,
+    frag: int = 0,
+    options: bytes = b"",
+) -> bytes:
     tot = 4 * ihl + len(payload) if tot_len is None else tot_len
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, tot, 1, frag, 1, proto, 0,
-                      socket.inet_aton(src), socket.inet_aton(dst)) + options  # fmt: skip
+    hdr = (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x40 | ihl,
+            0,
+            tot,
+            1,
+            frag,
+            1,
+            proto,
+            0,
+            socket.inet_aton(src),
+            socket.inet_aton(dst),
+        )
+        + options
+    )
     hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
     return hdr + payload
 
 
 def _udp(dport: int, payload: bytes, length: int | None = None) -> bytes:
-    return struct.pack("!HHHH", 40000, dport, 8 + len(payload) if length is None else length,
-                       0) + payload  # fmt: skip
+    return (
+        struct.pack("!HHHH", 40000, dport, 8 + len(payload) if length is None else length, 0)
+        + payload
+    )
 
 
 def _eth(proto: int, body: bytes, tags: tuple[int, ...] = ()) -> bytes:
@@ -374,21 +454,36 @@ def test_malformed_and_odd_frames_are_counted_and_passed(cfg, appl):
 
         def arrived() -> bool:
             s = st.stats()
-            return s["channels"][(CHANNEL, "A")]["packets"] == len(steered) and \
-                s["malformed"] == len(malformed) and s["fragment"] == len(fragments)  # fmt: skip
+            return (
+                s["channels"][(CHANNEL, "A")]["packets"] == len(steered)
+                and s["malformed"] == len(malformed)
+                and s["fragment"] == len(fragments)
+            )
 
         wait_for(arrived, 20, "the packets", st.stats)
         after = st.stats()
         assert after["malformed"] - before["malformed"] == len(malformed)
         assert after["fragment"] - before["fragment"] == len(fragments)
         assert after["pass_other"] - before["pass_other"] >= len(other)
-        assert after["channels"][(CHANNEL, "A")] == {"packets": len(steered),
-                                                     "bytes": want_bytes}  # fmt: skip
+        assert after["channels"][(CHANNEL, "A")] == {"packets": len(steered), "bytes": want_bytes}
         assert after["no_socket"] - before["no_socket"] == len(steered)
         assert after["meta_fail"] == after["no_slot"] == after["redirected"] == 0
         # and the interface still works
-        ping = subprocess.run(["ip", "netns", "exec", cfg.lab.exchange_ns, "ping", "-c", "1",
-                               "-W", "2", la.appliance_ip], capture_output=True)  # fmt: skip
+        ping = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                cfg.lab.exchange_ns,
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                la.appliance_ip,
+            ],
+            capture_output=True,
+        )
         assert ping.returncode == 0
 
 
@@ -397,8 +492,7 @@ def _test_run(prog_fd: int, frame: bytes, ifindex: int) -> tuple[int, bytes]:
     """Run the program once on ``frame`` as if received on ``ifindex`` queue 0 (in the
     calling thread's namespace); returns (action, bytes from data_meta to data_end)."""
     data_out = bytearray(len(frame) + 256)
-    run = bpfsys.prog_run(prog_fd, frame, ctx=bpfsys.xdp_md(len(frame), ifindex),
-                          data_out=data_out)  # fmt: skip
+    run = bpfsys.prog_run(prog_fd, frame, ctx=bpfsys.xdp_md(len(frame), ifindex), data_out=data_out)
     return run.retval, bytes(data_out[: run.data_size_out])
 
 
@@ -414,10 +508,11 @@ def test_metadata_sits_in_front_of_a_steered_frame(cfg, appl):
             act, out = _test_run(st.prog_fd, frame, ifindex)
             t1 = time.monotonic_ns()
             other = _eth(0x0800, _ipv4(la.exchange_ip, la.group, _udp(9, b"x")))
-            act_other, out_other = _test_run(st.prog_fd, other,
-                                             socket.if_nametoindex(la.appliance_if))
+            act_other, out_other = _test_run(
+                st.prog_fd, other, socket.if_nametoindex(la.appliance_if)
+            )
         assert act == 2  # XDP_PASS: the redirect fell back, no socket in the slot
-        assert len(out) == abi.META_SIZE + len(frame) and out[abi.META_SIZE:] == frame
+        assert len(out) == abi.META_SIZE + len(frame) and out[abi.META_SIZE :] == frame
         meta = np.frombuffer(out[: abi.META_SIZE], abi.META)[0]
         assert (int(meta["channel"]), int(meta["line"])) == (CHANNEL, abi.LINE_B)
         assert t0 <= int(meta["rx_ns"]) <= t1  # CLOCK_MONOTONIC, like time.monotonic_ns
@@ -433,14 +528,22 @@ def test_steered_frames_reach_an_af_xdp_socket_with_metadata(cfg, appl):
     B's datagrams, each with its tw_meta 16 bytes before it in the UMEM; line A, with no
     socket, still goes to the kernel."""
     from dataplane import xsk
+
     la, lb = cfg.lab.line_a, cfg.lab.line_b
     sizes = [8, 100, 333, 1200, 64]
     with loader.Steering(_ifaces(cfg), _channels(cfg), netns=appl) as st:
         slot = st.xsk_slot(lb.appliance_if, 0)
         assert slot == 1 and st.xsk_slot(la.appliance_if, 0) == 0
         with netns.entered(appl):
-            sock = xsk.XskSocket(lb.appliance_if, 0, frames=64, fill_size=64, comp_size=64,
-                                 rx_size=64, hugepages=False)  # fmt: skip
+            sock = xsk.XskSocket(
+                lb.appliance_if,
+                0,
+                frames=64,
+                fill_size=64,
+                comp_size=64,
+                rx_size=64,
+                hugepages=False,
+            )
         with sock:
             sock.register(st.xsks_map_fd, slot)
             ri, umem = sock.ring_info, sock.umem.array
@@ -518,10 +621,13 @@ def test_exception_inside_the_block_detaches(cfg, appl):
 
 @pytest.mark.lab
 @pytest.mark.needs("xdp")
-@pytest.mark.parametrize(("second", "mode", "code"), [
-    ("nosuch0", "auto", errno.ENODEV),  # the interface does not exist
-    ("lo", "native", errno.EOPNOTSUPP),  # the kernel refuses the attach itself
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("second", "mode", "code"),
+    [
+        ("nosuch0", "auto", errno.ENODEV),  # the interface does not exist
+        ("lo", "native", errno.EOPNOTSUPP),  # the kernel refuses the attach itself
+    ],
+)
 def test_failure_on_the_second_interface_detaches_the_first(cfg, appl, second, mode, code):
     """(d): the first interface was attached when the second failed."""
     first = cfg.lab.line_a.appliance_if
@@ -548,9 +654,14 @@ def test_a_process_holding_steering_leaves_nothing_when_it_ends(cfg, appl, how):
     """(e): a signal (the default action still ends the process with that signal), or
     a plain exit without close() (atexit)."""
     la = cfg.lab.line_a
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, appl, *_ifaces(cfg), la.group,
-                             str(la.port)], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, appl, *_ifaces(cfg), la.group, str(la.port)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().split() == ["native", "native"], proc.stderr.read()
         assert len(loader.attached(appl)) == 2
@@ -580,8 +691,7 @@ def test_refuses_to_replace_a_program_it_did_not_attach(cfg, appl, monkeypatch):
             loader.Steering([la.appliance_if], _channels(cfg), netns=appl)
         assert e.value.errno == errno.EBUSY
         progs = loader.attached(appl)
-        assert [(p["ifname"], p["prog_id"]) for p in progs] == [(la.appliance_if,
-                                                                 first.prog_id)]  # fmt: skip
+        assert [(p["ifname"], p["prog_id"]) for p in progs] == [(la.appliance_if, first.prog_id)]
     # someone else's program, in generic mode: auto must not try around it either
     from bcc import BPF
     from pyroute2 import IPRoute
@@ -591,13 +701,17 @@ def test_refuses_to_replace_a_program_it_did_not_attach(cfg, appl, monkeypatch):
         fn = foreign.load_func(b"other", BPF.XDP)
         with netns.entered(appl), IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=la.appliance_if)[0]
-            ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fn.fd),
-                                                      ("IFLA_XDP_FLAGS", abi.XDP_FLAGS_SKB_MODE)]})
+            ipr.link(
+                "set",
+                index=idx,
+                xdp={"attrs": [("IFLA_XDP_FD", fn.fd), ("IFLA_XDP_FLAGS", abi.XDP_FLAGS_SKB_MODE)]},
+            )
         for mode in ("auto", "native", "generic"):
             with pytest.raises(loader.AttachError, match="does not replace"):
                 loader.Steering([la.appliance_if], _channels(cfg), mode=mode, netns=appl)
-            assert [(p["prog_name"], p["mode"]) for p in loader.attached(appl)] == \
-                [("other", "generic")]  # fmt: skip
+            assert [(p["prog_name"], p["mode"]) for p in loader.attached(appl)] == [
+                ("other", "generic")
+            ]
         # without the loader's own check, the kernel refuses (UPDATE_IF_NOEXIST), and the
         # clean-up after the failed attach leaves the other program alone (REPLACE + expected)
         with monkeypatch.context() as m:
@@ -606,8 +720,9 @@ def test_refuses_to_replace_a_program_it_did_not_attach(cfg, appl, monkeypatch):
                 with pytest.raises(loader.AttachError, match="does not replace") as e:
                     loader.Steering([la.appliance_if], _channels(cfg), mode=mode, netns=appl)
                 assert e.value.errno in (errno.EBUSY, errno.EEXIST)
-        assert [(p["prog_name"], p["mode"]) for p in loader.attached(appl)] == \
-            [("other", "generic")]  # fmt: skip
+        assert [(p["prog_name"], p["mode"]) for p in loader.attached(appl)] == [
+            ("other", "generic")
+        ]
         assert loader.detach(la.appliance_if, appl) == ["generic"]
         assert loader.detach(la.appliance_if, appl) == []
     finally:

@@ -18,9 +18,18 @@ from dataplane import sysabi
 # numpy record -> (C struct, {numpy field: C member}); fields starting "_" are padding
 RECORDS = {
     "IOVEC": ("iovec", {"base": "iov_base", "len": "iov_len"}),
-    "MSGHDR": ("msghdr", {"name": "msg_name", "namelen": "msg_namelen", "iov": "msg_iov",
-                          "iovlen": "msg_iovlen", "control": "msg_control",
-                          "controllen": "msg_controllen", "flags": "msg_flags"}),
+    "MSGHDR": (
+        "msghdr",
+        {
+            "name": "msg_name",
+            "namelen": "msg_namelen",
+            "iov": "msg_iov",
+            "iovlen": "msg_iovlen",
+            "control": "msg_control",
+            "controllen": "msg_controllen",
+            "flags": "msg_flags",
+        },
+    ),
     "MMSGHDR": ("mmsghdr", {"hdr": "msg_hdr", "len": "msg_len"}),
 }
 
@@ -29,22 +38,30 @@ RECORDS = {
 def c_layout(tmp_path_factory) -> dict[str, int]:
     """``sizeof``/``offsetof`` of every mirrored struct and member, from the compiler."""
     cc = shutil.which("gcc")
-    lines = ["#define _GNU_SOURCE", "#include <stddef.h>", "#include <stdio.h>",
-             "#include <sys/socket.h>", "#include <sys/uio.h>",
-             '#define P(k, v) printf("\\"%s\\": %lld,\\n", k, (long long)(v))',
-             "int main(void) {", 'printf("{\\n");']
+    lines = [
+        "#define _GNU_SOURCE",
+        "#include <stddef.h>",
+        "#include <stdio.h>",
+        "#include <sys/socket.h>",
+        "#include <sys/uio.h>",
+        '#define P(k, v) printf("\\"%s\\": %lld,\\n", k, (long long)(v))',
+        "int main(void) {",
+        'printf("{\\n");',
+    ]
     for struct, members in RECORDS.values():
         lines.append(f'P("sizeof {struct}", sizeof(struct {struct}));')
         for member in members.values():
             lines.append(f'P("{struct}.{member}", offsetof(struct {struct}, {member}));')
-            lines.append(f'P("{struct}.{member} size", '
-                         f"sizeof(((struct {struct} *)0)->{member}));")
+            lines.append(f'P("{struct}.{member} size", sizeof(((struct {struct} *)0)->{member}));')
     lines.append('P("SO_RCVBUFFORCE", SO_RCVBUFFORCE);')
     lines += ['printf("\\"end\\": 0}\\n");', "return 0;", "}"]
     build = tmp_path_factory.mktemp("sysabi")
     (build / "abi.c").write_text("\n".join(lines))
-    subprocess.run([cc, "-Wall", "-Werror", "-o", str(build / "abi"), str(build / "abi.c")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [cc, "-Wall", "-Werror", "-o", str(build / "abi"), str(build / "abi.c")],
+        check=True,
+        capture_output=True,
+    )
     out = subprocess.run([str(build / "abi")], check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
@@ -82,6 +99,10 @@ def test_libc_resolves_the_calls_made_through_it():
 
 def test_libc_is_opened_in_one_place():
     root = Path(__file__).resolve().parents[1]
-    opened = sorted(str(p.relative_to(root)) for d in ("host", "dataplane")
-                    for p in (root / d).rglob("*.py") if "CDLL(None" in p.read_text())
+    opened = sorted(
+        str(p.relative_to(root))
+        for d in ("host", "dataplane")
+        for p in (root / d).rglob("*.py")
+        if "CDLL(None" in p.read_text()
+    )
     assert opened == ["dataplane/sysabi.py"], "use dataplane.sysabi.LIBC"

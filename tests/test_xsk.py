@@ -63,8 +63,13 @@ def consume(ri, umem, batch, refill, payload, lens, rx_ns, marker, queue, frame,
         got, fidx = 0, 0
     for i in range(n):
         addr, length = xsk.rx_desc(ri, idx + i)
-        ok = length >= 46 and umem[addr + 12] == 0x08 and umem[addr + 13] == 0x00 \
-            and umem[addr + 14] == 0x45 and umem[addr + 23] == 17
+        ok = (
+            length >= 46
+            and umem[addr + 12] == 0x08
+            and umem[addr + 13] == 0x00
+            and umem[addr + 14] == 0x45
+            and umem[addr + 23] == 17
+        )
         ulen = ((np.int64(umem[addr + 38]) << 8) | umem[addr + 39]) - 8 if ok else 0
         if ok and 4 <= ulen <= length - 42 and ulen <= payload.shape[1]:
             seq = _le(umem, addr + 42, 4)
@@ -116,8 +121,14 @@ def give_back(ri, held, count):
 class Capture:
     """Preallocated outputs for ``consume`` and a Python loop around it."""
 
-    def __init__(self, sock: xsk.XskSocket, n: int, maxlen: int = 512, batch: int = 32,
-                 refill: int = REFILL_BATCH):  # fmt: skip
+    def __init__(
+        self,
+        sock: xsk.XskSocket,
+        n: int,
+        maxlen: int = 512,
+        batch: int = 32,
+        refill: int = REFILL_BATCH,
+    ):
         self.sock, self.n, self.batch, self.refill = sock, n, batch, refill
         self.payload = np.zeros((n, maxlen), np.uint8)
         self.lens = np.full(n, -1, np.int64)
@@ -129,16 +140,26 @@ class Capture:
         self.state = np.zeros(8, np.int64)
 
     def step(self) -> int:
-        return consume(self.sock.ring_info, self.sock.umem.array, self.batch, self.refill,
-                       self.payload, self.lens, self.rx_ns, self.marker, self.queue,
-                       self.frame, self.held, self.state)  # fmt: skip
+        return consume(
+            self.sock.ring_info,
+            self.sock.umem.array,
+            self.batch,
+            self.refill,
+            self.payload,
+            self.lens,
+            self.rx_ns,
+            self.marker,
+            self.queue,
+            self.frame,
+            self.held,
+            self.state,
+        )
 
     def run(self, until: int, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while self.state[S_RECEIVED] < until and time.monotonic() < deadline:
             if self.step() == 0:
                 time.sleep(0)
-
 
 
 class FakeClock:
@@ -168,8 +189,9 @@ class Rig:
         self.map_fd = bpf[b"xsks"].map_fd
         with netns.entered(cfg.lab.exchange_ns):
             self.tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                               socket.inet_aton(self.line.exchange_ip))  # fmt: skip
+            self.tx.setsockopt(
+                socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(self.line.exchange_ip)
+            )
 
     def socket(self, key: int | None = None, **kw) -> xsk.XskSocket:
         with netns.entered(self.cfg.lab.appliance_ns):
@@ -191,8 +213,11 @@ class Rig:
 
 
 def _xdp(ipr, idx: int, fd: int) -> None:
-    ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fd),
-                                              ("IFLA_XDP_FLAGS", xdpabi.XDP_FLAGS_DRV_MODE)]})
+    ipr.link(
+        "set",
+        index=idx,
+        xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", xdpabi.XDP_FLAGS_DRV_MODE)]},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +228,10 @@ def rig():
     cfg = private_lab("xsk")
     with built(cfg):
         line = cfg.lab.line_a
-        bpf = BPF(src_file=str(HERE / "xdp_redirect_all.c").encode(),
-                  cflags=[f"-DPORT={int(line.port)}", f"-DMARKER={MARKER}"])  # fmt: skip
+        bpf = BPF(
+            src_file=str(HERE / "xdp_redirect_all.c").encode(),
+            cflags=[f"-DPORT={int(line.port)}", f"-DMARKER={MARKER}"],
+        )
         try:
             fn = bpf.load_func(b"xdp_redirect_all", BPF.XDP)
             with IPRoute(netns=cfg.lab.appliance_ns) as ipr:
@@ -400,13 +427,18 @@ def test_unprivileged_caller_gets_eperm_with_advice():
             print(json.dumps({"errno": 0}))
         except xsk.XskError as e:
             print(json.dumps({"errno": e.errno, "advice": e.advice}))
-    """)  # fmt: skip
+    """)
     cache = tempfile.mkdtemp(prefix="xsk-numba-")  # numba needs a cache dir nobody can use
     try:
         os.chmod(cache, 0o777)
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                              cwd=str(HERE.parent), timeout=120,
-                              env={**os.environ, "NUMBA_CACHE_DIR": cache})  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            cwd=str(HERE.parent),
+            timeout=120,
+            env={**os.environ, "NUMBA_CACHE_DIR": cache},
+        )
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -527,8 +559,11 @@ def test_kick_reports_errno_without_raising():
     f = FakeRings()
     f.ri[xsk.RI_FD] = 1 << 20  # not an open fd
     assert xsk.kick(f.ri) == -errno.EBADF
-    assert (f.ri[xsk.RI_KICKS], f.ri[xsk.RI_KICK_ERRORS], f.ri[xsk.RI_KICK_ERRNO]) == \
-        (1, 1, errno.EBADF)  # fmt: skip
+    assert (f.ri[xsk.RI_KICKS], f.ri[xsk.RI_KICK_ERRORS], f.ri[xsk.RI_KICK_ERRNO]) == (
+        1,
+        1,
+        errno.EBADF,
+    )
 
 
 def test_binding_constants_come_from_the_headers():
@@ -557,7 +592,6 @@ def test_binding_constants_come_from_the_headers():
     assert (desc.addr, desc.len) == (8448, 102)
     n, i0 = xsk.rx_peek(f.ri, 8)
     assert (n, i0) == (3, idx[0]) and xsk.rx_desc(f.ri, i0 + 2) == (8448, 102)
-
 
 
 def test_ethtool_commands_come_from_the_headers_and_fail_with_the_errno():
@@ -623,8 +657,14 @@ IR_SCRIPT = textwrap.dedent(
 
 def test_ring_ops_compile_without_allocation_and_with_acquire_release(tmp_path):
     env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", IR_SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=str(HERE.parent))  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", IR_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=str(HERE.parent),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert any(k.startswith("NRT_") for k in result["control"]["calls"]), result["control"]

@@ -99,8 +99,10 @@ def lookup(fd: int, key, value):
 
 def update(fd: int, key, value, flags: int = BPF_ANY) -> None:
     """Write ``value`` at ``key`` (one update: a program sees the old or the new value)."""
-    _check(lib.bpf_map_update_elem(fd, ffi.from_buffer(key), ffi.from_buffer(value), flags),
-           f"update of map fd {fd}")  # fmt: skip
+    _check(
+        lib.bpf_map_update_elem(fd, ffi.from_buffer(key), ffi.from_buffer(value), flags),
+        f"update of map fd {fd}",
+    )
 
 
 def delete(fd: int, key) -> bool:
@@ -114,8 +116,11 @@ def delete(fd: int, key) -> bool:
 
 def next_key(fd: int, key, out) -> bool:
     """Write the key after ``key`` (None: the first key) into ``out``; False at the end."""
-    rc = lib.bpf_map_get_next_key(fd, ffi.NULL if key is None else ffi.from_buffer(key),
-                                  ffi.from_buffer(out, require_writable=True))  # fmt: skip
+    rc = lib.bpf_map_get_next_key(
+        fd,
+        ffi.NULL if key is None else ffi.from_buffer(key),
+        ffi.from_buffer(out, require_writable=True),
+    )
     if rc == -errno.ENOENT:
         return False
     _check(rc, f"next key of map fd {fd}")
@@ -132,13 +137,27 @@ class ProgRun(NamedTuple):
 def xdp_md(length: int, ingress_ifindex: int, rx_queue_index: int = 0):
     """An XDP context for ``prog_run``: a frame of ``length`` bytes received on
     (``ingress_ifindex``, ``rx_queue_index``) of the calling thread's namespace."""
-    return ffi.new("struct xdp_md *", {"data": 0, "data_end": length,
-                                       "ingress_ifindex": ingress_ifindex,
-                                       "rx_queue_index": rx_queue_index})  # fmt: skip
+    return ffi.new(
+        "struct xdp_md *",
+        {
+            "data": 0,
+            "data_end": length,
+            "ingress_ifindex": ingress_ifindex,
+            "rx_queue_index": rx_queue_index,
+        },
+    )
 
 
-def prog_run(prog_fd: int, data, *, ctx=None, data_out=None, repeat: int = 1, flags: int = 0,
-             batch_size: int = 0) -> ProgRun:  # fmt: skip
+def prog_run(
+    prog_fd: int,
+    data,
+    *,
+    ctx=None,
+    data_out=None,
+    repeat: int = 1,
+    flags: int = 0,
+    batch_size: int = 0,
+) -> ProgRun:
     """``BPF_PROG_RUN`` of ``prog_fd`` on ``data`` (a buffer), ``repeat`` times, with an
     optional context (``xdp_md``); the frame the program leaves is written into
     ``data_out`` (a writable buffer) when given. ``flags`` and ``batch_size`` as the

@@ -67,46 +67,75 @@ def add_parsers(sub) -> None:
     ru = verb(sub, "run", "run the appliance: receive lines A and B into books", EPILOG_RUN)
     _config_options(ru, "[run], [feed]", "run in the lab's appliance namespace on its lines")
     ru.add_argument("--mode", choices=["auto", "xdp", "socket"], help="override run.rx_mode")
-    ru.add_argument("--until-eos", action="store_true",
-                    help="stop once the end of session is seen and every sequence taken")
+    ru.add_argument(
+        "--until-eos",
+        action="store_true",
+        help="stop once the end of session is seen and every sequence taken",
+    )
     ru.add_argument("--duration", type=positive_float, help="stop after this many seconds")
     ru.add_argument("--json", action="store_true", help="machine-readable summary")
-    ru.add_argument("--skip-preflight", action="store_true",
-                    help="start even when a required preflight stage fails")
+    ru.add_argument(
+        "--skip-preflight",
+        action="store_true",
+        help="start even when a required preflight stage fails",
+    )
     ru.set_defaults(func=_run)
 
-    wa = verb(sub, "warm", "compile the consumer into numba's cache, so that the next run "
-              "starts in a second instead of compiling for about a minute",
-              EPILOG_WARM)  # fmt: skip
+    wa = verb(
+        sub,
+        "warm",
+        "compile the consumer into numba's cache, so that the next run "
+        "starts in a second instead of compiling for about a minute",
+        EPILOG_WARM,
+    )
     _config_options(wa, "[run], [feed]", "the lab's configuration")
-    wa.add_argument("--mode", choices=["all", "xdp", "socket"], default="all",
-                    help="which receive path's loop (all)")
+    wa.add_argument(
+        "--mode",
+        choices=["all", "xdp", "socket"],
+        default="all",
+        help="which receive path's loop (all)",
+    )
     wa.add_argument("--json", action="store_true", help="machine-readable report")
     wa.set_defaults(func=_warm)
 
-    pf = verb(sub, "preflight", "check the host against what provisioning promised: OK, "
-              "PARTIAL, NOT CONFIGURED or SKIPPED per stage", EPILOG_PREFLIGHT)  # fmt: skip
+    pf = verb(
+        sub,
+        "preflight",
+        "check the host against what provisioning promised: OK, "
+        "PARTIAL, NOT CONFIGURED or SKIPPED per stage",
+        EPILOG_PREFLIGHT,
+    )
     _config_options(pf, "[host], [run]", "the lab's appliance namespace and lines")
-    pf.add_argument("--stage", action="append", default=[], metavar="NAME",
-                    help="check only this stage (repeatable); the listed stages must be OK")
+    pf.add_argument(
+        "--stage",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="check only this stage (repeatable); the listed stages must be OK",
+    )
     pf.add_argument("--json", action="store_true", help="machine-readable report")
     pf.set_defaults(func=_preflight)
 
-    st = verb(sub, "status", "what runs: consumer counters, attached XDP programs",
-              EPILOG_STATUS)  # fmt: skip
+    st = verb(sub, "status", "what runs: consumer counters, attached XDP programs", EPILOG_STATUS)
     st.add_argument("--channel", default="totalview", help="channel (totalview)")
     st.add_argument("--netns", help="also list XDP programs attached in this namespace")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
 
-    ca = verb(sub, "calibrate", "measure feed PHC offsets (or say timestamps are software) "
-              "and the TSC frequency; store them for the latency metrics",
-              EPILOG_CALIBRATE)  # fmt: skip
+    ca = verb(
+        sub,
+        "calibrate",
+        "measure feed PHC offsets (or say timestamps are software) "
+        "and the TSC frequency; store them for the latency metrics",
+        EPILOG_CALIBRATE,
+    )
     _config_options(ca, "[run], [host]", "the lab's appliance namespace and lines")
-    ca.add_argument("--duration", type=positive_float, default=0.2,
-                    help="seconds of TSC sampling (0.2)")
-    ca.add_argument("--samples", type=positive, default=25,
-                    help="PHC samples per interface, 1..25 (25)")
+    ca.add_argument(
+        "--duration", type=positive_float, default=0.2, help="seconds of TSC sampling (0.2)"
+    )
+    ca.add_argument(
+        "--samples", type=positive, default=25, help="PHC samples per interface, 1..25 (25)"
+    )
     ca.add_argument("--json", action="store_true", help="machine-readable output")
     ca.set_defaults(func=_calibrate)
 
@@ -144,8 +173,9 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = _config(args, LINE_KEYS)
     if args.mode:
-        cfg = config.validate(dataclasses.replace(
-            cfg, run=dataclasses.replace(cfg.run, rx_mode=args.mode)))  # fmt: skip
+        cfg = config.validate(
+            dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, rx_mode=args.mode))
+        )
     if args.skip_preflight:
         runner.log("preflight skipped (--skip-preflight)")
     else:
@@ -153,8 +183,10 @@ def _run(args: argparse.Namespace) -> int:
     s = runner.Appliance(cfg).run(until_eos=args.until_eos, duration=args.duration)
     print(json.dumps(s) if args.json else runner.summary_text(s), flush=True)
     if s.get("ended") == "halted":
-        print("tickwire: halted by policy at an unrecoverable gap (run.policy = \"halt\")",
-              file=sys.stderr)  # fmt: skip
+        print(
+            'tickwire: halted by policy at an unrecoverable gap (run.policy = "halt")',
+            file=sys.stderr,
+        )
         return 3
     return 0
 
@@ -190,8 +222,9 @@ def _preflight(args: argparse.Namespace) -> int:
     try:
         for name in stages:
             if name not in preflight.ALL_STAGES:
-                raise config.ConfigError(f"--stage {name}: not a stage "
-                                         f"({', '.join(preflight.ALL_STAGES)})")  # fmt: skip
+                raise config.ConfigError(
+                    f"--stage {name}: not a stage ({', '.join(preflight.ALL_STAGES)})"
+                )
         cfg = _config(args, LINE_KEYS if set(stages) & set(LINE_STAGES) else ())
     except ValueError as e:
         print(f"tickwire: {e}", file=sys.stderr)

@@ -64,8 +64,10 @@ except ImportError as e:  # pragma: no cover - only when the build step was skip
 FILE_NAME = "clock.json"
 REFERENCE = "CLOCK_MONOTONIC"
 PTP_MAX_SAMPLES = int(lib.PTP_MAX_SAMPLES)
-CLOCK_NAMES = {int(lib.CLOCK_REALTIME): "CLOCK_REALTIME",
-               int(lib.CLOCK_MONOTONIC): "CLOCK_MONOTONIC"}  # fmt: skip
+CLOCK_NAMES = {
+    int(lib.CLOCK_REALTIME): "CLOCK_REALTIME",
+    int(lib.CLOCK_MONOTONIC): "CLOCK_MONOTONIC",
+}
 TSC_FLAGS = ("constant_tsc", "nonstop_tsc", "tsc_known_freq")
 CLOCKSOURCE = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
 
@@ -169,8 +171,11 @@ def _ioctl(fd: int, cmd: int, arg) -> int:
 def phc_caps(fd: int) -> dict:
     caps = ffi.new("struct ptp_clock_caps *")
     _check(_ioctl(fd, lib.PTP_CLOCK_GETCAPS, caps), "PTP_CLOCK_GETCAPS")
-    return {"max_adj_ppb": caps.max_adj, "pps": caps.pps,
-            "cross_timestamping": caps.cross_timestamping}  # fmt: skip
+    return {
+        "max_adj_ppb": caps.max_adj,
+        "pps": caps.pps,
+        "cross_timestamping": caps.cross_timestamping,
+    }
 
 
 def phc_samples(fd: int, n: int = PTP_MAX_SAMPLES) -> tuple[np.ndarray, int, str]:
@@ -192,8 +197,13 @@ def phc_samples(fd: int, n: int = PTP_MAX_SAMPLES) -> tuple[np.ndarray, int, str
             rc = _ioctl(fd, cmd, req)
             if rc == 0:
                 ts = req.ts
-                out = np.array([[ts[i][k].sec * 1_000_000_000 + ts[i][k].nsec for k in range(3)]
-                                for i in range(n)], np.int64)  # fmt: skip
+                out = np.array(
+                    [
+                        [ts[i][k].sec * 1_000_000_000 + ts[i][k].nsec for k in range(3)]
+                        for i in range(n)
+                    ],
+                    np.int64,
+                )
                 return out, clk, name
             if rc != -errno.ENOTTY:  # EINVAL: this kernel takes no clock id; try the next
                 break
@@ -258,8 +268,10 @@ def kernel_tsc_khz(log: str | None = None) -> int | None:
             log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5).stdout
         except (OSError, subprocess.SubprocessError):
             return None
-    for pattern in (r"tsc: Refined TSC clocksource calibration: ([0-9.]+) MHz",
-                    r"tsc: Detected ([0-9.]+) MHz processor"):  # fmt: skip
+    for pattern in (
+        r"tsc: Refined TSC clocksource calibration: ([0-9.]+) MHz",
+        r"tsc: Detected ([0-9.]+) MHz processor",
+    ):
         found = re.findall(pattern, log)
         if found:
             return round(float(found[-1]) * 1000)
@@ -305,7 +317,6 @@ def calibrate(cfg, duration: float = 0.2, samples: int = PTP_MAX_SAMPLES) -> dic
     names = interfaces(cfg)
     ns = cfg.run.netns
     if ns:
-
         with netns.entered(ns):
             index = {name: _phc_index_in(name, ns) for name in names}
     else:
@@ -314,8 +325,12 @@ def calibrate(cfg, duration: float = 0.2, samples: int = PTP_MAX_SAMPLES) -> dic
     ifs = {}
     for name in names:
         if index[name] < 0:
-            ifs[name] = {"source": "software", "phc": None, "offset_ns": 0,
-                         "uncertainty_ns": float(read_ns)}  # fmt: skip
+            ifs[name] = {
+                "source": "software",
+                "phc": None,
+                "offset_ns": 0,
+                "uncertainty_ns": float(read_ns),
+            }
             continue
         device = f"/dev/ptp{index[name]}"
         est = phc_offset(device, samples)
@@ -341,8 +356,9 @@ def _phc_index_in(name: str, ns: str) -> int:
         if e.errno == errno.ENODEV:
             where = f"network namespace {ns}" if ns else "this network namespace"
             hint = " (run: tickwire lab up)" if ns else " (the lab's: --lab)"
-            raise ClockError(errno.ENODEV, f"feed interface {name} not found in {where}{hint}") \
-                from None  # fmt: skip
+            raise ClockError(
+                errno.ENODEV, f"feed interface {name} not found in {where}{hint}"
+            ) from None
         raise
 
 
@@ -395,8 +411,10 @@ def timestamps_line(r: dict) -> str:
     parts = []
     for n in hard:
         v = ifs[n]
-        parts.append(f"{n} {v['phc']} offset {v['offset_ns']:+,} ns ± "
-                     f"{_ns(v['uncertainty_ns'])} vs {r['reference_clock']}")  # fmt: skip
+        parts.append(
+            f"{n} {v['phc']} offset {v['offset_ns']:+,} ns ± "
+            f"{_ns(v['uncertainty_ns'])} vs {r['reference_clock']}"
+        )
     if soft:
         parts.append(f"no PTP hardware clock on {', '.join(soft)}")
     return f"timestamps: {r['source']} ({'; '.join(parts)})"
@@ -405,8 +423,10 @@ def timestamps_line(r: dict) -> str:
 def tsc_line(t: dict | None) -> str:
     if t is None:
         return "tsc: none (not x86: no TSC)"
-    notes = [", ".join(f.removesuffix("_tsc").replace("tsc_", "") for f in t["flags"])
-             or "no constant_tsc/nonstop_tsc flags"]  # fmt: skip
+    notes = [
+        ", ".join(f.removesuffix("_tsc").replace("tsc_", "") for f in t["flags"])
+        or "no constant_tsc/nonstop_tsc flags"
+    ]
     if t.get("kernel_tsc_khz"):
         notes.append(f"kernel tsc_khz {t['kernel_tsc_khz']}")
     if t.get("clocksource"):
@@ -427,8 +447,13 @@ def status_line(r: dict | None, now: float | None = None) -> str | None:
         return None
     try:
         age = max(0.0, (now or time.time()) - float(r["measured_at"]))
-        when = f"{age:.0f} s ago" if age < 120 else f"{age / 60:.0f} min ago" if age < 7200 \
-            else f"{age / 3600:.0f} h ago"  # fmt: skip
+        when = (
+            f"{age:.0f} s ago"
+            if age < 120
+            else f"{age / 60:.0f} min ago"
+            if age < 7200
+            else f"{age / 3600:.0f} h ago"
+        )
         return f"{timestamps_line(r)}, calibrated {when}"
     except (KeyError, TypeError, ValueError):
         return "timestamps: calibration file unreadable (run: tickwire calibrate)"
@@ -441,15 +466,21 @@ def metric_families(channel: str, r: dict | None):
     if not r:
         return
     labels = ["channel", "interface", "source"]
-    off = GaugeMetricFamily("tickwire_clock_offset_seconds",
-                            "Feed interface clock minus CLOCK_MONOTONIC (0 for software "
-                            "timestamps)", labels=labels)  # fmt: skip
-    unc = GaugeMetricFamily("tickwire_clock_offset_uncertainty_seconds",
-                            "Half-width of the offset's measurement window (software: one "
-                            "clock read)", labels=labels)  # fmt: skip
-    info = GaugeMetricFamily("tickwire_clock_source_info",
-                             "1 per feed interface, labelled with its timestamp source "
-                             "(phc or software)", labels=labels)  # fmt: skip
+    off = GaugeMetricFamily(
+        "tickwire_clock_offset_seconds",
+        "Feed interface clock minus CLOCK_MONOTONIC (0 for software timestamps)",
+        labels=labels,
+    )
+    unc = GaugeMetricFamily(
+        "tickwire_clock_offset_uncertainty_seconds",
+        "Half-width of the offset's measurement window (software: one clock read)",
+        labels=labels,
+    )
+    info = GaugeMetricFamily(
+        "tickwire_clock_source_info",
+        "1 per feed interface, labelled with its timestamp source (phc or software)",
+        labels=labels,
+    )
     try:
         for name, v in r["interfaces"].items():
             lv = [channel, name, str(v["source"])]
@@ -463,19 +494,24 @@ def metric_families(channel: str, r: dict | None):
     yield off
     yield unc
     yield info
-    g = GaugeMetricFamily("tickwire_clock_calibrated_timestamp_seconds",
-                          "Unix time of the last tickwire calibrate",
-                          labels=["channel"])  # fmt: skip
+    g = GaugeMetricFamily(
+        "tickwire_clock_calibrated_timestamp_seconds",
+        "Unix time of the last tickwire calibrate",
+        labels=["channel"],
+    )
     g.add_metric([channel], when)
     yield g
     if tsc:
-        g = GaugeMetricFamily("tickwire_tsc_hz", "TSC frequency measured against "
-                              "CLOCK_MONOTONIC", labels=["channel"])  # fmt: skip
+        g = GaugeMetricFamily(
+            "tickwire_tsc_hz", "TSC frequency measured against CLOCK_MONOTONIC", labels=["channel"]
+        )
         g.add_metric([channel], float(tsc["hz"]))
         yield g
-        g = GaugeMetricFamily("tickwire_tsc_hz_uncertainty_ratio",
-                              "Standard error of the TSC frequency, relative",
-                              labels=["channel"])  # fmt: skip
+        g = GaugeMetricFamily(
+            "tickwire_tsc_hz_uncertainty_ratio",
+            "Standard error of the TSC frequency, relative",
+            labels=["channel"],
+        )
         g.add_metric([channel], float(tsc["uncertainty_ppm"]) / 1e6)
         yield g
 

@@ -27,8 +27,9 @@ STALE_AFTER = 1.5
 DOWN_AFTER = 5.0
 
 
-def state_for(silence_s: float | None, stale_after: float = STALE_AFTER,
-              down_after: float = DOWN_AFTER) -> str:  # fmt: skip
+def state_for(
+    silence_s: float | None, stale_after: float = STALE_AFTER, down_after: float = DOWN_AFTER
+) -> str:
     """The state of a line silent for ``silence_s`` seconds (None: never heard)."""
     if silence_s is None:
         return UNKNOWN
@@ -37,8 +38,12 @@ def state_for(silence_s: float | None, stale_after: float = STALE_AFTER,
     return STALE if silence_s <= down_after else DOWN
 
 
-def lines(counters, now_ns: int | None = None, stale_after: float = STALE_AFTER,
-          down_after: float = DOWN_AFTER) -> dict[str, dict]:  # fmt: skip
+def lines(
+    counters,
+    now_ns: int | None = None,
+    stale_after: float = STALE_AFTER,
+    down_after: float = DOWN_AFTER,
+) -> dict[str, dict]:
     """Per line (A, B): ``state`` and ``silence_s`` (None: never heard) at ``now_ns``
     (CLOCK_MONOTONIC; default now)."""
     now = time.monotonic_ns() if now_ns is None else now_ns
@@ -46,8 +51,7 @@ def lines(counters, now_ns: int | None = None, stale_after: float = STALE_AFTER,
     for k, letter in enumerate("AB"):
         rx = int(counters[k * shm.LINE_STRIDE + shm.L_RX_NS])
         silence = max(0, now - rx) / 1e9 if rx > 0 else None
-        out[letter] = {"state": state_for(silence, stale_after, down_after),
-                       "silence_s": silence}  # fmt: skip
+        out[letter] = {"state": state_for(silence, stale_after, down_after), "silence_s": silence}
     return out
 
 

@@ -44,8 +44,11 @@ BPF_DIR = bpf.DIR
 STEER_SRC = BPF_DIR / "steer.c"
 
 MODES = ("auto", "native", "generic")
-_MODE_FLAGS = {"native": abi.XDP_FLAGS_DRV_MODE, "generic": abi.XDP_FLAGS_SKB_MODE,
-               "offload": abi.XDP_FLAGS_HW_MODE}  # fmt: skip
+_MODE_FLAGS = {
+    "native": abi.XDP_FLAGS_DRV_MODE,
+    "generic": abi.XDP_FLAGS_SKB_MODE,
+    "offload": abi.XDP_FLAGS_HW_MODE,
+}
 _IP_OFF_ADVICE = {"native": "xdpdrv", "generic": "xdpgeneric", "offload": "xdpoffload"}
 
 Log = Callable[[str], None]
@@ -68,8 +71,10 @@ def _open_ns(netns: str | None) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise AttachError(errno.ENOENT, f"network namespace {netns} does not exist "
-                          "(is the lab up? tickwire lab up)") from None  # fmt: skip
+        raise AttachError(
+            errno.ENOENT,
+            f"network namespace {netns} does not exist (is the lab up? tickwire lab up)",
+        ) from None
 
 
 _in_ns = netns.entered_fd  # the namespace is held by fd: it outlives a rename or deletion
@@ -123,9 +128,14 @@ def _xdp_progs(link) -> list[tuple[str, int]]:
     if xdp is None:
         return []
     how = xdp.get_attr("IFLA_XDP_ATTACHED")
-    ids = {m: xdp.get_attr(a) for m, a in (("native", "IFLA_XDP_DRV_PROG_ID"),
-                                            ("generic", "IFLA_XDP_SKB_PROG_ID"),
-                                            ("offload", "IFLA_XDP_HW_PROG_ID"))}  # fmt: skip
+    ids = {
+        m: xdp.get_attr(a)
+        for m, a in (
+            ("native", "IFLA_XDP_DRV_PROG_ID"),
+            ("generic", "IFLA_XDP_SKB_PROG_ID"),
+            ("offload", "IFLA_XDP_HW_PROG_ID"),
+        )
+    }
     single = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}
     if how in single:
         mode = single[how]
@@ -153,14 +163,19 @@ def attached(netns: str | None = None) -> list[dict]:
     offload), prog_id and prog_name (None when it cannot be read)."""
     nsfd = _open_ns(netns)
     try:
-        links = _netlink(nsfd, lambda ipr: [
-            (ln["index"], ln.get_attr("IFLA_IFNAME"), _xdp_progs(ln))
-            for ln in ipr.get_links()])  # fmt: skip
+        links = _netlink(
+            nsfd,
+            lambda ipr: [
+                (ln["index"], ln.get_attr("IFLA_IFNAME"), _xdp_progs(ln)) for ln in ipr.get_links()
+            ],
+        )
     finally:
         os.close(nsfd)
-    return [{"ifname": name, "ifindex": idx, "mode": mode, "prog_id": pid,
-             "prog_name": _prog_name(pid)}
-            for idx, name, progs in links for mode, pid in progs]  # fmt: skip
+    return [
+        {"ifname": name, "ifindex": idx, "mode": mode, "prog_id": pid, "prog_name": _prog_name(pid)}
+        for idx, name, progs in links
+        for mode, pid in progs
+    ]
 
 
 def detach(ifname: str, netns: str | None = None) -> list[str]:
@@ -170,6 +185,7 @@ def detach(ifname: str, netns: str | None = None) -> list[str]:
 
     nsfd = _open_ns(netns)
     try:
+
         def run(ipr):
             idx = _lookup(ipr, ifname, netns)
             progs = _xdp_progs(ipr.get_links(idx)[0])
@@ -180,9 +196,12 @@ def detach(ifname: str, netns: str | None = None) -> list[str]:
         try:
             return _netlink(nsfd, run)
         except NetlinkError as e:
-            raise AttachError(e.code, f"cannot detach XDP from {_where(ifname, netns)}: "
-                              f"{e.args[1] if len(e.args) > 1 else e}"
-                              + (" (run as root)" if e.code == errno.EPERM else "")) from None
+            raise AttachError(
+                e.code,
+                f"cannot detach XDP from {_where(ifname, netns)}: "
+                f"{e.args[1] if len(e.args) > 1 else e}"
+                + (" (run as root)" if e.code == errno.EPERM else ""),
+            ) from None
     finally:
         os.close(nsfd)
 
@@ -190,9 +209,12 @@ def detach(ifname: str, netns: str | None = None) -> list[str]:
 def _lookup(ipr, ifname: str, netns: str | None) -> int:
     found = ipr.link_lookup(ifname=ifname)
     if not found:
-        raise AttachError(errno.ENODEV, f"no interface {ifname} in "
-                          f"{'namespace ' + netns if netns else 'this network namespace'}"
-                          " (is the lab up? tickwire lab up)")  # fmt: skip
+        raise AttachError(
+            errno.ENODEV,
+            f"no interface {ifname} in "
+            f"{'namespace ' + netns if netns else 'this network namespace'}"
+            " (is the lab up? tickwire lab up)",
+        )
     return found[0]
 
 
@@ -202,8 +224,9 @@ def _compile(log: Log):
     try:
         from bcc import BPF
     except ImportError as e:
-        raise AttachError(errno.ENOPKG, f"bcc is not importable ({e}): install "
-                          "python3-bpfcc (make setup)") from None  # fmt: skip
+        raise AttachError(
+            errno.ENOPKG, f"bcc is not importable ({e}): install python3-bpfcc (make setup)"
+        ) from None
     cflags = [f"-I{BPF_DIR}"]  # no -D text: every parameter goes through the maps
     with bpfsys.stderr_captured() as err:
         try:
@@ -216,13 +239,17 @@ def _compile(log: Log):
     if failure is not None:
         denied = "could not open bpf map" in text and "Operation not permitted" in text
         if denied or ("error:" not in text and os.geteuid() != 0):
-            raise AttachError(errno.EPERM, "cannot create the BPF maps: run as root (needs "
-                              "CAP_BPF and CAP_NET_ADMIN)") from None  # fmt: skip
+            raise AttachError(
+                errno.EPERM,
+                "cannot create the BPF maps: run as root (needs CAP_BPF and CAP_NET_ADMIN)",
+            ) from None
         if "error:" in text:
-            raise AttachError(errno.EINVAL, f"{STEER_SRC.name} does not compile: "
-                              f"{bpfsys.brief(text)}") from None  # fmt: skip
-        raise AttachError(errno.EINVAL, f"bcc could not build {STEER_SRC.name}: "
-                          f"{bpfsys.brief(text) or failure}") from None  # fmt: skip
+            raise AttachError(
+                errno.EINVAL, f"{STEER_SRC.name} does not compile: {bpfsys.brief(text)}"
+            ) from None
+        raise AttachError(
+            errno.EINVAL, f"bcc could not build {STEER_SRC.name}: {bpfsys.brief(text) or failure}"
+        ) from None
     if text.strip():
         log(f"bcc: {bpfsys.brief(text)}")
     with bpfsys.stderr_captured() as err:
@@ -236,10 +263,14 @@ def _compile(log: Log):
         bpf.cleanup()
         text = err[0] if err else ""
         if "Operation not permitted" in text + str(failure):
-            raise AttachError(errno.EPERM, f"cannot load {abi.PROG_NAME}: run as root "
-                              "(needs CAP_BPF and CAP_NET_ADMIN)") from None  # fmt: skip
-        raise AttachError(errno.EINVAL, f"the kernel verifier rejected {abi.PROG_NAME}: "
-                          f"{bpfsys.brief(text, 3) or failure}") from None  # fmt: skip
+            raise AttachError(
+                errno.EPERM,
+                f"cannot load {abi.PROG_NAME}: run as root (needs CAP_BPF and CAP_NET_ADMIN)",
+            ) from None
+        raise AttachError(
+            errno.EINVAL,
+            f"the kernel verifier rejected {abi.PROG_NAME}: {bpfsys.brief(text, 3) or failure}",
+        ) from None
     return bpf, os.dup(fn.fd)
 
 
@@ -325,8 +356,9 @@ def _validate_channels(channels) -> list[tuple[str, int, int, str]]:
         if not isinstance(port, int) or not 1 <= port <= 65535:
             raise ValueError(f"channel {entry!r}: port {port!r} is outside 1..65535")
         if not isinstance(channel, int) or not 0 <= channel < abi.MAX_CHANNELS:
-            raise ValueError(f"channel {entry!r}: channel id {channel!r} is outside "
-                             f"0..{abi.MAX_CHANNELS - 1}")  # fmt: skip
+            raise ValueError(
+                f"channel {entry!r}: channel id {channel!r} is outside 0..{abi.MAX_CHANNELS - 1}"
+            )
         if line not in abi.LINE_LETTERS:
             raise ValueError(f"channel {entry!r}: line {line!r} is not 'A' or 'B'")
         if (addr, port) in keys:
@@ -346,9 +378,14 @@ class Steering:
     (group, port, channel id, line letter); ``mode`` is auto, native or generic;
     ``log`` receives one-line notices (the generic fallback)."""
 
-    def __init__(self, interfaces: list[str], channels: list[tuple[str, int, int, str]],
-                 mode: str = "auto", log: Log | None = None,
-                 netns: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        interfaces: list[str],
+        channels: list[tuple[str, int, int, str]],
+        mode: str = "auto",
+        log: Log | None = None,
+        netns: str | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
         if isinstance(interfaces, str) or not interfaces:
@@ -394,8 +431,9 @@ class Steering:
         for group, port, channel, line in self.channels:
             key = abi.chan_key(socket.inet_aton(group), port)
             val = abi.chan_val(channel, abi.LINE_LETTERS.index(line))
-            table[table.Key.from_buffer_copy(key.tobytes())] = \
-                table.Leaf.from_buffer_copy(val.tobytes())  # fmt: skip
+            table[table.Key.from_buffer_copy(key.tobytes())] = table.Leaf.from_buffer_copy(
+                val.tobytes()
+            )
 
     def _attach(self, ifname: str, first_slot: int) -> int:
         from pyroute2 import NetlinkError
@@ -410,14 +448,20 @@ class Steering:
         idx, queues, progs = _netlink(self._nsfd, probe)
         if progs:
             mode, pid = progs[0]
-            raise AttachError(errno.EBUSY, f"{where} already has XDP program {pid} "
-                              f"({_prog_name(pid) or 'name unknown'}, {mode} mode); tickwire "
-                              "does not replace it: detach it first (ip link set dev "
-                              f"{ifname} {_IP_OFF_ADVICE[mode]} off)")  # fmt: skip
+            raise AttachError(
+                errno.EBUSY,
+                f"{where} already has XDP program {pid} "
+                f"({_prog_name(pid) or 'name unknown'}, {mode} mode); tickwire "
+                "does not replace it: detach it first (ip link set dev "
+                f"{ifname} {_IP_OFF_ADVICE[mode]} off)",
+            )
         if first_slot + queues > abi.MAX_QUEUES:
-            raise AttachError(errno.E2BIG, f"{where}: {queues} rx queues do not fit the "
-                              f"{abi.MAX_QUEUES} AF_XDP slots left over by the other "
-                              "interfaces; reduce the queue count (ethtool -L)")  # fmt: skip
+            raise AttachError(
+                errno.E2BIG,
+                f"{where}: {queues} rx queues do not fit the "
+                f"{abi.MAX_QUEUES} AF_XDP slots left over by the other "
+                "interfaces; reduce the queue count (ethtool -L)",
+            )
         slots = self._bpf[abi.MAP_IFSLOTS.encode()]
         slots[slots.Key(idx)] = slots.Leaf(first_slot)
         self._slots[ifname] = (first_slot, queues)
@@ -434,8 +478,10 @@ class Steering:
                 del self._attached[ifname]
                 why = e.args[1] if len(e.args) > 1 else str(e)
                 if e.code == errno.EOPNOTSUPP and mode == "native" and len(tries) > 1:
-                    self.log(f"{where}: no native XDP in its driver ({why}); using generic "
-                             "mode, which copies every packet (slower)")  # fmt: skip
+                    self.log(
+                        f"{where}: no native XDP in its driver ({why}); using generic "
+                        "mode, which copies every packet (slower)"
+                    )
                     continue
                 raise self._attach_error(where, ifname, mode, e.code, why) from None
             self.mode[ifname] = mode
@@ -444,20 +490,28 @@ class Steering:
 
     def _attach_error(self, where: str, ifname: str, mode: str, code: int, why: str):
         if code == errno.EOPNOTSUPP:
-            advice = "its driver has no native XDP: use mode generic" if mode == "native" \
-                else "XDP is not available on it"  # fmt: skip
+            advice = (
+                "its driver has no native XDP: use mode generic"
+                if mode == "native"
+                else "XDP is not available on it"
+            )
         elif code in (errno.EBUSY, errno.EEXIST):
-            advice = "another XDP program is attached (ip -d link show dev " \
-                     f"{ifname}); tickwire does not replace it: detach it first"  # fmt: skip
+            advice = (
+                "another XDP program is attached (ip -d link show dev "
+                f"{ifname}); tickwire does not replace it: detach it first"
+            )
         elif code == errno.EPERM:
             advice = "run as root (needs CAP_NET_ADMIN)"
         elif mode == "native":
-            advice = "native XDP refused this interface's setup (MTU, queues): fix that " \
-                     "or use mode generic"  # fmt: skip
+            advice = (
+                "native XDP refused this interface's setup (MTU, queues): fix that "
+                "or use mode generic"
+            )
         else:
             advice = "see the kernel's reason"
-        return AttachError(code, f"cannot attach {abi.PROG_NAME} to {where} in {mode} "
-                           f"mode: {why}; {advice}")  # fmt: skip
+        return AttachError(
+            code, f"cannot attach {abi.PROG_NAME} to {where} in {mode} mode: {why}; {advice}"
+        )
 
     # -- teardown
     def _detach_one(self, ifname: str) -> str | None:
@@ -499,8 +553,10 @@ class Steering:
         with _critical():
             self._teardown(failed)
         if failed:
-            raise AttachError(errno.EIO, "could not detach " + "; ".join(failed) +
-                              " (tickwire status shows what is left)")  # fmt: skip
+            raise AttachError(
+                errno.EIO,
+                "could not detach " + "; ".join(failed) + " (tickwire status shows what is left)",
+            )
 
     def _teardown(self, failed: list[str]) -> None:
         try:

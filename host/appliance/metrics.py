@@ -27,17 +27,38 @@ LINE_COUNTERS = (
     ("line_packets", shm.L_PACKETS, "Packets received on the line"),
     ("line_bytes", shm.L_BYTES, "UDP payload bytes received on the line"),
     ("line_messages", shm.L_MESSAGES, "Messages carried by the line's data packets"),
-    ("line_duplicate_messages", shm.L_DUPLICATES,
-     "Messages already taken from either line, dropped before the book"),
+    (
+        "line_duplicate_messages",
+        shm.L_DUPLICATES,
+        "Messages already taken from either line, dropped before the book",
+    ),
     ("line_first_messages", shm.L_FIRST_TAKEN, "Messages this line delivered first"),
     ("line_malformed_packets", shm.L_MALFORMED, "Packets dropped as malformed"),
     ("line_heartbeats", shm.L_HEARTBEATS, "MoldUDP64 heartbeats received"),
     ("line_end_of_session", shm.L_END, "MoldUDP64 end-of-session packets received"),
-    ("line_other_session_packets", shm.L_OTHER_SESSION,
-     "Packets of another MoldUDP64 session, dropped"),
-)  # fmt: skip
-LAT_BOUNDS_S = (1e-6, 2e-6, 5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3,
-                5e-3, 10e-3, 100e-3, 1.0)  # fmt: skip
+    (
+        "line_other_session_packets",
+        shm.L_OTHER_SESSION,
+        "Packets of another MoldUDP64 session, dropped",
+    ),
+)
+LAT_BOUNDS_S = (
+    1e-6,
+    2e-6,
+    5e-6,
+    10e-6,
+    20e-6,
+    50e-6,
+    100e-6,
+    200e-6,
+    500e-6,
+    1e-3,
+    2e-3,
+    5e-3,
+    10e-3,
+    100e-3,
+    1.0,
+)
 
 
 def latency_histogram(name: str, doc: str, channel: str, hist) -> HistogramMetricFamily:
@@ -58,9 +79,14 @@ class ConsumerCollector:
     Stateless: a scrape shows the counters and, for line health, their age at ``now_ns()``
     (CLOCK_MONOTONIC), so any number of scrapers see the same thing."""
 
-    def __init__(self, channel: str, maps: dict, xdp_stats: Callable[[], dict] | None = None,
-                 recovery: Callable[[], dict] | None = None,
-                 now_ns: Callable[[], int] = time.monotonic_ns):  # fmt: skip
+    def __init__(
+        self,
+        channel: str,
+        maps: dict,
+        xdp_stats: Callable[[], dict] | None = None,
+        recovery: Callable[[], dict] | None = None,
+        now_ns: Callable[[], int] = time.monotonic_ns,
+    ):
         self.channel = channel
         self.m = maps
         self.xdp_stats = xdp_stats
@@ -72,9 +98,12 @@ class ConsumerCollector:
         yield from self._lines(c)
         yield from self._sequencing(c)
         yield from self._book(c[shm.BOOK_BASE :])
-        yield latency_histogram("tickwire_receive_to_book_seconds",
-                                "Receive (XDP stamp or recvmmsg return) to book applied, "
-                                "per packet", self.channel, self.m["latency"])  # fmt: skip
+        yield latency_histogram(
+            "tickwire_receive_to_book_seconds",
+            "Receive (XDP stamp or recvmmsg return) to book applied, per packet",
+            self.channel,
+            self.m["latency"],
+        )
         yield from self._clock()
         yield from self._recovery()
         yield from self._xdp()
@@ -87,14 +116,19 @@ class ConsumerCollector:
             for k, letter in enumerate("AB"):
                 f.add_metric([ch, letter], float(c[k * shm.LINE_STRIDE + idx]))
             yield f
-        g = GaugeMetricFamily("tickwire_line_last_sequence", "Last sequence seen on the line",
-                              labels=["channel", "line"])  # fmt: skip
+        g = GaugeMetricFamily(
+            "tickwire_line_last_sequence",
+            "Last sequence seen on the line",
+            labels=["channel", "line"],
+        )
         for k, letter in enumerate("AB"):
             g.add_metric([ch, letter], float(c[k * shm.LINE_STRIDE + shm.L_LAST_SEQ]))
         yield g
-        g = GaugeMetricFamily("tickwire_line_state",
-                              "Line health: 0 up, 1 stale, 2 down, -1 never heard",
-                              labels=["channel", "line"])  # fmt: skip
+        g = GaugeMetricFamily(
+            "tickwire_line_state",
+            "Line health: 0 up, 1 stale, 2 down, -1 never heard",
+            labels=["channel", "line"],
+        )
         for letter, h in linehealth.lines(c, self.now_ns()).items():
             g.add_metric([ch, letter], float(linehealth.STATE_CODE[h["state"]]))
         yield g
@@ -102,8 +136,9 @@ class ConsumerCollector:
     def _sequencing(self, c: np.ndarray):
         """The arbiter's sequence, gaps and hold; the consumer's and the books' state."""
         ch = self.channel
-        g = GaugeMetricFamily("tickwire_sequence_next", "Next sequence number expected",
-                              labels=["channel"])  # fmt: skip
+        g = GaugeMetricFamily(
+            "tickwire_sequence_next", "Next sequence number expected", labels=["channel"]
+        )
         g.add_metric([ch], float(c[shm.A_NEXT]))
         yield g
         for name, idx, doc in (
@@ -111,11 +146,17 @@ class ConsumerCollector:
             ("gaps_declared", shm.A_GAPS_DECLARED, "Gaps declared (handed to recovery)"),
             ("gap_declared_messages", shm.A_GAP_DECLARED_MSGS, "Messages in declared gaps"),
             ("unrecoverable_gaps", shm.A_UNRECOVERABLE_GAPS, "Unrecoverable ranges applied"),
-            ("unrecoverable_messages", shm.A_UNRECOVERABLE_MSGS,
-             "Sequences given up by recovery, skipped (never taken)"),
-            ("hold_overflow_packets", shm.A_HOLD_OVERFLOW,
-             "Packets ahead of a hole not held for want of a slot (left to recovery)"),
-        ):  # fmt: skip
+            (
+                "unrecoverable_messages",
+                shm.A_UNRECOVERABLE_MSGS,
+                "Sequences given up by recovery, skipped (never taken)",
+            ),
+            (
+                "hold_overflow_packets",
+                shm.A_HOLD_OVERFLOW,
+                "Packets ahead of a hole not held for want of a slot (left to recovery)",
+            ),
+        ):
             f = CounterMetricFamily(f"tickwire_{name}", doc, labels=["channel"])
             f.add_metric([ch], float(c[idx]))
             yield f
@@ -133,12 +174,14 @@ class ConsumerCollector:
     def _book(self, b: np.ndarray):
         """The decoder's and the book's counters (``b``: the counters from ``BOOK_BASE``)."""
         ch = self.channel
-        f = CounterMetricFamily("tickwire_book_messages", "ITCH messages decoded",
-                                labels=["channel"])  # fmt: skip
+        f = CounterMetricFamily(
+            "tickwire_book_messages", "ITCH messages decoded", labels=["channel"]
+        )
         f.add_metric([ch], float(b[itch.C_MESSAGES]))
         yield f
-        f = CounterMetricFamily("tickwire_book_anomalies", "Counted book anomalies by kind",
-                                labels=["channel", "kind"])  # fmt: skip
+        f = CounterMetricFamily(
+            "tickwire_book_anomalies", "Counted book anomalies by kind", labels=["channel", "kind"]
+        )
         for kind, i in bk.ANOMALIES.items():
             f.add_metric([ch, kind], float(b[i]))
         f.add_metric([ch, "unknown_type"], float(b[itch.C_UNKNOWN_TYPE]))
@@ -174,18 +217,22 @@ class ConsumerCollector:
         except Exception:  # noqa: BLE001 - a scrape must not fail on a detached program
             return
         ch = self.channel
-        f = CounterMetricFamily("tickwire_xdp_packets", "Packets the XDP program steered",
-                                labels=["channel", "line"])  # fmt: skip
-        fb = CounterMetricFamily("tickwire_xdp_bytes", "Bytes the XDP program steered",
-                                 labels=["channel", "line"])  # fmt: skip
+        f = CounterMetricFamily(
+            "tickwire_xdp_packets", "Packets the XDP program steered", labels=["channel", "line"]
+        )
+        fb = CounterMetricFamily(
+            "tickwire_xdp_bytes", "Bytes the XDP program steered", labels=["channel", "line"]
+        )
         for letter, v in st.get("lines", {}).items():
             f.add_metric([ch, letter], float(v["packets"]))
             fb.add_metric([ch, letter], float(v["bytes"]))
         yield f
         yield fb
-        f = CounterMetricFamily("tickwire_xdp_passed_packets",
-                                "Packets the XDP program passed to the kernel, by reason",
-                                labels=["channel", "reason"])  # fmt: skip
+        f = CounterMetricFamily(
+            "tickwire_xdp_passed_packets",
+            "Packets the XDP program passed to the kernel, by reason",
+            labels=["channel", "reason"],
+        )
         for reason, v in st.get("passed", {}).items():
             f.add_metric([ch, reason], float(v))
         yield f

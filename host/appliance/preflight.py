@@ -58,18 +58,34 @@ OK, PARTIAL, NOT_CONFIGURED, SKIPPED = "OK", "PARTIAL", "NOT CONFIGURED", "SKIPP
 
 # the Ansible role (playbook tag) that applies each stage
 ROLE = {
-    "hugepages": "hugepages", "cpu_isolation": "cpu_isolation", "irq_affinity": "irq_affinity",
-    "nic": "nic", "sysctl": "sysctl", "ptp": "ptp", "service": "tickwire",
-}  # fmt: skip
+    "hugepages": "hugepages",
+    "cpu_isolation": "cpu_isolation",
+    "irq_affinity": "irq_affinity",
+    "nic": "nic",
+    "sysctl": "sysctl",
+    "ptp": "ptp",
+    "service": "tickwire",
+}
 
 # <linux/capability.h>
 CAP_NUMBERS = {
-    "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_IPC_LOCK": 14, "CAP_SYS_ADMIN": 21,
-    "CAP_SYS_NICE": 23, "CAP_PERFMON": 38, "CAP_BPF": 39,
-}  # fmt: skip
+    "CAP_NET_ADMIN": 12,
+    "CAP_NET_RAW": 13,
+    "CAP_IPC_LOCK": 14,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_SYS_NICE": 23,
+    "CAP_PERFMON": 38,
+    "CAP_BPF": 39,
+}
 # what the appliance needs, and all the systemd unit may grant
-SERVICE_CAPS = ("CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_SYS_NICE",
-                "CAP_PERFMON")  # fmt: skip
+SERVICE_CAPS = (
+    "CAP_BPF",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_SYS_NICE",
+    "CAP_PERFMON",
+)
 
 
 class PreflightError(OSError):
@@ -89,8 +105,13 @@ class Check:
     fix: str = ""
 
     def as_json(self) -> dict:
-        return {"name": self.name, "ok": self.ok, "have": self.have, "want": self.want,
-                "fix": self.fix}  # fmt: skip
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "have": self.have,
+            "want": self.want,
+            "fix": self.fix,
+        }
 
 
 @dataclass(frozen=True)
@@ -109,8 +130,12 @@ class StageResult:
         return any(not c.ok and c.fix.startswith("reboot required") for c in self.checks)
 
     def as_json(self) -> dict:
-        return {"stage": self.stage, "status": self.status, "required": self.required,
-                "checks": [c.as_json() for c in self.checks]}  # fmt: skip
+        return {
+            "stage": self.stage,
+            "status": self.status,
+            "required": self.required,
+            "checks": [c.as_json() for c in self.checks],
+        }
 
 
 def status_of(checks: list[Check] | tuple[Check, ...]) -> str:
@@ -184,14 +209,19 @@ def parse_grub(text: str) -> dict[str, str]:
 # several by their own names after a line "flag: on|off" (on when any is on, never
 # [fixed]); "udp-fragmentation-offload" is not shown (no kernel with netlink ethtool has it)
 LEGACY_FLAGS = (
-    ("rx-checksumming", "rx-checksum"), ("tx-checksumming", "tx-checksum-*"),
-    ("scatter-gather", "tx-scatter-gather*"), ("tcp-segmentation-offload", "tx-tcp*-segmentation"),
+    ("rx-checksumming", "rx-checksum"),
+    ("tx-checksumming", "tx-checksum-*"),
+    ("scatter-gather", "tx-scatter-gather*"),
+    ("tcp-segmentation-offload", "tx-tcp*-segmentation"),
     ("generic-segmentation-offload", "tx-generic-segmentation"),
-    ("generic-receive-offload", "rx-gro"), ("large-receive-offload", "rx-lro"),
-    ("rx-vlan-offload", "rx-vlan-hw-parse"), ("tx-vlan-offload", "tx-vlan-hw-insert"),
-    ("ntuple-filters", "rx-ntuple-filter"), ("receive-hashing", "rx-hashing"),
+    ("generic-receive-offload", "rx-gro"),
+    ("large-receive-offload", "rx-lro"),
+    ("rx-vlan-offload", "rx-vlan-hw-parse"),
+    ("tx-vlan-offload", "tx-vlan-hw-insert"),
+    ("ntuple-filters", "rx-ntuple-filter"),
+    ("receive-hashing", "rx-hashing"),
     ("udp-fragmentation-offload", "tx-udp-fragmentation"),  # folded, never shown
-)  # fmt: skip
+)
 
 
 def _fixed(f: ethtool.Feature) -> bool:
@@ -223,9 +253,12 @@ def shown_features(features: dict[str, ethtool.Feature]) -> dict[str, tuple[bool
 def current_channels(ch: ethtool.Channels) -> dict[str, int | None]:
     """The current RX, TX, Other, Combined counts; None for a kind the NIC does not have
     (``ethtool -l`` prints n/a)."""
-    return {"RX": ch.rx if ch.max_rx else None, "TX": ch.tx if ch.max_tx else None,
-            "Other": ch.other if ch.max_other else None,
-            "Combined": ch.combined if ch.max_combined else None}  # fmt: skip
+    return {
+        "RX": ch.rx if ch.max_rx else None,
+        "TX": ch.tx if ch.max_tx else None,
+        "Other": ch.other if ch.max_other else None,
+        "Combined": ch.combined if ch.max_combined else None,
+    }
 
 
 def current_rings(r: ethtool.Rings) -> dict[str, int | None]:
@@ -314,11 +347,18 @@ class Host:
     named namespaces; ``netns_error`` says why the namespace could not be looked into.
     """
 
-    def __init__(self, proc: str | Path = "/proc", sys: str | Path = "/sys",
-                 etc: str | Path = "/etc", ethtool: Callable[[str, str], object] | None = None,
-                 net_sys: str | Path | None = None, netns_dir: str | Path = "/var/run/netns",
-                 enter: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 netns: str = "", netns_error: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        proc: str | Path = "/proc",
+        sys: str | Path = "/sys",
+        etc: str | Path = "/etc",
+        ethtool: Callable[[str, str], object] | None = None,
+        net_sys: str | Path | None = None,
+        netns_dir: str | Path = "/var/run/netns",
+        enter: Callable[[], contextlib.AbstractContextManager] | None = None,
+        netns: str = "",
+        netns_error: str = "",
+    ):
         self.proc, self.sys, self.etc = Path(proc), Path(sys), Path(etc)
         self.net_sys = Path(net_sys) if net_sys is not None else self.sys
         self.netns_dir = Path(netns_dir)
@@ -343,7 +383,10 @@ class Host:
         try:
             holder = subprocess.Popen(
                 ["ip", "netns", "exec", netns, "sh", "-c", "echo ready; exec sleep 3600"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         except OSError as e:
             yield cls(netns=netns, netns_error=f"cannot run ip netns exec: {e.strerror}")
             return
@@ -351,11 +394,17 @@ class Host:
             if holder.stdout.readline() != "ready\n":
                 holder.wait(timeout=10)
                 reason = holder.stderr.read().strip().splitlines()
-                yield cls(netns=netns, netns_error=f"cannot look into network namespace "
-                          f"{netns}: {reason[-1] if reason else 'ip netns exec failed'}")
+                yield cls(
+                    netns=netns,
+                    netns_error=f"cannot look into network namespace "
+                    f"{netns}: {reason[-1] if reason else 'ip netns exec failed'}",
+                )
                 return
-            yield cls(net_sys=f"/proc/{holder.pid}/root/sys", netns=netns,
-                      enter=lambda: nsmod.entered(netns))  # fmt: skip
+            yield cls(
+                net_sys=f"/proc/{holder.pid}/root/sys",
+                netns=netns,
+                enter=lambda: nsmod.entered(netns),
+            )
         finally:
             if holder.poll() is None:
                 holder.kill()
@@ -385,7 +434,7 @@ class Host:
 
     def etc_path(self, path: str) -> Path:
         """``path`` (absolute, "/etc/..." or relative to /etc) under the etc root."""
-        rel = path[len("/etc/"):] if path.startswith("/etc/") else path.lstrip("/")
+        rel = path[len("/etc/") :] if path.startswith("/etc/") else path.lstrip("/")
         return self.etc / rel
 
     def interface_exists(self, ifname: str) -> bool:
@@ -463,8 +512,13 @@ def _feed_interfaces(cfg: Config) -> list[str]:
 
 def _missing_interface(host: Host, ifname: str, stage: str) -> Check:
     where = f" in network namespace {host.netns}" if host.netns else ""
-    return Check(f"{ifname} present", False, host.netns_error or f"interface {ifname} does not "
-                 f"exist{where}", "present", playbook(stage))  # fmt: skip
+    return Check(
+        f"{ifname} present",
+        False,
+        host.netns_error or f"interface {ifname} does not exist{where}",
+        "present",
+        playbook(stage),
+    )
 
 
 def _caps(host: Host) -> int | None:
@@ -478,28 +532,41 @@ def check_runtime(host: Host, cfg: Config) -> list[Check]:
     run, checks = cfg.run, []
     if run.netns:
         exists = (host.netns_dir / run.netns).exists()
-        checks.append(Check(
-            "network namespace", exists,
-            f"network namespace {run.netns} " + ("exists" if exists else "does not exist"),
-            f"network namespace {run.netns} exists",
-            "" if exists else "tickwire lab up (the lab), or: ip netns add NAME"))  # fmt: skip
+        checks.append(
+            Check(
+                "network namespace",
+                exists,
+                f"network namespace {run.netns} " + ("exists" if exists else "does not exist"),
+                f"network namespace {run.netns} exists",
+                "" if exists else "tickwire lab up (the lab), or: ip netns add NAME",
+            )
+        )
     where = f" in {run.netns}" if run.netns else ""
     for letter, line in run.lines.items():
         ok = host.interface_exists(line.interface)
         state = "exists" if ok else "does not exist"
         have = host.netns_error or f"interface {line.interface} {state}{where}"
-        checks.append(Check(f"line {letter} interface", ok, have,
-                            f"interface {line.interface}{where}",
-                            "" if ok else f"check run.line_{letter.lower()}.interface"))
+        checks.append(
+            Check(
+                f"line {letter} interface",
+                ok,
+                have,
+                f"interface {line.interface}{where}",
+                "" if ok else f"check run.line_{letter.lower()}.interface",
+            )
+        )
     caps = _caps(host)
     need = list(SERVICE_CAPS) + (["CAP_SYS_ADMIN"] if run.netns else [])
     missing = [c for c in need if caps is None or not caps >> CAP_NUMBERS[c] & 1]
-    checks.append(Check(
-        "capabilities", not missing,
-        "all held" if not missing else "missing " + ", ".join(missing),
-        ", ".join(need) + (" (CAP_SYS_ADMIN: run.netns)" if run.netns else ""),
-        "" if not missing else "run as root, or from the tickwire unit "
-        "(AmbientCapabilities=)"))  # fmt: skip
+    checks.append(
+        Check(
+            "capabilities",
+            not missing,
+            "all held" if not missing else "missing " + ", ".join(missing),
+            ", ".join(need) + (" (CAP_SYS_ADMIN: run.netns)" if run.netns else ""),
+            "" if not missing else "run as root, or from the tickwire unit (AmbientCapabilities=)",
+        )
+    )
     if run.rx_mode != "socket":
         limit = None
         for line in (host.proc_text("self/limits") or "").splitlines():
@@ -507,36 +574,64 @@ def check_runtime(host: Host, cfg: Config) -> list[Check]:
                 limit = line.split()[3]
         umem = run.frames * 4096
         lock = caps is not None and bool(caps >> CAP_NUMBERS["CAP_IPC_LOCK"] & 1)
-        ok = lock or limit == "unlimited" or (limit is not None and limit.isdigit()
-                                               and int(limit) >= umem)  # fmt: skip
+        ok = (
+            lock
+            or limit == "unlimited"
+            or (limit is not None and limit.isdigit() and int(limit) >= umem)
+        )
         have = "CAP_IPC_LOCK held" if lock else f"RLIMIT_MEMLOCK {limit or 'unknown'}"
-        checks.append(Check("locked memory", ok, have,
-                            f"CAP_IPC_LOCK, or RLIMIT_MEMLOCK >= {umem} bytes (UMEM)",
-                            "" if ok else "LimitMEMLOCK=infinity in the unit, or ulimit -l "
-                            "unlimited"))  # fmt: skip
+        checks.append(
+            Check(
+                "locked memory",
+                ok,
+                have,
+                f"CAP_IPC_LOCK, or RLIMIT_MEMLOCK >= {umem} bytes (UMEM)",
+                "" if ok else "LimitMEMLOCK=infinity in the unit, or ulimit -l unlimited",
+            )
+        )
         bpffs = any(t == "bpf" and p == "/sys/fs/bpf" for p, t, _ in host.mounts())
-        checks.append(Check("bpffs", bpffs, "mounted on /sys/fs/bpf" if bpffs else "not mounted",
-                            "mounted on /sys/fs/bpf",
-                            "" if bpffs else "mount -t bpf bpf /sys/fs/bpf"))  # fmt: skip
+        checks.append(
+            Check(
+                "bpffs",
+                bpffs,
+                "mounted on /sys/fs/bpf" if bpffs else "not mounted",
+                "mounted on /sys/fs/bpf",
+                "" if bpffs else "mount -t bpf bpf /sys/fs/bpf",
+            )
+        )
     if run.core >= 0:
         online = param_cpus((host.sys_text("devices/system/cpu/online") or "").strip()) or set()
         allowed = param_cpus(host.status_field("Cpus_allowed_list")) or set()
         # an operator's shell may not see the isolated CPUs (systemd CPUAffinity=), yet run
         # pins itself there with sched_setaffinity: only an offline CPU is a failure
         ok = run.core in online
-        note = "" if not allowed or run.core in allowed else \
-            f" (outside this shell's affinity {cpus_text(allowed)}; run pins itself)"
-        checks.append(Check(
-            "consumer core", ok, f"CPU {run.core} " + ("online" if ok else "offline") + note,
-            f"CPU {run.core} online", "" if ok else "set run.core to an online CPU"))
+        note = (
+            ""
+            if not allowed or run.core in allowed
+            else f" (outside this shell's affinity {cpus_text(allowed)}; run pins itself)"
+        )
+        checks.append(
+            Check(
+                "consumer core",
+                ok,
+                f"CPU {run.core} " + ("online" if ok else "offline") + note,
+                f"CPU {run.core} online",
+                "" if ok else "set run.core to an online CPU",
+            )
+        )
         if cfg.host.isolated_cpus:
             iso = cpulist(cfg.host.isolated_cpus)
             ok = run.core in iso
-            checks.append(Check("consumer core isolated", ok,
-                                f"CPU {run.core}" + ("" if ok else " not") + " in "
-                                f"host.isolated_cpus {cfg.host.isolated_cpus}",
-                                f"run.core in {cfg.host.isolated_cpus}",
-                                "" if ok else "set run.core to an isolated CPU"))  # fmt: skip
+            checks.append(
+                Check(
+                    "consumer core isolated",
+                    ok,
+                    f"CPU {run.core}" + ("" if ok else " not") + " in "
+                    f"host.isolated_cpus {cfg.host.isolated_cpus}",
+                    f"run.core in {cfg.host.isolated_cpus}",
+                    "" if ok else "set run.core to an isolated CPU",
+                )
+            )
     return checks
 
 
@@ -545,33 +640,46 @@ _PAGE_SIZES = (("2048kB", "2 MB", "hugepages_2m"), ("1048576kB", "1 GB", "hugepa
 
 def check_hugepages(host: Host, cfg: Config) -> list[Check]:
     h, fix, checks = cfg.host, playbook("hugepages"), []
-    nodes = sorted(glob.glob(str(host.sys / "devices/system/node/node[0-9]*")),
-                   key=lambda p: int(p.rsplit("node", 1)[1]))  # fmt: skip
+    nodes = sorted(
+        glob.glob(str(host.sys / "devices/system/node/node[0-9]*")),
+        key=lambda p: int(p.rsplit("node", 1)[1]),
+    )
     for size, label, key in _PAGE_SIZES:
         want = getattr(h, key)
         if not want:
             continue
-        places = [(os.path.basename(n), Path(n) / "hugepages") for n in nodes] or \
-                 [("host", host.sys / "kernel/mm/hugepages")]  # fmt: skip
+        places = [(os.path.basename(n), Path(n) / "hugepages") for n in nodes] or [
+            ("host", host.sys / "kernel/mm/hugepages")
+        ]
         for node, base in places:
             text = host.read(base / f"hugepages-{size}" / "nr_hugepages")
             have = int(text) if text and text.strip().isdigit() else None
             ok = have is not None and have >= want
-            checks.append(Check(
-                f"{label} pages on {node}", ok,
-                str(have) if have is not None else f"no {label} pages in this kernel",
-                f">= {want}",
-                "" if ok else fix + (" (1 GB pages are reserved at boot: reboot after)"
-                                     if size == "1048576kB" else "")))  # fmt: skip
+            checks.append(
+                Check(
+                    f"{label} pages on {node}",
+                    ok,
+                    str(have) if have is not None else f"no {label} pages in this kernel",
+                    f">= {want}",
+                    ""
+                    if ok
+                    else fix
+                    + (
+                        " (1 GB pages are reserved at boot: reboot after)"
+                        if size == "1048576kB"
+                        else ""
+                    ),
+                )
+            )
     mounts = {p: (t, o) for p, t, o in host.mounts()}
     for point in h.hugetlbfs:
         fstype, opts = mounts.get(point, ("", ""))
         ok = fstype == "hugetlbfs"
         size = next((o for o in opts.split(",") if o.startswith("pagesize=")), "")
-        have = f"hugetlbfs {size}".strip() if ok else (f"{fstype} mount" if fstype else
-                                                       "not mounted")  # fmt: skip
-        checks.append(Check(f"hugetlbfs {point}", ok, have, "hugetlbfs mounted",
-                            "" if ok else fix))  # fmt: skip
+        have = (
+            f"hugetlbfs {size}".strip() if ok else (f"{fstype} mount" if fstype else "not mounted")
+        )
+        checks.append(Check(f"hugetlbfs {point}", ok, have, "hugetlbfs mounted", "" if ok else fix))
     return checks
 
 
@@ -627,11 +735,19 @@ def check_cpu_isolation(host: Host, cfg: Config) -> list[Check]:
         ok = param_cpus(have) == want
         step = fix
         if not ok and param_cpus(boot.get(param)) == want:
-            step = (f"reboot required: {boot_file} has {param}={boot[param]}, the running "
-                    "kernel was booted without it")  # fmt: skip
-        checks.append(Check(f"kernel command line {param}", ok,
-                            "absent" if have is None else f"{param}={have}",
-                            f"{param}={cpus_text(want)}", "" if ok else step))  # fmt: skip
+            step = (
+                f"reboot required: {boot_file} has {param}={boot[param]}, the running "
+                "kernel was booted without it"
+            )
+        checks.append(
+            Check(
+                f"kernel command line {param}",
+                ok,
+                "absent" if have is None else f"{param}={have}",
+                f"{param}={cpus_text(want)}",
+                "" if ok else step,
+            )
+        )
     if iso:
         for name, param in (("isolated", "isolcpus"), ("nohz_full", "nohz_full")):
             text = host.sys_text(f"devices/system/cpu/{name}")
@@ -640,31 +756,54 @@ def check_cpu_isolation(host: Host, cfg: Config) -> list[Check]:
             step = f"reboot with {param}={cpus_text(iso)} ({fix})"
             if param_cpus(boot.get(param)) == iso:
                 step = f"reboot required: {boot_file} has {param}={boot[param]}"
-            checks.append(Check(
-                f"kernel {name} CPUs", ok,
-                "absent (kernel without this feature)" if text is None else
-                (cpus_text(have) if have else "none"), cpus_text(iso),
-                "" if ok else step))  # fmt: skip
+            checks.append(
+                Check(
+                    f"kernel {name} CPUs",
+                    ok,
+                    "absent (kernel without this feature)"
+                    if text is None
+                    else (cpus_text(have) if have else "none"),
+                    cpus_text(iso),
+                    "" if ok else step,
+                )
+            )
     if hk:
         value = _systemd_cpu_affinity(host)
         have = param_cpus(",".join(value.split())) if value else None
         ok = have == hk
-        checks.append(Check("systemd CPUAffinity (housekeeping)", ok,
-                            value or "not set", cpus_text(hk), "" if ok else fix))  # fmt: skip
+        checks.append(
+            Check(
+                "systemd CPUAffinity (housekeeping)",
+                ok,
+                value or "not set",
+                cpus_text(hk),
+                "" if ok else fix,
+            )
+        )
     if iso:
-        running = [pid for pid, argv in host.processes()
-                   if os.path.basename(argv[0]) == "irqbalance"]  # fmt: skip
+        running = [
+            pid for pid, argv in host.processes() if os.path.basename(argv[0]) == "irqbalance"
+        ]
         env = _env_file(host.read(host.etc / "default/irqbalance") or "")
         banned = param_cpus(env.get("IRQBALANCE_BANNED_CPULIST"))
         if banned is None and env.get("IRQBALANCE_BANNED_CPUS"):
             mask = mask_value(env["IRQBALANCE_BANNED_CPUS"])
             banned = frozenset(c for c in range(mask.bit_length()) if mask >> c & 1)
         ok = not running or (banned is not None and iso <= banned)
-        have = ("not running" if not running else
-                f"running, banned CPUs {cpus_text(banned) if banned else 'none'}")  # fmt: skip
-        checks.append(Check("irqbalance keeps off isolated CPUs", ok, have,
-                            f"not running, or IRQBALANCE_BANNED_CPULIST covering {cpus_text(iso)}",
-                            "" if ok else fix))  # fmt: skip
+        have = (
+            "not running"
+            if not running
+            else f"running, banned CPUs {cpus_text(banned) if banned else 'none'}"
+        )
+        checks.append(
+            Check(
+                "irqbalance keeps off isolated CPUs",
+                ok,
+                have,
+                f"not running, or IRQBALANCE_BANNED_CPULIST covering {cpus_text(iso)}",
+                "" if ok else fix,
+            )
+        )
     return checks
 
 
@@ -689,24 +828,44 @@ def check_irq_affinity(host: Host, cfg: Config) -> list[Check]:
             name = f"{ifname} queue {q} IRQ on {h.irq_placement} CPUs"
             irqs = host.queue_irqs(ifname, q)
             if target is None:
-                checks.append(Check(name, False, "run.core not set", "the consumer core",
-                                    "set run.core (the consumer's isolated CPU)"))  # fmt: skip
+                checks.append(
+                    Check(
+                        name,
+                        False,
+                        "run.core not set",
+                        "the consumer core",
+                        "set run.core (the consumer's isolated CPU)",
+                    )
+                )
             elif irqs is None:
-                checks.append(Check(name, True, "no device IRQs (virtual interface)",
-                                    cpus_text(target)))  # fmt: skip
+                checks.append(
+                    Check(name, True, "no device IRQs (virtual interface)", cpus_text(target))
+                )
             elif not irqs:
-                checks.append(Check(name, False, f"no IRQ named for queue {q}",
-                                    cpus_text(target), fix))  # fmt: skip
+                checks.append(
+                    Check(name, False, f"no IRQ named for queue {q}", cpus_text(target), fix)
+                )
             for irq, irq_name in irqs or ():
                 text = host.proc_text(f"irq/{irq}/smp_affinity_list")
                 have = param_cpus(text.strip()) if text else None
-                ok = bool(have) and have <= target and (h.irq_placement != "consumer"
-                                                        or have == target)  # fmt: skip
-                checks.append(Check(f"{name} (IRQ {irq} {irq_name})", ok,
-                                    cpus_text(have) if have else "unknown", cpus_text(target),
-                                    "" if ok else fix))  # fmt: skip
-        for kind, mask, rel in (("RPS", h.rps_mask, f"queues/rx-{q}/rps_cpus"),
-                                ("XPS", h.xps_mask, f"queues/tx-{q}/xps_cpus")):  # fmt: skip
+                ok = (
+                    bool(have)
+                    and have <= target
+                    and (h.irq_placement != "consumer" or have == target)
+                )
+                checks.append(
+                    Check(
+                        f"{name} (IRQ {irq} {irq_name})",
+                        ok,
+                        cpus_text(have) if have else "unknown",
+                        cpus_text(target),
+                        "" if ok else fix,
+                    )
+                )
+        for kind, mask, rel in (
+            ("RPS", h.rps_mask, f"queues/rx-{q}/rps_cpus"),
+            ("XPS", h.xps_mask, f"queues/tx-{q}/xps_cpus"),
+        ):
             if not mask:
                 continue
             path = host.net_path(ifname, rel)
@@ -721,8 +880,11 @@ def check_irq_affinity(host: Host, cfg: Config) -> list[Check]:
             except ValueError:
                 have = None
             ok = have is not None and have == mask_value(mask)
-            checks.append(Check(f"{ifname} {kind} mask {rel.split('/')[1]}", ok, shown, mask,
-                                "" if ok else fix))  # fmt: skip
+            checks.append(
+                Check(
+                    f"{ifname} {kind} mask {rel.split('/')[1]}", ok, shown, mask, "" if ok else fix
+                )
+            )
     return checks
 
 
@@ -749,14 +911,22 @@ def check_nic(host: Host, cfg: Config) -> list[Check]:
             kind = "combined" if ch.get("Combined") else "rx"
             n = ch.get("Combined") or ch.get("RX")
             ok = n == h.channels
-            checks.append(Check(f"{ifname} channels", ok, err or f"{kind} {n}",
-                                f"{h.channels}", "" if ok else fix))  # fmt: skip
+            checks.append(
+                Check(
+                    f"{ifname} channels",
+                    ok,
+                    err or f"{kind} {n}",
+                    f"{h.channels}",
+                    "" if ok else fix,
+                )
+            )
         if h.rx_ring:
             got, err = _ethtool(host, "rings", ifname)
             n = current_rings(got)["RX"] if got is not None else None
             ok = n == h.rx_ring
-            checks.append(Check(f"{ifname} rx ring", ok, err or str(n), str(h.rx_ring),
-                                "" if ok else fix))  # fmt: skip
+            checks.append(
+                Check(f"{ifname} rx ring", ok, err or str(n), str(h.rx_ring), "" if ok else fix)
+            )
         features: dict[str, tuple[bool, bool]] = {}
         ferr = ""
         if h.offloads_off or h.ntuple:
@@ -776,25 +946,41 @@ def check_nic(host: Host, cfg: Config) -> list[Check]:
         if h.ntuple:
             state = features.get("ntuple-filters")
             on = state is not None and state[0]
-            checks.append(Check(f"{ifname} ntuple-filters", on, ferr or (
-                "no such feature" if state is None else "on" if on else "off"), "on",
-                "" if on else fix))  # fmt: skip
+            checks.append(
+                Check(
+                    f"{ifname} ntuple-filters",
+                    on,
+                    ferr or ("no such feature" if state is None else "on" if on else "off"),
+                    "on",
+                    "" if on else fix,
+                )
+            )
             got, err = _ethtool(host, "flow_rules", ifname)
             rules = got or []
             for letter, line in run.lines.items():
                 if line.interface != ifname:
                     continue
-                hit = next((r for r in rules if steers(r, line.group, line.port, line.queue)),
-                           None)  # fmt: skip
+                hit = next((r for r in rules if steers(r, line.group, line.port, line.queue)), None)
                 same = [r for r in rules if r.dst_ip == line.group]
-                have = err or (f"rule {hit.location}" if hit else
-                               f"rule {same[0].location} to queue {same[0].queue}" if same else
-                               "no rule")  # fmt: skip
-                checks.append(Check(
-                    f"{ifname} ntuple rule line {letter}", hit is not None, have,
-                    f"udp4 dst-ip {line.group} dst-port {line.port} -> queue {line.queue}",
-                    "" if hit else f"{fix} (or: ethtool -N {ifname} flow-type udp4 dst-ip "
-                    f"{line.group} dst-port {line.port} action {line.queue})"))  # fmt: skip
+                have = err or (
+                    f"rule {hit.location}"
+                    if hit
+                    else f"rule {same[0].location} to queue {same[0].queue}"
+                    if same
+                    else "no rule"
+                )
+                checks.append(
+                    Check(
+                        f"{ifname} ntuple rule line {letter}",
+                        hit is not None,
+                        have,
+                        f"udp4 dst-ip {line.group} dst-port {line.port} -> queue {line.queue}",
+                        ""
+                        if hit
+                        else f"{fix} (or: ethtool -N {ifname} flow-type udp4 dst-ip "
+                        f"{line.group} dst-port {line.port} action {line.queue})",
+                    )
+                )
     return checks
 
 
@@ -808,9 +994,15 @@ def check_sysctl(host: Host, cfg: Config) -> list[Check]:
         text = host.sysctl(name)
         have = _plain(text) if text is not None else None
         ok = have is not None and have == _plain(want)
-        checks.append(Check(name, ok, "absent" if have is None else have, _plain(want),
-                            "" if ok else f"{playbook('sysctl')} (or: sysctl -w {name}="
-                            f"\"{_plain(want)}\")"))  # fmt: skip
+        checks.append(
+            Check(
+                name,
+                ok,
+                "absent" if have is None else have,
+                _plain(want),
+                "" if ok else f'{playbook("sysctl")} (or: sysctl -w {name}="{_plain(want)}")',
+            )
+        )
     return checks
 
 
@@ -842,8 +1034,9 @@ def _ptp4l_setup(host: Host, argv: list[str]) -> tuple[set[str], str]:
             line = line.split("#")[0].strip()
             if line.startswith("[") and line.endswith("]"):
                 section = line[1:-1]
-                if section not in ("global", "unicast_master_table") and \
-                        not section.startswith("unicast"):  # fmt: skip
+                if section not in ("global", "unicast_master_table") and not section.startswith(
+                    "unicast"
+                ):
                     ifaces.add(section)
             elif section == "global" and line.split()[:1] == ["time_stamping"]:
                 words = line.split()
@@ -863,22 +1056,52 @@ def check_ptp(host: Host, cfg: Config) -> list[Check]:
         got, err = _ethtool(host, "ts_info", ifname)
         ts = Timestamping.of(got) if got is not None else None
         want_mode = "hardware" if ts and ts.hardware else "software"
-        why = "" if ts and ts.hardware else (f" ({ifname} has no hardware timestamping)"
-                                             if ts else f" (ethtool -T {ifname}: {err})")
-        serving = [(pid, mode) for pid, argv in ptp4l
-                   for ifs, mode in [_ptp4l_setup(host, argv)] if ifname in ifs]  # fmt: skip
+        why = (
+            ""
+            if ts and ts.hardware
+            else (
+                f" ({ifname} has no hardware timestamping)"
+                if ts
+                else f" (ethtool -T {ifname}: {err})"
+            )
+        )
+        serving = [
+            (pid, mode)
+            for pid, argv in ptp4l
+            for ifs, mode in [_ptp4l_setup(host, argv)]
+            if ifname in ifs
+        ]
         ok = any(mode == want_mode for _, mode in serving)
-        have = (f"running (pid {serving[0][0]}), {serving[0][1]} timestamping" if serving
-                else "not running")  # fmt: skip
-        checks.append(Check(f"ptp4l on {ifname}", ok, have,
-                            f"running, {want_mode} timestamping{why}", "" if ok else fix))
+        have = (
+            f"running (pid {serving[0][0]}), {serving[0][1]} timestamping"
+            if serving
+            else "not running"
+        )
+        checks.append(
+            Check(
+                f"ptp4l on {ifname}",
+                ok,
+                have,
+                f"running, {want_mode} timestamping{why}",
+                "" if ok else fix,
+            )
+        )
         if ts and ts.hardware:
-            sync = [pid for pid, argv in phc2sys if "-a" in argv or any(
-                a == "-s" and b == ifname for a, b in zip(argv, argv[1:], strict=False))]
-            checks.append(Check(f"phc2sys from {ifname}", bool(sync),
-                                f"running (pid {sync[0]})" if sync else "not running",
-                                f"running: system clock from {ifname}'s PHC (ptp{ts.phc})",
-                                "" if sync else fix))  # fmt: skip
+            sync = [
+                pid
+                for pid, argv in phc2sys
+                if "-a" in argv
+                or any(a == "-s" and b == ifname for a, b in zip(argv, argv[1:], strict=False))
+            ]
+            checks.append(
+                Check(
+                    f"phc2sys from {ifname}",
+                    bool(sync),
+                    f"running (pid {sync[0]})" if sync else "not running",
+                    f"running: system clock from {ifname}'s PHC (ptp{ts.phc})",
+                    "" if sync else fix,
+                )
+            )
     return checks
 
 
@@ -897,32 +1120,63 @@ def check_service(host: Host, cfg: Config) -> list[Check]:
         return []
     texts = _unit_texts(host, svc)
     if texts is None:
-        return [Check(f"{svc} unit", False, "no unit file in /etc/systemd/system",
-                      f"/etc/systemd/system/{svc}", fix)]  # fmt: skip
+        return [
+            Check(
+                f"{svc} unit",
+                False,
+                "no unit file in /etc/systemd/system",
+                f"/etc/systemd/system/{svc}",
+                fix,
+            )
+        ]
     unit = parse_unit(texts)
     want = set(SERVICE_CAPS)
-    checks = [Check(f"{svc} unit", True, f"/etc/systemd/system/{svc}",
-                    f"/etc/systemd/system/{svc}")]  # fmt: skip
+    checks = [
+        Check(f"{svc} unit", True, f"/etc/systemd/system/{svc}", f"/etc/systemd/system/{svc}")
+    ]
     for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
         values = unit.get(key)
         have = {c.upper() for v in values or () for c in v.split()} if values else None
         ok = have == want
-        checks.append(Check(f"{svc} {key}", ok,
-                            " ".join(sorted(have)) if have else "not set (all capabilities)"
-                            if key == "CapabilityBoundingSet" else "not set",
-                            " ".join(sorted(want)), "" if ok else fix))  # fmt: skip
+        checks.append(
+            Check(
+                f"{svc} {key}",
+                ok,
+                " ".join(sorted(have))
+                if have
+                else "not set (all capabilities)"
+                if key == "CapabilityBoundingSet"
+                else "not set",
+                " ".join(sorted(want)),
+                "" if ok else fix,
+            )
+        )
     if cfg.run.core >= 0:
         values = unit.get("CPUAffinity")
         have = param_cpus(",".join(" ".join(values).split())) if values else None
         ok = have == frozenset({cfg.run.core})
-        checks.append(Check(f"{svc} CPUAffinity", ok, " ".join(values) if values else "not set",
-                            str(cfg.run.core), "" if ok else fix))  # fmt: skip
+        checks.append(
+            Check(
+                f"{svc} CPUAffinity",
+                ok,
+                " ".join(values) if values else "not set",
+                str(cfg.run.core),
+                "" if ok else fix,
+            )
+        )
     wants = sorted(glob.glob(str(host.etc / "systemd/system/*.wants" / svc)))
     enabled = any(os.path.lexists(p) for p in wants)
-    checks.append(Check(f"{svc} enabled", enabled,
-                        "enabled (" + os.path.basename(os.path.dirname(wants[0])) + ")"
-                        if enabled else "not enabled", "enabled",
-                        "" if enabled else f"systemctl enable {svc} ({fix})"))  # fmt: skip
+    checks.append(
+        Check(
+            f"{svc} enabled",
+            enabled,
+            "enabled (" + os.path.basename(os.path.dirname(wants[0])) + ")"
+            if enabled
+            else "not enabled",
+            "enabled",
+            "" if enabled else f"systemctl enable {svc} ({fix})",
+        )
+    )
     return checks
 
 
@@ -994,8 +1248,10 @@ def text(report: Report) -> str:
     if not failing:
         lines.append("host ready")
     else:
-        lines.append(f"host NOT ready: {len(failing)} required stage(s) failing "
-                     f"({', '.join(s.stage for s in failing)})")  # fmt: skip
+        lines.append(
+            f"host NOT ready: {len(failing)} required stage(s) failing "
+            f"({', '.join(s.stage for s in failing)})"
+        )
     return "\n".join(lines)
 
 
@@ -1021,7 +1277,9 @@ def require(cfg: Config, log: Callable[[str], None]) -> Report:
     with Host.live(cfg.run.netns) as host:
         report = check(cfg, host)
     if not report.ready:
-        raise PreflightError(f"preflight: {summary(report)} -- fix the host (tickwire "
-                             "preflight says how), or pass --skip-preflight")  # fmt: skip
+        raise PreflightError(
+            f"preflight: {summary(report)} -- fix the host (tickwire "
+            "preflight says how), or pass --skip-preflight"
+        )
     log(f"preflight: {summary(report)}")
     return report

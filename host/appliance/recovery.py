@@ -100,8 +100,9 @@ class RecoveryConfig:
             raise ValueError(f"server_port: {self.server_port} is outside 1..65535")
         mold.session_bytes(self.session)  # raises ValueError naming the session
         if not 1 <= self.max_per_request <= mold.MAX_COUNT:
-            raise ValueError(f"max_per_request: {self.max_per_request} is outside "
-                             f"1..{mold.MAX_COUNT}")  # fmt: skip
+            raise ValueError(
+                f"max_per_request: {self.max_per_request} is outside 1..{mold.MAX_COUNT}"
+            )
         for name in ("min_interval", "settle"):
             if not 0 <= getattr(self, name) <= 60:
                 raise ValueError(f"{name}: {getattr(self, name)} is outside 0..60 s")
@@ -166,11 +167,13 @@ def read_shared(arr: np.ndarray) -> dict:
     a = np.array(arr[:SHARED_LEN])
     hist = a[R_HIST:]
     return {
-        "running": bool(a[R_RUNNING]), "alive_ns": int(a[R_ALIVE_NS]),
+        "running": bool(a[R_RUNNING]),
+        "alive_ns": int(a[R_ALIVE_NS]),
         "policy": {v: k for k, v in POLICIES.items()}.get(int(a[R_POLICY]), "stale"),
         "counters": {k: int(a[R_COUNTERS + i]) for i, k in enumerate(COUNTERS)},
-        "latency_ns": shm.percentiles(hist), "histogram": hist,
-    }  # fmt: skip
+        "latency_ns": shm.percentiles(hist),
+        "histogram": hist,
+    }
 
 
 # --- gap lifecycle --------------------------------------------------------------------------
@@ -280,9 +283,14 @@ class RecoveryClient:
     POLL_S = 0.001  # the gaps ring is polled: at least this often
     RECENT_ASKS = 4096  # requests remembered to tell late answers from unrequested ones
 
-    def __init__(self, cfg: RecoveryConfig, maps: dict, bind_ip: str = "0.0.0.0",
-                 log: Callable[[str], None] = _stderr_log,
-                 shared: np.ndarray | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: RecoveryConfig,
+        maps: dict,
+        bind_ip: str = "0.0.0.0",
+        log: Callable[[str], None] = _stderr_log,
+        shared: np.ndarray | None = None,
+    ):
         self.cfg = cfg
         self.maps = maps
         self.bind_ip = bind_ip
@@ -292,11 +300,13 @@ class RecoveryClient:
         if shared is None:
             shared = maps.get("recovery")
         if shared is not None and len(shared) < SHARED_LEN:
-            raise ValueError(f"the shared recovery region holds {len(shared)} int64, "
-                             f"needs {SHARED_LEN}")  # fmt: skip
+            raise ValueError(
+                f"the shared recovery region holds {len(shared)} int64, needs {SHARED_LEN}"
+            )
         self._shared = shared
-        self._hist = (shared[R_HIST:SHARED_LEN] if shared is not None
-                      else np.zeros(shm.LAT_BUCKETS, np.int64))  # fmt: skip
+        self._hist = (
+            shared[R_HIST:SHARED_LEN] if shared is not None else np.zeros(shm.LAT_BUCKETS, np.int64)
+        )
         if shared is not None:
             shared[:SHARED_LEN] = 0
             shared[R_POLICY] = cfg.policy_code
@@ -330,8 +340,9 @@ class RecoveryClient:
             s.bind((self.bind_ip, 0))
         except OSError as e:
             s.close()
-            raise OSError(e.errno, f"recovery client cannot bind {self.bind_ip}: "
-                          f"{e.strerror}") from None  # fmt: skip
+            raise OSError(
+                e.errno, f"recovery client cannot bind {self.bind_ip}: {e.strerror}"
+            ) from None
         s.setblocking(False)
         self._sock = s
 
@@ -359,8 +370,10 @@ class RecoveryClient:
             self._sock.close()
             self._sock = None
         if self._queue:
-            self.log(f"stopped with {len(self._queue)} recovered entries not handed over "
-                     "(the consumer's ring stayed full)")  # fmt: skip
+            self.log(
+                f"stopped with {len(self._queue)} recovered entries not handed over "
+                "(the consumer's ring stayed full)"
+            )
         self._mirror()
         self._set_running(0)
 
@@ -395,8 +408,9 @@ class RecoveryClient:
             if g.pending and can_send:
                 due = min(due, self._next_send_ns)
             for a in g.asks:
-                due = min(due, a.progress_ns + int(cfg.settle * 1e9) if a.progress_ns
-                          else a.deadline_ns)  # fmt: skip
+                due = min(
+                    due, a.progress_ns + int(cfg.settle * 1e9) if a.progress_ns else a.deadline_ns
+                )
         return max(0, due - now)
 
     # --- one iteration -----------------------------------------------------------------------
@@ -623,10 +637,16 @@ class RecoveryClient:
             if g.lost:
                 g.move("released_lost")
                 c["unrecoverable"] += 1
-                why = " and ".join(sorted({"retries": "no answer after the retries",
-                                           "slo": "its SLO passed"}[r] for r in g.reasons))
-                self.log(f"gap {g.first}..{g.end - 1}: {g.lost} of {g.end - g.first} "
-                         f"messages unrecoverable ({why}); policy {self.cfg.policy}")
+                why = " and ".join(
+                    sorted(
+                        {"retries": "no answer after the retries", "slo": "its SLO passed"}[r]
+                        for r in g.reasons
+                    )
+                )
+                self.log(
+                    f"gap {g.first}..{g.end - 1}: {g.lost} of {g.end - g.first} "
+                    f"messages unrecoverable ({why}); policy {self.cfg.policy}"
+                )
             else:
                 g.move("released")
                 c["filled"] += 1
@@ -657,10 +677,14 @@ class RecoveryClient:
     def status(self) -> dict:
         """The same shape as ``read_shared``."""
         hist = np.array(self._hist)
-        return {"running": self._thread is not None and self.error is None,
-                "alive_ns": time.monotonic_ns(), "policy": self.cfg.policy,
-                "counters": self.counters(), "latency_ns": shm.percentiles(hist),
-                "histogram": hist}  # fmt: skip
+        return {
+            "running": self._thread is not None and self.error is None,
+            "alive_ns": time.monotonic_ns(),
+            "policy": self.cfg.policy,
+            "counters": self.counters(),
+            "latency_ns": shm.percentiles(hist),
+            "histogram": hist,
+        }
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -672,39 +696,57 @@ def metric_families(channel: str, st: dict) -> Iterator:
 
     c = st["counters"]
     ch = channel
-    f = CounterMetricFamily("tickwire_recovery_gaps", "Gaps by lifecycle event",
-                            labels=["channel", "stage"])  # fmt: skip
+    f = CounterMetricFamily(
+        "tickwire_recovery_gaps", "Gaps by lifecycle event", labels=["channel", "stage"]
+    )
     for ev in ("detected", "coalesced", "filled", "unrecoverable"):
         f.add_metric([ch, ev], float(c[ev]))
     yield f
-    f = CounterMetricFamily("tickwire_recovery_messages", "Sequences recovered or given up",
-                            labels=["channel", "outcome"])  # fmt: skip
+    f = CounterMetricFamily(
+        "tickwire_recovery_messages",
+        "Sequences recovered or given up",
+        labels=["channel", "outcome"],
+    )
     f.add_metric([ch, "recovered"], float(c["messages_recovered"]))
     f.add_metric([ch, "lost_retries"], float(c["lost_by_retries"]))
     f.add_metric([ch, "lost_slo"], float(c["lost_by_slo"]))
     yield f
-    for name, key, doc in (("requests", "requested", "Re-request packets sent"),
-                           ("retries", "retries", "Re-requests sent after a timeout"),
-                           ("answers", "answers", "Answer packets accepted"),
-                           ("send_errors", "send_errors", "Re-requests the kernel refused"),
-                           ("ring_full", "ring_full", "Times the consumer's ring was full")):
+    for name, key, doc in (
+        ("requests", "requested", "Re-request packets sent"),
+        ("retries", "retries", "Re-requests sent after a timeout"),
+        ("answers", "answers", "Answer packets accepted"),
+        ("send_errors", "send_errors", "Re-requests the kernel refused"),
+        ("ring_full", "ring_full", "Times the consumer's ring was full"),
+    ):
         f = CounterMetricFamily(f"tickwire_recovery_{name}", doc, labels=["channel"])
         f.add_metric([ch], float(c[key]))
         yield f
-    f = CounterMetricFamily("tickwire_recovery_rejected_answers", "Answer packets rejected",
-                            labels=["channel", "reason"])  # fmt: skip
+    f = CounterMetricFamily(
+        "tickwire_recovery_rejected_answers",
+        "Answer packets rejected",
+        labels=["channel", "reason"],
+    )
     for r in ("other_session", "malformed", "unrequested", "duplicate"):
         f.add_metric([ch, r], float(c[f"rejected_{r}"]))
     yield f
-    for name, key, doc in (("outstanding_gaps", "outstanding", "Gaps not finished"),
-                           ("missing_messages", "outstanding_messages", "Sequences missing"),
-                           ("held_entries", "held", "Entries waiting for ring room")):
+    for name, key, doc in (
+        ("outstanding_gaps", "outstanding", "Gaps not finished"),
+        ("missing_messages", "outstanding_messages", "Sequences missing"),
+        ("held_entries", "held", "Entries waiting for ring room"),
+    ):
         g = GaugeMetricFamily(f"tickwire_recovery_{name}", doc, labels=["channel"])
         g.add_metric([ch], float(c[key]))
         yield g
-    g = GaugeMetricFamily("tickwire_recovery_policy_halt",
-                          "Unrecoverable-gap policy: 1 halt, 0 stale", labels=["channel"])
+    g = GaugeMetricFamily(
+        "tickwire_recovery_policy_halt",
+        "Unrecoverable-gap policy: 1 halt, 0 stale",
+        labels=["channel"],
+    )
     g.add_metric([ch], float(st["policy"] == "halt"))
     yield g
-    yield latency_histogram("tickwire_recovery_latency_seconds",
-                            "Gap detected to completely filled", ch, st["histogram"])
+    yield latency_histogram(
+        "tickwire_recovery_latency_seconds",
+        "Gap detected to completely filled",
+        ch,
+        st["histogram"],
+    )

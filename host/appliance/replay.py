@@ -74,8 +74,9 @@ def replay_buffer(
     return book, ReplayResult(int(book.counters[itch.C_MESSAGES]), seconds, end)
 
 
-def replay_file(path: str, progress: Callable[[int, int], None] | None = None
-                ) -> tuple[Book, ReplayResult]:  # fmt: skip
+def replay_file(
+    path: str, progress: Callable[[int, int], None] | None = None
+) -> tuple[Book, ReplayResult]:
     buf = _map(path)
     try:
         return replay_buffer(buf, progress=progress)
@@ -90,8 +91,12 @@ def terminal_progress(label: str) -> Callable[[int, int], None] | None:
 
     def show(done: int, total: int) -> None:
         end = "\n" if done >= total else ""
-        print(f"\r{label}: {100 * done // max(total, 1):3d}% of {total / 1e6:.0f} MB", end=end,
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"\r{label}: {100 * done // max(total, 1):3d}% of {total / 1e6:.0f} MB",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
 
     return show
 

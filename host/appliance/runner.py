@@ -47,8 +47,11 @@ def _check_interfaces(run: RunConfig) -> None:
         try:  # not /sys/class/net: sysfs shows the namespace it was mounted in
             socket.if_nametoindex(line.interface)
         except OSError:
-            raise RunError(errno.ENODEV, f"line {letter}: interface {line.interface} does "
-                           f"not exist{' in ' + run.netns if run.netns else ''}") from None
+            raise RunError(
+                errno.ENODEV,
+                f"line {letter}: interface {line.interface} does "
+                f"not exist{' in ' + run.netns if run.netns else ''}",
+            ) from None
 
 
 # --- receive paths ----------------------------------------------------------------------------
@@ -67,8 +70,9 @@ def join_socket(line, bind: bool) -> socket.socket:
         s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
     except OSError as e:
         s.close()
-        raise RunError(e.errno, f"cannot join {line.group} on {line.interface} ({addr}): "
-                       f"{e.strerror}") from None  # fmt: skip
+        raise RunError(
+            e.errno, f"cannot join {line.group} on {line.interface} ({addr}): {e.strerror}"
+        ) from None
     return s
 
 
@@ -85,8 +89,15 @@ def _loop_state(cfg: Config, maps: dict, book):
     from dataplane import arbiter
 
     hold_buf, hold_meta = arbiter.new_hold(cfg.run.hold_slots)
-    arb = (maps["counters"], hold_buf, hold_meta, maps["gaps"], maps["control"], maps["recov"],
-           maps["recov_meta"])  # fmt: skip
+    arb = (
+        maps["counters"],
+        hold_buf,
+        hold_meta,
+        maps["gaps"],
+        maps["control"],
+        maps["recov"],
+        maps["recov_meta"],
+    )
     touched = np.zeros(256, np.int64)
 
     def bk_():
@@ -135,7 +146,8 @@ def _consumer_socket(cfg: Config, maps: dict, book, session: np.ndarray) -> str:
     maps["counters"][shm.S_MODE] = shm.MODE_SOCKET
     try:
         loop = lambda arb, bk_, budget: cs.socket_loop(  # noqa: E731
-            fds, mm, rbuf, pstate, budget, session, arb, bk_, ts)  # fmt: skip
+            fds, mm, rbuf, pstate, budget, session, arb, bk_, ts
+        )
         return _drive(cfg, maps, book, loop, cs.socket_loop)
     finally:
         maps["counters"][shm.S_RUNNING] = 0
@@ -143,8 +155,9 @@ def _consumer_socket(cfg: Config, maps: dict, book, session: np.ndarray) -> str:
             s.close()
 
 
-def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: int,
-                  slots: list[int]) -> str:  # fmt: skip
+def _consumer_xdp(
+    cfg: Config, maps: dict, book, session: np.ndarray, map_fd: int, slots: list[int]
+) -> str:
     from dataplane import consumer as cs
     from dataplane import xsk
 
@@ -152,9 +165,15 @@ def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: in
     socks = []
     try:
         for line, slot in zip(run.lines.values(), slots, strict=True):
-            s = xsk.XskSocket(line.interface, line.queue, frames=run.frames,
-                              rx_size=run.ring_size, fill_size=run.ring_size,
-                              comp_size=64, rx_batch=run.batch)  # fmt: skip
+            s = xsk.XskSocket(
+                line.interface,
+                line.queue,
+                frames=run.frames,
+                rx_size=run.ring_size,
+                fill_size=run.ring_size,
+                comp_size=64,
+                rx_batch=run.batch,
+            )
             socks.append(s)
             s.register(map_fd, key=slot)
         if any(not s.umem.hugepages for s in socks):
@@ -166,7 +185,8 @@ def _consumer_xdp(cfg: Config, maps: dict, book, session: np.ndarray, map_fd: in
         pend = np.zeros((run.batch, cs.X_COLS), np.int64)
         ts = np.zeros(2, np.int64)
         loop = lambda arb, bk_, budget: cs.xdp_loop(  # noqa: E731
-            ri, umems[0], umems[1], pstate, pend, budget, session, arb, bk_, ts)  # fmt: skip
+            ri, umems[0], umems[1], pstate, pend, budget, session, arb, bk_, ts
+        )
         return _drive(cfg, maps, book, loop, cs.xdp_loop)
     finally:
         maps["counters"][shm.S_RUNNING] = 0
@@ -243,9 +263,13 @@ def _child(cfg: Config, mode: str, map_fd: int, maps: dict, slots: list[int]) ->
             how = _consumer_xdp(cfg, maps, book, session, map_fd, slots)
         else:
             how = _consumer_socket(cfg, maps, book, session)
-        final = {"ended": how, "digest": book.digest(), "live_orders": book.live_orders,
-                 "check": book.check(allow_crossed=True),
-                 "stocks": len(book.stocks_summary())}  # fmt: skip
+        final = {
+            "ended": how,
+            "digest": book.digest(),
+            "live_orders": book.live_orders,
+            "check": book.check(allow_crossed=True),
+            "stocks": len(book.stocks_summary()),
+        }
         (cdir / "final.json").write_text(json.dumps(final))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, then exit
         code = 1
@@ -327,11 +351,16 @@ def start_recovery(cfg: Config, maps: dict, log):
 
     host, port = host_port(run.recovery, "run.recovery")
     rc = recovery.RecoveryConfig(
-        server_host=host, server_port=port, session=cfg.feed.session,
+        server_host=host,
+        server_port=port,
+        session=cfg.feed.session,
         max_per_request=run.recovery_max_messages,
-        min_interval=run.recovery_interval_ms / 1e3, timeout=run.recovery_timeout_ms / 1e3,
-        retries=run.recovery_retries, slo=run.recovery_slo_ms / 1e3, policy=run.policy,
-    )  # fmt: skip
+        min_interval=run.recovery_interval_ms / 1e3,
+        timeout=run.recovery_timeout_ms / 1e3,
+        retries=run.recovery_retries,
+        slo=run.recovery_slo_ms / 1e3,
+        policy=run.policy,
+    )
     client = recovery.RecoveryClient(rc, maps, log=log, shared=maps["recovery"])
     client.start()
     log(f"recovery from {run.recovery}")
@@ -388,8 +417,13 @@ class Appliance:
         """Ask ``run()`` to stop the consumer and return (SIGTERM and SIGINT call it)."""
         self._stop = True
 
-    def run(self, until_eos: bool = False, eos_grace: float = 2.0, duration: float | None = None,
-            ready=None) -> dict:  # fmt: skip
+    def run(
+        self,
+        until_eos: bool = False,
+        eos_grace: float = 2.0,
+        duration: float | None = None,
+        ready=None,
+    ) -> dict:
         """Receive until ``stop()``, the consumer's exit, the end of session with
         ``until_eos`` (every sequence taken, or ``eos_grace`` s after it was seen), or
         ``duration`` s; ``ready()`` is called once the consumer keeps up. Every way out stops
@@ -433,13 +467,17 @@ class Appliance:
             ifaces = sorted({line.interface for line in run.lines.values()})
             with contextlib.ExitStack() as attempt:
                 steering = attempt.enter_context(
-                    loader.Steering(ifaces, channels, mode=run.xdp_mode, log=self.log))
+                    loader.Steering(ifaces, channels, mode=run.xdp_mode, log=self.log)
+                )
                 import dataplane.xsk  # noqa: F401 - fail here, not in the child
+
                 stack.enter_context(attempt.pop_all())
         except Exception as e:  # noqa: BLE001 - auto falls back, xdp reports
             if run.rx_mode == "xdp":
-                raise RunError(getattr(e, "errno", None) or errno.EOPNOTSUPP,
-                               f"AF_XDP receive path unavailable: {e}") from None  # fmt: skip
+                raise RunError(
+                    getattr(e, "errno", None) or errno.EOPNOTSUPP,
+                    f"AF_XDP receive path unavailable: {e}",
+                ) from None
             self.log(f"AF_XDP unavailable ({e}); receiving with kernel UDP sockets")
             return "socket"
         self.steering = steering
@@ -465,8 +503,9 @@ class Appliance:
             for line in run.lines.values():
                 stack.enter_context(join_socket(line, bind=False))
             map_fd = self.steering.xsks_map_fd
-            slots = [self.steering.xsk_slot(line.interface, line.queue)
-                     for line in run.lines.values()]  # fmt: skip
+            slots = [
+                self.steering.xsk_slot(line.interface, line.queue) for line in run.lines.values()
+            ]
         pid = os.fork()
         if pid == 0:
             _child(self.cfg, self.mode, map_fd, maps, slots)
@@ -496,14 +535,23 @@ class Appliance:
             r = self.recovery
             return r.status() if r is not None and hasattr(r, "status") else None
 
-        server = metrics.serve(run.metrics, metrics.ConsumerCollector(
-            run.channel, maps, stats, recovery=rec))  # fmt: skip
+        server = metrics.serve(
+            run.metrics, metrics.ConsumerCollector(run.channel, maps, stats, recovery=rec)
+        )
         stack.callback(server.shutdown)
-        self.log(f"metrics on http://{run.metrics}/metrics"
-                 + (f" (in {run.netns})" if run.netns else ""))  # fmt: skip
+        self.log(
+            f"metrics on http://{run.metrics}/metrics" + (f" (in {run.netns})" if run.netns else "")
+        )
 
-    def _watch(self, maps: dict, consumer: _Consumer, t0: float, until_eos: bool,
-               eos_grace: float, duration: float | None) -> None:  # fmt: skip
+    def _watch(
+        self,
+        maps: dict,
+        consumer: _Consumer,
+        t0: float,
+        until_eos: bool,
+        eos_grace: float,
+        duration: float | None,
+    ) -> None:
         """Until ``stop()``, the consumer's exit, the end of session (``until_eos``) or
         ``duration``: log the lines' health as it changes."""
         from host.appliance.linehealth import LineHealth
@@ -545,13 +593,17 @@ class Appliance:
                 raise RunError(errno.EIO, f"the consumer failed to start: {why}")
             if time.monotonic() > deadline:
                 consumer.kill()
-                raise RunError(errno.ETIMEDOUT, f"the consumer did not start within {timeout:g} s "
-                               "(run.start_timeout_s)")  # fmt: skip
+                raise RunError(
+                    errno.ETIMEDOUT,
+                    f"the consumer did not start within {timeout:g} s (run.start_timeout_s)",
+                )
             now = time.monotonic()
             if now >= next_note:
                 cache = os.environ.get("NUMBA_CACHE_DIR", "numba's default cache")
-                self.log(f"consumer still starting after {now - t0:.0f} s (compiling: nothing "
-                         f"usable in {cache} yet)")  # fmt: skip
+                self.log(
+                    f"consumer still starting after {now - t0:.0f} s (compiling: nothing "
+                    f"usable in {cache} yet)"
+                )
                 next_note = now + 15.0
             time.sleep(0.01)
         how = "compiled" if ctr[shm.S_START_HOW] == shm.START_COMPILED else "from numba's cache"
@@ -568,8 +620,13 @@ class Appliance:
 
     def _summary(self, maps, cdir: Path, seconds: float) -> dict:
         reader = shm.Reader(self.cfg.run.channel, maps=maps)
-        out = {"channel": self.cfg.run.channel, "mode": self.mode, "seconds": seconds,
-               **reader.counters(), "latency_ns": reader.latency()}  # fmt: skip
+        out = {
+            "channel": self.cfg.run.channel,
+            "mode": self.mode,
+            "seconds": seconds,
+            **reader.counters(),
+            "latency_ns": reader.latency(),
+        }
         err = cdir / "error.txt"
         if err.exists():
             raise RunError(errno.EIO, f"the consumer failed: {err.read_text().splitlines()[0]}")
@@ -585,25 +642,35 @@ class Appliance:
 
 
 def summary_text(s: dict) -> str:
-    lines = [f"channel {s['channel']} ({s['mode']}): {s['taken']:,} messages taken, next "
-             f"sequence {s['next_seq']:,}, {s['seconds']:.1f} s"]  # fmt: skip
-    lines.append(f"  gaps: {s['gaps_declared']:,} declared ({s['gap_declared_messages']:,} "
-                 f"messages), {s['unrecoverable_gaps']:,} unrecoverable "
-                 f"({s['unrecoverable_messages']:,} messages skipped)"
-                 f"{'; BOOKS STALE' if s['stale'] else ''}"
-                 f"{'; HALTED' if s['halted'] else ''}")  # fmt: skip
+    lines = [
+        f"channel {s['channel']} ({s['mode']}): {s['taken']:,} messages taken, next "
+        f"sequence {s['next_seq']:,}, {s['seconds']:.1f} s"
+    ]
+    lines.append(
+        f"  gaps: {s['gaps_declared']:,} declared ({s['gap_declared_messages']:,} "
+        f"messages), {s['unrecoverable_gaps']:,} unrecoverable "
+        f"({s['unrecoverable_messages']:,} messages skipped)"
+        f"{'; BOOKS STALE' if s['stale'] else ''}"
+        f"{'; HALTED' if s['halted'] else ''}"
+    )
     for letter, ln in s["lines"].items():
         if letter == "recovery" and not ln["packets"]:
             continue
-        lines.append(f"  line {letter}: {ln['packets']:,} packets, {ln['messages']:,} messages, "
-                     f"{ln['first']:,} first, {ln['duplicates']:,} duplicates dropped, "
-                     f"{ln['malformed']:,} malformed")  # fmt: skip
+        lines.append(
+            f"  line {letter}: {ln['packets']:,} packets, {ln['messages']:,} messages, "
+            f"{ln['first']:,} first, {ln['duplicates']:,} duplicates dropped, "
+            f"{ln['malformed']:,} malformed"
+        )
     lat = s["latency_ns"]
     if lat.get("count"):
-        lines.append(f"  receive to book: p50 {lat['p50'] / 1e3:.1f} us, p99 "
-                     f"{lat['p99'] / 1e3:.1f} us, p99.9 {lat['p99.9'] / 1e3:.1f} us "
-                     f"({lat['count']:,} packets)")  # fmt: skip
+        lines.append(
+            f"  receive to book: p50 {lat['p50'] / 1e3:.1f} us, p99 "
+            f"{lat['p99'] / 1e3:.1f} us, p99.9 {lat['p99.9'] / 1e3:.1f} us "
+            f"({lat['count']:,} packets)"
+        )
     if "digest" in s:
-        lines.append(f"  book: {s['live_orders']:,} live orders, {s['stocks']:,} stocks, "
-                     f"digest {s['digest'][:16]}…")  # fmt: skip
+        lines.append(
+            f"  book: {s['live_orders']:,} live orders, {s['stocks']:,} stocks, "
+            f"digest {s['digest'][:16]}…"
+        )
     return "\n".join(lines)

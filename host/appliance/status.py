@@ -52,38 +52,51 @@ def text(st: dict) -> str:
         state = "running" if c["running"] else "stopped"
         if not c["running"] and c["start"]["how"] == "starting" and c["pid"]:
             state = "starting (compiling, or loading from numba's cache)"
-        lines.append(f"channel {st['channel']}: consumer {state} (pid {c['pid']}, {c['mode']}"
-                     f" mode), next sequence {c['next_seq']:,}, taken {c['taken']:,}, "
-                     f"unrecoverable {c['unrecoverable_messages']:,}")  # fmt: skip
+        lines.append(
+            f"channel {st['channel']}: consumer {state} (pid {c['pid']}, {c['mode']}"
+            f" mode), next sequence {c['next_seq']:,}, taken {c['taken']:,}, "
+            f"unrecoverable {c['unrecoverable_messages']:,}"
+        )
         if c["stale"] or c["halted"]:
-            lines.append(f"  BOOKS STALE: {c['unrecoverable_gaps']} unrecoverable gap(s), "
-                         f"{c['unrecoverable_messages']:,} messages missing"
-                         + (" -- consumer HALTED by policy" if c["halted"] else ""))  # fmt: skip
-        lines.append(f"  gaps declared {c['gaps_declared']:,} ({c['gap_declared_messages']:,} "
-                     f"messages), held now {c['held_now']}")  # fmt: skip
+            lines.append(
+                f"  BOOKS STALE: {c['unrecoverable_gaps']} unrecoverable gap(s), "
+                f"{c['unrecoverable_messages']:,} messages missing"
+                + (" -- consumer HALTED by policy" if c["halted"] else "")
+            )
+        lines.append(
+            f"  gaps declared {c['gaps_declared']:,} ({c['gap_declared_messages']:,} "
+            f"messages), held now {c['held_now']}"
+        )
         for letter, ln in c["lines"].items():
             state = f" [{ln['state']}]" if "state" in ln else ""
-            lines.append(f"  line {letter}{state}: {ln['packets']:,} packets, {ln['messages']:,} "
-                         f"messages, {ln['duplicates']:,} duplicates, last seq "
-                         f"{ln['last_seq']:,}")  # fmt: skip
+            lines.append(
+                f"  line {letter}{state}: {ln['packets']:,} packets, {ln['messages']:,} "
+                f"messages, {ln['duplicates']:,} duplicates, last seq "
+                f"{ln['last_seq']:,}"
+            )
     rec = st.get("recovery")
     if rec and (rec["running"] or any(rec["counters"].values())):
         rc = rec["counters"]
         lat = rec["latency_ns"]
         p50 = f", fill latency p50 {lat['p50'] / 1e6:.2f} ms" if lat.get("p50") else ""
-        lines.append(f"recovery: {'running' if rec['running'] else 'stopped'}, gaps detected "
-                     f"{rc.get('detected', 0)}, filled {rc.get('filled', 0)}, unrecoverable "
-                     f"{rc.get('unrecoverable', 0)}, outstanding {rc.get('outstanding', 0)}"
-                     f"{p50}")  # fmt: skip
+        lines.append(
+            f"recovery: {'running' if rec['running'] else 'stopped'}, gaps detected "
+            f"{rc.get('detected', 0)}, filled {rc.get('filled', 0)}, unrecoverable "
+            f"{rc.get('unrecoverable', 0)}, outstanding {rc.get('outstanding', 0)}"
+            f"{p50}"
+        )
     if st.get("clock"):
         from host.appliance import clock
 
         lines.append(clock.status_line(st["clock"]))
     if st.get("xdp"):
         for x in st["xdp"]:
-            lines.append(f"xdp: {x.get('ifname')} {x.get('mode')} prog id {x.get('prog_id')} "
-                         f"{x.get('prog_name', '')}".rstrip())  # fmt: skip
+            lines.append(
+                f"xdp: {x.get('ifname')} {x.get('mode')} prog id {x.get('prog_id')} "
+                f"{x.get('prog_name', '')}".rstrip()
+            )
     else:
-        lines.append("xdp: no program attached" + (f" ({st['xdp_error']})"
-                                                   if st.get("xdp_error") else ""))  # fmt: skip
+        lines.append(
+            "xdp: no program attached" + (f" ({st['xdp_error']})" if st.get("xdp_error") else "")
+        )
     return "\n".join(lines)

@@ -87,6 +87,7 @@ def bench_buffer(name: str, buf: np.ndarray, repeat: int) -> dict:
     baselines = {"itch_book": [], "itch_book_bbo": ["bbo"]} if itch_book else {}
     stats = {}
     for label, tables in baselines.items():
+
         def run(tables=tables, label=label):
             s = itch_book.Session(tables=tables, depth=0, symbols=[])
             s.feed(buf)
@@ -161,19 +162,26 @@ def _row(r: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_book(session: str | None = None, messages: int = 5_000_000,
-               stocks: tuple[int, ...] = (100, 9000), repeat: int = 7, seed: int = 1,
-               print_rows: bool = False) -> list[dict]:  # fmt: skip
+def bench_book(
+    session: str | None = None,
+    messages: int = 5_000_000,
+    stocks: tuple[int, ...] = (100, 9000),
+    repeat: int = 7,
+    seed: int = 1,
+    print_rows: bool = False,
+) -> list[dict]:
     """``bench_buffer`` on the ITCH file ``session``, else on a generated session of
     ``messages`` per count of ``stocks``; ``print_rows``: each result's line as it comes."""
     if session:
         sessions = [(session, lambda: np.fromfile(session, np.uint8))]
     else:
         sessions = [
-            (f"generated {messages:,} msgs / {n:,} stocks",
-             lambda n=n: generated_session(messages, n, seed))
+            (
+                f"generated {messages:,} msgs / {n:,} stocks",
+                lambda n=n: generated_session(messages, n, seed),
+            )
             for n in stocks
-        ]  # fmt: skip
+        ]
     results = []
     for name, load in sessions:
         say(f"bench book: {name}")

@@ -55,11 +55,13 @@ def add_parsers(sub) -> None:
 
     bb = verb(what, "book", "decode and decode+book rates against itch-book", EPILOG_BOOK)
     bb.add_argument("--messages", type=positive, default=5_000_000, help="per session (5M)")
-    bb.add_argument("--stocks", type=_counts, default=(100, 9000),
-                    help="sessions to generate (100,9000)")
+    bb.add_argument(
+        "--stocks", type=_counts, default=(100, 9000), help="sessions to generate (100,9000)"
+    )
     bb.add_argument("--session", metavar="FILE", help="use this ITCH file instead")
-    bb.add_argument("--repeat", type=positive, default=7,
-                    help="rounds, each timing every contender once (7)")
+    bb.add_argument(
+        "--repeat", type=positive, default=7, help="rounds, each timing every contender once (7)"
+    )
     bb.add_argument("--seed", type=int, default=1, help="generator seed (1)")
     bb.add_argument("--json", action="store_true", help="machine-readable output")
     bb.set_defaults(func=_book)
@@ -74,29 +76,56 @@ def add_parsers(sub) -> None:
     bs.set_defaults(func=_sim)
 
     d = RxOptions()
-    br = verb(what, "rx", "receive path: AF_XDP and kernel sockets against the XDP_DROP "
-              "ceiling (private lab, root)", EPILOG_RX)  # fmt: skip
-    br.add_argument("--duration", type=positive_float, default=d.duration,
-                    help="seconds per step (1)")
-    br.add_argument("--steps", type=int, default=d.steps,
-                    help="bisection steps per loss-free search (6)")
-    br.add_argument("--latency-rate", type=positive_float, default=d.latency_rate,
-                    help="packets/s of the latency phases (100000)")
-    br.add_argument("--latency-seconds", type=positive_float, default=d.latency_seconds,
-                    help="seconds per latency phase (2)")
-    br.add_argument("--jitter-seconds", type=positive_float, default=d.jitter_seconds,
-                    help="jitter probe length (2)")
-    br.add_argument("--sender-core", type=int, default=d.sender_core,
-                    help="CPU of the packet generator (0)")
-    br.add_argument("--consumer-core", type=int, default=d.consumer_core,
-                    help="CPU of the consumer and the jitter probe (-1: last)")
+    br = verb(
+        what,
+        "rx",
+        "receive path: AF_XDP and kernel sockets against the XDP_DROP ceiling (private lab, root)",
+        EPILOG_RX,
+    )
+    br.add_argument(
+        "--duration", type=positive_float, default=d.duration, help="seconds per step (1)"
+    )
+    br.add_argument(
+        "--steps", type=int, default=d.steps, help="bisection steps per loss-free search (6)"
+    )
+    br.add_argument(
+        "--latency-rate",
+        type=positive_float,
+        default=d.latency_rate,
+        help="packets/s of the latency phases (100000)",
+    )
+    br.add_argument(
+        "--latency-seconds",
+        type=positive_float,
+        default=d.latency_seconds,
+        help="seconds per latency phase (2)",
+    )
+    br.add_argument(
+        "--jitter-seconds",
+        type=positive_float,
+        default=d.jitter_seconds,
+        help="jitter probe length (2)",
+    )
+    br.add_argument(
+        "--sender-core", type=int, default=d.sender_core, help="CPU of the packet generator (0)"
+    )
+    br.add_argument(
+        "--consumer-core",
+        type=int,
+        default=d.consumer_core,
+        help="CPU of the consumer and the jitter probe (-1: last)",
+    )
     br.add_argument("--modes", default=d.modes, help="paths to measure (xdp,socket)")
     br.add_argument("--prefix", help="lab prefix (tbrx<pid>)")
     br.add_argument("--json", action="store_true", help="machine-readable output")
     br.set_defaults(func=_rx)
 
-    bf = verb(what, "failover", "line cut -> other line, and gap-fill latency (private lab, "
-              "root)", EPILOG_FAILOVER)  # fmt: skip
+    bf = verb(
+        what,
+        "failover",
+        "line cut -> other line, and gap-fill latency (private lab, root)",
+        EPILOG_FAILOVER,
+    )
     bf.add_argument("--messages", type=positive, default=300_000, help="session size (300000)")
     bf.add_argument("--rate", type=positive, default=200_000, help="msgs/s published (200000)")
     bf.add_argument("--cut-ms", type=positive_float, default=200.0, help="line A cut (200)")
@@ -108,11 +137,11 @@ def add_parsers(sub) -> None:
 def _book(args: argparse.Namespace) -> int:
     from host.bench import book
 
-    results = book.bench_book(args.session, args.messages, args.stocks, args.repeat, args.seed,
-                              print_rows=not args.json)  # fmt: skip
+    results = book.bench_book(
+        args.session, args.messages, args.stocks, args.repeat, args.seed, print_rows=not args.json
+    )
     if args.json:
-        print(json.dumps({"bench": "book", "cpu": os.cpu_count(), "results": results},
-                         indent=2))  # fmt: skip
+        print(json.dumps({"bench": "book", "cpu": os.cpu_count(), "results": results}, indent=2))
     return 0
 
 
@@ -120,21 +149,34 @@ def _sim(args: argparse.Namespace) -> int:
     from host.bench import sim
 
     r = sim.bench_sim(args.session, args.messages, args.stocks, args.repeat, args.seed)
-    print(json.dumps({"bench": "sim", "cpu": os.cpu_count(), "result": r}, indent=2)
-          if args.json else sim.sim_text(r))  # fmt: skip
+    print(
+        json.dumps({"bench": "sim", "cpu": os.cpu_count(), "result": r}, indent=2)
+        if args.json
+        else sim.sim_text(r)
+    )
     return 0
 
 
 def _rx(args: argparse.Namespace) -> int:
     from host.bench import rx
 
-    r = rx.bench_rx(rx.RxOptions(
-        duration=args.duration, steps=args.steps, latency_rate=args.latency_rate,
-        latency_seconds=args.latency_seconds, jitter_seconds=args.jitter_seconds,
-        sender_core=args.sender_core, consumer_core=args.consumer_core, modes=args.modes,
-        prefix=args.prefix))  # fmt: skip
-    print(json.dumps({"bench": "rx", "result": r}, indent=2) if args.json else rx.rx_text(r),
-          flush=True)  # fmt: skip
+    r = rx.bench_rx(
+        rx.RxOptions(
+            duration=args.duration,
+            steps=args.steps,
+            latency_rate=args.latency_rate,
+            latency_seconds=args.latency_seconds,
+            jitter_seconds=args.jitter_seconds,
+            sender_core=args.sender_core,
+            consumer_core=args.consumer_core,
+            modes=args.modes,
+            prefix=args.prefix,
+        )
+    )
+    print(
+        json.dumps({"bench": "rx", "result": r}, indent=2) if args.json else rx.rx_text(r),
+        flush=True,
+    )
     return 0
 
 

@@ -38,9 +38,23 @@ class _App:
         self.channel = channel
         shm.remove(channel)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "host.cli", "run", "--config", cfg_path, "--lab", "--mode",
-             mode, "--json", "--until-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "host.cli",
+                "run",
+                "--config",
+                cfg_path,
+                "--lab",
+                "--mode",
+                mode,
+                "--json",
+                "--until-eos",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.reader = appliance.wait_consumer(channel, self.proc)
 
     def finish(self) -> dict:
@@ -58,14 +72,34 @@ class _App:
 
 
 def _sim(cfg_path: str, session: Path, rate: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "host.cli", "sim", "--config", cfg_path,
-                             "--session", str(session), "--rate", str(rate), "--eos-for", "2",
-                             "--heartbeat", "0.05", "--json", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "host.cli",
+            "sim",
+            "--config",
+            cfg_path,
+            "--session",
+            str(session),
+            "--rate",
+            str(rate),
+            "--eos-for",
+            "2",
+            "--heartbeat",
+            "0.05",
+            "--json",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
-def bench_failover(messages: int = 300_000, rate: int = 200_000, cut_ms: float = 200.0,
-                   mode: str = "xdp") -> dict:  # fmt: skip
+def bench_failover(
+    messages: int = 300_000, rate: int = 200_000, cut_ms: float = 200.0, mode: str = "xdp"
+) -> dict:
     """In a private lab (root): line A cut for ``cut_ms`` mid-session of ``messages`` at
     ``rate`` msgs/s, then gaps of 1, 100 and 10,000 messages lost on both lines."""
     from host.exchange import wirefaults as faults
@@ -80,10 +114,8 @@ def bench_failover(messages: int = 300_000, rate: int = 200_000, cut_ms: float =
     say(f"bench failover: generating {messages:,} messages")
     itchgen.write_session(str(session), messages, 100, 5)
     cfg_path = tmp / "lab.toml"
-    cfg_path.write_text(f'[lab]\nprefix = "{prefix}"\n[run]\nchannel = "{prefix}"\n'
-                        f'metrics = ""\n')  # fmt: skip
-    out: dict = {"mode": mode, "rate": rate, "messages": messages,
-                 "window_ms": window_ms}  # fmt: skip
+    cfg_path.write_text(f'[lab]\nprefix = "{prefix}"\n[run]\nchannel = "{prefix}"\nmetrics = ""\n')
+    out: dict = {"mode": mode, "rate": rate, "messages": messages, "window_ms": window_ms}
     say(f"bench failover: private lab {prefix}")
     lab.up(cfg.lab)
     try:
@@ -132,12 +164,13 @@ def bench_failover(messages: int = 300_000, rate: int = 200_000, cut_ms: float =
                 app.kill()
             lat = s.get("recovery_latency_ns", {})
             out["gap_fill"][str(size)] = {
-                "dropped_messages": dropped, "recovered": s["lines"]["recovery"]["first"],
+                "dropped_messages": dropped,
+                "recovered": s["lines"]["recovery"]["first"],
                 "recovery_p50_ms": (lat.get("p50") or 0) / 1e6,
                 "recovery_max_ms": (lat.get("p99.9") or 0) / 1e6,
                 "fill_ms": window_ms + (lat.get("p50") or 0) / 1e6,
                 "whole": s["unrecoverable_messages"] == 0 and s["taken"] == messages,
-            }  # fmt: skip
+            }
             say(f"  gap of {size}: {out['gap_fill'][str(size)]}")
     finally:
         for what in faults.remove_all(cfg.lab):
@@ -147,15 +180,21 @@ def bench_failover(messages: int = 300_000, rate: int = 200_000, cut_ms: float =
 
 
 def text(r: dict) -> str:
-    lines = [f"failover bench ({r['mode']} mode, {r['rate']:,} msgs/s, "
-             f"{r['messages']:,} messages, arbitration window {r['window_ms']} ms)"]  # fmt: skip
+    lines = [
+        f"failover bench ({r['mode']} mode, {r['rate']:,} msgs/s, "
+        f"{r['messages']:,} messages, arbitration window {r['window_ms']} ms)"
+    ]
     fo = r["failover_ms"]
-    lines.append(f"  line A cut -> first message from B: "
-                 f"{'not seen' if fo is None else f'{fo:.2f} ms'} "
-                 f"({r['failover_cut_packets']} packets cut, gaps declared "
-                 f"{r['failover_gaps_declared']}, books whole: {r['failover_digest_ok']})")
+    lines.append(
+        f"  line A cut -> first message from B: "
+        f"{'not seen' if fo is None else f'{fo:.2f} ms'} "
+        f"({r['failover_cut_packets']} packets cut, gaps declared "
+        f"{r['failover_gaps_declared']}, books whole: {r['failover_digest_ok']})"
+    )
     for size, g in r["gap_fill"].items():
-        lines.append(f"  gap of {int(size):>6,} messages ({g['dropped_messages']:,} dropped in "
-                     f"whole packets): recovery p50 {g['recovery_p50_ms']:.2f} ms, fill "
-                     f"~{g['fill_ms']:.2f} ms incl. window, books whole: {g['whole']}")
+        lines.append(
+            f"  gap of {int(size):>6,} messages ({g['dropped_messages']:,} dropped in "
+            f"whole packets): recovery p50 {g['recovery_p50_ms']:.2f} ms, fill "
+            f"~{g['fill_ms']:.2f} ms incl. window, books whole: {g['whole']}"
+        )
     return "\n".join(lines)

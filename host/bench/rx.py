@@ -65,6 +65,8 @@ from dataplane import shm
 from dataplane.consumer import now_ns
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (host/bench/rx.py)
+
+
 @dataclasses.dataclass(frozen=True)
 class RxOptions:
     """What ``bench_rx`` measures, and how long (``tickwire bench rx``'s options)."""
@@ -135,11 +137,21 @@ def jitter_probe(core: int, seconds: float, stall_ns: int = 10_000) -> dict:
         # moment falls into -- what a latency percentile is to be read against
         low = np.array([shm.bucket_low(i) for i in range(shm.LAT_BUCKETS)], np.float64)
         timed = shm.percentiles(np.round(hist * low).astype(np.int64))
-        out.update(core=core, seconds=seconds, readings=int(n), p50=pct["p50"],
-                   p99=pct["p99"], **{"p99.9": pct["p99.9"]}, max=int(mx),
-                   time_p50=timed["p50"], time_p99=timed["p99"],
-                   **{"time_p99.9": timed["p99.9"]}, stall_threshold_ns=stall_ns,
-                   stalls=int(stalls), stalled_fraction=stalled / (seconds * 1e9))  # fmt: skip
+        out.update(
+            core=core,
+            seconds=seconds,
+            readings=int(n),
+            p50=pct["p50"],
+            p99=pct["p99"],
+            **{"p99.9": pct["p99.9"]},
+            max=int(mx),
+            time_p50=timed["p50"],
+            time_p99=timed["p99"],
+            **{"time_p99.9": timed["p99.9"]},
+            stall_threshold_ns=stall_ns,
+            stalls=int(stalls),
+            stalled_fraction=stalled / (seconds * 1e9),
+        )
 
     t = threading.Thread(target=body, name="tw-jitter")
     t.start()
@@ -155,18 +167,34 @@ class Consumer:
         self.channel = f"benchrx{os.getpid()}{mode}"
         self.mode = mode
         path = workdir / f"run-{mode}.toml"
-        text = (f'[lab]\nprefix = "{cfg.lab.prefix}"\nmtu = {cfg.lab.mtu}\n'
-                f'[feed]\nsession = "{cfg.feed.session}"\n'
-                f'[run]\nchannel = "{self.channel}"\ncore = {core}\nmetrics = ""\n'
-                # no re-request server in this lab: a lossy step's holes are given up fast
-                'recovery_timeout_ms = 10.0\nrecovery_retries = 0\n'
-                'recovery_slo_ms = 50.0\n')  # fmt: skip
+        text = (
+            f'[lab]\nprefix = "{cfg.lab.prefix}"\nmtu = {cfg.lab.mtu}\n'
+            f'[feed]\nsession = "{cfg.feed.session}"\n'
+            f'[run]\nchannel = "{self.channel}"\ncore = {core}\nmetrics = ""\n'
+            # no re-request server in this lab: a lossy step's holes are given up fast
+            "recovery_timeout_ms = 10.0\nrecovery_retries = 0\n"
+            "recovery_slo_ms = 50.0\n"
+        )
         path.write_text(text)
         self.errfile = open(workdir / f"run-{mode}.err", "w+")  # closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "host.cli", "run", "--config", str(path), "--lab",
-             "--mode", mode, "--json"], cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=self.errfile, text=True)  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "host.cli",
+                "run",
+                "--config",
+                str(path),
+                "--lab",
+                "--mode",
+                mode,
+                "--json",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=self.errfile,
+            text=True,
+        )
         deadline = time.monotonic() + timeout
         self.reader = None
         while True:
@@ -217,8 +245,10 @@ class Consumer:
             if nxt >= pg.next_seq and held == 0:
                 return True
             if time.monotonic() > deadline:
-                say(f"  the arbiter did not settle within {limit:.0f} s (next sequence {nxt:,}"
-                     f" of {pg.next_seq:,}, {held:,} held): this step may count skips")  # fmt: skip
+                say(
+                    f"  the arbiter did not settle within {limit:.0f} s (next sequence {nxt:,}"
+                    f" of {pg.next_seq:,}, {held:,} held): this step may count skips"
+                )
                 return False
             if not announced:
                 template = pg.template
@@ -280,22 +310,37 @@ def _step(pg, consumer: Consumer, rate: float | None, n: int, burst: int = 64) -
     per = max(1, pg.messages)
     skipped = skipped1 - skipped0
     lost = r["sent"] - received + (skipped + per - 1) // per
-    return {"requested_pps": float(rate or 0.0), "offered_pps": r["rate_pps"], "sent": r["sent"],
-            "received": received, "lost": lost, "messages": m1 - m0,
-            "skipped_messages": skipped, "settled": settled,
-            "seconds": r["seconds"], "calls": r["calls"]}  # fmt: skip
+    return {
+        "requested_pps": float(rate or 0.0),
+        "offered_pps": r["rate_pps"],
+        "sent": r["sent"],
+        "received": received,
+        "lost": lost,
+        "messages": m1 - m0,
+        "skipped_messages": skipped,
+        "settled": settled,
+        "seconds": r["seconds"],
+        "calls": r["calls"],
+    }
 
 
-def loss_free(pg, consumer: Consumer, template: bytes, label: str, duration: float,
-              steps: int, guess: float, log) -> dict:  # fmt: skip
+def loss_free(
+    pg,
+    consumer: Consumer,
+    template: bytes,
+    label: str,
+    duration: float,
+    steps: int,
+    guess: float,
+    log,
+) -> dict:
     """Highest loss-free offered rate of ``template`` (achieved rates, packets/s)."""
     pg.use(template)
     per_packet = pg.messages
     probe = _step(pg, consumer, None, guess * duration / 10)  # how fast is full speed here?
     top = _step(pg, consumer, None, probe["offered_pps"] * duration)
     history = [probe, top]
-    log(f"  {label}: full speed {top['offered_pps'] / 1e6:.3f} M/s offered, "
-        f"{top['lost']:,} lost")  # fmt: skip
+    log(f"  {label}: full speed {top['offered_pps'] / 1e6:.3f} M/s offered, {top['lost']:,} lost")
     best = top["offered_pps"] if top["lost"] <= 0 else 0.0
     sender_bound = top["lost"] <= 0
     if not sender_bound:
@@ -308,8 +353,10 @@ def loss_free(pg, consumer: Consumer, template: bytes, label: str, duration: flo
             s = _step(pg, consumer, mid, mid * duration)
             history.append(s)
             ok = s["lost"] <= 0
-            log(f"  {label}: {mid / 1e6:.3f} M/s asked, {s['offered_pps'] / 1e6:.3f} offered, "
-                f"{s['lost']:,} lost{'' if ok else ' x'}")  # fmt: skip
+            log(
+                f"  {label}: {mid / 1e6:.3f} M/s asked, {s['offered_pps'] / 1e6:.3f} offered, "
+                f"{s['lost']:,} lost{'' if ok else ' x'}"
+            )
             if ok:
                 best = max(best, s["offered_pps"])
                 lo = mid
@@ -317,9 +364,14 @@ def loss_free(pg, consumer: Consumer, template: bytes, label: str, duration: flo
                     break
             else:
                 hi = mid
-    return {"packets_per_s": best, "messages_per_s": best * per_packet,
-            "messages_per_packet": per_packet, "sender_bound": sender_bound,
-            "full_speed_pps": top["offered_pps"], "steps": history}  # fmt: skip
+    return {
+        "packets_per_s": best,
+        "messages_per_s": best * per_packet,
+        "messages_per_packet": per_packet,
+        "sender_bound": sender_bound,
+        "full_speed_pps": top["offered_pps"],
+        "steps": history,
+    }
 
 
 def latency(pg, consumer: Consumer, template: bytes, rate: float, seconds: float) -> dict:
@@ -327,9 +379,15 @@ def latency(pg, consumer: Consumer, template: bytes, rate: float, seconds: float
     h0 = consumer.latency_hist()
     s = _step(pg, consumer, rate, rate * seconds, burst=4)
     pct = shm.percentiles(consumer.latency_hist() - h0)
-    return {"rate_pps": s["offered_pps"], "lost": s["lost"], "p50": pct["p50"],
-            "p99": pct["p99"], "p99.9": pct["p99.9"], "count": pct["count"],
-            "messages_per_packet": pg.messages}  # fmt: skip
+    return {
+        "rate_pps": s["offered_pps"],
+        "lost": s["lost"],
+        "p50": pct["p50"],
+        "p99": pct["p99"],
+        "p99.9": pct["p99.9"],
+        "count": pct["count"],
+        "messages_per_packet": pg.messages,
+    }
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -348,10 +406,16 @@ def _ceiling(pg, labcfg, template: bytes, duration: float, log) -> dict:
         time.sleep(0.05)
         counted = sink.packets() - before
     rate = counted / r["seconds"] if r["seconds"] > 0 else 0.0
-    log(f"  XDP_DROP {len(template)}-byte frames: {rate / 1e6:.3f} M/s "
-        f"({counted:,} of {r['sent']:,} counted)")  # fmt: skip
-    return {"packets_per_s": rate, "sent": r["sent"], "counted": counted,
-            "sender_pps": r["rate_pps"]}  # fmt: skip
+    log(
+        f"  XDP_DROP {len(template)}-byte frames: {rate / 1e6:.3f} M/s "
+        f"({counted:,} of {r['sent']:,} counted)"
+    )
+    return {
+        "packets_per_s": rate,
+        "sent": r["sent"],
+        "counted": counted,
+        "sender_pps": r["rate_pps"],
+    }
 
 
 def _jitter_under_load(pg, labcfg, core: int, seconds: float, rate: float, log) -> dict:
@@ -363,48 +427,77 @@ def _jitter_under_load(pg, labcfg, core: int, seconds: float, rate: float, log) 
             out = jitter_probe(core, seconds)
         finally:
             sending.join()
-    log(f"  jitter on core {core}: gaps p50 {out['p50']:.0f} ns, p99 {out['p99']:.0f} ns, "
+    log(
+        f"  jitter on core {core}: gaps p50 {out['p50']:.0f} ns, p99 {out['p99']:.0f} ns, "
         f"p99.9 {out['p99.9']:.0f} ns, max {out['max'] / 1e3:.1f} us; by time p99 "
         f"{out['time_p99'] / 1e3:.2f} us, p99.9 {out['time_p99.9'] / 1e3:.2f} us; "
-        f"{out['stalls']:,} gaps over 10 us")  # fmt: skip
+        f"{out['stalls']:,} gaps over 10 us"
+    )
     return out
 
 
 def _path(pg, cfg, mode: str, o: dict, workdir: Path, ceilings: dict, log) -> dict:
-    log(f"{MODE_NAMES[mode]}: starting tickwire run --mode {mode} (consumer on core "
-        f"{o['consumer_core']})")  # fmt: skip
+    log(
+        f"{MODE_NAMES[mode]}: starting tickwire run --mode {mode} (consumer on core "
+        f"{o['consumer_core']})"
+    )
     pg.reset(1)  # a fresh consumer expects sequence 1
     consumer = Consumer(cfg, mode, o["consumer_core"], workdir)
     out: dict = {}
     try:
         pg.use(pg.data())
         _step(pg, consumer, o["latency_rate"], o["latency_rate"] * 0.3)  # warm-up
-        out["latency_ns"] = latency(pg, consumer, pg.data(1), o["latency_rate"],
-                                    o["latency_seconds"])  # fmt: skip
-        out["latency_full_ns"] = latency(pg, consumer, pg.data(), o["latency_rate"],
-                                         o["latency_seconds"])  # fmt: skip
+        out["latency_ns"] = latency(
+            pg, consumer, pg.data(1), o["latency_rate"], o["latency_seconds"]
+        )
+        out["latency_full_ns"] = latency(
+            pg, consumer, pg.data(), o["latency_rate"], o["latency_seconds"]
+        )
         for key in ("latency_ns", "latency_full_ns"):
             v = out[key]
-            log(f"  latency {v['messages_per_packet']} msgs/packet at "
+            log(
+                f"  latency {v['messages_per_packet']} msgs/packet at "
                 f"{v['rate_pps'] / 1e3:.0f} k/s: p50 {v['p50'] / 1e3:.1f} us, p99 "
-                f"{v['p99'] / 1e3:.1f} us, p99.9 {v['p99.9'] / 1e3:.1f} us")  # fmt: skip
-        out["small"] = loss_free(pg, consumer, pg.heartbeat(), "64-byte", o["duration"],
-                                 o["steps"], ceilings["small"], log)  # fmt: skip
-        out["full"] = loss_free(pg, consumer, pg.data(), "1,419-byte", o["duration"],
-                                o["steps"], ceilings["full"], log)  # fmt: skip
+                f"{v['p99'] / 1e3:.1f} us, p99.9 {v['p99.9'] / 1e3:.1f} us"
+            )
+        out["small"] = loss_free(
+            pg,
+            consumer,
+            pg.heartbeat(),
+            "64-byte",
+            o["duration"],
+            o["steps"],
+            ceilings["small"],
+            log,
+        )
+        out["full"] = loss_free(
+            pg, consumer, pg.data(), "1,419-byte", o["duration"], o["steps"], ceilings["full"], log
+        )
     finally:
         summary = consumer.stop()
     out["packets_per_s"] = out["small"]["packets_per_s"]
     out["full_packets_per_s"] = out["full"]["packets_per_s"]
     out["messages_per_s"] = out["full"]["messages_per_s"]
-    out["consumer"] = {k: summary.get(k) for k in ("mode", "taken", "unrecoverable_messages",
-                                                   "gaps_declared", "live_orders", "error")
-                       if k in summary}  # fmt: skip
+    out["consumer"] = {
+        k: summary.get(k)
+        for k in (
+            "mode",
+            "taken",
+            "unrecoverable_messages",
+            "gaps_declared",
+            "live_orders",
+            "error",
+        )
+        if k in summary
+    }
     if "book" in summary:
         out["consumer"]["book_anomalies"] = sum(
-            v for k, v in summary["book"].items() if k not in ("messages", "growths"))  # fmt: skip
-    log(f"  {MODE_NAMES[mode]} loss-free: {out['packets_per_s'] / 1e6:.3f} M packets/s "
-        f"(64 B), {out['messages_per_s'] / 1e6:.2f} M msgs/s (1,419 B)")  # fmt: skip
+            v for k, v in summary["book"].items() if k not in ("messages", "growths")
+        )
+    log(
+        f"  {MODE_NAMES[mode]} loss-free: {out['packets_per_s'] / 1e6:.3f} M packets/s "
+        f"(64 B), {out['messages_per_s'] / 1e6:.2f} M msgs/s (1,419 B)"
+    )
     return out
 
 
@@ -423,8 +516,9 @@ def bench_rx(opts: RxOptions = RxOptions()) -> dict:
         o["consumer_core"] = cpus[-1]
     for key in ("sender_core", "consumer_core"):
         if o[key] not in cpus:
-            raise ValueError(f"--{key.replace('_', '-')} {o[key]}: not a CPU this process "
-                             f"may use ({cpus})")  # fmt: skip
+            raise ValueError(
+                f"--{key.replace('_', '-')} {o[key]}: not a CPU this process may use ({cpus})"
+            )
     modes = [m.strip() for m in str(o["modes"]).split(",") if m.strip()]
     for m in modes:
         if m not in MODE_NAMES:
@@ -435,14 +529,21 @@ def bench_rx(opts: RxOptions = RxOptions()) -> dict:
         raise PermissionError("bench rx builds a lab and loads XDP programs: run it as root")
     cfg = _lab_config(o["prefix"] or f"tbrx{os.getpid() % 100000:05d}")
     t0 = time.monotonic()
-    say(f"private lab {cfg.lab.prefix}; sender on core {o['sender_core']}, consumer on "
-         f"core {o['consumer_core']} of {len(cpus)}")  # fmt: skip
+    say(
+        f"private lab {cfg.lab.prefix}; sender on core {o['sender_core']}, consumer on "
+        f"core {o['consumer_core']} of {len(cpus)}"
+    )
     result: dict = {
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                    "sender_core": o["sender_core"], "consumer_core": o["consumer_core"]},
-        "lab": cfg.lab.prefix, "duration_per_step_s": o["duration"],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "sender_core": o["sender_core"],
+            "consumer_core": o["consumer_core"],
+        },
+        "lab": cfg.lab.prefix,
+        "duration_per_step_s": o["duration"],
         "latency_rate_pps": o["latency_rate"],
-    }  # fmt: skip
+    }
     pg = None
     lab.up(cfg.lab)
     try:
@@ -450,27 +551,31 @@ def bench_rx(opts: RxOptions = RxOptions()) -> dict:
         pgmod.peer_napi(cfg.lab.appliance_ns, cfg.lab.line_a.appliance_if)
         pg = pgmod.PacketGen(cfg.lab, "A", cfg.feed.session, cpu=o["sender_core"])
         result["frames"] = {
-            "small_bytes": len(pg.heartbeat()), "full_bytes": len(pg.data()),
+            "small_bytes": len(pg.heartbeat()),
+            "full_bytes": len(pg.data()),
             "full_messages": pgmod.frame_messages(pg.data()),
-            "latency_bytes": len(pg.data(1)), "latency_messages": 2}  # fmt: skip
+            "latency_bytes": len(pg.data(1)),
+            "latency_messages": 2,
+        }
         say("XDP_DROP ceiling of feed-a")
         small = _ceiling(pg, cfg.lab, pg.heartbeat(), o["duration"], say)
         full = _ceiling(pg, cfg.lab, pg.data(), o["duration"], say)
-        result["xdp_drop"] = {"packets_per_s": small["packets_per_s"],
-                              "full_packets_per_s": full["packets_per_s"],
-                              "full_messages_per_s": full["packets_per_s"]
-                              * result["frames"]["full_messages"],
-                              "small": small, "full": full}  # fmt: skip
+        result["xdp_drop"] = {
+            "packets_per_s": small["packets_per_s"],
+            "full_packets_per_s": full["packets_per_s"],
+            "full_messages_per_s": full["packets_per_s"] * result["frames"]["full_messages"],
+            "small": small,
+            "full": full,
+        }
         say("jitter probe")
-        result["jitter_ns"] = _jitter_under_load(pg, cfg.lab, o["consumer_core"],
-                                                 o["jitter_seconds"], o["latency_rate"],
-                                                 say)  # fmt: skip
+        result["jitter_ns"] = _jitter_under_load(
+            pg, cfg.lab, o["consumer_core"], o["jitter_seconds"], o["latency_rate"], say
+        )
         ceilings = {"small": small["sender_pps"], "full": full["sender_pps"]}
         with tempfile.TemporaryDirectory(prefix="tw-benchrx-") as tmp:
             for mode in modes:
                 try:
-                    result[MODE_NAMES[mode]] = _path(pg, cfg, mode, o, Path(tmp), ceilings,
-                                                     say)  # fmt: skip
+                    result[MODE_NAMES[mode]] = _path(pg, cfg, mode, o, Path(tmp), ceilings, say)
                 except BenchError as e:  # the other path is still worth measuring
                     say(f"{MODE_NAMES[mode]}: {e}")
                     result[MODE_NAMES[mode]] = {"error": str(e)}
@@ -489,12 +594,10 @@ def _verdict(r: dict) -> tuple[dict, dict]:
     s = None if s is None or "error" in s else s
     ratios = {
         "af_xdp_vs_socket": _ratio(x and x["packets_per_s"], s and s["packets_per_s"]),
-        "af_xdp_vs_socket_messages": _ratio(x and x["messages_per_s"],
-                                            s and s["messages_per_s"]),
+        "af_xdp_vs_socket_messages": _ratio(x and x["messages_per_s"], s and s["messages_per_s"]),
         "af_xdp_vs_xdp_drop": _ratio(x and x["packets_per_s"], d["packets_per_s"]),
-        "af_xdp_vs_xdp_drop_full": _ratio(x and x["full_packets_per_s"],
-                                          d["full_packets_per_s"]),
-    }  # fmt: skip
+        "af_xdp_vs_xdp_drop_full": _ratio(x and x["full_packets_per_s"], d["full_packets_per_s"]),
+    }
     vs_s, vs_d = ratios["af_xdp_vs_socket"], ratios["af_xdp_vs_xdp_drop"]
     p50 = x["latency_ns"]["p50"] if x else None
     targets = {
@@ -533,20 +636,29 @@ def rx_text(r: dict) -> str:
         f"  frames: {f['small_bytes']} B (MoldUDP64 heartbeat) for packets/s, {f['full_bytes']} B "
         f"({f['full_messages']} ITCH messages) for messages/s",
         _row("rates, M/s", ["pkts 64 B", f"pkts {f['full_bytes']} B", "msgs"]),
-        _row("XDP_DROP ceiling", [_m(d["packets_per_s"]), _m(d["full_packets_per_s"]),
-                                  _m(d["full_messages_per_s"])]),
-    ]  # fmt: skip
+        _row(
+            "XDP_DROP ceiling",
+            [_m(d["packets_per_s"]), _m(d["full_packets_per_s"]), _m(d["full_messages_per_s"])],
+        ),
+    ]
     for key, name in (("af_xdp", "AF_XDP loss-free"), ("socket", "socket loss-free")):
         if key in r and "error" in r[key]:
             lines.append(f"  {name:<30}failed: {r[key]['error']}")
         elif key in r:
             p = r[key]
             note = "64 B: took all the sender could send" if p["small"]["sender_bound"] else ""
-            lines.append(_row(name, [_m(p["packets_per_s"]), _m(p["full_packets_per_s"]),
-                                     _m(p["messages_per_s"])], note))  # fmt: skip
+            lines.append(
+                _row(
+                    name,
+                    [_m(p["packets_per_s"]), _m(p["full_packets_per_s"]), _m(p["messages_per_s"])],
+                    note,
+                )
+            )
     lines.append(_row("receive to book, us", ["p50", "p99", "p99.9"]))
-    for key, name, what in (("af_xdp", "AF_XDP", "from the XDP stamp"),
-                            ("socket", "socket", "from recvmmsg return")):  # fmt: skip
+    for key, name, what in (
+        ("af_xdp", "AF_XDP", "from the XDP stamp"),
+        ("socket", "socket", "from recvmmsg return"),
+    ):
         if key not in r or "error" in r[key]:
             continue
         for lk in ("latency_ns", "latency_full_ns"):
@@ -555,12 +667,18 @@ def rx_text(r: dict) -> str:
             lines.append(_row(label, [_us(v["p50"]), _us(v["p99"]), _us(v["p99.9"])], what))
     j = r["jitter_ns"]
     lines += [
-        _row(f"jitter core {j['core']}, per reading", [_us(j["p50"]), _us(j["p99"]),
-             _us(j["p99.9"])], f"max {_us(j['max'])} us"),
-        _row(f"jitter core {j['core']}, by time", [_us(j["time_p50"]), _us(j["time_p99"]),
-             _us(j["time_p99.9"])], f"{j['stalls']:,} gaps > 10 us in {j['seconds']:g} s, "
-             f"{100 * j['stalled_fraction']:.2f} % of the time"),
-    ]  # fmt: skip
+        _row(
+            f"jitter core {j['core']}, per reading",
+            [_us(j["p50"]), _us(j["p99"]), _us(j["p99.9"])],
+            f"max {_us(j['max'])} us",
+        ),
+        _row(
+            f"jitter core {j['core']}, by time",
+            [_us(j["time_p50"]), _us(j["time_p99"]), _us(j["time_p99.9"])],
+            f"{j['stalls']:,} gaps > 10 us in {j['seconds']:g} s, "
+            f"{100 * j['stalled_fraction']:.2f} % of the time",
+        ),
+    ]
     ra, t = r["ratios"], r["targets"]
 
     def x(v):
@@ -575,5 +693,5 @@ def rx_text(r: dict) -> str:
         f"  AF_XDP receive-to-book p50 < 10 us at {r['latency_rate_pps'] / 1e3:.0f}k packets/s: "
         f"{_met(t['af_xdp_p50_under_10us'])}",
         f"  ({r['seconds']:.0f} s in all)",
-    ]  # fmt: skip
+    ]
     return "\n".join(lines)

@@ -17,8 +17,13 @@ from host.exchange import publisher as simmod
 from host.exchange.publisher import line_socket
 
 
-def bench_sim(session_file: str | None = None, messages: int = 5_000_000, stocks: int = 100,
-              repeat: int = 3, seed: int = 1) -> dict:  # fmt: skip
+def bench_sim(
+    session_file: str | None = None,
+    messages: int = 5_000_000,
+    stocks: int = 100,
+    repeat: int = 3,
+    seed: int = 1,
+) -> dict:
     """Publisher rate: ``Simulator`` (numba + sendmmsg, both lines) against a plain Python
     loop sending the same packets with one ``sendmsg`` each, in a private lab; on the ITCH
     file ``session_file``, else a generated session. The best of ``repeat`` runs."""
@@ -45,12 +50,16 @@ def bench_sim(session_file: str | None = None, messages: int = 5_000_000, stocks
         lab.down(cfg.lab)
     packets = len(sim.packets)
     return {
-        "session": name, "messages": session.n, "packets_per_line": packets,
-        "sim_seconds": sim_s, "sim_msgs_per_s": session.n / sim_s,
+        "session": name,
+        "messages": session.n,
+        "packets_per_line": packets,
+        "sim_seconds": sim_s,
+        "sim_msgs_per_s": session.n / sim_s,
         "sim_packets_per_s": 2 * packets / sim_s,
-        "baseline_seconds": base_s, "baseline_msgs_per_s": session.n / base_s,
+        "baseline_seconds": base_s,
+        "baseline_msgs_per_s": session.n / base_s,
         "ratio_vs_baseline": base_s / sim_s,
-    }  # fmt: skip
+    }
 
 
 def _baseline_send(sim, labcfg) -> float:
@@ -58,7 +67,9 @@ def _baseline_send(sim, labcfg) -> float:
     socks = [line_socket(line) for line in labcfg.lines.values()]
     hv = memoryview(sim.headers)
     mv = memoryview(sim.session.buf)
-    rows = [(mold.HEADER_LEN * k, int(p["start"]), int(p["end"])) for k, p in enumerate(sim.packets)]
+    rows = [
+        (mold.HEADER_LEN * k, int(p["start"]), int(p["end"])) for k, p in enumerate(sim.packets)
+    ]
     try:
         t0 = time.perf_counter()
         for h, a, b in rows:
@@ -71,11 +82,13 @@ def _baseline_send(sim, labcfg) -> float:
 
 
 def sim_text(r: dict) -> str:
-    return "\n".join([
-        f"{r['session']}: {r['messages']:,} messages, {r['packets_per_line']:,} packets per "
-        "line, both lines, no receiver joined",
-        f"  tickwire sim (numba + sendmmsg)  {r['sim_msgs_per_s'] / 1e6:6.2f} M msg/s  "
-        f"{r['sim_packets_per_s'] / 1e3:7.0f} k packets/s",
-        f"  python sendmsg per packet        {r['baseline_msgs_per_s'] / 1e6:6.2f} M msg/s  "
-        f"ratio {r['ratio_vs_baseline']:.2f}x",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"{r['session']}: {r['messages']:,} messages, {r['packets_per_line']:,} packets per "
+            "line, both lines, no receiver joined",
+            f"  tickwire sim (numba + sendmmsg)  {r['sim_msgs_per_s'] / 1e6:6.2f} M msg/s  "
+            f"{r['sim_packets_per_s'] / 1e3:7.0f} k packets/s",
+            f"  python sendmsg per packet        {r['baseline_msgs_per_s'] / 1e6:6.2f} M msg/s  "
+            f"ratio {r['ratio_vs_baseline']:.2f}x",
+        ]
+    )

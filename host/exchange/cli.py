@@ -54,16 +54,24 @@ def add_parsers(sub) -> None:
     g.add_argument("--json", action="store_true", help="machine-readable output")
     g.set_defaults(func=_gen)
 
-    la = verb(sub, "lab", "build, inspect or remove the network-namespace lab; inject faults "
-              "on its lines", EPILOG_LAB)  # fmt: skip
+    la = verb(
+        sub,
+        "lab",
+        "build, inspect or remove the network-namespace lab; inject faults on its lines",
+        EPILOG_LAB,
+    )
     actions = la.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, text, epilog, func in (
-            ("up", "build the lab (idempotent)", EPILOG_LAB_UP, _lab_up),
-            ("down", "remove the lab, its processes and its wire faults", EPILOG_LAB_DOWN,
-             _lab_down),
-            ("status", "what of the lab exists", EPILOG_LAB_STATUS, _lab_status),
-            ("fault", "arm, show or clear BPF wire faults on the lab's lines",
-             wirefaults.EPILOG, _lab_fault)):  # fmt: skip
+        ("up", "build the lab (idempotent)", EPILOG_LAB_UP, _lab_up),
+        ("down", "remove the lab, its processes and its wire faults", EPILOG_LAB_DOWN, _lab_down),
+        ("status", "what of the lab exists", EPILOG_LAB_STATUS, _lab_status),
+        (
+            "fault",
+            "arm, show or clear BPF wire faults on the lab's lines",
+            wirefaults.EPILOG,
+            _lab_fault,
+        ),
+    ):
         a = verb(actions, name, text, epilog)
         a.add_argument("--config", metavar="FILE", help="TOML configuration ([lab] table)")
         a.add_argument("--prefix", help="lab name prefix, overrides the config (tw)")
@@ -71,54 +79,87 @@ def add_parsers(sub) -> None:
         a.set_defaults(func=func)
     wirefaults.add_cli_arguments(actions.choices["fault"])
 
-    si = verb(sub, "sim", "publish an ITCH session as MoldUDP64 on lines A and B, serve "
-              "re-requests", EPILOG_SIM)  # fmt: skip
+    si = verb(
+        sub,
+        "sim",
+        "publish an ITCH session as MoldUDP64 on lines A and B, serve re-requests",
+        EPILOG_SIM,
+    )
     src = si.add_argument_group("session")
     src.add_argument("--session", metavar="FILE", help="ITCH 5.0 file to publish")
-    src.add_argument("--generate", type=positive, metavar="N",
-                     help="publish a generated session of N messages (default 1M)")
+    src.add_argument(
+        "--generate",
+        type=positive,
+        metavar="N",
+        help="publish a generated session of N messages (default 1M)",
+    )
     src.add_argument("--stocks", type=positive, default=100, help="stocks when generating")
     src.add_argument("--gen-seed", type=int, default=1, help="generator seed (1)")
     src.add_argument("--session-name", help="MoldUDP64 session, <= 10 chars (config feed.session)")
     src.add_argument("--start-seq", type=positive, default=1, help="first sequence to send (1)")
-    src.add_argument("--start-phase", metavar="CODE",
-                     help="start at the first system event S with this code (e.g. Q)")
+    src.add_argument(
+        "--start-phase",
+        metavar="CODE",
+        help="start at the first system event S with this code (e.g. Q)",
+    )
     pace = si.add_argument_group("pacing (default: --rate 1000000)")
     pm = pace.add_mutually_exclusive_group()
     pm.add_argument("--speed", type=positive_float, help="real time x SPEED from timestamps")
-    pm.add_argument("--rate", type=positive_float, default=1_000_000.0,
-                    help="fixed messages per second")
+    pm.add_argument(
+        "--rate", type=positive_float, default=1_000_000.0, help="fixed messages per second"
+    )
     pm.add_argument("--max", action="store_true", help="as fast as possible")
     pace.add_argument("--payload", type=positive, default=1400, help="UDP payload limit (1400)")
-    pace.add_argument("--heartbeat", type=positive_float, default=1.0,
-                      help="idle heartbeat interval, s (1)")
-    pace.add_argument("--eos-for", type=float, default=2.0,
-                      help="send end-of-session packets for this long, s (2)")
-    pace.add_argument("--preroll", type=float, default=0.0,
-                      help="heartbeats only for this long before data, s (0)")
+    pace.add_argument(
+        "--heartbeat", type=positive_float, default=1.0, help="idle heartbeat interval, s (1)"
+    )
+    pace.add_argument(
+        "--eos-for",
+        type=float,
+        default=2.0,
+        help="send end-of-session packets for this long, s (2)",
+    )
+    pace.add_argument(
+        "--preroll",
+        type=float,
+        default=0.0,
+        help="heartbeats only for this long before data, s (0)",
+    )
     fl = si.add_argument_group("faults (every fault applied is recorded)")
-    fl.add_argument("--fault", action="append", default=[], metavar="SPEC",
-                    help="LINE:KIND=ARGS, e.g. A:drop=100-199, B:loss=0.01, A:cut=200@1000, "
-                         "AB:dup=0.001, B:reorder=4@0.1, B:delay=5")
+    fl.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="LINE:KIND=ARGS, e.g. A:drop=100-199, B:loss=0.01, A:cut=200@1000, "
+        "AB:dup=0.001, B:reorder=4@0.1, B:delay=5",
+    )
     fl.add_argument("--faults", metavar="FILE", help='TOML: faults = ["A:drop=1-9"], seed = 7')
     fl.add_argument("--seed", type=int, default=None, help="fault randomness seed (1)")
-    fl.add_argument("--record", metavar="FILE",
-                    help="write what each line sent and every fault applied (JSON)")
+    fl.add_argument(
+        "--record", metavar="FILE", help="write what each line sent and every fault applied (JSON)"
+    )
     rr = si.add_argument_group("re-request server")
-    rr.add_argument("--rr-window", type=positive, default=1_000_000,
-                    help="messages retained (1000000)")
-    rr.add_argument("--rr-max-messages", type=positive, default=1000,
-                    help="messages per answer (1000)")
-    rr.add_argument("--rr-max-bytes", type=positive, default=64_000,
-                    help="bytes per answer (64000)")
-    rr.add_argument("--rr-rate", type=positive_float, default=100_000.0,
-                    help="messages/s per requester (100000)")
+    rr.add_argument(
+        "--rr-window", type=positive, default=1_000_000, help="messages retained (1000000)"
+    )
+    rr.add_argument(
+        "--rr-max-messages", type=positive, default=1000, help="messages per answer (1000)"
+    )
+    rr.add_argument(
+        "--rr-max-bytes", type=positive, default=64_000, help="bytes per answer (64000)"
+    )
+    rr.add_argument(
+        "--rr-rate",
+        type=positive_float,
+        default=100_000.0,
+        help="messages/s per requester (100000)",
+    )
     rr.add_argument("--rr-workers", type=positive, default=2, help="server threads (2)")
     rr.add_argument("--no-rerequest", action="store_true", help="do not serve re-requests")
     si.add_argument("--config", metavar="FILE", help="TOML configuration ([lab], [feed])")
     si.add_argument("--prefix", help="lab prefix, overrides the config (tw)")
-    si.add_argument("--no-netns", action="store_true",
-                    help="stay in the current network namespace")
+    si.add_argument("--no-netns", action="store_true", help="stay in the current network namespace")
     si.add_argument("--json", action="store_true", help="machine-readable summary")
     si.set_defaults(func=_sim)
 
@@ -130,8 +171,10 @@ def _gen(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
     else:
-        print(f"wrote {args.out}: {info['messages']:,} messages, {info['bytes']:,} bytes, "
-              f"{args.stocks} stocks, seed {args.seed}")  # fmt: skip
+        print(
+            f"wrote {args.out}: {info['messages']:,} messages, {info['bytes']:,} bytes, "
+            f"{args.stocks} stocks, seed {args.seed}"
+        )
     return 0
 
 
@@ -178,9 +221,15 @@ def _lab_down(args: argparse.Namespace) -> int:
 def _lab_fault(args: argparse.Namespace) -> int:
     from host.exchange import wirefaults
 
-    return wirefaults.run_cli(_lab_config(args), args.fault_args, cut=args.cut,
-                              drop_range=args.drop_range, loss=args.loss,
-                              drop_all=args.drop_all, as_json=args.json)  # fmt: skip
+    return wirefaults.run_cli(
+        _lab_config(args),
+        args.fault_args,
+        cut=args.cut,
+        drop_range=args.drop_range,
+        loss=args.loss,
+        drop_all=args.drop_all,
+        as_json=args.json,
+    )
 
 
 def _sim(args: argparse.Namespace) -> int:
@@ -196,8 +245,10 @@ def _sim(args: argparse.Namespace) -> int:
         from host.exchange import itchgen
 
         n = args.generate or 1_000_000
-        print(f"sim: generating {n:,} messages on {args.stocks} stocks (seed {args.gen_seed})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"sim: generating {n:,} messages on {args.stocks} stocks (seed {args.gen_seed})",
+            file=sys.stderr,
+        )
         session = sim.Session.from_buffer(itchgen.generate(n, args.stocks, args.gen_seed))
     if args.max:
         pacing = sim.Pacing(mode="max")
@@ -215,21 +266,34 @@ def _sim(args: argparse.Namespace) -> int:
     if args.start_phase:
         start = session.phase_seq(args.start_phase)
     opts = sim.SimOptions(
-        session_name=args.session_name or cfg.feed.session, payload=args.payload,
-        pacing=pacing, start_seq=start, heartbeat=args.heartbeat, eos_for=args.eos_for,
-        preroll=args.preroll, faults=faults, seed=1 if seed is None else seed,
+        session_name=args.session_name or cfg.feed.session,
+        payload=args.payload,
+        pacing=pacing,
+        start_seq=start,
+        heartbeat=args.heartbeat,
+        eos_for=args.eos_for,
+        preroll=args.preroll,
+        faults=faults,
+        seed=1 if seed is None else seed,
         serve=not args.no_rerequest,
-        server=rerequest.ServerConfig(port=cfg.lab.rerequest_port, window=args.rr_window,
-                                max_messages=args.rr_max_messages,
-                                max_bytes=args.rr_max_bytes, rate=args.rr_rate,
-                                workers=args.rr_workers),
-    )  # fmt: skip
+        server=rerequest.ServerConfig(
+            port=cfg.lab.rerequest_port,
+            window=args.rr_window,
+            max_messages=args.rr_max_messages,
+            max_bytes=args.rr_max_bytes,
+            rate=args.rr_rate,
+            workers=args.rr_workers,
+        ),
+    )
     sim.validate_options(opts)
     simulator = sim.Simulator(session, cfg.lab, opts)
     if not args.no_netns:
         if os.geteuid() != 0:
-            raise lab.LabError(1, "tickwire sim enters the lab's exchange namespace: run it "
-                               "as root, or pass --no-netns")  # fmt: skip
+            raise lab.LabError(
+                1,
+                "tickwire sim enters the lab's exchange namespace: run it "
+                "as root, or pass --no-netns",
+            )
         netns.enter(cfg.lab.exchange_ns)
     progress = None
     if sys.stderr.isatty() and not args.json:

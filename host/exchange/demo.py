@@ -58,37 +58,60 @@ def main() -> int:
         _step(1, f"generating {MESSAGES:,} ITCH 5.0 messages on {STOCKS} stocks (seed {SEED})")
         t0 = time.perf_counter()
         info = itchgen.write_session(str(session), MESSAGES, STOCKS, SEED)
-        print(f"      {info['bytes'] / 1e6:.0f} MB in {time.perf_counter() - t0:.1f} s "
-              f"-> {session.relative_to(root)}")  # fmt: skip
+        print(
+            f"      {info['bytes'] / 1e6:.0f} MB in {time.perf_counter() - t0:.1f} s "
+            f"-> {session.relative_to(root)}"
+        )
     _step(2, "offline reference: decode and build every book (tickwire book)")
     book, res = replay.replay_file(str(session), progress=replay.terminal_progress("book"))
     result = replay.result_json(book, res)
-    print(f"      {result['messages']:,} messages at {result['msgs_per_s'] / 1e6:.1f}M msgs/s, "
-          f"digest {result['digest'][:16]}…")  # fmt: skip
+    print(
+        f"      {result['messages']:,} messages at {result['msgs_per_s'] / 1e6:.1f}M msgs/s, "
+        f"digest {result['digest'][:16]}…"
+    )
     if os.geteuid() != 0:
-        print("the live pipeline needs root (network namespaces, XDP): run `sudo make demo`;"
-              " stopping after the offline part")  # fmt: skip
+        print(
+            "the live pipeline needs root (network namespaces, XDP): run `sudo make demo`;"
+            " stopping after the offline part"
+        )
         return 0
     cfg_path = out / "demo.toml"
-    cfg_path.write_text(f'[lab]\nprefix = "{PREFIX}"\n[run]\nchannel = "{CHANNEL}"\n'
-                        f'metrics = "127.0.0.1:9108"\ncore = {_last_cpu()}\n')  # fmt: skip
+    cfg_path.write_text(
+        f'[lab]\nprefix = "{PREFIX}"\n[run]\nchannel = "{CHANNEL}"\n'
+        f'metrics = "127.0.0.1:9108"\ncore = {_last_cpu()}\n'
+    )
     cfg = config.load(cfg_path)
-    _step(3, f"lab up: namespaces {cfg.lab.exchange_ns} and {cfg.lab.appliance_ns}, "
-             "lines A and B")  # fmt: skip
+    _step(3, f"lab up: namespaces {cfg.lab.exchange_ns} and {cfg.lab.appliance_ns}, lines A and B")
     lab.up(cfg.lab)
     app = None
     shm.remove(CHANNEL)  # a stale "running" flag from an earlier run must not fool us
     try:
         _step(4, "appliance: tickwire run (AF_XDP if XDP attaches, else kernel sockets)")
-        app = subprocess.Popen(_cli("run", "--config", str(cfg_path), "--lab", "--until-eos",
-                                    "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)  # fmt: skip
+        app = subprocess.Popen(
+            _cli("run", "--config", str(cfg_path), "--lab", "--until-eos", "--json"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         appliance.wait_consumer(CHANNEL, app)
         _step(5, f"simulator: {MESSAGES:,} messages on A and B at {RATE:,} msgs/s")
-        sim = subprocess.run(_cli("sim", "--config", str(cfg_path), "--session", str(session),
-                                  "--rate", str(RATE), "--eos-for", "1",
-                                  "--json"), capture_output=True, text=True,
-                             preexec_fn=_pin(0))  # fmt: skip
+        sim = subprocess.run(
+            _cli(
+                "sim",
+                "--config",
+                str(cfg_path),
+                "--session",
+                str(session),
+                "--rate",
+                str(RATE),
+                "--eos-for",
+                "1",
+                "--json",
+            ),
+            capture_output=True,
+            text=True,
+            preexec_fn=_pin(0),
+        )
         if sim.returncode != 0:
             print(f"simulator failed: {sim.stderr.strip()}")
             return 1
@@ -120,35 +143,50 @@ def _last_cpu() -> int:
 def _summary(s: dict, sim_s: dict, ref: dict, book) -> bool:
     secs = sim_s["seconds"]
     print(f"  receive path      {s['mode']}")
-    print(f"  messages          {s['taken']:,} taken of {sim_s['last_seq']:,} published, "
-          f"{s['taken'] / secs / 1e6:.2f}M msgs/s over {secs:.1f} s")  # fmt: skip
+    print(
+        f"  messages          {s['taken']:,} taken of {sim_s['last_seq']:,} published, "
+        f"{s['taken'] / secs / 1e6:.2f}M msgs/s over {secs:.1f} s"
+    )
     recovered = s["lines"]["recovery"]["first"]
-    print(f"  gaps              {s['gaps_declared']:,} declared, {recovered:,} messages "
-          f"recovered, {s['unrecoverable_messages']:,} unrecoverable"
-          + ("  BOOKS STALE" if s["stale"] else ""))  # fmt: skip
+    print(
+        f"  gaps              {s['gaps_declared']:,} declared, {recovered:,} messages "
+        f"recovered, {s['unrecoverable_messages']:,} unrecoverable"
+        + ("  BOOKS STALE" if s["stale"] else "")
+    )
     for letter, ln in s["lines"].items():
         if letter == "recovery":
             continue
-        print(f"  line {letter}            {ln['packets']:,} packets, {ln['first']:,} messages "
-              f"first, {ln['duplicates']:,} duplicates dropped, {ln['malformed']} malformed")
+        print(
+            f"  line {letter}            {ln['packets']:,} packets, {ln['first']:,} messages "
+            f"first, {ln['duplicates']:,} duplicates dropped, {ln['malformed']} malformed"
+        )
     lat = s["latency_ns"]
     if lat.get("count"):
         what = "XDP stamp" if s["mode"] == "xdp" else "recvmmsg return"
-        print(f"  receive -> book   p50 {lat['p50'] / 1e3:.1f} us  p99 {lat['p99'] / 1e3:.1f} us"
-              f"  p99.9 {lat['p99.9'] / 1e3:.1f} us  (from the {what}, "
-              f"{lat['count']:,} packets)")  # fmt: skip
+        print(
+            f"  receive -> book   p50 {lat['p50'] / 1e3:.1f} us  p99 {lat['p99'] / 1e3:.1f} us"
+            f"  p99.9 {lat['p99.9'] / 1e3:.1f} us  (from the {what}, "
+            f"{lat['count']:,} packets)"
+        )
     reader = shm.Reader(CHANNEL)
     stocks = book.stocks_summary()
     busiest = sorted(stocks.items(), key=lambda kv: -kv[1]["orders"])[:5]
     print("  top of book       symbol     bid            ask")
     for loc, info in busiest:
         bp, bq, ap, aq = reader.bbo(int(loc))
-        print(f"                    {info['symbol']:<8} {bq:>6} @ {bp / 1e4:<10.4f} "
-              f"{aq:>6} @ {ap / 1e4:.4f}")  # fmt: skip
+        print(
+            f"                    {info['symbol']:<8} {bq:>6} @ {bp / 1e4:<10.4f} "
+            f"{aq:>6} @ {ap / 1e4:.4f}"
+        )
     same = s.get("digest") == ref["digest"]
-    print(f"  books             digest {s.get('digest', '?')[:16]}… "
-          + ("== tickwire book: every level identical" if same
-             else f"!= tickwire book {ref['digest'][:16]}…: BOOKS DIFFER"))  # fmt: skip
+    print(
+        f"  books             digest {s.get('digest', '?')[:16]}… "
+        + (
+            "== tickwire book: every level identical"
+            if same
+            else f"!= tickwire book {ref['digest'][:16]}…: BOOKS DIFFER"
+        )
+    )
     return same and s["taken"] == sim_s["last_seq"]
 
 

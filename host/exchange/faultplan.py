@@ -25,16 +25,18 @@ SIM, WIRE = "sim", "wire"
 TARGETS = {SIM: "the simulator (tickwire sim --fault)", WIRE: "the wire (tickwire lab fault)"}
 FAULT_KINDS = {
     "drop": "drop=FIRST-LAST (or drop=N): drop every data packet carrying a sequence in "
-            "FIRST..LAST; drop=all: every packet, heartbeats too (wire only)",
+    "FIRST..LAST; drop=all: every packet, heartbeats too (wire only)",
     "loss": "loss=P (0.01) or loss=P% (1%): drop each data packet with probability P",
     "cut": "cut=MS@T: send nothing, heartbeats included, for MS ms from T ms on -- after the "
-           "simulator starts (T required), or after the command (wire; T defaults to 0)",
+    "simulator starts (T required), or after the command (wire; T defaults to 0)",
     "dup": "dup=FIRST-LAST or dup=P: send packets twice (a range, or with probability P)",
     "reorder": "reorder=W[@P]: with probability P (0.05) move a packet up to W-1 later",
     "delay": "delay=MS: send this line MS ms after its nominal time",
-}  # fmt: skip
-KINDS = {SIM: ("drop", "loss", "cut", "dup", "reorder", "delay"),
-         WIRE: ("drop", "drop_all", "loss", "cut")}  # fmt: skip
+}
+KINDS = {
+    SIM: ("drop", "loss", "cut", "dup", "reorder", "delay"),
+    WIRE: ("drop", "drop_all", "loss", "cut"),
+}
 
 
 class FaultSpecError(ValueError):
@@ -118,8 +120,11 @@ def parse_cut(text: str, spec: str, target: str = SIM) -> tuple[float, float]:
     """``MS@T`` (``MS``: T = 0, on the wire only): (ms, at_ms), MS > 0."""
     dur, at, when = text.partition("@")
     if not at and target == SIM:
-        raise _fail(spec, "the simulator's cut is relative to its start: give the time, "
-                    f"cut={dur}@T (T ms after the simulator starts)")  # fmt: skip
+        raise _fail(
+            spec,
+            "the simulator's cut is relative to its start: give the time, "
+            f"cut={dur}@T (T ms after the simulator starts)",
+        )
     return check_cut(parse_ms(dur, spec), parse_ms(when, spec) if at else 0.0, spec)
 
 
@@ -152,10 +157,16 @@ def _args(kind: str, arg: str, spec: str, target: str) -> tuple[str, dict]:
         kw["ms"] = parse_ms(arg, spec)
     if kind not in KINDS[target]:
         other = WIRE if target == SIM else SIM
-        alt = "; the simulator silences a line with cut=MS@T" if kind == "drop_all" else \
-            "; the wire only drops packets: it cannot duplicate, reorder or delay them"  # fmt: skip
-        raise _fail(spec, f"{'drop=all' if kind == 'drop_all' else kind} is a fault of "
-                    f"{TARGETS[other]}, not of {TARGETS[target]}{alt}")  # fmt: skip
+        alt = (
+            "; the simulator silences a line with cut=MS@T"
+            if kind == "drop_all"
+            else "; the wire only drops packets: it cannot duplicate, reorder or delay them"
+        )
+        raise _fail(
+            spec,
+            f"{'drop=all' if kind == 'drop_all' else kind} is a fault of "
+            f"{TARGETS[other]}, not of {TARGETS[target]}{alt}",
+        )
     return kind, kw
 
 
@@ -173,8 +184,11 @@ def parse_fault(spec: str, target: str = SIM, lines: str | None = None) -> list[
     if letters == "BA":
         letters = "AB"
     if not eq or letters not in ("A", "B", "AB") or kind not in FAULT_KINDS:
-        raise _fail(spec, f"expected {form}, LINE A, B or AB, KIND one of "
-                    f"{', '.join(k for k in FAULT_KINDS if k in KINDS[target])}")  # fmt: skip
+        raise _fail(
+            spec,
+            f"expected {form}, LINE A, B or AB, KIND one of "
+            f"{', '.join(k for k in FAULT_KINDS if k in KINDS[target])}",
+        )
     kind, kw = _args(kind, arg, spec, target)
     return [Fault(line=ln, kind=kind, spec=spec, **kw) for ln in letters]
 
@@ -193,10 +207,8 @@ def load_faults(path: str) -> tuple[list[Fault], int | None]:
         raise SimError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: faults, seed)")
     specs = data.get("faults", [])
     if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
-        raise SimError(f"{path}: faults must be a list of strings like \"A:drop=10-20\"")
+        raise SimError(f'{path}: faults must be a list of strings like "A:drop=10-20"')
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise SimError(f"{path}: seed must be an integer")
     return [f for s in specs for f in parse_fault(s)], seed
-
-

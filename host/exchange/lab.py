@@ -39,8 +39,9 @@ class LabError(OSError):
 
 def _require_root() -> None:
     if os.geteuid() != 0:
-        raise LabError(errno.EPERM, "the lab needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN): "
-                       "run it with sudo")  # fmt: skip
+        raise LabError(
+            errno.EPERM, "the lab needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN): run it with sudo"
+        )
 
 
 def _iproute(ns: str):
@@ -78,16 +79,29 @@ def up(cfg: LabConfig, say=lambda msg: None) -> dict:
         with _iproute(cfg.exchange_ns) as ipr:
             if _link(ipr, line.exchange_if) is None:
                 try:
-                    ipr.link("add", ifname=line.exchange_if, kind="veth",
-                             num_rx_queues=cfg.queues, num_tx_queues=EXCHANGE_TX_QUEUES,
-                             peer={"ifname": line.appliance_if, "net_ns_fd": cfg.appliance_ns,
-                                   "num_rx_queues": cfg.queues,
-                                   "num_tx_queues": cfg.queues})  # fmt: skip
+                    ipr.link(
+                        "add",
+                        ifname=line.exchange_if,
+                        kind="veth",
+                        num_rx_queues=cfg.queues,
+                        num_tx_queues=EXCHANGE_TX_QUEUES,
+                        peer={
+                            "ifname": line.appliance_if,
+                            "net_ns_fd": cfg.appliance_ns,
+                            "num_rx_queues": cfg.queues,
+                            "num_tx_queues": cfg.queues,
+                        },
+                    )
                 except NetlinkError as e:
-                    raise LabError(e.code, f"cannot create line {letter} veth "
-                                   f"{line.exchange_if}/{line.appliance_if}: {e}") from None
-                say(f"created line {letter}: {cfg.exchange_ns}/{line.exchange_if} <-> "
-                    f"{cfg.appliance_ns}/{line.appliance_if}")
+                    raise LabError(
+                        e.code,
+                        f"cannot create line {letter} veth "
+                        f"{line.exchange_if}/{line.appliance_if}: {e}",
+                    ) from None
+                say(
+                    f"created line {letter}: {cfg.exchange_ns}/{line.exchange_if} <-> "
+                    f"{cfg.appliance_ns}/{line.appliance_if}"
+                )
         for ns, ifname, addr, txq in (
             (cfg.exchange_ns, line.exchange_if, line.exchange_ip, EXCHANGE_TX_QUEUES),
             (cfg.appliance_ns, line.appliance_if, line.appliance_ip, cfg.queues),
@@ -95,14 +109,20 @@ def up(cfg: LabConfig, say=lambda msg: None) -> dict:
             with _iproute(ns) as ipr:
                 idx = _link(ipr, ifname)
                 if idx is None:
-                    raise LabError(errno.ENOENT, f"{ns}/{ifname} is missing but its veth "
-                                   f"peer exists: run tickwire lab down, then up")  # fmt: skip
+                    raise LabError(
+                        errno.ENOENT,
+                        f"{ns}/{ifname} is missing but its veth "
+                        f"peer exists: run tickwire lab down, then up",
+                    )
                 info = ipr.get_links(idx)[0]
                 have = (info.get("IFLA_NUM_RX_QUEUES"), info.get("IFLA_NUM_TX_QUEUES"))
                 if None not in have and have != (cfg.queues, txq):
-                    raise LabError(errno.EEXIST, f"{ns}/{ifname} has {have[0]} rx and {have[1]} "
-                                   f"tx queues, the lab wants {cfg.queues} and {txq}: run "
-                                   "tickwire lab down, then up")  # fmt: skip
+                    raise LabError(
+                        errno.EEXIST,
+                        f"{ns}/{ifname} has {have[0]} rx and {have[1]} "
+                        f"tx queues, the lab wants {cfg.queues} and {txq}: run "
+                        "tickwire lab down, then up",
+                    )
                 if info.get("IFLA_MTU") != cfg.mtu:
                     ipr.link("set", index=idx, mtu=cfg.mtu)
                 have = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
@@ -164,13 +184,19 @@ def _interfaces(ns: str) -> list[dict]:
     with _iproute(ns) as ipr:
         for link in ipr.get_links():
             name = link.get("IFLA_IFNAME")
-            addrs = [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
-                     for a in ipr.get_addr(index=link["index"], family=2)]  # fmt: skip
-            out.append({
-                "name": name, "state": link.get("IFLA_OPERSTATE", "").lower(),
-                "mtu": link.get("IFLA_MTU"), "queues": link.get("IFLA_NUM_RX_QUEUES"),
-                "addresses": addrs,
-            })  # fmt: skip
+            addrs = [
+                f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+                for a in ipr.get_addr(index=link["index"], family=2)
+            ]
+            out.append(
+                {
+                    "name": name,
+                    "state": link.get("IFLA_OPERSTATE", "").lower(),
+                    "mtu": link.get("IFLA_MTU"),
+                    "queues": link.get("IFLA_NUM_RX_QUEUES"),
+                    "addresses": addrs,
+                }
+            )
     return out
 
 
@@ -180,8 +206,12 @@ def _group_routes(ns: str) -> list[dict]:
         names = {ln["index"]: ln.get("IFLA_IFNAME") for ln in ipr.get_links()}
         for r in ipr.get_routes(family=2):
             dst = r.get("RTA_DST")
-            if dst and r["dst_len"] == 32 and dst.split(".")[0].isdigit() and \
-                    224 <= int(dst.split(".")[0]) <= 239:  # fmt: skip
+            if (
+                dst
+                and r["dst_len"] == 32
+                and dst.split(".")[0].isdigit()
+                and 224 <= int(dst.split(".")[0]) <= 239
+            ):
                 out.append({"group": dst, "dev": names.get(r.get("RTA_OIF"))})
     return out
 
@@ -194,15 +224,21 @@ def status(cfg: LabConfig) -> dict:
             out["namespaces"][ns] = {"role": role, "exists": False}
             out["up"] = False
             continue
-        info = {"role": role, "exists": True, "interfaces": _interfaces(ns),
-                "processes": _pids_in(ns)}  # fmt: skip
+        info = {
+            "role": role,
+            "exists": True,
+            "interfaces": _interfaces(ns),
+            "processes": _pids_in(ns),
+        }
         if role == "exchange":
             info["group_routes"] = _group_routes(ns)
         out["namespaces"][ns] = info
     if out["up"]:
         for line in cfg.lines.values():
-            for ns, ifname in ((cfg.exchange_ns, line.exchange_if),
-                               (cfg.appliance_ns, line.appliance_if)):  # fmt: skip
+            for ns, ifname in (
+                (cfg.exchange_ns, line.exchange_if),
+                (cfg.appliance_ns, line.appliance_if),
+            ):
                 ifs = {i["name"]: i for i in out["namespaces"][ns]["interfaces"]}
                 if ifname not in ifs or ifs[ifname]["state"] not in ("up", "unknown"):
                     out["up"] = False
@@ -219,8 +255,10 @@ def status_text(st: dict, cfg: LabConfig) -> str:
         for i in info["interfaces"]:
             if i["name"] == "lo":
                 continue
-            lines.append(f"    {i['name']:<10} {i['state']:<8} mtu {i['mtu']:<5} "
-                         f"queues {i['queues']}  {' '.join(i['addresses'])}")  # fmt: skip
+            lines.append(
+                f"    {i['name']:<10} {i['state']:<8} mtu {i['mtu']:<5} "
+                f"queues {i['queues']}  {' '.join(i['addresses'])}"
+            )
         for r in info.get("group_routes", []):
             lines.append(f"    route {r['group']} dev {r['dev']}")
         if info["processes"]:

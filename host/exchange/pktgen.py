@@ -112,12 +112,26 @@ def _multicast_mac(group: str) -> bytes:
     return bytes([0x01, 0x00, 0x5E]) + low.to_bytes(3, "big")
 
 
-def frame(payload: bytes, src_ip: str, group: str, port: int, src_mac: bytes,
-          pad_to: int = MIN_FRAME) -> bytes:  # fmt: skip
+def frame(
+    payload: bytes, src_ip: str, group: str, port: int, src_mac: bytes, pad_to: int = MIN_FRAME
+) -> bytes:
     """Ethernet / IPv4 / UDP around ``payload``, zero-padded to ``pad_to`` bytes."""
     udp_len = 8 + len(payload)
-    ip = bytearray(struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 0, 0x4000, 16, 17, 0,
-                               socket.inet_aton(src_ip), socket.inet_aton(group)))  # fmt: skip
+    ip = bytearray(
+        struct.pack(
+            ">BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + udp_len,
+            0,
+            0x4000,
+            16,
+            17,
+            0,
+            socket.inet_aton(src_ip),
+            socket.inet_aton(group),
+        )
+    )
     ip[10:12] = _csum(bytes(ip)).to_bytes(2, "big")
     eth = _multicast_mac(group) + src_mac + b"\x08\x00"
     out = eth + bytes(ip) + struct.pack(">HHHH", SRC_PORT, port, udp_len, 0) + payload
@@ -136,8 +150,9 @@ def itch_pairs(pairs: int) -> tuple[bytes, int]:
         side = b"B" if i % 2 == 0 else b"S"
         step = (i // 2 + 1) * 100
         price = MID_PRICE - step if side == b"B" else MID_PRICE + step
-        add = _itch_header(b"A") + struct.pack(">Qc I8sI".replace(" ", ""), ref, side,
-                                                100 + i, b"TWBENCH ", price)  # fmt: skip
+        add = _itch_header(b"A") + struct.pack(
+            ">Qc I8sI".replace(" ", ""), ref, side, 100 + i, b"TWBENCH ", price
+        )
         adds.append(struct.pack(">H", len(add)) + add)
         dele = _itch_header(b"D") + struct.pack(">Q", ref)
         deletes.append(struct.pack(">H", len(dele)) + dele)
@@ -150,8 +165,9 @@ def heartbeat_frame(line, session: str, src_mac: bytes = b"\x02\x00\x00\x00\x00\
     return frame(hb, line.exchange_ip, line.group, line.port, src_mac)
 
 
-def data_frame(line, session: str, pairs: int = FULL_PAIRS,
-               src_mac: bytes = b"\x02\x00\x00\x00\x00\x01") -> bytes:  # fmt: skip
+def data_frame(
+    line, session: str, pairs: int = FULL_PAIRS, src_mac: bytes = b"\x02\x00\x00\x00\x00\x01"
+) -> bytes:
     """A MoldUDP64 data packet of ``2 * pairs`` book-neutral ITCH messages."""
     blocks, count = itch_pairs(pairs)
     hdr = mold.header(mold.session_bytes(session), 0, count)
@@ -168,11 +184,11 @@ def _load():
     try:
         from bcc import BPF
     except ImportError as e:
-        raise PktgenError(errno.ENOPKG, f"bcc is not importable ({e}): install "
-                          "python3-bpfcc (make setup)") from None  # fmt: skip
+        raise PktgenError(
+            errno.ENOPKG, f"bcc is not importable ({e}): install python3-bpfcc (make setup)"
+        ) from None
     if os.geteuid() != 0:
-        raise PktgenError(errno.EPERM, "the packet generator needs root (CAP_BPF, "
-                          "CAP_NET_ADMIN)")  # fmt: skip
+        raise PktgenError(errno.EPERM, "the packet generator needs root (CAP_BPF, CAP_NET_ADMIN)")
     try:
         bpf = BPF(src_file=str(PKTGEN_SRC).encode(), cflags=[f"-I{BPF_DIR}"])  # pktgen.h
         gen = bpf.load_func(PROG_GEN.encode(), BPF.XDP)
@@ -185,11 +201,16 @@ def _load():
 def peer_napi(ns: str, ifname: str) -> None:
     """Turn GRO on for ``ifname`` in ``ns`` so the veth takes XDP-transmitted frames
     (``ndo_xdp_xmit`` needs NAPI on the receiving end) with no XDP program attached."""
-    done = subprocess.run(["ip", "netns", "exec", ns, "ethtool", "-K", ifname, "gro", "on"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, "ethtool", "-K", ifname, "gro", "on"],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
-        raise PktgenError(errno.EOPNOTSUPP, f"cannot turn GRO on for {ns}/{ifname}: "
-                          f"{done.stderr.strip() or done.stdout.strip()}")  # fmt: skip
+        raise PktgenError(
+            errno.EOPNOTSUPP,
+            f"cannot turn GRO on for {ns}/{ifname}: {done.stderr.strip() or done.stdout.strip()}",
+        )
 
 
 def _mac(ns: str, ifname: str) -> bytes:
@@ -206,8 +227,15 @@ def _mac(ns: str, ifname: str) -> bytes:
 class PacketGen:
     """Frames on line ``letter`` of a lab, from its exchange namespace (see module doc)."""
 
-    def __init__(self, labcfg: LabConfig, letter: str = "A", session: str = "TICKWIRE01",
-                 cpu: int | None = None, batch: int = 64, burst: int = 4):  # fmt: skip
+    def __init__(
+        self,
+        labcfg: LabConfig,
+        letter: str = "A",
+        session: str = "TICKWIRE01",
+        cpu: int | None = None,
+        batch: int = 64,
+        burst: int = 4,
+    ):
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch: {batch} is outside 1..{MAX_BATCH}")
         self.labcfg = labcfg
@@ -265,12 +293,19 @@ class PacketGen:
     def _call(self, buf, ctx, repeat: int) -> float:
         t0 = time.monotonic()
         try:
-            bpfsys.prog_run(self.gen_fd, buf, ctx=ctx, repeat=min(repeat, MAX_REPEAT),
-                            flags=bpfsys.BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=self.batch)
+            bpfsys.prog_run(
+                self.gen_fd,
+                buf,
+                ctx=ctx,
+                repeat=min(repeat, MAX_REPEAT),
+                flags=bpfsys.BPF_F_TEST_XDP_LIVE_FRAMES,
+                batch_size=self.batch,
+            )
         except OSError as e:
             where = f"{self.ns}/{self.line.exchange_if}"
-            raise PktgenError(e.errno, f"BPF_PROG_RUN (live frames) on {where}: "
-                              f"{os.strerror(e.errno)}") from None
+            raise PktgenError(
+                e.errno, f"BPF_PROG_RUN (live frames) on {where}: {os.strerror(e.errno)}"
+            ) from None
         return time.monotonic() - t0
 
     def _calibrate(self, buf, ctx) -> None:
@@ -294,9 +329,14 @@ class PacketGen:
                 self._calibrate(buf, ctx)
             first = self.frames
             waits0, idle0 = self._get(ST_WAITS), self._get(ST_IDLE)
-            for slot, v in ((ST_INTERVAL, interval), (ST_DUE, 0), (ST_FIRST, 0),
-                            (ST_LAST, 0), (ST_BURST, interval * (burst or self.burst)),
-                            (ST_BUDGET, n)):  # fmt: skip
+            for slot, v in (
+                (ST_INTERVAL, interval),
+                (ST_DUE, 0),
+                (ST_FIRST, 0),
+                (ST_LAST, 0),
+                (ST_BURST, interval * (burst or self.burst)),
+                (ST_BUDGET, n),
+            ):
                 self._set(slot, v)
             t0 = time.monotonic()
             left = n
@@ -317,9 +357,17 @@ class PacketGen:
                 self.spin_rate = waits / span  # what this load leaves the spin: next call
             self._set(ST_INTERVAL, 0)
         rate = (sent - 1) / span if sent > 1 and span > 0 else 0.0
-        out.update(sent=sent, seconds=span, wall_seconds=wall, calls=calls, rate_pps=rate,
-                   requested_pps=float(rate_pps or 0.0), next_seq=self.next_seq,
-                   waits=waits, idle=self._get(ST_IDLE) - idle0)  # fmt: skip
+        out.update(
+            sent=sent,
+            seconds=span,
+            wall_seconds=wall,
+            calls=calls,
+            rate_pps=rate,
+            requested_pps=float(rate_pps or 0.0),
+            next_seq=self.next_seq,
+            waits=waits,
+            idle=self._get(ST_IDLE) - idle0,
+        )
 
     def start(self, n: int, rate_pps: float | None = None, burst: int | None = None) -> Sending:
         """Send in the background; ``.join()`` returns what ``send`` returns."""

@@ -54,8 +54,9 @@ class Session:
         offsets = np.zeros(len(buf) // 2 + 2, np.int64)
         n, bad = mold.index_messages(buf, offsets)
         if bad >= 0:
-            raise SimError(f"{name}: truncated: the message at byte offset {bad} runs past "
-                           "the end of the file")  # fmt: skip
+            raise SimError(
+                f"{name}: truncated: the message at byte offset {bad} runs past the end of the file"
+            )
         if n == 0:
             raise SimError(f"{name}: holds no messages")
         return cls(buf, offsets[: n + 1].copy(), int(n))
@@ -120,8 +121,7 @@ EINTR, EAGAIN, ENOBUFS = 4, 11, 105
 
 
 @njit(nogil=True)
-def send_due(fd, mm, iov, hdr_addr, buf_addr, packets, sched, due, cursor, now, cuts,
-             cutlog, ncut):  # fmt: skip
+def send_due(fd, mm, iov, hdr_addr, buf_addr, packets, sched, due, cursor, now, cuts, cutlog, ncut):
     """Send the scheduled slots from ``cursor`` whose due time is ``<= now``, at most one
     ``sendmmsg`` batch (``len(mm)``), skipping (and logging in ``cutlog``) those inside a
     cut window. Returns ``(cursor, ncut, packets_sent, errno)``; errno 0 unless a send
@@ -183,8 +183,9 @@ class LineState:
         return self.cursor >= len(self.sched)
 
 
-def schedule(packets: np.ndarray, nominal: np.ndarray, faults: list[Fault], letter: str,
-             rng: random.Random) -> LineState:  # fmt: skip
+def schedule(
+    packets: np.ndarray, nominal: np.ndarray, faults: list[Fault], letter: str, rng: random.Random
+) -> LineState:
     """Apply ``letter``'s static faults to the nominal packet order; record each one."""
     mine = [f for f in faults if f.line == letter]
     n = len(packets)
@@ -192,8 +193,16 @@ def schedule(packets: np.ndarray, nominal: np.ndarray, faults: list[Fault], lett
     events: list[dict] = []
 
     def ev(kind, k, **kw):
-        events.append({"line": letter, "fault": kind, "packet": int(k),
-                       "seq": int(seq[k]), "count": int(cnt[k]), **kw})  # fmt: skip
+        events.append(
+            {
+                "line": letter,
+                "fault": kind,
+                "packet": int(k),
+                "seq": int(seq[k]),
+                "count": int(cnt[k]),
+                **kw,
+            }
+        )
 
     keep = np.ones(n, bool)
     for f in mine:
@@ -230,7 +239,7 @@ def schedule(packets: np.ndarray, nominal: np.ndarray, faults: list[Fault], lett
             if rng.random() < f.prob:
                 j = min(len(sched) - 1, i + rng.randint(1, f.window - 1))
                 moved = sched[i]
-                sched[i : j] = sched[i + 1 : j + 1]
+                sched[i:j] = sched[i + 1 : j + 1]
                 sched[j] = moved
                 ev("reorder", moved, after_seq=int(seq[sched[j - 1]]))
                 i = j + 1
@@ -241,12 +250,24 @@ def schedule(packets: np.ndarray, nominal: np.ndarray, faults: list[Fault], lett
     delay_ns = int(delay * 1e6)
     if delay:
         events.append({"line": letter, "fault": "delay", "ms": delay})
-    due = np.maximum.accumulate(nominal[sched_arr]) + delay_ns if len(sched_arr) else \
-        np.zeros(0, np.int64)  # fmt: skip
-    cuts = np.array([[int(f.at_ms * 1e6), int((f.at_ms + f.ms) * 1e6)] for f in mine
-                     if f.kind == "cut"], np.int64).reshape(-1, 2)  # fmt: skip
-    return LineState(letter=letter, cfg=None, sched=sched_arr, due=due.astype(np.int64),
-                     cuts=cuts, events=events, delay_ns=delay_ns)  # fmt: skip
+    due = (
+        np.maximum.accumulate(nominal[sched_arr]) + delay_ns
+        if len(sched_arr)
+        else np.zeros(0, np.int64)
+    )
+    cuts = np.array(
+        [[int(f.at_ms * 1e6), int((f.at_ms + f.ms) * 1e6)] for f in mine if f.kind == "cut"],
+        np.int64,
+    ).reshape(-1, 2)
+    return LineState(
+        letter=letter,
+        cfg=None,
+        sched=sched_arr,
+        due=due.astype(np.int64),
+        cuts=cuts,
+        events=events,
+        delay_ns=delay_ns,
+    )
 
 
 # --- the simulator -------------------------------------------------------------------------
@@ -273,9 +294,12 @@ def line_socket(line: LineConfig) -> socket.socket:
         s.bind((line.exchange_ip, 0))
     except OSError as e:
         s.close()
-        raise OSError(e.errno, f"cannot bind {line.exchange_ip} ({line.exchange_if}): "
-                      f"{e.strerror}; is this the lab's exchange namespace? "
-                      "(run: tickwire lab up)") from None  # fmt: skip
+        raise OSError(
+            e.errno,
+            f"cannot bind {line.exchange_ip} ({line.exchange_if}): "
+            f"{e.strerror}; is this the lab's exchange namespace? "
+            "(run: tickwire lab up)",
+        ) from None
     s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(line.exchange_ip))
     s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
     s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
@@ -293,11 +317,15 @@ class Simulator:
         self.opts = opts
         limit = opts.payload
         if limit + IP_UDP_OVERHEAD > lab.mtu:
-            raise SimError(f"payload limit {limit} does not fit the lab MTU {lab.mtu} "
-                           f"(at most {lab.mtu - IP_UDP_OVERHEAD})")  # fmt: skip
+            raise SimError(
+                f"payload limit {limit} does not fit the lab MTU {lab.mtu} "
+                f"(at most {lab.mtu - IP_UDP_OVERHEAD})"
+            )
         if limit < mold.HEADER_LEN + 2 + 50:
-            raise SimError(f"payload limit {limit} is below the largest ITCH message "
-                           f"({mold.HEADER_LEN + 52} bytes with header)")  # fmt: skip
+            raise SimError(
+                f"payload limit {limit} is below the largest ITCH message "
+                f"({mold.HEADER_LEN + 52} bytes with header)"
+            )
         if not 1 <= opts.start_seq <= session.n:
             raise SimError(f"start sequence {opts.start_seq} is outside 1..{session.n}")
         self.name = mold.session_bytes(opts.session_name)
@@ -338,8 +366,15 @@ class Simulator:
         for c0, c1 in st.cuts:
             if c0 <= now < c1:
                 st.hb_cut += 1
-                st.events.append({"line": st.letter, "fault": "cut", "control": int(count),
-                                  "next_seq": seq, "at_ms": now / 1e6})  # fmt: skip
+                st.events.append(
+                    {
+                        "line": st.letter,
+                        "fault": "cut",
+                        "control": int(count),
+                        "next_seq": seq,
+                        "at_ms": now / 1e6,
+                    }
+                )
                 st.last_tx = now
                 return
         if count == mold.HEARTBEAT:
@@ -355,8 +390,9 @@ class Simulator:
         try:
             self._start_lines()
             if self.opts.serve:
-                self.server = ReRequestServer(self.session, self.name, self.published,
-                                              self.opts.server, self.opts.payload)  # fmt: skip
+                self.server = ReRequestServer(
+                    self.session, self.name, self.published, self.opts.server, self.opts.payload
+                )
                 self.server.start()
             t0 = time.monotonic_ns() + int(self.opts.preroll * 1e9)
             interrupted = not self._publish(t0, progress)
@@ -380,8 +416,21 @@ class Simulator:
             for i in range(batch):
                 st.mm[i]["hdr"]["iov"] = st.iov.ctypes.data + 2 * IOVEC.itemsize * i
                 st.mm[i]["hdr"]["iovlen"] = 2
-            send_due(-1, st.mm, st.iov, 0, 0, self.packets, st.sched, st.due, st.cursor,
-                     -(1 << 62), st.cuts, st.cutlog, st.ncut)  # fmt: skip
+            send_due(
+                -1,
+                st.mm,
+                st.iov,
+                0,
+                0,
+                self.packets,
+                st.sched,
+                st.due,
+                st.cursor,
+                -(1 << 62),
+                st.cuts,
+                st.cutlog,
+                st.ncut,
+            )
 
     def _publish(self, t0: int, progress) -> bool:
         """Send every line's schedule (due times are ns after ``t0``), with heartbeats on
@@ -410,8 +459,20 @@ class Simulator:
             if st.done():
                 continue
             cur, st.ncut, sent, err = send_due(
-                st.sock.fileno(), st.mm, st.iov, hdr_addr, buf_addr, self.packets, st.sched,
-                st.due, st.cursor, now, st.cuts, st.cutlog, st.ncut)  # fmt: skip
+                st.sock.fileno(),
+                st.mm,
+                st.iov,
+                hdr_addr,
+                buf_addr,
+                self.packets,
+                st.sched,
+                st.due,
+                st.cursor,
+                now,
+                st.cuts,
+                st.cutlog,
+                st.ncut,
+            )
             if err:
                 raise OSError(err, f"line {st.letter}: send failed: {os.strerror(err)}")
             if cur != st.cursor:
@@ -426,8 +487,9 @@ class Simulator:
 
     def _wait_due(self, t0: int, horizon: int) -> None:
         """Sleep until the next slot of any line is due (or ``horizon``), 50 ms at most."""
-        nxt = min([int(st.due[st.cursor]) for st in self.lines.values() if not st.done()]
-                  + [horizon])  # fmt: skip
+        nxt = min(
+            [int(st.due[st.cursor]) for st in self.lines.values() if not st.done()] + [horizon]
+        )
         wait = (nxt - (time.monotonic_ns() - t0)) / 1e9
         if wait > 0:
             time.sleep(min(wait, 0.05))
@@ -468,9 +530,16 @@ class Simulator:
         out = list(st.events)
         for slot, t in st.cutlog[: st.ncut]:
             k = int(st.sched[slot])
-            out.append({"line": letter, "fault": "cut", "packet": k,
-                        "seq": int(self.packets[k]["seq"]),
-                        "count": int(self.packets[k]["count"]), "at_ms": int(t) / 1e6})  # fmt: skip
+            out.append(
+                {
+                    "line": letter,
+                    "fault": "cut",
+                    "packet": k,
+                    "seq": int(self.packets[k]["seq"]),
+                    "count": int(self.packets[k]["count"]),
+                    "at_ms": int(t) / 1e6,
+                }
+            )
         return out
 
     def sent_packets(self, letter: str) -> np.ndarray:
@@ -489,20 +558,28 @@ class Simulator:
             for e in self.line_events(letter):
                 faults[e["fault"]] = faults.get(e["fault"], 0) + 1
             lines[letter] = {
-                "group": f"{st.cfg.group}:{st.cfg.port}", "packets": int(len(sent)),
+                "group": f"{st.cfg.group}:{st.cfg.port}",
+                "packets": int(len(sent)),
                 "messages": int(p["count"].sum()),
                 "bytes": int((p["end"] - p["start"]).sum() + mold.HEADER_LEN * len(sent)),
-                "heartbeats": st.heartbeats, "end_of_session": st.eos, "faults": faults,
-            }  # fmt: skip
+                "heartbeats": st.heartbeats,
+                "end_of_session": st.eos,
+                "faults": faults,
+            }
         published = int(self.published[0]) - self.opts.start_seq + 1
         out = {
-            "session": self.opts.session_name, "messages": self.session.n,
-            "first_seq": self.opts.start_seq, "last_seq": int(self.pkt_end_seq[-1]),
-            "packets": len(self.packets), "pacing": self.opts.pacing.describe(),
+            "session": self.opts.session_name,
+            "messages": self.session.n,
+            "first_seq": self.opts.start_seq,
+            "last_seq": int(self.pkt_end_seq[-1]),
+            "packets": len(self.packets),
+            "pacing": self.opts.pacing.describe(),
             "seconds": t_data_ns / 1e9,
             "msgs_per_s": max(ln["messages"] for ln in lines.values()) / (t_data_ns / 1e9),
-            "published": published, "lines": lines, "interrupted": interrupted,
-        }  # fmt: skip
+            "published": published,
+            "lines": lines,
+            "interrupted": interrupted,
+        }
         if self.server is not None:
             out["rerequest"] = dict(self.server.counters)
         return out
@@ -510,32 +587,43 @@ class Simulator:
     def record(self) -> dict:
         """Everything a test needs to know what each line carried."""
         return {
-            "session": self.opts.session_name, "first_seq": self.opts.start_seq,
+            "session": self.opts.session_name,
+            "first_seq": self.opts.start_seq,
             "last_seq": int(self.pkt_end_seq[-1]),
-            "packets": [[int(s), int(c)] for s, c in zip(self.packets["seq"],
-                                                         self.packets["count"], strict=True)],
-            "lines": {ln: {"sent": self.sent_packets(ln).tolist(),
-                           "events": self.line_events(ln)} for ln in LINES},
-        }  # fmt: skip
+            "packets": [
+                [int(s), int(c)]
+                for s, c in zip(self.packets["seq"], self.packets["count"], strict=True)
+            ],
+            "lines": {
+                ln: {"sent": self.sent_packets(ln).tolist(), "events": self.line_events(ln)}
+                for ln in LINES
+            },
+        }
 
 
 def summary_text(s: dict) -> str:
-    out = [f"session {s['session']}: sequences {s['first_seq']:,}..{s['last_seq']:,} in "
-           f"{s['packets']:,} packets, {s['pacing']}, {s['seconds']:.2f} s "
-           f"({s['msgs_per_s'] / 1e6:.2f}M msgs/s)" + (" (interrupted)" if s["interrupted"]
-                                                        else "")]  # fmt: skip
+    out = [
+        f"session {s['session']}: sequences {s['first_seq']:,}..{s['last_seq']:,} in "
+        f"{s['packets']:,} packets, {s['pacing']}, {s['seconds']:.2f} s "
+        f"({s['msgs_per_s'] / 1e6:.2f}M msgs/s)" + (" (interrupted)" if s["interrupted"] else "")
+    ]
     for letter, ln in s["lines"].items():
         faults = ", ".join(f"{k} {v:,}" for k, v in sorted(ln["faults"].items())) or "none"
-        out.append(f"  line {letter} {ln['group']}: {ln['packets']:,} packets, "
-                   f"{ln['messages']:,} messages, {ln['heartbeats']} heartbeats, "
-                   f"{ln['end_of_session']} end-of-session; faults: {faults}")  # fmt: skip
+        out.append(
+            f"  line {letter} {ln['group']}: {ln['packets']:,} packets, "
+            f"{ln['messages']:,} messages, {ln['heartbeats']} heartbeats, "
+            f"{ln['end_of_session']} end-of-session; faults: {faults}"
+        )
     r = s.get("rerequest")
     if r:
-        ignored = sum(r[k] for k in ("malformed", "other_session", "future", "outside_window",
-                                     "rate_limited"))  # fmt: skip
-        out.append(f"  re-requests: {r['requests']:,} received, {r['answered']:,} answered "
-                   f"({r['messages']:,} messages in {r['packets']:,} packets), "
-                   f"{ignored:,} ignored")  # fmt: skip
+        ignored = sum(
+            r[k] for k in ("malformed", "other_session", "future", "outside_window", "rate_limited")
+        )
+        out.append(
+            f"  re-requests: {r['requests']:,} received, {r['answered']:,} answered "
+            f"({r['messages']:,} messages in {r['packets']:,} packets), "
+            f"{ignored:,} ignored"
+        )
     return "\n".join(out)
 
 
@@ -559,10 +647,10 @@ def validate_options(opts: SimOptions) -> None:
     if sv.window < 1 or sv.max_messages < 1 or sv.workers < 1 or sv.rate <= 0:
         raise SimError("re-request window, caps, rate and workers must be positive")
     if sv.max_bytes < opts.payload:
-        raise SimError(f"--rr-max-bytes {sv.max_bytes} must allow one full packet "
-                       f"({opts.payload} bytes)")  # fmt: skip
+        raise SimError(
+            f"--rr-max-bytes {sv.max_bytes} must allow one full packet ({opts.payload} bytes)"
+        )
     try:
         mold.session_bytes(opts.session_name)
     except ValueError as e:
         raise SimError(str(e)) from None
-

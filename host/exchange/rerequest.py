@@ -38,16 +38,34 @@ class ServerConfig:
     workers: int = 2
 
 
-SERVER_COUNTERS = ("requests", "answered", "partial", "messages", "packets", "bytes",
-                   "malformed", "other_session", "future", "outside_window", "rate_limited",
-                   "send_errors")  # fmt: skip
+SERVER_COUNTERS = (
+    "requests",
+    "answered",
+    "partial",
+    "messages",
+    "packets",
+    "bytes",
+    "malformed",
+    "other_session",
+    "future",
+    "outside_window",
+    "rate_limited",
+    "send_errors",
+)
 
 
 class ReRequestServer:
     """MoldUDP64 retransmission server over a session (see the module docstring)."""
 
-    def __init__(self, session: Session, session_name: bytes, published: np.ndarray,
-                 cfg: ServerConfig, payload_limit: int, bind_ip: str = "0.0.0.0"):  # fmt: skip
+    def __init__(
+        self,
+        session: Session,
+        session_name: bytes,
+        published: np.ndarray,
+        cfg: ServerConfig,
+        payload_limit: int,
+        bind_ip: str = "0.0.0.0",
+    ):
         self.session = session
         self.name = session_name
         self.published = published  # published[0]: highest sequence published so far
@@ -71,12 +89,13 @@ class ReRequestServer:
             except OSError as e:
                 s.close()
                 self.stop()
-                raise OSError(e.errno, f"re-request server cannot bind {self.bind_ip}:"
-                              f"{self.cfg.port}: {e.strerror}") from None  # fmt: skip
+                raise OSError(
+                    e.errno,
+                    f"re-request server cannot bind {self.bind_ip}:{self.cfg.port}: {e.strerror}",
+                ) from None
             s.settimeout(0.1)
             self._socks.append(s)
-            t = threading.Thread(target=self._serve, args=(s,), name=f"rerequest-{i}",
-                                 daemon=True)  # fmt: skip
+            t = threading.Thread(target=self._serve, args=(s,), name=f"rerequest-{i}", daemon=True)
             self._threads.append(t)
         for t in self._threads:
             t.start()
@@ -161,7 +180,10 @@ class ReRequestServer:
         if sent_msgs < n:  # tokens not spent on packets over the byte cap go back
             with self._lock:
                 self._buckets[addr[0]][0] += n - sent_msgs
-        self._count(answered=1, partial=int(sent_msgs < count), messages=sent_msgs,
-                    packets=sent_pkts, bytes=sent_bytes)  # fmt: skip
-
-
+        self._count(
+            answered=1,
+            partial=int(sent_msgs < count),
+            messages=sent_msgs,
+            packets=sent_pkts,
+            bytes=sent_bytes,
+        )

@@ -65,8 +65,17 @@ MAP_CFG = "tw_fault_cfg"
 MAP_STATS = "tw_fault_stats"
 FAULT_LINES = 2
 LINE_SLOTS = {"A": 0, "B": 1}
-CFG_FIELDS = ("ifindex", "flags", "cut_start_ns", "cut_end_ns", "seq_first", "seq_last",
-              "loss_threshold", "group", "port")  # fmt: skip
+CFG_FIELDS = (
+    "ifindex",
+    "flags",
+    "cut_start_ns",
+    "cut_end_ns",
+    "seq_first",
+    "seq_last",
+    "loss_threshold",
+    "group",
+    "port",
+)
 FAULT_CFG = np.dtype([(name, np.uint64) for name in CFG_FIELDS], align=True)
 LOSS_ONE = 1 << 32  # loss_threshold that drops every data packet
 FF_ALL = 1
@@ -84,8 +93,18 @@ FC_DROPPED_MESSAGES = 7
 FC_FIRST_DROPPED_SEQ = 8
 FC_LAST_DROPPED_SEQ = 9
 FC_LEN = 10
-COUNTERS = ("seen", "passed", "feed", "dropped_all", "dropped_cut", "dropped_range",
-            "dropped_random", "dropped_messages", "first_dropped_seq", "last_dropped_seq")
+COUNTERS = (
+    "seen",
+    "passed",
+    "feed",
+    "dropped_all",
+    "dropped_cut",
+    "dropped_range",
+    "dropped_random",
+    "dropped_messages",
+    "first_dropped_seq",
+    "last_dropped_seq",
+)
 
 
 class FaultError(OSError):
@@ -122,8 +141,11 @@ def _ensure_bpffs() -> None:
     # like tc(8) and bpftool: mount bpffs where everyone expects it
     if LIBC.mount(b"bpf", b"/sys/fs/bpf", b"bpf", 0, None) != 0:
         e = ctypes.get_errno()
-        raise FaultError(e, f"cannot mount the BPF filesystem on /sys/fs/bpf: {os.strerror(e)}"
-                         + (" (run as root)" if e == errno.EPERM else ""))  # fmt: skip
+        raise FaultError(
+            e,
+            f"cannot mount the BPF filesystem on /sys/fs/bpf: {os.strerror(e)}"
+            + (" (run as root)" if e == errno.EPERM else ""),
+        )
 
 
 def pin_dir(labcfg: Config | LabConfig) -> str:
@@ -171,8 +193,11 @@ class FaultMaps:
         except OSError as e:
             for fd in fds:
                 os.close(fd)
-            raise FaultError(e.errno, f"cannot open the pinned fault program in {where}: "
-                             f"{e.strerror}; remove it with: tickwire lab fault off") from None
+            raise FaultError(
+                e.errno,
+                f"cannot open the pinned fault program in {where}: "
+                f"{e.strerror}; remove it with: tickwire lab fault off",
+            ) from None
 
     @classmethod
     def create(cls, prefix: str) -> FaultMaps:
@@ -188,18 +213,25 @@ class FaultMaps:
                 except Exception as e:
                     failure = e
             if failure is not None:
-                raise FaultError(errno.EINVAL, f"the kernel verifier rejected {PROG_NAME}: "
-                                 f"{brief(err[0] if err else '', 3) or failure}") from None
-            objs = (("prog", fn.fd), ("cfg", bpf[MAP_CFG.encode()].map_fd),
-                    ("stats", bpf[MAP_STATS.encode()].map_fd))  # fmt: skip
+                raise FaultError(
+                    errno.EINVAL,
+                    f"the kernel verifier rejected {PROG_NAME}: "
+                    f"{brief(err[0] if err else '', 3) or failure}",
+                ) from None
+            objs = (
+                ("prog", fn.fd),
+                ("cfg", bpf[MAP_CFG.encode()].map_fd),
+                ("stats", bpf[MAP_STATS.encode()].map_fd),
+            )
             try:
                 os.makedirs(where, exist_ok=True)
                 for name, fd in objs:
                     bpfsys.pin(fd, f"{where}/{name}")
             except OSError as e:
                 _unpin(prefix)
-                raise FaultError(e.errno, f"cannot pin the fault program in {where}: "
-                                 f"{e.strerror}") from None  # fmt: skip
+                raise FaultError(
+                    e.errno, f"cannot pin the fault program in {where}: {e.strerror}"
+                ) from None
         finally:
             bpf.cleanup()  # the pins keep program and maps alive
         maps = cls.open(prefix)
@@ -255,8 +287,9 @@ class FaultMaps:
                 out[name] = max(per_cpu) or None
             else:
                 out[name] = sum(per_cpu)
-        out["dropped"] = sum(out[n] for n in ("dropped_all", "dropped_cut", "dropped_range",
-                                              "dropped_random"))  # fmt: skip
+        out["dropped"] = sum(
+            out[n] for n in ("dropped_all", "dropped_cut", "dropped_range", "dropped_random")
+        )
         return out
 
     def reset_counters(self, letter: str) -> None:
@@ -290,8 +323,9 @@ def _compile():
     try:
         from bcc import BPF
     except ImportError as e:
-        raise FaultError(errno.ENOPKG, f"bcc is not importable ({e}): install python3-bpfcc "
-                         "(make setup)") from None  # fmt: skip
+        raise FaultError(
+            errno.ENOPKG, f"bcc is not importable ({e}): install python3-bpfcc (make setup)"
+        ) from None
     failure: Exception | None = None
     with stderr_captured() as err:
         try:
@@ -302,10 +336,13 @@ def _compile():
     if failure is not None:
         text = err[0] if err else ""
         if os.geteuid() != 0 or "Operation not permitted" in text:
-            raise FaultError(errno.EPERM, "cannot load the fault program: run as root (needs "
-                             "CAP_BPF and CAP_NET_ADMIN)") from None  # fmt: skip
-        raise FaultError(errno.EINVAL, f"{FAULT_SRC.name} does not build: "
-                         f"{brief(text, 4) or failure}") from None  # fmt: skip
+            raise FaultError(
+                errno.EPERM,
+                "cannot load the fault program: run as root (needs CAP_BPF and CAP_NET_ADMIN)",
+            ) from None
+        raise FaultError(
+            errno.EINVAL, f"{FAULT_SRC.name} does not build: {brief(text, 4) or failure}"
+        ) from None
     return bpf
 
 
@@ -316,8 +353,9 @@ def _netlink(labcfg: LabConfig, fn):
 
     ns = labcfg.exchange_ns
     if not netns.exists(ns):
-        raise FaultError(errno.ENOENT, f"lab {labcfg.prefix} is not up (no namespace {ns}): "
-                         "run tickwire lab up")  # fmt: skip
+        raise FaultError(
+            errno.ENOENT, f"lab {labcfg.prefix} is not up (no namespace {ns}): run tickwire lab up"
+        )
     with netns.entered(ns), IPRoute() as ipr:
         return fn(ipr)
 
@@ -326,8 +364,10 @@ def _ifindex(ipr, labcfg: LabConfig, letter: str) -> int:
     ifname = labcfg.lines[letter].exchange_if
     found = ipr.link_lookup(ifname=ifname)
     if not found:
-        raise FaultError(errno.ENODEV, f"line {letter}: no interface {ifname} in "
-                         f"{labcfg.exchange_ns} (run tickwire lab up)")  # fmt: skip
+        raise FaultError(
+            errno.ENODEV,
+            f"line {letter}: no interface {ifname} in {labcfg.exchange_ns} (run tickwire lab up)",
+        )
     return found[0]
 
 
@@ -337,8 +377,12 @@ def _fault_filters(ipr, idx: int) -> list[tuple[int, int, str]]:
     for f in ipr.get_filters(index=idx, parent=TC_EGRESS):
         opts = f.get_attr("TCA_OPTIONS")
         name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
-        if f.get_attr("TCA_KIND") == "bpf" and f["handle"] and name and \
-                name.split(":")[0] == PROG_NAME:  # fmt: skip
+        if (
+            f.get_attr("TCA_KIND") == "bpf"
+            and f["handle"]
+            and name
+            and name.split(":")[0] == PROG_NAME
+        ):
             out.append((f["handle"], f["info"], name))
     return out
 
@@ -365,8 +409,11 @@ def _remove_filters(ipr, idx: int, where: str) -> bool:
         except NetlinkError as e:
             if e.code != errno.ENOENT:
                 raise _netlink_error(f"cannot remove the fault filter from {where}", e) from None
-    if _has_clsact(ipr, idx) and not any(ipr.get_filters(index=idx, parent=TC_EGRESS)) and \
-            not any(ipr.get_filters(index=idx, parent=TC_INGRESS)):  # fmt: skip
+    if (
+        _has_clsact(ipr, idx)
+        and not any(ipr.get_filters(index=idx, parent=TC_EGRESS))
+        and not any(ipr.get_filters(index=idx, parent=TC_INGRESS))
+    ):
         with contextlib.suppress(NetlinkError):
             ipr.tc("del", "clsact", idx)
     return bool(found)
@@ -386,12 +433,15 @@ def attach(labcfg: Config | LabConfig, lines: str | list[str] = "AB") -> list[st
 
     lc, letters = _lab(labcfg), lines_of(lines)
     if not netns.exists(lc.exchange_ns):
-        raise FaultError(errno.ENOENT, f"lab {lc.prefix} is not up (no namespace "
-                         f"{lc.exchange_ns}): run tickwire lab up")  # fmt: skip
+        raise FaultError(
+            errno.ENOENT,
+            f"lab {lc.prefix} is not up (no namespace {lc.exchange_ns}): run tickwire lab up",
+        )
     _ensure_bpffs()
     with _locked():
         maps = FaultMaps.open(lc.prefix) or FaultMaps.create(lc.prefix)
         with maps:
+
             def run(ipr) -> list[str]:
                 done = []
                 for letter in letters:
@@ -402,21 +452,32 @@ def attach(labcfg: Config | LabConfig, lines: str | list[str] = "AB") -> list[st
                         continue
                     _remove_filters(ipr, idx, where)  # a stale one, from older pins
                     fresh = dict.fromkeys(CFG_FIELDS, 0)
-                    fresh.update(ifindex=idx, group=int(ipaddress.IPv4Address(line.group)),
-                                 port=line.port)  # fmt: skip
+                    fresh.update(
+                        ifindex=idx, group=int(ipaddress.IPv4Address(line.group)), port=line.port
+                    )
                     maps.set_config(letter, **fresh)
                     maps.reset_counters(letter)
                     try:
                         if not _has_clsact(ipr, idx):
                             ipr.tc("add", "clsact", idx)
-                        ipr.tc("add-filter", "bpf", idx, ":1", fd=maps.prog_fd,
-                               name=maps.filter_name, parent=TC_EGRESS, classid=1,
-                               direct_action=True, prio=FILTER_PRIO)  # fmt: skip
+                        ipr.tc(
+                            "add-filter",
+                            "bpf",
+                            idx,
+                            ":1",
+                            fd=maps.prog_fd,
+                            name=maps.filter_name,
+                            parent=TC_EGRESS,
+                            classid=1,
+                            direct_action=True,
+                            prio=FILTER_PRIO,
+                        )
                     except NetlinkError as e:
                         maps.set_config(letter, ifindex=0, flags=0)
                         _remove_filters(ipr, idx, where)
-                        raise _netlink_error(f"cannot attach {PROG_NAME} to TC egress of "
-                                             f"{where}", e) from None  # fmt: skip
+                        raise _netlink_error(
+                            f"cannot attach {PROG_NAME} to TC egress of {where}", e
+                        ) from None
                     done.append(letter)
                 return done
 
@@ -433,6 +494,7 @@ def detach(labcfg: Config | LabConfig, lines: str | list[str] = "AB") -> list[st
     lc, letters = _lab(labcfg), lines_of(lines)
     if not os.path.isdir(pin_dir(lc)):
         if netns.exists(lc.exchange_ns):  # no pins, but maybe an orphaned filter
+
             def orphans(ipr) -> None:
                 for letter in letters:
                     ifname = lc.lines[letter].exchange_if
@@ -452,15 +514,19 @@ def detach(labcfg: Config | LabConfig, lines: str | list[str] = "AB") -> list[st
             def run(ipr) -> None:
                 for letter in letters:
                     idx = ipr.link_lookup(ifname=lc.lines[letter].exchange_if)
-                    if idx and _remove_filters(ipr, idx[0], f"{lc.exchange_ns}/"
-                                               f"{lc.lines[letter].exchange_if}"):  # fmt: skip
+                    if idx and _remove_filters(
+                        ipr, idx[0], f"{lc.exchange_ns}/{lc.lines[letter].exchange_if}"
+                    ):
                         removed.append(letter)
 
             if netns.exists(lc.exchange_ns):
                 _netlink(lc, run)
             for letter in letters:
-                if maps.config(letter)["ifindex"] and letter not in removed and \
-                        not netns.exists(lc.exchange_ns):  # fmt: skip
+                if (
+                    maps.config(letter)["ifindex"]
+                    and letter not in removed
+                    and not netns.exists(lc.exchange_ns)
+                ):
                     removed.append(letter)  # its namespace (and filter) went already
                 maps.set_config(letter, **dict.fromkeys(CFG_FIELDS, 0))
             if not any(maps.config(x)["ifindex"] for x in LINE_SLOTS):
@@ -487,21 +553,28 @@ def remove_all(labcfg: Config | LabConfig) -> list[str]:
 def _maps_or_error(lc: LabConfig) -> FaultMaps:
     maps = FaultMaps.open(lc.prefix)
     if maps is None:
-        raise FaultError(errno.ENOENT, f"no fault program on lab {lc.prefix}: set a fault "
-                         "first (tickwire lab fault A --cut 200)")  # fmt: skip
+        raise FaultError(
+            errno.ENOENT,
+            f"no fault program on lab {lc.prefix}: set a fault "
+            "first (tickwire lab fault A --cut 200)",
+        )
     return maps
 
 
 def _check_attached(lc: LabConfig, maps: FaultMaps, letters: list[str]) -> None:
     for letter in letters:
         if not maps.config(letter)["ifindex"]:
-            raise FaultError(errno.ENOENT, f"line {letter} of lab {lc.prefix} has no fault "
-                             "program attached (tickwire lab fault "
-                             f"{letter} ... attaches it)")  # fmt: skip
+            raise FaultError(
+                errno.ENOENT,
+                f"line {letter} of lab {lc.prefix} has no fault "
+                "program attached (tickwire lab fault "
+                f"{letter} ... attaches it)",
+            )
 
 
-def _fault_fields(cfg: dict[str, int], *, cut=None, drop_range=None, loss=None,
-                  drop_all=None) -> dict[str, int]:  # fmt: skip
+def _fault_fields(
+    cfg: dict[str, int], *, cut=None, drop_range=None, loss=None, drop_all=None
+) -> dict[str, int]:
     """The cfg fields that set the given faults (None: leave that fault as it is)."""
     new: dict[str, int] = {}
     flags = cfg["flags"]
@@ -525,10 +598,15 @@ def _fault_fields(cfg: dict[str, int], *, cut=None, drop_range=None, loss=None,
     return new
 
 
-def configure(labcfg: Config | LabConfig, lines: str | list[str] = "AB", *,
-              cut: tuple[float, float] | None = None,
-              drop_range: tuple[int, int] | None = None, loss: float | None = None,
-              drop_all: bool | None = None) -> dict:
+def configure(
+    labcfg: Config | LabConfig,
+    lines: str | list[str] = "AB",
+    *,
+    cut: tuple[float, float] | None = None,
+    drop_range: tuple[int, int] | None = None,
+    loss: float | None = None,
+    drop_all: bool | None = None,
+) -> dict:
     """Arm faults on ``lines``, attaching first where needed; faults not named stay as
     they are. ``cut`` is (ms, after_ms): drop everything for ms milliseconds starting
     after_ms from now; ``drop_range`` is (first, last) sequence; ``loss`` a probability
@@ -538,8 +616,10 @@ def configure(labcfg: Config | LabConfig, lines: str | list[str] = "AB", *,
     with _maps_or_error(lc) as maps:
         for letter in letters:
             cfg = maps.config(letter)
-            maps.set_config(letter, **_fault_fields(cfg, cut=cut, drop_range=drop_range,
-                                                    loss=loss, drop_all=drop_all))  # fmt: skip
+            maps.set_config(
+                letter,
+                **_fault_fields(cfg, cut=cut, drop_range=drop_range, loss=loss, drop_all=drop_all),
+            )
     return status(lc)
 
 
@@ -557,14 +637,15 @@ def clear(labcfg: Config | LabConfig, lines: str | list[str] = "AB") -> dict:
 
 def _describe(cfg: dict[str, int], now_ns: int) -> dict:
     flags = cfg["flags"]
-    out: dict = {"drop_all": bool(flags & FF_ALL), "cut": None, "drop_range": None,
-                 "loss": None}  # fmt: skip
+    out: dict = {"drop_all": bool(flags & FF_ALL), "cut": None, "drop_range": None, "loss": None}
     if flags & FF_CUT:
         start, end = cfg["cut_start_ns"], cfg["cut_end_ns"]
-        out["cut"] = {"ms": (end - start) / 1e6, "starts_in_ms": (start - now_ns) / 1e6,
-                      "ends_in_ms": (end - now_ns) / 1e6,
-                      "state": "pending" if now_ns < start else
-                               "active" if now_ns < end else "over"}  # fmt: skip
+        out["cut"] = {
+            "ms": (end - start) / 1e6,
+            "starts_in_ms": (start - now_ns) / 1e6,
+            "ends_in_ms": (end - now_ns) / 1e6,
+            "state": "pending" if now_ns < start else "active" if now_ns < end else "over",
+        }
     if flags & FF_RANGE:
         out["drop_range"] = [cfg["seq_first"], cfg["seq_last"]]
     if flags & FF_LOSS:
@@ -577,12 +658,17 @@ def _describe(cfg: dict[str, int], now_ns: int) -> dict:
 def status(labcfg: Config | LabConfig) -> dict:
     """Per line: interface, attached, armed faults and counters (None when not pinned)."""
     lc = _lab(labcfg)
-    out: dict = {"prefix": lc.prefix, "pinned": None, "lab_up": netns.exists(lc.exchange_ns),
-                 "lines": {}}  # fmt: skip
+    out: dict = {
+        "prefix": lc.prefix,
+        "pinned": None,
+        "lab_up": netns.exists(lc.exchange_ns),
+        "lines": {},
+    }
     maps = FaultMaps.open(lc.prefix) if os.path.isdir(pin_dir(lc)) else None
     now = time.monotonic_ns()
     attached: dict[str, bool] = dict.fromkeys(LINE_SLOTS, False)
     if maps is not None and out["lab_up"]:
+
         def run(ipr) -> None:
             for letter in LINE_SLOTS:
                 if ipr.link_lookup(ifname=lc.lines[letter].exchange_if):
@@ -590,8 +676,12 @@ def status(labcfg: Config | LabConfig) -> dict:
 
         _netlink(lc, run)
     for letter, line in lc.lines.items():
-        info: dict = {"interface": f"{lc.exchange_ns}/{line.exchange_if}",
-                      "attached": attached[letter], "faults": None, "counters": None}
+        info: dict = {
+            "interface": f"{lc.exchange_ns}/{line.exchange_if}",
+            "attached": attached[letter],
+            "faults": None,
+            "counters": None,
+        }
         if maps is not None and maps.config(letter)["ifindex"]:
             info["faults"] = _describe(maps.config(letter), now)
             info["counters"] = maps.counters(letter)
@@ -607,8 +697,11 @@ def status_text(st: dict) -> str:
     head = f"lab {st['prefix']} faults: "
     if not st["pinned"]:
         return head + "no fault program (tickwire lab fault A --cut 200 attaches one)"
-    rows = [head + f"program {st['prog_id']}, pinned in {st['pinned']}"
-            + ("" if st["lab_up"] else " (lab not up: tickwire lab fault off removes it)")]
+    rows = [
+        head
+        + f"program {st['prog_id']}, pinned in {st['pinned']}"
+        + ("" if st["lab_up"] else " (lab not up: tickwire lab fault off removes it)")
+    ]
     for letter, info in st["lines"].items():
         if info["faults"] is None:
             rows.append(f"  line {letter} {info['interface']}: not attached")
@@ -619,22 +712,32 @@ def status_text(st: dict) -> str:
             armed.append("drop all")
         if f["cut"]:
             cut = f["cut"]
-            when = {"pending": f"starts in {cut['starts_in_ms']:.0f} ms",
-                    "active": f"{cut['ends_in_ms']:.0f} ms left", "over": "over"}
+            when = {
+                "pending": f"starts in {cut['starts_in_ms']:.0f} ms",
+                "active": f"{cut['ends_in_ms']:.0f} ms left",
+                "over": "over",
+            }
             armed.append(f"cut {cut['ms']:.0f} ms ({when[cut['state']]})")
         if f["drop_range"]:
             armed.append("drop {}-{}".format(*f["drop_range"]))
         if f["loss"] is not None:
             armed.append(f"loss {f['loss']:g}")
         state = "attached" if info["attached"] else "NOT attached (stale slot)"
-        rows.append(f"  line {letter} {info['interface']} ({f['group']}:{f['port']}): {state};"
-                    f" faults: {', '.join(armed) or 'none'}")  # fmt: skip
-        seqs = "" if c["first_dropped_seq"] is None else \
-            f", sequences {c['first_dropped_seq']}..{c['last_dropped_seq']}"  # fmt: skip
-        rows.append(f"    seen {c['seen']}, passed {c['passed']}, feed {c['feed']}; dropped "
-                    f"{c['dropped']} (all {c['dropped_all']}, cut {c['dropped_cut']}, range "
-                    f"{c['dropped_range']}, random {c['dropped_random']}; "
-                    f"{c['dropped_messages']} messages{seqs})")  # fmt: skip
+        rows.append(
+            f"  line {letter} {info['interface']} ({f['group']}:{f['port']}): {state};"
+            f" faults: {', '.join(armed) or 'none'}"
+        )
+        seqs = (
+            ""
+            if c["first_dropped_seq"] is None
+            else f", sequences {c['first_dropped_seq']}..{c['last_dropped_seq']}"
+        )
+        rows.append(
+            f"    seen {c['seen']}, passed {c['passed']}, feed {c['feed']}; dropped "
+            f"{c['dropped']} (all {c['dropped_all']}, cut {c['dropped_cut']}, range "
+            f"{c['dropped_range']}, random {c['dropped_random']}; "
+            f"{c['dropped_messages']} messages{seqs})"
+        )
     return "\n".join(rows)
 
 
@@ -683,8 +786,9 @@ class WireFaults:
         """Drop every feed packet while on."""
         self._set(line, drop_all=on)
 
-    def match(self, group: str | None = None, port: int | None = None,
-              line: str | None = None) -> None:  # fmt: skip
+    def match(
+        self, group: str | None = None, port: int | None = None, line: str | None = None
+    ) -> None:
         """Which packets are the feed (the only ones faults touch): destination ``group``
         and UDP ``port``, None = any. Attaching sets the line's own group and port."""
         if port is not None and not 1 <= port <= 65535:
@@ -756,20 +860,36 @@ def _option(kind: str, parse):
 
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     """The words and options of ``tickwire lab fault`` (on its parser)."""
-    p.add_argument("fault_args", nargs="*", metavar="LINE|SPEC|status|clear|off",
-                   help="line A, B or AB (both, the default); fault specs [LINE:]KIND=ARGS as "
-                        "tickwire sim --fault takes them: cut=MS[@T], drop=FIRST-LAST, "
-                        "drop=all, loss=P or P%%; or status (the default without faults), "
-                        "clear or off")  # fmt: skip
-    g = p.add_argument_group("fault options (tickwire lab fault LINE ...; each is a spec: "
-                             "--cut 200 is cut=200)")  # fmt: skip
-    g.add_argument("--cut", metavar="MS[@AFTER]",
-                   type=_option("cut", lambda t, spec: faultplan.parse_cut(t, spec, WIRE)),
-                   help="drop everything for MS ms, starting AFTER ms from now (0)")
-    g.add_argument("--drop-range", type=_option("drop", faultplan.parse_range),
-                   metavar="FIRST-LAST", help="drop data packets carrying any of these sequences")
-    g.add_argument("--loss", type=_option("loss", faultplan.parse_prob), metavar="P",
-                   help="drop each data packet with probability P (0.01 or 1%%; 0: no loss)")
+    p.add_argument(
+        "fault_args",
+        nargs="*",
+        metavar="LINE|SPEC|status|clear|off",
+        help="line A, B or AB (both, the default); fault specs [LINE:]KIND=ARGS as "
+        "tickwire sim --fault takes them: cut=MS[@T], drop=FIRST-LAST, "
+        "drop=all, loss=P or P%%; or status (the default without faults), "
+        "clear or off",
+    )
+    g = p.add_argument_group(
+        "fault options (tickwire lab fault LINE ...; each is a spec: --cut 200 is cut=200)"
+    )
+    g.add_argument(
+        "--cut",
+        metavar="MS[@AFTER]",
+        type=_option("cut", lambda t, spec: faultplan.parse_cut(t, spec, WIRE)),
+        help="drop everything for MS ms, starting AFTER ms from now (0)",
+    )
+    g.add_argument(
+        "--drop-range",
+        type=_option("drop", faultplan.parse_range),
+        metavar="FIRST-LAST",
+        help="drop data packets carrying any of these sequences",
+    )
+    g.add_argument(
+        "--loss",
+        type=_option("loss", faultplan.parse_prob),
+        metavar="P",
+        help="drop each data packet with probability P (0.01 or 1%%; 0: no loss)",
+    )
     g.add_argument("--drop-all", action="store_true", help="drop every feed packet (drop=all)")
 
 
@@ -785,11 +905,17 @@ def settings(faults: list[faultplan.Fault]) -> dict[str, dict]:
         if f.kind not in _SETTING:
             raise faultplan.FaultSpecError(f"fault {f.spec!r}: {f.kind} is not a wire fault")
         if (f.line, f.kind) in seen:
-            raise faultplan.FaultSpecError(f"faults {seen[f.line, f.kind]!r} and {f.spec!r}: "
-                                           f"line {f.line} has one {f.kind} fault at a time")
+            raise faultplan.FaultSpecError(
+                f"faults {seen[f.line, f.kind]!r} and {f.spec!r}: "
+                f"line {f.line} has one {f.kind} fault at a time"
+            )
         seen[f.line, f.kind] = f.spec
-        value = {"cut": (f.ms, f.at_ms), "drop": (f.first, f.last), "loss": f.prob,
-                 "drop_all": True}[f.kind]  # fmt: skip
+        value = {
+            "cut": (f.ms, f.at_ms),
+            "drop": (f.first, f.last),
+            "loss": f.prob,
+            "drop_all": True,
+        }[f.kind]
         out.setdefault(f.line, {})[_SETTING[f.kind]] = value
     return out
 
@@ -824,9 +950,12 @@ def cli_faults(words: list[str], **options) -> tuple[str, str | None, dict[str, 
         elif "=" in word:
             specs.append(word)
         else:
-            raise FaultError(errno.EINVAL, f"unknown line, fault or action {word!r}: expected "
-                             "A, B or AB, fault specs like A:loss=1%, then status, clear or "
-                             "off")  # fmt: skip
+            raise FaultError(
+                errno.EINVAL,
+                f"unknown line, fault or action {word!r}: expected "
+                "A, B or AB, fault specs like A:loss=1%, then status, clear or "
+                "off",
+            )
     options = {k: v for k, v in options.items() if v not in (None, False)}
     if action is not None and (options or specs):
         raise ValueError(f"lab fault {action} takes no fault options")
@@ -835,35 +964,48 @@ def cli_faults(words: list[str], **options) -> tuple[str, str | None, dict[str, 
     for spec in specs:
         got = faultplan.parse_fault(spec, WIRE, lines=lines)
         if line_word is not None and "".join(f.line for f in got) != line_word:
-            raise faultplan.FaultSpecError(f"fault {spec!r} is not on line {line_word}, the "
-                                           "LINE given")  # fmt: skip
+            raise faultplan.FaultSpecError(
+                f"fault {spec!r} is not on line {line_word}, the LINE given"
+            )
         faults += got
     per_line = settings(faults)
     for letter in lines_of(lines):
         for key, value in options.items():
             if key in per_line.get(letter, {}):
-                raise faultplan.FaultSpecError(f"--{key.replace('_', '-')} and a fault spec "
-                                               f"both set line {letter}'s {key}: one of them")
+                raise faultplan.FaultSpecError(
+                    f"--{key.replace('_', '-')} and a fault spec "
+                    f"both set line {letter}'s {key}: one of them"
+                )
             per_line.setdefault(letter, {})[key] = value
     return lines, action, per_line
 
 
-def run_cli(labcfg: Config | LabConfig, words: list[str], *,
-            cut: tuple[float, float] | None = None, drop_range: tuple[int, int] | None = None,
-            loss: float | None = None, drop_all: bool = False, as_json: bool = False) -> int:
+def run_cli(
+    labcfg: Config | LabConfig,
+    words: list[str],
+    *,
+    cut: tuple[float, float] | None = None,
+    drop_range: tuple[int, int] | None = None,
+    loss: float | None = None,
+    drop_all: bool = False,
+    as_json: bool = False,
+) -> int:
     """``tickwire lab fault [LINE] [SPEC ...] [status|clear|off]`` with the fault options
     as keywords: prints the resulting status (``as_json``: as JSON)."""
     lc = _lab(labcfg)
-    lines, action, per_line = cli_faults(words, cut=cut, drop_range=drop_range, loss=loss,
-                                         drop_all=drop_all)  # fmt: skip
+    lines, action, per_line = cli_faults(
+        words, cut=cut, drop_range=drop_range, loss=loss, drop_all=drop_all
+    )
     if action == "off":
         removed = detach(lc, lines)
         if as_json:
             print(json.dumps({"prefix": lc.prefix, "detached": removed}))
         else:
-            print(f"lab {lc.prefix}: fault program detached from line(s) "
-                  f"{', '.join(removed)}" if removed else
-                  f"lab {lc.prefix}: no fault program was attached")  # fmt: skip
+            print(
+                f"lab {lc.prefix}: fault program detached from line(s) {', '.join(removed)}"
+                if removed
+                else f"lab {lc.prefix}: no fault program was attached"
+            )
         return 0
     if action == "clear":
         st = clear(lc, lines)
@@ -873,4 +1015,3 @@ def run_cli(labcfg: Config | LabConfig, words: list[str], *,
         st = _arm(lc, per_line)
     print(json.dumps(st) if as_json else status_text(st))
     return 0
-

@@ -104,7 +104,7 @@ def mask_value(text: str) -> int:
 def mask_text(value: int) -> str:
     """An integer as a kernel cpumask: hex in comma-separated 32-bit words ("1,00000000")."""
     digits = f"{value:x}"
-    words = [digits[max(0, i - 8):i] for i in range(len(digits), 0, -8)]
+    words = [digits[max(0, i - 8) : i] for i in range(len(digits), 0, -8)]
     return ",".join(reversed(words))
 
 
@@ -134,8 +134,7 @@ def queue_of(name: str, ifname: str, devname: str, own: bool) -> int | None:
     """The queue number an IRQ named ``name`` serves, or None. ``own``: the IRQ is known
     to belong to the interface's device, so driver-prefixed and renamed forms count."""
     i = re.escape(ifname)
-    patterns = [rf"(?:^|-){i}-(?:TxRx|txrx|rx|tx|Rx|Tx|fp|comb|combined)-(\d+)$",
-                rf"^{i}-(\d+)$"]
+    patterns = [rf"(?:^|-){i}-(?:TxRx|txrx|rx|tx|Rx|Tx|fp|comb|combined)-(\d+)$", rf"^{i}-(\d+)$"]
     if own:
         patterns += [r"^mlx\d_comp(\d+)@", r"-(?:TxRx|txrx|rx|tx|fp)-(\d+)$"]
         if devname:
@@ -160,8 +159,9 @@ def device_irqs(ifname: str, sys_root: str) -> tuple[str, set[int] | None] | Non
     return os.path.basename(real), None
 
 
-def queue_irqs(ifname: str, queues: list[int], sys_root: str, proc_root: str
-               ) -> tuple[dict[int, list[tuple[int, str]]] | None, list[str]]:
+def queue_irqs(
+    ifname: str, queues: list[int], sys_root: str, proc_root: str
+) -> tuple[dict[int, list[tuple[int, str]]] | None, list[str]]:
     """{queue: [(irq, name)]} for the wanted queues, or None for a virtual interface;
     plus the names of the device's IRQs (for the error when a queue has none)."""
     found = device_irqs(ifname, sys_root)
@@ -197,8 +197,9 @@ def _write(path: str, text: str) -> None:
         f.write(text + "\n")
 
 
-def _irq_affinity(irq: int, name: str, cpus: set[int], proc_root: str, check: bool,
-                  changes: list[str]) -> None:
+def _irq_affinity(
+    irq: int, name: str, cpus: set[int], proc_root: str, check: bool, changes: list[str]
+) -> None:
     path = os.path.join(proc_root, "irq", str(irq), "smp_affinity_list")
     try:
         have = cpulist(_read(path))
@@ -212,29 +213,39 @@ def _irq_affinity(irq: int, name: str, cpus: set[int], proc_root: str, check: bo
     try:
         _write(path, cpulist_text(cpus))
     except OSError as e:
-        why = ("the kernel manages this IRQ's affinity itself (managed IRQ); it cannot be "
-               "moved" if e.errno == errno.EIO else e.strerror)
-        raise IrqError(f"IRQ {irq} ({name}): cannot set CPUs {cpulist_text(cpus)}: {why}"
-                       ) from None
+        why = (
+            "the kernel manages this IRQ's affinity itself (managed IRQ); it cannot be moved"
+            if e.errno == errno.EIO
+            else e.strerror
+        )
+        raise IrqError(f"IRQ {irq} ({name}): cannot set CPUs {cpulist_text(cpus)}: {why}") from None
 
 
-def _masks(ifname: str, kind: str, mask: str, sys_root: str, check: bool,
-           changes: list[str], notes: list[str]) -> None:
+def _masks(
+    ifname: str,
+    kind: str,
+    mask: str,
+    sys_root: str,
+    check: bool,
+    changes: list[str],
+    notes: list[str],
+) -> None:
     """``kind`` "rx" (rps_cpus) or "tx" (xps_cpus) on every queue of that direction."""
     if not mask:
         return
     leaf = "rps_cpus" if kind == "rx" else "xps_cpus"
     qdir = os.path.join(sys_root, "class/net", ifname, "queues")
-    queues = sorted((d for d in os.listdir(qdir) if d.startswith(kind + "-")),
-                    key=lambda d: int(d.split("-")[1]))
+    queues = sorted(
+        (d for d in os.listdir(qdir) if d.startswith(kind + "-")),
+        key=lambda d: int(d.split("-")[1]),
+    )
     want = mask_value(mask)
     for q in queues:
         path = os.path.join(qdir, q, leaf)
         try:
             have = mask_value(_read(path))
         except FileNotFoundError:
-            notes.append(f"{ifname}: no {leaf} (kernel without "
-                         f"{'RPS' if kind == 'rx' else 'XPS'})")
+            notes.append(f"{ifname}: no {leaf} (kernel without {'RPS' if kind == 'rx' else 'XPS'})")
             return
         except OSError as e:
             if e.errno == errno.ENOENT and kind == "tx":
@@ -249,26 +260,29 @@ def _masks(ifname: str, kind: str, mask: str, sys_root: str, check: bool,
         try:
             _write(path, mask_text(want))
         except OSError as e:
-            raise IrqError(f"{ifname}: cannot set {q}/{leaf} to {mask}: {e.strerror} (a mask "
-                           "naming CPUs this host does not have?)") from None
+            raise IrqError(
+                f"{ifname}: cannot set {q}/{leaf} to {mask}: {e.strerror} (a mask "
+                "naming CPUs this host does not have?)"
+            ) from None
 
 
 def validate(p: dict) -> None:
     if p.get("placement", "consumer") not in ("consumer", "housekeeping"):
-        raise IrqError(f"irq_affinity_placement: {p['placement']!r} is not one of consumer, "
-                       "housekeeping")
+        raise IrqError(
+            f"irq_affinity_placement: {p['placement']!r} is not one of consumer, housekeeping"
+        )
     for key in ("rps_mask", "xps_mask"):
         text = p.get(key) or ""
         if text and not re.match(r"^[0-9a-fA-F]+(,[0-9a-fA-F]+)*$", text):
-            raise IrqError(f"irq_affinity_{key}: {text!r} is not a hex cpumask (e.g. \"0\", "
-                           "\"c\")")
+            raise IrqError(f'irq_affinity_{key}: {text!r} is not a hex cpumask (e.g. "0", "c")')
     try:
         hk = cpulist(p.get("housekeeping_cpus") or "")
     except ValueError as e:
         raise IrqError(f"irq_affinity_housekeeping_cpus: not a cpulist: {e}") from None
     if p.get("placement") == "housekeeping" and p.get("queues") and not hk:
-        raise IrqError("irq_affinity_placement is housekeeping but "
-                       "irq_affinity_housekeeping_cpus is empty")
+        raise IrqError(
+            "irq_affinity_placement is housekeeping but irq_affinity_housekeeping_cpus is empty"
+        )
     for q in p.get("queues") or []:
         if int(q["queue"]) < 0 or int(q["cpu"]) < 0:
             raise IrqError(f"irq_affinity_queues: {q!r}: queue and cpu must be >= 0")
@@ -289,14 +303,15 @@ def apply(p: dict, check: bool) -> dict:
         wanted = [int(q["queue"]) for q in queues]
         by_queue, seen = queue_irqs(ifname, wanted, sys_root, proc_root)
         if by_queue is None:
-            notes.append(f"{ifname} is a virtual interface (no device): it has no IRQs to "
-                         "place")
+            notes.append(f"{ifname} is a virtual interface (no device): it has no IRQs to place")
         else:
             missing = [q for q in wanted if not by_queue[q]]
             if missing:
-                raise IrqError(f"{ifname}: no IRQ found for queue(s) "
-                               f"{', '.join(map(str, missing))}; the device's IRQs are named: "
-                               f"{', '.join(seen) or 'none (no MSI vectors)'}")
+                raise IrqError(
+                    f"{ifname}: no IRQ found for queue(s) "
+                    f"{', '.join(map(str, missing))}; the device's IRQs are named: "
+                    f"{', '.join(seen) or 'none (no MSI vectors)'}"
+                )
             target: dict[int, tuple[str, set[int], list[int]]] = {}
             hk = cpulist(p.get("housekeeping_cpus") or "")
             for q in queues:
@@ -308,8 +323,7 @@ def apply(p: dict, check: bool) -> dict:
                     qs.append(int(q["queue"]))
             for irq, (name, cpus, qs) in sorted(target.items()):
                 _irq_affinity(irq, name, cpus, proc_root, check, changes)
-                irqs.append({"irq": irq, "name": name, "queues": qs,
-                             "cpus": cpulist_text(cpus)})
+                irqs.append({"irq": irq, "name": name, "queues": qs, "cpus": cpulist_text(cpus)})
     _masks(ifname, "rx", p.get("rps_mask") or "", sys_root, check, changes, notes)
     _masks(ifname, "tx", p.get("xps_mask") or "", sys_root, check, changes, notes)
     return {"changed": bool(changes), "changes": changes, "irqs": irqs, "notes": notes}
@@ -339,12 +353,21 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "interface": {"type": "str", "required": True},
-            "queues": {"type": "list", "elements": "dict", "default": [],
-                       "options": {"interface": {"type": "str"},
-                                   "queue": {"type": "int", "required": True},
-                                   "cpu": {"type": "int", "required": True}}},
-            "placement": {"type": "str", "default": "consumer",
-                          "choices": ["consumer", "housekeeping"]},
+            "queues": {
+                "type": "list",
+                "elements": "dict",
+                "default": [],
+                "options": {
+                    "interface": {"type": "str"},
+                    "queue": {"type": "int", "required": True},
+                    "cpu": {"type": "int", "required": True},
+                },
+            },
+            "placement": {
+                "type": "str",
+                "default": "consumer",
+                "choices": ["consumer", "housekeeping"],
+            },
             "housekeeping_cpus": {"type": "str", "default": ""},
             "rps_mask": {"type": "str", "default": ""},
             "xps_mask": {"type": "str", "default": ""},

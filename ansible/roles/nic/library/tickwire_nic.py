@@ -131,8 +131,13 @@ def parse_rules(text: str) -> list[dict]:
         s = line.strip()
         m = re.match(r"^Filter:\s*(\d+)", s)
         if m:
-            rule = {"location": int(m[1]), "type": "", "dst_ip": "", "dst_port": None,
-                    "queue": None}
+            rule = {
+                "location": int(m[1]),
+                "type": "",
+                "dst_ip": "",
+                "dst_port": None,
+                "queue": None,
+            }
             rules.append(rule)
             continue
         if rule is None:
@@ -162,8 +167,9 @@ class Ethtool:
     def read(self, flag: str, what: str) -> str:
         rc, out, err = self.run(flag, self.ifname)
         if rc != 0:
-            raise NicError(f"{self.ifname}: cannot read {what} (ethtool {flag}: "
-                           f"{_reason(err, out)})")
+            raise NicError(
+                f"{self.ifname}: cannot read {what} (ethtool {flag}: {_reason(err, out)})"
+            )
         return out
 
 
@@ -176,8 +182,10 @@ def _reason(err: str, out: str = "") -> str:
 def _channels(eth: Ethtool, want: int, check: bool, changes: list[str]) -> None:
     rc, out, err = eth.run("-l", eth.ifname)
     if rc != 0:
-        raise NicError(f"{eth.ifname}: nic_channels={want}, but the NIC does not expose channel "
-                       f"counts (ethtool -l: {_reason(err, out)}); set nic_channels: 0")
+        raise NicError(
+            f"{eth.ifname}: nic_channels={want}, but the NIC does not expose channel "
+            f"counts (ethtool -l: {_reason(err, out)}); set nic_channels: 0"
+        )
     ch = parse_channels(out)
     mx, cur = ch["max"], ch["current"]
     if mx.get("combined"):
@@ -185,21 +193,27 @@ def _channels(eth: Ethtool, want: int, check: bool, changes: list[str]) -> None:
     elif mx.get("rx"):
         kinds = ["rx"] + (["tx"] if mx.get("tx") else [])
     else:
-        raise NicError(f"{eth.ifname}: nic_channels={want}, but the NIC reports no combined "
-                       "or rx channels to set")
+        raise NicError(
+            f"{eth.ifname}: nic_channels={want}, but the NIC reports no combined "
+            "or rx channels to set"
+        )
     args = []
     for kind in kinds:
         if want > (mx[kind] or 0):
-            raise NicError(f"{eth.ifname}: nic_channels={want} is above the NIC's maximum of "
-                           f"{mx[kind]} {kind} channels")
+            raise NicError(
+                f"{eth.ifname}: nic_channels={want} is above the NIC's maximum of "
+                f"{mx[kind]} {kind} channels"
+            )
         if cur.get(kind) != want:
             args += [kind, str(want)]
             changes.append(f"{eth.ifname}: {kind} channels {cur.get(kind)} -> {want}")
     if args and not check:
         rc, out, err = eth.run("-L", eth.ifname, *args)
         if rc != 0:
-            raise NicError(f"{eth.ifname}: the NIC refused {' '.join(args)} channels "
-                           f"(ethtool -L: {_reason(err, out)})")
+            raise NicError(
+                f"{eth.ifname}: the NIC refused {' '.join(args)} channels "
+                f"(ethtool -L: {_reason(err, out)})"
+            )
 
 
 def _rings(eth: Ethtool, want: dict[str, int], check: bool, changes: list[str]) -> None:
@@ -209,27 +223,34 @@ def _rings(eth: Ethtool, want: dict[str, int], check: bool, changes: list[str]) 
     rc, out, err = eth.run("-g", eth.ifname)
     what = ", ".join(f"nic_{k}_ring={v}" for k, v in want.items())
     if rc != 0:
-        raise NicError(f"{eth.ifname}: {what}, but the NIC does not expose ring sizes "
-                       f"(ethtool -g: {_reason(err, out)}); set them to 0")
+        raise NicError(
+            f"{eth.ifname}: {what}, but the NIC does not expose ring sizes "
+            f"(ethtool -g: {_reason(err, out)}); set them to 0"
+        )
     rings = parse_rings(out)
     args = []
     for kind, n in want.items():
         top = rings["max"].get(kind)
         if not top or n > top:
-            raise NicError(f"{eth.ifname}: nic_{kind}_ring={n} is above the NIC's maximum of "
-                           f"{top or 0} {kind} ring entries")
+            raise NicError(
+                f"{eth.ifname}: nic_{kind}_ring={n} is above the NIC's maximum of "
+                f"{top or 0} {kind} ring entries"
+            )
         if rings["current"].get(kind) != n:
             args += [kind, str(n)]
             changes.append(f"{eth.ifname}: {kind} ring {rings['current'].get(kind)} -> {n}")
     if args and not check:
         rc, out, err = eth.run("-G", eth.ifname, *args)
         if rc != 0:
-            raise NicError(f"{eth.ifname}: the NIC refused ring sizes {' '.join(args)} "
-                           f"(ethtool -G: {_reason(err, out)})")
+            raise NicError(
+                f"{eth.ifname}: the NIC refused ring sizes {' '.join(args)} "
+                f"(ethtool -G: {_reason(err, out)})"
+            )
 
 
-def _offloads(eth: Ethtool, names: list[str], check: bool, changes: list[str],
-              warnings: list[str]) -> tuple[dict[str, str], list[str]]:
+def _offloads(
+    eth: Ethtool, names: list[str], check: bool, changes: list[str], warnings: list[str]
+) -> tuple[dict[str, str], list[str]]:
     if not names:
         return {}, []
     feats = parse_features(eth.read("-k", "offload features"))
@@ -243,8 +264,7 @@ def _offloads(eth: Ethtool, names: list[str], check: bool, changes: list[str],
         if is_fixed:
             fixed[name] = "on" if on else "off"
             if on:
-                warnings.append(f"{eth.ifname}: {name} is on and fixed: the NIC cannot turn "
-                                "it off")
+                warnings.append(f"{eth.ifname}: {name} is on and fixed: the NIC cannot turn it off")
         elif on:
             turn_off.append(name)
     if turn_off:
@@ -255,34 +275,40 @@ def _offloads(eth: Ethtool, names: list[str], check: bool, changes: list[str],
             now = parse_features(eth.read("-k", "offload features"))
             still = [n for n in turn_off if now.get(n, (False,))[0]]
             if still:
-                raise NicError(f"{eth.ifname}: the NIC kept {', '.join(still)} on (ethtool -K: "
-                               f"{_reason(err, out)})")
+                raise NicError(
+                    f"{eth.ifname}: the NIC kept {', '.join(still)} on (ethtool -K: "
+                    f"{_reason(err, out)})"
+                )
     return fixed, absent
 
 
-def _ntuple(eth: Ethtool, flows: list[dict], check: bool,
-            changes: list[str]) -> tuple[str, str]:
+def _ntuple(eth: Ethtool, flows: list[dict], check: bool, changes: list[str]) -> tuple[str, str]:
     """Enable ntuple and add the missing rules: ("installed", "") or ("refused", why)."""
     feats = parse_features(eth.read("-k", "offload features"))
     on, fixed = feats.get("ntuple-filters", (False, True))
     if "ntuple-filters" not in feats:
         return "refused", f"{eth.ifname} has no ntuple-filters feature"
     if not on and fixed:
-        return "refused", (f"{eth.ifname} refuses ntuple flow steering (ntuple-filters: off "
-                           "[fixed]): the driver has no flow-steering rules")
+        return "refused", (
+            f"{eth.ifname} refuses ntuple flow steering (ntuple-filters: off "
+            "[fixed]): the driver has no flow-steering rules"
+        )
     if not on:
         changes.append(f"{eth.ifname}: ntuple-filters on")
         if check:
             return "installed", ""  # rules cannot be listed before the feature is on
         rc, out, err = eth.run("-K", eth.ifname, "ntuple-filters", "on")
-        if not parse_features(eth.read("-k", "offload features")).get("ntuple-filters",
-                                                                        (False,))[0]:
-            return "refused", (f"{eth.ifname} refused ntuple-filters on (ethtool -K: "
-                               f"{_reason(err, out)})")
+        if not parse_features(eth.read("-k", "offload features")).get("ntuple-filters", (False,))[
+            0
+        ]:
+            return "refused", (
+                f"{eth.ifname} refused ntuple-filters on (ethtool -K: {_reason(err, out)})"
+            )
     rc, out, err = eth.run("-n", eth.ifname)
     if rc != 0:
-        return "refused", (f"{eth.ifname} cannot list its flow-steering rules (ethtool -n: "
-                           f"{_reason(err, out)})")
+        return "refused", (
+            f"{eth.ifname} cannot list its flow-steering rules (ethtool -n: {_reason(err, out)})"
+        )
     rules = [r for r in parse_rules(out) if "UDP over IPv4" in r["type"]]
     for flow in flows:
         group, port, queue = str(flow["group"]), int(flow["port"]), int(flow["queue"])
@@ -290,21 +316,36 @@ def _ntuple(eth: Ethtool, flows: list[dict], check: bool,
         if any(r["queue"] == queue for r in same):
             continue
         for r in same:  # a rule for this flow that steers elsewhere: replace it
-            changes.append(f"{eth.ifname}: delete rule {r['location']} ({group}:{port} -> "
-                           f"queue {r['queue']})")
+            changes.append(
+                f"{eth.ifname}: delete rule {r['location']} ({group}:{port} -> queue {r['queue']})"
+            )
             if not check:
                 rc, out, err = eth.run("-N", eth.ifname, "delete", str(r["location"]))
                 if rc != 0:
-                    return "refused", (f"{eth.ifname} refused to delete rule {r['location']} "
-                                       f"(ethtool -N: {_reason(err, out)})")
+                    return "refused", (
+                        f"{eth.ifname} refused to delete rule {r['location']} "
+                        f"(ethtool -N: {_reason(err, out)})"
+                    )
         changes.append(f"{eth.ifname}: rule udp4 {group}:{port} -> queue {queue}")
         if not check:
-            rc, out, err = eth.run("-N", eth.ifname, "flow-type", "udp4", "dst-ip", group,
-                                   "dst-port", str(port), "action", str(queue))
+            rc, out, err = eth.run(
+                "-N",
+                eth.ifname,
+                "flow-type",
+                "udp4",
+                "dst-ip",
+                group,
+                "dst-port",
+                str(port),
+                "action",
+                str(queue),
+            )
             if rc != 0:
-                return "refused", (f"{eth.ifname} refused the rule udp4 dst-ip {group} "
-                                   f"dst-port {port} action {queue} (ethtool -N: "
-                                   f"{_reason(err, out)})")
+                return "refused", (
+                    f"{eth.ifname} refused the rule udp4 dst-ip {group} "
+                    f"dst-port {port} action {queue} (ethtool -N: "
+                    f"{_reason(err, out)})"
+                )
     return "installed", ""
 
 
@@ -317,8 +358,9 @@ def validate(p: dict) -> None:
             group = ipaddress.IPv4Address(str(flow["group"]))
             port, queue = int(flow["port"]), int(flow["queue"])
         except (KeyError, ValueError, TypeError):
-            raise NicError(f"nic_flows: {flow!r} needs interface, group (IPv4), port and "
-                           "queue") from None
+            raise NicError(
+                f"nic_flows: {flow!r} needs interface, group (IPv4), port and queue"
+            ) from None
         if not 1 <= port <= 65535 or queue < 0:
             raise NicError(f"nic_flows: {flow!r}: port must be 1..65535 and queue >= 0")
         del group  # parsed only to validate it
@@ -336,24 +378,31 @@ def apply(p: dict, runner, check: bool) -> dict:
     warnings: list[str] = []
     if p.get("channels"):
         _channels(eth, int(p["channels"]), check, changes)
-    _rings(eth, {"rx": int(p.get("rx_ring") or 0), "tx": int(p.get("tx_ring") or 0)},
-           check, changes)
-    fixed, absent = _offloads(eth, list(p.get("offloads_off") or []), check, changes,
-                              warnings)
+    _rings(
+        eth, {"rx": int(p.get("rx_ring") or 0), "tx": int(p.get("tx_ring") or 0)}, check, changes
+    )
+    fixed, absent = _offloads(eth, list(p.get("offloads_off") or []), check, changes, warnings)
     status, why = "off", ""
     if p.get("ntuple"):
         status, why = _ntuple(eth, list(p.get("flows") or []), check, changes)
         if status == "refused":
             if p.get("ntuple_required"):
-                raise NicError(f"ntuple flow steering refused: {why} (nic_ntuple_required is "
-                               "true)")
-            warnings.append(f"ntuple flow steering refused, continuing without it: {why}; "
-                            "the feed's groups land on the queue RSS picks (set "
-                            "nic_ntuple: false to silence this, or nic_ntuple_required: "
-                            "true to fail)")
-    return {"changed": bool(changes), "changes": changes, "warnings": warnings,
-            "offloads_fixed": fixed, "offloads_absent": absent, "ntuple_status": status,
-            "ntuple_message": why}
+                raise NicError(f"ntuple flow steering refused: {why} (nic_ntuple_required is true)")
+            warnings.append(
+                f"ntuple flow steering refused, continuing without it: {why}; "
+                "the feed's groups land on the queue RSS picks (set "
+                "nic_ntuple: false to silence this, or nic_ntuple_required: "
+                "true to fail)"
+            )
+    return {
+        "changed": bool(changes),
+        "changes": changes,
+        "warnings": warnings,
+        "offloads_fixed": fixed,
+        "offloads_absent": absent,
+        "ntuple_status": status,
+        "ntuple_message": why,
+    }
 
 
 # --- entry points --------------------------------------------------------------------------
@@ -388,8 +437,12 @@ def boot(path: str) -> int:
 def main() -> None:
     from ansible.module_utils.basic import AnsibleModule
 
-    flow = {"interface": {"type": "str"}, "group": {"type": "str", "required": True},
-            "port": {"type": "int", "required": True}, "queue": {"type": "int", "required": True}}
+    flow = {
+        "interface": {"type": "str"},
+        "group": {"type": "str", "required": True},
+        "port": {"type": "int", "required": True},
+        "queue": {"type": "int", "required": True},
+    }
     module = AnsibleModule(
         argument_spec={
             "interface": {"type": "str", "required": True},
