@@ -169,14 +169,33 @@ class HostConfig:
 
     # stages that must pass before `tickwire run` starts (the others are only reported)
     required: tuple[str, ...] = ()
-    # hugepages every NUMA node must hold, by page size (0 = not checked)
+    # hugepages each NUMA node of hugepages_nodes must hold, by page size (0 = not checked)
     hugepages_2m: int = 0
     hugepages_1g: int = 0
+    # the NUMA nodes that hold them, as a nodelist ("0", "0-1"): the hugepages role's
+    # hugepages_nodes; the other nodes are not checked
+    hugepages_nodes: str = "0"
     # hugetlbfs mount points that must be mounted
     hugetlbfs: tuple[str, ...] = ()
     # CPUs isolated for the consumers and the housekeeping CPUs, as cpulists ("" = not checked)
     isolated_cpus: str = ""
     housekeeping_cpus: str = ""
+    # the rest of the cpu_isolation role, as tuned's cpu-partitioning profile has it. On the
+    # kernel command line: rcu_nocb_poll, nmi_watchdog=0, kthread_cpus= this cpulist
+    # ("" = not checked), transparent_hugepage= this mode (always, madvise, never; "" = not
+    # checked, which also covers the run-time mode)
+    rcu_nocb_poll: bool = False
+    nmi_watchdog_off: bool = False
+    kthread_cpus: str = ""
+    transparent_hugepage: str = ""
+    # at run time: the unbound and writeback workqueues' cpumask ("" = not checked), KSM
+    # stopped, every cpufreq policy's governor ("" = not checked), and each isolated CPU's
+    # PM QoS resume latency limit in microseconds (the C-state limit; 0 = polling only,
+    # -1 = not checked)
+    workqueue_cpus: str = ""
+    ksm_off: bool = False
+    cpu_governor: str = ""
+    idle_latency_us: int = -1
     # where each feed queue's IRQ goes: "consumer" (run.core) or "housekeeping"
     irq_placement: str = "consumer"
     # RPS and XPS masks every feed queue must carry, hex cpumasks ("" = not checked, "0" = off)
@@ -208,6 +227,7 @@ class Config:
 
 _CPULIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 _HEXMASK = re.compile(r"^[0-9a-fA-F]+(,[0-9a-fA-F]+)*$")
+_MAX_NUMNODES = 1 << 10  # the kernel's largest NODES_SHIFT
 _SYSCTL = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_-]+)+$")
 
 
@@ -230,10 +250,23 @@ def _validate_host(host: HostConfig) -> None:
     for key in ("hugepages_2m", "hugepages_1g", "channels", "rx_ring"):
         if not 0 <= getattr(host, key) <= 1 << 20:
             raise ConfigError(f"host.{key}: {getattr(host, key)} is outside 0..1048576")
-    for key in ("isolated_cpus", "housekeeping_cpus"):
+    for key in ("isolated_cpus", "housekeeping_cpus", "kthread_cpus", "workqueue_cpus"):
         text = getattr(host, key)
         if text and not _CPULIST.match(text):
             raise ConfigError(f'host.{key}: {text!r} is not a cpulist (e.g. "2-5,7")')
+    if host.transparent_hugepage not in ("", "always", "madvise", "never"):
+        raise ConfigError(
+            f"host.transparent_hugepage: {host.transparent_hugepage!r} is not one of "
+            'always, madvise, never (or "")'
+        )
+    if host.cpu_governor and not re.match(r"^[a-z][a-z0-9_]{0,15}$", host.cpu_governor):
+        raise ConfigError(f"host.cpu_governor: {host.cpu_governor!r} is not a cpufreq governor")
+    if not -1 <= host.idle_latency_us <= 1 << 20:
+        raise ConfigError(
+            f"host.idle_latency_us: {host.idle_latency_us} is outside -1..1048576 microseconds"
+        )
+    if host.idle_latency_us >= 0 and not host.isolated_cpus:
+        raise ConfigError("host.idle_latency_us: applies to host.isolated_cpus, which is empty")
     if (
         host.isolated_cpus
         and host.housekeeping_cpus
@@ -248,6 +281,17 @@ def _validate_host(host: HostConfig) -> None:
         text = getattr(host, key)
         if text and not _HEXMASK.match(text):
             raise ConfigError(f'host.{key}: {text!r} is not a hex cpumask (e.g. "0", "c")')
+    if not _CPULIST.match(host.hugepages_nodes):
+        raise ConfigError(
+            f"host.hugepages_nodes: {host.hugepages_nodes!r} is not a nodelist of at least "
+            'one NUMA node (e.g. "0", "0-1")'
+        )
+    try:
+        nodes = cpulist(host.hugepages_nodes)
+    except ValueError as e:
+        raise ConfigError(f"host.hugepages_nodes: {e}") from None
+    if max(nodes) >= _MAX_NUMNODES:
+        raise ConfigError(f"host.hugepages_nodes: node {max(nodes)} is outside 0..1023")
     for path in host.hugetlbfs:
         if not path.startswith("/"):
             raise ConfigError(f"host.hugetlbfs: {path!r} is not an absolute path")

@@ -144,11 +144,113 @@ def test_readme_summarises_every_variable():
             assert f"`{name}`" in readme, f"ansible/README.md does not mention {name}"
 
 
+def _booted_decision(role: str) -> list[dict]:
+    """The one rule every role decides "booted host or image root" by, with its facts
+    prefixed by the role's name: an image root is what Ansible reports as a chroot; a
+    booted host is one systemd runs (sd_booted(3): /run/systemd/system exists) that is
+    not an image root."""
+    p = f"__{role}_"
+    return [
+        {
+            "name": "Find out whether the target is an image root (a chroot)",
+            "ansible.builtin.setup": {"gather_subset": ["!all", "!min", "chroot"]},
+            "when": "ansible_facts.is_chroot is not defined",
+        },
+        {
+            "name": "Find out whether systemd runs the target",
+            "ansible.builtin.stat": {"path": "/run/systemd/system"},
+            "register": f"{p}systemd_dir",
+        },
+        {
+            "name": "Remember whether the target is an image root and whether it is booted",
+            "ansible.builtin.set_fact": {
+                f"{p}image_root": "{{ ansible_facts.is_chroot | bool }}",
+                f"{p}booted": (
+                    f"{{{{ {p}systemd_dir.stat.exists and not (ansible_facts.is_chroot | bool) }}}}"
+                ),
+            },
+        },
+    ]
+
+
+def _tasks(items: list | None):
+    for task in items or []:
+        yield task
+        for key in ("block", "rescue", "always"):
+            yield from _tasks(task.get(key))
+
+
+_BOOT_FACT = re.compile(r"(booted|image_root)$")
+_BOOT_SIGNS = re.compile(r"is_chroot|service_mgr|/run/systemd/system")
+
+
+def test_every_role_decides_booted_by_the_same_rule():
+    """Each role (and the tickwire role's preflight entry point) runs the same three tasks
+    to decide; everything else reads only the facts they set, never the signs themselves."""
+    for path in _roles():
+        role, rule = path.name, _booted_decision(path.name)
+        facts = set(rule[2]["ansible.builtin.set_fact"])
+        for sub in ("tasks", "handlers"):
+            for f in sorted((path / sub).glob("*.yml")):
+                where = f"{role}/{sub}/{f.name}"
+                tasks = list(_tasks(yaml.safe_load(f.read_text())))
+                deciding = [t for t in tasks if t in rule]
+                if sub == "tasks" and (f.name == "main.yml" or deciding):
+                    assert deciding == rule, f"{where} does not decide by the rule"
+                for t in tasks:
+                    if t in rule:
+                        continue
+                    t = {k: v for k, v in t.items() if k not in ("block", "rescue", "always")}
+                    for name in [*t.get("ansible.builtin.set_fact", {}), *t.get("vars", {})]:
+                        assert not _BOOT_FACT.search(name), f"{where}: {t['name']} sets {name}"
+                    text = yaml.safe_dump(t)
+                    signs = set(_BOOT_SIGNS.findall(text))
+                    assert not signs, f"{where}: {t['name']} decides by {signs} itself"
+                    used = set(re.findall(r"\b__[a-z_]+_(?:booted|image_root)\b", text))
+                    assert used <= facts, f"{where}: {t['name']} reads {used - facts}"
+        for tpl in (path / "templates").glob("*"):
+            signs = set(_BOOT_SIGNS.findall(tpl.read_text()))
+            assert not signs, f"{role}/templates/{tpl.name} decides by {signs} itself"
+
+
 def test_templates_start_with_ansible_managed():
     for tpl in (ANSIBLE / "roles").glob("*/templates/*.j2"):
         lines = tpl.read_text().splitlines()
         first = lines[1] if lines and lines[0].startswith("#!") else lines[0]
         assert first.strip() == "{{ ansible_managed | comment }}", tpl
+
+
+def _render_config(tmp: Path, **overrides) -> config.Config:
+    """The tickwire role's configuration template rendered by Ansible (connection local,
+    no root) with every role's defaults under the example inventory's host variables (and
+    ``overrides``), loaded as the appliance loads it."""
+    hostvars = {}
+    for role in _roles():
+        hostvars.update(_defaults(role.name))
+    hostvars.update(_inventory_host(), **overrides)
+    hostvars.update(ansible_connection="local", ansible_python_interpreter=sys.executable)
+    inventory = tmp / "inventory.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"hosts": {"feed1": hostvars}}}))
+    out = tmp / "tickwire.toml"
+    template = ANSIBLE / "roles/tickwire/templates/tickwire.toml.j2"
+    task = {"ansible.builtin.template": {"src": str(template), "dest": str(out)}}
+    play = [{"hosts": "feed1", "gather_facts": False, "tasks": [task]}]
+    (tmp / "render.yml").write_text(yaml.safe_dump(play))
+    r = _run(
+        [str(BIN / "ansible-playbook"), "-i", str(inventory), str(tmp / "render.yml")],
+        cwd=ANSIBLE,
+        env=_env(),
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return config.load(out)
+
+
+def test_config_template_passes_the_hugepages_nodes(tmp_path):
+    """Preflight checks pages on the nodes the hugepages role reserves them on."""
+    cfg = _render_config(tmp_path)
+    assert config.cpulist(cfg.host.hugepages_nodes) == set(_inventory_host()["hugepages_nodes"])
+    cfg = _render_config(tmp_path, hugepages_nodes=[0, 1, 3])
+    assert cfg.host.hugepages_nodes == "0,1,3"
 
 
 # --- the real apply to an image root -----------------------------------------------------------
@@ -404,6 +506,13 @@ def test_kernel_command_line(applied):
     assert preflight.param_cpus(params["irqaffinity"]) == hk
     assert {"managed_irq", "domain"} <= set(params["isolcpus"].split(","))
     assert params["skew_tick"] == "1" and params["tsc"] == "reliable"
+    # the rest of tuned cpu-partitioning's command line
+    assert params["rcu_nocb_poll"] == "" and params["nmi_watchdog"] == "0"
+    assert preflight.param_cpus(params["kthread_cpus"]) == hk
+    assert (
+        params["transparent_hugepage"]
+        == _defaults("cpu_isolation")["cpu_isolation_transparent_hugepage"]
+    )
     hp = preflight.parse_grub((root / "etc/default/grub.d/tickwire-hugepages.cfg").read_text())
     assert hp["hugepagesz"] == "1G"
     assert hp["hugepages"] == ",".join(
@@ -474,9 +583,16 @@ def test_config_loads_and_matches_the_inventory(applied):
         inv["hugepages_2m_per_node"],
         inv["hugepages_1g_per_node"],
     )
+    assert config.cpulist(h.hugepages_nodes) == set(inv["hugepages_nodes"])
     assert list(h.hugetlbfs) == [m["path"] for m in inv["hugepages_mounts"]]
     assert h.isolated_cpus == inv["cpu_isolation_isolated_cpus"]
     assert h.housekeeping_cpus == inv["cpu_isolation_housekeeping_cpus"]
+    cpu = _defaults("cpu_isolation")
+    assert (h.rcu_nocb_poll, h.nmi_watchdog_off, h.ksm_off) == (True, True, True)
+    assert h.kthread_cpus == h.workqueue_cpus == inv["cpu_isolation_housekeeping_cpus"]
+    assert h.transparent_hugepage == cpu["cpu_isolation_transparent_hugepage"]
+    assert h.cpu_governor == cpu["cpu_isolation_cpu_governor"]
+    assert h.idle_latency_us == cpu["cpu_isolation_idle_latency_us"]
     assert h.irq_placement == inv["irq_affinity_placement"]
     assert (h.rps_mask, h.xps_mask) == (inv["irq_affinity_rps_mask"], inv["irq_affinity_xps_mask"])
     assert (h.channels, h.rx_ring) == (inv["nic_channels"], inv["nic_rx_ring"])
@@ -539,6 +655,98 @@ def test_hugepages_persistence(applied, tmp_path):
     assert r.returncode == 1 and "node 0 has no 1048576 kB pool" in r.stderr
 
 
+def _cpu_tuning_sysfs(root: Path) -> Path:
+    """A fake 8-CPU sysfs holding the kernel's defaults for what the tuning unit sets."""
+    files = {
+        "devices/virtual/workqueue/cpumask": "ff",
+        "bus/workqueue/devices/writeback/cpumask": "ff",
+        "kernel/mm/ksm/run": "1",
+        "kernel/mm/transparent_hugepage/enabled": "always [madvise] never",
+    }
+    for cpu in range(8):
+        files[f"devices/system/cpu/cpufreq/policy{cpu}/scaling_governor"] = "schedutil"
+        files[f"devices/system/cpu/cpu{cpu}/power/pm_qos_resume_latency_us"] = "0"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text + "\n")
+    return root
+
+
+@APPLY
+def test_cpu_tuning_unit_applies_records_and_restores(applied, tmp_path):
+    """tickwire-cpu-tuning.service: enabled in the image; its ExecStart, run against a fake
+    sysfs, sets tuned cpu-partitioning's run-time values, changes nothing the second time,
+    and --restore puts back what it found."""
+    inv, root = _inventory_host(), applied["root"]
+    cpu = _defaults("cpu_isolation")
+    unit_path = root / "etc/systemd/system/tickwire-cpu-tuning.service"
+    unit = preflight.parse_unit([unit_path.read_text()])
+    assert (
+        root / "etc/systemd/system/multi-user.target.wants/tickwire-cpu-tuning.service"
+    ).is_symlink()
+    assert unit["Type"] == ["oneshot"] and unit["RemainAfterExit"] == ["yes"]
+    assert "tickwire.service" in preflight.parse_unit([unit_path.read_text()], "Unit")["Before"][0]
+    argv = unit["ExecStart"][0].split()
+    assert argv[:3] == [
+        "/usr/bin/python3",
+        "/usr/local/libexec/tickwire/tickwire_cpu_tuning.py",
+        "--boot",
+    ]
+    script = root / argv[1].lstrip("/")
+    sysfs = _cpu_tuning_sysfs(tmp_path / "sys")
+    record = tmp_path / "originals.json"
+    run = [
+        sys.executable,
+        str(script),
+        *argv[2:],
+        "--sys-root",
+        str(sysfs),
+        "--record",
+        str(record),
+    ]
+    r = _run(run)
+    assert r.returncode == 0, r.stderr
+    hk = config.cpulist(inv["cpu_isolation_housekeeping_cpus"])
+    iso = config.cpulist(inv["cpu_isolation_isolated_cpus"])
+    for rel in ("devices/virtual/workqueue/cpumask", "bus/workqueue/devices/writeback/cpumask"):
+        assert preflight.mask_value((sysfs / rel).read_text()) == sum(1 << c for c in hk), rel
+    assert (sysfs / "kernel/mm/ksm/run").read_text().strip() == "2"
+    assert (sysfs / "kernel/mm/transparent_hugepage/enabled").read_text().strip() == cpu[
+        "cpu_isolation_transparent_hugepage"
+    ]
+    for n in range(8):
+        gov = sysfs / f"devices/system/cpu/cpufreq/policy{n}/scaling_governor"
+        assert gov.read_text().strip() == cpu["cpu_isolation_cpu_governor"]
+        qos = sysfs / f"devices/system/cpu/cpu{n}/power/pm_qos_resume_latency_us"
+        want = str(cpu["cpu_isolation_idle_latency_us"]) if n in iso else "0"
+        assert qos.read_text().strip() == want, n
+    assert json.loads(record.read_text())["/sys/kernel/mm/ksm/run"] == "1"
+    # the second boot finds everything in place
+    r = _run(run)
+    assert r.returncode == 0 and r.stdout.strip() == "tickwire-cpu-tuning: already tuned"
+    # undo: the recorded kernel defaults come back, the record goes
+    before = _cpu_tuning_sysfs(tmp_path / "before")
+    r = _run(
+        [
+            sys.executable,
+            str(script),
+            "--boot",
+            "--restore",
+            "--sys-root",
+            str(sysfs),
+            "--record",
+            str(record),
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    for path in before.rglob("*"):
+        if path.is_file():
+            have = (sysfs / path.relative_to(before)).read_text().strip()
+            want = path.read_text().strip()
+            assert have == want or want == f"always [{have}] never", path
+    assert not record.exists()
+
+
 @APPLY
 def test_ptp_units(applied):
     root = applied["root"]
@@ -595,6 +803,7 @@ def test_appliance_runs_inside_the_root(applied):
             "--man=no",
             "/etc/systemd/system/tickwire.service",
             "/etc/systemd/system/tickwire-hugepages.service",
+            "/etc/systemd/system/tickwire-cpu-tuning.service",
             "ptp4l@eno1.service",
             "phc2sys@eno1.service",
         ]
@@ -624,6 +833,9 @@ def test_undo_removes_what_apply_installed_and_is_idempotent(undone):
         "etc/default/grub.d/tickwire.cfg",
         "etc/default/grub.d/tickwire-hugepages.cfg",
         "etc/systemd/system.conf.d/tickwire-cpu-isolation.conf",
+        "etc/systemd/system/tickwire-cpu-tuning.service",
+        "etc/systemd/system/multi-user.target.wants/tickwire-cpu-tuning.service",
+        "usr/local/libexec/tickwire/tickwire_cpu_tuning.py",
         "etc/sysctl.d/90-tickwire.conf",
         "etc/systemd/system/tickwire-hugepages.service",
         "usr/local/sbin/tickwire-hugepages",

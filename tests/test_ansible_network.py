@@ -1,8 +1,10 @@
 """The network roles, ``nic`` and ``irq_affinity`` (ansible/roles/), applied for real.
 
 Unit tier (no root): the roles' modules against a simulated ntuple-capable NIC (the paths
-a veth cannot take: combined channels, rings, ntuple rules added, kept and replaced) and
-IRQ discovery against fake sysfs/procfs trees in each driver's naming.
+a veth cannot take: combined channels, rings, ntuple rules added, kept, replaced, deleted
+when no longer wanted, and the undo of all of it from the record of the original) and
+IRQ discovery, placement and its undo against fake sysfs/procfs trees in each driver's
+naming; the undo plans (``rule_plan``, ``readd_plan``, ``restore_plan``) as pure functions.
 
 Lab tier (root, a private netns lab): ``provision.yml --tags network`` runs inside the
 lab's appliance namespace against its veths (``ip netns exec NS ansible-playbook -c
@@ -10,8 +12,12 @@ local``), twice: the first run changes things and the second changes nothing; th
 namespace then holds the channels, offloads and RPS/XPS masks the variables asked for;
 veth's refusal of ntuple is a clear warning, or a clear failure when ntuple is required;
 the boot-time re-apply scripts the roles install restore drifted settings; and ``tickwire
-preflight`` reports the nic and irq_affinity stages not OK before and OK after. Nothing
-outside the lab namespace is touched: the roles' install paths point into the test's
+preflight`` reports the nic and irq_affinity stages not OK before and OK after. A second
+lab takes the undo (``nic_state``/``irq_affinity_state: absent``) after an apply that
+started from non-default settings (feed-b on 3 channels, receive aggregation on, an RPS
+mask set): the undo puts those back, deletes the records and the boot-time units, and a
+second undo changes nothing (veth has no rings or ntuple: those are the unit tier's).
+Nothing outside the lab namespace is touched: the roles' install paths point into the test's
 temporary directory, no packages are installed, irqbalance is left alone.
 """
 
@@ -72,6 +78,7 @@ class FakeNic:
         }
         self.rules: dict[int, tuple[str, int, int]] = {}
         self.writes: list[list[str]] = []
+        self.prints_id = True  # ethtool prints "Added rule with ID N" when it picks N
 
     def __call__(self, argv):
         flag, args = argv[1], argv[3:]
@@ -132,8 +139,15 @@ class FakeNic:
         elif flag == "-N":
             if not self.features["ntuple-filters"][0]:
                 return 1, "", "rmgr: Cannot insert RX class rule: Operation not supported"
-            loc = min(self.rules, default=1024) - 1
+            if "loc" in args:
+                loc = int(args[args.index("loc") + 1])
+                if loc in self.rules:
+                    return 1, "", "rmgr: Cannot insert RX class rule: Device or resource busy"
+            else:
+                loc = min(self.rules, default=1024) - 1
             self.rules[loc] = (args[3], int(args[5]), int(args[7]))
+            if self.prints_id and "loc" not in args:
+                return 0, f"Added rule with ID {loc}\n", ""
         return 0, "", ""
 
 
@@ -202,6 +216,132 @@ def test_nic_module_names_what_the_nic_cannot_take():
         nicmod.apply(
             _nic_params(flows=[{"group": "not-an-ip", "port": 1, "queue": 0}]), nic, check=False
         )
+
+
+# --- unit: the nic module's record of the original, and its undo ------------------------------
+LINE_A, LINE_B = ("233.54.12.1", 26477, 2), ("233.54.12.2", 26478, 3)
+
+
+def _nic_state(nic: FakeNic) -> tuple:
+    feats = {n: on for n, (on, _) in nic.features.items()}
+    return nic.combined, dict(nic.rings), feats, dict(nic.rules)
+
+
+def test_nic_records_the_original_once_and_undo_restores_it(tmp_path):
+    nic = FakeNic()
+    nic.features["generic-receive-offload"][0] = True
+    nic.features["ntuple-filters"][0] = True
+    nic.rules[1000] = ("233.54.12.9", 30000, 5)  # someone else's rule, for another feed
+    nic.rules[1023] = ("233.54.12.2", 26478, 0)  # someone else's, steering line B wrongly
+    before = _nic_state(nic)
+    p = _nic_params(state_dir=str(tmp_path))
+    first = nicmod.apply(p, nic, check=False)
+    assert first["changed"]
+    record = json.loads((tmp_path / "nic-lo.json").read_text())
+    assert record["original"] == {
+        "channels": {"combined": 8},
+        "rings": {"rx": 512},
+        "features": {"generic-receive-offload": True},
+    }
+    assert sorted(r["location"] for r in record["rules"]) == sorted(
+        loc for loc, rule in nic.rules.items() if rule in (LINE_A, LINE_B)
+    )
+    assert record["replaced"] == [
+        {"location": 1023, "group": "233.54.12.2", "port": 26478, "queue": 0}
+    ]
+    # a later apply with other values changes the NIC but never the recorded original
+    again = nicmod.apply(dict(p, channels=6, rx_ring=1024), nic, check=False)
+    assert again["changed"] and nic.combined == 6
+    later = json.loads((tmp_path / "nic-lo.json").read_text())
+    assert later["original"] == record["original"]
+    nic.writes.clear()
+    check = nicmod.apply(dict(p, state="absent"), nic, check=True)
+    assert check["changed"] and nic.writes == [] and (tmp_path / "nic-lo.json").exists()
+    undo = nicmod.apply(dict(p, state="absent"), nic, check=False)
+    assert undo["changed"] and undo["changes"] == check["changes"]
+    assert _nic_state(nic) == before  # someone else's rules back where they were
+    assert not (tmp_path / "nic-lo.json").exists()
+    nic.writes.clear()
+    assert not nicmod.apply(dict(p, state="absent"), nic, check=False)["changed"]
+    assert nic.writes == []
+
+
+def test_nic_turns_ntuple_off_again_on_undo(tmp_path):
+    nic = FakeNic()  # ntuple-filters off: the role turns it on, the undo off again
+    p = _nic_params(state_dir=str(tmp_path), channels=0, rx_ring=0, offloads_off=[])
+    nicmod.apply(p, nic, check=False)
+    assert nic.features["ntuple-filters"][0] and len(nic.rules) == 2
+    nicmod.apply(dict(p, state="absent"), nic, check=False)
+    assert not nic.features["ntuple-filters"][0] and nic.rules == {}
+
+
+def test_nic_deletes_only_its_own_rules_once_unwanted(tmp_path):
+    nic = FakeNic()
+    nic.features["ntuple-filters"][0] = True
+    nic.prints_id = False  # an ethtool that does not say where: the listing tells
+    nic.rules[1000] = ("233.54.12.9", 30000, 5)
+    p = _nic_params(state_dir=str(tmp_path))
+    nicmod.apply(p, nic, check=False)
+    ours = {rule: loc for loc, rule in nic.rules.items()}
+    assert LINE_A in ours and LINE_B in ours
+    one = dict(p, flows=[p["flows"][0]])  # line B's rule removed from the configuration
+    res = nicmod.apply(one, nic, check=True)
+    assert res["changes"] == [
+        f"lo: delete rule {ours[LINE_B]} (233.54.12.2:26478 -> queue 3): no longer wanted"
+    ]
+    nicmod.apply(one, nic, check=False)
+    assert sorted(nic.rules.values()) == [LINE_A, ("233.54.12.9", 30000, 5)]
+    assert not nicmod.apply(one, nic, check=False)["changed"]
+    nicmod.apply(dict(p, ntuple=False), nic, check=False)  # no flows wanted at all
+    assert list(nic.rules.values()) == [("233.54.12.9", 30000, 5)]
+    record = json.loads((tmp_path / "nic-lo.json").read_text())
+    assert record["rules"] == []
+
+
+def test_rule_plan_keeps_wanted_deletes_unwanted_and_forgets_vanished():
+    tracked = [
+        {"location": 1, "group": "233.0.0.1", "port": 1, "queue": 0},
+        {"location": 2, "group": "233.0.0.2", "port": 2, "queue": 1},
+        {"location": 3, "group": "233.0.0.3", "port": 3, "queue": 2},  # gone (reboot)
+        {"location": 4, "group": "233.0.0.4", "port": 4, "queue": 3},  # 4 holds another now
+    ]
+    listed = [
+        {"location": 1, "dst_ip": "233.0.0.1", "dst_port": 1, "queue": 0},
+        {"location": 2, "dst_ip": "233.0.0.2", "dst_port": 2, "queue": 1},
+        {"location": 4, "dst_ip": "233.0.0.9", "dst_port": 9, "queue": 3},
+    ]
+    delete, keep = nicmod.rule_plan(tracked, listed, {("233.0.0.1", 1, 0)})
+    assert [r["location"] for r in delete] == [2] and [r["location"] for r in keep] == [1]
+    replaced = [
+        {"location": 7, "group": "233.0.0.1", "port": 1, "queue": 5},  # its flow still ours
+        {"location": 8, "group": "233.0.0.2", "port": 2, "queue": 5},  # free again: re-add
+        {"location": 9, "group": "233.0.0.9", "port": 9, "queue": 5},  # re-added by others
+    ]
+    readd, still = nicmod.readd_plan(replaced, listed[:1] + listed[2:], {("233.0.0.1", 1, 0)})
+    assert [r["location"] for r in readd] == [8] and [r["location"] for r in still] == [7]
+
+
+def test_restore_plan_puts_back_only_what_differs_and_can_change():
+    original = {
+        "channels": {"combined": 8},
+        "rings": {"rx": 512, "tx": None},
+        "features": {"generic-receive-offload": True, "rx-gro-hw": True, "gone": True},
+    }
+    current = {
+        "channels": {"combined": 4},
+        "rings": {"rx": 512, "tx": 256},
+        "features": {"generic-receive-offload": (False, False), "rx-gro-hw": (False, True)},
+    }
+    assert nicmod.restore_plan("ens1", original, current) == [
+        (
+            ["-K", "ens1", "generic-receive-offload", "on"],
+            "ens1: restore generic-receive-offload on",
+        ),
+        (["-L", "ens1", "combined", "8"], "ens1: restore combined channels 4 -> 8"),
+    ]
+    current["channels"]["combined"] = 8
+    current["features"]["generic-receive-offload"] = (True, False)
+    assert nicmod.restore_plan("ens1", original, current) == []
 
 
 # --- unit: IRQ discovery in each driver's naming ----------------------------------------------
@@ -295,6 +435,67 @@ def test_irq_module_places_queues_then_changes_nothing(fake_host):
     assert Path(proc_root, "irq/101/smp_affinity_list").read_text().strip() == "2"  # check mode
     irqmod.apply(hk, check=False)
     assert Path(proc_root, "irq/102/smp_affinity_list").read_text().strip() == "0-1"
+
+
+def test_irq_module_records_the_original_once_and_undo_restores_it(fake_host, tmp_path):
+    sys_root, proc_root = fake_host
+    Path(sys_root, "class/net/feed0/queues/rx-1/rps_cpus").write_text("00000000,00000002\n")
+    p = {
+        "interface": "feed0",
+        "queues": [{"queue": 0, "cpu": 2}],
+        "rps_mask": "1",
+        "xps_mask": "",
+        "sys_root": sys_root,
+        "proc_root": proc_root,
+        "state_dir": str(tmp_path / "state"),
+    }
+    assert irqmod.apply(p, check=False)["changed"]
+    record_file = tmp_path / "state/irq-feed0.json"
+    record = json.loads(record_file.read_text())
+    assert record["original"] == {
+        "irqs": {"101": {"name": "i40e-feed0-TxRx-0", "cpus": "0-3"}},
+        "rps_cpus": {"rx-0": "0", "rx-1": "2", "rx-2": "0"},
+    }
+    irqmod.apply(dict(p, queues=[{"queue": 0, "cpu": 3}], rps_mask="f"), check=False)
+    assert json.loads(record_file.read_text()) == record  # the original stays the original
+    undo = dict(p, state="absent")
+    assert irqmod.apply(undo, check=True)["changed"]
+    assert Path(proc_root, "irq/101/smp_affinity_list").read_text().strip() == "3"
+    assert irqmod.apply(undo, check=False)["changed"]
+    assert Path(proc_root, "irq/101/smp_affinity_list").read_text().strip() == "0-3"
+    rps = {
+        q: Path(sys_root, f"class/net/feed0/queues/{q}/rps_cpus").read_text()
+        for q in record["original"]["rps_cpus"]
+    }
+    assert {q: irqmod.mask_value(v) for q, v in rps.items()} == {"rx-0": 0, "rx-1": 2, "rx-2": 0}
+    assert not record_file.exists()
+    assert not irqmod.apply(undo, check=False)["changed"]
+
+
+def test_irq_restore_plan_skips_irqs_and_queues_that_are_gone():
+    original = {
+        "irqs": {
+            "101": {"name": "i40e-feed0-TxRx-0", "cpus": "0-3"},
+            "102": {"name": "i40e-feed0-TxRx-1", "cpus": "0-3"},
+            "103": {"name": "i40e-feed0-TxRx-2", "cpus": "0-3"},
+        },
+        "rps_cpus": {"rx-0": "0", "rx-3": "0"},
+    }
+    current = {
+        "irqs": {
+            "101": (["i40e-feed0-TxRx-0"], "2"),
+            "102": (["nvme0q1"], "1"),  # re-created: the number serves something else now
+            "103": (["i40e-feed0-TxRx-2"], "0-3"),
+        },
+        "rps_cpus": {"rx-0": "00000000,00000001"},  # rx-3 gone with fewer channels
+    }
+    writes, notes = irqmod.restore_plan("feed0", original, current)
+    assert writes == [
+        ("irqs", "101", "0-3", "IRQ 101 (i40e-feed0-TxRx-0): CPUs 2 -> 0-3"),
+        ("rps_cpus", "rx-0", "0", "feed0 rx-0: rps_cpus 1 -> 0"),
+    ]
+    assert "IRQ 102 (i40e-feed0-TxRx-1) is gone or serves something else" in notes[0]
+    assert "feed0 rx-3 is gone" in notes[1]
 
 
 def test_irq_module_reports_veth_and_names_unknown_irqs(fake_host):
@@ -412,6 +613,8 @@ class Provision:
             "irq_affinity_persist_script": str(tmp / "libexec/tickwire_irq.py"),
             "irq_affinity_persist_config": str(tmp / "etc/irq_affinity.json"),
             "irq_affinity_persist_unit_dir": str(tmp / "units"),
+            "nic_state_dir": str(tmp / "state"),
+            "irq_affinity_state_dir": str(tmp / "state"),
         }
 
     def run(self, *flags: str, **overrides) -> tuple[subprocess.CompletedProcess, dict, float]:
@@ -466,7 +669,8 @@ def _task(out: dict, name: str) -> dict:
     raise AssertionError(f"no task {name!r} in the run")
 
 
-TUNE = "Tune each feed interface (channels, rings, offloads, flow rules)"
+TUNE = "Tune each feed interface, or restore its recorded original settings"
+PLACE = "Place each feed queue's IRQs and set the RPS/XPS masks, or restore the recorded ones"
 
 
 def _preflight(cfg_path: Path, ns: str, *stages: str) -> dict:
@@ -610,7 +814,7 @@ def test_veth_refusing_ntuple_is_a_clear_warning(applied):
         assert item["offloads_fixed"]["large-receive-offload"] == "off"
     active = _task(out1, "Record whether the flow-steering rules are in place")
     assert active["ansible_facts"]["nic_ntuple_active"] is False
-    irq = _task(out1, "Place each feed queue's IRQs and set the RPS/XPS masks")
+    irq = _task(out1, PLACE)
     for item in irq["results"]:
         assert (
             f"{item['item']} is a virtual interface (no device): it has no IRQs" in item["notes"][0]
@@ -665,3 +869,142 @@ def test_preflight_is_not_ok_before_and_ok_after(applied):
     after = _preflight(applied["host_cfg"], applied["ns"], "nic", "irq_affinity")
     for stage in ("nic", "irq_affinity"):
         assert _stage(after, stage)["status"] == "OK", _stage(after, stage)
+
+
+# --- lab: the undo, in a lab of its own --------------------------------------------------------
+def _nic_now(ns: str, ifname: str) -> tuple[int, int, bool, bool]:
+    """(rx channels, tx channels, GRO on, rx-gro-list on) of a lab interface."""
+    ch = nicmod.parse_channels(_ns_run(ns, ["ethtool", "-l", ifname]).stdout)["current"]
+    feats = nicmod.parse_features(_ns_run(ns, ["ethtool", "-k", ifname]).stdout)
+    return ch["rx"], ch["tx"], feats["generic-receive-offload"][0], feats["rx-gro-list"][0]
+
+
+def _masks_now(ns: str, ifname: str) -> dict[str, int]:
+    base = f"/sys/class/net/{ifname}/queues"
+    return {
+        f"{q}/{leaf}": irqmod.mask_value(_ns_read(ns, f"{base}/{q}/{leaf}"))
+        for q in _ns_run(ns, ["ls", base]).stdout.split()
+        for leaf in (("rps_cpus",) if q.startswith("rx") else ("xps_cpus",))
+    }
+
+
+def _changed_tasks(out: dict) -> list[str]:
+    return [
+        t["task"]["name"]
+        for p in out["plays"]
+        for t in p["tasks"]
+        if t["hosts"].get("localhost", {}).get("changed")
+    ]
+
+
+@pytest.fixture(scope="module")
+def undone(tmp_path_factory):
+    """A lab whose interfaces start away from veth's defaults (feed-b on 3 channels,
+    receive aggregation on, feed-a's rx-0 with an RPS mask): what it was, the playbook
+    applied twice, what the records said, then undone in check mode, for real, and again."""
+    if shutil.which("ethtool") is None or not PLAYBOOK.exists():
+        pytest.skip("needs ethtool and ansible-playbook (pip install -e .[provision])")
+    tmp = tmp_path_factory.mktemp("network-undo")
+    cfg = private_lab("anu", queues=4)
+    with built(cfg):
+        ns = cfg.lab.appliance_ns
+        for argv in (
+            ["ethtool", "-K", "feed-a", "generic-receive-offload", "on", "rx-gro-list", "on"],
+            ["ethtool", "-K", "feed-b", "generic-receive-offload", "on", "rx-gro-list", "on"],
+            ["ethtool", "-L", "feed-b", "rx", "3", "tx", "3"],
+            ["sh", "-c", "echo 2 > /sys/class/net/feed-a/queues/rx-0/rps_cpus"],
+        ):
+            done = _ns_run(ns, argv)
+            assert done.returncode == 0, (argv, done.stderr)
+        prov = Provision(cfg, tmp)
+        ifs = ("feed-a", "feed-b")
+        original = {i: (_nic_now(ns, i), _masks_now(ns, i)) for i in ifs}
+        applies = [prov.run(), prov.run()]
+        applied = {i: (_nic_now(ns, i), _masks_now(ns, i)) for i in ifs}
+        state = tmp / "state"
+        records = {f.name: json.loads(f.read_text()) for f in sorted(state.glob("*.json"))}
+        only_a = {  # feed-b dropped from the configuration: undone on this run
+            "nic_interfaces": ["feed-a"],
+            "nic_flows": [f for f in prov.vars["nic_flows"] if f["interface"] == "feed-a"],
+            "irq_affinity_queues": [
+                q for q in prov.vars["irq_affinity_queues"] if q["interface"] == "feed-a"
+            ],
+        }
+        dropped = prov.run(**only_a)
+        after_drop = {i: (_nic_now(ns, i), _masks_now(ns, i)) for i in ifs}
+        records_after_drop = sorted(f.name for f in state.glob("*.json"))
+        assert prov.run()[0].returncode == 0  # and feed-b back in
+        absent = {"nic_state": "absent", "irq_affinity_state": "absent"}
+        check = prov.run("--check", **absent)
+        after_check = {i: (_nic_now(ns, i), _masks_now(ns, i)) for i in ifs}
+        undos = [prov.run(**absent), prov.run(**absent)]
+        yield {
+            "original": original,
+            "applied": applied,
+            "applies": applies,
+            "records": records,
+            "dropped": dropped,
+            "after_drop": after_drop,
+            "records_after_drop": records_after_drop,
+            "check": check,
+            "after_check": after_check,
+            "undos": undos,
+            "now": {i: (_nic_now(ns, i), _masks_now(ns, i)) for i in ifs},
+            "tmp": tmp,
+        }
+
+
+@pytest.mark.lab
+def test_apply_records_the_settings_it_found(undone):
+    for done, out, _ in undone["applies"]:
+        assert done.returncode == 0 and _stats(out)["failures"] == 0, done.stdout[-3000:]
+    assert _stats(undone["applies"][0][1])["changed"] > 0
+    assert _stats(undone["applies"][1][1])["changed"] == 0, _changed_tasks(undone["applies"][1][1])
+    for ifname in ("feed-a", "feed-b"):
+        (rx, tx, *_), _ = undone["applied"][ifname]
+        assert (rx, tx) == (2, 2)  # the apply did change the interfaces
+    records = undone["records"]
+    assert set(records) == {
+        "nic-feed-a.json",
+        "nic-feed-b.json",
+        "irq-feed-a.json",
+        "irq-feed-b.json",
+    }
+    assert records["nic-feed-b.json"]["original"]["channels"] == {"rx": 3, "tx": 3}
+    assert records["nic-feed-a.json"]["original"]["channels"] == {"rx": 4, "tx": 4}
+    assert records["nic-feed-a.json"]["original"]["features"] == {
+        "generic-receive-offload": True,
+        "rx-gro-list": True,
+    }
+    assert records["irq-feed-a.json"]["original"]["rps_cpus"]["rx-0"] == "2"
+
+
+@pytest.mark.lab
+def test_an_interface_dropped_from_the_configuration_is_undone(undone):
+    done, out, _ = undone["dropped"]
+    assert done.returncode == 0 and _stats(out)["failures"] == 0, done.stdout[-3000:]
+    assert undone["after_drop"]["feed-b"] == undone["original"]["feed-b"]
+    assert undone["after_drop"]["feed-a"] == undone["applied"]["feed-a"]
+    assert undone["records_after_drop"] == ["irq-feed-a.json", "nic-feed-a.json"]
+
+
+@pytest.mark.lab
+def test_undo_in_check_mode_reports_and_changes_nothing(undone):
+    done, out, _ = undone["check"]
+    assert done.returncode == 0 and _stats(out)["changed"] > 0, done.stdout[-3000:]
+    assert undone["after_check"] == undone["applied"]
+    changes = [c for item in _task(out, TUNE)["results"] for c in item.get("changes", [])]
+    assert "feed-b: restore rx channels 2 -> 3, tx channels 2 -> 3" in changes, changes
+
+
+@pytest.mark.lab
+def test_undo_restores_the_original_and_a_second_undo_changes_nothing(undone):
+    (done1, out1, _), (done2, out2, _) = undone["undos"]
+    assert done1.returncode == 0 and _stats(out1)["failures"] == 0, done1.stdout[-3000:]
+    assert _stats(out1)["changed"] > 0
+    assert undone["now"] == undone["original"]
+    tmp = undone["tmp"]
+    assert list((tmp / "state").glob("*.json")) == []
+    assert sorted(p.name for p in (tmp / "units").rglob("*.service")) == []
+    assert not (tmp / "etc/nic.json").exists() and not (tmp / "libexec/tickwire_irq.py").exists()
+    assert done2.returncode == 0 and _stats(out2)["changed"] == 0, _changed_tasks(out2)

@@ -128,6 +128,62 @@ def test_tickwire_run_without_lines_is_one_line(tmp_path, capsys):
     ]
 
 
+# --- [host] ----------------------------------------------------------------------------------
+def test_hugepages_nodes_is_a_nodelist_defaulting_to_the_roles_node_0():
+    assert config.Config().host.hugepages_nodes == "0"
+    cfg = config.from_dict({"host": {"hugepages_2m": 8, "hugepages_nodes": "0-1,3"}})
+    assert config.cpulist(cfg.host.hugepages_nodes) == {0, 1, 3}
+
+
+@pytest.mark.parametrize(
+    "value,why",
+    [
+        ("", "not a nodelist of at least one NUMA node"),
+        ("node0", "not a nodelist"),
+        ("1-0", "runs backwards"),
+        ("1024", "node 1024 is outside 0..1023"),
+        (["0", "1"], "expected a string"),
+    ],
+)
+def test_hugepages_nodes_names_the_key_of_a_bad_value(value, why):
+    with pytest.raises(config.ConfigError, match=f"host.hugepages_nodes: .*{why}"):
+        config.from_dict({"host": {"hugepages_nodes": value}})
+
+
+def test_cpu_isolation_promises_default_to_not_checked():
+    h = config.Config().host
+    assert (h.rcu_nocb_poll, h.nmi_watchdog_off, h.ksm_off) == (False, False, False)
+    assert (h.kthread_cpus, h.transparent_hugepage, h.workqueue_cpus, h.cpu_governor) == ("",) * 4
+    assert h.idle_latency_us == -1
+    promise = {
+        "isolated_cpus": "2-3",
+        "kthread_cpus": "0-1",
+        "workqueue_cpus": "0,1",
+        "transparent_hugepage": "never",
+        "cpu_governor": "performance",
+        "idle_latency_us": 0,
+        "ksm_off": True,
+    }
+    assert config.from_dict({"host": promise}).host.idle_latency_us == 0
+
+
+@pytest.mark.parametrize(
+    "host,why",
+    [
+        ({"kthread_cpus": "0-"}, "host.kthread_cpus: .* is not a cpulist"),
+        ({"workqueue_cpus": "ff"}, "host.workqueue_cpus: .* is not a cpulist"),
+        ({"transparent_hugepage": "off"}, "host.transparent_hugepage: 'off' is not one of"),
+        ({"cpu_governor": "Perf ormance"}, "host.cpu_governor: .* is not a cpufreq governor"),
+        ({"isolated_cpus": "2", "idle_latency_us": -2}, "host.idle_latency_us: -2 is outside"),
+        ({"idle_latency_us": 3}, "host.idle_latency_us: applies to host.isolated_cpus"),
+        ({"ksm_off": 1}, "host.ksm_off"),
+    ],
+)
+def test_cpu_isolation_promises_name_the_key_of_a_bad_value(host, why):
+    with pytest.raises(config.ConfigError, match=why):
+        config.from_dict({"host": host})
+
+
 # --- the README's examples -----------------------------------------------------------------
 def test_the_readme_configuration_examples_load():
     blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)

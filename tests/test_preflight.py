@@ -367,6 +367,32 @@ def test_runtime_capabilities_memlock_and_core(tree):
     assert "offline" in failing(stage(tree, "runtime", cfg_of()))["consumer core"].have
 
 
+def test_runtime_feed_nic_on_the_consumer_cores_numa_node(tree):
+    """Each feed NIC's numa_node must be run.core's node; veth and -1 pass with a note."""
+    tree.nic("ens1f0", "0000:3b:00.0", {91: ("i40e-ens1f0-TxRx-0", "2")})
+    tree.write("sys/devices/pci0000:00/0000:3b:00.0/numa_node", "1\n")
+    for cpu, node in ((1, 0), (2, 1)):
+        (tree.root / f"sys/devices/system/cpu/cpu{cpu}/node{node}").mkdir(parents=True)
+    tree.write("sys/devices/system/node/node0/cpulist", "0-1\n")
+    tree.write("sys/devices/system/node/node1/cpulist", "2-3\n")
+    r = stage(tree, "runtime", cfg_of(run=NIC_RUN))
+    (numa,) = [c for c in r.checks if c.name == "ens1f0 NUMA node"]
+    assert numa.ok and numa.have == "node 1" and numa.want == "CPU 2's node (1)"
+    r = stage(tree, "runtime", cfg_of(run={**NIC_RUN, "core": 1}))
+    numa = failing(r)["ens1f0 NUMA node"]
+    assert numa.have == "node 1" and numa.want == "CPU 1's node (0)"
+    assert numa.fix.startswith("set run.core to a CPU of node 1 (2-3)")
+    # no NUMA information from the platform: a note, not a failure
+    tree.write("sys/devices/pci0000:00/0000:3b:00.0/numa_node", "-1\n")
+    r = stage(tree, "runtime", cfg_of(run={**NIC_RUN, "core": 1}))
+    numa = {c.name: c for c in r.checks}["ens1f0 NUMA node"]
+    assert numa.ok and numa.have.startswith("numa_node -1")
+    # a veth has no device, so no node
+    r = stage(tree, "runtime", cfg_of())
+    checks = {c.name: c for c in r.checks}
+    assert checks["feed-a NUMA node"].ok and "virtual interface" in checks["feed-a NUMA node"].have
+
+
 def test_runtime_missing_namespace(tree):
     cfg = cfg_of(run={"netns": "nosuch"})
     host = preflight.Host(
@@ -397,7 +423,12 @@ def _nodes(tree: Tree, counts_2m: list[int], counts_1g: list[int] | None = None)
 def test_hugepages_every_status(tree):
     assert stage(tree, "hugepages", cfg_of()).status == SKIPPED
     _nodes(tree, [1024, 1024], [2, 2])
-    promise = {"hugepages_2m": 512, "hugepages_1g": 2, "hugetlbfs": ["/dev/hugepages"]}
+    promise = {
+        "hugepages_2m": 512,
+        "hugepages_1g": 2,
+        "hugepages_nodes": "0-1",
+        "hugetlbfs": ["/dev/hugepages"],
+    }
     r = stage(tree, "hugepages", cfg_of(promise))
     assert r.status == OK and len(r.checks) == 5  # 2 sizes x 2 nodes + a mount
     _nodes(tree, [1024, 0], [2, 0])
@@ -417,6 +448,21 @@ def test_hugepages_without_numa_nodes_uses_the_global_count(tree):
     tree.write("sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages", "64\n")
     r = stage(tree, "hugepages", cfg_of({"hugepages_2m": 64}))
     assert r.status == OK and r.checks[0].name == "2 MB pages on host"
+
+
+def test_hugepages_only_on_the_nodes_the_role_reserves_on(tree):
+    """The hugepages role reserves on hugepages_nodes only; preflight looks only there."""
+    _nodes(tree, [512, 0], [2, 0])  # a two-node host, pages reserved on node 0 only
+    promise = {"hugepages_2m": 512, "hugepages_1g": 2}
+    r = stage(tree, "hugepages", cfg_of({**promise, "hugepages_nodes": "0"}))
+    assert r.status == OK
+    assert [c.name for c in r.checks] == ["2 MB pages on node0", "1 GB pages on node0"]
+    assert stage(tree, "hugepages", cfg_of(promise)).status == OK  # node 0 is the default
+    r = stage(tree, "hugepages", cfg_of({**promise, "hugepages_nodes": "1"}))
+    assert r.status == NOT_CONFIGURED
+    assert set(failing(r)) == {"2 MB pages on node1", "1 GB pages on node1"}
+    r = stage(tree, "hugepages", cfg_of({**promise, "hugepages_nodes": "0,2"}))
+    assert r.status == PARTIAL and failing(r)["2 MB pages on node2"].have == "no NUMA node 2"
 
 
 # --- cpu_isolation ---------------------------------------------------------------------------
@@ -486,6 +532,123 @@ def test_irqbalance_banned_mask_and_absence(tree):
     }
     (tree.root / "proc/812/cmdline").unlink()  # not running: nothing to ban
     assert stage(tree, "cpu_isolation", cfg_of(ISO)).status == OK
+
+
+# the rest of tuned cpu-partitioning, as the tickwire role's template promises it
+TUNED_ARGS = {"rcu_nocb_poll": True, "nmi_watchdog_off": True, "kthread_cpus": "0-1"}
+TUNED_RUN = {"workqueue_cpus": "0-1", "ksm_off": True, "cpu_governor": "performance"}
+TUNED_ARGS_TEXT = "rcu_nocb_poll kthread_cpus=0,1 nmi_watchdog=0 transparent_hugepage=never"
+
+
+def _tuned_host(tree: Tree) -> None:
+    """What the cpu_isolation role and tickwire-cpu-tuning.service leave on a 4-CPU host."""
+    _isolated_host(tree)
+    cmdline = (tree.root / "proc/cmdline").read_text().replace(" quiet", " " + TUNED_ARGS_TEXT)
+    tree.write("proc/cmdline", cmdline)
+    tree.write("sys/devices/virtual/workqueue/cpumask", "00000003\n")
+    tree.write("sys/bus/workqueue/devices/writeback/cpumask", "3\n")
+    tree.write("sys/kernel/mm/ksm/run", "2\n")
+    tree.write("sys/kernel/mm/transparent_hugepage/enabled", "always madvise [never]\n")
+    for cpu in range(4):
+        tree.write(f"sys/devices/system/cpu/cpufreq/policy{cpu}/scaling_governor", "performance\n")
+        limit = "3" if cpu in (2, 3) else "0"  # "0": no limit on the housekeeping CPUs
+        tree.write(f"sys/devices/system/cpu/cpu{cpu}/power/pm_qos_resume_latency_us", limit + "\n")
+
+
+def test_cpu_isolation_tuned_kernel_arguments(tree):
+    promise = {**ISO, **TUNED_ARGS, "transparent_hugepage": "never"}
+    _tuned_host(tree)
+    r = stage(tree, "cpu_isolation", cfg_of(promise))
+    assert r.status == OK, failing(r)
+    names = {c.name for c in r.checks}
+    assert {
+        "kernel command line rcu_nocb_poll",
+        "kernel command line nmi_watchdog",
+        "kernel command line kthread_cpus",
+        "kernel command line transparent_hugepage",
+        "transparent hugepages",
+    } <= names
+    # written for the next boot, not in the running kernel: reboot required, for each
+    tree.write(
+        "proc/cmdline",
+        "ro isolcpus=managed_irq,domain,2-3 nohz_full=2-3 rcu_nocbs=2,3 irqaffinity=0-1 "
+        "nmi_watchdog=1\n",
+    )
+    r = stage(tree, "cpu_isolation", cfg_of(promise))
+    bad = failing(r)
+    assert set(bad) == {
+        "kernel command line rcu_nocb_poll",
+        "kernel command line nmi_watchdog",
+        "kernel command line kthread_cpus",
+        "kernel command line transparent_hugepage",
+    }
+    assert bad["kernel command line nmi_watchdog"].have == "nmi_watchdog=1"
+    assert bad["kernel command line rcu_nocb_poll"].have == "absent"
+    assert (
+        not r.reboot_required
+        and "--tags cpu_isolation" in bad["kernel command line rcu_nocb_poll"].fix
+    )
+    tree.write(
+        "etc/default/grub.d/tickwire.cfg",
+        f'GRUB_CMDLINE_LINUX_DEFAULT="$GRUB_CMDLINE_LINUX_DEFAULT {TUNED_ARGS_TEXT}"\n',
+    )
+    r = stage(tree, "cpu_isolation", cfg_of(promise))
+    assert r.reboot_required
+    assert all(
+        c.fix.startswith("reboot required: /etc/default/grub.d/tickwire.cfg")
+        for c in failing(r).values()
+    )
+    # nothing promised, nothing looked at
+    assert stage(tree, "cpu_isolation", cfg_of()).status == SKIPPED
+
+
+def test_cpu_isolation_run_time_settings(tree):
+    promise = {**ISO, **TUNED_RUN, "transparent_hugepage": "never", "idle_latency_us": 3}
+    _tuned_host(tree)
+    (tree.root / "proc/cmdline").write_text("ro\n")  # only the run-time half promised below
+    run_only = {**TUNED_RUN, "isolated_cpus": "2-3", "idle_latency_us": 3}
+    r = stage(tree, "cpu_isolation", cfg_of(run_only))
+    tuned = {
+        "unbound workqueues CPUs",
+        "writeback workqueue CPUs",
+        "KSM off",
+        "cpufreq governor",
+        "isolated CPUs' idle latency limit (C-states)",
+    }
+    assert tuned <= {c.name for c in r.checks} and not tuned & set(failing(r))
+    _tuned_host(tree)
+    assert stage(tree, "cpu_isolation", cfg_of(promise)).status == OK
+    # the kernel's own defaults: every run-time check fails, naming what it found
+    tree.write("sys/devices/virtual/workqueue/cpumask", "f\n")
+    (tree.root / "sys/bus/workqueue/devices/writeback/cpumask").unlink()
+    tree.write("sys/kernel/mm/ksm/run", "1\n")
+    tree.write("sys/kernel/mm/transparent_hugepage/enabled", "[always] madvise never\n")
+    tree.write("sys/devices/system/cpu/cpufreq/policy3/scaling_governor", "schedutil\n")
+    tree.write("sys/devices/system/cpu/cpu2/power/pm_qos_resume_latency_us", "0\n")
+    tree.write("sys/devices/system/cpu/cpu3/power/pm_qos_resume_latency_us", "20\n")
+    r = stage(tree, "cpu_isolation", cfg_of(promise))
+    bad = failing(r)
+    assert set(bad) == tuned | {"transparent hugepages"}
+    assert bad["unbound workqueues CPUs"].have == "0-3"
+    assert bad["writeback workqueue CPUs"].have.startswith("absent")
+    assert bad["KSM off"].have == "run=1"
+    assert bad["transparent hugepages"].have == "always"
+    assert bad["cpufreq governor"].have == "policy3 schedutil"
+    assert bad["isolated CPUs' idle latency limit (C-states)"].have == "CPU 2 no limit, CPU 3 20"
+    assert "tickwire-cpu-tuning.service" in bad["KSM off"].fix
+    # a stricter limit holds; a kernel without KSM or cpufreq (a VM) has nothing to set
+    tree.write("sys/devices/system/cpu/cpu2/power/pm_qos_resume_latency_us", "n/a\n")
+    tree.write("sys/devices/system/cpu/cpu3/power/pm_qos_resume_latency_us", "1\n")
+    (tree.root / "sys/kernel/mm/ksm/run").unlink()
+    for cpu in range(4):
+        (tree.root / f"sys/devices/system/cpu/cpufreq/policy{cpu}/scaling_governor").unlink()
+        (tree.root / f"sys/devices/system/cpu/cpufreq/policy{cpu}").rmdir()
+    r = stage(tree, "cpu_isolation", cfg_of(promise))
+    checks = {c.name: c for c in r.checks}
+    for name in ("KSM off", "cpufreq governor", "isolated CPUs' idle latency limit (C-states)"):
+        assert checks[name].ok, checks[name]
+    assert checks["KSM off"].have == "no KSM in this kernel"
+    assert checks["cpufreq governor"].have.startswith("no cpufreq policies")
 
 
 # --- irq_affinity ----------------------------------------------------------------------------

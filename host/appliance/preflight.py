@@ -526,6 +526,45 @@ def _caps(host: Host) -> int | None:
     return int(text, 16) if text else None
 
 
+def _numa_checks(host: Host, cfg: Config) -> list[Check]:
+    """Each feed NIC on the consumer core's NUMA node: packets DMA'd into another node's
+    memory cross the interconnect on every read. A veth, a NIC without NUMA information
+    (numa_node -1) or a host without NUMA nodes passes with a note."""
+    core, checks = cfg.run.core, []
+    links = glob.glob(str(host.sys / f"devices/system/cpu/cpu{core}/node[0-9]*"))
+    core_node = int(os.path.basename(links[0])[4:]) if links else None
+    for ifname in _feed_interfaces(cfg):
+        if not host.interface_exists(ifname):
+            continue  # "line X interface" says so
+        text = host.read(host.net_path(ifname, "device/numa_node"))
+        node = int(text) if text and text.strip().lstrip("-").isdigit() else None
+        ok, want = True, f"CPU {core}'s node" + (f" ({core_node})" if core_node is not None else "")
+        if not host.net_path(ifname, "device").exists():
+            have = "no device (virtual interface): no NUMA node"
+        elif node is None or node < 0:
+            have = "numa_node -1: the platform gives no NUMA information"
+        elif core_node is None:
+            have = f"node {node}; CPU {core} is on no NUMA node (not a NUMA host)"
+        else:
+            ok, have = node == core_node, f"node {node}"
+        cpus = (host.sys_text(f"devices/system/node/node{node}/cpulist") or "").strip()
+        checks.append(
+            Check(
+                f"{ifname} NUMA node",
+                ok,
+                have,
+                want,
+                ""
+                if ok
+                else f"set run.core to a CPU of node {node}"
+                + (f" ({cpus})" if cpus else "")
+                + ", or put the feed on a NIC of node "
+                + str(core_node),
+            )
+        )
+    return checks
+
+
 def check_runtime(host: Host, cfg: Config) -> list[Check]:
     """What ``tickwire run`` needs on any host: its namespace and feed interfaces, the
     capabilities, locked memory for the UMEM, bpffs for XDP, the consumer core."""
@@ -619,6 +658,7 @@ def check_runtime(host: Host, cfg: Config) -> list[Check]:
                 "" if ok else "set run.core to an online CPU",
             )
         )
+        checks += _numa_checks(host, cfg)
         if cfg.host.isolated_cpus:
             iso = cpulist(cfg.host.isolated_cpus)
             ok = run.core in iso
@@ -639,27 +679,33 @@ _PAGE_SIZES = (("2048kB", "2 MB", "hugepages_2m"), ("1048576kB", "1 GB", "hugepa
 
 
 def check_hugepages(host: Host, cfg: Config) -> list[Check]:
+    """Pages on each node of ``host.hugepages_nodes`` (the nodes the hugepages role
+    reserves on; the others are not looked at), read where its boot script writes them: a
+    node's own pool, or for node 0 without one (no NUMA) the global pool."""
     h, fix, checks = cfg.host, playbook("hugepages"), []
-    nodes = sorted(
-        glob.glob(str(host.sys / "devices/system/node/node[0-9]*")),
-        key=lambda p: int(p.rsplit("node", 1)[1]),
-    )
+    numa = host.sys / "devices/system/node"
     for size, label, key in _PAGE_SIZES:
         want = getattr(h, key)
         if not want:
             continue
-        places = [(os.path.basename(n), Path(n) / "hugepages") for n in nodes] or [
-            ("host", host.sys / "kernel/mm/hugepages")
-        ]
-        for node, base in places:
-            text = host.read(base / f"hugepages-{size}" / "nr_hugepages")
+        for n in sorted(cpulist(h.hugepages_nodes)):
+            node, pool = f"node{n}", numa / f"node{n}/hugepages/hugepages-{size}"
+            if n == 0 and not pool.is_dir():
+                node, pool = "host", host.sys / "kernel/mm/hugepages" / f"hugepages-{size}"
+            text = host.read(pool / "nr_hugepages")
             have = int(text) if text and text.strip().isdigit() else None
             ok = have is not None and have >= want
+            if have is not None:
+                seen = str(have)
+            elif n and not (numa / node).is_dir():
+                seen = f"no NUMA node {n}"
+            else:
+                seen = f"no {label} pages in this kernel"
             checks.append(
                 Check(
                     f"{label} pages on {node}",
                     ok,
-                    str(have) if have is not None else f"no {label} pages in this kernel",
+                    seen,
                     f">= {want}",
                     ""
                     if ok
@@ -717,11 +763,114 @@ def _env_file(text: str) -> dict[str, str]:
     return out
 
 
+def _cmdline_values(cfg: Config) -> list[tuple[str, str]]:
+    """Kernel parameters ``[host]`` promises with an exact value ("" for a bare flag)."""
+    h = cfg.host
+    out = [("rcu_nocb_poll", "")] if h.rcu_nocb_poll else []
+    if h.nmi_watchdog_off:
+        out.append(("nmi_watchdog", "0"))
+    if h.transparent_hugepage:
+        out.append(("transparent_hugepage", h.transparent_hugepage))
+    return out
+
+
+def _selected(text: str) -> str:
+    """The bracketed choice of a sysfs selector ("always madvise [never]" -> "never")."""
+    return next((w[1:-1] for w in text.split() if w[:1] == "[" and w[-1:] == "]"), text.strip())
+
+
+def _cpu_tuning(host: Host, cfg: Config, iso: frozenset[int] | None, fix: str) -> list[Check]:
+    """tuned cpu-partitioning's run-time settings (the cpu_isolation role's
+    tickwire-cpu-tuning.service): workqueue masks, KSM, THP, governor, idle latency."""
+    h, checks = cfg.host, []
+    fix = f"{fix} (or: systemctl restart tickwire-cpu-tuning.service)"
+    if h.workqueue_cpus:
+        want = cpulist(h.workqueue_cpus)
+        for rel, what in (
+            ("devices/virtual/workqueue/cpumask", "unbound workqueues"),
+            ("bus/workqueue/devices/writeback/cpumask", "writeback workqueue"),
+        ):
+            text = host.sys_text(rel)
+            try:
+                mask = mask_value(text) if text is not None else None
+            except ValueError:
+                mask = None
+            have = frozenset(c for c in range((mask or 0).bit_length()) if mask >> c & 1)
+            ok = mask is not None and have == want
+            checks.append(
+                Check(
+                    f"{what} CPUs",
+                    ok,
+                    f"absent: no /sys/{rel}" if text is None else cpus_text(have) or "none",
+                    cpus_text(want),
+                    "" if ok else fix,
+                )
+            )
+    if h.ksm_off:
+        text = host.sys_text("kernel/mm/ksm/run")
+        run = text.strip() if text is not None else None
+        ok = run in (None, "0", "2")
+        shown = {None: "no KSM in this kernel", "0": "stopped", "2": "stopped, pages unmerged"}
+        checks.append(
+            Check("KSM off", ok, shown.get(run, f"run={run}"), "run=0 or 2", "" if ok else fix)
+        )
+    if h.transparent_hugepage:
+        text = host.sys_text("kernel/mm/transparent_hugepage/enabled")
+        mode = _selected(text) if text is not None else None
+        ok = mode == h.transparent_hugepage or (mode is None and h.transparent_hugepage == "never")
+        checks.append(
+            Check(
+                "transparent hugepages",
+                ok,
+                mode or "no transparent hugepages in this kernel",
+                h.transparent_hugepage,
+                "" if ok else fix,
+            )
+        )
+    if h.cpu_governor:
+        policies = sorted(glob.glob(str(host.sys / "devices/system/cpu/cpufreq/policy*")))
+        govs = {
+            os.path.basename(p): (host.read(Path(p) / "scaling_governor") or "?").strip()
+            for p in policies
+        }
+        wrong = {p: g for p, g in govs.items() if g != h.cpu_governor}
+        if not govs:
+            have = "no cpufreq policies (no cpufreq driver: a VM, or the firmware decides)"
+        elif wrong:
+            have = ", ".join(f"{p} {g}" for p, g in sorted(wrong.items()))
+        else:
+            have = f"{h.cpu_governor} on {len(govs)} policies"
+        checks.append(
+            Check("cpufreq governor", not wrong, have, h.cpu_governor, "" if not wrong else fix)
+        )
+    if h.idle_latency_us >= 0 and iso:
+        # the kernel shows a limit of 0 as "n/a" and no limit as "0"
+        want = "n/a" if h.idle_latency_us == 0 else str(h.idle_latency_us)
+        bad = []
+        for cpu in sorted(iso):
+            text = host.sys_text(f"devices/system/cpu/cpu{cpu}/power/pm_qos_resume_latency_us")
+            value = text.strip() if text is not None else "absent"
+            ok = value == "n/a" or (value.isdigit() and 0 < int(value) <= h.idle_latency_us)
+            if not ok:
+                bad.append(f"CPU {cpu} {'no limit' if value == '0' else value}")
+        checks.append(
+            Check(
+                "isolated CPUs' idle latency limit (C-states)",
+                not bad,
+                ", ".join(bad) if bad else f"<= {want} us on CPUs {cpus_text(iso)}",
+                f"pm_qos_resume_latency_us {want} on CPUs {cpus_text(iso)}",
+                "" if not bad else fix,
+            )
+        )
+    return checks
+
+
 def check_cpu_isolation(host: Host, cfg: Config) -> list[Check]:
     h, fix, checks = cfg.host, playbook("cpu_isolation"), []
     iso = cpulist(h.isolated_cpus) if h.isolated_cpus else None
     hk = cpulist(h.housekeeping_cpus) if h.housekeeping_cpus else None
-    if not iso and not hk:
+    tuning = h.workqueue_cpus or h.ksm_off or h.cpu_governor or h.idle_latency_us >= 0
+    if not iso and not hk and not h.kthread_cpus and not _cmdline_values(cfg) and not tuning:
         return []
     booted = parse_cmdline(host.proc_text("cmdline") or "")
     boot, boot_file = _bootloader_params(host)
@@ -730,6 +879,8 @@ def check_cpu_isolation(host: Host, cfg: Config) -> list[Check]:
         wanted += [("isolcpus", iso), ("nohz_full", iso), ("rcu_nocbs", iso)]
     if hk:
         wanted.append(("irqaffinity", hk))
+    if h.kthread_cpus:
+        wanted.append(("kthread_cpus", cpulist(h.kthread_cpus)))
     for param, want in wanted:
         have = booted.get(param)
         ok = param_cpus(have) == want
@@ -745,6 +896,24 @@ def check_cpu_isolation(host: Host, cfg: Config) -> list[Check]:
                 ok,
                 "absent" if have is None else f"{param}={have}",
                 f"{param}={cpus_text(want)}",
+                "" if ok else step,
+            )
+        )
+    for param, want in _cmdline_values(cfg):
+        have, shown = booted.get(param), f"{param}={want}" if want else param
+        ok = have == want
+        step = fix
+        if not ok and boot.get(param) == want:
+            step = (
+                f"reboot required: {boot_file} has {shown}, the running kernel was booted "
+                "without it"
+            )
+        checks.append(
+            Check(
+                f"kernel command line {param}",
+                ok,
+                "absent" if have is None else (f"{param}={have}" if have else param),
+                shown,
                 "" if ok else step,
             )
         )
@@ -804,6 +973,7 @@ def check_cpu_isolation(host: Host, cfg: Config) -> list[Check]:
                 "" if ok else fix,
             )
         )
+    checks += _cpu_tuning(host, cfg, iso, fix)
     return checks
 
 

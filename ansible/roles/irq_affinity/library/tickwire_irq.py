@@ -18,6 +18,14 @@ error. A physical interface whose queue has no recognisable IRQ fails, listing t
 names it does have. An IRQ the kernel manages itself refuses a new affinity: that fails
 with the IRQ's number and name.
 
+Undo: before it first changes an IRQ's affinity or a queue's mask, the module records the
+value in ``STATE_DIR/irq-IF.json`` (with the IRQ's name); a value already recorded is never
+recorded again, so the record keeps what the host had before Tickwire's first change.
+``state: absent`` writes the recorded values back and deletes the record; an IRQ that is
+gone or now serves something else (a driver reset or a channel change re-creates a NIC's
+IRQs) and a queue that is gone are skipped with a note. Without a record it changes
+nothing.
+
 The same file is the boot-time re-apply script (IRQ affinity and RPS/XPS do not survive a
 reboot or a driver reset): ``python3 tickwire_irq.py --boot /etc/tickwire/irq_affinity.json``
 applies a JSON list of this module's parameter sets with no Ansible installed.
@@ -25,6 +33,7 @@ applies a JSON list of this module's parameter sets with no Ansible installed.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -56,6 +65,15 @@ options:
     type: str
     default: ""
   sys_root: {description: Where sysfs is mounted (tests)., type: str, default: /sys}
+  state:
+    description: present places; absent restores the recorded original and deletes the record.
+    type: str
+    choices: [present, absent]
+    default: present
+  state_dir:
+    description: Where the record of the original values (irq-IF.json) is kept.
+    type: path
+    default: /var/lib/tickwire
   proc_root: {description: Where procfs is mounted (tests)., type: str, default: /proc}
 """
 
@@ -68,6 +86,91 @@ notes: {description: What is worth knowing but no failure (no IRQs on a veth)., 
 
 class IrqError(Exception):
     """What cannot be placed; the message names interface, queue or IRQ, and why."""
+
+
+STATE_DIR = "/var/lib/tickwire"
+
+
+# --- the record of what Tickwire changed ---------------------------------------------------
+def empty_record(ifname: str) -> dict:
+    """``original``: {"irqs": {irq: {"name", "cpus"}}, "rps_cpus"|"xps_cpus": {queue: mask}}
+    as they were before Tickwire first changed them."""
+    return {"interface": ifname, "original": {}}
+
+
+def remember(rec: dict, section: str, key: str, value) -> None:
+    """Record ``value`` as the original of ``section``/``key`` unless one is recorded."""
+    rec["original"].setdefault(section, {}).setdefault(key, value)
+
+
+def record_path(state_dir: str, ifname: str) -> str:
+    return os.path.join(state_dir or STATE_DIR, f"irq-{ifname}.json")
+
+
+def load_record(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise IrqError(f"{path}: cannot read the record of the original values: {e}") from None
+    base = empty_record(rec.get("interface", ""))
+    base.update(rec)
+    return base
+
+
+def save_record(path: str, rec: dict) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(rec, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)  # a crash leaves the old record or the new one, never half
+
+
+def restore_plan(
+    ifname: str, original: dict, current: dict
+) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """What brings ``current`` back to ``original``: ([(section, key, value, what)], notes).
+    ``current``: {"irqs": {irq: (names, cpus)}, "rps_cpus"|"xps_cpus": {queue: mask}},
+    with what is gone left out."""
+    writes: list[tuple[str, str, str, str]] = []
+    notes: list[str] = []
+    have_irqs = current.get("irqs", {})
+    for irq, was in sorted(original.get("irqs", {}).items(), key=lambda kv: int(kv[0])):
+        names, cpus = have_irqs.get(irq, ([], ""))
+        if was["name"] not in names:
+            notes.append(
+                f"IRQ {irq} ({was['name']}) is gone or serves something else now (a driver "
+                "reset or a channel change re-creates the IRQs): left as the kernel set it"
+            )
+        elif cpulist(cpus) != cpulist(was["cpus"]):
+            writes.append(
+                (
+                    "irqs",
+                    irq,
+                    was["cpus"],
+                    f"IRQ {irq} ({was['name']}): CPUs {cpus} -> {was['cpus']}",
+                )
+            )
+    for leaf in ("rps_cpus", "xps_cpus"):
+        have = current.get(leaf, {})
+        for q, mask in sorted(original.get(leaf, {}).items()):
+            if q not in have:
+                notes.append(
+                    f"{ifname} {q} is gone (fewer channels now): its {leaf} is not restored"
+                )
+            elif mask_value(have[q]) != mask_value(mask):
+                writes.append(
+                    (
+                        leaf,
+                        q,
+                        mask,
+                        f"{ifname} {q}: {leaf} {mask_value(have[q]):x} -> {mask_value(mask):x}",
+                    )
+                )
+    return writes, notes
 
 
 # --- cpu lists and masks -------------------------------------------------------------------
@@ -198,7 +301,13 @@ def _write(path: str, text: str) -> None:
 
 
 def _irq_affinity(
-    irq: int, name: str, cpus: set[int], proc_root: str, check: bool, changes: list[str]
+    irq: int,
+    name: str,
+    cpus: set[int],
+    proc_root: str,
+    check: bool,
+    changes: list[str],
+    rec: dict,
 ) -> None:
     path = os.path.join(proc_root, "irq", str(irq), "smp_affinity_list")
     try:
@@ -208,6 +317,7 @@ def _irq_affinity(
     if have == cpus:
         return
     changes.append(f"IRQ {irq} ({name}): CPUs {cpulist_text(have)} -> {cpulist_text(cpus)}")
+    remember(rec, "irqs", str(irq), {"name": name, "cpus": cpulist_text(have)})
     if check:
         return
     try:
@@ -229,6 +339,7 @@ def _masks(
     check: bool,
     changes: list[str],
     notes: list[str],
+    rec: dict,
 ) -> None:
     """``kind`` "rx" (rps_cpus) or "tx" (xps_cpus) on every queue of that direction."""
     if not mask:
@@ -255,6 +366,7 @@ def _masks(
         if have == want:
             continue
         changes.append(f"{ifname} {q}: {leaf} {have:x} -> {want:x}")
+        remember(rec, leaf, q, mask_text(have))
         if check:
             continue
         try:
@@ -267,6 +379,8 @@ def _masks(
 
 
 def validate(p: dict) -> None:
+    if (p.get("state") or "present") not in ("present", "absent"):
+        raise IrqError(f"irq_affinity_state: {p['state']!r} is not one of present, absent")
     if p.get("placement", "consumer") not in ("consumer", "housekeeping"):
         raise IrqError(
             f"irq_affinity_placement: {p['placement']!r} is not one of consumer, housekeeping"
@@ -289,8 +403,11 @@ def validate(p: dict) -> None:
 
 
 def apply(p: dict, check: bool) -> dict:
-    """Bring interface ``p["interface"]`` to ``p``; returns the module's result fields."""
+    """Bring interface ``p["interface"]`` to ``p`` (or, with ``state: absent``, back to its
+    recorded original); returns the module's result fields."""
     validate(p)
+    if (p.get("state") or "present") == "absent":
+        return undo(p, check)
     ifname = p["interface"]
     sys_root, proc_root = p.get("sys_root") or "/sys", p.get("proc_root") or "/proc"
     if not os.path.isdir(os.path.join(sys_root, "class/net", ifname)):
@@ -298,35 +415,114 @@ def apply(p: dict, check: bool) -> dict:
     changes: list[str] = []
     notes: list[str] = []
     irqs: list[dict] = []
-    queues = p.get("queues") or []
-    if queues:
-        wanted = [int(q["queue"]) for q in queues]
-        by_queue, seen = queue_irqs(ifname, wanted, sys_root, proc_root)
-        if by_queue is None:
-            notes.append(f"{ifname} is a virtual interface (no device): it has no IRQs to place")
-        else:
-            missing = [q for q in wanted if not by_queue[q]]
-            if missing:
-                raise IrqError(
-                    f"{ifname}: no IRQ found for queue(s) "
-                    f"{', '.join(map(str, missing))}; the device's IRQs are named: "
-                    f"{', '.join(seen) or 'none (no MSI vectors)'}"
-                )
-            target: dict[int, tuple[str, set[int], list[int]]] = {}
-            hk = cpulist(p.get("housekeeping_cpus") or "")
-            for q in queues:
-                cpus = hk if p.get("placement") == "housekeeping" else {int(q["cpu"])}
-                for irq, name in by_queue[int(q["queue"])]:
-                    # an IRQ serving several listed queues goes to all their CPUs
-                    _, have, qs = target.setdefault(irq, (name, set(), []))
-                    have |= cpus
-                    qs.append(int(q["queue"]))
-            for irq, (name, cpus, qs) in sorted(target.items()):
-                _irq_affinity(irq, name, cpus, proc_root, check, changes)
-                irqs.append({"irq": irq, "name": name, "queues": qs, "cpus": cpulist_text(cpus)})
-    _masks(ifname, "rx", p.get("rps_mask") or "", sys_root, check, changes, notes)
-    _masks(ifname, "tx", p.get("xps_mask") or "", sys_root, check, changes, notes)
+    path = record_path(p.get("state_dir") or STATE_DIR, ifname)
+    stored = load_record(path)
+    rec = copy.deepcopy(stored) if stored else empty_record(ifname)
+    try:  # whatever was changed before a failure is recorded, so undo can restore it
+        irqs = _place(p, ifname, sys_root, proc_root, check, changes, notes, rec)
+        _masks(ifname, "rx", p.get("rps_mask") or "", sys_root, check, changes, notes, rec)
+        _masks(ifname, "tx", p.get("xps_mask") or "", sys_root, check, changes, notes, rec)
+    finally:
+        if not check and rec != (stored or empty_record(ifname)):
+            save_record(path, rec)
     return {"changed": bool(changes), "changes": changes, "irqs": irqs, "notes": notes}
+
+
+def _place(
+    p: dict,
+    ifname: str,
+    sys_root: str,
+    proc_root: str,
+    check: bool,
+    changes: list[str],
+    notes: list[str],
+    rec: dict,
+) -> list[dict]:
+    irqs: list[dict] = []
+    queues = p.get("queues") or []
+    if not queues:
+        return irqs
+    wanted = [int(q["queue"]) for q in queues]
+    by_queue, seen = queue_irqs(ifname, wanted, sys_root, proc_root)
+    if by_queue is None:
+        notes.append(f"{ifname} is a virtual interface (no device): it has no IRQs to place")
+        return irqs
+    missing = [q for q in wanted if not by_queue[q]]
+    if missing:
+        raise IrqError(
+            f"{ifname}: no IRQ found for queue(s) "
+            f"{', '.join(map(str, missing))}; the device's IRQs are named: "
+            f"{', '.join(seen) or 'none (no MSI vectors)'}"
+        )
+    target: dict[int, tuple[str, set[int], list[int]]] = {}
+    hk = cpulist(p.get("housekeeping_cpus") or "")
+    for q in queues:
+        cpus = hk if p.get("placement") == "housekeeping" else {int(q["cpu"])}
+        for irq, name in by_queue[int(q["queue"])]:
+            # an IRQ serving several listed queues goes to all their CPUs
+            _, have, qs = target.setdefault(irq, (name, set(), []))
+            have |= cpus
+            qs.append(int(q["queue"]))
+    for irq, (name, cpus, qs) in sorted(target.items()):
+        _irq_affinity(irq, name, cpus, proc_root, check, changes, rec)
+        irqs.append({"irq": irq, "name": name, "queues": qs, "cpus": cpulist_text(cpus)})
+    return irqs
+
+
+def _current(ifname: str, original: dict, sys_root: str, proc_root: str) -> dict:
+    """What ``original`` names as the host has it now, as ``restore_plan`` takes it."""
+    cur: dict = {"irqs": {}, "rps_cpus": {}, "xps_cpus": {}}
+    if original.get("irqs"):
+        with open(os.path.join(proc_root, "interrupts"), encoding="utf-8") as f:
+            table = parse_interrupts(f.read())
+        for irq in original["irqs"]:
+            try:
+                aff = _read(os.path.join(proc_root, "irq", irq, "smp_affinity_list"))
+            except OSError:
+                continue
+            cur["irqs"][irq] = (table.get(int(irq), []), aff)
+    qdir = os.path.join(sys_root, "class/net", ifname, "queues")
+    for leaf in ("rps_cpus", "xps_cpus"):
+        for q in original.get(leaf, {}):
+            try:
+                cur[leaf][q] = _read(os.path.join(qdir, q, leaf))
+            except OSError:
+                continue
+    return cur
+
+
+def undo(p: dict, check: bool) -> dict:
+    """Write the recorded original values back and delete the record."""
+    ifname = p["interface"]
+    sys_root, proc_root = p.get("sys_root") or "/sys", p.get("proc_root") or "/proc"
+    path = record_path(p.get("state_dir") or STATE_DIR, ifname)
+    stored = load_record(path)
+    changes: list[str] = []
+    notes: list[str] = []
+    if stored is None:
+        return {"changed": False, "changes": changes, "irqs": [], "notes": notes}
+    writes, notes = restore_plan(
+        ifname, stored["original"], _current(ifname, stored["original"], sys_root, proc_root)
+    )
+    qdir = os.path.join(sys_root, "class/net", ifname, "queues")
+    for section, key, value, what in writes:
+        changes.append(what)
+        if check:
+            continue
+        if section == "irqs":
+            target = os.path.join(proc_root, "irq", key, "smp_affinity_list")
+        else:
+            target = os.path.join(qdir, key, section)
+        try:
+            _write(target, value)
+        except OSError as e:
+            raise IrqError(
+                f"{what}: cannot write {target}: {e.strerror}; the record {path} is kept"
+            ) from None
+    changes.append(f"{ifname}: forget the recorded original values ({path})")
+    if not check:
+        os.unlink(path)
+    return {"changed": True, "changes": changes, "irqs": [], "notes": notes}
 
 
 # --- entry points --------------------------------------------------------------------------
@@ -371,6 +567,8 @@ def main() -> None:
             "housekeeping_cpus": {"type": "str", "default": ""},
             "rps_mask": {"type": "str", "default": ""},
             "xps_mask": {"type": "str", "default": ""},
+            "state": {"type": "str", "default": "present", "choices": ["present", "absent"]},
+            "state_dir": {"type": "path", "default": STATE_DIR},
             "sys_root": {"type": "str", "default": "/sys"},
             "proc_root": {"type": "str", "default": "/proc"},
         },
