@@ -124,6 +124,25 @@ def test_loss_at_the_end_of_a_burst_is_seen_through_heartbeats(
     assert s["gaps_declared"] >= 1 and s["lines"]["recovery"]["first"] >= 40
 
 
+def _publish_losing_both_lines(labcfg, tmp_path, path) -> None:
+    """The session, with sequences 30000..30999 lost on both lines and no re-request
+    server to fill them: an unrecoverable gap."""
+    run_sim(
+        _cfg(labcfg, tmp_path),
+        "--session",
+        str(path),
+        "--rate",
+        "500000",
+        "--eos-for",
+        "0.5",
+        "--heartbeat",
+        "0.1",
+        "--no-rerequest",
+        "--fault",
+        "AB:drop=30000-30999",
+    )
+
+
 def test_server_down_makes_gaps_unrecoverable_and_books_stale(labcfg, mode, session_file, tmp_path):
     from host.appliance import status
 
@@ -136,20 +155,7 @@ def test_server_down_makes_gaps_unrecoverable_and_books_stale(labcfg, mode, sess
         run_extra="recovery_retries = 2\nrecovery_timeout_ms = 20\n",
     )
     try:
-        run_sim(
-            _cfg(labcfg, tmp_path),
-            "--session",
-            str(path),
-            "--rate",
-            "500000",
-            "--eos-for",
-            "0.5",
-            "--heartbeat",
-            "0.1",
-            "--no-rerequest",
-            "--fault",
-            "AB:drop=30000-30999",
-        )
+        _publish_losing_both_lines(labcfg, tmp_path, path)
         app.wait_counters(lambda c: c["stale"], "books stale")
         c = app.wait_counters(lambda c: c["next_seq"] > N_MSGS, "the whole session seen")
         assert c["stale"] and c["unrecoverable_gaps"] >= 1 and c["unrecoverable_messages"] >= 1000
@@ -175,20 +181,7 @@ def test_halt_policy_stops_before_the_gap(labcfg, mode, session_file, tmp_path):
         run_extra='policy = "halt"\nrecovery_retries = 1\nrecovery_timeout_ms = 20\n',
     )
     try:
-        run_sim(
-            _cfg(labcfg, tmp_path),
-            "--session",
-            str(path),
-            "--rate",
-            "500000",
-            "--eos-for",
-            "0.5",
-            "--heartbeat",
-            "0.1",
-            "--no-rerequest",
-            "--fault",
-            "AB:drop=30000-30999",
-        )
+        _publish_losing_both_lines(labcfg, tmp_path, path)
         s = app.finish(timeout=60, rc=3)
     finally:
         app.kill()
