@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TICKWIRE := $(VENV)/bin/tickwire
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench lint image clean
 
 setup:
 	@bash host/setup.sh
@@ -17,6 +17,9 @@ demo: setup
 
 bench: setup
 	$(TICKWIRE) bench book
+
+image: setup
+	$(TICKWIRE) image build
 
 lint: setup
 	$(PY) -m ruff check .

@@ -89,6 +89,13 @@ int tw_steer(struct xdp_md *ctx)
 		return tw_pass(TW_G_MALFORMED);
 	ihl_len = iph->ihl * 4;
 	tot_len = bpf_ntohs(iph->tot_len);
+	/* Older kernels give a byte swap's result no bounds, and their verifier then
+	 * rejects the packet arithmetic below ("math between pkt pointer and register with
+	 * unbounded min value": Debian 12's 6.1, found by booting the appliance image). The
+	 * compiler knows the swap fits 16 bits and would drop a plain mask: hide that from it
+	 * so the AND reaches the verifier. */
+	asm volatile("" : "+r"(tot_len));
+	tot_len &= 0xffff;
 	/* frames may carry Ethernet padding after the datagram, never less than it */
 	if (tot_len < ihl_len || (void *)iph + tot_len > data_end)
 		return tw_pass(TW_G_MALFORMED);

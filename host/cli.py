@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     from host.appliance import cli as appliance
     from host.bench import cli as bench
     from host.exchange import cli as exchange
+    from host.image import cli as image
 
     p = argparse.ArgumentParser(
         prog="tickwire",
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     appliance.add_parsers(sub)  # book, run, warm, preflight, status, calibrate
     exchange.add_parsers(sub)  # gen, lab, sim
     bench.add_parsers(sub)  # bench
+    image.add_parsers(sub)  # image build|boot|config
     return p
 
 

@@ -213,8 +213,33 @@ class HostConfig:
     sysctl: dict = field(default_factory=dict)
     # interfaces ptp4l/phc2sys serve
     ptp_interfaces: tuple[str, ...] = ()
+    # the one of ptp_interfaces whose PTP time steers the system clock (phc2sys from its
+    # PHC, ptp4l itself with software timestamps, or timemaster's chronyd); "" = none, and
+    # then neither phc2sys nor "one program steers the clock" is checked
+    ptp_phc2sys_interface: str = ""
+    # the largest offset from the master (either sign) ptp4l may report, in nanoseconds
+    ptp_max_offset_ns: int = 1000
     # the systemd unit that runs the appliance ("" = not checked)
     service: str = ""
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """What the appliance image's first boot (``tickwire firstboot``) does beyond applying
+    ``[run]`` and ``[host]`` with the roles. Ignored everywhere else."""
+
+    # reboot once when first boot changed the kernel command line (isolated cores, 1 GiB
+    # pages); false: say that a reboot is needed and start nothing
+    reboot: bool = False
+    # numba's CPU model for the consumer: "native" (warm this CPU's cache at first boot),
+    # "generic" (the image's build-time cache), "auto" (generic under emulation, else native)
+    numba_cpu: str = "auto"
+    # interfaces first boot names and addresses, a table per name:
+    # [image.interfaces.feed-a] match = "52:54:00:12:34:56" (a MAC, or the name the kernel
+    # gives it), address = "10.20.1.10/24" ("" = no address: multicast only)
+    interfaces: dict = field(default_factory=dict)
+    # more Ansible role variables, verbatim (e.g. hugepages_mounts, nic_flows)
+    ansible: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -223,6 +248,7 @@ class Config:
     feed: FeedConfig = field(default_factory=FeedConfig)
     run: RunConfig = field(default_factory=RunConfig)
     host: HostConfig = field(default_factory=HostConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
 
 
 _CPULIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
@@ -303,8 +329,53 @@ def _validate_host(host: HostConfig) -> None:
     for name in host.ptp_interfaces:
         if not _IFNAME.match(name):
             raise ConfigError(f"host.ptp_interfaces: {name!r} is not a valid interface name")
+    if host.ptp_phc2sys_interface and host.ptp_phc2sys_interface not in host.ptp_interfaces:
+        raise ConfigError(
+            f"host.ptp_phc2sys_interface: {host.ptp_phc2sys_interface!r} is not one of "
+            "host.ptp_interfaces"
+        )
+    if not 1 <= host.ptp_max_offset_ns <= 1_000_000_000:
+        raise ConfigError(
+            f"host.ptp_max_offset_ns: {host.ptp_max_offset_ns} is outside 1..1000000000"
+        )
     if host.service and not re.match(r"^[A-Za-z0-9@_.-]+\.service$", host.service):
         raise ConfigError(f"host.service: {host.service!r} is not a systemd service unit name")
+
+
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def _validate_image(image: ImageConfig) -> None:
+    if image.numba_cpu not in ("auto", "native", "generic"):
+        raise ConfigError(
+            f"image.numba_cpu: {image.numba_cpu!r} is not one of auto, native, generic"
+        )
+    for name, spec in image.interfaces.items():
+        key = f"image.interfaces.{name}"
+        if not _IFNAME.match(name):
+            raise ConfigError(f"{key}: {name!r} is not a valid interface name (1-15 characters)")
+        if not isinstance(spec, dict) or set(spec) - {"match", "address"}:
+            raise ConfigError(f"{key}: expected a table with match and address")
+        match = spec.get("match", "")
+        if not isinstance(match, str) or not (_MAC.match(match) or _IFNAME.match(match)):
+            raise ConfigError(
+                f"{key}.match: {match!r} is neither a MAC address nor an interface name"
+            )
+        address = spec.get("address", "")
+        if address:
+            try:
+                iface = ipaddress.IPv4Interface(address)
+            except ValueError:
+                raise ConfigError(
+                    f"{key}.address: {address!r} is not an IPv4 address/prefix"
+                ) from None
+            if "/" not in address or iface.ip.is_multicast or iface.ip.is_unspecified:
+                raise ConfigError(
+                    f"{key}.address: {address!r} must be a unicast address with its prefix length"
+                )
+    for name in image.ansible:
+        if not re.match(r"^[a-z][a-z0-9_]*$", name):
+            raise ConfigError(f"image.ansible.{name}: not an Ansible variable name")
 
 
 _PREFIX = re.compile(r"^[a-z][a-z0-9]{0,9}$")
@@ -447,6 +518,7 @@ def validate(cfg: Config) -> Config:
     _check_port("lab.rerequest_port", lab.rerequest_port)
     _validate_run(cfg.run)
     _validate_host(cfg.host)
+    _validate_image(cfg.image)
     s = cfg.feed.session
     if not (1 <= len(s) <= 10 and s.isascii() and s.isprintable()):
         raise ConfigError(f"feed.session: {s!r} must be 1-10 printable ASCII characters")

@@ -23,6 +23,7 @@ PACKAGES=(
   libxdp-dev libbpf-dev xdp-tools clang llvm gcc make pkg-config
   iproute2 ethtool iputils-ping procps kmod linux-headers-cloud-amd64
   debootstrap linuxptp
+  qemu-system-x86 ovmf mtools dosfstools fdisk
 )
 
 say() { printf 'setup: %s\n' "$*"; }

@@ -17,38 +17,7 @@ import socket
 import subprocess
 from collections.abc import Callable
 
-SUITE = "bookworm"  # the Debian the image root is debootstrapped from (tests/test_ansible.py)
-
-
-def apt_mirror(sources: str = "/etc/apt") -> str | None:
-    """The machine's own Debian mirror for ``SUITE``: the first source apt is configured
-    with (deb822 ``*.sources`` or one-line ``*.list``) that serves it, so the tests use the
-    mirror the machine already reaches and name none themselves."""
-    import glob
-    import re
-
-    files = [f"{sources}/sources.list", *sorted(glob.glob(f"{sources}/sources.list.d/*"))]
-    for path in files:
-        if not path.endswith((".list", ".sources")):
-            continue
-        try:
-            text = open(path).read()
-        except OSError:
-            continue
-        for stanza in re.split(r"\n\s*\n", text):  # deb822
-            fields = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.M))
-            if (
-                "deb" in fields.get("Types", "").split()
-                and SUITE in fields.get("Suites", "").split()
-            ):
-                return fields.get("URIs", "").split()[0].rstrip("/") or None
-        for line in text.splitlines():  # one-line style
-            words = line.split("#", 1)[0].split()
-            words = [w for w in words if not w.startswith("[")]
-            if len(words) >= 3 and words[0] == "deb" and words[2] == SUITE:
-                return words[1].rstrip("/")
-    return None
-
+from host.image.debian import SUITE, apt_mirror  # the image root's Debian and mirror
 
 MIRROR = apt_mirror()
 AF_XDP = 44  # <linux/socket.h>; Python does not export it

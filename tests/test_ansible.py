@@ -9,9 +9,10 @@ prefixed with its name and has a default, every default is summarised in
 The privileged test applies ``provision.yml`` for real, twice, over
 ``community.general.chroot`` to a Debian bookworm root made with debootstrap -- the way the
 image is built -- with the example inventory (``--skip-tags network``: the feed interfaces
-are not in a chroot). The root is debootstrapped once and cached under
-``~/.cache/tickwire/`` (keyed by suite, variant and package list); each run works on a
-fresh copy, with only ``/proc`` mounted, always unmounted in teardown. The first apply must
+are not in a chroot). The root is the appliance image's (``host.image.debian``),
+debootstrapped once and cached under ``~/.cache/tickwire/`` (keyed by suite, variant,
+mirror and package list); each run works on a fresh copy, with only ``/proc`` mounted,
+always unmounted in teardown. The first apply must
 change things and fail nothing, the second must change nothing; then the files the roles
 wrote are checked against the inventory, partly with the preflight's own parsers, and the
 installed appliance runs inside the root (``tickwire --help``, ``tickwire preflight
@@ -20,13 +21,13 @@ installed appliance runs inside the root (``tickwire --help``, ``tickwire prefli
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -34,18 +35,15 @@ import yaml
 
 from host import config
 from host.appliance import preflight
-from tests.capabilities import MIRROR, SUITE
+from host.image import build as imagebuild
+from host.image import debian
+from tests.capabilities import MIRROR
 
 REPO = Path(__file__).resolve().parents[1]
 ANSIBLE = REPO / "ansible"
 BIN = Path(sys.executable).parent
 INVENTORY = ANSIBLE / "inventory" / "example.yml"
 MY_ROLES = ("hugepages", "cpu_isolation", "sysctl", "ptp", "tickwire")
-
-VARIANT = "minbase"
-# what the image root starts with: enough for Ansible (python3) and offline systemctl
-INCLUDE = ("python3", "systemd", "ca-certificates")
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tickwire"
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -253,33 +251,57 @@ def test_config_template_passes_the_hugepages_nodes(tmp_path):
     assert cfg.host.hugepages_nodes == "0,1,3"
 
 
+def test_first_boot_role_variables_render_back_to_the_config(tmp_path):
+    """The appliance image's first boot turns its tickwire.toml into role variables
+    (host.appliance.firstboot.role_variables); the tickwire role's template must render them
+    back into the same [run] and [feed] and the [host] promises the file made."""
+    from host.appliance import firstboot
+    from host.image import boot
+
+    lab = tmp_path / "lab.toml"  # the lab's: [run] options beyond the template's own keys
+    lab.write_text(boot.guest_config(boot.lab_config("twvm"), queues=2))
+    got = _render_config(
+        tmp_path,
+        **firstboot.role_variables(
+            config.load(lab), tomllib.loads(lab.read_text()), "w", "generic"
+        ),
+    )
+    assert got.run == config.load(lab).run and got.run.frames == 8192
+
+    example = REPO / "image" / "tickwire.toml.example"
+    want = config.load(example)
+    raw = tomllib.loads(example.read_text())
+    overrides = firstboot.role_variables(want, raw, "/opt/tickwire/dist/t.whl", "native")
+    got = _render_config(tmp_path, **overrides)
+    assert got.run == want.run and got.feed == want.feed
+    for key in (
+        "required",
+        "hugepages_2m",
+        "hugepages_nodes",
+        "isolated_cpus",
+        "housekeeping_cpus",
+        "channels",
+        "rx_ring",
+        "offloads_off",
+        "ntuple",
+        "ptp_interfaces",
+        "service",
+        "irq_placement",
+        "rps_mask",
+        "xps_mask",
+        "ptp_max_offset_ns",
+    ):
+        assert getattr(got.host, key) == getattr(want.host, key), key
+
+
 # --- the real apply to an image root -----------------------------------------------------------
 def _debootstrap_root() -> Path:
-    """A cached bookworm root (debootstrapped once per include list); returns its path."""
-    key = hashlib.sha256(f"{SUITE} {VARIANT} {MIRROR} {','.join(INCLUDE)}".encode()).hexdigest()
-    root = CACHE / f"debootstrap-{SUITE}-{key[:12]}"
-    if (root / "usr" / "bin" / "python3").exists():
-        return root
-    building = root.with_name(root.name + ".building")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
-    r = _run(
-        [
-            "debootstrap",
-            f"--variant={VARIANT}",
-            f"--include={','.join(INCLUDE)}",
-            SUITE,
-            str(building),
-            MIRROR,
-        ],
-        timeout=480,
-    )
-    if r.returncode != 0:
-        shutil.rmtree(building, ignore_errors=True)
-        pytest.fail(f"debootstrap failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-    _run(["chroot", str(building), "apt-get", "clean"])  # the .debs: 100 MB per copy
-    building.rename(root)
-    return root
+    """The appliance image's cached root (host.image.debian: one debootstrap per machine
+    and package list, shared with ``make image``)."""
+    try:
+        return debian.debootstrap_root(MIRROR)
+    except debian.DebianError as e:
+        pytest.fail(str(e))
 
 
 def _mounted_under(path: Path) -> list[str]:
@@ -290,66 +312,11 @@ def _mounted_under(path: Path) -> list[str]:
 
 
 def _build_wheel(out: Path) -> Path:
-    """The Tickwire wheel, built from a copy of the working tree (the tree stays clean)."""
-    src = out / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy(REPO / name, src / name)
-    for pkg in ("bpf", "dataplane", "host"):
-        shutil.copytree(
-            REPO / pkg,
-            src / pkg,
-            ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.nbi", "*.nbc"),
-        )
-    r = _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "--disable-pip-version-check",
-            "-q",
-            "-w",
-            str(out / "dist"),
-            str(src),
-        ]
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    (wheel,) = (out / "dist").glob("tickwire-*.whl")
-    return wheel
+    return imagebuild.build_wheel(out)
 
 
 def _wheelhouse(wheel: Path) -> Path:
-    """The dependencies' wheels, downloaded once per dependency list (offline installs)."""
-    deps = re.search(
-        r"^dependencies = \[(.*?)\]", (REPO / "pyproject.toml").read_text(), re.M | re.S
-    ).group(1)
-    key = hashlib.sha256(f"{sys.version_info[:2]} {deps}".encode()).hexdigest()[:12]
-    house = CACHE / f"wheelhouse-{key}"
-    if not (house / ".complete").exists():
-        shutil.rmtree(house, ignore_errors=True)
-        r = _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--disable-pip-version-check",
-                "-q",
-                "--only-binary=:all:",
-                "-d",
-                str(house),
-                str(wheel),
-            ],
-            timeout=400,
-        )
-        assert r.returncode == 0, r.stdout + r.stderr
-        for w in house.glob("tickwire-*.whl"):
-            w.unlink()
-        (house / ".complete").write_text("")
-    return house
+    return imagebuild.wheelhouse(wheel)
 
 
 def _playbook(*extra: Path) -> dict:
@@ -440,8 +407,6 @@ def applied(tmp_path_factory):
                 "ansible_become": False,
                 "tickwire_package": str(wheel),
                 "tickwire_wheelhouse": str(house),
-                # bcc's kernel headers pull in a compiler (~150 MB): not for this test
-                "tickwire_kernel_headers_package": "",
             }
         )
     )
@@ -747,15 +712,83 @@ def test_cpu_tuning_unit_applies_records_and_restores(applied, tmp_path):
     assert not record.exists()
 
 
+def _ptp4l_global(conf: str) -> dict[str, str]:
+    """The [global] settings of a ptp4l configuration (the last one wins, as in ptp4l)."""
+    out, section = {}, ""
+    for line in conf.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif line and not line.startswith("#") and section == "global":
+            name, *value = line.split(None, 1)
+            out[name] = value[0] if value else ""
+    return out
+
+
 @APPLY
 def test_ptp_units(applied):
-    root = applied["root"]
+    """One PTP interface (the example's eno1): ptp4l@eno1 with its own management socket
+    and domain; phc2sys@ installed, wired to that socket and domain, but not enabled
+    (software timestamps in an image root: ptp4l steers the clock); no timemaster; the
+    calibration service and its timer; the record of the clock services it disabled."""
+    inv, root = _inventory_host(), applied["root"]
+    etc = root / "etc/systemd/system"
     conf = (root / "etc/linuxptp/ptp4l-eno1.conf").read_text()
-    assert re.search(r"^time_stamping\s+software$", conf, re.M)
     assert re.search(r"^\[eno1\]$", conf, re.M)
-    wants = root / "etc/systemd/system/multi-user.target.wants"
+    ptp4l = _ptp4l_global(conf)
+    assert ptp4l["time_stamping"] == "software"
+    assert ptp4l["domainNumber"] == str(inv["ptp_domain"])
+    assert ptp4l["uds_address"] == "/var/run/ptp4l-eno1"
+    assert ptp4l["slaveOnly"] == "1"
+    wants = etc / "multi-user.target.wants"
     assert (wants / "ptp4l@eno1.service").is_symlink()
     assert not (wants / "phc2sys@eno1.service").exists()  # software: ptp4l steers the clock
+    phc2sys = preflight.parse_unit([(etc / "phc2sys@.service").read_text()])["ExecStart"]
+    assert phc2sys == [
+        f"/usr/sbin/phc2sys -s %I -c CLOCK_REALTIME -n {inv['ptp_domain']} "
+        "-z /var/run/ptp4l-%I -w -m -q"
+    ]
+    # one interface: no timemaster
+    assert not (etc / "timemaster.service.d").exists()
+    assert not (root / "etc/linuxptp/timemaster-tickwire.conf").exists()
+    assert not (wants / "timemaster.service").exists()
+    # tickwire calibrate once PTP is locked, after boot and hourly
+    service = (etc / "tickwire-calibrate.service").read_text()
+    unit = preflight.parse_unit([service], "Unit")
+    assert unit["ConditionPathExists"] == [
+        "/opt/tickwire/venv/bin/tickwire",
+        "/etc/tickwire/tickwire.toml",
+    ]
+    svc = preflight.parse_unit([service])
+    assert svc["Type"] == ["oneshot"]
+    assert svc["ExecStart"] == [
+        "/opt/tickwire/venv/bin/tickwire calibrate --config /etc/tickwire/tickwire.toml "
+        f"--wait-ptp {_defaults('ptp')['ptp_calibrate_wait']}"
+    ]
+    timer = preflight.parse_unit([(etc / "tickwire-calibrate.timer").read_text()], "Timer")
+    assert timer["OnBootSec"] == ["2min"] and timer["OnCalendar"] == ["hourly"]
+    assert (etc / "timers.target.wants/tickwire-calibrate.timer").is_symlink()
+    # the clock services it disabled, recorded once for the undo: each is disabled now
+    record = json.loads((root / "var/lib/tickwire/ptp-disabled.json").read_text())
+    assert set(record) == {"disabled"}
+    assert set(record["disabled"]) <= set(_defaults("ptp")["ptp_conflicting_services"])
+    for name, package in record["disabled"].items():
+        assert package and not list(etc.glob(f"*.wants/{name}")), name
+    # what preflight is told to check
+    cfg = config.load(root / "etc/tickwire/tickwire.toml")
+    assert (cfg.host.ptp_phc2sys_interface, cfg.host.ptp_max_offset_ns) == ("eno1", 1000)
+    r = _run(
+        [
+            "chroot",
+            str(root),
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            "/etc/systemd/system/tickwire-calibrate.service",
+            "/etc/systemd/system/tickwire-calibrate.timer",
+        ]
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @APPLY
@@ -853,3 +886,168 @@ def test_undo_removes_what_apply_installed_and_is_idempotent(undone):
     left = [p for p in gone if os.path.lexists(root / p)]
     assert not left, f"undo left: {left}"
     assert "hugetlbfs" not in (root / "etc/fstab").read_text()
+
+
+# --- ptp: its undo, and several interfaces (timemaster) with a time service to give back ------
+@APPLY
+def test_ptp_undo_removes_the_calibration_and_the_record(undone):
+    root = undone["root"]
+    etc = root / "etc/systemd/system"
+    for rel in (
+        "tickwire-calibrate.service",
+        "tickwire-calibrate.timer",
+        "timers.target.wants/tickwire-calibrate.timer",
+        "timemaster.service.d",
+    ):
+        assert not os.path.lexists(etc / rel), rel
+    assert not (root / "var/lib/tickwire/ptp-disabled.json").exists()
+    assert any(m.startswith("ptp: undone") for m in _messages(undone["run3"]))
+
+
+def _ptp_playbook(*extra: Path) -> dict:
+    """provision.yml with only the ptp role (``--tags ptp``)."""
+    r = _run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(INVENTORY),
+            "provision.yml",
+            *(a for e in extra for a in ("-e", f"@{e}")),
+            "--tags",
+            "ptp",
+        ],
+        cwd=ANSIBLE,
+        timeout=420,
+        env=_env(ANSIBLE_STDOUT_CALLBACK="json"),
+    )
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        pytest.fail(f"ansible-playbook printed no JSON (rc {r.returncode}):\n{r.stderr[-3000:]}")
+
+
+def _in_root(root: Path, *argv: str) -> str:
+    return _run(["chroot", str(root), *argv]).stdout.strip()
+
+
+def _installed(root: Path, package: str) -> bool:
+    return _in_root(root, "dpkg-query", "-W", "-f=${Status}", package) == "install ok installed"
+
+
+@pytest.fixture(scope="module")
+def timesyncd_root(tmp_path_factory):
+    """A fresh copy of the cached root with systemd-timesyncd installed and enabled (the
+    time service Debian recommends) instead of the image's chrony: what the ptp role
+    disables, and its undo gives back.
+    Only /proc is mounted, and unmounted in teardown."""
+    work = tmp_path_factory.mktemp("ptp")
+    root = work / "root"
+    subprocess.run(["cp", "-a", "--reflink=auto", str(_debootstrap_root()), str(root)], check=True)
+    shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
+    policy = root / "usr" / "sbin" / "policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    extra = work / "chroot.yml"
+    extra.write_text(
+        yaml.safe_dump(
+            {
+                "ansible_connection": "community.general.chroot",
+                "ansible_host": str(root),
+                "ansible_python_interpreter": "/usr/bin/python3",
+                "ansible_become": False,
+            }
+        )
+    )
+    subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
+    try:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for argv in (  # the image's root has chrony: this one starts from timesyncd alone
+            ["apt-get", "update", "-q"],
+            ["apt-get", "purge", "-y", "-q", "chrony"],
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "systemd-timesyncd"],
+        ):
+            r = _run(["chroot", str(root), *argv], env=env)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        yield {"root": root, "work": work, "extra": extra}
+    finally:
+        if _run(["umount", str(root / "proc")]).returncode != 0:
+            _run(["umount", "-l", str(root / "proc")])
+        left = _mounted_under(root)
+        assert not left, f"mounts left under the image root: {left}"
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _timemaster_sections(text: str) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("["):
+            current = out.setdefault(line.strip("[]"), {})
+        elif line.strip() and not line.startswith("#"):
+            name, _, value = line.partition(" ")
+            current[name] = value
+    return out
+
+
+@APPLY
+def test_ptp_timemaster_then_one_interface_then_undo_gives_the_time_service_back(
+    timesyncd_root,
+):
+    root, work, extra = timesyncd_root["root"], timesyncd_root["work"], timesyncd_root["extra"]
+    etc = root / "etc/systemd/system"
+    assert _in_root(root, "systemctl", "is-enabled", "systemd-timesyncd.service") == "enabled"
+    several = work / "several.yml"
+    several.write_text(
+        yaml.safe_dump(
+            {
+                "ptp_interfaces": ["eno1", "eno2"],
+                "ptp_interface_domains": {"eno2": 24},
+                "ptp_phc2sys_interface": "eno2",
+            }
+        )
+    )
+    run1 = _ptp_playbook(extra, several)
+    assert not _failed_tasks(run1), _failed_tasks(run1)
+    run2 = _ptp_playbook(extra, several)
+    assert not _failed_tasks(run2) and _stats(run2)["changed"] == 0, _changed_tasks(run2)
+    # the record, written before the first change: timesyncd was enabled, from its package
+    record = json.loads((root / "var/lib/tickwire/ptp-disabled.json").read_text())
+    assert record == {"disabled": {"systemd-timesyncd.service": "systemd-timesyncd"}}
+    # timemaster runs chronyd, whose package replaced timesyncd's; chrony.service stays off
+    assert _installed(root, "chrony") and not _installed(root, "systemd-timesyncd")
+    assert _in_root(root, "systemctl", "is-enabled", "chrony.service") == "disabled"
+    assert _in_root(root, "systemctl", "is-enabled", "timemaster.service") == "enabled"
+    dropin = preflight.parse_unit([(etc / "timemaster.service.d/tickwire.conf").read_text()])
+    assert dropin["ExecStart"] == ["/usr/sbin/timemaster -f /etc/linuxptp/timemaster-tickwire.conf"]
+    sections = _timemaster_sections((root / "etc/linuxptp/timemaster-tickwire.conf").read_text())
+    # one section per interface; only the steering one is selectable
+    assert sections["ptp_domain 0"] == {"interfaces": "eno1", "ntp_options": "noselect"}
+    assert sections["ptp_domain 24"] == {"interfaces": "eno2", "ntp_options": "prefer"}
+    assert sections["timemaster"] == {"ntp_program": "chronyd"}
+    assert not list(root.glob("etc/linuxptp/ptp4l-*.conf"))
+    assert not list(etc.glob("*.wants/ptp4l@*")) and not (etc / "ptp4l@.service").exists()
+
+    # back to one interface: timemaster goes, ptp4l@eno1 comes
+    one = work / "one.yml"
+    one.write_text(yaml.safe_dump({"ptp_interfaces": ["eno1"]}))
+    run3 = _ptp_playbook(extra, one)
+    assert not _failed_tasks(run3), _failed_tasks(run3)
+    assert _in_root(root, "systemctl", "is-enabled", "timemaster.service") == "disabled"
+    assert not (etc / "timemaster.service.d").exists()
+    assert not (root / "etc/linuxptp/timemaster-tickwire.conf").exists()
+    assert _in_root(root, "systemctl", "is-enabled", "ptp4l@eno1.service") == "enabled"
+
+    # undo: everything goes, and the time service the role disabled comes back
+    absent = work / "absent.yml"
+    absent.write_text(yaml.safe_dump({"ptp_interfaces": ["eno1"], "ptp_state": "absent"}))
+    run4 = _ptp_playbook(extra, absent)
+    assert not _failed_tasks(run4), _failed_tasks(run4)
+    run5 = _ptp_playbook(extra, absent)
+    assert not _failed_tasks(run5) and _stats(run5)["changed"] == 0, _changed_tasks(run5)
+    assert _installed(root, "systemd-timesyncd") and not _installed(root, "chrony")
+    assert _in_root(root, "systemctl", "is-enabled", "systemd-timesyncd.service") == "enabled"
+    assert not (root / "var/lib/tickwire/ptp-disabled.json").exists()
+    assert not list(etc.glob("*.wants/ptp4l@*")) and not (etc / "ptp4l@.service").exists()
+    assert not (etc / "tickwire-calibrate.timer").exists()
+    text = "\n".join(_messages(run4))
+    assert "clock services enabled again: systemd-timesyncd.service" in text

@@ -818,32 +818,7 @@ def test_sysctl_every_status(tree):
     assert r.status == NOT_CONFIGURED and failing(r)["net.core.nope"].have == "absent"
 
 
-# --- ptp -------------------------------------------------------------------------------------
-def test_ptp_hardware_ok_partial_not_configured(tree):
-    assert stage(tree, "ptp", cfg_of()).status == SKIPPED
-    tree.outputs("eth1", ts_info=NIC_TS)
-    promise = {"ptp_interfaces": ["eth1"]}
-    r = stage(tree, "ptp", cfg_of(promise))
-    assert r.status == NOT_CONFIGURED and failing(r)["ptp4l on eth1"].have == "not running"
-    tree.write("etc/linuxptp/ptp4l.conf", "[global]\ntime_stamping hardware\n")
-    tree.process(700, "/usr/sbin/ptp4l", "-f", "/etc/linuxptp/ptp4l.conf", "-i", "eth1")
-    r = stage(tree, "ptp", cfg_of(promise))
-    assert r.status == PARTIAL and set(failing(r)) == {"phc2sys from eth1"}
-    tree.process(701, "/usr/sbin/phc2sys", "-w", "-s", "eth1")
-    r = stage(tree, "ptp", cfg_of(promise))
-    assert r.status == OK and r.checks[0].have == "running (pid 700), hardware timestamping"
-
-
-def test_ptp_software_timestamping(tree):
-    tree.outputs("eth1", ts_info=VETH_TS)
-    tree.write("etc/linuxptp/ptp4l.conf", "[global]\ntime_stamping hardware\n[eth1]\n")
-    tree.process(700, "/usr/sbin/ptp4l", "-f", "/etc/linuxptp/ptp4l.conf")
-    r = stage(tree, "ptp", cfg_of({"ptp_interfaces": ["eth1"]}))
-    # no PHC: ptp4l must use software stamps, and phc2sys has nothing to copy
-    assert r.status == NOT_CONFIGURED and len(r.checks) == 1
-    assert "no hardware timestamping" in r.checks[0].want
-    tree.process(700, "/usr/sbin/ptp4l", "-S", "-f", "/etc/linuxptp/ptp4l.conf")
-    assert stage(tree, "ptp", cfg_of({"ptp_interfaces": ["eth1"]})).status == OK
+# --- ptp: tests/test_ptp.py (the stage asks ptp4l over its socket with pmc) ---------------
 
 
 # --- service ---------------------------------------------------------------------------------

@@ -763,3 +763,21 @@ def test_missing_namespace_is_a_clear_error():
         loader.attached("tw-no-such-ns")
     assert e.value.errno == errno.ENOENT
     assert not os.path.exists("/var/run/netns/tw-no-such-ns")  # looked up, never created
+
+
+def test_verifier_rejections_show_the_reason_at_the_end_of_the_log():
+    """A verifier states why it rejects a program on the last lines of a long log; the
+    loader's one-line error keeps those (found when Debian 12's 6.1 rejected tw_steer)."""
+    from host.appliance import bpfsys
+
+    log = "\n".join(
+        ["bpf: Failed to load program: Invalid argument", "0: R1=ctx() R10=fp0"]
+        + [f"{i}: (bf) r{i % 9} = r1" for i in range(1, 40)]
+        + ["84: (0f) r4 += r3", "math between pkt pointer and register with unbounded min value"]
+    )
+    line = bpfsys.brief(log, 2, tail=2)
+    assert line.startswith("bpf: Failed to load program") and "... (39 more lines)" in line
+    assert line.endswith(
+        "84: (0f) r4 += r3 | math between pkt pointer and register with unbounded min value"
+    )
+    assert bpfsys.brief("a\nb", 2, tail=6) == "a | b"

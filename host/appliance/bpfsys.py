@@ -195,9 +195,11 @@ def stderr_captured() -> Iterator[list[str]]:
             out.append(tmp.read().decode(errors="replace"))
 
 
-def brief(text: str, lines: int = 6) -> str:
-    """The first ``lines`` non-empty lines of a compiler's output, on one line."""
+def brief(text: str, lines: int = 6, tail: int = 0) -> str:
+    """The first ``lines`` non-empty lines of a compiler's output (and its last ``tail``:
+    a verifier states its reason at the end of its log), on one line."""
     keep = [ln for ln in text.strip().splitlines() if ln.strip()]
-    if len(keep) > lines:
-        keep = keep[:lines] + [f"... ({len(keep) - lines} more lines)"]
+    if len(keep) > lines + tail:
+        skipped = len(keep) - lines - tail
+        keep = keep[:lines] + [f"... ({skipped} more lines)"] + (keep[-tail:] if tail else [])
     return " | ".join(keep)

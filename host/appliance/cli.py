@@ -51,6 +51,21 @@ EPILOG_CALIBRATE = """examples:
   tickwire calibrate --lab                       the lab's feed interfaces (software stamps)
   tickwire calibrate --config /etc/tickwire/tickwire.toml --json
   tickwire calibrate --lab --duration 1 --samples 10
+  tickwire calibrate --config /etc/tickwire/tickwire.toml --wait-ptp 900
+                                                 first wait until PTP is locked (preflight's
+                                                 ptp stage), as tickwire-calibrate.service does
+"""
+EPILOG_FIRSTBOOT = """examples:
+  tickwire firstboot                             what tickwire-firstboot.service runs
+  tickwire firstboot --force                     apply the ESP's tickwire.toml again
+
+Exit status 0: configured (tickwire.service may start); 1: the message says what to fix.
+"""
+EPILOG_AGENT = """examples:
+  tickwire agent --once state                    the answer to "state", here, on stdout
+  tickwire agent                                 serve org.tickwire.agent (tickwire-agent.service)
+
+requests: state, preflight, digest (image/README.md)
 """
 LINE_KEYS = ("interface", "group", "port")  # what receiving a line needs
 LINE_STAGES = ("runtime", "irq_affinity", "nic")  # the preflight stages that look at lines
@@ -136,8 +151,40 @@ def add_parsers(sub) -> None:
     ca.add_argument(
         "--samples", type=positive, default=25, help="PHC samples per interface, 1..25 (25)"
     )
+    ca.add_argument(
+        "--wait-ptp",
+        type=positive_float,
+        metavar="SECONDS",
+        help="first wait, at most SECONDS, until PTP is locked (the ptp stage of "
+        "tickwire preflight passes); fail if it does not",
+    )
     ca.add_argument("--json", action="store_true", help="machine-readable output")
     ca.set_defaults(func=_calibrate)
+
+    fb = verb(
+        sub,
+        "firstboot",
+        "configure this host from the tickwire.toml on the ESP (the appliance image's first boot)",
+        EPILOG_FIRSTBOOT,
+    )
+    fb.add_argument("--esp", default="/boot/efi", help="where the ESP is mounted (/boot/efi)")
+    fb.add_argument(
+        "--force", action="store_true", help="apply again though the config is unchanged"
+    )
+    fb.add_argument("--json", action="store_true", help="print the recorded state as JSON")
+    fb.set_defaults(func=_firstboot)
+
+    ag = verb(
+        sub,
+        "agent",
+        "answer read-only state queries on a virtio-serial port (the image under qemu)",
+        EPILOG_AGENT,
+    )
+    ag.add_argument(
+        "--port", default="/dev/virtio-ports/org.tickwire.agent", help="the port's device"
+    )
+    ag.add_argument("--once", metavar="REQUEST", help="answer one request on stdout and exit")
+    ag.set_defaults(func=_agent)
 
 
 def _config_options(p: argparse.ArgumentParser, tables: str, lab_help: str) -> None:
@@ -239,7 +286,38 @@ def _calibrate(args: argparse.Namespace) -> int:
     from host.appliance import clock
 
     cfg = _config(args, ("interface",))
+    if args.wait_ptp:
+        clock.wait_for_ptp(
+            cfg,
+            args.wait_ptp,
+            log=lambda msg: print(f"tickwire calibrate: {msg}", file=sys.stderr, flush=True),
+        )
     r = clock.calibrate(cfg, duration=args.duration, samples=args.samples)
     path = clock.save(r)
     print(json.dumps({**r, "path": str(path)}) if args.json else clock.text(r, path), flush=True)
+    return 0
+
+
+def _firstboot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from host.appliance import firstboot
+
+    try:
+        st = firstboot.run(Path(args.esp), force=args.force)
+    except firstboot.FirstBootError as e:
+        firstboot.say(f"FAILED: {e}")
+        return 1
+    if args.json:
+        print(json.dumps(st))
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from host.appliance import agent
+
+    if args.once:
+        print(json.dumps(agent.answer(args.once), default=str))
+        return 0
+    agent.serve(args.port)
     return 0

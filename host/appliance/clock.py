@@ -29,6 +29,11 @@ standard error (from the residuals) the uncertainty in ppm. Reported with the CP
 ``constant_tsc``/``nonstop_tsc`` flags, the kernel's clocksource and the kernel's own
 TSC frequency (from its boot log). Not x86: ``tsc`` is None ("no TSC").
 
+Provisioned (Ansible's ptp role): ``tickwire-calibrate.service`` runs ``tickwire calibrate
+--wait-ptp SECONDS``, which first waits (``wait_for_ptp``) until the ptp stage of ``tickwire
+preflight`` passes -- ptp4l's port SLAVE and its offset within bounds, as pmc reports them --
+and ``tickwire-calibrate.timer`` runs it after boot and hourly.
+
 The result is stored, atomically (temp file + rename), as
 ``/dev/shm/tickwire/<channel>/clock.json``; ``ClockCollector`` (part of
 ``host.appliance.metrics.ConsumerCollector``) exports it and ``tickwire status`` shows it. Offsets
@@ -347,6 +352,36 @@ def calibrate(cfg, duration: float = 0.2, samples: int = PTP_MAX_SAMPLES) -> dic
         "measured_at": time.time(),
         "seconds": time.monotonic() - t0,
     }
+
+
+def wait_for_ptp(cfg, timeout: float, poll: float = 2.0, log=None):
+    """Return once PTP is locked: the ptp stage of ``tickwire preflight`` passes (each PTP
+    port SLAVE, its offset from the master within ``host.ptp_max_offset_ns``, phc2sys
+    following the interface that steers the system clock), or promises nothing (no
+    ``host.ptp_interfaces``). Asks every ``poll`` seconds; after ``timeout`` seconds raises
+    ``ClockError`` naming what still fails. Returns the stage's result."""
+    from host.appliance import preflight
+
+    deadline = time.monotonic() + timeout
+    said = False
+    with preflight.Host.live(cfg.run.netns) as host:
+        while True:
+            stage = preflight.check(cfg, host, ["ptp"]).stages[0]
+            if stage.status in (preflight.OK, preflight.SKIPPED):
+                if said and log:
+                    log(f"PTP locked ({'; '.join(c.have for c in stage.checks[:3])})")
+                return stage
+            left = deadline - time.monotonic()
+            if left <= 0:
+                failing = "; ".join(f"{c.name}: {c.have}" for c in stage.checks if not c.ok)
+                raise ClockError(
+                    f"PTP not locked after {timeout:g} s ({failing}); not calibrated "
+                    "(tickwire preflight --stage ptp says how to fix it)"
+                )
+            if not said and log:
+                log(f"waiting up to {timeout:g} s for PTP to lock (tickwire preflight --stage ptp)")
+                said = True
+            time.sleep(min(poll, left))
 
 
 def _phc_index_in(name: str, ns: str) -> int:

@@ -269,7 +269,8 @@ def _compile(log: Log):
             ) from None
         raise AttachError(
             errno.EINVAL,
-            f"the kernel verifier rejected {abi.PROG_NAME}: {bpfsys.brief(text, 3) or failure}",
+            f"the kernel verifier rejected {abi.PROG_NAME}: "
+            + (bpfsys.brief(text, 2, tail=6) or str(failure)),
         ) from None
     return bpf, os.dup(fn.fd)
 

@@ -1176,52 +1176,307 @@ def check_sysctl(host: Host, cfg: Config) -> list[Check]:
     return checks
 
 
-def _ptp4l_setup(host: Host, argv: list[str]) -> tuple[set[str], str]:
-    """The interfaces a ptp4l command line serves and its timestamping mode."""
-    ifaces: set[str] = set()
-    mode = "hardware"
-    conf = None
+# ptp: what the running linuxptp programs were told (their command lines and the ptp4l
+# configuration files they read, with ptp4l's own precedence), then what ptp4l itself
+# says over its management socket (pmc): the port's state and the offset from the master.
+_PTP4L_UDS = "/var/run/ptp4l"  # ptp4l's (and phc2sys's -z) default uds_address
+# short options of ptp4l 3.1 and phc2sys 3.1 that take a value (their getopt strings)
+_PTP4L_VALUED = set("fipl")
+_PHC2SYS_VALUED = set("cdfsEPISFRNOLMiunzlt")
+# what preflight asks ptp4l: the interface of each port, its state, the clock's offset
+_PMC_QUERIES = (
+    "GET PORT_PROPERTIES_NP",
+    "GET PORT_DATA_SET",
+    "GET CURRENT_DATA_SET",
+    "GET TIME_STATUS_NP",
+)
+# daemons that steer CLOCK_REALTIME on their own (besides linuxptp's programs)
+_CLOCK_DAEMONS = ("chronyd", "ntpd", "systemd-timesyncd", "openntpd")
+
+
+@dataclass(frozen=True)
+class PmcReply:
+    """One management response as pmc prints it: the answering port (``portIdentity``,
+    "clockid-portnumber"), the TLV (``PORT_DATA_SET``...; None for an error status) and
+    its fields, as text."""
+
+    port: str
+    tlv: str | None
+    fields: dict[str, str]
+
+
+_PMC_HEAD = re.compile(
+    r"^\t(?P<port>\S+) seq \d+ (?P<action>[A-Z_]+) (?P<kind>\S+)(?: (?P<tlv>\S+))?\s*$"
+)
+_PMC_FIELD = re.compile(r"^\t\t(?P<key>\S+)(?:\s+(?P<value>.*?))?\s*$")
+
+
+def parse_pmc(text: str) -> list[PmcReply]:
+    """The responses in pmc's output (``pmc -u -b 0 'GET ...'``), in order. Lines that are
+    not part of a response ("sending: GET ...", "sorry, ... not supported yet") are
+    skipped; a request nobody answered (no ptp4l at the socket, another domain) leaves no
+    response at all."""
+    replies: list[PmcReply] = []
+    current: PmcReply | None = None
+    for line in text.splitlines():
+        head = _PMC_HEAD.match(line)
+        if head:
+            tlv = head["tlv"] if head["kind"] == "MANAGEMENT" else None
+            current = PmcReply(head["port"], tlv, {})
+            replies.append(current)
+            continue
+        field_ = _PMC_FIELD.match(line)
+        if field_ and current is not None:
+            current.fields[field_["key"]] = field_["value"] or ""
+            continue
+        current = None
+    return replies
+
+
+@dataclass(frozen=True)
+class PtpPort:
+    """One ptp4l port as pmc reports it, with its clock's view of the master."""
+
+    port: str  # portIdentity
+    interface: str | None  # PORT_PROPERTIES_NP (None when not asked)
+    state: str | None  # portState: SLAVE, MASTER, LISTENING, UNCALIBRATED, FAULTY, ...
+    offset_ns: float | None  # offsetFromMaster (CURRENT_DATA_SET), else TIME_STATUS_NP's
+    gm_present: bool | None
+    gm_identity: str | None
+
+
+def pmc_port(replies: list[PmcReply], ifname: str) -> PtpPort | None:
+    """The port of ``replies`` that serves ``ifname``: named by PORT_PROPERTIES_NP, or the
+    only port that answered PORT_DATA_SET. None when no answer names it."""
+    props = [r for r in replies if r.tlv == "PORT_PROPERTIES_NP"]
+    data = [r for r in replies if r.tlv == "PORT_DATA_SET"]
+    named = [r for r in props if r.fields.get("interface") == ifname]
+    if named:
+        port, interface = named[0].fields.get("portIdentity", named[0].port), ifname
+    elif not props and len(data) == 1:
+        port, interface = data[0].fields.get("portIdentity", data[0].port), None
+    else:
+        return None
+    state = next(
+        (r.fields.get("portState") for r in data if r.fields.get("portIdentity", r.port) == port),
+        named[0].fields.get("portState") if named else None,
+    )
+    current = next((r.fields for r in replies if r.tlv == "CURRENT_DATA_SET"), {})
+    status = next((r.fields for r in replies if r.tlv == "TIME_STATUS_NP"), {})
+    offset = None
+    for text in (current.get("offsetFromMaster"), status.get("master_offset")):
+        try:
+            offset = float(text)
+            break
+        except (TypeError, ValueError):
+            continue
+    present = status.get("gmPresent")
+    return PtpPort(
+        port=port,
+        interface=interface,
+        state=state,
+        offset_ns=offset,
+        gm_present=None if present is None else present == "true",
+        gm_identity=status.get("gmIdentity"),
+    )
+
+
+def _pmc(uds: str, domain: int) -> tuple[str, str]:
+    """pmc's output for ``_PMC_QUERIES`` sent to the ptp4l at ``uds`` in ``domain``, and
+    why pmc could not run ("" when it ran: an unanswered query only prints "sending")."""
+    args = ["-u", "-b", "0", "-s", uds, "-d", str(domain), *_PMC_QUERIES]
+    for pmc in ("pmc", "/usr/sbin/pmc"):  # a service's PATH may lack /usr/sbin
+        try:
+            done = subprocess.run([pmc, *args], capture_output=True, text=True, timeout=10)
+            break
+        except FileNotFoundError:
+            continue
+        except subprocess.TimeoutExpired:
+            return "", "pmc did not answer within 10 s"
+    else:
+        return "", "pmc is not installed (apt install linuxptp)"
+    if done.returncode != 0:
+        why = [line for line in done.stderr.splitlines() if line.strip()]
+        hint = " (run as root)" if os.geteuid() != 0 else ""
+        return "", f"pmc failed: {why[-1] if why else f'exit {done.returncode}'}{hint}"
+    return done.stdout, ""
+
+
+def _options(argv: list[str], valued: set[str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """A linuxptp command line as getopt_long reads it: ``(long options, short flags in
+    order, values of -i)``; short options with a value are returned as ``-X`` keys of the
+    long-option dict (the last one wins)."""
+    long: dict[str, str] = {}
+    flags: list[str] = []
+    ifaces: list[str] = []
     i = 1
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-i", "-f") and i + 1 < len(argv):
-            if arg == "-i":
-                ifaces.add(argv[i + 1])
-            else:
-                conf = argv[i + 1]
-            i += 2
-            continue
-        if arg.startswith("-i") and len(arg) > 2:
-            ifaces.add(arg[2:])
-        elif arg == "-S":
-            mode = "software"
-        elif arg == "-L":
-            mode = "legacy"
         i += 1
-    if conf:
-        section = ""
-        for line in (host.read(host.etc_path(conf)) or "").splitlines():
-            line = line.split("#")[0].strip()
-            if line.startswith("[") and line.endswith("]"):
-                section = line[1:-1]
-                if section not in ("global", "unicast_master_table") and not section.startswith(
-                    "unicast"
-                ):
-                    ifaces.add(section)
-            elif section == "global" and line.split()[:1] == ["time_stamping"]:
-                words = line.split()
-                if len(words) > 1 and "-S" not in argv:
-                    mode = words[1]
-    return ifaces, mode
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            if not eq and i < len(argv):
+                value, i = argv[i], i + 1
+            long[name] = value
+            continue
+        if not arg.startswith("-") or len(arg) < 2:
+            continue
+        for k, ch in enumerate(arg[1:], start=1):
+            if ch not in valued:
+                flags.append(ch)
+                continue
+            value = arg[k + 1 :]
+            if not value and i < len(argv):
+                value, i = argv[i], i + 1
+            if ch == "i":
+                ifaces.append(value)
+            long[f"-{ch}"] = value
+            break
+    return long, flags, ifaces
+
+
+def _process_file(host: Host, pid: int, path: str) -> str | None:
+    """A file a process named on its command line, as that process sees it (its root and
+    working directory under /proc), else an /etc path under the host's etc root."""
+    rel = path.lstrip("/")
+    base = "root" if path.startswith("/") else "cwd"
+    text = host.read(host.proc / str(pid) / base / rel)
+    if text is None and path.startswith("/etc/"):
+        text = host.read(host.etc_path(path))
+    return None if text is None or text.startswith("<unreadable") else text
+
+
+def _ptp4l_file(text: str) -> tuple[dict[str, str], set[str]]:
+    """A ptp4l configuration file as ptp4l 3.1 reads it: the [global] options (the last
+    setting wins; no trailing comments) and the port sections."""
+    options: dict[str, str] = {}
+    ports: set[str] = set()
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+            if section not in ("global", "unicast_master_table"):
+                ports.add(section)
+            continue
+        if section == "global":
+            name, *value = line.split(None, 1)
+            options[name] = value[0].strip() if value else ""
+    return options, ports
+
+
+@dataclass(frozen=True)
+class _Ptp4l:
+    """A running ptp4l: what it serves and how, from its command line and configuration."""
+
+    pid: int
+    interfaces: frozenset[str]
+    mode: str  # time_stamping: hardware, software, legacy, ...
+    domain: int
+    uds: str
+    servo: str  # clock_servo: pi, linreg, ntpshm (timemaster's software mode), nullf
+    free_running: bool
+    config: str | None  # its -f file
+
+
+def _ptp4l_setup(host: Host, pid: int, argv: list[str]) -> _Ptp4l:
+    """What the ptp4l with command line ``argv`` runs: its interfaces (-i and the port
+    sections of its -f file), timestamping, domain, management socket and servo. Command
+    line options win over the file, as in ptp4l."""
+    long, flags, ifaces = _options(argv, _PTP4L_VALUED)
+    conf = long.pop("-f", None)
+    options, ports = _ptp4l_file(_process_file(host, pid, conf) or "") if conf else ({}, set())
+    options.update((k, v) for k, v in long.items() if not k.startswith("-"))
+    for flag, mode in (("H", "hardware"), ("S", "software"), ("L", "legacy")):
+        if flag in flags:
+            options["time_stamping"] = mode
+    try:
+        domain = int(options.get("domainNumber", "0"))
+    except ValueError:
+        domain = -1
+    return _Ptp4l(
+        pid=pid,
+        interfaces=frozenset(ifaces) | ports,
+        mode=options.get("time_stamping", "hardware"),
+        domain=domain,
+        uds=options.get("uds_address", _PTP4L_UDS),
+        servo=options.get("clock_servo", "pi"),
+        free_running=options.get("free_running", "0") not in ("0", ""),
+        config=conf,
+    )
+
+
+def _parent(host: Host, pid: int) -> str:
+    """The program name of ``pid``'s parent ("" when unknown)."""
+    status = host.proc_text(f"{pid}/status") or ""
+    m = re.search(r"^PPid:\s*(\d+)", status, re.M)
+    argv = (host.proc_text(f"{m[1]}/cmdline") or "").split("\0") if m else [""]
+    return os.path.basename(argv[0])
+
+
+def _phc2sys_serves(argv: list[str], p: _Ptp4l, ifname: str, phc: int | None) -> bool:
+    """Whether the phc2sys with command line ``argv`` follows ptp4l ``p`` on ``ifname``:
+    wired to its socket (-z) in its domain (-n), and taking ``ifname``'s clock (-s, by
+    name or /dev/ptpN) or every port ptp4l reports (-a)."""
+    long, flags, _ = _options(argv, _PHC2SYS_VALUED)
+    source = long.get("-s")
+    wired = long.get("-z", _PTP4L_UDS) == p.uds and long.get("-n", "0") == str(p.domain)
+    return wired and ("a" in flags or source in (ifname, f"/dev/ptp{phc}"))
+
+
+def _steers_realtime(host: Host, pid: int, argv: list[str]) -> bool:
+    """Whether the process adjusts CLOCK_REALTIME itself: phc2sys into it (not into
+    chronyd's SHM refclock), ptp4l with software stamps and a servo of its own, or an
+    NTP daemon allowed to set the clock."""
+    name = os.path.basename(argv[0])
+    if name == "phc2sys":
+        long, flags, _ = _options(argv, _PHC2SYS_VALUED)
+        if long.get("-E") == "ntpshm":
+            return False
+        return (
+            "r" in flags if "a" in flags else long.get("-c", "CLOCK_REALTIME") == "CLOCK_REALTIME"
+        )
+    if name == "ptp4l":
+        p = _ptp4l_setup(host, pid, argv)
+        return p.mode == "software" and p.servo != "ntpshm" and not p.free_running
+    if name == "chronyd":
+        return "-x" not in argv
+    return name in _CLOCK_DAEMONS
+
+
+_PORT_STATE_HINTS = {
+    "LISTENING": "no master heard: check that the PTP network reaches {ifname} (VLAN, "
+    "multicast, transport) in domain {domain}",
+    "MASTER": "{ifname} hears no better clock, so this host acts as master: check that the "
+    "grandmaster reaches it in domain {domain}",
+    "PRE_MASTER": "{ifname} is about to act as master: no better clock heard in domain {domain}",
+    "GRAND_MASTER": "this host is the grandmaster of domain {domain}",
+    "UNCALIBRATED": "a master is selected but the servo has not locked yet: wait a minute",
+    "PASSIVE": "another port of this ptp4l is the slave",
+    "FAULTY": "the port is faulty (link down, or timestamping failed)",
+    "DISABLED": "the port is disabled",
+    "INITIALIZING": "ptp4l is starting",
+}
 
 
 def check_ptp(host: Host, cfg: Config) -> list[Check]:
+    """ptp4l on each PTP interface, asked over its own management socket (pmc) for the
+    port's state (SLAVE) and the offset from the master (within
+    ``host.ptp_max_offset_ns``); phc2sys following the interface that steers the system
+    clock (``host.ptp_phc2sys_interface``) when it has a PHC; and exactly one program
+    steering CLOCK_REALTIME. ptp4l's socket and domain come from its own configuration, so
+    the same checks read a ptp4l@IF unit's instance and timemaster's."""
     fix, checks = playbook("ptp"), []
     if not cfg.host.ptp_interfaces:
         return []
     procs = host.processes()
-    ptp4l = [(pid, argv) for pid, argv in procs if os.path.basename(argv[0]) == "ptp4l"]
-    phc2sys = [(pid, argv) for pid, argv in procs if os.path.basename(argv[0]) == "phc2sys"]
+    named = [(pid, argv, os.path.basename(argv[0])) for pid, argv in procs if argv and argv[0]]
+    ptp4l = [_ptp4l_setup(host, pid, argv) for pid, argv, name in named if name == "ptp4l"]
+    phc2sys = [(pid, argv) for pid, argv, name in named if name == "phc2sys"]
+    steering = cfg.host.ptp_phc2sys_interface
+    limit = cfg.host.ptp_max_offset_ns
     for ifname in cfg.host.ptp_interfaces:
         got, err = _ethtool(host, "ts_info", ifname)
         ts = Timestamping.of(got) if got is not None else None
@@ -1235,43 +1490,118 @@ def check_ptp(host: Host, cfg: Config) -> list[Check]:
                 else f" (ethtool -T {ifname}: {err})"
             )
         )
-        serving = [
-            (pid, mode)
-            for pid, argv in ptp4l
-            for ifs, mode in [_ptp4l_setup(host, argv)]
-            if ifname in ifs
-        ]
-        ok = any(mode == want_mode for _, mode in serving)
-        have = (
-            f"running (pid {serving[0][0]}), {serving[0][1]} timestamping"
-            if serving
-            else "not running"
-        )
+        serving = [p for p in ptp4l if ifname in p.interfaces]
+        ok = any(p.mode == want_mode for p in serving)
+        p = next((p for p in serving if p.mode == want_mode), serving[0] if serving else None)
         checks.append(
             Check(
                 f"ptp4l on {ifname}",
                 ok,
-                have,
+                f"running (pid {p.pid}), {p.mode} timestamping" if p else "not running",
                 f"running, {want_mode} timestamping{why}",
                 "" if ok else fix,
             )
         )
-        if ts and ts.hardware:
+        if p is not None:
+            checks.extend(_port_checks(host, p, ifname, limit))
+        if ts and ts.hardware and ifname == steering:
             sync = [
                 pid
                 for pid, argv in phc2sys
-                if "-a" in argv
-                or any(a == "-s" and b == ifname for a, b in zip(argv, argv[1:], strict=False))
+                if p is not None and _phc2sys_serves(argv, p, ifname, ts.phc)
             ]
+            wired = f" (-z {p.uds} -n {p.domain})" if p else ""
             checks.append(
                 Check(
                     f"phc2sys from {ifname}",
                     bool(sync),
                     f"running (pid {sync[0]})" if sync else "not running",
-                    f"running: system clock from {ifname}'s PHC (ptp{ts.phc})",
+                    f"running: system clock from {ifname}'s PHC (ptp{ts.phc}){wired}",
                     "" if sync else fix,
                 )
             )
+    if steering:
+        steerers = [
+            f"{name} (pid {pid})"
+            for pid, argv, name in named
+            if name in ("phc2sys", "ptp4l", *_CLOCK_DAEMONS) and _steers_realtime(host, pid, argv)
+        ]
+        ok = len(steerers) == 1
+        checks.append(
+            Check(
+                "one program steers the system clock",
+                ok,
+                ", ".join(steerers) or "none",
+                f"one: from {steering}'s PTP time (phc2sys, ptp4l itself with software "
+                "timestamps, or timemaster's chronyd)",
+                ""
+                if ok
+                else f"stop and disable all but one (systemctl disable --now UNIT); {fix}"
+                if steerers
+                else fix,
+            )
+        )
+    return checks
+
+
+def _port_checks(host: Host, p: _Ptp4l, ifname: str, limit: int) -> list[Check]:
+    """The port state and offset checks of ``ifname`` from ptp4l ``p``'s answers to pmc."""
+    unit = "timemaster" if _parent(host, p.pid) == "timemaster" else f"ptp4l@{ifname}"
+    ask = f"pmc -u -b 0 -s {p.uds} -d {p.domain} 'GET PORT_DATA_SET'"
+    look = f"{ask}; journalctl -u {unit}"
+    # timemaster's software mode leaves the clock to chronyd: ptp4l's servo (ntpshm)
+    # only hands it samples, so its port stays UNCALIBRATED while the time is good
+    states = ("SLAVE", "UNCALIBRATED") if p.servo == "ntpshm" else ("SLAVE",)
+    want = "SLAVE" + (" or UNCALIBRATED (ntpshm servo: chronyd steers)" if len(states) > 1 else "")
+    name = f"{ifname} port state"
+    text, error = _pmc(p.uds, p.domain)
+    if error:
+        return [Check(name, False, error, want, look)]
+    port = pmc_port(parse_pmc(text), ifname)
+    if port is None or port.state is None:
+        return [
+            Check(
+                name,
+                False,
+                f"no answer from ptp4l (pid {p.pid}) at {p.uds} in domain {p.domain}",
+                want,
+                f"systemctl status {unit}; {look}",
+            )
+        ]
+    gm = (
+        f", grandmaster {port.gm_identity}"
+        if port.gm_present and port.gm_identity
+        else ", no grandmaster"
+        if port.gm_present is False
+        else ""
+    )
+    ok = port.state in states
+    hint = _PORT_STATE_HINTS.get(port.state, "see the journal")
+    checks = [
+        Check(
+            name,
+            ok,
+            f"{port.state}{gm}",
+            want,
+            "" if ok else f"{hint.format(ifname=ifname, domain=p.domain)}: {look}",
+        )
+    ]
+    if ok:
+        off = port.offset_ns
+        ok = off is not None and abs(off) <= limit
+        checks.append(
+            Check(
+                f"{ifname} offset from master",
+                ok,
+                "unknown" if off is None else f"{off:+,.0f} ns",
+                f"|offset| <= {limit:,} ns",
+                ""
+                if ok
+                else f"wait for ptp4l to converge ('master offset' in journalctl -u {unit}); "
+                f"if it stays out, check the network path and timestamping, or raise [host] "
+                f"ptp_max_offset_ns (the ptp role's ptp_max_offset_ns)",
+            )
+        )
     return checks
 
 
