@@ -143,6 +143,29 @@ def test_signals_call_stop_inside_the_block_only():
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+def test_a_fork_inside_the_block_dies_of_the_signal_instead_of_calling_stop():
+    """pyroute2 forks helpers to create namespaces; one signalled must not run the owner's
+    stop() (which raised in the child and ran the rest of a test session twice)."""
+    import os
+
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    with signals.stopping(lambda: os.write(w, b"stop")):
+        pid = os.fork()
+        if pid == 0:  # the child: say it runs (a signal before that is lost), then wait
+            os.write(ready_w, b"r")
+            signal.pause()
+            os._exit(3)  # a handler ran and returned: what the old stopping() did
+        assert os.read(ready_r, 1) == b"r"
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+    for fd in (w, ready_r, ready_w):
+        os.close(fd)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert os.read(r, 16) == b""  # the owner's stop() never ran, in either process
+    os.close(r)
+
+
 def test_lab_fault_takes_its_line_after_the_options():
     args = cli.build_parser().parse_args(["lab", "fault", "--cut", "200@50", "A", "--json"])
     assert (args.fault_args, args.cut, args.json) == (["A"], (200.0, 50.0), True)

@@ -529,7 +529,7 @@ def _build_entry(entry: Path, key: str, mirror: str, say) -> None:
                     "--all",
                 ],
                 "pip freeze",
-            ).stdout.split()
+            ).stdout.splitlines()
         say("disk: ESP (systemd-boot, kernel, initramfs) and root filesystems, GPT by sfdisk")
         entry.mkdir(parents=True)
         image = entry / IMAGE_NAME
