@@ -28,7 +28,9 @@ from host.image import boot, build, debian
 from tests.capabilities import MIRROR
 
 IMAGE = pytest.mark.needs("root", "chroot", "debootstrap", "mirror", "qemu")
-pytestmark = [pytest.mark.image]
+# a first boot under TCG takes minutes (the roles run in the guest); the module-scoped
+# fixtures count against their first test's time
+pytestmark = [pytest.mark.image, pytest.mark.timeout(2400)]
 
 
 # --- unprivileged -----------------------------------------------------------------------------
