@@ -392,23 +392,8 @@ def applied(tmp_path_factory):
     subprocess.run(["cp", "-a", "--reflink=auto", str(cached), str(root)], check=True)
     wheel = _build_wheel(work)
     house = _wheelhouse(wheel)
-    shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
-    # an image build starts no daemons (invoke-rc.d asks policy-rc.d)
-    policy = root / "usr" / "sbin" / "policy-rc.d"
-    policy.write_text("#!/bin/sh\nexit 101\n")
-    policy.chmod(0o755)
-    extra = work / "chroot.yml"
-    extra.write_text(
-        yaml.safe_dump(
-            {
-                "ansible_connection": "community.general.chroot",
-                "ansible_host": str(root),
-                "ansible_python_interpreter": "/usr/bin/python3",
-                "ansible_become": False,
-                "tickwire_package": str(wheel),
-                "tickwire_wheelhouse": str(house),
-            }
-        )
+    extra = imagebuild.chroot_target(
+        root, work / "chroot.yml", tickwire_package=str(wheel), tickwire_wheelhouse=str(house)
     )
     before = _host_sysctls()
     subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
@@ -943,21 +928,7 @@ def timesyncd_root(tmp_path_factory):
     work = tmp_path_factory.mktemp("ptp")
     root = work / "root"
     subprocess.run(["cp", "-a", "--reflink=auto", str(_debootstrap_root()), str(root)], check=True)
-    shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
-    policy = root / "usr" / "sbin" / "policy-rc.d"
-    policy.write_text("#!/bin/sh\nexit 101\n")
-    policy.chmod(0o755)
-    extra = work / "chroot.yml"
-    extra.write_text(
-        yaml.safe_dump(
-            {
-                "ansible_connection": "community.general.chroot",
-                "ansible_host": str(root),
-                "ansible_python_interpreter": "/usr/bin/python3",
-                "ansible_become": False,
-            }
-        )
-    )
+    extra = imagebuild.chroot_target(root, work / "chroot.yml")
     subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
     try:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")

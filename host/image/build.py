@@ -180,26 +180,31 @@ def role_vars() -> dict:
     return yaml.safe_load((IMAGE_DIR / "vars.yml").read_text()) or {}
 
 
-def _provision(root: Path, work: Path, wheel: Path, house: Path, say) -> dict:
-    """provision.yml over community.general.chroot with image/vars.yml; returns the stats."""
+def chroot_target(root: Path, extra: Path, **variables) -> Path:
+    """Make ``root`` a target Ansible applies the roles to over community.general.chroot:
+    the build host's resolver (apt inside), a policy-rc.d that starts no daemons, and
+    ``extra`` (the connection's variables plus ``variables``) to pass with ``-e @extra``."""
     (root / "etc" / "resolv.conf").unlink(missing_ok=True)
     shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
-    policy = root / "usr" / "sbin" / "policy-rc.d"  # an image build starts no daemons
+    policy = root / "usr" / "sbin" / "policy-rc.d"  # invoke-rc.d asks it; 101: never start
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
-    extra = work / "chroot.yml"
-    extra.write_text(
-        yaml.safe_dump(
-            {
-                "ansible_connection": "community.general.chroot",
-                "ansible_host": str(root),
-                "ansible_python_interpreter": "/usr/bin/python3",
-                "ansible_become": False,
-                "tickwire_package": str(wheel),
-                "tickwire_wheelhouse": str(house),
-            }
-        )
+    connection = {
+        "ansible_connection": "community.general.chroot",
+        "ansible_host": str(root),
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "ansible_become": False,
+    }
+    extra.write_text(yaml.safe_dump({**connection, **variables}))
+    return extra
+
+
+def _provision(root: Path, work: Path, wheel: Path, house: Path, say) -> dict:
+    """provision.yml over community.general.chroot with image/vars.yml; returns the stats."""
+    extra = chroot_target(
+        root, work / "chroot.yml", tickwire_package=str(wheel), tickwire_wheelhouse=str(house)
     )
+    policy = root / "usr" / "sbin" / "policy-rc.d"
     inventory = work / "inventory.yml"
     inventory.write_text(yaml.safe_dump({"tickwire": {"hosts": {"image": role_vars()}}}))
     env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="json", ANSIBLE_NOCOLOR="1")
