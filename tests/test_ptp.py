@@ -831,6 +831,7 @@ def _render_timemaster_conf(tmp: Path, interfaces: list[str], domains: dict, ste
             f"@{tmp / 'vars.yml'}",
             str(tmp / "render.yml"),
         ],
+        stdin=subprocess.DEVNULL,  # Ansible refuses a non-blocking stdin
         capture_output=True,
         text=True,
         timeout=300,

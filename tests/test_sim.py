@@ -247,6 +247,12 @@ def test_rerequest_rate_limit_per_requester_with_the_clock_given(monkeypatch):
         ask(b, 700, 150, 150)  # another requester is unaffected
         now[0] += 0.5  # half a second: 100 tokens
         ask(a, 900, 150, 100)
+        # the server counts an answer after sending it: wait for the count, not the bytes
+        wait_for(
+            lambda: srv.counters["answered"] == 4 and srv.counters["messages"] == 450,
+            10,
+            "the fourth answer counted",
+        )
         assert (srv.counters["answered"], srv.counters["partial"]) == (4, 2)
         assert srv.counters["messages"] == 150 + 50 + 150 + 100
     finally:

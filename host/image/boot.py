@@ -230,7 +230,10 @@ def kvm_usable(disk: Path, work: Path, deadline: float = 25.0) -> bool:
             "-append",
             "console=ttyS0 panic=-1",
         ]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # qemu makes its stdin non-blocking; never let it have (and change) the caller's
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         try:
             out, _ = proc.communicate(timeout=deadline)
             ok = b"Kernel panic" in out or b"VFS: Unable to mount root" in out
@@ -434,8 +437,11 @@ def boot(opts: BootOptions, say=lambda msg: None) -> dict:
         if opts.lab:
             argv = ["ip", "netns", "exec", cfg.lab.exchange_ns, *argv]
         t0 = time.monotonic()
-        proc = subprocess.Popen(
-            argv, stdout=open(work / "qemu.log", "wb"), stderr=subprocess.STDOUT
+        proc = subprocess.Popen(  # stdin: see kvm_usable
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=open(work / "qemu.log", "wb"),
+            stderr=subprocess.STDOUT,
         )
         stack.callback(_stop_qemu, proc)
         stack.callback(agent.close)
