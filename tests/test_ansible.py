@@ -259,7 +259,7 @@ def test_first_boot_role_variables_render_back_to_the_config(tmp_path):
     from host.image import boot
 
     lab = tmp_path / "lab.toml"  # the lab's: [run] options beyond the template's own keys
-    lab.write_text(boot.guest_config(boot.lab_config("twvm"), queues=2))
+    lab.write_text(boot.guest_config(boot.lab_config("twvm")))
     got = _render_config(
         tmp_path,
         **firstboot.role_variables(

@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.image, pytest.mark.timeout(2400)]
 # --- unprivileged -----------------------------------------------------------------------------
 def test_guest_config_is_a_valid_appliance_config():
     cfg = boot.lab_config("twvm")
-    text = boot.guest_config(cfg, queues=2)
+    text = boot.guest_config(cfg)
     loaded = config.from_dict(tomllib.loads(text))
     config.require_lines(loaded.run)
     assert loaded.run.xdp_mode == "native" and loaded.run.rx_mode == "xdp"

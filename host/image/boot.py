@@ -79,7 +79,7 @@ def lab_config(prefix: str) -> config.Config:
     return config.validate(dataclasses.replace(cfg, lab=dataclasses.replace(cfg.lab, **lines)))
 
 
-def guest_config(cfg: config.Config, queues: int) -> str:
+def guest_config(cfg: config.Config) -> str:
     """The ``tickwire.toml`` the operator would write for this guest on the lab's lines."""
     lab = cfg.lab
     out = [
@@ -411,7 +411,7 @@ def boot(opts: BootOptions, say=lambda msg: None) -> dict:
     elif opts.config is not None:
         put_config(disk, opts.config)
     elif opts.lab:
-        (work / "tickwire.toml").write_text(guest_config(cfg, opts.queues))
+        (work / "tickwire.toml").write_text(guest_config(cfg))
         put_config(disk, work / "tickwire.toml")
     accel = opts.accel
     if accel == "auto":

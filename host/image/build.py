@@ -46,7 +46,6 @@ BUILDER_VERSION = "1"  # bump when the steps below change what they make
 
 # fixed identities: the kernel command line and fstab name the partitions by these
 DISK_GUID = "6b7a3c1e-4d2f-4b8a-9f21-7457494b4557"
-ESP_UUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"  # the ESP type GUID doubles as nothing
 ESP_PARTUUID = "0f3a8a52-5f0c-4f4e-9d41-545745535031"
 ROOT_PARTUUID = "3c9e2b14-7c1d-4f3a-8e52-545752544f31"
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -199,7 +198,7 @@ def chroot_target(root: Path, extra: Path, **variables) -> Path:
     return extra
 
 
-def _provision(root: Path, work: Path, wheel: Path, house: Path, say) -> dict:
+def _provision(root: Path, work: Path, wheel: Path, house: Path) -> dict:
     """provision.yml over community.general.chroot with image/vars.yml; returns the stats."""
     extra = chroot_target(
         root, work / "chroot.yml", tickwire_package=str(wheel), tickwire_wheelhouse=str(house)
@@ -516,7 +515,7 @@ def _build_entry(entry: Path, key: str, mirror: str, say) -> None:
         debian.copy_root(cached_root, root)
         with mounted(root):
             say("provision: provision.yml over community.general.chroot (image/vars.yml)")
-            stats = _provision(root, work, wheel, house, say)
+            stats = _provision(root, work, wheel, house)
             say("first boot: ansible-core, the roles and the image's units")
             _ansible_for_firstboot(root, house)
             _overlay(root)
