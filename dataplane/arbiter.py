@@ -34,11 +34,10 @@ applies messages, and only from ``A_NEXT`` upwards. Nothing here allocates.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
 from dataplane import book as bk
-from dataplane import itch, shm
+from dataplane import events, itch, shm
 from dataplane import moldudp64 as mold
 from dataplane.itch import rd_u16
 
@@ -54,7 +53,8 @@ H_TIME = 4  # when it was held
 # 0 .. slots - A_HELD_NOW - 1
 H_ORDER = 5
 H_FREE = 6
-H_COLS = 7
+H_RX = 7  # its receive stamp (the events published when it is taken carry it)
+H_COLS = 8
 A_HOLD_HEAD = shm.A_BASE + 14  # private: row of the lowest held sequence in H_ORDER
 A_HELD_MSGS = shm.A_BASE + 15  # private: messages in held packets
 HOLE_WALK = 256  # held packets one hole_check looks at past the declared front (bounded)
@@ -66,18 +66,6 @@ def new_hold(slots: int):
     hold_meta = np.full((slots, H_COLS), -1, np.int64)
     hold_meta[:, H_FREE] = np.arange(slots)
     return hold_buf, hold_meta
-
-
-@intrinsic
-def compiler_fence(typingctx):
-    """A release fence: on x86 it only stops the compiler moving stores across it, which
-    is what the seqlock needs (the CPU keeps stores in order)."""
-
-    def codegen(context, builder, sig, args):
-        builder.fence("release")
-        return context.get_dummy_value()
-
-    return types.none(), codegen
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -94,14 +82,14 @@ def publish_bbo(bbo, sides, locate, feed_seq, t):
     ):
         return
     r.seq += 1
-    compiler_fence()
+    events.compiler_fence()
     r.bid_px = b.best_px
     r.bid_qty = b.best_qty
     r.ask_px = a.best_px
     r.ask_qty = a.best_qty
     r.feed_seq = feed_seq
     r.update_ns = t
-    compiler_fence()
+    events.compiler_fence()
     r.seq += 1
 
 
@@ -127,11 +115,18 @@ def take(
     bbo,
     touched,
     lat,
+    ring,
+    rhdr,
+    clk,
+    rts,
 ):
     """Apply the messages of the validated data packet ``b[pos:end]`` (sequences
-    ``seq..seq+count-1``, ``seq <= A_NEXT``) that were not taken yet. Returns 0 or a
-    book ``NEED_*`` status (then ``A_NEXT`` stands after the last message applied, and
-    calling again with the same packet resumes exactly there)."""
+    ``seq..seq+count-1``, ``seq <= A_NEXT``) that were not taken yet, publishing their
+    events when the ring is on (``dataplane.events``). Returns 0 or a book ``NEED_*``
+    status (then ``A_NEXT`` stands after the last message applied, and calling again with
+    the same packet resumes exactly there). ``rx_ns``: the packet's receive stamp, 0 when
+    unknown, negative for a packet released from the hold (its events carry the stamp; the
+    receive-to-book histogram counts packets taken as they arrive)."""
     lb = line * shm.LINE_STRIDE
     nxt = ctr[shm.A_NEXT]
     p = pos + mold.HEADER_LEN
@@ -146,7 +141,29 @@ def take(
             touched[n_touch] = rd_u16(b, q + 3)
             n_touch += 1
         q += 2 + rd_u16(b, q)
-    st, stop = bk.apply_stream(b, p, end, orders, levels, sides, ladder, htab, stocks, meta, bctr)
+    if rhdr[events.H_ON] != 0:
+        st, stop = events.apply_stream(
+            b,
+            p,
+            end,
+            s,
+            abs(rx_ns),
+            orders,
+            levels,
+            sides,
+            ladder,
+            htab,
+            stocks,
+            meta,
+            bctr,
+            ring,
+            rhdr,
+        )
+        events.finish(ring, rhdr, clk, rts, abs(rx_ns))
+    else:
+        st, stop = bk.apply_stream(
+            b, p, end, orders, levels, sides, ladder, htab, stocks, meta, bctr
+        )
     if st == itch.OK:
         applied = seq + count - s
     else:  # stopped at a message that needs room: count what went in before it
@@ -184,7 +201,7 @@ def _lower_bound(hold_meta, lo, hi, seq):
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def hold(b, pos, end, seq, count, line, t, ctr, hold_buf, hold_meta):
+def hold(b, pos, end, seq, count, line, rx_ns, t, ctr, hold_buf, hold_meta):
     """Keep a packet that arrived ahead of ``A_NEXT`` until its turn."""
     slots = hold_meta.shape[0]
     n = ctr[shm.A_HELD_NOW]
@@ -234,6 +251,7 @@ def hold(b, pos, end, seq, count, line, t, ctr, hold_buf, hold_meta):
     hold_meta[slot, H_COUNT] = count
     hold_meta[slot, H_LEN] = size
     hold_meta[slot, H_LINE] = line
+    hold_meta[slot, H_RX] = rx_ns
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -267,6 +285,10 @@ def drain(
     bbo,
     touched,
     lat,
+    ring,
+    rhdr,
+    clk,
+    rts,
 ):
     """Release held packets in order while the lowest starts at or before ``A_NEXT``."""
     while ctr[shm.A_HELD_NOW] > 0:
@@ -289,7 +311,7 @@ def drain(
             seq,
             count,
             line,
-            0,
+            -hold_meta[found, H_RX],
             t,
             ctr,
             orders,
@@ -303,6 +325,10 @@ def drain(
             bbo,
             touched,
             lat,
+            ring,
+            rhdr,
+            clk,
+            rts,
         )
         if st != 0:
             return st
@@ -321,7 +347,7 @@ def _declare(t, first, lo, ctr, gaps, control):
     gaps[row, 1] = lo - first
     gaps[row, 2] = t
     gaps[row, 3] = 0
-    compiler_fence()
+    events.compiler_fence()
     control[shm.C_GAP_HEAD] = head + 1
     ctr[shm.A_DECLARED_TO] = lo
     ctr[shm.A_GAPS_DECLARED] += 1
@@ -432,6 +458,10 @@ def on_packet(
     bbo,
     touched,
     lat,
+    ring,
+    rhdr,
+    clk,
+    rts,
 ):
     """Handle one MoldUDP64 packet ``b[pos:end]`` from ``line`` (0 A, 1 B, 2 recovery)
     received at ``rx_ns``: drop it as a duplicate, hold it, or take it. Returns 0, or a
@@ -465,7 +495,7 @@ def on_packet(
         if last <= nxt:
             ctr[lb + shm.L_DUPLICATES] += count
         elif seq > nxt:
-            hold(b, pos, end, seq, count, line, t, ctr, hold_buf, hold_meta)
+            hold(b, pos, end, seq, count, line, rx_ns, t, ctr, hold_buf, hold_meta)
         else:
             st = take(
                 b,
@@ -488,6 +518,10 @@ def on_packet(
                 bbo,
                 touched,
                 lat,
+                ring,
+                rhdr,
+                clk,
+                rts,
             )
             if st != 0:
                 return st

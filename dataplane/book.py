@@ -85,6 +85,7 @@ from dataplane.itch import (
     T_R,
     T_U,
     T_X,
+    T_Y,
     TRUNCATED,
     count_frame,
     frame,
@@ -315,7 +316,10 @@ SIDE = np.dtype(
 )  # 32 bytes (_spare is padding): a stock's bid and ask share one cache line
 RUNG = np.dtype([("key", np.uint32), ("level", np.int32)], align=True)  # 8 bytes
 HASH = np.dtype([("key", np.uint64), ("slot", np.int64)], align=True)
-STOCK = np.dtype([("symbol", np.uint64), ("named", np.uint8), ("state", np.uint8)], align=True)
+STOCK = np.dtype(
+    [("symbol", np.uint64), ("named", np.uint8), ("state", np.uint8), ("regsho", np.uint8)],
+    align=True,
+)
 
 # meta indices
 M_ORDER_FREE = 0
@@ -583,7 +587,8 @@ def _fits_add(sides, ladder, orders, levels, htab, meta, sd, ref, rm):
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
 def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, shares, rm):
-    """Add a visible order to side ``sd`` (capacity already checked by ``_fits_add``)."""
+    """Add a visible order to side ``sd`` (capacity already checked by ``_fits_add``).
+    Returns the level row it joined, or ``NIL`` when it was not added (a live reference)."""
     r = _ring_row(rm, ref)
     ring = orders[_u(r)]
     shift = meta[M_HASH_SHIFT]
@@ -592,17 +597,17 @@ def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, sh
             found, _ = ht_find(htab, shift, ref)
             if found != NIL:
                 counters[B_DUP_ADD] += 1
-                return
+                return NIL
         o = r
         hi = IN_RING
     else:  # taken: a duplicate, or an order that spills to a spill row and the hash
         if ring.ref == ref:
             counters[B_DUP_ADD] += 1
-            return
+            return NIL
         found, hi = ht_find(htab, shift, ref)
         if found != NIL:
             counters[B_DUP_ADD] += 1
-            return
+            return NIL
         o = meta[M_ORDER_FREE]
         if o != NIL:
             meta[M_ORDER_FREE] = orders[_u(o)].next
@@ -670,12 +675,13 @@ def _add(orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, sh
     qty = s.best_qty
     s.best_px = price if top else px  # selects, not branches: a coin toss to predict
     s.best_qty = levels[_u(lv)].shares if top else qty
+    return lv
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
 def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
     """Remove live order row ``o`` found at ``hi`` (``ix_find``); drop its level if
-    emptied."""
+    emptied. Returns the level row (read at once: a freed row is reused by the next add)."""
     od = orders[_u(o)]
     lv = od.level
     p = od.prev
@@ -717,27 +723,35 @@ def _remove(orders, levels, sides, ladder, htab, meta, o, hi):
         od.next = meta[M_ORDER_FREE]
         meta[M_ORDER_FREE] = o
     meta[M_LIVE] -= 1
+    return lv
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
 def _reduce(orders, levels, sides, ladder, htab, meta, counters, b, q, t, rm):
     """D, E, C or X at ``b[q:]`` (past the header): delete, or execute or cancel ``n``
     shares of the order its reference names. One path for the four (half of a feed), so
-    the type dispatch has one coin toss fewer; a delete is a reduction by all it has."""
+    the type dispatch has one coin toss fewer; a delete is a reduction by all it has.
+    Returns ``(level, n)``: the order's level row and the shares taken off it, or
+    ``(NIL, 0)`` when the message changed nothing."""
     o, hi = ix_find(orders, htab, meta, rd_u64(b, q), rm)
     if o == NIL:
         counters[B_UNKNOWN_REF] += 1
-        return
+        return NIL, 0
+    return _reduce_at(orders, levels, sides, ladder, htab, meta, counters, b, q, t, o, hi)
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _reduce_at(orders, levels, sides, ladder, htab, meta, counters, b, q, t, o, hi):
+    """``_reduce`` of the live order row ``o`` found at ``hi`` (``ix_find``)."""
     rest = np.int64(orders[_u(o)].shares)
     given = np.int64(rd_u32(b, q + SHARES_AT[t]))  # a delete has no count: unused there
     n = rest if t == T_D else given
     if n == 0:
         counters[B_ZERO_SHARES] += 1
-        return
+        return NIL, 0
     if n >= rest:
         counters[_u(OVER_OF[t])] += np.int64(n > rest)
-        _remove(orders, levels, sides, ladder, htab, meta, o, hi)
-        return
+        return _remove(orders, levels, sides, ladder, htab, meta, o, hi), rest
     od = orders[_u(o)]
     od.shares = rest - n
     lv = od.level
@@ -745,6 +759,7 @@ def _reduce(orders, levels, sides, ladder, htab, meta, counters, b, q, t, rm):
     s = sides[_u(np.int64(od.sd))]
     qty = s.best_qty  # the best level is the only one cached
     s.best_qty = levels[_u(lv)].shares if s.best_px == levels[_u(lv)].price else qty
+    return lv, n
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -818,6 +833,8 @@ def apply_message(b, p, t, orders, levels, sides, ladder, htab, stocks, meta, co
     elif t == T_H:
         locate = rd_u16(b, p + 1)
         stocks[_u(locate)].state = b[_u(q + 8)]
+    elif t == T_Y:
+        stocks[_u(rd_u16(b, p + 1))].regsho = b[_u(q + 8)]
     return 0
 
 

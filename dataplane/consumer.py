@@ -10,7 +10,9 @@ from the re-request server, ``service_recovery``) all call it.
 Both loops take two tuples: ``arb = (ctr, hold_buf, hold_meta, gaps, control, recov,
 recov_meta)`` -- counters, hold slots, the recovery rings and control, all shared memory
 but the hold slots -- and ``bk_ = (orders, levels, sides, ladder, htab, stocks, meta,
-bctr, bbo, touched, lat)``: the book's arrays, the BBO table, scratch, latency histogram.
+bctr, bbo, touched, lat, ring, rhdr, clk, rts)``: the book's arrays, the BBO table,
+scratch, latency histogram, and the event ring (``dataplane.events``: records, header,
+clock, clock scratch; a ring that is off has ``H_ON`` 0 and costs one compare a packet).
 
 When the book needs room (a ``NEED_*`` status) the loop returns with the packet kept
 pending; the caller grows the book off the hot path (rebuilding ``bk_``) and calls the
@@ -24,10 +26,11 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from dataplane import arbiter, shm, xsk
+from dataplane import arbiter, events, shm, xsk
 from dataplane import book as bk
+from dataplane.clock import int64_args, now_ns, real_ns
 from dataplane.itch import rd_u16
-from dataplane.sysabi import IOVEC, MMSGHDR
+from dataplane.sysabi import CMSG_TS, IOVEC, MMSGHDR, SCM_TIMESTAMPING, SOL_SOCKET
 from dataplane.xdpabi import META, META_SIZE
 
 OK = 0
@@ -36,30 +39,7 @@ HOUSEKEEPING = 2  # time budget used up: the caller may check things and call ag
 SNAPSHOT = 3  # a level snapshot was requested (answered by the caller)
 HALTED = 4  # an unrecoverable gap under the halt policy
 
-CLOCK_MONOTONIC = 1
 MSG_DONTWAIT = 0x40
-
-
-# libc is called by symbol name (xsk.call_by_symbol): a ctypes function pointer would be
-# baked into the code as a constant, and numba refuses to cache such a function -- every
-# start of the consumer would compile its loops from scratch (about a minute).
-def _int64_args(context, builder, sig, args):
-    return [context.cast(builder, v, t, types.int64) for v, t in zip(args, sig.args, strict=True)]
-
-
-@intrinsic
-def _clock_gettime(typingctx, clock, addr):
-    """``clock_gettime(clock, (struct timespec *)addr)``."""
-    if not isinstance(clock, types.Integer) or not isinstance(addr, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
-        return xsk.call_by_symbol(
-            builder, "clock_gettime", i32, [i32, i8p], _int64_args(context, builder, sig, args)
-        )
-
-    return types.int64(clock, addr), codegen
 
 
 @intrinsic
@@ -76,17 +56,10 @@ def _recvmmsg(typingctx, fd, msgvec, vlen, flags, timeout):
             "recvmmsg",
             i32,
             [i32, i8p, i32, i32, i8p],
-            _int64_args(context, builder, sig, args),
+            int64_args(context, builder, sig, args),
         )
 
     return types.int64(fd, msgvec, vlen, flags, timeout), codegen
-
-
-@njit(cache=True, nogil=True, inline="always", _nrt=False)
-def now_ns(ts):
-    """CLOCK_MONOTONIC in ns (the clock bpf_ktime_get_ns reads); ``ts``: int64[2]."""
-    _clock_gettime(CLOCK_MONOTONIC, ts.ctypes.data)
-    return ts[0] * 1_000_000_000 + ts[1]
 
 
 @njit(cache=True, nogil=True, _nrt=False)
@@ -105,7 +78,23 @@ def _packet(b, pos, end, line, rx_ns, t, session, arb, bk_):
     ``done`` 1 the packet is finished and only the release of held packets waits for
     room (it resumes at the next packet or idle tick)."""
     ctr, hold_buf, hold_meta, _g, _c, _r, _rm = arb
-    orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat = bk_
+    (
+        orders,
+        levels,
+        sides,
+        ladder,
+        htab,
+        stocks,
+        meta,
+        bctr,
+        bbo,
+        touched,
+        lat,
+        ring,
+        rhdr,
+        clk,
+        rts,
+    ) = bk_
     need = arbiter.on_packet(
         b,
         pos,
@@ -128,6 +117,10 @@ def _packet(b, pos, end, line, rx_ns, t, session, arb, bk_):
         bbo,
         touched,
         lat,
+        ring,
+        rhdr,
+        clk,
+        rts,
     )
     if need != 0:
         return need, 0
@@ -152,8 +145,22 @@ def service_recovery(t, session, arb, bk_):
             if need != 0:
                 return need  # not done: the entry stays for the retry
             continue
+        lost_before = ctr[shm.A_UNRECOVERABLE_MSGS]
         if arbiter.lost(recov_meta[i, 2], recov_meta[i, 3], ctr, control) == 0:
             return 0  # ahead of the sequence: once it gets there
+        ring, rhdr, clk, rts = bk_[11], bk_[12], bk_[13], bk_[14]
+        if ctr[shm.A_UNRECOVERABLE_MSGS] != lost_before and rhdr[events.H_ON] != 0:
+            events.channel_event(
+                ring,
+                rhdr,
+                clk,
+                rts,
+                events.CH_GAP_UNRECOVERABLE,
+                events.NO_SIDE,
+                ctr[shm.A_NEXT] - 1,
+                recov_meta[i, 2],
+                recov_meta[i, 3],
+            )
         control[shm.C_REC_TAIL] = tail + 1
         if control[shm.C_HALTED] != 0:
             return -1
@@ -167,7 +174,23 @@ def service_recovery(t, session, arb, bk_):
 def _idle(t, arb, bk_):
     """Between packets: release what can be released, declare holes past the window."""
     ctr, hold_buf, hold_meta, gaps, control, _r, _rm = arb
-    orders, levels, sides, ladder, htab, stocks, meta, bctr, bbo, touched, lat = bk_
+    (
+        orders,
+        levels,
+        sides,
+        ladder,
+        htab,
+        stocks,
+        meta,
+        bctr,
+        bbo,
+        touched,
+        lat,
+        ring,
+        rhdr,
+        clk,
+        rts,
+    ) = bk_
     if ctr[shm.A_HELD_NOW] > 0:
         need = arbiter.drain(
             t,
@@ -185,10 +208,15 @@ def _idle(t, arb, bk_):
             bbo,
             touched,
             lat,
+            ring,
+            rhdr,
+            clk,
+            rts,
         )
         if need != 0:
             return need
     arbiter.hole_check(t, ctr, hold_meta, gaps, control)
+    events.channel_tick(ctr, control, gaps, ring, rhdr, clk, rts)
     return 0
 
 
@@ -199,14 +227,24 @@ SLOT = 2048  # bytes per receive slot (a MoldUDP64 packet fits one datagram)
 P_LINE = 0
 P_I = 1
 P_N = 2
-P_RX = 3
+P_RX = 3  # when recvmmsg returned (the stamp of a message the kernel did not stamp)
+P_OFF = 4  # CLOCK_REALTIME - CLOCK_MONOTONIC then (kernel stamps are on CLOCK_REALTIME)
 PSTATE_LEN = 8
+CMSG_TS_LEN = CMSG_TS.itemsize
+CMSG_LEVEL_AT = CMSG_TS.fields["level"][1]
+CMSG_TYPE_AT = CMSG_TS.fields["type"][1]
+CMSG_SEC_AT = CMSG_TS.fields["sw_sec"][1]
+CMSG_NSEC_AT = CMSG_TS.fields["sw_nsec"][1]
 
 
-def socket_buffers(batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Receive slots, iovecs and mmsghdrs for ``recvmmsg`` on two lines."""
+def socket_buffers(batch: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """Receive slots, (iovecs, control buffers) and mmsghdrs for ``recvmmsg`` on two
+    lines. Each message has room for the kernel's software receive stamp (``CMSG_TS``;
+    the sockets ask for it with ``SO_TIMESTAMPING``). The caller keeps the second item
+    alive: the mmsghdrs point into it."""
     rbuf = np.zeros((2, batch * SLOT), np.uint8)
     iov = np.zeros((2, batch), IOVEC)
+    cbuf = np.zeros((2, batch), CMSG_TS)
     mm = np.zeros((2, batch), MMSGHDR)
     for ln in range(2):
         for i in range(batch):
@@ -214,7 +252,29 @@ def socket_buffers(batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             iov[ln, i]["len"] = SLOT
             mm[ln, i]["hdr"]["iov"] = iov.ctypes.data + (ln * batch + i) * IOVEC.itemsize
             mm[ln, i]["hdr"]["iovlen"] = 1
-    return rbuf, iov, mm
+            mm[ln, i]["hdr"]["control"] = cbuf.ctypes.data + (ln * batch + i) * CMSG_TS.itemsize
+            mm[ln, i]["hdr"]["controllen"] = CMSG_TS.itemsize
+    return rbuf, (iov, cbuf), mm
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _sw_stamp(h, off, fallback):
+    """The kernel's software receive stamp of one received message (``h``: its msghdr),
+    moved from CLOCK_REALTIME to CLOCK_MONOTONIC by ``off`` (realtime - monotonic, read
+    when the batch arrived); ``fallback`` when the kernel gave none."""
+    c = h.control
+    if h.controllen < CMSG_TS_LEN:
+        return fallback
+    if xsk.load_u32(c + CMSG_LEVEL_AT) != SOL_SOCKET:
+        return fallback
+    if xsk.load_u32(c + CMSG_TYPE_AT) != SCM_TIMESTAMPING:
+        return fallback
+    real = np.int64(xsk.load_u64(c + CMSG_SEC_AT)) * 1_000_000_000 + np.int64(
+        xsk.load_u64(c + CMSG_NSEC_AT)
+    )
+    if real <= 0:
+        return fallback
+    return real - off
 
 
 @njit(nogil=True, _nrt=False)
@@ -252,9 +312,12 @@ def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, arb, bk_, ts):
             ln = pstate[P_LINE]
             i = pstate[P_I]
             off = i * SLOT
+            rx = _sw_stamp(mm[ln, i].hdr, pstate[P_OFF], pstate[P_RX])
             need, done = _packet(
-                rbuf[ln], off, off + mm[ln, i].len, ln, pstate[P_RX], now_ns(ts), session, arb, bk_
+                rbuf[ln], off, off + mm[ln, i].len, ln, rx, now_ns(ts), session, arb, bk_
             )
+            if done:
+                mm[ln, i].hdr.controllen = CMSG_TS_LEN  # the kernel wrote what it used
             pstate[P_I] = i + done
             if need != 0:
                 return OK, need
@@ -268,13 +331,15 @@ def socket_loop(fds, mm, rbuf, pstate, budget_ns, session, arb, bk_, ts):
             n = _recvmmsg(fds[ln], mm[ln].ctypes.data, batch, MSG_DONTWAIT, 0)
             if n > 0:
                 t = now_ns(ts)
+                off = real_ns(ts) - t
                 ctr[shm.S_RX_BATCHES] += 1
                 for i in range(n):
-                    count_rx(ctr, ln, mm[ln, i].len, t)
+                    count_rx(ctr, ln, mm[ln, i].len, _sw_stamp(mm[ln, i].hdr, off, t))
                 pstate[P_LINE] = ln
                 pstate[P_I] = 0
                 pstate[P_N] = n
-                pstate[P_RX] = t  # receive time: when recvmmsg returned
+                pstate[P_RX] = t
+                pstate[P_OFF] = off
                 got += n
                 break  # handle this batch, then poll again (lines alternate by arrival)
         if got:
@@ -412,8 +477,14 @@ def xdp_loop(ri, umem_a, umem_b, pstate, pend, budget_ns, session, arb, bk_, ts)
 
 
 @njit(cache=True, nogil=True)
-def snapshot(sides, ladder, levels, out, control):
-    """Answer a level-snapshot request into ``out`` (the shared ``levels`` region)."""
+def snapshot(sides, ladder, levels, stocks, out, out_stocks, control, ctr, rhdr):
+    """Answer a level-snapshot request into ``out`` (the shared ``levels`` region) and
+    ``out_stocks``, tagged with the last sequence it includes and the event ring's position
+    right after it (between packets: the book and the ring agree)."""
+    for i in range(stocks.shape[0]):
+        out_stocks[i] = stocks[i]
+    control[shm.C_SNAP_SEQ] = ctr[shm.A_NEXT] - 1
+    control[shm.C_SNAP_POS] = rhdr[events.H_WRITE]
     n = bk.count_levels(sides)
     if n > out.shape[0]:
         control[shm.C_SNAP_TRUNC] = 1

@@ -12,7 +12,11 @@ both sides; the consumer is the only writer of all but ``control``:
 - ``latency`` (int64 histogram, ``LAT_BUCKETS``): receive-to-book nanoseconds per packet,
   log-linear buckets (8 per power of two).
 - ``control`` (int64): requests from other processes: stop, level snapshots.
-- ``levels`` (int64 rows ``locate, side, price, shares, orders``): the snapshot answer.
+- ``levels`` (int64 rows ``locate, side, price, shares, orders``) and ``stocks`` (the
+  book's ``STOCK`` per locate: symbol, trading state, Reg SHO): the snapshot answer, taken
+  at a message boundary and tagged (``C_SNAP_SEQ``, ``C_SNAP_POS``) with the last sequence
+  it includes and the event ring's position right after it.
+- ``events`` and ``events.hdr``: the event ring (``dataplane.events``).
 
 ``Reader`` is the documented way in for other processes.
 """
@@ -128,7 +132,11 @@ C_STALE = 10  # 1 once a gap was declared unrecoverable: the books are not whole
 C_HALTED = 11  # 1 when the consumer stopped because of the halt policy
 C_WINDOW_NS = 12  # arbitration window: a hole older than this is declared a gap
 C_WINDOW_MSGS = 13  # ... or one with this many messages held behind it
-CONTROL_LEN = 16
+C_LINE_STATE = 14  # + line (0 A, 1 B): the line's health as the control plane sees it
+#   (dataplane.events LINE_*; 0 not known yet); the consumer announces changes on the ring
+C_SNAP_POS = 16  # the event ring's position right after the snapshot's book state
+C_SNAP_SEQ = 17  # the last sequence the snapshot's book state includes
+CONTROL_LEN = 32
 GAP_SLOTS = 1024
 REC_SLOTS = 4096
 REC_SLOT_BYTES = 2048
@@ -144,6 +152,7 @@ REGIONS = {
     "latency": (np.int64, (LAT_BUCKETS,)),
     "control": (np.int64, (CONTROL_LEN,)),
     "levels": (np.int64, (LEVELS_CAP, 5)),
+    "stocks": (bk.STOCK, (bk.N_LOCATES,)),
     "gaps": (np.int64, (GAP_SLOTS, 4)),
     "recov": (np.uint8, (REC_SLOTS, REC_SLOT_BYTES)),
     "recov_meta": (np.int64, (REC_SLOTS, 4)),
@@ -196,7 +205,10 @@ def attach(channel: str, root: Path | None = None, writable_control: bool = True
 
 def remove(channel: str, root: Path | None = None) -> None:
     d = channel_dir(channel, root)
-    for name in (*REGIONS, "final.json", "error.txt"):
+    ring = d / "events"  # the event ring, or a link to it in hugetlbfs
+    if ring.is_symlink():
+        Path(os.readlink(ring)).unlink(missing_ok=True)
+    for name in (*REGIONS, "final.json", "error.txt", "events", "events.hdr", "snapshot.lock"):
         try:
             (d / name).unlink()
         except FileNotFoundError:

@@ -30,5 +30,24 @@ MMSGHDR = np.dtype([("hdr", MSGHDR), ("len", np.uint32), ("_p", np.uint32)])
 # <asm-generic/socket.h>: Python's socket module does not export it (checked against the
 # compiler by tests/test_sysabi.py). Needs CAP_NET_ADMIN; past net.core.rmem_max.
 SO_RCVBUFFORCE = 33
+# the kernel's receive timestamps (SO_TIMESTAMPING_OLD: 64-bit timespecs on x86-64); the
+# control message type of the stamps is the option's number
+SO_TIMESTAMPING = 37
+SCM_TIMESTAMPING = SO_TIMESTAMPING
+SOL_SOCKET = 1
+SOF_TIMESTAMPING_RX_SOFTWARE = 1 << 3
+SOF_TIMESTAMPING_SOFTWARE = 1 << 4
+# one control message carrying struct scm_timestamping (three timespecs; [0] is the
+# software stamp, CLOCK_REALTIME): struct cmsghdr (len, level, type), then the data
+CMSG_TS = np.dtype(
+    [
+        ("len", np.uint64),
+        ("level", np.int32),
+        ("type", np.int32),
+        ("sw_sec", np.int64),
+        ("sw_nsec", np.int64),
+        ("_ts", np.int64, 4),
+    ]
+)
 
 LIBC = ctypes.CDLL(None, use_errno=True)  # libc, once: every ctypes call goes through it

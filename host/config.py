@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -66,8 +67,13 @@ class LabConfig:
     prefix: str = "tw"
     # MTU of both veth pairs
     mtu: int = 1500
-    # RX/TX queues per veth end (AF_XDP binds one socket per queue)
+    # RX/TX queues per veth end (AF_XDP binds one socket per queue); at least ``channels``
     queues: int = 1
+    # channels published and received at once, on the same two veth pairs: channel k has
+    # its own groups (line A's and B's group + k, same ports), its own rx queue k (the
+    # exchange ends steer its packets there: host.exchange.txsteer), its own MoldUDP64
+    # session and its own re-request server (rerequest_port + k)
+    channels: int = 1
     line_a: LineConfig = field(default_factory=lambda: _line("a", 1))
     line_b: LineConfig = field(default_factory=lambda: _line("b", 2))
     # the re-request server's UDP port (it listens on every exchange-side address)
@@ -84,6 +90,18 @@ class LabConfig:
     @property
     def lines(self) -> dict[str, LineConfig]:
         return {"A": self.line_a, "B": self.line_b}
+
+    @property
+    def rx_queues(self) -> int:
+        """Queues each veth end is created with: ``queues``, or one per channel."""
+        return max(self.queues, self.channels)
+
+    def channel_lines(self, k: int) -> dict[str, LineConfig]:
+        """Lines A and B of the lab's channel ``k`` (0 = ``lines``): group + k."""
+        return {
+            letter: dataclasses.replace(line, group=str(ipaddress.IPv4Address(line.group) + k))
+            for letter, line in self.lines.items()
+        }
 
 
 @dataclass(frozen=True)
@@ -148,6 +166,12 @@ class RunConfig:
     recovery_slo_ms: float = 2000.0
     recovery_interval_ms: float = 1.0
     recovery_max_messages: int = 1000
+    # the event ring (dataplane.events): publish every book change for local readers;
+    # per-order events too (for clients keeping their own L3); ring slots (a power of two
+    # >= 4096, 64 bytes each: 262144 = 16 MiB, about 80 ms of a busy feed behind the head)
+    events: bool = True
+    order_events: bool = False
+    event_slots: int = 1 << 18
     # lines A and B (unset until given, or pointed at the lab by --lab)
     line_a: RxLineConfig = field(default_factory=RxLineConfig)
     line_b: RxLineConfig = field(default_factory=RxLineConfig)
@@ -242,6 +266,34 @@ class ImageConfig:
     ansible: dict = field(default_factory=dict)
 
 
+# [run] keys that belong to the whole process, never to one channel: one namespace, one
+# receive path and XDP attach mode over every interface, one metrics endpoint, one start
+# deadline (the channel's name is its table's ``name``)
+PROCESS_KEYS = frozenset(("netns", "rx_mode", "xdp_mode", "metrics", "start_timeout_s", "channel"))
+
+
+def channel_keys() -> tuple[str, ...]:
+    """The keys a ``[[channel]]`` table may set: ``name``, ``session`` and every per-channel
+    ``[run]`` key (RunConfig's fields but ``PROCESS_KEYS``)."""
+    run = [f.name for f in dataclasses.fields(RunConfig) if f.name not in PROCESS_KEYS]
+    return ("name", "session", *run)
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """One ``[[channel]]`` table: a feed of its own (lines, core, queue, shared memory,
+    metrics label) supervised by the same ``tickwire run`` as the others. Whatever it does
+    not set it inherits from ``[run]`` (a line's keys one by one, from ``[run.line_a]``);
+    ``channel_configs`` resolves it into a one-channel Config."""
+
+    # the channel's name: its shared memory directory and its metrics label (run.channel)
+    name: str
+    # its MoldUDP64 session ("" = [feed] session)
+    session: str = ""
+    # the [run] keys the table sets, as written (line_a / line_b: their sub-tables' keys)
+    run: dict = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Config:
     lab: LabConfig = field(default_factory=LabConfig)
@@ -249,6 +301,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     host: HostConfig = field(default_factory=HostConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    # [[channel]] tables; none: one channel, [run] itself (channel_configs)
+    channel: tuple[ChannelConfig, ...] = ()
 
 
 _CPULIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
@@ -428,50 +482,54 @@ def _validate_line(key: str, line: LineConfig) -> None:
         )
 
 
-def _validate_run(run: RunConfig) -> None:
+def _validate_run(run: RunConfig, at: str = "run") -> None:
+    """Check ``run``; errors name its keys under ``at`` (``run``, or ``channel[1]``)."""
     if not _CHANNEL.match(run.channel):
         raise ConfigError(
-            f"run.channel: {run.channel!r} must be letters, digits, - or _ (1-32 characters)"
+            f"{at}.channel: {run.channel!r} must be letters, digits, - or _ (1-32 characters)"
         )
-    for key, value, allowed in (
+    for name, value, allowed in (
         ("rx_mode", run.rx_mode, ("auto", "xdp", "socket")),
         ("xdp_mode", run.xdp_mode, ("auto", "native", "generic")),
     ):
         if value not in allowed:
-            raise ConfigError(f"run.{key}: {value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{at}.{name}: {value!r} is not one of {', '.join(allowed)}")
     if run.core < -1 or run.core >= 4096:
-        raise ConfigError(f"run.core: {run.core} is not a CPU number (or -1)")
+        raise ConfigError(f"{at}.core: {run.core} is not a CPU number (or -1)")
     if not 1 <= run.batch <= 1024:
-        raise ConfigError(f"run.batch: {run.batch} is outside 1..1024")
+        raise ConfigError(f"{at}.batch: {run.batch} is outside 1..1024")
     if run.ring_size < 64 or run.ring_size & (run.ring_size - 1) or run.ring_size > 1 << 16:
-        raise ConfigError(f"run.ring_size: {run.ring_size} must be a power of two, 64..65536")
+        raise ConfigError(f"{at}.ring_size: {run.ring_size} must be a power of two, 64..65536")
     if run.frames < run.ring_size or run.frames > 1 << 20:
         raise ConfigError(
-            f"run.frames: {run.frames} must be at least ring_size and at most 1048576"
+            f"{at}.frames: {run.frames} must be at least ring_size and at most 1048576"
         )
     if not 1 <= run.start_timeout_s <= 3600:
-        raise ConfigError(f"run.start_timeout_s: {run.start_timeout_s} is outside 1..3600")
+        raise ConfigError(f"{at}.start_timeout_s: {run.start_timeout_s} is outside 1..3600")
     if run.policy not in ("stale", "halt"):
-        raise ConfigError(f"run.policy: {run.policy!r} is not one of stale, halt")
+        raise ConfigError(f"{at}.policy: {run.policy!r} is not one of stale, halt")
     if not 0 < run.window_ms <= 60_000:
-        raise ConfigError(f"run.window_ms: {run.window_ms} is outside (0, 60000]")
+        raise ConfigError(f"{at}.window_ms: {run.window_ms} is outside (0, 60000]")
     if run.window_messages < 1:
-        raise ConfigError(f"run.window_messages: {run.window_messages} must be positive")
+        raise ConfigError(f"{at}.window_messages: {run.window_messages} must be positive")
     if not 16 <= run.hold_slots <= 1 << 20:
-        raise ConfigError(f"run.hold_slots: {run.hold_slots} is outside 16..1048576")
+        raise ConfigError(f"{at}.hold_slots: {run.hold_slots} is outside 16..1048576")
+    es = run.event_slots
+    if es < 1024 or es & (es - 1) or es > 1 << 26:
+        raise ConfigError(f"{at}.event_slots: {es} must be a power of two, 1024..67108864")
     if run.recovery:
-        _check_ip("run.recovery", host_port(run.recovery, "run.recovery")[0])
-    for key in ("recovery_timeout_ms", "recovery_slo_ms", "recovery_interval_ms"):
-        if getattr(run, key) < 0:
-            raise ConfigError(f"run.{key}: must not be negative")
+        _check_ip(f"{at}.recovery", host_port(run.recovery, f"{at}.recovery")[0])
+    for name in ("recovery_timeout_ms", "recovery_slo_ms", "recovery_interval_ms"):
+        if getattr(run, name) < 0:
+            raise ConfigError(f"{at}.{name}: must not be negative")
     if run.recovery_retries < 0 or run.recovery_max_messages < 1:
-        raise ConfigError("run.recovery_retries must be >= 0 and run.recovery_max_messages >= 1")
+        raise ConfigError(f"{at}.recovery_retries must be >= 0 and {at}.recovery_max_messages >= 1")
     if run.orders < 16 or run.orders > 1 << 28:
-        raise ConfigError(f"run.orders: {run.orders} is outside 16..268435456")
+        raise ConfigError(f"{at}.orders: {run.orders} is outside 16..268435456")
     if run.metrics:
-        _check_ip("run.metrics", host_port(run.metrics, "run.metrics")[0])
+        _check_ip(f"{at}.metrics", host_port(run.metrics, f"{at}.metrics")[0])
     for letter, line in run.lines.items():  # what is set; require_lines asks for the rest
-        key = f"run.line_{letter.lower()}"
+        key = f"{at}.line_{letter.lower()}"
         if line.interface and not _IFNAME.match(line.interface):
             raise ConfigError(f"{key}.interface: not a valid interface name")
         if not 0 <= line.queue < 64:
@@ -484,10 +542,10 @@ def _validate_run(run: RunConfig) -> None:
             _check_ip(f"{key}.address", line.address)
     a, b = run.line_a, run.line_b
     if a.group and a.port and (a.group, a.port) == (b.group, b.port):
-        raise ConfigError("run.line_b: lines A and B must use different group/port pairs")
+        raise ConfigError(f"{at}.line_b: lines A and B must use different group/port pairs")
     if a.interface and (a.interface, a.queue) == (b.interface, b.queue):
         raise ConfigError(
-            f"run.line_b: lines A and B both arrive on {a.interface} queue "
+            f"{at}.line_b: lines A and B both arrive on {a.interface} queue "
             f"{a.queue}; the consumer takes each line from its own (interface, "
             "queue): steer B to another queue or interface"
         )
@@ -516,13 +574,42 @@ def validate(cfg: Config) -> Config:
     if na.overlaps(nb):
         raise ConfigError("lab.line_b: lines A and B must be on separate networks")
     _check_port("lab.rerequest_port", lab.rerequest_port)
+    _validate_lab_channels(lab)
     _validate_run(cfg.run)
+    _validate_channels(cfg)
     _validate_host(cfg.host)
     _validate_image(cfg.image)
-    s = cfg.feed.session
-    if not (1 <= len(s) <= 10 and s.isascii() and s.isprintable()):
-        raise ConfigError(f"feed.session: {s!r} must be 1-10 printable ASCII characters")
+    _check_session("feed.session", cfg.feed.session)
     return cfg
+
+
+def _validate_lab_channels(lab: LabConfig) -> None:
+    if not 1 <= lab.channels <= 16:
+        raise ConfigError(f"lab.channels: {lab.channels} is outside 1..16")
+    if lab.rerequest_port + lab.channels - 1 > 65535:
+        raise ConfigError(
+            f"lab.rerequest_port: channel {lab.channels - 1}'s server would listen on "
+            f"{lab.rerequest_port + lab.channels - 1}, outside 1..65535"
+        )
+    seen: dict[tuple[str, int], str] = {}
+    for k in range(lab.channels):
+        try:
+            lines = lab.channel_lines(k)
+        except ValueError:  # past 255.255.255.255
+            raise ConfigError(
+                f"lab.channels: channel {k}'s groups run past 255.255.255.255"
+            ) from None
+        for letter, line in lines.items():
+            key = f"lab.line_{letter.lower()}.group"
+            if not ipaddress.IPv4Address(line.group).is_multicast:
+                raise ConfigError(f"{key}: channel {k}'s group {line.group} is not multicast")
+            g = (line.group, line.port)
+            if g in seen:
+                raise ConfigError(
+                    f"{key}: channel {k} line {letter} and {seen[g]} would share "
+                    f"{line.group}:{line.port} (channel k's groups are line A's and B's + k)"
+                )
+            seen[g] = f"channel {k} line {letter}"
 
 
 def _build(cls, key: str, table: Any, defaults: Any):
@@ -536,7 +623,9 @@ def _build(cls, key: str, table: Any, defaults: Any):
         if k not in names:
             raise ConfigError(f"{sub}: unknown key (known: {', '.join(sorted(names))})")
         current = getattr(defaults, k)
-        if dataclasses.is_dataclass(current):
+        if cls is Config and k == "channel":
+            values[k] = _channel_tables(v)
+        elif dataclasses.is_dataclass(current):
             values[k] = _build(type(current), sub, v, current)
         else:
             want = type(current)
@@ -554,6 +643,159 @@ def _build(cls, key: str, table: Any, defaults: Any):
                 raise ConfigError(f"{sub}: expected a table, got {v!r}")
             values[k] = want(v)
     return dataclasses.replace(defaults, **values)
+
+
+def _channel_tables(tables: Any) -> tuple[ChannelConfig, ...]:
+    """``[[channel]]`` tables as ChannelConfigs: keys known, values of the right types (a
+    value's range is checked by ``validate``, once inherited keys are filled in)."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("channel: expected [[channel]] tables")
+    known = channel_keys()
+    out = []
+    for i, table in enumerate(tables):
+        at = f"channel[{i}]"
+        for k in table:
+            if k in PROCESS_KEYS:
+                raise ConfigError(
+                    f"{at}.{k}: belongs to the whole process, not to one channel: set it "
+                    "in [run]"
+                    + (" (a channel's name is its table's name)" if k == "channel" else "")
+                )
+            if k not in known:
+                raise ConfigError(f"{at}.{k}: unknown key (known: {', '.join(sorted(known))})")
+        if "name" not in table:
+            raise ConfigError(f"{at}.name: not set (every channel needs a name)")
+        for k in ("name", "session"):
+            if not isinstance(table.get(k, ""), str):
+                raise ConfigError(f"{at}.{k}: expected a string, got {table[k]!r}")
+        run = {k: v for k, v in table.items() if k not in ("name", "session")}
+        _build(RunConfig, at, run, RunConfig())  # types, and the line sub-tables' keys
+        out.append(ChannelConfig(name=table["name"], session=table.get("session", ""), run=run))
+    return tuple(out)
+
+
+def _channel_run(cfg: Config, i: int) -> RunConfig:
+    """Channel ``i``'s RunConfig: its table over ``[run]``, named after the table."""
+    spec = cfg.channel[i]
+    run = _build(RunConfig, f"channel[{i}]", spec.run, cfg.run)
+    return dataclasses.replace(run, channel=spec.name)
+
+
+def channel_configs(cfg: Config) -> list[Config]:
+    """One Config per channel, each with ``run`` that channel's (``run.channel`` its name)
+    and ``feed.session`` its session: ``[cfg]`` itself when it has no ``[[channel]]``."""
+    if not cfg.channel:
+        return [cfg]
+    return [
+        dataclasses.replace(
+            cfg,
+            run=_channel_run(cfg, i),
+            feed=dataclasses.replace(cfg.feed, session=spec.session or cfg.feed.session),
+            channel=(),
+        )
+        for i, spec in enumerate(cfg.channel)
+    ]
+
+
+def _check_session(key: str, s: str) -> None:
+    if not (1 <= len(s) <= 10 and s.isascii() and s.isprintable()):
+        raise ConfigError(f"{key}: {s!r} must be 1-10 printable ASCII characters")
+
+
+def _validate_channels(cfg: Config) -> None:
+    """Each ``[[channel]]`` table, resolved, and what channels may not share."""
+    names: dict[str, int] = {}
+    for i, spec in enumerate(cfg.channel):
+        at = f"channel[{i}]"
+        if not _CHANNEL.match(spec.name):
+            raise ConfigError(
+                f"{at}.name: {spec.name!r} must be letters, digits, - or _ (1-32 characters)"
+            )
+        if spec.name in names:
+            raise ConfigError(
+                f"{at}.name: {spec.name!r} is channel[{names[spec.name]}]'s name too; "
+                "each channel needs its own (it names its shared memory and metrics)"
+            )
+        names[spec.name] = i
+        if spec.session:
+            _check_session(f"{at}.session", spec.session)
+        _validate_run(_channel_run(cfg, i), at)
+    if cfg.channel:
+        runs = [c.run for c in channel_configs(cfg)]
+        _check_shared(runs, [f"channel[{i}]" for i in range(len(runs))])
+
+
+def _check_shared(runs: list[RunConfig], ats: list[str]) -> None:
+    """Refuse two channels on one core, one (interface, queue) or one (group, port)."""
+    cores: dict[int, int] = {}
+    queues: dict[tuple[str, int], tuple[int, str]] = {}
+    groups: dict[tuple[str, int], tuple[int, str]] = {}
+    for i, run in enumerate(runs):
+        if run.core >= 0:
+            if run.core in cores:
+                raise ConfigError(
+                    f"{ats[i]}.core: channels {runs[cores[run.core]].channel} and "
+                    f"{run.channel} are both pinned to core {run.core}; each channel's "
+                    "consumer needs a core of its own"
+                )
+            cores[run.core] = i
+        for letter, line in run.lines.items():
+            at = f"{ats[i]}.line_{letter.lower()}"
+            if line.interface:
+                q = (line.interface, line.queue)
+                j, other = queues.setdefault(q, (i, letter))
+                if j != i:
+                    raise ConfigError(
+                        f"{at}: channels {runs[j].channel} (line {other}) and {run.channel} "
+                        f"(line {letter}) both arrive on {line.interface} queue {line.queue}; "
+                        "each channel needs queues of its own (one AF_XDP socket per queue): "
+                        "steer its groups to another queue"
+                    )
+            if line.group and line.port:
+                g = (line.group, line.port)
+                j, other = groups.setdefault(g, (i, letter))
+                if j != i:
+                    raise ConfigError(
+                        f"{at}: channels {runs[j].channel} (line {other}) and {run.channel} "
+                        f"(line {letter}) both use {line.group}:{line.port}; each channel's "
+                        "lines need groups of their own"
+                    )
+
+
+def _cpus_text(cpus: set[int]) -> str:
+    """``{0, 1, 2, 5}`` as the cpulist "0-2,5"."""
+    out, run = [], []
+    for c in sorted(cpus):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [c]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def check_cores(cfgs: list[Config], cpus: set[int] | frozenset[int] | None = None) -> None:
+    """Refuse channels (``channel_configs``) that ask for more cores than this host gives
+    this process (``cpus``, default its affinity): a pinned core it cannot use, or more
+    pinned consumers than CPUs. Checked where the consumers start (``tickwire run``), not
+    at load: a configuration may be written on one host for another."""
+    cpus = set(os.sched_getaffinity(0) if cpus is None else cpus)
+    pinned = [c.run for c in cfgs if c.run.core >= 0]
+    several = len(cfgs) > 1
+    for run in pinned:
+        if run.core not in cpus:
+            who = f"channel {run.channel}: core" if several else "run.core:"
+            raise ConfigError(
+                f"{who} {run.core} is not a CPU this host offers (CPUs {_cpus_text(cpus)})"
+            )
+    if len(pinned) > len(cpus):
+        raise ConfigError(
+            f"channels {', '.join(r.channel for r in pinned)}: {len(pinned)} pinned "
+            f"consumers, but this host offers {len(cpus)} CPUs ({_cpus_text(cpus)})"
+        )
 
 
 def from_dict(data: dict) -> Config:
@@ -575,16 +817,60 @@ _LINE_KEYS = {
 }
 
 
-def require_lines(run: RunConfig, keys: tuple[str, ...] = ("interface", "group", "port")) -> None:
+def require_lines(
+    run: RunConfig, keys: tuple[str, ...] = ("interface", "group", "port"), at: str = "run"
+) -> None:
     """Raise ``ConfigError`` naming the first of ``keys`` a line of ``run`` leaves unset:
-    ``[run]`` has no lines of its own (``--lab`` takes the lab's)."""
+    ``[run]`` has no lines of its own (``--lab`` takes the lab's). ``at`` names the table
+    (``channel[1]`` for a channel's)."""
     for letter, line in run.lines.items():
         for key in keys:
             if not getattr(line, key):
                 raise ConfigError(
-                    f"run.line_{letter.lower()}.{key}: not set ({_LINE_KEYS[key]}"
+                    f"{at}.line_{letter.lower()}.{key}: not set ({_LINE_KEYS[key]}"
                     "; --lab uses the lab's lines)"
                 )
+
+
+def require_channel_lines(
+    cfg: Config, keys: tuple[str, ...] = ("interface", "group", "port")
+) -> list[Config]:
+    """``channel_configs(cfg)``, each with its lines set (``require_lines``)."""
+    cfgs = channel_configs(cfg)
+    for i, c in enumerate(cfgs):
+        require_lines(c.run, keys, f"channel[{i}]" if cfg.channel else "run")
+    return cfgs
+
+
+@dataclass(frozen=True)
+class LabChannel:
+    """Channel k of the lab, as the simulator publishes it and ``--lab`` receives it."""
+
+    name: str
+    session: str
+    # the appliance-side rx queue its packets arrive on (k)
+    queue: int
+    # lines A and B (the lab's, with groups + k)
+    lines: dict
+    # its re-request server's port (lab.rerequest_port + k)
+    rerequest_port: int
+
+
+def lab_channels(cfg: Config) -> list[LabChannel]:
+    """The lab's ``lab.channels`` channels. Channel k takes its name and session from the
+    k-th ``[[channel]]`` table when there is one; otherwise channel 0 is ``run.channel``
+    on ``[feed] session`` (a one-channel lab is today's), channel k ``ch<k>`` on session
+    ``TICKWIRE<k+1>`` (TICKWIRE02, ...)."""
+    out = []
+    for k in range(cfg.lab.channels):
+        spec = cfg.channel[k] if k < len(cfg.channel) else None
+        name = spec.name if spec else (cfg.run.channel if k == 0 else f"ch{k}")
+        session = spec.session if spec and spec.session else ""
+        session = session or (cfg.feed.session if k == 0 else f"TICKWIRE{k + 1:02d}")
+        out.append(
+            LabChannel(name, session, k, cfg.lab.channel_lines(k), cfg.lab.rerequest_port + k)
+        )
+    return out
 
 
 def for_lab(cfg: Config) -> Config:
@@ -602,7 +888,33 @@ def for_lab(cfg: Config) -> Config:
         )
     recovery = cfg.run.recovery or f"{cfg.lab.line_a.exchange_ip}:{cfg.lab.rerequest_port}"
     run = dataclasses.replace(cfg.run, netns=cfg.lab.appliance_ns, recovery=recovery, **lines)
-    return validate(dataclasses.replace(cfg, run=run))
+    if cfg.lab.channels == 1 and not cfg.channel:
+        return validate(dataclasses.replace(cfg, run=run))
+    # several channels (or [[channel]] tables): one table per lab channel, each on its
+    # groups, its queue and its re-request server; a table's own keys stay
+    n = cfg.lab.channels
+    if len(cfg.channel) > n:
+        raise ConfigError(
+            f"channel[{n}]: the lab has {n} channel{'s' if n > 1 else ''} (lab.channels), "
+            f"the configuration {len(cfg.channel)}"
+        )
+    tables = []
+    for lc in lab_channels(cfg):
+        own = cfg.channel[lc.queue].run if lc.queue < len(cfg.channel) else {}
+        table = dict(own)
+        for letter, line in lc.lines.items():
+            key = f"line_{letter.lower()}"
+            table[key] = {
+                **own.get(key, {}),
+                "interface": line.appliance_if,
+                "queue": lc.queue,
+                "group": line.group,
+                "port": line.port,
+                "address": line.appliance_ip,
+            }
+        table.setdefault("recovery", f"{cfg.lab.line_a.exchange_ip}:{lc.rerequest_port}")
+        tables.append(ChannelConfig(name=lc.name, session=lc.session, run=table))
+    return validate(dataclasses.replace(cfg, run=run, channel=tuple(tables)))
 
 
 def load(path: str | Path | None = None, prefix: str | None = None) -> Config:

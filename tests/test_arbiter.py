@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataplane import arbiter, consumer, shm
+from dataplane import events as ev
 from dataplane import moldudp64 as mold
 from dataplane.book import B_DUP_ADD, BID, Book
 from tests import itchbytes as ib
@@ -58,13 +59,21 @@ class Rig:
             self.m["recov_meta"],
         )
         self.touched = np.zeros(256, np.int64)
+        self.ring = ev.Ring.private(1 << 16).arrays()
         self.session = np.frombuffer(SESSION, np.uint8).copy()
         self.lost: list[tuple[int, int]] = []
         self.halted = False
         self.t = 1_000
 
     def bk(self):
-        return (*self.book.arrays(), self.m["bbo"], self.touched, self.m["latency"])
+        return (*self.book.arrays(), self.m["bbo"], self.touched, self.m["latency"], *self.ring)
+
+    def events(self) -> np.ndarray:
+        """Every event published so far (the ring is big enough never to lap here)."""
+        out = np.zeros(int(self.ring[1][ev.H_WRITE]) + 1, ev.EVENT)
+        n = ev.poll(self.ring[0], self.ring[1], np.zeros(1, np.int64), out)
+        assert n >= 0
+        return out[:n]
 
     def _settle(self, status: int) -> None:
         while status != 0:  # the book asked for room: grow, then the same call again
@@ -172,6 +181,19 @@ def test_output_is_the_sequence_minus_declared_gaps(n, seed, loss, dup, reorder,
     assert set(range(1, n + 1)) - delivered <= lost  # what no line carried is declared
     if window == 10**12 and hold == 64 and rig.ctr[shm.A_HOLD_OVERFLOW] == 0:
         assert lost == set(range(1, n + 1)) - delivered  # nothing declared that arrived
+    # the event ring tells the same story: one level event per message taken, in order,
+    # each tagged with its sequence, and every gap declared and declared unrecoverable
+    events = rig.events()
+    levels = events[events["kind"] == ev.LEVEL]
+    assert list(levels["seq"]) == out
+    assert list(levels["value"]) == list(range(1, len(out) + 1))  # one share more each
+    chan = events[events["kind"] == ev.CHANNEL]
+    declared = chan[chan["code"] == ev.CH_GAP_DECLARED]
+    assert len(declared) == rig.ctr[shm.A_GAPS_DECLARED]
+    unrec = chan[chan["code"] == ev.CH_GAP_UNRECOVERABLE]
+    assert sorted(zip(unrec["value"], unrec["n"], strict=True)) == sorted(rig.lost)
+    assert (chan["code"] == ev.CH_BOOKS_STALE).sum() == (1 if rig.lost else 0)
+    assert (chan["code"] == ev.CH_GAP_FILLED).sum() == 0  # nothing was recovered
 
 
 def test_a_hole_waits_for_the_other_line_within_the_window():

@@ -32,11 +32,12 @@ SCRIPT = textwrap.dedent(
     # the consumer's loops: compiled for the types the appliance passes, not run
     import numba
     from dataplane import consumer, shm, xsk
+    from dataplane import events as ev
     from dataplane import arbiter
     m = {n: np.zeros(shape, dt) for n, (dt, shape) in shm.REGIONS.items() if n != "levels"}
     arb = (m["counters"], *arbiter.new_hold(4), m["gaps"], m["control"], m["recov"],
            m["recov_meta"])
-    bk_ = (*b.arrays(), m["bbo"], np.zeros(256, np.int64), m["latency"])
+    bk_ = (*b.arrays(), m["bbo"], np.zeros(256, np.int64), m["latency"], *ev.Ring.off())
     session, ts = np.zeros(10, np.uint8), np.zeros(2, np.int64)
     rbuf, _iov, mm = consumer.socket_buffers(4)
     sock_args = (np.zeros(2, np.int64), mm, rbuf, np.zeros(8, np.int64), 0, session, arb, bk_,
@@ -52,7 +53,7 @@ SCRIPT = textwrap.dedent(
                      ("socket_loop", consumer.socket_loop), ("xdp_loop", consumer.xdp_loop),
                      ("control", allocates)):
         calls, text = scan(fn)
-        result[name] = {"calls": calls, "bswap": "llvm.bswap" in text}
+        result[name] = {"calls": calls, "bswap": "llvm.bswap" in text, "rdtscp": "rdtscp" in text}
     print(json.dumps(result))
     """
 )
@@ -80,6 +81,8 @@ def test_hot_path_llvm_has_no_allocation_or_python_calls(tmp_path):
     assert result["apply_stream"]["calls"] == {}
     assert result["walk_checksum"]["calls"] == {}
     # the consumer loops (MoldUDP64, sequencing, book, BBO, rings) inline the book
+    # and publish every book change on the event ring (its TSC stamps are in the code)
     for loop in ("socket_loop", "xdp_loop"):
         assert result[loop]["bswap"], loop
+        assert result[loop]["rdtscp"], loop
         assert result[loop]["calls"] == {}, (loop, result[loop])

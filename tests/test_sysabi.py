@@ -32,6 +32,14 @@ RECORDS = {
     ),
     "MMSGHDR": ("mmsghdr", {"hdr": "msg_hdr", "len": "msg_len"}),
 }
+CONSTANTS = (
+    "SO_RCVBUFFORCE",
+    "SO_TIMESTAMPING",
+    "SCM_TIMESTAMPING",
+    "SOL_SOCKET",
+    "SOF_TIMESTAMPING_RX_SOFTWARE",
+    "SOF_TIMESTAMPING_SOFTWARE",
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +52,8 @@ def c_layout(tmp_path_factory) -> dict[str, int]:
         "#include <stdio.h>",
         "#include <sys/socket.h>",
         "#include <sys/uio.h>",
+        "#include <linux/errqueue.h>",
+        "#include <linux/net_tstamp.h>",
         '#define P(k, v) printf("\\"%s\\": %lld,\\n", k, (long long)(v))',
         "int main(void) {",
         'printf("{\\n");',
@@ -53,7 +63,14 @@ def c_layout(tmp_path_factory) -> dict[str, int]:
         for member in members.values():
             lines.append(f'P("{struct}.{member}", offsetof(struct {struct}, {member}));')
             lines.append(f'P("{struct}.{member} size", sizeof(((struct {struct} *)0)->{member}));')
-    lines.append('P("SO_RCVBUFFORCE", SO_RCVBUFFORCE);')
+    for name in CONSTANTS:
+        lines.append(f'P("{name}", {name});')
+    # one control message of struct scm_timestamping, as CMSG_TS lays it out
+    lines.append('P("CMSG_SPACE ts", CMSG_SPACE(sizeof(struct scm_timestamping)));')
+    lines.append('P("CMSG_LEN ts", CMSG_LEN(sizeof(struct scm_timestamping)));')
+    lines.append('P("cmsghdr.cmsg_level", offsetof(struct cmsghdr, cmsg_level));')
+    lines.append('P("cmsghdr.cmsg_type", offsetof(struct cmsghdr, cmsg_type));')
+    lines.append('P("cmsg data", CMSG_LEN(0));')
     lines += ['printf("\\"end\\": 0}\\n");', "return 0;", "}"]
     build = tmp_path_factory.mktemp("sysabi")
     (build / "abi.c").write_text("\n".join(lines))
@@ -81,7 +98,17 @@ def test_record_matches_the_c_struct(c_layout, record):
 
 @pytest.mark.needs("gcc")
 def test_socket_constants_match_the_headers(c_layout):
-    assert sysabi.SO_RCVBUFFORCE == c_layout["SO_RCVBUFFORCE"]
+    for name in CONSTANTS:
+        assert getattr(sysabi, name) == c_layout[name], name
+
+
+@pytest.mark.needs("gcc")
+def test_the_timestamp_control_message_matches_the_c_layout(c_layout):
+    ts = sysabi.CMSG_TS
+    assert ts.itemsize == c_layout["CMSG_SPACE ts"]
+    assert ts.fields["level"][1] == c_layout["cmsghdr.cmsg_level"]
+    assert ts.fields["type"][1] == c_layout["cmsghdr.cmsg_type"]
+    assert ts.fields["sw_sec"][1] == c_layout["cmsg data"]  # ts[0] starts the data
 
 
 def test_records_nest_and_pack_like_the_kernel_expects():

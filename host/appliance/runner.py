@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataplane import shm, sysabi
+from dataplane import events, shm, sysabi
 from host import netns, signals
 from host.config import Config, RunConfig, host_port, require_lines
 
@@ -62,6 +62,12 @@ def join_socket(line, bind: bool) -> socket.socket:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if bind:
         s.setsockopt(socket.SOL_SOCKET, sysabi.SO_RCVBUFFORCE, 32 << 20)
+        # the kernel's software receive stamp on every datagram (the consumer's rx stamp)
+        s.setsockopt(
+            socket.SOL_SOCKET,
+            sysabi.SO_TIMESTAMPING,
+            sysabi.SOF_TIMESTAMPING_RX_SOFTWARE | sysabi.SOF_TIMESTAMPING_SOFTWARE,
+        )
         s.bind((line.group, line.port))
         s.setblocking(False)
     addr = line.address or "0.0.0.0"
@@ -99,9 +105,10 @@ def _loop_state(cfg: Config, maps: dict, book):
         maps["recov_meta"],
     )
     touched = np.zeros(256, np.int64)
+    ring = maps["ring"] if "ring" in maps else events.Ring.off()
 
     def bk_():
-        return (*book.arrays(), maps["bbo"], touched, maps["latency"])
+        return (*book.arrays(), maps["bbo"], touched, maps["latency"], *ring)
 
     return arb, bk_
 
@@ -130,7 +137,17 @@ def _drive(cfg: Config, maps: dict, book, loop, dispatcher) -> str:
         elif status == cs.HALTED:
             return "halted"
         elif status == cs.SNAPSHOT:
-            cs.snapshot(book.sides, book.ladder, book.levels, maps["levels"], control)
+            cs.snapshot(
+                book.sides,
+                book.ladder,
+                book.levels,
+                book.stocks,
+                maps["levels"],
+                maps["stocks"],
+                control,
+                ctr,
+                bk_()[12],
+            )
         ctr[shm.S_ALIVE_NS] = time.monotonic_ns()
 
 
@@ -398,6 +415,13 @@ def _create_channel(cfg: Config) -> dict:
     ctl[shm.C_WINDOW_NS] = int(run.window_ms * 1e6)
     ctl[shm.C_WINDOW_MSGS] = run.window_messages
     ctl[shm.C_POLICY] = shm.POLICY_HALT if run.policy == "halt" else shm.POLICY_STALE
+    # events off: a minimal ring whose header says so (a reader gets that, not an old ring)
+    maps["ring"] = events.Ring.create(
+        run.channel,
+        run.event_slots if run.events else events.MIN_SLOTS,
+        order_events=run.order_events,
+        on=run.events,
+    ).arrays()
     return maps
 
 
@@ -561,9 +585,11 @@ class Appliance:
         while not self._stop:
             if time.monotonic() >= next_health:
                 next_health = time.monotonic() + 0.1
-                for letter, h in health.observe(c).items():
+                for k, (letter, h) in enumerate(health.observe(c).items()):
                     if h["changed"] and (h["state"] != "up" or letter in heard):
                         self.log(f"line {letter}: {h['state']}")
+                    if h["state"] in events.LINE_CODE:  # the consumer announces changes
+                        maps["control"][shm.C_LINE_STATE + k] = events.LINE_CODE[h["state"]]
                     if h["state"] == "up":
                         heard.add(letter)
             if consumer.exited():
