@@ -484,6 +484,11 @@ def snapshot(sides, ladder, levels, stocks, out, out_stocks, control, ctr, rhdr)
     for i in range(stocks.shape[0]):
         out_stocks[i] = stocks[i]
     control[shm.C_SNAP_SEQ] = ctr[shm.A_NEXT] - 1
+    end = ctr[shm.A_END_SEQ]
+    control[shm.C_SNAP_EOS] = end if end > 0 and ctr[shm.A_NEXT] >= end else 0
+    control[shm.C_SNAP_STATE] = (
+        rhdr[events.P_LINE] | rhdr[events.P_LINE + 1] << 8 | rhdr[events.P_STALE] << 16
+    )
     control[shm.C_SNAP_POS] = rhdr[events.H_WRITE]
     n = bk.count_levels(sides)
     if n > out.shape[0]:

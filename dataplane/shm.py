@@ -136,6 +136,9 @@ C_LINE_STATE = 14  # + line (0 A, 1 B): the line's health as the control plane s
 #   (dataplane.events LINE_*; 0 not known yet); the consumer announces changes on the ring
 C_SNAP_POS = 16  # the event ring's position right after the snapshot's book state
 C_SNAP_SEQ = 17  # the last sequence the snapshot's book state includes
+C_SNAP_EOS = 18  # the end of session's next sequence when the snapshot is past it, else 0
+C_SNAP_STATE = 19  # the channel state announced on the ring by then: line A's state (bits
+#   0-7), line B's (8-15), books stale (bit 16)
 CONTROL_LEN = 32
 GAP_SLOTS = 1024
 REC_SLOTS = 4096

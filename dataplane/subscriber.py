@@ -267,6 +267,17 @@ class Snapshot(NamedTuple):
     stocks: np.ndarray  # bk.STOCK per locate
     seq: int  # the last sequence it includes
     pos: int  # the event ring's position right after it
+    eos: int  # the end of session's next sequence when the snapshot is past it, else 0
+    lines: dict  # {"A": "up" | "stale" | "down" | "unknown", "B": ...} as announced then
+    stale: bool  # the books were stale then
+
+
+LINE_NAMES = {ev.LINE_UP: "up", ev.LINE_STALE: "stale", ev.LINE_DOWN: "down"}
+
+
+def _state(word: int) -> tuple[dict, bool]:
+    lines = {k: LINE_NAMES.get((word >> (8 * i)) & 0xFF, "unknown") for i, k in enumerate("AB")}
+    return lines, bool(word >> 16 & 1)
 
 
 @contextlib.contextmanager
@@ -292,7 +303,14 @@ def request_snapshot(m: dict, channel: str, root: Path | None, timeout: float) -
             raise OverflowError(f"more than {shm.LEVELS_CAP} levels: snapshot truncated")
         rows = np.array(m["levels"][: int(ctl[shm.C_SNAP_ROWS])])
         stocks = np.array(m["stocks"])
-        return Snapshot(rows, stocks, int(ctl[shm.C_SNAP_SEQ]), int(ctl[shm.C_SNAP_POS]))
+        return Snapshot(
+            rows,
+            stocks,
+            int(ctl[shm.C_SNAP_SEQ]),
+            int(ctl[shm.C_SNAP_POS]),
+            int(ctl[shm.C_SNAP_EOS]),
+            *_state(int(ctl[shm.C_SNAP_STATE])),
+        )
 
 
 class Subscriber:
@@ -326,6 +344,32 @@ class Subscriber:
         self._clear_depth()
         self._set_follow(symbols)
         self.joined = False
+        self.lines = {"A": "unknown", "B": "unknown"}  # as the channel last announced
+        self._warm()
+
+    def _warm(self) -> None:
+        """Compile (or load from numba's cache) the reading code now, not while the ring
+        moves on under a client that has just taken its snapshot."""
+        cur = np.array([int(self.ring.hdr[ev.H_WRITE])], np.int64)
+        ev.poll(self.ring.ring, self.ring.hdr, cur, self.out[:0])
+        keys, vals, meta = np.zeros(8, np.int64), np.zeros((8, 2), np.int64), np.zeros(2, np.int64)
+        no = np.zeros((0, 5), np.int64)
+        _load_rows(no, self.follow, keys, vals, meta, np.zeros_like(self.bbo_table[:1]))
+        apply_events(
+            self.out,
+            0,
+            0,
+            self.follow,
+            self.wanted,
+            keys,
+            vals,
+            meta,
+            self.bbo_table,
+            self.stocks,
+            np.zeros(STATE_LEN, np.int64),
+        )
+        _export(keys, vals, np.zeros((0, 5), np.int64))
+        ev.read_ns(self.ring.hdr, self.ring.clk, np.zeros(2, np.int64))
 
     # --- symbols ---
     def _set_follow(self, symbols) -> None:
@@ -395,12 +439,13 @@ class Subscriber:
             self._grow()
         self.state[:] = 0
         self.state[S_LAST_SEQ] = snap.seq
+        self.state[S_EOS] = snap.eos
+        self.state[S_STALE] = int(snap.stale)
+        self.lines = dict(snap.lines)
         self.cursor[0] = snap.pos
         self.snapshots += 1
         self.joined = True
-        return Snapshot(
-            snap.rows[self.follow[snap.rows[:, 0]] != 0], snap.stocks, snap.seq, snap.pos
-        )
+        return snap._replace(rows=snap.rows[self.follow[snap.rows[:, 0]] != 0])
 
     def join_live(self) -> int:
         """Follow from now on without a snapshot (the copy then holds only what changes)."""
@@ -452,7 +497,12 @@ class Subscriber:
             if st != NEED_GROW:
                 break
             self._grow()
-        return self.out[:n]
+        got = self.out[:n]
+        if n and (got["kind"] == ev.CHANNEL).any():
+            for e in got[got["kind"] == ev.CHANNEL]:
+                if ev.CH_LINE_UP <= e["code"] <= ev.CH_LINE_DOWN and e["side"] < 2:
+                    self.lines["AB"[e["side"]]] = LINE_NAMES[int(e["code"])]
+        return got
 
     def decode(self, e) -> Event:
         kind = int(e["kind"])
