@@ -3,9 +3,11 @@
 
 How Tickwire's latency uses it. The receive-to-book latency (``tickwire_receive_to_book_
 seconds``, ``dataplane.shm`` ``latency``) is a difference of two ``CLOCK_MONOTONIC``
-readings in nanoseconds: the XDP program's ``bpf_ktime_get_ns`` (or the return of
-``recvmmsg`` on the socket path) and the consumer's ``clock_gettime`` after the book
-applied the packet. So:
+readings in nanoseconds: the XDP program's ``bpf_ktime_get_ns`` (or, on the socket path,
+the kernel's software receive stamp, ``SO_TIMESTAMPING``, moved from ``CLOCK_REALTIME``)
+and the consumer's ``clock_gettime`` after the book applied the packet. The event ring's
+apply and publish stamps (``dataplane.events``) read the TSC with this module's
+calibration when the TSC is invariant. So:
 
 - **software timestamps** (no PHC on an interface, which is the lab's case: veth has
   none): both stamps are on ``CLOCK_MONOTONIC``, the offset is 0 by construction, and the
