@@ -60,8 +60,10 @@ held longer than 4.29 s saturates).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -731,6 +733,7 @@ class Ring:
         if slots < MIN_SLOTS or slots & (slots - 1):
             raise ValueError(f"event ring slots: {slots} is not a power of two >= {MIN_SLOTS}")
         d = shm.make_channel_dir(channel, root)
+        shutil.rmtree(d / "readers", ignore_errors=True)  # readers of an older ring
         size = slots * EVENT.itemsize
         link = d / "events"
         link.unlink(missing_ok=True)
@@ -836,6 +839,71 @@ class Ring:
             "on": bool(h[H_ON]),
             "producer_pid": int(h[H_PID]),
         }
+
+
+# --- readers' registry ---------------------------------------------------------------------
+# Readers never write to the ring; each one keeps a small file of its own under
+# ``<channel>/readers/`` (its cursor lives there, so keeping it costs nothing), which the
+# metrics exporter reads: how many readers, how far behind the head, how often lapped.
+R_POS = 0  # the reader's next event
+R_LAPPED = 1  # times it was lapped
+R_SNAPSHOTS = 2
+R_PID = 3
+R_CREATED_NS = 4  # H_CREATED_NS of the ring it reads
+READER_LEN = 8
+
+
+def readers_dir(channel: str, root: Path | None = None) -> Path:
+    return shm.channel_dir(channel, root) / "readers"
+
+
+def register_reader(channel: str, root: Path | None = None) -> tuple[np.ndarray, Path]:
+    """A reader's registry entry (int64 ``READER_LEN``), mapped; remove the path when done."""
+    d = readers_dir(channel, root)
+    if not d.exists():
+        d.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(d, 0o1777)  # any local user may read the ring; each owns its entry
+    path = d / f"{os.getpid()}-{time.monotonic_ns()}"
+    reg = np.memmap(path, np.int64, "w+", shape=(READER_LEN,)).view(np.ndarray)
+    reg[R_PID] = os.getpid()
+    return reg, path
+
+
+def readers(channel: str, root: Path | None = None) -> list[dict]:
+    """The registered readers of the channel's current ring whose process is alive."""
+    try:
+        hdr = np.memmap(
+            shm.channel_dir(channel, root) / "events.hdr", np.int64, "r", shape=(HDR_LEN,)
+        )
+    except (OSError, ValueError):
+        return []
+    created, head = int(hdr[H_CREATED_NS]), int(hdr[H_WRITE])
+    out = []
+    for f in sorted(readers_dir(channel, root).glob("*-*")):
+        try:
+            r = np.fromfile(f, np.int64, READER_LEN)
+        except OSError:
+            continue
+        if len(r) < READER_LEN or int(r[R_CREATED_NS]) != created:
+            continue
+        pid = int(r[R_PID])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass
+        out.append(
+            {
+                "pid": pid,
+                "position": int(r[R_POS]),
+                "lag": max(0, head - int(r[R_POS])),
+                "lapped": int(r[R_LAPPED]),
+                "snapshots": int(r[R_SNAPSHOTS]),
+            }
+        )
+    return out
 
 
 def symbol_text(value: int) -> str:

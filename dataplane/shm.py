@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -208,6 +209,7 @@ def attach(channel: str, root: Path | None = None, writable_control: bool = True
 
 def remove(channel: str, root: Path | None = None) -> None:
     d = channel_dir(channel, root)
+    shutil.rmtree(d / "readers", ignore_errors=True)  # the event ring's readers' registry
     ring = d / "events"  # the event ring, or a link to it in hugetlbfs
     if ring.is_symlink():
         Path(os.readlink(ring)).unlink(missing_ok=True)

@@ -332,7 +332,12 @@ class Subscriber:
         if not int(self.ring.hdr[ev.H_ON]):
             raise RuntimeError(f"{channel}: the event ring is off (run.events = false)")
         self._created = int(self.ring.hdr[ev.H_CREATED_NS])
-        self.cursor = np.zeros(1, np.int64)
+        try:  # the cursor lives in this reader's registry entry (metrics read it)
+            self.reg, self._reg_path = ev.register_reader(channel, root)
+        except OSError:  # a read-only view of the channel: no entry, same reading
+            self.reg, self._reg_path = np.zeros(ev.READER_LEN, np.int64), None
+        self.reg[ev.R_CREATED_NS] = self._created
+        self.cursor = self.reg[ev.R_POS : ev.R_POS + 1]
         self.out = np.zeros(batch, ev.EVENT)
         self.follow = np.zeros(bk.N_LOCATES, np.uint8)
         self.stocks = np.zeros(bk.N_LOCATES, bk.STOCK)
@@ -444,6 +449,7 @@ class Subscriber:
         self.lines = dict(snap.lines)
         self.cursor[0] = snap.pos
         self.snapshots += 1
+        self.reg[ev.R_SNAPSHOTS] = self.snapshots
         self.joined = True
         return snap._replace(rows=snap.rows[self.follow[snap.rows[:, 0]] != 0])
 
@@ -454,10 +460,33 @@ class Subscriber:
         self.joined = True
         return int(self.cursor[0])
 
+    def close(self) -> None:
+        """Leave the readers' registry (also done when the object goes away)."""
+        if self._reg_path is not None:
+            self._reg_path.unlink(missing_ok=True)
+            self._reg_path = None
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _check_ring(self) -> None:
         if int(self.ring.hdr[ev.H_CREATED_NS]) != self._created:
             self.ring = ev.Ring.attach(self.channel, self.root)
             self._created = int(self.ring.hdr[ev.H_CREATED_NS])
+            self.close()
+            try:
+                self.reg, self._reg_path = ev.register_reader(self.channel, self.root)
+            except OSError:
+                self.reg, self._reg_path = np.zeros(ev.READER_LEN, np.int64), None
+            self.reg[ev.R_CREATED_NS] = self._created
+            self.cursor = self.reg[ev.R_POS : ev.R_POS + 1]
             if self.joined:
                 self.joined = False
                 raise ev.Lapped(
@@ -474,6 +503,7 @@ class Subscriber:
         n = ev.poll(self.ring.ring, self.ring.hdr, self.cursor, self.out)
         if n == ev.LAPPED:
             self.lapped += 1
+            self.reg[ev.R_LAPPED] = self.lapped
             self.joined = False
             raise ev.Lapped(
                 f"{self.channel}: lapped at event {int(self.cursor[0])} (the ring holds "

@@ -3,6 +3,7 @@ live session mid-way through a snapshot ends with the levels of ``tickwire book`
 stalls is told it was lapped, and a new snapshot makes it whole again; channel events (line
 state, end of session) arrive in order; events carry per-stage stamps on one clock."""
 
+import os
 import time
 
 import numpy as np
@@ -72,6 +73,10 @@ def test_a_client_joining_mid_session_ends_with_the_books_levels(
         chan = _follow(sub)
         assert sub.digest() == book.digest()
         assert sub.lapped == 0 and sub.last_seq == N_MSGS
+        (me,) = [r for r in ev.readers(app.channel) if r["pid"] == os.getpid()]
+        assert me["lag"] == 0 and me["snapshots"] == 1
+        sub.close()
+        assert [r for r in ev.readers(app.channel) if r["pid"] == os.getpid()] == []
         # channel state: the lines up (from the snapshot), the end of session last
         assert chan[-1].code == "end_of_session" and chan[-1].value == N_MSGS + 1
         assert sub.lines == {"A": "up", "B": "up"} and not sub.stale
@@ -138,6 +143,8 @@ def test_a_stalled_client_is_told_it_was_lapped(labcfg, session_file, tmp_path):
             while True:
                 sub.poll()
         assert sub.lapped == 1
+        (me,) = [r for r in ev.readers(app.channel) if r["pid"] == os.getpid()]
+        assert me["lapped"] == 1 and me["lag"] > 4096  # what the metrics show
         with pytest.raises(RuntimeError, match="snapshot"):
             sub.poll()  # no silent carrying on
         snap = sub.snapshot()  # whole again: the session is over, the snapshot says so
