@@ -177,7 +177,8 @@ def write_config(cfg: config.Config, path) -> str:
     lc = cfg.lab
     text = (
         f'[lab]\nprefix = "{lc.prefix}"\nmtu = {lc.mtu}\nqueues = {lc.queues}\n'
-        f'[feed]\nsession = "{cfg.feed.session}"\n'
+        + (f"channels = {lc.channels}\n" if lc.channels != 1 else "")
+        + f'[feed]\nsession = "{cfg.feed.session}"\n'
     )
     path.write_text(text)
     return str(path)

@@ -190,5 +190,7 @@ def test_the_readme_configuration_examples_load():
     assert any("[run]" in b for b in blocks) and any("[lab]" in b for b in blocks)
     for text in blocks:
         cfg = config.from_dict(tomllib.loads(text))
-        if "[run.line_a]" in text:
+        if "[[channel]]" in text:  # [run] gives only what the channels share
+            assert len(config.require_channel_lines(cfg)) > 1
+        elif "[run.line_a]" in text:
             config.require_lines(cfg.run)

@@ -19,6 +19,7 @@ EPILOG_BOOK = """examples:
 """
 EPILOG_RUN = """examples:
   tickwire run --lab                             AF_XDP in the lab (kernel sockets if no XDP)
+  tickwire run --config host.toml                every [[channel]] of it, one consumer each
   tickwire run --lab --mode socket --until-eos --json
   tickwire run --config /etc/tickwire/tickwire.toml
   tickwire run --lab --skip-preflight            start even if a required stage fails
@@ -35,7 +36,8 @@ The cache is per CPU model and per installed Tickwire: Ansible's tickwire role w
 so the appliance image's first start compiles (about a minute, logged as it goes).
 """
 EPILOG_STATUS = """examples:
-  tickwire status                                counters of the running consumer
+  tickwire status                                every channel's consumer counters
+  tickwire status --channel bx                   one channel's
   tickwire status --netns tw-appl --json
 """
 EPILOG_PREFLIGHT = """examples:
@@ -132,7 +134,12 @@ def add_parsers(sub) -> None:
     pf.set_defaults(func=_preflight)
 
     st = verb(sub, "status", "what runs: consumer counters, attached XDP programs", EPILOG_STATUS)
-    st.add_argument("--channel", default="totalview", help="channel (totalview)")
+    st.add_argument(
+        "--channel",
+        action="append",
+        help="this channel only (repeatable; default: every channel in /dev/shm/tickwire, "
+        "or totalview when there is none)",
+    )
     st.add_argument("--netns", help="also list XDP programs attached in this namespace")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
@@ -198,8 +205,8 @@ def _config(args: argparse.Namespace, lines: tuple[str, ...] = ()) -> config.Con
     the line keys the verb needs set (``ConfigError`` naming the first one unset)."""
     cfg = config.load(args.config, prefix=args.prefix)
     cfg = config.for_lab(cfg) if args.lab else cfg
-    if lines:
-        config.require_lines(cfg.run, lines)
+    if lines:  # every channel's ([run]'s, without [[channel]] tables)
+        config.require_channel_lines(cfg, lines)
     return cfg
 
 
@@ -223,15 +230,23 @@ def _run(args: argparse.Namespace) -> int:
         cfg = config.validate(
             dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, rx_mode=args.mode))
         )
+    cfgs = config.channel_configs(cfg)
+    config.check_cores(cfgs)  # before preflight: a core this host lacks is the config's
     if args.skip_preflight:
         runner.log("preflight skipped (--skip-preflight)")
     else:
-        preflight.require(cfg, runner.log)
+        for c in cfgs:  # each channel's lines, queues and core
+            who = f"channel {c.run.channel}: " if len(cfgs) > 1 else ""
+            preflight.require(c, lambda msg, who=who: runner.log(who + msg))
     s = runner.Appliance(cfg).run(until_eos=args.until_eos, duration=args.duration)
     print(json.dumps(s) if args.json else runner.summary_text(s), flush=True)
-    if s.get("ended") == "halted":
+    halted = [
+        c["channel"] for c in s.get("channels", {"": s}).values() if c.get("ended") == "halted"
+    ]
+    if halted:
+        which = f" (channel {', '.join(halted)})" if "channels" in s else ""
         print(
-            'tickwire: halted by policy at an unrecoverable gap (run.policy = "halt")',
+            f'tickwire: halted by policy at an unrecoverable gap{which} (run.policy = "halt")',
             file=sys.stderr,
         )
         return 3
@@ -257,8 +272,13 @@ def _warm(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from host.appliance import status
 
-    st = status.collect(args.channel, args.netns)
-    print(json.dumps(st) if args.json else status.text(st))
+    names = args.channel or status.channels() or ["totalview"]
+    if len(names) == 1:
+        st = status.collect(names[0], args.netns)
+        print(json.dumps(st) if args.json else status.text(st))
+    else:
+        st = status.collect_all(names, args.netns)
+        print(json.dumps(st) if args.json else status.text_all(st))
     return 0
 
 
@@ -276,10 +296,21 @@ def _preflight(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tickwire: {e}", file=sys.stderr)
         return 2
-    with preflight.Host.live(cfg.run.netns) as host:
-        report = preflight.check(cfg, host, args.stage or None)
-    print(json.dumps(report.as_json()) if args.json else preflight.text(report))
-    return 0 if report.ready else 1
+    reports = {}
+    for c in config.channel_configs(cfg):  # each channel's lines, queues and core
+        with preflight.Host.live(c.run.netns) as host:
+            reports[c.run.channel] = preflight.check(c, host, args.stage or None)
+    if len(reports) == 1:
+        (report,) = reports.values()
+        print(json.dumps(report.as_json()) if args.json else preflight.text(report))
+        return 0 if report.ready else 1
+    ready = all(r.ready for r in reports.values())
+    if args.json:
+        chans = {name: r.as_json() for name, r in reports.items()}
+        print(json.dumps({"ready": ready, "channels": chans}))
+    else:
+        print("\n".join(f"channel {n}:\n{preflight.text(r)}" for n, r in reports.items()))
+    return 0 if ready else 1
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -292,9 +323,12 @@ def _calibrate(args: argparse.Namespace) -> int:
             args.wait_ptp,
             log=lambda msg: print(f"tickwire calibrate: {msg}", file=sys.stderr, flush=True),
         )
-    r = clock.calibrate(cfg, duration=args.duration, samples=args.samples)
-    path = clock.save(r)
-    print(json.dumps({**r, "path": str(path)}) if args.json else clock.text(r, path), flush=True)
+    for c in config.channel_configs(cfg):  # each channel's interfaces and clock.json
+        r = clock.calibrate(c, duration=args.duration, samples=args.samples)
+        path = clock.save(r)
+        print(
+            json.dumps({**r, "path": str(path)}) if args.json else clock.text(r, path), flush=True
+        )
     return 0
 
 

@@ -86,8 +86,10 @@ class ConsumerCollector:
         xdp_stats: Callable[[], dict] | None = None,
         recovery: Callable[[], dict] | None = None,
         now_ns: Callable[[], int] = time.monotonic_ns,
+        root=None,
     ):
         self.channel = channel
+        self.root = root  # the shared memory's root (default /dev/shm/tickwire)
         self.m = maps
         self.xdp_stats = xdp_stats
         self.recovery = recovery
@@ -104,6 +106,7 @@ class ConsumerCollector:
             self.channel,
             self.m["latency"],
         )
+        yield from self._events()
         yield from self._clock()
         yield from self._recovery()
         yield from self._xdp()
@@ -188,6 +191,38 @@ class ConsumerCollector:
         f.add_metric([ch, "bad_length"], float(b[itch.C_BAD_LENGTH]))
         yield f
 
+    def _events(self):
+        """The event ring: events published, slots, readers, their largest lag and laps."""
+        from dataplane import events
+
+        st = events.ring_status(self.channel, self.root)
+        if st is None:
+            return
+        ch = [self.channel]
+        readers = st["readers"]
+        for name, doc, value, kind in (
+            ("events_published", "Events published on the event ring", st["published"], 1),
+            ("event_ring_on", "1: the consumer publishes events", int(st["on"]), 0),
+            ("event_ring_slots", "Slots of the event ring", st["slots"], 0),
+            ("event_readers", "Live local readers (Subscriber) of the ring", len(readers), 0),
+            (
+                "event_reader_lag_max",
+                "Largest count of published events a live reader has not read yet",
+                max((r["lag"] for r in readers), default=0),
+                0,
+            ),
+            (
+                "event_reader_laps",
+                "Times live readers were lapped (and told to re-snapshot)",
+                sum(r["lapped"] for r in readers),
+                1,
+            ),
+        ):
+            fam = CounterMetricFamily if kind else GaugeMetricFamily
+            f = fam(f"tickwire_{name}", doc, labels=["channel"])
+            f.add_metric(ch, value)
+            yield f
+
     def _clock(self):
         """The channel's clock.json (``tickwire calibrate``): offsets, source, TSC Hz."""
         try:
@@ -238,12 +273,32 @@ class ConsumerCollector:
         yield f
 
 
-def serve(address: str, collector) -> object:
-    """Start the HTTP endpoint on ``host:port``; returns the server (``shutdown()``)."""
+class Merged:
+    """Several channels' collectors as one: a family that several yield (every channel's
+    ``tickwire_line_packets_total``, each with its own ``channel`` label) is exposed once,
+    with all their samples -- the text format allows one HELP and TYPE per name."""
+
+    def __init__(self, collectors):
+        self.collectors = list(collectors)
+
+    def collect(self):
+        families: dict = {}
+        for c in self.collectors:
+            for f in c.collect():
+                if f.name in families:
+                    families[f.name].samples.extend(f.samples)
+                else:
+                    families[f.name] = f
+        yield from families.values()
+
+
+def serve(address: str, *collectors) -> object:
+    """Start the HTTP endpoint on ``host:port`` for one collector, or several channels'
+    (``Merged``); returns the server (``shutdown()``)."""
     from prometheus_client import start_http_server
 
     host, port = host_port(address, "run.metrics")
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
+    registry.register(collectors[0] if len(collectors) == 1 else Merged(collectors))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

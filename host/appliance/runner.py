@@ -1,4 +1,4 @@
-"""``tickwire run``: the appliance process tree for one channel.
+"""``tickwire run``: the appliance process tree, for one channel or several.
 
 The parent (control plane) preflights, enters the configured network namespace, joins the
 lines' multicast groups, attaches the XDP steering program (AF_XDP mode), creates the
@@ -9,6 +9,15 @@ and runs the numba loop, returning to Python only to grow the book, answer a sna
 request or stop. On SIGTERM/SIGINT (or at the end of session with ``until_eos``) the
 parent asks the consumer to stop through shared memory, waits for its final report
 (``final.json``: digest, counters), detaches XDP and exits; every exit path detaches.
+
+With ``[[channel]]`` tables (``host.config.channel_configs``) one parent supervises every
+channel: one steering program over every channel's interfaces with every channel's
+(group, port) entries (channel id = the table's index), and per channel its shared
+memory, its consumer (pinned to its core, its sockets on its queues) and its recovery
+client; one metrics endpoint (``metrics.Merged``: each family once, a ``channel`` label
+per series). A consumer that dies is an error naming its channel; ``until_eos`` waits
+for every channel. The summary of one channel is as it always was; of several,
+``{"channels": {name: summary}}``.
 """
 
 from __future__ import annotations
@@ -29,7 +38,14 @@ import numpy as np
 
 from dataplane import events, shm, sysabi
 from host import netns, signals
-from host.config import Config, RunConfig, host_port, require_lines
+from host.config import (
+    Config,
+    RunConfig,
+    channel_configs,
+    check_cores,
+    host_port,
+    require_lines,
+)
 
 
 class RunError(OSError):
@@ -297,11 +313,14 @@ def _child(cfg: Config, mode: str, map_fd: int, maps: dict, slots: list[int]) ->
         os._exit(code)
 
 
-def xdp_stats(steering) -> dict:
-    """The steering program's counters as ``{"lines": {letter: {packets, bytes}},
-    "passed": {reason: n}, "redirected": n}`` (JSON- and metrics-ready)."""
+def xdp_stats(steering, channel: int = 0, shared: bool = True) -> dict:
+    """The steering program's counters for channel id ``channel`` as ``{"lines": {letter:
+    {packets, bytes}}, "passed": {reason: n}, "redirected": n}`` (JSON- and metrics-ready);
+    the program-wide ``passed`` and ``redirected`` only when ``shared``."""
     st = steering.stats()
-    lines = {letter: dict(v) for (_ch, letter), v in st.get("channels", {}).items()}
+    lines = {letter: dict(v) for (ch, letter), v in st.get("channels", {}).items() if ch == channel}
+    if not shared:
+        return {"lines": lines}
     passed = {k: int(v) for k, v in st.items() if k not in ("channels", "redirected")}
     return {"lines": lines, "passed": passed, "redirected": int(st.get("redirected", 0))}
 
@@ -385,15 +404,19 @@ def start_recovery(cfg: Config, maps: dict, log):
 
 
 class _Consumer:
-    """The forked consumer process; ``pid`` is 0 once it is reaped."""
+    """The forked consumer process; ``pid`` is 0 once it is reaped (``status``: how it
+    ended, as ``os.waitpid`` says)."""
 
     def __init__(self, pid: int):
         self.pid = pid
+        self.status: int | None = None
 
     def exited(self) -> bool:
         """Whether it has exited (reaped here if it just did)."""
-        if self.pid and os.waitpid(self.pid, os.WNOHANG)[0]:
-            self.pid = 0
+        if self.pid:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.pid, self.status = 0, status
         return not self.pid
 
     def kill(self) -> None:
@@ -425,8 +448,39 @@ def _create_channel(cfg: Config) -> dict:
     return maps
 
 
+class _Channel:
+    """One channel under the supervisor: its configuration (a one-channel Config), its
+    steering id (``index``) and, once running, its shared memory, consumer and recovery."""
+
+    def __init__(self, index: int, cfg: Config, log, several: bool):
+        self.index = index
+        self.cfg = cfg
+        self.run = cfg.run
+        self.name = cfg.run.channel
+        self.log = (lambda msg: log(f"channel {self.name}: {msg}")) if several else log
+        self.who = f"channel {self.name}: " if several else ""
+        self.maps: dict = {}
+        self.consumer: _Consumer | None = None
+        self.recovery = None
+        self.xdp_stats: dict | None = None
+        self.eos_at: float | None = None
+
+    @property
+    def cdir(self) -> Path:
+        return shm.channel_dir(self.name)
+
+    def eos_reached(self, grace: float) -> bool:
+        """The end of session seen and every sequence taken (or ``grace`` s past it)."""
+        c = self.maps["counters"]
+        if c[shm.A_END_SEQ] <= 0:
+            return False
+        self.eos_at = self.eos_at or time.monotonic()
+        return c[shm.A_NEXT] >= c[shm.A_END_SEQ] or time.monotonic() - self.eos_at > grace
+
+
 class Appliance:
-    """Run one channel until stopped; ``run()`` returns the summary."""
+    """Run the channels of ``cfg`` (one, or its ``[[channel]]`` tables) until stopped;
+    ``run()`` returns the summary."""
 
     def __init__(self, cfg: Config, log=log):
         self.cfg = cfg
@@ -434,11 +488,17 @@ class Appliance:
         self._stop = False
         self.mode = None
         self.steering = None
-        self.recovery = None
-        self.xdp_stats = None
+        cfgs = channel_configs(cfg)
+        self.channels = [_Channel(i, c, log, len(cfgs) > 1) for i, c in enumerate(cfgs)]
+        self.several = len(self.channels) > 1
+
+    @property
+    def recovery(self):
+        """The (first) channel's recovery client."""
+        return self.channels[0].recovery
 
     def stop(self) -> None:
-        """Ask ``run()`` to stop the consumer and return (SIGTERM and SIGINT call it)."""
+        """Ask ``run()`` to stop the consumers and return (SIGTERM and SIGINT call it)."""
         self._stop = True
 
     def run(
@@ -448,50 +508,67 @@ class Appliance:
         duration: float | None = None,
         ready=None,
     ) -> dict:
-        """Receive until ``stop()``, the consumer's exit, the end of session with
-        ``until_eos`` (every sequence taken, or ``eos_grace`` s after it was seen), or
-        ``duration`` s; ``ready()`` is called once the consumer keeps up. Every way out stops
-        the consumer and detaches XDP; the summary is returned on the regular ones."""
+        """Receive until ``stop()``, a consumer's exit, the end of session with
+        ``until_eos`` (on every channel: every sequence taken, or ``eos_grace`` s after it
+        was seen), or ``duration`` s; ``ready()`` is called once every consumer keeps up.
+        Every way out stops the consumers and detaches XDP; the summary is returned on the
+        regular ones."""
         # what the host must offer (capabilities, not root; namespace, interfaces, core) is
         # preflight's runtime stage, which `tickwire run` checks before it gets here; unset
-        # lines, entering the namespace and finding the interfaces still fail with one line
-        run = self.cfg.run
-        require_lines(run)
+        # lines, cores this host lacks, entering the namespace and finding the interfaces
+        # still fail with one line
+        for ch in self.channels:
+            require_lines(ch.run, at=f"channel[{ch.index}]" if self.cfg.channel else "run")
+        check_cores([ch.cfg for ch in self.channels])
+        run = self.channels[0].run  # the process-wide keys are [run]'s in every channel
         t0 = time.monotonic()
-        with contextlib.ExitStack() as stack:  # undone in reverse: consumer first, XDP last
+        with contextlib.ExitStack() as stack:  # undone in reverse: consumers first, XDP last
             stack.enter_context(signals.stopping(self.stop))
             if run.netns:
                 netns.enter(run.netns)
-            _check_interfaces(run)
-            maps = _create_channel(self.cfg)
+            for ch in self.channels:
+                _check_interfaces(ch.run)
+            for ch in self.channels:
+                ch.maps = _create_channel(ch.cfg)
             self.mode = self._attach(stack)
-            consumer = self._start_consumer(stack, maps)
-            self._serve_metrics(stack, maps)
-            self._wait_running(maps, consumer)
-            self.recovery = start_recovery(self.cfg, maps, self.log)
-            stack.callback(self.recovery.stop)
+            for ch in self.channels:
+                ch.consumer = self._start_consumer(stack, ch)
+            self._serve_metrics(stack)
+            for ch in self.channels:
+                self._wait_running(ch)
+            for ch in self.channels:
+                ch.recovery = start_recovery(ch.cfg, ch.maps, ch.log)
+                stack.callback(ch.recovery.stop)
             if ready is not None:
                 ready()
-            self._watch(maps, consumer, t0, until_eos, eos_grace, duration)
-            maps["control"][shm.C_STOP] = 1
-            self._reap(consumer)
-        return self._summary(maps, shm.channel_dir(run.channel), time.monotonic() - t0)
+            self._watch(t0, until_eos, eos_grace, duration)
+            for ch in self.channels:
+                ch.maps["control"][shm.C_STOP] = 1
+            for ch in self.channels:
+                self._reap(ch)
+        seconds = time.monotonic() - t0
+        out = {ch.name: self._summary(ch, seconds) for ch in self.channels}
+        return {"channels": out} if self.several else out[self.channels[0].name]
 
     def _attach(self, stack: contextlib.ExitStack) -> str:
-        """The receive path: "xdp" with the steering program attached to the lines'
-        interfaces until ``stack`` closes, else "socket" (asked for, or ``rx_mode = "auto"``
-        falling back, said once)."""
-        run = self.cfg.run
+        """The receive path: "xdp" with the steering program attached to every channel's
+        lines' interfaces until ``stack`` closes, else "socket" (asked for, or ``rx_mode =
+        "auto"`` falling back, said once)."""
+        run = self.channels[0].run
         if run.rx_mode == "socket":
             return "socket"
         try:
             from host.appliance import loader
 
-            channels = [(line.group, line.port, 0, letter) for letter, line in run.lines.items()]
-            ifaces = sorted({line.interface for line in run.lines.values()})
+            entries = [
+                (line.group, line.port, ch.index, letter)
+                for ch in self.channels
+                for letter, line in ch.run.lines.items()
+            ]
+            ifaces = sorted({ln.interface for ch in self.channels for ln in ch.run.lines.values()})
             with contextlib.ExitStack() as attempt:
                 steering = attempt.enter_context(
-                    loader.Steering(ifaces, channels, mode=run.xdp_mode, log=self.log)
+                    loader.Steering(ifaces, entries, mode=run.xdp_mode, log=self.log)
                 )
                 import dataplane.xsk  # noqa: F401 - fail here, not in the child
 
@@ -506,22 +583,23 @@ class Appliance:
             return "socket"
         self.steering = steering
         # The loader's signal handlers would detach at the signal: ours again on top, so the
-        # consumer stops first and the stack detaches after it, keeping the final XDP
+        # consumers stop first and the stack detaches after them, keeping the final XDP
         # counters. (The loader's atexit hook covers an exit that never unwinds the stack.)
         stack.enter_context(signals.stopping(self.stop))
         stack.callback(self._keep_xdp_stats)
         return "xdp"
 
     def _keep_xdp_stats(self) -> None:
-        try:
-            self.xdp_stats = xdp_stats(self.steering)
-        except Exception:  # noqa: BLE001 - a signal may have detached it already
-            self.xdp_stats = None
+        for ch in self.channels:
+            try:
+                ch.xdp_stats = xdp_stats(self.steering, ch.index)
+            except Exception:  # noqa: BLE001 - a signal may have detached it already
+                ch.xdp_stats = None
 
-    def _start_consumer(self, stack: contextlib.ExitStack, maps: dict) -> _Consumer:
-        """Join the lines' groups (IGMP) and fork the consumer; when ``stack`` closes, a
-        consumer still running is killed and the channel marked not running."""
-        run = self.cfg.run
+    def _start_consumer(self, stack: contextlib.ExitStack, ch: _Channel) -> _Consumer:
+        """Join the channel's lines' groups (IGMP) and fork its consumer; when ``stack``
+        closes, a consumer still running is killed and the channel marked not running."""
+        run, maps = ch.run, ch.maps
         map_fd, slots = -1, []
         if self.mode == "xdp":  # the AF_XDP sockets receive; these sockets only join
             for line in run.lines.values():
@@ -532,7 +610,7 @@ class Appliance:
             ]
         pid = os.fork()
         if pid == 0:
-            _child(self.cfg, self.mode, map_fd, maps, slots)
+            _child(ch.cfg, self.mode, map_fd, maps, slots)
         consumer = _Consumer(pid)
 
         def end() -> None:
@@ -541,27 +619,37 @@ class Appliance:
 
         stack.callback(end)
         where = f"core {run.core}" if run.core >= 0 else "any core"
-        ifs = ", ".join(f"{k}={v.interface}" for k, v in run.lines.items())
-        self.log(f"consumer pid {pid} on {where}, {self.mode} mode, lines {ifs}")
+        ifs = ", ".join(
+            f"{k}={v.interface}" + (f" queue {v.queue}" if self.several else "")
+            for k, v in run.lines.items()
+        )
+        ch.log(f"consumer pid {pid} on {where}, {self.mode} mode, lines {ifs}")
         return consumer
 
-    def _serve_metrics(self, stack: contextlib.ExitStack, maps: dict) -> None:
-        """Prometheus on ``run.metrics`` ("" = none) until ``stack`` closes."""
-        run = self.cfg.run
+    def _serve_metrics(self, stack: contextlib.ExitStack) -> None:
+        """Prometheus on ``run.metrics`` ("" = none) until ``stack`` closes: one collector
+        per channel, each family exposed once. The steering program's pass counters are
+        the whole program's: they go with the first channel only."""
+        run = self.channels[0].run
         if not run.metrics:
             return
         from host.appliance import metrics
 
         steering = self.steering
-        stats = None if steering is None else (lambda: xdp_stats(steering))
+        collectors = []
+        for ch in self.channels:
+            stats = (
+                None
+                if steering is None
+                else (lambda ch=ch: xdp_stats(steering, ch.index, shared=ch.index == 0))
+            )
 
-        def rec():
-            r = self.recovery
-            return r.status() if r is not None and hasattr(r, "status") else None
+            def rec(ch=ch):
+                r = ch.recovery
+                return r.status() if r is not None and hasattr(r, "status") else None
 
-        server = metrics.serve(
-            run.metrics, metrics.ConsumerCollector(run.channel, maps, stats, recovery=rec)
-        )
+            collectors.append(metrics.ConsumerCollector(ch.name, ch.maps, stats, recovery=rec))
+        server = metrics.serve(run.metrics, *collectors)
         stack.callback(server.shutdown)
         self.log(
             f"metrics on http://{run.metrics}/metrics" + (f" (in {run.netns})" if run.netns else "")
@@ -569,105 +657,129 @@ class Appliance:
 
     def _watch(
         self,
-        maps: dict,
-        consumer: _Consumer,
         t0: float,
         until_eos: bool,
         eos_grace: float,
         duration: float | None,
     ) -> None:
-        """Until ``stop()``, the consumer's exit, the end of session (``until_eos``) or
-        ``duration``: log the lines' health as it changes."""
+        """Until ``stop()``, a consumer's exit, the end of session on every channel
+        (``until_eos``) or ``duration``: log the lines' health as it changes."""
         from host.appliance.linehealth import LineHealth
 
-        health, next_health, heard, eos_at = LineHealth(), 0.0, set(), None
-        c = maps["counters"]
+        health = {ch.name: (LineHealth(), set()) for ch in self.channels}
+        next_health = 0.0
         while not self._stop:
             if time.monotonic() >= next_health:
                 next_health = time.monotonic() + 0.1
-                for k, (letter, h) in enumerate(health.observe(c).items()):
-                    if h["changed"] and (h["state"] != "up" or letter in heard):
-                        self.log(f"line {letter}: {h['state']}")
-                    if h["state"] in events.LINE_CODE:  # the consumer announces changes
-                        maps["control"][shm.C_LINE_STATE + k] = events.LINE_CODE[h["state"]]
-                    if h["state"] == "up":
-                        heard.add(letter)
-            if consumer.exited():
+                for ch in self.channels:
+                    self._observe(ch, *health[ch.name])
+            if any(ch.consumer.exited() for ch in self.channels):
                 return
-            if until_eos and c[shm.A_END_SEQ] > 0:
-                eos_at = eos_at or time.monotonic()
-                if c[shm.A_NEXT] >= c[shm.A_END_SEQ] or time.monotonic() - eos_at > eos_grace:
-                    return
+            if until_eos and all(ch.eos_reached(eos_grace) for ch in self.channels):
+                return
             if duration is not None and time.monotonic() - t0 >= duration:
                 return
             time.sleep(0.02)
 
-    def _wait_running(self, maps: dict, consumer: _Consumer) -> None:
-        """Wait for the consumer loop to come up: loaded from numba's cache it takes a
-        second or two; with a cold cache (a fresh install, a new CPU) it is compiled, which
-        takes about a minute, reported as it goes. Past ``run.start_timeout_s`` it is
-        killed."""
-        timeout = self.cfg.run.start_timeout_s
+    @staticmethod
+    def _observe(ch: _Channel, health, heard: set) -> None:
+        """Log a channel's lines' health when it changes; tell its consumer."""
+        maps = ch.maps
+        for k, (letter, h) in enumerate(health.observe(maps["counters"]).items()):
+            if h["changed"] and (h["state"] != "up" or letter in heard):
+                ch.log(f"line {letter}: {h['state']}")
+            if h["state"] in events.LINE_CODE:  # the consumer announces changes
+                maps["control"][shm.C_LINE_STATE + k] = events.LINE_CODE[h["state"]]
+            if h["state"] == "up":
+                heard.add(letter)
+
+    def _wait_running(self, ch: _Channel) -> None:
+        """Wait for the channel's consumer loop to come up: loaded from numba's cache it
+        takes a second or two; with a cold cache (a fresh install, a new CPU) it is
+        compiled, which takes about a minute, reported as it goes. Past
+        ``run.start_timeout_s`` it is killed."""
+        consumer = ch.consumer
+        timeout = ch.run.start_timeout_s
         t0 = time.monotonic()
         deadline, next_note = t0 + timeout, t0 + 10.0
-        cdir = shm.channel_dir(self.cfg.run.channel)
-        ctr = maps["counters"]
+        ctr = ch.maps["counters"]
         while not ctr[shm.S_RUNNING]:
             if consumer.exited():
-                err = cdir / "error.txt"
+                err = ch.cdir / "error.txt"
                 why = err.read_text().splitlines()[0] if err.exists() else "no report"
-                raise RunError(errno.EIO, f"the consumer failed to start: {why}")
+                raise RunError(errno.EIO, f"{ch.who}the consumer failed to start: {why}")
             if time.monotonic() > deadline:
                 consumer.kill()
                 raise RunError(
                     errno.ETIMEDOUT,
-                    f"the consumer did not start within {timeout:g} s (run.start_timeout_s)",
+                    f"{ch.who}the consumer did not start within {timeout:g} s "
+                    "(run.start_timeout_s)",
                 )
             now = time.monotonic()
             if now >= next_note:
                 cache = os.environ.get("NUMBA_CACHE_DIR", "numba's default cache")
-                self.log(
+                ch.log(
                     f"consumer still starting after {now - t0:.0f} s (compiling: nothing "
                     f"usable in {cache} yet)"
                 )
                 next_note = now + 15.0
             time.sleep(0.01)
         how = "compiled" if ctr[shm.S_START_HOW] == shm.START_COMPILED else "from numba's cache"
-        self.log(f"consumer running after {ctr[shm.S_START_NS] / 1e9:.1f} s ({how})")
+        ch.log(f"consumer running after {ctr[shm.S_START_NS] / 1e9:.1f} s ({how})")
 
-    def _reap(self, consumer: _Consumer, timeout: float = 30.0) -> None:
+    def _reap(self, ch: _Channel, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if consumer.exited():
+            if ch.consumer.exited():
                 return
             time.sleep(0.01)
-        consumer.kill()
-        raise RunError(errno.ETIMEDOUT, "the consumer did not stop within 30 s (killed)")
+        ch.consumer.kill()
+        raise RunError(errno.ETIMEDOUT, f"{ch.who}the consumer did not stop within 30 s (killed)")
 
-    def _summary(self, maps, cdir: Path, seconds: float) -> dict:
-        reader = shm.Reader(self.cfg.run.channel, maps=maps)
+    def _summary(self, ch: _Channel, seconds: float) -> dict:
+        reader = shm.Reader(ch.name, maps=ch.maps)
         out = {
-            "channel": self.cfg.run.channel,
+            "channel": ch.name,
             "mode": self.mode,
             "seconds": seconds,
             **reader.counters(),
             "latency_ns": reader.latency(),
         }
-        err = cdir / "error.txt"
+        err = ch.cdir / "error.txt"
         if err.exists():
-            raise RunError(errno.EIO, f"the consumer failed: {err.read_text().splitlines()[0]}")
-        final = cdir / "final.json"
+            raise RunError(
+                errno.EIO,
+                f"channel {ch.name}: the consumer failed: {err.read_text().splitlines()[0]}",
+            )
+        final = ch.cdir / "final.json"
         if final.exists():
             out.update(json.loads(final.read_text()))
-        if self.xdp_stats:
-            out["xdp"] = self.xdp_stats
-        if self.recovery is not None:
-            out["recovery"] = self.recovery.counters()
-            out["recovery_latency_ns"] = self.recovery.latency()
+        elif ch.consumer.status is not None and ch.consumer.status != 0:
+            st = ch.consumer.status
+            how = (
+                f"killed by signal {os.WTERMSIG(st)}"
+                if os.WIFSIGNALED(st)
+                else f"exit status {os.WEXITSTATUS(st)}"
+            )
+            raise RunError(
+                errno.EIO, f"channel {ch.name}: the consumer died ({how}) with no report"
+            )
+        if ch.xdp_stats:
+            out["xdp"] = ch.xdp_stats
+        if ch.recovery is not None:
+            out["recovery"] = ch.recovery.counters()
+            out["recovery_latency_ns"] = ch.recovery.latency()
         return out
 
 
 def summary_text(s: dict) -> str:
+    """The run's summary for people: one channel's, or a block per channel."""
+    if "channels" in s:
+        return "\n".join(_channel_text(c) for c in s["channels"].values())
+    return _channel_text(s)
+
+
+def _channel_text(s: dict) -> str:
     lines = [
         f"channel {s['channel']} ({s['mode']}): {s['taken']:,} messages taken, next "
         f"sequence {s['next_seq']:,}, {s['seconds']:.1f} s"

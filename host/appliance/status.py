@@ -27,6 +27,9 @@ def collect(channel: str, netns: str | None = None, now_ns: int | None = None) -
     except FileNotFoundError as e:
         out["consumer"] = None
         out["consumer_error"] = str(e)
+    from dataplane import events
+
+    out["events"] = events.ring_status(channel)
     try:
         from host.appliance import clock
 
@@ -43,8 +46,39 @@ def collect(channel: str, netns: str | None = None, now_ns: int | None = None) -
     return out
 
 
-def text(st: dict) -> str:
+def channels(root=None) -> list[str]:
+    """The channels with a consumer's shared memory under ``root`` (default
+    /dev/shm/tickwire), running or not, by name."""
+    root = root or shm.SHM_ROOT
+    try:
+        return sorted(d.name for d in root.iterdir() if (d / "counters").exists())
+    except FileNotFoundError:
+        return []
+
+
+def collect_all(names: list[str], netns: str | None = None, now_ns: int | None = None) -> dict:
+    """``collect`` for several channels: ``{"channels": {name: ...}, "xdp": [...]}``, the
+    XDP programs listed once."""
+    out: dict = {"channels": {}}
+    for name in names:
+        st = collect(name, netns, now_ns)
+        out["xdp"] = st.pop("xdp")
+        if "xdp_error" in st:
+            out["xdp_error"] = st.pop("xdp_error")
+        out["channels"][name] = st
+    return out
+
+
+def text_all(st: dict) -> str:
+    parts = [text(c, show_xdp=False) for c in st["channels"].values()]
+    parts.append(text({"xdp": st.get("xdp"), "xdp_error": st.get("xdp_error")}, channel=False))
+    return "\n".join(parts)
+
+
+def text(st: dict, show_xdp: bool = True, channel: bool = True) -> str:
     lines = []
+    if not channel:
+        return _xdp_text(st)
     c = st.get("consumer")
     if c is None:
         lines.append(f"channel {st['channel']}: no consumer ({st.get('consumer_error')})")
@@ -85,18 +119,36 @@ def text(st: dict) -> str:
             f"{rc.get('unrecoverable', 0)}, outstanding {rc.get('outstanding', 0)}"
             f"{p50}"
         )
+    evr = st.get("events")
+    if evr and evr["on"]:
+        rd = evr["readers"]
+        lines.append(
+            f"events: {evr['published']:,} published, {evr['slots']:,} slots"
+            f"{' in hugepages' if evr['hugepages'] else ''}, {evr['clock']} clock"
+            f"{', per-order events' if evr['order_events'] else ''}; {len(rd)} reader(s)"
+            + (
+                f", largest lag {max(r['lag'] for r in rd):,}, lapped "
+                f"{sum(r['lapped'] for r in rd)}"
+                if rd
+                else ""
+            )
+        )
+    elif evr:
+        lines.append("events: off ([run] events = false)")
     if st.get("clock"):
         from host.appliance import clock
 
         lines.append(clock.status_line(st["clock"]))
-    if st.get("xdp"):
-        for x in st["xdp"]:
-            lines.append(
-                f"xdp: {x.get('ifname')} {x.get('mode')} prog id {x.get('prog_id')} "
-                f"{x.get('prog_name', '')}".rstrip()
-            )
-    else:
-        lines.append(
-            "xdp: no program attached" + (f" ({st['xdp_error']})" if st.get("xdp_error") else "")
-        )
+    if show_xdp:
+        lines.append(_xdp_text(st))
     return "\n".join(lines)
+
+
+def _xdp_text(st: dict) -> str:
+    if st.get("xdp"):
+        return "\n".join(
+            f"xdp: {x.get('ifname')} {x.get('mode')} prog id {x.get('prog_id')} "
+            f"{x.get('prog_name', '')}".rstrip()
+            for x in st["xdp"]
+        )
+    return "xdp: no program attached" + (f" ({st['xdp_error']})" if st.get("xdp_error") else "")

@@ -86,7 +86,13 @@ def add_parsers(sub) -> None:
         EPILOG_SIM,
     )
     src = si.add_argument_group("session")
-    src.add_argument("--session", metavar="FILE", help="ITCH 5.0 file to publish")
+    src.add_argument(
+        "--session",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="ITCH 5.0 file to publish; repeat it for several channels (channel k: the k-th)",
+    )
     src.add_argument(
         "--generate",
         type=positive,
@@ -94,7 +100,15 @@ def add_parsers(sub) -> None:
         help="publish a generated session of N messages (default 1M)",
     )
     src.add_argument("--stocks", type=positive, default=100, help="stocks when generating")
-    src.add_argument("--gen-seed", type=int, default=1, help="generator seed (1)")
+    src.add_argument("--gen-seed", type=int, default=1, help="generator seed (1; channel k: + k)")
+    src.add_argument(
+        "--channels",
+        type=positive,
+        metavar="N",
+        help="publish N channels at once, each on its groups (the lab's lab.channels; "
+        "default: one per --session FILE, else lab.channels); those without a FILE are "
+        "generated",
+    )
     src.add_argument("--session-name", help="MoldUDP64 session, <= 10 chars (config feed.session)")
     src.add_argument("--start-seq", type=positive, default=1, help="first sequence to send (1)")
     src.add_argument(
@@ -232,24 +246,48 @@ def _lab_fault(args: argparse.Namespace) -> int:
     )
 
 
+def _sim_channels(args: argparse.Namespace, cfg: config.Config) -> list:
+    """The lab channels to publish (``config.LabChannel``), checked against the options."""
+    from host.exchange import faultplan
+
+    lab_chs = config.lab_channels(cfg)
+    n = args.channels or (len(args.session) if len(args.session) > 1 else len(lab_chs))
+    if n > len(lab_chs):
+        raise faultplan.SimError(
+            f"--channels {n}: the lab has {len(lab_chs)} channel"
+            f"{'s' if len(lab_chs) > 1 else ''} (lab.channels in --config)"
+        )
+    if len(args.session) > n:
+        raise faultplan.SimError(f"{len(args.session)} --session files for {n} channel(s)")
+    if args.generate and len(args.session) >= n:
+        raise faultplan.SimError("give --session FILE or --generate N, not both")
+    if args.session_name and n > 1:
+        raise faultplan.SimError(
+            "--session-name names one channel's session: with several channels, "
+            "name them in the config's [[channel]] tables"
+        )
+    return lab_chs[:n]
+
+
 def _sim(args: argparse.Namespace) -> int:
     from host.exchange import faultplan, lab, rerequest
     from host.exchange import publisher as sim
 
     cfg = config.load(args.config, prefix=args.prefix)
-    if args.session and args.generate:
-        raise faultplan.SimError("give --session FILE or --generate N, not both")
-    if args.session:
-        session = sim.Session.from_file(args.session)
-    else:
+    channels = _sim_channels(args, cfg)
+    sessions = []
+    for k in range(len(channels)):
+        if k < len(args.session):
+            sessions.append(sim.Session.from_file(args.session[k]))
+            continue
         from host.exchange import itchgen
 
-        n = args.generate or 1_000_000
+        n, seed = args.generate or 1_000_000, args.gen_seed + k
         print(
-            f"sim: generating {n:,} messages on {args.stocks} stocks (seed {args.gen_seed})",
+            f"sim: generating {n:,} messages on {args.stocks} stocks (seed {seed})",
             file=sys.stderr,
         )
-        session = sim.Session.from_buffer(itchgen.generate(n, args.stocks, args.gen_seed))
+        sessions.append(sim.Session.from_buffer(itchgen.generate(n, args.stocks, seed)))
     if args.max:
         pacing = sim.Pacing(mode="max")
     elif args.speed is not None:
@@ -262,31 +300,34 @@ def _sim(args: argparse.Namespace) -> int:
         seed = file_seed if file_seed is not None and args.seed is None else seed
     for spec in args.fault:
         faults += faultplan.parse_fault(spec)
-    start = args.start_seq
-    if args.start_phase:
-        start = session.phase_seq(args.start_phase)
-    opts = sim.SimOptions(
-        session_name=args.session_name or cfg.feed.session,
-        payload=args.payload,
-        pacing=pacing,
-        start_seq=start,
-        heartbeat=args.heartbeat,
-        eos_for=args.eos_for,
-        preroll=args.preroll,
-        faults=faults,
-        seed=1 if seed is None else seed,
-        serve=not args.no_rerequest,
-        server=rerequest.ServerConfig(
-            port=cfg.lab.rerequest_port,
-            window=args.rr_window,
-            max_messages=args.rr_max_messages,
-            max_bytes=args.rr_max_bytes,
-            rate=args.rr_rate,
-            workers=args.rr_workers,
-        ),
-    )
-    sim.validate_options(opts)
-    simulator = sim.Simulator(session, cfg.lab, opts)
+    simulators = []
+    for k, (ch, session) in enumerate(zip(channels, sessions, strict=True)):
+        start = args.start_seq
+        if args.start_phase:
+            start = session.phase_seq(args.start_phase)
+        opts = sim.SimOptions(
+            session_name=args.session_name or ch.session,
+            payload=args.payload,
+            pacing=pacing,
+            start_seq=start,
+            heartbeat=args.heartbeat,
+            eos_for=args.eos_for,
+            preroll=args.preroll,
+            faults=faults,  # per line: every channel of the line
+            seed=(1 if seed is None else seed) + k,
+            serve=not args.no_rerequest,
+            server=rerequest.ServerConfig(
+                port=ch.rerequest_port,
+                window=args.rr_window,
+                max_messages=args.rr_max_messages,
+                max_bytes=args.rr_max_bytes,
+                rate=args.rr_rate,
+                workers=args.rr_workers,
+            ),
+        )
+        sim.validate_options(opts)
+        simulators.append(sim.Simulator(session, cfg.lab, opts, lines=ch.lines))
+    exchange = sim.Exchange(simulators)
     if not args.no_netns:
         if os.geteuid() != 0:
             raise lab.LabError(
@@ -298,9 +339,16 @@ def _sim(args: argparse.Namespace) -> int:
     progress = None
     if sys.stderr.isatty() and not args.json:
         progress = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    with signals.stopping(simulator.stop):
-        stats = simulator.run(progress=progress)
+    with signals.stopping(exchange.stop):
+        stats = exchange.run(progress=progress)
+    names = [ch.name for ch in channels]
+    if len(simulators) == 1:
+        if args.record:
+            sim.write_record(simulators[0], args.record)
+        print(json.dumps(stats[0]) if args.json else sim.summary_text(stats[0]), flush=True)
+        return 0
     if args.record:
-        sim.write_record(simulator, args.record)
-    print(json.dumps(stats) if args.json else sim.summary_text(stats), flush=True)
+        sim.write_records(dict(zip(names, simulators, strict=True)), args.record)
+    summary = sim.channels_summary(dict(zip(names, stats, strict=True)))
+    print(json.dumps(summary) if args.json else sim.channels_text(summary), flush=True)
     return 0

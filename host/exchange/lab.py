@@ -26,11 +26,18 @@ from host.config import LabConfig
 # A veth hands a packet to the peer's rx queue numbered like the tx queue it was sent on,
 # so an end must never send on a queue its peer lacks (the kernel warns "feed-a received
 # packet on queue 2, but number of RX queues is 2" and the packet skips RPS). The exchange
-# end sends on one queue: whatever the appliance's NIC role sets the appliance end's
-# channels to (at least one), every line lands on its rx queue 0, where the config's
-# AF_XDP socket is. The appliance end sends (IGMP, re-requests) on at most ``queues``, as
-# many as the exchange end receives on.
+# end of a one-channel lab sends on one queue: whatever the appliance's NIC role sets the
+# appliance end's channels to (at least one), every line lands on its rx queue 0, where
+# the config's AF_XDP socket is. With ``lab.channels`` = N it sends on N, channel k's
+# packets on queue k (host.exchange.txsteer), so each lands on the appliance end's rx
+# queue k. The appliance end sends (IGMP, re-requests) on at most ``rx_queues``, as many
+# as the exchange end receives on.
 EXCHANGE_TX_QUEUES = 1
+
+
+def exchange_tx_queues(cfg: LabConfig) -> int:
+    """Tx queues of the lab's exchange ends: one, or one per channel."""
+    return max(EXCHANGE_TX_QUEUES, cfg.channels)
 
 
 class LabError(OSError):
@@ -75,6 +82,7 @@ def up(cfg: LabConfig, say=lambda msg: None) -> dict:
     for ns in (cfg.exchange_ns, cfg.appliance_ns):
         with _iproute(ns) as ipr:
             ipr.link("set", index=_link(ipr, "lo"), state="up")
+    queues, ex_txq = cfg.rx_queues, exchange_tx_queues(cfg)
     for letter, line in cfg.lines.items():
         with _iproute(cfg.exchange_ns) as ipr:
             if _link(ipr, line.exchange_if) is None:
@@ -83,13 +91,13 @@ def up(cfg: LabConfig, say=lambda msg: None) -> dict:
                         "add",
                         ifname=line.exchange_if,
                         kind="veth",
-                        num_rx_queues=cfg.queues,
-                        num_tx_queues=EXCHANGE_TX_QUEUES,
+                        num_rx_queues=queues,
+                        num_tx_queues=ex_txq,
                         peer={
                             "ifname": line.appliance_if,
                             "net_ns_fd": cfg.appliance_ns,
-                            "num_rx_queues": cfg.queues,
-                            "num_tx_queues": cfg.queues,
+                            "num_rx_queues": queues,
+                            "num_tx_queues": queues,
                         },
                     )
                 except NetlinkError as e:
@@ -103,8 +111,8 @@ def up(cfg: LabConfig, say=lambda msg: None) -> dict:
                     f"{cfg.appliance_ns}/{line.appliance_if}"
                 )
         for ns, ifname, addr, txq in (
-            (cfg.exchange_ns, line.exchange_if, line.exchange_ip, EXCHANGE_TX_QUEUES),
-            (cfg.appliance_ns, line.appliance_if, line.appliance_ip, cfg.queues),
+            (cfg.exchange_ns, line.exchange_if, line.exchange_ip, ex_txq),
+            (cfg.appliance_ns, line.appliance_if, line.appliance_ip, queues),
         ):
             with _iproute(ns) as ipr:
                 idx = _link(ipr, ifname)
@@ -116,11 +124,11 @@ def up(cfg: LabConfig, say=lambda msg: None) -> dict:
                     )
                 info = ipr.get_links(idx)[0]
                 have = (info.get("IFLA_NUM_RX_QUEUES"), info.get("IFLA_NUM_TX_QUEUES"))
-                if None not in have and have != (cfg.queues, txq):
+                if None not in have and have != (queues, txq):
                     raise LabError(
                         errno.EEXIST,
                         f"{ns}/{ifname} has {have[0]} rx and {have[1]} "
-                        f"tx queues, the lab wants {cfg.queues} and {txq}: run "
+                        f"tx queues, the lab wants {queues} and {txq}: run "
                         "tickwire lab down, then up",
                     )
                 if info.get("IFLA_MTU") != cfg.mtu:
@@ -131,11 +139,18 @@ def up(cfg: LabConfig, say=lambda msg: None) -> dict:
                 ipr.link("set", index=idx, state="up")
         with _iproute(cfg.exchange_ns) as ipr:
             idx = _link(ipr, line.exchange_if)
-            ipr.route("replace", dst=f"{line.group}/32", oif=idx)
+            for k in range(cfg.channels):
+                group = cfg.channel_lines(k)[letter].group
+                ipr.route("replace", dst=f"{group}/32", oif=idx)
         # the feed's sources are on-link; strict reverse-path filtering would still drop
         # a line's packets if a route ever pointed the other way, so turn it off here
         _sysctl(cfg.appliance_ns, f"net.ipv4.conf.{line.appliance_if}.rp_filter", "0")
     _sysctl(cfg.appliance_ns, "net.ipv4.conf.all.rp_filter", "0")
+    if cfg.channels > 1:
+        from host.exchange import txsteer
+
+        txsteer.attach(cfg)
+        say(f"steering channel k's groups to queue k on {cfg.exchange_ns}'s line ends")
     deadline = time.monotonic() + 5.0  # carrier comes up a moment after both ends do
     while True:
         st = status(cfg)
@@ -242,6 +257,13 @@ def status(cfg: LabConfig) -> dict:
                 ifs = {i["name"]: i for i in out["namespaces"][ns]["interfaces"]}
                 if ifname not in ifs or ifs[ifname]["state"] not in ("up", "unknown"):
                     out["up"] = False
+    if cfg.channels > 1:  # each channel on its queue: the steering on both exchange ends
+        from host.exchange import txsteer
+
+        out["channels"] = cfg.channels
+        out["tx_steering"] = txsteer.attached(cfg) if netns.exists(cfg.exchange_ns) else []
+        if len(out["tx_steering"]) < len(cfg.lines):
+            out["up"] = False
     return out
 
 
@@ -263,8 +285,18 @@ def status_text(st: dict, cfg: LabConfig) -> str:
             lines.append(f"    route {r['group']} dev {r['dev']}")
         if info["processes"]:
             lines.append(f"    processes: {' '.join(map(str, info['processes']))}")
+    if cfg.channels > 1:
+        on = ", ".join(st.get("tx_steering", [])) or "nowhere"
+        lines.append(f"  {cfg.channels} channels, channel k on queue k: tx steering on {on}")
     if st["up"]:
-        for letter, line in cfg.lines.items():
-            lines.append(f"  line {letter}: {line.group}:{line.port} from {line.exchange_ip}")
-        lines.append(f"  re-request server port {cfg.rerequest_port} on the exchange addresses")
+        for k in range(cfg.channels):
+            head = f"  channel {k} " if cfg.channels > 1 else "  "
+            for letter, line in cfg.channel_lines(k).items():
+                lines.append(
+                    f"{head}line {letter}: {line.group}:{line.port} from {line.exchange_ip}"
+                )
+        ports = str(cfg.rerequest_port)
+        if cfg.channels > 1:
+            ports = f"{ports}-{cfg.rerequest_port + cfg.channels - 1} (channel k: + k)"
+        lines.append(f"  re-request server port {ports} on the exchange addresses")
     return "\n".join(lines)

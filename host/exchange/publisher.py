@@ -308,10 +308,17 @@ def line_socket(line: LineConfig) -> socket.socket:
 
 
 class Simulator:
-    """Publish ``session`` on the lab's two lines (call ``run`` inside the exchange
-    namespace) and serve re-requests while it does."""
+    """Publish ``session`` on the lab's two lines (``lines``: a channel's, default the
+    lab's; call ``run`` inside the exchange namespace) and serve re-requests while it does.
+    Several channels publish at once through ``Exchange``."""
 
-    def __init__(self, session: Session, lab: LabConfig, opts: SimOptions):
+    def __init__(
+        self,
+        session: Session,
+        lab: LabConfig,
+        opts: SimOptions,
+        lines: dict[str, LineConfig] | None = None,
+    ):
         self.session = session
         self.lab = lab
         self.opts = opts
@@ -343,7 +350,7 @@ class Simulator:
         self.lines = {}
         for letter in LINES:
             st = schedule(self.packets, self.nominal, opts.faults, letter, rng)
-            st.cfg = lab.lines[letter]
+            st.cfg = (lines or lab.lines)[letter]
             st.cutlog = np.zeros((len(st.sched), 2), np.int64)
             self.lines[letter] = st
         self.published = np.array([opts.start_seq - 1], np.int64)
@@ -387,23 +394,10 @@ class Simulator:
 
     def run(self, progress=None) -> dict:
         """Publish everything, then end-of-session; returns the summary (``self.stats``)."""
-        try:
-            self._start_lines()
-            if self.opts.serve:
-                self.server = ReRequestServer(
-                    self.session, self.name, self.published, self.opts.server, self.opts.payload
-                )
-                self.server.start()
-            t0 = time.monotonic_ns() + int(self.opts.preroll * 1e9)
-            interrupted = not self._publish(t0, progress)
-            self.published[0] = int(self.pkt_end_seq[-1])
-            t_data = time.monotonic_ns() - t0
-            if not interrupted:
-                interrupted = not self._end_session(t0)
-        finally:
-            self._close()
-        self.stats = self._summary(max(t_data, 1), interrupted)
-        return self.stats
+        return Exchange([self]).run(progress)[0]
+
+    def done(self) -> bool:
+        return all(st.done() for st in self.lines.values())
 
     def _start_lines(self) -> None:
         """Each line's socket and ``sendmmsg`` vectors; the sender compiled (now, not
@@ -431,25 +425,6 @@ class Simulator:
                 st.cutlog,
                 st.ncut,
             )
-
-    def _publish(self, t0: int, progress) -> bool:
-        """Send every line's schedule (due times are ns after ``t0``), with heartbeats on
-        idle lines; False if stopped before the end."""
-        hb_ns = int(self.opts.heartbeat * 1e9)
-        addrs = (self.headers.ctypes.data, self.session.buf.ctypes.data)
-        next_progress = time.monotonic_ns() + 1_000_000_000
-        while not all(st.done() for st in self.lines.values()):
-            if self._stop:
-                return False
-            now = time.monotonic_ns() - t0
-            self.published[0] = max(self.published[0], self._published_at(now))
-            busy = self._send_step(now, hb_ns, *addrs)
-            if progress is not None and time.monotonic_ns() >= next_progress:
-                next_progress += 1_000_000_000
-                progress(self._progress())
-            if not busy:
-                self._wait_due(t0, now + hb_ns)
-        return True
 
     def _send_step(self, now: int, hb_ns: int, hdr_addr: int, buf_addr: int) -> bool:
         """One pass over the lines: what is due at ``now`` (one batch per line), or a
@@ -485,33 +460,12 @@ class Simulator:
                 self._control(st, mold.HEARTBEAT, now)
         return busy
 
-    def _wait_due(self, t0: int, horizon: int) -> None:
-        """Sleep until the next slot of any line is due (or ``horizon``), 50 ms at most."""
-        nxt = min(
-            [int(st.due[st.cursor]) for st in self.lines.values() if not st.done()] + [horizon]
-        )
-        wait = (nxt - (time.monotonic_ns() - t0)) / 1e9
-        if wait > 0:
-            time.sleep(min(wait, 0.05))
-
-    def _end_session(self, t0: int) -> bool:
-        """End-of-session on every line at once and every ``heartbeat`` seconds for
-        ``eos_for`` seconds, while the re-request server keeps answering; False if
-        stopped before that time is up."""
-        opts = self.opts
-        t_end = time.monotonic_ns() + int(opts.eos_for * 1e9)
-        while True:
-            now = time.monotonic_ns() - t0
-            for st in self.lines.values():
-                self._control(st, mold.END_OF_SESSION, now)
-            if self._stop:
-                return False
-            left = t_end - time.monotonic_ns()
-            if left <= 0:
-                return True
-            deadline = time.monotonic() + min(opts.heartbeat, left / 1e9)
-            while not self._stop and time.monotonic() < deadline:
-                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    def _idle_heartbeats(self, now: int, hb_ns: int) -> None:
+        """Heartbeats on lines idle for ``hb_ns`` once everything is sent, while other
+        channels still publish (they carry the next sequence, as ever)."""
+        for st in self.lines.values():
+            if now - st.last_tx >= hb_ns:
+                self._control(st, mold.HEARTBEAT, now)
 
     def _close(self) -> None:
         if self.server is not None:
@@ -523,7 +477,7 @@ class Simulator:
     def _progress(self) -> str:
         done = min(st.cursor for st in self.lines.values())
         total = len(self.packets)
-        return f"sim: {done:,}/{total:,} packets ({100 * done / max(total, 1):.0f}%)"
+        return f"{done:,}/{total:,} packets ({100 * done / max(total, 1):.0f}%)"
 
     def line_events(self, letter: str) -> list[dict]:
         st = self.lines[letter]
@@ -601,6 +555,113 @@ class Simulator:
         }
 
 
+class Exchange:
+    """Several channels' simulators published at once, from one loop on one clock: each
+    on its own lines (groups), with its own session, schedule and re-request server, all
+    ending their sessions together. ``Simulator.run`` is an Exchange of one."""
+
+    def __init__(self, sims: list[Simulator]):
+        self.sims = sims
+        self._t_data: dict[int, int] = {}
+
+    def stop(self) -> None:
+        for sim in self.sims:
+            sim.stop()
+
+    def _stopped(self) -> bool:
+        return any(sim._stop for sim in self.sims)
+
+    def run(self, progress=None) -> list[dict]:
+        """Publish every channel, then end-of-session on all; returns their summaries (each
+        also its simulator's ``stats``), in order."""
+        sims = self.sims
+        t0 = 0
+        try:
+            for sim in sims:
+                sim._start_lines()
+            for sim in sims:
+                if sim.opts.serve:
+                    sim.server = ReRequestServer(
+                        sim.session, sim.name, sim.published, sim.opts.server, sim.opts.payload
+                    )
+                    sim.server.start()
+            t0 = time.monotonic_ns() + int(sims[0].opts.preroll * 1e9)
+            interrupted = not self._publish(t0, progress)
+            for i, sim in enumerate(sims):
+                sim.published[0] = int(sim.pkt_end_seq[-1])
+                self._t_data.setdefault(i, time.monotonic_ns() - t0)
+            if not interrupted:
+                interrupted = not self._end_session(t0)
+        finally:
+            for sim in sims:
+                sim._close()
+        for i, sim in enumerate(sims):
+            sim.stats = sim._summary(max(self._t_data[i], 1), interrupted)
+        return [sim.stats for sim in sims]
+
+    def _publish(self, t0: int, progress) -> bool:
+        """Send every channel's lines' schedules (due times are ns after ``t0``), with
+        heartbeats on idle lines; False if stopped before the end."""
+        next_progress = time.monotonic_ns() + 1_000_000_000
+        while not all(sim.done() for sim in self.sims):
+            if self._stopped():
+                return False
+            now = time.monotonic_ns() - t0
+            busy = False
+            for i, sim in enumerate(self.sims):
+                hb_ns = int(sim.opts.heartbeat * 1e9)
+                if sim.done():  # waiting for the other channels
+                    self._t_data.setdefault(i, now)
+                    sim.published[0] = int(sim.pkt_end_seq[-1])
+                    sim._idle_heartbeats(now, hb_ns)
+                    continue
+                sim.published[0] = max(sim.published[0], sim._published_at(now))
+                addrs = (sim.headers.ctypes.data, sim.session.buf.ctypes.data)
+                busy |= sim._send_step(now, hb_ns, *addrs)
+            if progress is not None and time.monotonic_ns() >= next_progress:
+                next_progress += 1_000_000_000
+                progress(self._progress())
+            if not busy:
+                self._wait_due(t0, now)
+        return True
+
+    def _progress(self) -> str:
+        if len(self.sims) == 1:
+            return f"sim: {self.sims[0]._progress()}"
+        return "sim: " + "; ".join(
+            f"{sim.opts.session_name.strip()} {sim._progress()}" for sim in self.sims
+        )
+
+    def _wait_due(self, t0: int, now: int) -> None:
+        """Sleep until the next slot of any line is due (or a heartbeat), 50 ms at most."""
+        nxt = [now + int(sim.opts.heartbeat * 1e9) for sim in self.sims]
+        for sim in self.sims:
+            nxt += [int(st.due[st.cursor]) for st in sim.lines.values() if not st.done()]
+        wait = (min(nxt) - (time.monotonic_ns() - t0)) / 1e9
+        if wait > 0:
+            time.sleep(min(wait, 0.05))
+
+    def _end_session(self, t0: int) -> bool:
+        """End-of-session on every line of every channel at once and every ``heartbeat``
+        seconds for ``eos_for`` seconds, while the re-request servers keep answering;
+        False if stopped before that time is up."""
+        opts = self.sims[0].opts
+        t_end = time.monotonic_ns() + int(opts.eos_for * 1e9)
+        while True:
+            now = time.monotonic_ns() - t0
+            for sim in self.sims:
+                for st in sim.lines.values():
+                    sim._control(st, mold.END_OF_SESSION, now)
+            if self._stopped():
+                return False
+            left = t_end - time.monotonic_ns()
+            if left <= 0:
+                return True
+            deadline = time.monotonic() + min(opts.heartbeat, left / 1e9)
+            while not self._stopped() and time.monotonic() < deadline:
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+
 def summary_text(s: dict) -> str:
     out = [
         f"session {s['session']}: sequences {s['first_seq']:,}..{s['last_seq']:,} in "
@@ -631,6 +692,40 @@ def write_record(sim: Simulator, path: str) -> None:
     tmp = Path(path + ".tmp")
     tmp.write_text(json.dumps(sim.record()))
     tmp.rename(path)
+
+
+def write_records(sims: dict[str, Simulator], path: str) -> None:
+    """Several channels' records: ``{"channels": {name: record}}``."""
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps({"channels": {name: s.record() for name, s in sims.items()}}))
+    tmp.rename(path)
+
+
+def channels_summary(stats: dict[str, dict]) -> dict:
+    """Several channels' summaries as one: totals, and ``channels`` {name: summary}."""
+    seconds = max(s["seconds"] for s in stats.values())
+    messages = sum(s["messages"] for s in stats.values())
+    return {
+        "messages": messages,
+        "packets": sum(s["packets"] for s in stats.values()),
+        "seconds": seconds,
+        "msgs_per_s": sum(s["msgs_per_s"] * s["seconds"] for s in stats.values()) / seconds,
+        "interrupted": any(s["interrupted"] for s in stats.values()),
+        "channels": stats,
+    }
+
+
+def channels_text(summary: dict) -> str:
+    out = [
+        f"{len(summary['channels'])} channels: {summary['messages']:,} messages in "
+        f"{summary['packets']:,} packets, {summary['seconds']:.2f} s"
+        + (" (interrupted)" if summary["interrupted"] else "")
+    ]
+    for name, s in summary["channels"].items():
+        text = summary_text(s).splitlines()
+        out.append(f"channel {name}: {text[0]}")
+        out += [f"  {line}" for line in text[1:]]
+    return "\n".join(out)
 
 
 def validate_options(opts: SimOptions) -> None:

@@ -11,7 +11,8 @@ interface when it has none and a direct-action ``bpf`` filter (preference ``FILT
 named ``tw_fault:<program id>``) on its egress hook. Detaching removes that filter, the
 qdisc when no filter is left on it, the slot, and the pins once no line uses them.
 
-Faults (see ``bpf/fault.c`` for the exact rules) apply to the line's multicast feed only:
+Faults (see ``bpf/fault.c`` for the exact rules) apply to the line's multicast feed only
+(every channel's, in a lab of several: they share the line's port, on groups of their own):
 ``drop_all``, ``cut`` (a window of CLOCK_MONOTONIC time, heartbeats included),
 ``drop_range`` (data packets carrying any sequence of the range) and ``loss`` (data
 packets, with a probability). Every dropped packet is counted under one reason. They are
@@ -452,9 +453,9 @@ def attach(labcfg: Config | LabConfig, lines: str | list[str] = "AB") -> list[st
                         continue
                     _remove_filters(ipr, idx, where)  # a stale one, from older pins
                     fresh = dict.fromkeys(CFG_FIELDS, 0)
-                    fresh.update(
-                        ifindex=idx, group=int(ipaddress.IPv4Address(line.group)), port=line.port
-                    )
+                    # several channels share a line's port on groups of their own: any group
+                    group = int(ipaddress.IPv4Address(line.group)) if lc.channels == 1 else 0
+                    fresh.update(ifindex=idx, group=group, port=line.port)
                     maps.set_config(letter, **fresh)
                     maps.reset_counters(letter)
                     try:
