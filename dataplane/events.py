@@ -236,11 +236,11 @@ def stamp(hdr, clk, ts):
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _put(ring, hdr, kind, side, code, flags, locate, seq, itch_ns, rx_ns, price, n, value):
-    """Write one event into the next slot (invisible until ``finish`` stores its version;
-    ``finish`` already marked the slot as being rewritten, ``AHEAD`` slots at a time)."""
-    pos = hdr[H_WRITE]
-    e = ring[pos & (ring.shape[0] - 1)]
+def _put(ring, hdr, w, kind, side, code, flags, locate, seq, itch_ns, rx_ns, price, n, value):
+    """Write event ``w`` into its slot (invisible until ``finish`` stores its version;
+    ``finish`` already marked the slot as being rewritten). Returns ``w + 1``: the write
+    position stays in a register through a packet and reaches ``H_WRITE`` at its end."""
+    e = ring[w & (ring.shape[0] - 1)]
     e.seq = seq
     e.itch_ns = itch_ns
     e.rx_ns = rx_ns
@@ -252,7 +252,7 @@ def _put(ring, hdr, kind, side, code, flags, locate, seq, itch_ns, rx_ns, price,
     e.price = price
     e.n = n
     e.value = value
-    hdr[H_WRITE] = pos + 1  # private until finish: readers wait on versions, not on this
+    return w + 1
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -303,26 +303,29 @@ def finish(ring, hdr, clk, ts, rx_ns):
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _level(ring, hdr, levels, lv, sd, seq, its, rx):
+def _level(ring, hdr, w, levels, lv, sd, seq, its, rx):
     lr = levels[lv]
-    _put(ring, hdr, LEVEL, sd & 1, 0, 0, sd >> 1, seq, its, rx, lr.price, lr.count, lr.shares)
+    return _put(
+        ring, hdr, w, LEVEL, sd & 1, 0, 0, sd >> 1, seq, its, rx, lr.price, lr.count, lr.shares
+    )
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
-def _bbo(ring, hdr, sides, sd, px0, qty0, seq, its, rx):
+def _bbo(ring, hdr, w, sides, sd, px0, qty0, seq, its, rx):
     """A BBO event when side ``sd``'s best level moved from ``(px0, qty0)``."""
     s = sides[sd]
     if s.best_px == px0 and s.best_qty == qty0:
-        return
-    _put(ring, hdr, BBO, sd & 1, 0, 0, sd >> 1, seq, its, rx, s.best_px, 0, s.best_qty)
+        return w
+    return _put(ring, hdr, w, BBO, sd & 1, 0, 0, sd >> 1, seq, its, rx, s.best_px, 0, s.best_qty)
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
 def apply_publish(
-    b, p, t, seq, rx, orders, levels, sides, ladder, htab, stocks, meta, counters, rm, ring, hdr
+    b, p, t, seq, rx, orders, levels, sides, ladder, htab, stocks, meta, counters, rm, ring, hdr, w
 ):
-    """``book.apply_message`` plus the events of the change it made (same contract: 0 or a
-    ``NEED_*`` status, and then nothing was changed or published)."""
+    """``book.apply_message`` plus the events of the change it made, written from position
+    ``w`` on. Returns ``(status, w)``: 0 or a ``NEED_*`` status (then nothing was changed or
+    written), and the next write position."""
     q = p + HEADER_LEN
     locate = rd_u16(b, p + 1)
     its = np.int64(rd_u48(b, p + 5))
@@ -331,16 +334,16 @@ def apply_publish(
         side = np.int64(bk.SIDE_OF[b[q + 8]])
         if side > bk.ASK:
             counters[bk.B_BAD_SIDE] += 1
-            return 0
+            return 0, w
         shares = rd_u32(b, q + 9)
         if shares == 0:
             counters[bk.B_ZERO_SHARES] += 1
-            return 0
+            return 0, w
         sd = np.int64(locate) * 2 + side
         ref = rd_u64(b, q)
         need = bk._fits_add(sides, ladder, orders, levels, htab, meta, sd, ref, rm)
         if need != 0:
-            return need
+            return need, w
         px0 = sides[sd].best_px
         qty0 = sides[sd].best_qty
         price = rd_u32(b, q + 21)
@@ -348,53 +351,54 @@ def apply_publish(
             orders, levels, sides, ladder, htab, meta, counters, ref, sd, price, shares, rm
         )
         if lv == bk.NIL:
-            return 0
+            return 0, w
         if oev:
-            _put(ring, hdr, ORDER_ADD, side, t, 0, locate, seq, its, rx, price, shares, ref)
-        _level(ring, hdr, levels, lv, sd, seq, its, rx)
-        _bbo(ring, hdr, sides, sd, px0, qty0, seq, its, rx)
+            w = _put(ring, hdr, w, ORDER_ADD, side, t, 0, locate, seq, its, rx, price, shares, ref)
+        w = _level(ring, hdr, w, levels, lv, sd, seq, its, rx)
+        w = _bbo(ring, hdr, w, sides, sd, px0, qty0, seq, its, rx)
     elif t == T_D or t == T_E or t == T_C or t == T_X:
         ref = rd_u64(b, q)
         o, hi = bk.ix_find(orders, htab, meta, ref, rm)
         if o == bk.NIL:
             counters[bk.B_UNKNOWN_REF] += 1
-            return 0
+            return 0, w
         sd = np.int64(orders[o].sd)
         px0 = sides[sd].best_px
         qty0 = sides[sd].best_qty
         lv, n = bk._reduce_at(orders, levels, sides, ladder, htab, meta, counters, b, q, t, o, hi)
         if lv == bk.NIL:
-            return 0
+            return 0, w
         price = levels[lv].price
         if oev:
             kind = ORDER_DELETE if t == T_D else (ORDER_CANCEL if t == T_X else ORDER_EXEC)
-            _put(ring, hdr, kind, sd & 1, t, 0, locate, seq, its, rx, price, n, ref)
-        _level(ring, hdr, levels, lv, sd, seq, its, rx)
-        _bbo(ring, hdr, sides, sd, px0, qty0, seq, its, rx)
+            w = _put(ring, hdr, w, kind, sd & 1, t, 0, locate, seq, its, rx, price, n, ref)
+        w = _level(ring, hdr, w, levels, lv, sd, seq, its, rx)
+        w = _bbo(ring, hdr, w, sides, sd, px0, qty0, seq, its, rx)
         if t == T_E or t == T_C:
             shown = np.int64(rd_u32(b, q + 8))  # what the exchange says traded
             tpx = price if t == T_E else rd_u32(b, q + 21)
             fl = F_NON_PRINTABLE if t == T_C and b[q + 20] == 78 else 0
-            _put(ring, hdr, TRADE, sd & 1, t, fl, locate, seq, its, rx, tpx, 0, shown)
+            w = _put(ring, hdr, w, TRADE, sd & 1, t, fl, locate, seq, its, rx, tpx, 0, shown)
     elif t == T_U:
         ref = rd_u64(b, q)
         o, hi = bk.ix_find(orders, htab, meta, ref, rm)
         if o == bk.NIL:
             counters[bk.B_UNKNOWN_REF] += 1
-            return 0
+            return 0, w
         sd = np.int64(orders[o].sd)
         new_ref = rd_u64(b, q + 8)
         need = bk._fits_add(sides, ladder, orders, levels, htab, meta, sd, new_ref, rm)
         if need != 0:
-            return need
+            return need, w
         px0 = sides[sd].best_px
         qty0 = sides[sd].best_qty
         old_shares = orders[o].shares
         lv = bk._remove(orders, levels, sides, ladder, htab, meta, o, hi)
         if oev:
-            _put(
+            w = _put(
                 ring,
                 hdr,
+                w,
                 ORDER_DELETE,
                 sd & 1,
                 t,
@@ -407,7 +411,7 @@ def apply_publish(
                 old_shares,
                 ref,
             )
-        _level(ring, hdr, levels, lv, sd, seq, its, rx)  # now: the freed row may be reused
+        w = _level(ring, hdr, w, levels, lv, sd, seq, its, rx)  # now: the freed row may be reused
         shares = rd_u32(b, q + 16)
         if shares == 0:
             counters[bk.B_ZERO_SHARES] += 1
@@ -418,9 +422,10 @@ def apply_publish(
             )
             if lv != bk.NIL:
                 if oev:
-                    _put(
+                    w = _put(
                         ring,
                         hdr,
+                        w,
                         ORDER_ADD,
                         sd & 1,
                         t,
@@ -433,14 +438,15 @@ def apply_publish(
                         shares,
                         new_ref,
                     )
-                _level(ring, hdr, levels, lv, sd, seq, its, rx)
-        _bbo(ring, hdr, sides, sd, px0, qty0, seq, its, rx)
+                w = _level(ring, hdr, w, levels, lv, sd, seq, its, rx)
+        w = _bbo(ring, hdr, w, sides, sd, px0, qty0, seq, its, rx)
     elif t == T_P:
         side = np.int64(bk.SIDE_OF[b[q + 8]])
         sd_side = side if side <= bk.ASK else NO_SIDE
-        _put(
+        w = _put(
             ring,
             hdr,
+            w,
             TRADE,
             sd_side,
             t,
@@ -454,9 +460,10 @@ def apply_publish(
             np.int64(rd_u32(b, q + 9)),
         )
     elif t == T_Q:
-        _put(
+        w = _put(
             ring,
             hdr,
+            w,
             TRADE,
             NO_SIDE,
             t,
@@ -473,16 +480,16 @@ def apply_publish(
         sym = rd_u64(b, q)
         stocks[locate].symbol = sym
         stocks[locate].named = 1
-        _put(ring, hdr, INSTRUMENT, NO_SIDE, t, 0, locate, seq, its, rx, 0, 0, np.int64(sym))
+        w = _put(ring, hdr, w, INSTRUMENT, NO_SIDE, t, 0, locate, seq, its, rx, 0, 0, np.int64(sym))
     elif t == T_H:
         stocks[locate].state = b[q + 8]
-        _put(ring, hdr, INSTRUMENT, NO_SIDE, t, 0, locate, seq, its, rx, 0, b[q + 8], 0)
+        w = _put(ring, hdr, w, INSTRUMENT, NO_SIDE, t, 0, locate, seq, its, rx, 0, b[q + 8], 0)
     elif t == T_Y:
         stocks[locate].regsho = b[q + 8]
-        _put(ring, hdr, INSTRUMENT, NO_SIDE, t, 0, locate, seq, its, rx, 0, b[q + 8], 0)
+        w = _put(ring, hdr, w, INSTRUMENT, NO_SIDE, t, 0, locate, seq, its, rx, 0, b[q + 8], 0)
     elif t == T_S:
-        _put(ring, hdr, CHANNEL, NO_SIDE, CH_SYSTEM, 0, 0, seq, its, rx, 0, b[q], 0)
-    return 0
+        w = _put(ring, hdr, w, CHANNEL, NO_SIDE, CH_SYSTEM, 0, 0, seq, its, rx, 0, b[q], 0)
+    return 0, w
 
 
 @njit(cache=True, nogil=True, _nrt=False)
@@ -494,6 +501,7 @@ def apply_stream(
     the caller ``finish``-es the packet (also after a ``NEED_*`` stop: what applied is
     published)."""
     rm = bk._ring_mask(meta)
+    w = hdr[H_WRITE]
     while pos < end:
         if pos + bk.FAST_SLACK <= end:  # the common case, as in book.apply_stream
             length = np.int64(rd_u16(b, pos))
@@ -503,7 +511,7 @@ def apply_stream(
                 nxt = p + length + 2
                 bk.prefetch(orders, bk._ring_row(rm, rd_u64(b, nxt + HEADER_LEN)))
                 bk.prefetch(sides, 2 * np.int64(rd_u16(b, nxt + 1)))
-                need = apply_publish(
+                need, w = apply_publish(
                     b,
                     p,
                     t,
@@ -520,8 +528,10 @@ def apply_stream(
                     rm,
                     ring,
                     hdr,
+                    w,
                 )
                 if need != 0:
+                    hdr[H_WRITE] = w
                     return need, pos
                 counters[itch.C_MESSAGES] += 1
                 counters[t] += 1
@@ -530,6 +540,7 @@ def apply_stream(
                 continue
         status, length = frame(b, pos, end)
         if status == TRUNCATED:
+            hdr[H_WRITE] = w
             return TRUNCATED, pos
         p = pos + 2
         t = b[p] if length > 0 else 0
@@ -538,7 +549,7 @@ def apply_stream(
             bk.prefetch(orders, bk._ring_row(rm, rd_u64(b, nxt + HEADER_LEN)))
             bk.prefetch(sides, 2 * np.int64(rd_u16(b, nxt + 1)))
         if status == ITCH_OK:
-            need = apply_publish(
+            need, w = apply_publish(
                 b,
                 p,
                 t,
@@ -555,19 +566,24 @@ def apply_stream(
                 rm,
                 ring,
                 hdr,
+                w,
             )
             if need != 0:
+                hdr[H_WRITE] = w
                 return need, pos
         count_frame(counters, status, t)
         seq += 1
         pos = p + length
+    hdr[H_WRITE] = w
     return ITCH_OK, pos
 
 
 @njit(cache=True, nogil=True, _nrt=False)
 def channel_event(ring, hdr, clk, ts, code, line, seq, value, n):
     """Publish one channel event at once (it is not part of a packet)."""
-    _put(ring, hdr, CHANNEL, line, code, 0, 0, seq, 0, 0, 0, min(n, U32_MAX), value)
+    hdr[H_WRITE] = _put(
+        ring, hdr, hdr[H_WRITE], CHANNEL, line, code, 0, 0, seq, 0, 0, 0, min(n, U32_MAX), value
+    )
     finish(ring, hdr, clk, ts, 0)
 
 
@@ -904,6 +920,28 @@ def readers(channel: str, root: Path | None = None) -> list[dict]:
             }
         )
     return out
+
+
+def ring_status(channel: str, root: Path | None = None) -> dict | None:
+    """The channel's event ring as ``tickwire status`` and the exporter show it (None: no
+    ring): on or off, slots, events published, clock, hugepages, per-order events, and its
+    live readers with their lag (events published they have not read) and laps."""
+    try:
+        hdr = np.fromfile(shm.channel_dir(channel, root) / "events.hdr", np.int64, HDR_LEN)
+    except OSError:
+        return None
+    if len(hdr) < HDR_LEN or hdr[H_MAGIC] != MAGIC:
+        return None
+    return {
+        "on": bool(hdr[H_ON]),
+        "slots": int(hdr[H_SLOTS]),
+        "published": int(hdr[H_WRITE]),
+        "clock": "tsc" if hdr[H_CLOCK] == CLOCK_TSC else "monotonic",
+        "hugepages": bool(hdr[H_HUGEPAGES]),
+        "order_events": bool(hdr[H_ORDER_EVENTS]),
+        "producer_pid": int(hdr[H_PID]),
+        "readers": readers(channel, root),
+    }
 
 
 def symbol_text(value: int) -> str:

@@ -387,3 +387,45 @@ def test_random_loss_still_rebuilds(session):
     copy = Copy()
     copy.apply(events)
     assert sb.digest_of(copy.rows()) == ref.digest()
+
+
+def test_status_and_metrics_show_the_ring_and_its_readers(tmp_path):
+    """``tickwire status`` and the exporter read the ring's header and the readers' registry:
+    events published, slots, clock, and each live reader's lag and laps."""
+    from host.appliance import metrics
+    from host.appliance import status as st_
+
+    assert ev.ring_status("nochan", tmp_path) is None
+    ring = ev.Ring.create("evst", ev.MIN_SLOTS, tsc_hz=0, root=tmp_path)
+    ts = np.zeros(2, np.int64)
+    for i in range(10):
+        ev.channel_event(ring.ring, ring.hdr, ring.clk, ts, ev.CH_SYSTEM, 0, i, 0, 0)
+    reg, path = ev.register_reader("evst", tmp_path)
+    reg[ev.R_CREATED_NS] = ring.hdr[ev.H_CREATED_NS]
+    reg[ev.R_POS], reg[ev.R_LAPPED] = 4, 2
+    s = ev.ring_status("evst", tmp_path)
+    assert (s["on"], s["slots"], s["published"], s["clock"]) == (
+        True,
+        ev.MIN_SLOTS,
+        10,
+        "monotonic",
+    )
+    assert [(r["lag"], r["lapped"]) for r in s["readers"]] == [(6, 2)]
+    text = st_.text({"channel": "evst", "consumer": None, "consumer_error": "x", "events": s})
+    assert "events: 10 published, 4,096 slots, monotonic clock; 1 reader(s), largest lag 6" in text
+    maps = {n: np.zeros(shape, dt) for n, (dt, shape) in shm.REGIONS.items()}
+    fams = {
+        f.name: f.samples[0].value
+        for f in metrics.ConsumerCollector("evst", maps, root=tmp_path).collect()
+        if f.name.startswith("tickwire_event")
+    }
+    assert fams == {
+        "tickwire_events_published": 10,
+        "tickwire_event_ring_on": 1,
+        "tickwire_event_ring_slots": ev.MIN_SLOTS,
+        "tickwire_event_readers": 1,
+        "tickwire_event_reader_lag_max": 6,
+        "tickwire_event_reader_laps": 2,
+    }
+    path.unlink()  # a reader that closed is gone from both
+    assert ev.ring_status("evst", tmp_path)["readers"] == []
