@@ -289,13 +289,12 @@ def finish(ring, hdr, clk, ts, rx_ns):
     shift = hdr[H_SHIFT]
     t_pub = stamp(hdr, clk, ts)
     pub_dt = _dt(t_apply, t_pub)
-    for pos in range(start, end):
+    for pos in range(start, end):  # x86 stores are seen in program order: fields first
         e = ring[pos & mask]
         e.apply_dt = apply_dt
         e.pub_dt = pub_dt
-    compiler_fence()
-    for pos in range(start, end):
-        ring[pos & mask].version = np.uint64(2 * (pos >> shift) + 2)
+        compiler_fence()
+        e.version = np.uint64(2 * (pos >> shift) + 2)
     hdr[P_BATCH] = end
     if hdr[P_AHEAD] < end + AHEAD:
         _invalidate(ring, hdr, end + 2 * AHEAD)
