@@ -208,7 +208,8 @@ def pack_symbol(text: str) -> int:
 
 # --- Python face -------------------------------------------------------------------------------
 class Event(NamedTuple):
-    """One event, decoded (``kind`` by name, ``side`` "B"/"S"/None, ``symbol`` resolved)."""
+    """One event, decoded (``kind`` by name, ``side`` "B"/"S"/None -- a channel event's
+    line, "A"/"B", for line events -- ``symbol`` resolved)."""
 
     kind: str
     seq: int
@@ -247,7 +248,7 @@ class Event(NamedTuple):
         elif self.kind == "channel":
             d["event"] = self.code
             if self.code.startswith("line_"):
-                d["line"] = "AB"[self.side] if self.side in (0, 1) else None
+                d["line"] = self.side
             elif self.code.startswith("gap_"):
                 d.update(first=self.value, count=self.n)
             elif self.code == "end_of_session":
@@ -555,7 +556,7 @@ class Subscriber:
             int(e["itch_ns"]),
             loc,
             symbol,
-            "BS"[side] if side in (0, 1) and kind != ev.CHANNEL else None,
+            ("AB" if kind == ev.CHANNEL else "BS")[side] if side in (0, 1) else None,
             int(e["price"]),
             int(e["n"]),
             int(e["value"]),

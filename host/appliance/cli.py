@@ -193,6 +193,53 @@ def add_parsers(sub) -> None:
     ag.add_argument("--once", metavar="REQUEST", help="answer one request on stdout and exit")
     ag.set_defaults(func=_agent)
 
+    ta = verb(
+        sub,
+        "tail",
+        "follow a channel's live stream: BBO changes, trades, channel state",
+        """examples:
+  tickwire tail                                  every stock of run.channel, readable lines
+  tickwire tail AAPL MSFT --channel bx           two symbols of channel bx
+  tickwire tail AAPL --json --snapshot           snapshot, then every event, one JSON a line
+  tickwire tail --ladder AAPL --levels 8         a refreshing depth ladder (q quits)
+  tickwire tail --snapshot --until-eos --digest  the session's end: the rebuilt levels' digest
+
+Exit status: 0 done, 1 the stream stopped short (consumer stopped, no end of session),
+2 usage error or a channel that cannot be followed.
+""",
+    )
+    ta.add_argument(
+        "symbols", nargs="*", metavar="SYMBOL", help="tickers or locates (default: every stock)"
+    )
+    ta.add_argument("--channel", help="the channel (default: run.channel of --config)")
+    ta.add_argument("--config", metavar="FILE", help="TOML configuration ([run] channel)")
+    ta.add_argument("--json", action="store_true", help="every event, one JSON object a line")
+    ta.add_argument("--ladder", metavar="SYMBOL", help="a full-screen depth ladder of SYMBOL")
+    ta.add_argument("--levels", type=positive, default=10, help="ladder levels a side (10)")
+    ta.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="print the book as of joining first (else only the changes after it)",
+    )
+    ta.add_argument("--until-eos", action="store_true", help="exit at the end of session")
+    ta.add_argument(
+        "--digest",
+        action="store_true",
+        help="with --snapshot --until-eos: print only one JSON object, the digest of the "
+        "rebuilt levels (tickwire book's)",
+    )
+    ta.add_argument(
+        "--after",
+        type=positive,
+        default=0,
+        metavar="SEQ",
+        help="get ready, then join once the channel has taken SEQ messages",
+    )
+    ta.add_argument("--core", type=int, metavar="N", help="pin this process to CPU N")
+    ta.add_argument("--count", type=positive, metavar="N", help="exit after N events")
+    ta.add_argument("--seconds", type=positive_float, metavar="S", help="exit after S seconds")
+    ta.set_defaults(func=_tail)
+
 
 def _config_options(p: argparse.ArgumentParser, tables: str, lab_help: str) -> None:
     p.add_argument("--config", metavar="FILE", help=f"TOML configuration ({tables})")
@@ -355,3 +402,9 @@ def _agent(args: argparse.Namespace) -> int:
         return 0
     agent.serve(args.port)
     return 0
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from host.appliance import tail
+
+    return tail.main(args)

@@ -122,6 +122,10 @@ def _loop_state(cfg: Config, maps: dict, book):
     )
     touched = np.zeros(256, np.int64)
     ring = maps["ring"] if "ring" in maps else events.Ring.off()
+    # map the ring's pages into this process now (a fork inherits the mapping, not its page
+    # table entries): the first lap must not take a fault per page; nothing reads it yet
+    pages = ring[0].view(np.uint8)[::4096]
+    pages[:] = pages.copy()
 
     def bk_():
         return (*book.arrays(), maps["bbo"], touched, maps["latency"], *ring)

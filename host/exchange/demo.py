@@ -3,7 +3,9 @@
 Lab up -> the appliance runs in the lab's appliance namespace (AF_XDP when it can attach
 XDP, else kernel sockets, said once) -> the simulator publishes a generated session on
 lines A and B -> the appliance's books must end with the same digest as ``tickwire book``
-on the same file -> a human summary -> lab down, whatever happened.
+on the same file, and so must a local client (``tickwire tail --snapshot --until-eos
+--digest``) that joins a third of the way in and rebuilds the levels from a snapshot and the
+event ring -> a human summary -> lab down, whatever happened.
 
 Without root (no namespaces) it says so and runs the offline part only.
 """
@@ -83,7 +85,7 @@ def main() -> int:
     cfg = config.load(cfg_path)
     _step(3, f"lab up: namespaces {cfg.lab.exchange_ns} and {cfg.lab.appliance_ns}, lines A and B")
     lab.up(cfg.lab)
-    app = None
+    app = sim = client = None
     shm.remove(CHANNEL)  # a stale "running" flag from an earlier run must not fool us
     try:
         _step(4, "appliance: tickwire run (AF_XDP if XDP attaches, else kernel sockets)")
@@ -94,8 +96,14 @@ def main() -> int:
             text=True,
         )
         appliance.wait_consumer(CHANNEL, app)
-        _step(5, f"simulator: {MESSAGES:,} messages on A and B at {RATE:,} msgs/s")
-        sim = subprocess.run(
+        client = _local_client()
+        client.stderr.readline()  # "ready" (its code warm), or nothing if it failed
+        _step(
+            5,
+            f"simulator: {MESSAGES:,} messages on A and B at {RATE:,} msgs/s; a local client"
+            " (tickwire tail) joins a third of the way in",
+        )
+        sim = subprocess.Popen(
             _cli(
                 "sim",
                 "--config",
@@ -108,14 +116,17 @@ def main() -> int:
                 "1",
                 "--json",
             ),
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             preexec_fn=_pin(0),
         )
+        sim_out, sim_err = sim.communicate(timeout=300)
         if sim.returncode != 0:
-            print(f"simulator failed: {sim.stderr.strip()}")
+            print(f"simulator failed: {sim_err.strip()}")
             return 1
-        sim_s = json.loads(sim.stdout)
+        sim_s = json.loads(sim_out)
+        tail_s = _client_result(client)
         stdout, stderr = app.communicate(timeout=300)
         if app.returncode != 0:
             print(f"appliance failed: {stderr.strip()}")
@@ -124,15 +135,42 @@ def main() -> int:
         for line in stderr.splitlines():
             print(f"      {line}")
         _step(6, "summary")
-        ok = _summary(s, sim_s, result, book)
+        ok = _summary(s, sim_s, result, book, tail_s)
     finally:
-        if app is not None and app.poll() is None:
-            app.kill()
-            app.wait()
+        for proc in (app, sim, client):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
         lab.down(cfg.lab)
         shm.remove(CHANNEL)
         print(f"      lab {PREFIX} and the demo's shared memory removed")
     return 0 if ok else 1
+
+
+def _local_client() -> subprocess.Popen:
+    """A local client that gets ready, snapshots the book once a third of the session is
+    taken, follows the event ring to the end of session and prints the digest of the levels
+    it rebuilt (``tickwire tail --snapshot --until-eos --digest --after N``)."""
+    after = str(MESSAGES // 3)
+    return subprocess.Popen(
+        _cli(
+            "tail", "--channel", CHANNEL, "--snapshot", "--until-eos", "--digest", "--after", after
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_pin(0),
+    )
+
+
+def _client_result(client: subprocess.Popen | None) -> dict | None:
+    if client is None:
+        return None
+    out, err = client.communicate(timeout=120)
+    if client.returncode != 0:
+        print(f"      local client failed: {err.strip()}")
+        return None
+    return json.loads(out)
 
 
 def _last_cpu() -> int:
@@ -140,7 +178,7 @@ def _last_cpu() -> int:
     return cpus[-1] if len(cpus) > 1 else -1
 
 
-def _summary(s: dict, sim_s: dict, ref: dict, book) -> bool:
+def _summary(s: dict, sim_s: dict, ref: dict, book, client: dict | None) -> bool:
     secs = sim_s["seconds"]
     print(f"  receive path      {s['mode']}")
     print(
@@ -187,7 +225,17 @@ def _summary(s: dict, sim_s: dict, ref: dict, book) -> bool:
             else f"!= tickwire book {ref['digest'][:16]}…: BOOKS DIFFER"
         )
     )
-    return same and s["taken"] == sim_s["last_seq"]
+    client_ok = client is not None and client["digest"] == ref["digest"]
+    if client is None:
+        print("  local client      did not finish: NO DIGEST")
+    else:
+        print(
+            f"  local client      joined at seq {client['snapshot_seq']:,}, read "
+            f"{client['events']:,} events, lapped {client['lapped']}, digest "
+            f"{client['digest'][:16]}… "
+            + ("== tickwire book" if client_ok else "!= tickwire book: CLIENT DIFFERS")
+        )
+    return same and client_ok and s["taken"] == sim_s["last_seq"]
 
 
 if __name__ == "__main__":
