@@ -1,4 +1,4 @@
-"""``tickwire bench book|sim|rx|failover``: ``add_parsers`` declares the verb and its
+"""``tickwire bench book|sim|rx|failover|publish``: ``add_parsers`` declares the verb and its
 sub-verbs on ``tickwire``'s verb list; each sub-verb calls its benchmark's typed function
 and prints the report (``--json``: the result as JSON)."""
 
@@ -13,8 +13,10 @@ from host.cli import positive, positive_float, verb
 EPILOG = """examples:
   tickwire bench book                            5M messages on 100 and on 9,000 stocks
   tickwire bench sim                             publisher rate, 5M messages, private lab
-  tickwire bench rx                              AF_XDP vs sockets vs XDP_DROP, latency, jitter
+  tickwire bench rx                              AF_XDP vs sockets vs XDP_DROP, latency, jitter,
+                                                 event ring on vs off
   tickwire bench failover                        line cut -> other line; gap-fill latency
+  tickwire bench publish                         event ring on vs off; publish-to-reader latency
 """
 EPILOG_BOOK = """examples:
   tickwire bench book                            5M messages on 100 and on 9,000 stocks
@@ -34,6 +36,12 @@ EPILOG_FAILOVER = """examples:
   tickwire bench failover                        AF_XDP, 300,000 messages at 200,000/s (root)
   tickwire bench failover --mode socket --cut-ms 500 --json
 """
+EPILOG_PUBLISH = """examples:
+  tickwire bench publish                         2M messages offline, best of 5; latency
+  tickwire bench publish --messages 100000 --repeat 1 --json
+  tickwire bench publish --pace 2000000 --reader-core 1
+  tickwire bench publish --lab                   also the appliance, events off vs on (root)
+"""
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -48,6 +56,7 @@ def _counts(text: str) -> tuple[int, ...]:
 
 
 def add_parsers(sub) -> None:
+    from host.bench.publish import PublishOptions
     from host.bench.rx import RxOptions
 
     be = verb(sub, "bench", "benchmarks, as ratios against a baseline in the same run", EPILOG)
@@ -117,6 +126,12 @@ def add_parsers(sub) -> None:
     )
     br.add_argument("--modes", default=d.modes, help="paths to measure (xdp,socket)")
     br.add_argument("--prefix", help="lab prefix (tbrx<pid>)")
+    br.add_argument(
+        "--publish-messages",
+        type=int,
+        default=d.publish_messages,
+        help="event ring phase: session size (500000; 0: skip)",
+    )
     br.add_argument("--json", action="store_true", help="machine-readable output")
     br.set_defaults(func=_rx)
 
@@ -132,6 +147,49 @@ def add_parsers(sub) -> None:
     bf.add_argument("--mode", choices=["xdp", "socket"], default="xdp", help="receive path")
     bf.add_argument("--json", action="store_true", help="machine-readable output")
     bf.set_defaults(func=_failover)
+
+    p = PublishOptions()
+    bp = verb(
+        what,
+        "publish",
+        "consumer messages/s with the event ring on vs off; publish-to-reader latency",
+        EPILOG_PUBLISH,
+    )
+    bp.add_argument("--messages", type=positive, default=p.messages, help="session size (2M)")
+    bp.add_argument("--stocks", type=positive, default=p.stocks, help="stocks (100)")
+    bp.add_argument("--seed", type=int, default=p.seed, help="generator seed (1)")
+    bp.add_argument("--session", metavar="FILE", help="use this ITCH file instead")
+    bp.add_argument(
+        "--repeat", type=positive, default=p.repeat, help="rounds, each timing off, on, order (5)"
+    )
+    bp.add_argument(
+        "--slots", type=positive, default=p.slots, help="ring slots, on and order (run's: 262144)"
+    )
+    bp.add_argument(
+        "--pace", type=positive_float, default=p.pace, help="latency phase msgs/s (1000000)"
+    )
+    bp.add_argument(
+        "--producer-core", type=int, default=p.producer_core, help="CPU of the producer (0)"
+    )
+    bp.add_argument(
+        "--reader-core", type=int, default=p.reader_core, help="CPU of the reader (-1: last)"
+    )
+    bp.add_argument("--no-latency", action="store_true", help="skip the publish-to-reader phase")
+    bp.add_argument(
+        "--lab", action="store_true", help="also the appliance in a private lab, events off/on"
+    )
+    bp.add_argument(
+        "--lab-mode", choices=["xdp", "socket"], default=p.lab_mode, help="lab receive path (xdp)"
+    )
+    bp.add_argument(
+        "--lab-rate",
+        type=int,
+        default=p.lab_rate,
+        help="lab sim msgs/s (2000000; 0: as fast as it can)",
+    )
+    bp.add_argument("--prefix", help="lab prefix (tbp<pid>)")
+    bp.add_argument("--json", action="store_true", help="machine-readable output")
+    bp.set_defaults(func=_publish)
 
 
 def _book(args: argparse.Namespace) -> int:
@@ -171,6 +229,7 @@ def _rx(args: argparse.Namespace) -> int:
             consumer_core=args.consumer_core,
             modes=args.modes,
             prefix=args.prefix,
+            publish_messages=args.publish_messages,
         )
     )
     print(
@@ -185,4 +244,34 @@ def _failover(args: argparse.Namespace) -> int:
 
     r = failover.bench_failover(args.messages, args.rate, args.cut_ms, args.mode)
     print(json.dumps({"bench": "failover", "result": r}) if args.json else failover.text(r))
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from host.bench import publish
+
+    r = publish.bench_publish(
+        publish.PublishOptions(
+            messages=args.messages,
+            stocks=args.stocks,
+            seed=args.seed,
+            session=args.session,
+            repeat=args.repeat,
+            slots=args.slots,
+            pace=args.pace,
+            producer_core=args.producer_core,
+            reader_core=args.reader_core,
+            latency=not args.no_latency,
+            lab=args.lab,
+            lab_mode=args.lab_mode,
+            lab_rate=args.lab_rate,
+            prefix=args.prefix,
+        )
+    )
+    print(
+        json.dumps({"bench": "publish", "result": r}, indent=2)
+        if args.json
+        else publish.publish_text(r),
+        flush=True,
+    )
     return 0

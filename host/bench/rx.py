@@ -1,6 +1,7 @@
 """``tickwire bench rx``: the receive path against the XDP_DROP ceiling of the same veth, in
-one run, in a private lab. Nothing here asserts; it measures and says whether the targets
-were met.
+one run, in a private lab, then what publishing to the event ring costs the consumer and
+how soon a reader on another core sees it. Nothing here asserts; it measures and says
+whether the targets and budgets were met.
 
 The sender is ``host.exchange.pktgen`` (an XDP program run with BPF_PROG_RUN live frames out of
 ``ex-a``, pinned to ``sender_core``); everything is sent on line A (``ex-a`` -> ``feed-a``).
@@ -38,6 +39,14 @@ stays bounded; messages/s). In order:
 4. Ratios (AF_XDP loss-free / socket loss-free, AF_XDP / XDP_DROP ceiling, both for 64-byte
    packets/s) and targets: >= 3x, >= 75 %, AF_XDP p50 < 10 us at ``latency_rate`` (small
    packets).
+5. The event ring, once the lab is down (``publish_messages`` 0 skips it):
+   ``tickwire bench publish``'s offline phases (``host.bench.publish``) on a generated
+   session of ``publish_messages``: consumer messages/s through the consumer's per-packet
+   path with the ring off, on, and on with per-order events (ratios against off, best of
+   3, and issue 16's budget: on >= 90 % of off), and publish-to-reader latency with the
+   producer on ``sender_core`` and a reader process on ``consumer_core``. Offline, because
+   in this lab the consumer waits on the network: the ratio there is close to 1 whatever
+   the ring costs (``tickwire bench publish --lab`` measures it on the appliance).
 
 On veth the generator, the peer's XDP program, the AF_XDP copy and the kernel UDP stack all
 run on the sender's core; the consumer's core runs only the consumer. The lab is removed on
@@ -80,6 +89,7 @@ class RxOptions:
     consumer_core: int = -1  # -1: the last CPU this process may use
     modes: str = "xdp,socket"
     prefix: str | None = None  # lab prefix (default tbrx<pid>)
+    publish_messages: int = 500_000  # the event ring phase's session (0: skip it)
 
 
 TARGET_VS_SOCKET = 3.0
@@ -501,6 +511,38 @@ def _path(pg, cfg, mode: str, o: dict, workdir: Path, ceilings: dict, log) -> di
     return out
 
 
+def publish_phase(o: dict) -> dict:
+    """``tickwire bench publish``'s offline phases, small (module doc, step 5)."""
+    from host.bench import publish
+
+    say(f"event ring: {o['publish_messages']:,} messages offline, ring off / on / order events")
+    return publish.bench_publish(
+        publish.PublishOptions(
+            messages=o["publish_messages"],
+            repeat=3,
+            producer_core=o["sender_core"],
+            reader_core=o["consumer_core"],
+            latency=o["sender_core"] != o["consumer_core"],
+        )
+    )
+
+
+def publish_lines(p: dict) -> list[str]:
+    """The event ring's figures in ``rx_text``."""
+    from host.bench import publish
+
+    f = p["offline"]
+    lines = [
+        f"  event ring, offline ({p['messages']:,} msgs, consumer's per-packet path): ring off "
+        f"{f['off']['msgs_per_s'] / 1e6:.2f}, on {f['on']['msgs_per_s'] / 1e6:.2f}, with order "
+        f"events {f['order']['msgs_per_s'] / 1e6:.2f} M msgs/s",
+        f"    {publish.budget_line(f)}",
+    ]
+    if "latency_ns" in p:
+        lines += ["    " + ln for ln in publish.latency_lines(p["latency_ns"])]
+    return lines
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -583,6 +625,8 @@ def bench_rx(opts: RxOptions = RxOptions()) -> dict:
         if pg is not None:
             pg.close()
         lab.down(cfg.lab)
+    if o["publish_messages"] > 0:
+        result["publish"] = publish_phase(o)
     result["ratios"], result["targets"] = _verdict(result)
     result["seconds"] = time.monotonic() - t0
     return result
@@ -692,6 +736,8 @@ def rx_text(r: dict) -> str:
         f"{x(ra['af_xdp_vs_xdp_drop_full'])}",
         f"  AF_XDP receive-to-book p50 < 10 us at {r['latency_rate_pps'] / 1e3:.0f}k packets/s: "
         f"{_met(t['af_xdp_p50_under_10us'])}",
-        f"  ({r['seconds']:.0f} s in all)",
     ]
+    if "publish" in r:
+        lines += publish_lines(r["publish"])
+    lines.append(f"  ({r['seconds']:.0f} s in all)")
     return "\n".join(lines)
