@@ -102,7 +102,7 @@ class ConsumerCollector:
         yield from self._book(c[shm.BOOK_BASE :])
         yield latency_histogram(
             "tickwire_receive_to_book_seconds",
-            "Receive (XDP stamp or recvmmsg return) to book applied, per packet",
+            "Receive (XDP stamp or the kernel's SO_TIMESTAMPING stamp) to book applied, per packet",
             self.channel,
             self.m["latency"],
         )

@@ -23,9 +23,10 @@ stays bounded; messages/s). In order:
      (one add and its delete, 121-byte frames) and full ones: receive-to-book percentiles
      from the consumer's histogram, the part of it written during the phase. In AF_XDP
      mode that is from the XDP program's ``bpf_ktime_get_ns`` stamp on ``feed-a`` (before
-     the AF_XDP copy) to the packet applied to the book; in socket mode from the return
-     of ``recvmmsg`` to the book -- the kernel's UDP stack and the socket queue are *not*
-     in it, so the two are not the same measurement.
+     the AF_XDP copy) to the packet applied to the book; in socket mode from the kernel's
+     software receive stamp (``SO_TIMESTAMPING``, taken as the packet enters the stack,
+     moved to ``CLOCK_MONOTONIC``) to the book -- the UDP stack and the socket queue are
+     in it, so the two paths compare like for like.
    - the highest loss-free rate for each frame size: one step at full speed (if nothing is
      lost the path took everything the sender could send while the sender's core also did
      the path's kernel-side work, and the rate is marked ``sender_bound``: the path's own
@@ -701,7 +702,7 @@ def rx_text(r: dict) -> str:
     lines.append(_row("receive to book, us", ["p50", "p99", "p99.9"]))
     for key, name, what in (
         ("af_xdp", "AF_XDP", "from the XDP stamp"),
-        ("socket", "socket", "from recvmmsg return"),
+        ("socket", "socket", "from the kernel's receive stamp"),
     ):
         if key not in r or "error" in r[key]:
             continue

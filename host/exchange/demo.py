@@ -200,7 +200,7 @@ def _summary(s: dict, sim_s: dict, ref: dict, book, client: dict | None) -> bool
         )
     lat = s["latency_ns"]
     if lat.get("count"):
-        what = "XDP stamp" if s["mode"] == "xdp" else "recvmmsg return"
+        what = "XDP stamp" if s["mode"] == "xdp" else "kernel's receive stamp"
         print(
             f"  receive -> book   p50 {lat['p50'] / 1e3:.1f} us  p99 {lat['p99'] / 1e3:.1f} us"
             f"  p99.9 {lat['p99.9'] / 1e3:.1f} us  (from the {what}, "
