@@ -762,8 +762,8 @@ def _check_shared(runs: list[RunConfig], ats: list[str]) -> None:
                     )
 
 
-def _cpus_text(cpus: set[int]) -> str:
-    """``{0, 1, 2, 5}`` as the cpulist "0-2,5"."""
+def cpus_text(cpus) -> str:
+    """A set of CPUs as a canonical cpulist (``{0, 1, 2, 5}``: "0-2,5"); "" for none."""
     out, run = [], []
     for c in sorted(cpus):
         if run and c == run[-1] + 1:
@@ -789,12 +789,12 @@ def check_cores(cfgs: list[Config], cpus: set[int] | frozenset[int] | None = Non
         if run.core not in cpus:
             who = f"channel {run.channel}: core" if several else "run.core:"
             raise ConfigError(
-                f"{who} {run.core} is not a CPU this host offers (CPUs {_cpus_text(cpus)})"
+                f"{who} {run.core} is not a CPU this host offers (CPUs {cpus_text(cpus)})"
             )
     if len(pinned) > len(cpus):
         raise ConfigError(
             f"channels {', '.join(r.channel for r in pinned)}: {len(pinned)} pinned "
-            f"consumers, but this host offers {len(cpus)} CPUs ({_cpus_text(cpus)})"
+            f"consumers, but this host offers {len(cpus)} CPUs ({cpus_text(cpus)})"
         )
 
 

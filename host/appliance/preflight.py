@@ -50,7 +50,7 @@ from pathlib import Path
 from dataplane import ethtool
 from dataplane.ethtool import EthtoolError
 from host import netns as nsmod
-from host.config import STAGES, Config, cpulist
+from host.config import STAGES, Config, cpulist, cpus_text
 
 RUNTIME = "runtime"
 ALL_STAGES = (RUNTIME, *STAGES)
@@ -149,21 +149,6 @@ def status_of(checks: list[Check] | tuple[Check, ...]) -> str:
 def mask_value(text: str) -> int:
     """A kernel hex cpumask ("00000000,00000003", "3", "c") as an integer."""
     return int(text.strip().replace(",", "") or "0", 16)
-
-
-def cpus_text(cpus) -> str:
-    """A set of CPUs as a canonical cpulist ("0-3,8"); "" for none."""
-    out, run = [], []
-    for c in sorted(cpus):
-        if run and c == run[-1] + 1:
-            run.append(c)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [c]
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
 
 
 def param_cpus(value: str | None) -> frozenset[int] | None:
