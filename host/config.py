@@ -295,12 +295,61 @@ class ChannelConfig:
 
 
 @dataclass(frozen=True)
+class WorldViewConfig:
+    """``tickwire world``: one consolidated best bid and offer per symbol across channels
+    (venues), served over gRPC (host/appliance/worldview.py)."""
+
+    # gRPC endpoint "host:port" the world view serves on
+    listen: str = "127.0.0.1:50551"
+    # the channels (venues) it aggregates, by name; [] = every channel of this
+    # configuration ([[channel]] tables, or run.channel; the lab's with --lab)
+    channels: tuple[str, ...] = ()
+    # tickers it keeps (1-8 characters); [] = every symbol of every venue
+    symbols: tuple[str, ...] = ()
+    # WatchBBO streams served at once (each holds a server thread)
+    max_watchers: int = 64
+
+
+@dataclass(frozen=True)
+class FeedServerConfig:
+    """``tickwire serve``: the event rings over WebSocket (``tw-v1`` frames,
+    host/appliance/feed.py) to remote clients."""
+
+    # the address it listens on ("0.0.0.0": every interface of its namespace)
+    listen: str = "0.0.0.0"
+    port: int = 8765
+    # the tokens a client may present (``Authorization: Bearer <token>``), and/or a file of
+    # them, one a line ("#" comments); neither: no token needed
+    tokens: tuple[str, ...] = ()
+    token_file: str = ""
+    # TLS (wss://) when both are set: PEM certificate (chain) and its private key
+    tls_cert: str = ""
+    tls_key: str = ""
+    # connections served at once; one more is refused (HTTP 503)
+    max_clients: int = 64
+    # frames a client's send queue holds beyond the socket's buffer: full = evicted
+    queue_frames: int = 1024
+    # a client whose socket has taken nothing for this long is evicted
+    stall_timeout_s: float = 5.0
+    # a heartbeat frame after this long without a frame
+    heartbeat_s: float = 1.0
+    # events kept per channel for from_seq replays (a power of two, >= 4096)
+    retention_events: int = 1 << 20
+    # the channels served; [] = every channel of this configuration
+    channels: tuple[str, ...] = ()
+    # Prometheus endpoint "host:port" of the tickwire_feed_* metrics ("" = none)
+    metrics: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     lab: LabConfig = field(default_factory=LabConfig)
     feed: FeedConfig = field(default_factory=FeedConfig)
     run: RunConfig = field(default_factory=RunConfig)
     host: HostConfig = field(default_factory=HostConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    feed_server: FeedServerConfig = field(default_factory=FeedServerConfig)
+    world_view: WorldViewConfig = field(default_factory=WorldViewConfig)
     # [[channel]] tables; none: one channel, [run] itself (channel_configs)
     channel: tuple[ChannelConfig, ...] = ()
 
@@ -579,8 +628,94 @@ def validate(cfg: Config) -> Config:
     _validate_channels(cfg)
     _validate_host(cfg.host)
     _validate_image(cfg.image)
+    _validate_feed_server(cfg.feed_server)
+    _validate_world_view(cfg.world_view)
     _check_session("feed.session", cfg.feed.session)
     return cfg
+
+
+def _validate_world_view(wv: WorldViewConfig) -> None:
+    host = host_port(wv.listen, "world_view.listen")[0]
+    try:  # 0.0.0.0: every interface
+        if ipaddress.IPv4Address(host).is_multicast:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"world_view.listen: {host!r} is not a unicast IPv4 address (or 0.0.0.0)"
+        ) from None
+    seen: set[str] = set()
+    for name in wv.channels:
+        if not _CHANNEL.match(name):
+            raise ConfigError(
+                f"world_view.channels: {name!r} must be letters, digits, - or _ (1-32 characters)"
+            )
+        if name in seen:
+            raise ConfigError(f"world_view.channels: {name!r} is listed twice")
+        seen.add(name)
+    for sym in wv.symbols:
+        if not (1 <= len(sym) <= 8 and sym.isascii() and sym.isprintable() and " " not in sym):
+            raise ConfigError(f"world_view.symbols: {sym!r} is not a ticker (1-8 characters)")
+    if not 1 <= wv.max_watchers <= 4096:
+        raise ConfigError(f"world_view.max_watchers: {wv.max_watchers} is outside 1..4096")
+
+
+def world_view_channels(cfg: Config) -> list[str]:
+    """The venues ``tickwire world`` aggregates: ``world_view.channels``, or every channel
+    of ``cfg`` (``channel_configs``)."""
+    return list(cfg.world_view.channels) or [c.run.channel for c in channel_configs(cfg)]
+
+
+def _validate_feed_server(fs: FeedServerConfig) -> None:
+    try:
+        if ipaddress.IPv4Address(fs.listen).is_multicast:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"feed_server.listen: {fs.listen!r} is not a unicast IPv4 address (or 0.0.0.0)"
+        ) from None
+    _check_port("feed_server.port", fs.port)
+    for t in fs.tokens:
+        if not t or not t.isascii() or not t.isprintable() or " " in t:
+            raise ConfigError("feed_server.tokens: a token must be printable ASCII, no spaces")
+    if bool(fs.tls_cert) != bool(fs.tls_key):
+        key = "tls_key" if fs.tls_cert else "tls_cert"
+        raise ConfigError(f"feed_server.{key}: TLS needs both tls_cert and tls_key")
+    if not 1 <= fs.max_clients <= 100_000:
+        raise ConfigError(f"feed_server.max_clients: {fs.max_clients} is outside 1..100000")
+    if not 1 <= fs.queue_frames <= 1 << 20:
+        raise ConfigError(f"feed_server.queue_frames: {fs.queue_frames} is outside 1..1048576")
+    for key in ("stall_timeout_s", "heartbeat_s"):
+        if not 0 < getattr(fs, key) <= 3600:
+            raise ConfigError(f"feed_server.{key}: {getattr(fs, key)} is outside (0, 3600]")
+    r = fs.retention_events
+    if r < 4096 or r & (r - 1) or r > 1 << 28:
+        raise ConfigError(
+            f"feed_server.retention_events: {r} is not a power of two in 4096..268435456"
+        )
+    for name in fs.channels:
+        if not _CHANNEL.match(name):
+            raise ConfigError(
+                f"feed_server.channels: {name!r} must be letters, digits, - or _ (1-32 characters)"
+            )
+    if len(set(fs.channels)) != len(fs.channels):
+        raise ConfigError("feed_server.channels: a channel is listed twice")
+    if fs.metrics:
+        host_port(fs.metrics, "feed_server.metrics")
+
+
+def feed_server_tokens(fs: FeedServerConfig) -> frozenset[str]:
+    """``tokens`` and the lines of ``token_file``. Raises ``ConfigError`` naming the key."""
+    tokens = set(fs.tokens)
+    if fs.token_file:
+        try:
+            text = Path(fs.token_file).read_text()
+        except OSError as e:
+            raise ConfigError(f"feed_server.token_file: {fs.token_file}: {e.strerror}") from None
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                tokens.add(line)
+    return frozenset(tokens)
 
 
 def _validate_lab_channels(lab: LabConfig) -> None:

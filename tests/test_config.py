@@ -184,6 +184,39 @@ def test_cpu_isolation_promises_name_the_key_of_a_bad_value(host, why):
         config.from_dict({"host": host})
 
 
+# --- [world_view] ----------------------------------------------------------------------------
+def test_the_world_view_aggregates_every_channel_unless_told_which():
+    cfg = config.from_dict({})
+    assert cfg.world_view.listen == "127.0.0.1:50551" and cfg.world_view.symbols == ()
+    assert config.world_view_channels(cfg) == ["totalview"]
+    lab3 = config.for_lab(config.with_lab(prefix="twv", channels=3))
+    assert config.world_view_channels(lab3) == ["totalview", "ch1", "ch2"]
+    cfg = config.from_dict(
+        {"world_view": {"channels": ["nq", "bx"], "symbols": ["AAPL"], "listen": "0.0.0.0:7"}}
+    )
+    assert config.world_view_channels(cfg) == ["nq", "bx"]
+    assert (cfg.world_view.listen, cfg.world_view.symbols) == ("0.0.0.0:7", ("AAPL",))
+
+
+@pytest.mark.parametrize(
+    ("table", "why"),
+    [
+        ({"listen": "127.0.0.1"}, r"^world_view\.listen: .*must be host:port"),
+        ({"listen": "239.1.1.1:80"}, r"^world_view\.listen: '239\.1\.1\.1' is not a unicast"),
+        ({"listen": "feed.example:80"}, r"^world_view\.listen: 'feed\.example' is not a"),
+        ({"channels": "nq"}, r"^world_view\.channels: expected a list of strings"),
+        ({"channels": ["nq", "nq"]}, r"^world_view\.channels: 'nq' is listed twice"),
+        ({"channels": ["n q"]}, r"^world_view\.channels: 'n q' must be letters"),
+        ({"symbols": ["TOOLONGSYM"]}, r"^world_view\.symbols: 'TOOLONGSYM' is not a ticker"),
+        ({"max_watchers": 0}, r"^world_view\.max_watchers: 0 is outside 1\.\.4096"),
+        ({"venues": ["nq"]}, r"^world_view\.venues: unknown key \(known: channels, listen"),
+    ],
+)
+def test_a_bad_world_view_table_names_its_key(table, why):
+    with pytest.raises(config.ConfigError, match=why):
+        config.from_dict({"world_view": table})
+
+
 # --- the README's examples -----------------------------------------------------------------
 def test_the_readme_configuration_examples_load():
     blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
@@ -194,3 +227,30 @@ def test_the_readme_configuration_examples_load():
             assert len(config.require_channel_lines(cfg)) > 1
         elif "[run.line_a]" in text:
             config.require_lines(cfg.run)
+
+
+def test_feed_server_table_is_validated_naming_the_key(tmp_path):
+    from host import config as hc
+
+    fs = hc.from_dict({"feed_server": {"port": 9001, "tokens": ["a1"], "channels": ["bx"]}})
+    assert fs.feed_server.port == 9001 and fs.feed_server.retention_events == 1 << 20
+    for table, msg in [
+        ({"port": 0}, "feed_server.port: port 0 is outside"),
+        ({"listen": "239.1.1.1"}, "feed_server.listen:"),
+        ({"tls_cert": "c.pem"}, "feed_server.tls_key: TLS needs both"),
+        ({"retention_events": 5000}, "feed_server.retention_events: 5000"),
+        ({"queue_frames": 0}, "feed_server.queue_frames: 0"),
+        ({"stall_timeout_s": 0}, "feed_server.stall_timeout_s: 0"),
+        ({"channels": ["a", "a"]}, "feed_server.channels: a channel is listed twice"),
+        ({"tokens": ["has space"]}, "feed_server.tokens:"),
+        ({"metrics": "nope"}, "feed_server.metrics:"),
+        ({"max_client": 3}, "feed_server.max_client: unknown key"),
+    ]:
+        with pytest.raises(hc.ConfigError, match=msg):
+            hc.from_dict({"feed_server": table})
+    tf = tmp_path / "tokens"
+    tf.write_text("# comment\nt1\n\nt2  # trailing\n")
+    cfg = hc.FeedServerConfig(tokens=("t0",), token_file=str(tf))
+    assert hc.feed_server_tokens(cfg) == {"t0", "t1", "t2"}
+    with pytest.raises(hc.ConfigError, match="feed_server.token_file: .*missing"):
+        hc.feed_server_tokens(hc.FeedServerConfig(token_file=str(tmp_path / "missing")))

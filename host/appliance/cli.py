@@ -240,6 +240,85 @@ Exit status: 0 done, 1 the stream stopped short (consumer stopped, no end of ses
     ta.add_argument("--seconds", type=positive_float, metavar="S", help="exit after S seconds")
     ta.set_defaults(func=_tail)
 
+    se = verb(
+        sub,
+        "serve",
+        "serve the event rings to remote clients over WebSocket (tw-v1 frames)",
+        """examples:
+  tickwire serve --lab                           the lab's channels, in its appliance namespace
+  tickwire serve --config /etc/tickwire/tickwire.toml
+
+[feed_server] sets the address, port, tokens, TLS, limits and channels; it runs until
+SIGTERM or SIGINT. Clients: tickwire client ws://HOST:PORT/feed?channel=C&snapshot=1
+""",
+    )
+    _config_options(se, "[feed_server], [run]", "the lab's channels, in its appliance namespace")
+    se.set_defaults(func=_serve)
+
+    cl = verb(
+        sub,
+        "client",
+        "follow a feed server's stream: events, or the digest of the rebuilt levels",
+        """examples:
+  tickwire client 'ws://10.0.0.5:8765/feed?channel=totalview&symbols=AAPL' --snapshot
+  tickwire client ws://10.0.0.5:8765/feed --snapshot --until-eos --digest --json
+  tickwire client 'ws://10.0.0.5:8765/feed?kinds=bbo,trades' --from-seq 120000 --json
+  tickwire client wss://feed.example:8765/feed --cafile ca.pem --token "$TOKEN"
+
+It reconnects after a drop with from_seq = the next event it expects, and stops with an
+error on any gap or duplicate. Exit status: 0 done, 1 the stream failed or stopped short,
+2 usage error.
+""",
+    )
+    cl.add_argument("url", metavar="URL", help="ws[s]://HOST:PORT/feed[?channel=&symbols=&kinds=]")
+    cl.add_argument("--snapshot", action="store_true", help="the book first (snapshot=1)")
+    cl.add_argument(
+        "--from-seq", type=int, metavar="N", help="replay from event number N (from_seq=N)"
+    )
+    cl.add_argument("--until-eos", action="store_true", help="exit at the end of session")
+    cl.add_argument(
+        "--digest",
+        action="store_true",
+        help="with --until-eos: print only the rebuilt levels' digest (tickwire book's)",
+    )
+    cl.add_argument("--json", action="store_true", help="JSON: one object a line")
+    cl.add_argument("--token", help="the server's token (Authorization: Bearer)")
+    cl.add_argument("--cafile", metavar="PEM", help="trust this CA (wss:// with a private CA)")
+    cl.set_defaults(func=_client)
+
+    wo = verb(
+        sub,
+        "world",
+        "the world view: one best bid and offer per symbol across channels (venues), "
+        "served over gRPC; or ask a running one (--get, --watch)",
+        """examples:
+  tickwire world --config host.toml              serve [world_view] (every channel by default)
+  tickwire world --lab                           the lab's channels, on world_view.listen
+  tickwire world --get AAPL                      one quote from the running world view, JSON
+  tickwire world --watch AAPL MSFT --count 10    its quotes, then each change, one JSON a line
+  tickwire world --venues                        the venues it follows and their state
+
+Exit status: 0 done, 1 no such symbol or the world view cannot be reached, 2 usage error.
+""",
+    )
+    _config_options(wo, "[world_view], [[channel]]", "aggregate the lab's channels")
+    wo.add_argument(
+        "--channel",
+        action="append",
+        metavar="NAME",
+        help="a venue to aggregate (repeatable; default world_view.channels)",
+    )
+    wo.add_argument("--listen", metavar="HOST:PORT", help="serve here (world_view.listen)")
+    wo.add_argument("--connect", metavar="HOST:PORT", help="the client's server (listen)")
+    how = wo.add_mutually_exclusive_group()
+    how.add_argument("--get", metavar="SYMBOL", help="print SYMBOL's quote as JSON and exit")
+    how.add_argument(
+        "--watch", nargs="*", metavar="SYMBOL", help="print quotes as they change (none: all)"
+    )
+    how.add_argument("--venues", action="store_true", help="print the venues' state as JSON")
+    wo.add_argument("--count", type=positive, metavar="N", help="--watch: exit after N quotes")
+    wo.set_defaults(func=_world)
+
 
 def _config_options(p: argparse.ArgumentParser, tables: str, lab_help: str) -> None:
     p.add_argument("--config", metavar="FILE", help=f"TOML configuration ({tables})")
@@ -408,3 +487,52 @@ def _tail(args: argparse.Namespace) -> int:
     from host.appliance import tail
 
     return tail.main(args)
+
+
+def _world(args: argparse.Namespace) -> int:
+    from host.appliance import worldview
+
+    cfg = _config(args)  # --lab: the lab's channels, as tickwire run --lab names them
+    wcfg = cfg.world_view
+    if args.get is None and args.watch is None and not args.venues:
+        listen = args.listen or wcfg.listen
+        config.host_port(listen, "--listen")
+        venues = args.channel or config.world_view_channels(cfg)
+        st = worldview.serve(venues, listen, wcfg.symbols or None, wcfg.max_watchers)
+        print(json.dumps(st), flush=True)
+        return 0
+    address = args.connect or args.listen or wcfg.listen
+    with worldview.Client(address) as client:
+        try:
+            if args.venues:
+                print(json.dumps(client.venues()))
+            elif args.get is not None:
+                print(json.dumps(client.get(args.get).as_dict()))
+            else:
+                for n, q in enumerate(client.watch(args.watch), 1):
+                    print(json.dumps(q.as_dict()), flush=True)
+                    if args.count is not None and n >= args.count:
+                        break
+        except KeyError as e:
+            print(f"tickwire world: {e.args[0]}", file=sys.stderr)
+            return 1
+        except ConnectionError as e:
+            print(f"tickwire world: {address}: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from host import netns
+    from host.appliance import feed
+
+    cfg = _config(args)
+    if cfg.run.netns:
+        netns.enter(cfg.run.netns)
+    return feed.serve(cfg)
+
+
+def _client(args: argparse.Namespace) -> int:
+    from host.appliance import feedclient
+
+    return feedclient.main(args)

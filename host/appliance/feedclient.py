@@ -1,0 +1,400 @@
+"""A remote client of the feed server (``FeedClient``) and ``tickwire client``.
+
+It subscribes with a snapshot (``snapshot=1``), a cursor (``from_seq``) or live, and keeps
+its own copy of the levels with ``dataplane.subscriber``'s numba functions (``_load_rows``,
+``apply_events``, ``digest_of``), so ``digest()`` is ``tickwire book``'s digest of what it
+rebuilt. Every ``EVENTS`` frame must start where the previous one ended (``feedwire``): a
+frame that starts later is a gap, one that starts earlier a duplicate -- both raise
+``StreamError``, never pass silently. When the connection drops (or the server evicts it for
+being slow) it reconnects with ``from_seq`` = the next event it expects (``last + 1``) and
+checks the server resumed exactly there, in the same generation of the ring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import sys
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+from picows import WSError, WSListener, WSMsgType, ws_connect
+
+from dataplane import book as bk
+from dataplane import events as ev
+from dataplane import subscriber as sb
+from host.appliance import feedwire as fw
+
+# errors after which reconnecting with the cursor cannot help
+FATAL = (fw.E_BAD_QUERY, fw.E_CURSOR_OLD, fw.E_CURSOR_AHEAD, fw.E_RESTARTED, fw.E_LAPPED)
+LINE_NAMES = {0: "unknown", 1: "up", 2: "stale", 3: "down"}
+
+
+class FeedError(RuntimeError):
+    """The server refused the subscription or ended it with an error frame."""
+
+
+class StreamError(RuntimeError):
+    """The stream broke its contract: a gap, a duplicate, a resume at the wrong place."""
+
+
+class _Listener(WSListener):
+    def __init__(self, client: FeedClient):
+        self.client = client
+
+    def on_ws_frame(self, transport, frame) -> None:
+        if frame.msg_type == WSMsgType.BINARY:
+            self.client._frame(frame.get_payload_as_bytes())
+        elif frame.msg_type == WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+
+class FeedClient:
+    """Follow one subscription: ``url`` (``ws[s]://host:port/feed?...``), ``token`` (sent as
+    ``Authorization: Bearer``), ``snapshot`` / ``from_seq`` (override the URL's)."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        snapshot: bool | None = None,
+        from_seq: int | None = None,
+        cafile: str | None = None,
+        reconnect: bool = True,
+        retry_s: float = 0.2,
+        on_event=None,
+    ):
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss"):
+            raise ValueError(f"{url}: not a ws:// or wss:// URL")
+        target = parts.path + ("?" + parts.query if parts.query else "")
+        sub = fw.parse_query(target or fw.PATH)
+        if snapshot is not None or from_seq is not None:
+            sub = sub._replace(snapshot=bool(snapshot), from_seq=from_seq)
+        if sub.snapshot and sub.from_seq is not None:
+            raise ValueError("--snapshot and --from-seq exclude each other")
+        self.sub = sub
+        self.base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+        self.token = token
+        self.ssl = None
+        if parts.scheme == "wss":
+            self.ssl = ssl.create_default_context(cafile=cafile)
+        self.reconnect, self.retry_s, self.on_event = reconnect, retry_s, on_event
+        self.expected: int | None = None  # the next event number
+        self.generation = 0
+        self.joined = False  # has a whole image or a cursor to resume from
+        self.done = False  # END seen (or the image is past the end of session)
+        self.next_seq = 0  # END's: the session's announced end
+        self.frames = self.events = self.reconnects = self.heartbeats = 0
+        self.evicted: list[str] = []  # eviction reasons received
+        self.error: Exception | None = None
+        self.hello: dict = {}
+        self.follow = np.ones(bk.N_LOCATES, np.uint8)  # the server filters
+        self.wanted = np.zeros(0, np.uint64)
+        self.stocks = np.zeros(bk.N_LOCATES, bk.STOCK)
+        self.bbo_table = np.zeros((bk.N_LOCATES, 2, 2), np.int64)
+        self.state = np.zeros(sb.STATE_LEN, np.int64)
+        self.lines = {"A": "unknown", "B": "unknown"}
+        self._snap_rows: list[np.ndarray] = []
+        self._clear(1 << 12)
+        self._transport = None
+        self._ended = asyncio.Event()
+
+    # --- the copy -------------------------------------------------------------------------
+    def _clear(self, cap: int) -> None:
+        self.keys = np.zeros(cap, np.int64)
+        self.vals = np.zeros((cap, 2), np.int64)
+        self.meta = np.zeros(2, np.int64)
+
+    def _grow(self) -> None:
+        keys, vals = self.keys, self.vals
+        self._clear(2 * len(keys))
+        for i in np.nonzero(keys)[0]:
+            sb.depth_set(self.keys, self.vals, self.meta, keys[i], vals[i, 0], vals[i, 1])
+
+    def rows(self) -> np.ndarray:
+        out = np.zeros((int(self.meta[sb.D_COUNT]), 5), np.int64)
+        sb._export(self.keys, self.vals, out)
+        return out[np.lexsort((out[:, 2], out[:, 1], out[:, 0]))]
+
+    def digest(self) -> str:
+        """``tickwire book``'s digest of the levels rebuilt."""
+        return sb.digest_of(self.rows())
+
+    @property
+    def last_seq(self) -> int:
+        """The MoldUDP64 sequence of the last event applied."""
+        return int(self.state[sb.S_LAST_SEQ])
+
+    def symbol(self, locate: int) -> str:
+        st = self.stocks[locate]
+        return bk._symbol(int(st["symbol"])) if st["named"] else ""
+
+    # --- frames ---------------------------------------------------------------------------
+    def _fail(self, e: Exception) -> None:
+        if self.error is None:
+            self.error = e
+        self._ended.set()
+        if self._transport is not None:
+            self._transport.disconnect(False)
+
+    def _frame(self, payload: bytes) -> None:
+        try:
+            self._handle(fw.decode(payload))
+        except (fw.WireError, StreamError, FeedError) as e:
+            self._fail(e)
+
+    def _handle(self, f: fw.Frame) -> None:
+        self.frames += 1
+        if f.type == fw.HELLO:
+            self.hello = f.body
+            if self.joined:
+                if f.body["generation"] != self.generation:
+                    raise StreamError(
+                        "the consumer restarted (a new event ring): the cursor means nothing"
+                    )
+                if f.seq != self.expected:
+                    raise StreamError(f"resumed at event {f.seq}, asked for {self.expected}")
+            self.generation = f.body["generation"]
+            self.expected = f.seq
+            if not self.sub.snapshot or self.joined:
+                self.joined = True
+        elif f.type == fw.SNAP_BEGIN:
+            self._snap = f.body
+            self._snap_rows = []
+            self.stocks[:] = 0
+        elif f.type == fw.SNAP_STOCKS:
+            r = f.body
+            loc = r["locate"].astype(np.int64)
+            self.stocks["symbol"][loc] = r["symbol"]
+            self.stocks["state"][loc] = r["state"]
+            self.stocks["regsho"][loc] = r["regsho"]
+            self.stocks["named"][loc] = 1
+        elif f.type == fw.SNAP_LEVELS:
+            self._snap_rows.append(fw.level_rows(f.body))
+        elif f.type == fw.SNAP_END:
+            rows = np.concatenate(self._snap_rows) if self._snap_rows else np.zeros((0, 5))
+            rows = rows.astype(np.int64)
+            self._clear(max(1 << 12, 1 << (2 * len(rows) + 1).bit_length()))
+            self.bbo_table[:] = 0
+            while sb._load_rows(
+                rows, self.follow, self.keys, self.vals, self.meta, self.bbo_table
+            ) < len(rows):
+                self._grow()
+            s = self._snap
+            self.state[:] = 0
+            self.state[sb.S_LAST_SEQ] = s["last_seq"]
+            self.state[sb.S_EOS] = s["eos"]
+            self.state[sb.S_STALE] = int(s["stale"])
+            self.lines = {"A": LINE_NAMES[s["lines"][0]], "B": LINE_NAMES[s["lines"][1]]}
+            self.joined = True
+            if s["eos"]:  # the image is past the end of session: nothing more will come
+                self.done = True
+                self.next_seq = s["eos"]
+                self._ended.set()
+        elif f.type == fw.EVENTS:
+            if f.seq != self.expected:
+                what = "gap" if f.seq > self.expected else "duplicate"
+                raise StreamError(
+                    f"{what}: expected event {self.expected}, the frame covers [{f.seq}, {f.end})"
+                )
+            self.expected = f.end
+            self._apply(f.body)
+        elif f.type == fw.HEARTBEAT:
+            self.heartbeats += 1
+            if f.seq != self.expected:
+                raise StreamError(f"heartbeat at event {f.seq}, expected {self.expected}")
+        elif f.type == fw.ERROR:
+            code, reason = f.body["code"], f.body["reason"]
+            if code in fw.EVICTIONS:
+                self.evicted.append(fw.ERROR_NAMES[code])
+            if code in FATAL or not self.reconnect:
+                raise FeedError(f"{fw.ERROR_NAMES.get(code, code)}: {reason}")
+        elif f.type == fw.END:
+            self.done = True
+            self.next_seq = f.body["next_seq"]
+            self._ended.set()
+
+    def _apply(self, recs: np.ndarray) -> None:
+        n = len(recs)
+        k = 0
+        while True:
+            k, st = sb.apply_events(
+                recs,
+                k,
+                n,
+                self.follow,
+                self.wanted,
+                self.keys,
+                self.vals,
+                self.meta,
+                self.bbo_table,
+                self.stocks,
+                self.state,
+            )
+            if st != sb.NEED_GROW:
+                break
+            self._grow()
+        self.events += n
+        chan = recs[recs["kind"] == ev.CHANNEL]
+        for e in chan:
+            if ev.CH_LINE_UP <= e["code"] <= ev.CH_LINE_DOWN and e["side"] < 2:
+                self.lines["AB"[e["side"]]] = sb.LINE_NAMES[int(e["code"])]
+        if self.on_event is not None:
+            for e in recs:
+                self.on_event(self.decode(e))
+
+    def decode(self, e) -> sb.Event:
+        """An ``EVENT`` record as ``Subscriber.decode`` gives it."""
+        kind = int(e["kind"])
+        side, code, loc = int(e["side"]), int(e["code"]), int(e["locate"])
+        code_s = (
+            ev.CHANNEL_NAMES.get(code, str(code)) if kind == ev.CHANNEL else chr(code) * bool(code)
+        )
+        symbol = self.symbol(loc) if kind != ev.CHANNEL else ""
+        if kind == ev.INSTRUMENT and code == 82:
+            symbol = ev.symbol_text(int(e["value"]))
+        rx = int(e["rx_ns"])
+        apply_ns = rx + int(e["apply_dt"]) if rx else 0
+        return sb.Event(
+            ev.KIND_NAMES.get(kind, str(kind)),
+            int(e["seq"]),
+            int(e["itch_ns"]),
+            loc,
+            symbol,
+            ("AB" if kind == ev.CHANNEL else "BS")[side] if side in (0, 1) else None,
+            int(e["price"]),
+            int(e["n"]),
+            int(e["value"]),
+            code_s,
+            int(e["flags"]),
+            rx,
+            apply_ns,
+            (apply_ns + int(e["pub_dt"])) if apply_ns else 0,
+        )
+
+    # --- connecting -----------------------------------------------------------------------
+    def url(self) -> str:
+        """The URL of the next connection: the cursor once joined, else the subscription."""
+        sub = self.sub
+        if self.joined and self.expected is not None:
+            sub = sub._replace(snapshot=False, from_seq=self.expected)
+        return self.base + fw.query(sub)
+
+    async def _connect_once(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        try:
+            t, _ = await ws_connect(
+                lambda: _Listener(self),
+                self.url(),
+                ssl_context=self.ssl,
+                extra_headers=headers,
+                max_frame_size=1 << 26,
+            )
+        except WSError as e:
+            body = getattr(e, "raw_body", None)
+            why = body.decode(errors="replace").strip() if body else str(e)
+            status = getattr(getattr(e, "response", None), "status", None)
+            why = f"refused ({int(status)}): {why}" if status else why
+            raise FeedError(why) from None
+        self._transport = t
+        sock = t.underlying_transport.get_extra_info("socket")
+        if sock is not None:
+            import socket
+
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await t.wait_disconnected()
+        self._transport = None
+
+    async def run(self, until_eos: bool = True, timeout: float | None = None) -> None:
+        """Follow until the end of session (``until_eos``), an error, or ``timeout``;
+        reconnecting with the cursor after a drop. Raises the error that stopped it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                await self._connect_once()
+            except FeedError as e:  # refused at the upgrade: the HTTP answer's reason
+                self.error = self.error or e
+            except OSError as e:
+                if not (self.joined and self.reconnect):
+                    self.error = self.error or FeedError(f"{self.base}: {e}")
+            if self.error is not None:
+                raise self.error
+            if self.done or not (until_eos or self.reconnect):
+                return
+            if not self.reconnect:
+                raise FeedError("the server closed the connection before the end of session")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("no end of session before the deadline")
+            await asyncio.sleep(self.retry_s)
+            self.reconnects += 1
+
+    def drop(self) -> bool:
+        """Cut the connection now (the client reconnects with its cursor); False when there
+        was none to cut."""
+        t, self._transport = self._transport, None
+        if t is None or t.is_disconnected:
+            return False
+        t.disconnect(False)
+        return True
+
+
+def run(client: FeedClient, until_eos: bool = True, timeout: float | None = None) -> FeedClient:
+    """``client.run`` on a uvloop of its own; returns the client."""
+    import uvloop
+
+    uvloop.run(client.run(until_eos=until_eos, timeout=timeout))
+    return client
+
+
+def _line(e: sb.Event) -> str:
+    d = e.as_dict()
+    d.pop("stamps_ns", None)
+    return " ".join(f"{k}={v}" for k, v in d.items())
+
+
+def main(args) -> int:
+    """``tickwire client``."""
+    out = sys.stdout
+    if args.digest and not args.until_eos:
+        print("tickwire client: --digest needs --until-eos", file=sys.stderr)
+        return 2
+
+    def show(e: sb.Event) -> None:
+        out.write((json.dumps(e.as_dict()) if args.json else _line(e)) + "\n")
+
+    try:
+        c = FeedClient(
+            args.url,
+            token=args.token,
+            snapshot=True if args.snapshot else None,
+            from_seq=args.from_seq,
+            cafile=args.cafile,
+            on_event=None if args.digest else show,
+        )
+    except (ValueError, fw.WireError) as e:
+        print(f"tickwire client: {e}", file=sys.stderr)
+        return 2
+    try:
+        run(c, until_eos=args.until_eos)
+    except (FeedError, StreamError, TimeoutError) as e:
+        print(f"tickwire client: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if args.digest:
+        rep = {
+            "digest": c.digest(),
+            "last_seq": c.last_seq,
+            "next_event": c.expected,
+            "events": c.events,
+            "frames": c.frames,
+            "reconnects": c.reconnects,
+            "evicted": c.evicted,
+            "ended": c.done,
+        }
+        print(json.dumps(rep) if args.json else " ".join(f"{k}={v}" for k, v in rep.items()))
+    return 0 if c.done or not args.until_eos else 1
