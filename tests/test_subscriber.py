@@ -132,7 +132,8 @@ def test_stamps_are_on_one_clock_and_in_stage_order(labcfg, session_file, tmp_pa
 
 def test_a_stalled_client_is_told_it_was_lapped(labcfg, session_file, tmp_path):
     path, book = session_file
-    app = Appliance(labcfg, tmp_path, "socket", run_extra="event_slots = 4096\n")
+    # the consumer must outlive the session: the client's new snapshot comes after its end
+    app = Appliance(labcfg, tmp_path, "socket", until_eos=False, run_extra="event_slots = 4096\n")
     sim = None
     try:
         sub = Subscriber(app.channel)
@@ -152,7 +153,7 @@ def test_a_stalled_client_is_told_it_was_lapped(labcfg, session_file, tmp_path):
         assert sub.digest() == book.digest()
         assert not len(sub.poll())
         sim.finish()
-        app.finish()
+        app.finish(terminate=True)
     finally:
         if sim is not None:
             sim.kill()
