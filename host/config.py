@@ -339,6 +339,9 @@ class FeedServerConfig:
     channels: tuple[str, ...] = ()
     # Prometheus endpoint "host:port" of the tickwire_feed_* metrics ("" = none)
     metrics: str = ""
+    # the world view's gRPC endpoint "host:port" (tickwire world), served as the channel
+    # "world": its consolidated quotes ("" = no world channel)
+    world: str = ""
 
 
 @dataclass(frozen=True)
@@ -701,6 +704,12 @@ def _validate_feed_server(fs: FeedServerConfig) -> None:
         raise ConfigError("feed_server.channels: a channel is listed twice")
     if fs.metrics:
         host_port(fs.metrics, "feed_server.metrics")
+    if fs.world:
+        host_port(fs.world, "feed_server.world")
+        if "world" in fs.channels:
+            raise ConfigError(
+                "feed_server.channels: 'world' is the world view's channel (feed_server.world)"
+            )
 
 
 def feed_server_tokens(fs: FeedServerConfig) -> frozenset[str]:

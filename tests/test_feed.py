@@ -1,12 +1,16 @@
 """The feed server (``host.appliance.feed``), its ``tw-v1`` codec and its client: codec round
 trips, the subscription query, tokens, TLS, heartbeats, eviction of a slow client, the
-retention window's cursor error; clients that end with ``tickwire book``'s
-digest."""
+retention window's cursor error; clients that end with ``tickwire book``'s digest; the
+``world`` channel (a real ``WorldView`` behind its gRPC service, fed by hand); ``tickwire
+serve`` as a process, its metrics endpoint scraped. In the lab: the issue's done-means -- a
+client joining mid-session by snapshot and one whose connection the server's side destroys
+both end with ``tickwire book``'s digest, across the lab's network."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import ssl
 import subprocess
 import sys
@@ -29,7 +33,9 @@ from host import config as hc
 from host.appliance import feed
 from host.appliance import feedclient as fc
 from host.appliance import feedwire as fw
+from host.appliance import worldview as wv
 from host.exchange import itchgen
+from tests.helpers import free_port, wait_for
 
 I64 = st.integers(-(2**63), 2**63 - 1)
 U32 = st.integers(0, 2**32 - 1)
@@ -174,6 +180,9 @@ def test_query_parses(target, sub):
         ("/feed?symbols=AAPL,,MSFT", "symbols: ''"),
         ("/feed?channel=", "channel: empty"),
         ("/feed?junk", "query 'junk'"),
+        ("/feed?channel=world&from_seq=3", "world channel is conflated"),
+        ("/feed?channel=world&kinds=bbo", "consolidated quotes only"),
+        ("/feed?channel=world&symbols=AAPL,12", "tickers, not locates"),
     ],
 )
 def test_query_rejects(target, reason):
@@ -187,6 +196,7 @@ def test_query_rejects(target, reason):
 
 
 N_MSGS = 60_000
+CLI = [sys.executable, "-m", "host.cli"]
 
 
 class Producer:
@@ -586,6 +596,23 @@ def test_a_cursor_older_than_the_window_is_an_error_not_a_skip(chan):
         srv.close()
 
 
+def test_a_server_started_mid_session_replays_from_event_0_while_the_ring_holds_it(
+    chan, session_buf
+):
+    prod, name, root = chan
+    prod.publish(prod.total // 3)  # well under half the ring's slots
+    srv = Server(root, [name])
+    try:
+        assert srv.server.pumps[name].oldest == 0
+        t = ClientThread(fc.FeedClient(srv.url(f"?channel={name}"), from_seq=0))
+        prod.publish(prod.total)
+        prod.end_of_session()
+        c = t.result()
+        assert c.digest() == session_buf[1] and c.snapshot_seq == 0
+    finally:
+        srv.close()
+
+
 def test_tickwire_client_prints_the_digest_of_its_levels(chan, session_buf):
     prod, name, root = chan
     srv = Server(root, [name])
@@ -611,3 +638,409 @@ def test_tickwire_client_prints_the_digest_of_its_levels(chan, session_buf):
         )
     finally:
         srv.close()
+
+
+# --- the world channel ----------------------------------------------------------------------------
+VENUE_NAMES = ("nq", "bx", "px")
+REASONS = ("halted", "paused", "quotation_only", "stale", "lines_down", "state_Z")
+
+
+@st.composite
+def quotes(draw):
+    sym = draw(st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ.", min_size=1, max_size=8))
+    sides = []
+    for _ in range(2):
+        at = draw(st.lists(st.sampled_from(VENUE_NAMES), unique=True))
+        sides.append(tuple((v, draw(st.integers(1, 2**60))) for v in VENUE_NAMES if v in at))
+    out = draw(st.lists(st.sampled_from(VENUE_NAMES), unique=True))
+    excluded = tuple((v, draw(st.sampled_from(REASONS))) for v in VENUE_NAMES if v in out)
+    u64, i64 = st.integers(0, 2**63 - 1), st.integers(-(2**63), 2**63 - 1)
+    return wv.Quote(
+        sym,
+        draw(U32),
+        sum(n for _, n in sides[0]),
+        draw(U32),
+        sum(n for _, n in sides[1]),
+        sides[0],
+        sides[1],
+        excluded,
+        draw(u64),
+        draw(u64),
+        draw(i64),
+        draw(i64),
+        draw(i64),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(qs=st.lists(quotes(), max_size=20), seq=I64, image=st.booleans())
+def test_quotes_round_trip(qs, seq, image):
+    names = list(VENUE_NAMES)
+    f = fw.decode(fw.venues(seq, names))
+    assert (f.type, f.count, f.seq, f.body) == (fw.VENUES, 3, seq, names)
+    f = fw.decode(fw.quotes(seq, names, qs, image), venues=3)
+    assert (f.type, f.count, f.seq, f.flags) == (fw.QUOTES, len(qs), seq, int(image))
+    assert f.body.itemsize == 72 + 17 * 3
+    assert fw.to_quotes(f.body, names) == qs
+    with pytest.raises(fw.WireError, match="before the venues frame"):
+        fw.decode(fw.quotes(seq, names, qs))
+
+
+def _rec(kind, locate=0, side=0, code=0, price=0, n=0, value=0, rx_ns=0):
+    e = np.zeros(1, ev.EVENT)
+    e["kind"], e["locate"], e["side"], e["code"] = kind, locate, side, code
+    e["price"], e["n"], e["value"], e["rx_ns"] = price, n, value, rx_ns
+    return e
+
+
+def _directory(loc, sym):
+    from dataplane.subscriber import pack_symbol
+
+    return _rec(ev.INSTRUMENT, loc, ev.NO_SIDE, ord("R"), value=pack_symbol(sym))
+
+
+def _bbo(loc, side, px, qty):
+    return _rec(ev.BBO, loc, 0 if side == "B" else 1, price=px, value=qty, rx_ns=px)
+
+
+class World:
+    """A real ``WorldView`` behind its gRPC service on loopback, fed by hand: three venues
+    quoting AAPL (at three locates) and MSFT."""
+
+    def __init__(self, port: int = 0):
+        self.view = wv.WorldView(list(VENUE_NAMES))
+        for venue, loc in (("nq", 5), ("bx", 17), ("px", 300)):
+            self.view.apply(
+                venue, np.concatenate([_directory(loc, "AAPL"), _directory(loc + 1, "MSFT")])
+            )
+            self.view.apply(
+                venue, np.concatenate([_bbo(loc, "B", 1000 + loc, 10), _bbo(loc, "S", 2000, 5)])
+            )
+        self.server, self.service, self.port = wv.start_server(self.view, f"127.0.0.1:{port}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        wv.stop_server(self.server, self.service, grace=0)
+
+
+@pytest.fixture
+def world():
+    w = World()
+    yield w
+    w.close()
+
+
+def test_the_world_channel_serves_the_world_views_quotes_image_then_changes(chan, world):
+    _prod, name, root = chan
+    srv = Server(root, [name], world=world.address, heartbeat_s=0.05)
+    try:
+        pump = srv.server.world
+        _wait(lambda: pump.quotes == world.view.quotes, "the server to hold the world view")
+        full = fc.FeedClient(srv.url("?channel=world&snapshot=1"))
+        t_full = ClientThread(full)
+        _wait(lambda: full.joined, "the world image")
+        assert full.venues == list(VENUE_NAMES)
+        assert full.quotes == world.view.quotes  # the image: every quote as the view has it
+        assert full.image_quotes == 2
+        got_msft = []
+        live = fc.FeedClient(srv.url("?channel=world&symbols=msft"), on_quote=got_msft.append)
+        t_live = ClientThread(live)
+        _wait(lambda: live.joined and len(srv.server.world.clients) == 2, "the live client")
+        _wait(lambda: live.heartbeats >= 2, "heartbeats of an idle world stream")
+        # changes: a better AAPL bid on bx, px halts MSFT, nq's MSFT offer improves
+        v = world.view
+        seq0 = v.seq
+        v.apply("bx", _bbo(17, "B", 1400, 7))
+        v.apply("px", _rec(ev.INSTRUMENT, 301, ev.NO_SIDE, ord("H"), n=ord("H")))
+        v.apply("nq", _bbo(6, "S", 1990, 3))
+        want = dict(v.quotes)
+        _wait(lambda: full.quotes == want, "the changes at the full client")
+        q = full.quotes["AAPL"]
+        assert (q.bid_px, q.bids) == (1400, (("bx", 7),))
+        m = live.quotes["MSFT"]
+        assert m == want["MSFT"] and m.excluded == (("px", "halted"),)
+        assert (m.ask_px, m.asks) == (1990, (("nq", 3),))
+        assert set(live.quotes) == {"MSFT"} and {q.symbol for q in got_msft} == {"MSFT"}
+        assert got_msft and all(q.seq > seq0 for q in got_msft)  # changes since it joined
+        ups = [q.update for q in got_msft]
+        assert ups == sorted(set(ups))
+        text = srv.metrics()
+        assert _metric(text, "tickwire_feed_clients", channel="world") == 2
+        assert _metric(text, "tickwire_feed_position_events", channel="world") == v.seq
+        # the world view goes away: its clients are told (E_WORLD), new ones refused (503)
+        world.close()
+        with pytest.raises(fc.FeedError, match="world"):
+            t_full.result(60)
+        with pytest.raises(fc.FeedError, match="world"):
+            t_live.result(60)
+        _wait(lambda: not srv.server.world.ready, "the server to lose the world view")
+        assert "refused (503)" in _refusal(srv.url("?channel=world&snapshot=1"))
+        # a world view back on the same address: followed again, a new generation
+        gen = full.generation
+        back = World(world.port)
+        try:
+            _wait(lambda: pump.quotes == back.view.quotes, "the server to follow it again")
+            again = fc.FeedClient(srv.url("?channel=world&snapshot=1"))
+            t_again = ClientThread(again)
+            _wait(lambda: again.quotes == back.view.quotes, "the new world view's image")
+            assert again.generation != gen
+            again.stop()
+            t_again.result(30)
+        finally:
+            back.close()
+    finally:
+        srv.close()
+
+
+def test_the_world_channel_refuses_a_cursor_and_is_404_without_a_world_view(chan, world):
+    _prod, name, root = chan
+    srv = Server(root, [name])
+    try:
+        status, why = uvloop.run(_raw(srv.url("?channel=world&from_seq=0"), ""))
+        assert status == 400 and "conflated" in why and "snapshot=1" in why
+        assert "refused (404)" in _refusal(srv.url("?channel=world"))
+        with pytest.raises(ValueError, match="conflated"):
+            fc.FeedClient(srv.url("?channel=world"), from_seq=3)
+    finally:
+        srv.close()
+    with pytest.raises(hc.ConfigError, match="'world' is the world view's channel"):
+        feed.FeedServer(hc.FeedServerConfig(world=world.address), ["world"])
+
+
+@pytest.mark.parametrize(
+    "table, why",
+    [
+        ({"world": "nope"}, r"^feed_server\.world: 'nope' must be host:port"),
+        ({"world": "127.0.0.1:0"}, r"^feed_server\.world: port 0"),
+        (
+            {"world": "127.0.0.1:50551", "channels": ["world"]},
+            r"^feed_server\.channels: 'world' is the world view's channel",
+        ),
+    ],
+)
+def test_feed_server_world_is_checked_naming_the_key(table, why):
+    assert hc.from_dict({"feed_server": {"world": "10.0.0.5:50551"}}).feed_server.world
+    with pytest.raises(hc.ConfigError, match=why):
+        hc.from_dict({"feed_server": table})
+
+
+def test_tickwire_serve_metrics_are_scraped_and_sigterm_ends_it(chan, session_buf, world, tmp_path):
+    """``tickwire serve`` as a process (its channel in a private shared-memory root, the
+    world view's address): its metrics endpoint scraped over HTTP before and after a client
+    followed the session to its end; the world channel's quotes printed by ``tickwire
+    client --count``; SIGTERM: exit status 0."""
+    import os
+    import urllib.request
+
+    prod, name, root = chan
+    port, mport = free_port(), free_port()
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(
+        f'[feed_server]\nlisten = "127.0.0.1"\nport = {port}\nchannels = ["{name}"]\n'
+        f'metrics = "127.0.0.1:{mport}"\nworld = "{world.address}"\n'
+    )
+    env = {**os.environ, "TICKWIRE_SHM": str(root)}
+    serve = subprocess.Popen(
+        [*CLI, "serve", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        said = serve.stdout.readline()
+        assert said.startswith(
+            f"tickwire serve: ws://127.0.0.1:{port}/feed serving {name}, world"
+        ), said
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+                return r.read().decode()
+
+        text = wait_for(lambda: _try(scrape), 60, "the metrics endpoint")
+        assert _metric(text, "tickwire_feed_clients", channel=name) == 0
+        assert _metric(text, "tickwire_feed_frames_total", channel=name) == 0
+        url = f"ws://127.0.0.1:{port}/feed?channel={name}"
+        c = ClientThread(fc.FeedClient(url, snapshot=True))
+        wait_for(
+            lambda: _metric(scrape(), "tickwire_feed_clients", channel=name) == 1, 60, "the client"
+        )
+        prod.publish(prod.total)
+        prod.end_of_session()
+        got = c.result()
+        assert got.digest() == session_buf[1]
+        text = scrape()
+        assert _metric(text, "tickwire_feed_position_events", channel=name) == prod.ring.write_pos
+        assert _metric(text, "tickwire_feed_frames_total", channel=name) == got.frames
+        assert _metric(text, "tickwire_feed_bytes_total", channel=name) > 0
+        assert (
+            _metric(text, "tickwire_feed_evictions_total", channel=name, reason="queue_full") == 0
+        )
+        wurl = f"ws://127.0.0.1:{port}/feed?channel=world"
+        out = subprocess.run(
+            [*CLI, "client", wurl, "--snapshot", "--json", "--count", "2"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        docs = [json.loads(ln) for ln in out.stdout.splitlines()]
+        assert {d["symbol"] for d in docs} == {"AAPL", "MSFT"}
+        assert docs[0] == world.view.quotes["AAPL"].as_dict()
+        bad = subprocess.run(
+            [*CLI, "client", wurl, "--until-eos"], capture_output=True, text=True, timeout=60
+        )
+        assert bad.returncode == 2 and "no end of session" in bad.stderr
+        assert _metric(scrape(), "tickwire_feed_frames_total", channel="world") >= 4
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0, serve.stderr.read()
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+
+
+def _try(f):
+    try:
+        return f()
+    except OSError:
+        return None
+
+
+# --- in the lab -----------------------------------------------------------------------------------
+LAB_MSGS = 300_000
+
+
+@pytest.fixture(scope="module")
+def lab_session(tmp_path_factory):
+    path = tmp_path_factory.mktemp("feedlab") / "s.itch"
+    itchgen.write_session(str(path), LAB_MSGS, 40, 13)
+    ref = Book()
+    ref.feed(np.fromfile(path, np.uint8))
+    return path, ref.digest()
+
+
+def _in_ns(ns: str, *cmd: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *cmd]
+
+
+def _conns(ns: str, port: int, peer: str) -> list[tuple[str, str]]:
+    """The established TCP connections of ``ns`` with ``port`` at the ``peer`` end (``sport``
+    or ``dport``), as (local, remote) address:port pairs."""
+    out = subprocess.run(
+        _in_ns(ns, "ss", "-tnH", "state", "established", f"( {peer} = :{port} )"),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [tuple(ln.split()[-2:]) for ln in out.splitlines() if ln.strip()]
+
+
+def _scrape(ns: str, address: str) -> str:
+    """The metrics page at ``address``, fetched from inside namespace ``ns``."""
+    import urllib.request
+
+    from host import netns
+
+    with netns.entered(ns), urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(1200)  # the appliance may compile its consumer on a cold numba cache
+def test_in_the_lab_a_snapshot_joiner_and_a_cut_client_end_with_the_books_digest(
+    labcfg, lab_session, tmp_path
+):
+    """The issue's done-means for the feed: the appliance (``tickwire run --lab``) and
+    ``tickwire serve --lab`` in the appliance namespace; two ``tickwire client`` processes in
+    the exchange namespace, across the lab's line A (appliance_ip). One follows from event 0
+    and has its TCP connection destroyed by the server's side (``ss -K``) a quarter through:
+    it resumes with its cursor. The other joins with ``snapshot=1`` once a third of the
+    session is taken. Both end with ``tickwire book``'s digest; the server's metrics are
+    scraped from its endpoint; SIGTERM ends the server with status 0."""
+    from tests.labnet import Appliance, SimProcess, write_config
+
+    path, digest = lab_session
+    lc = labcfg.lab
+    app = Appliance(labcfg, tmp_path, "socket", run_extra="event_slots = 1048576\n")
+    port, mport = free_port(), free_port()
+    scfg = tmp_path / "serve.toml"
+    write_config(labcfg, scfg)
+    with open(scfg, "a") as f:
+        f.write(f'[run]\nchannel = "{app.channel}"\n')
+        f.write(f'[feed_server]\nport = {port}\nmetrics = "127.0.0.1:{mport}"\n')
+    procs: list[subprocess.Popen] = []
+    sim = None
+
+    def start(*cmd: str) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        return p
+
+    try:
+        serve = start(*CLI, "serve", "--config", str(scfg), "--lab")
+        said = serve.stdout.readline()
+        assert said.startswith(f"tickwire serve: ws://0.0.0.0:{port}/feed serving "), (
+            said + serve.stderr.read() * (serve.poll() is not None)
+        )
+        url = f"ws://{lc.line_a.appliance_ip}:{port}/feed?channel={app.channel}"
+        client = [*_in_ns(lc.exchange_ns, *CLI, "client", url), "--until-eos", "--digest", "--json"]
+        cut = start(*client, "--from-seq", "0")
+        wait_for(lambda: _conns(lc.appliance_ns, port, "sport"), 120, "the first client")
+        sim = SimProcess(
+            write_config(labcfg, tmp_path / "sim.toml"),
+            "--session",
+            str(path),
+            "--rate",
+            "20000",  # about 15 s
+            "--eos-for",
+            "1",
+            "--no-rerequest",
+        )
+        app.wait_taken(LAB_MSGS // 4)
+        ((server_end, client_end),) = _conns(lc.appliance_ns, port, "sport")
+        assert server_end.rsplit(":", 1)[0] == lc.line_a.appliance_ip  # over the lab's line
+        cport = client_end.rsplit(":", 1)[1]
+        killed = subprocess.run(
+            _in_ns(lc.appliance_ns, "ss", "-K", "-tnH", "state", "established")
+            + [f"( sport = :{port} and dport = :{cport} )"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert killed.stdout.strip(), "ss -K destroyed no socket"
+        taken = app.wait_taken(LAB_MSGS // 3)["taken"]
+        assert taken < LAB_MSGS, "the session ended before the second client joined"
+        joiner = start(*client, "--snapshot")
+        reps = []
+        for p in (cut, joiner):
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err
+            reps.append(json.loads(out))
+        a, b = reps
+        assert a["digest"] == b["digest"] == digest
+        assert a["ended"] and b["ended"] and a["last_seq"] == b["last_seq"] == LAB_MSGS
+        assert a["reconnects"] >= 1 and a["snapshot_seq"] == 0  # resumed with its cursor
+        assert LAB_MSGS // 3 <= b["snapshot_seq"] < LAB_MSGS  # joined mid-session
+        sim.finish()
+        assert app.finish()["digest"] == digest
+        text = _scrape(lc.appliance_ns, f"127.0.0.1:{mport}")
+        assert _metric(text, "tickwire_feed_clients", channel=app.channel) == 0
+        pos = _metric(text, "tickwire_feed_position_events", channel=app.channel)
+        assert pos >= max(a["next_event"], b["next_event"])  # the server read all they got
+        assert _metric(text, "tickwire_feed_frames_total", channel=app.channel) >= (
+            a["frames"] + b["frames"]
+        )
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0, serve.stderr.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if sim is not None:
+            sim.kill()
+        app.kill()

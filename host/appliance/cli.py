@@ -264,9 +264,12 @@ SIGTERM or SIGINT. Clients: tickwire client ws://HOST:PORT/feed?channel=C&snapsh
   tickwire client ws://10.0.0.5:8765/feed --snapshot --until-eos --digest --json
   tickwire client 'ws://10.0.0.5:8765/feed?kinds=bbo,trades' --from-seq 120000 --json
   tickwire client wss://feed.example:8765/feed --cafile ca.pem --token "$TOKEN"
+  tickwire client 'ws://10.0.0.5:8765/feed?channel=world&symbols=AAPL' --snapshot --json
+                                                the world view's consolidated quotes
 
 It reconnects after a drop with from_seq = the next event it expects, and stops with an
-error on any gap or duplicate. Exit status: 0 done, 1 the stream failed or stopped short,
+error on any gap or duplicate (the world channel is conflated: it joins again, and a
+symbol's update must grow). Exit status: 0 done, 1 the stream failed or stopped short,
 2 usage error.
 """,
     )
@@ -282,6 +285,9 @@ error on any gap or duplicate. Exit status: 0 done, 1 the stream failed or stopp
         help="with --until-eos: print only the rebuilt levels' digest (tickwire book's)",
     )
     cl.add_argument("--json", action="store_true", help="JSON: one object a line")
+    cl.add_argument(
+        "--count", type=int, metavar="N", help="exit after N events (or quotes) printed"
+    )
     cl.add_argument("--token", help="the server's token (Authorization: Bearer)")
     cl.add_argument("--cafile", metavar="PEM", help="trust this CA (wss:// with a private CA)")
     cl.set_defaults(func=_client)

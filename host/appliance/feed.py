@@ -10,8 +10,10 @@ pump keeps:
   pump's position ``pos`` (the next event number it will read);
 - the retention window: the last ``retention_events`` events read, by event number
   (``[oldest, pos)``), from which ``from_seq`` cursors replay. A cursor older than
-  ``oldest`` gets ``ERROR E_CURSOR_OLD``, never a silent skip. (The window starts where the
-  server joined: a restarted server cannot replay what came before it.)
+  ``oldest`` gets ``ERROR E_CURSOR_OLD``, never a silent skip. (The window starts at event 0
+  when the ring still holds every event since the consumer created it -- the server then
+  reads them all -- else where the server joined with a snapshot: a server started late in
+  a long session cannot replay what came before it.)
 
 A ``snapshot=1`` client is registered at ``pos`` and served the pump's image at ``pos`` in the
 same step of the loop (no event can come in between: the loop is single-threaded), so the
@@ -29,9 +31,18 @@ Refused before any frame (an HTTP answer with a one-line reason): a bad query (4
 or wrong token (401), an unknown channel (404), one past ``max_clients`` (503). Sockets get
 ``TCP_NODELAY``; TLS when ``tls_cert``/``tls_key`` are configured.
 
+The ``world`` channel (``feed_server.world``: the address of ``tickwire world``): a
+``WorldPump`` follows the world view's ``WatchBBO`` stream over gRPC (``grpc.aio`` on the same
+loop) and keeps each symbol's latest consolidated quote; its clients get ``QUOTES`` frames
+(``feedwire``), ``snapshot=1`` first the current quotes. The stream is conflated, so
+``from_seq`` is refused for it. When the world view goes away (or the server reconnects to
+it) its clients get ``ERROR E_WORLD`` and join again; new connections are refused (503)
+until it is back.
+
 Metrics (``tickwire_feed_*``, a collector over the server's counters, on ``metrics``'s own
 endpoint): clients, frames and bytes out, evictions by reason, refusals by reason, each
-client's lag in events behind the ring's head, the pump's position and window.
+client's lag in events behind the ring's head (``world``: in world view ``seq``), the pump's
+position and window.
 """
 
 from __future__ import annotations
@@ -90,10 +101,15 @@ class Pump:
 
     # --- the ring -------------------------------------------------------------------------
     def attach(self) -> None:
-        """Join the ring: a snapshot of every stock, the window starting at its position."""
+        """Join the ring: from event 0 while the ring holds all of it, else by a snapshot of
+        every stock; the window starts there."""
         sub = sb.Subscriber(self.name, root=self.server.root, batch=CHUNK)
-        if int(sub.ring.hdr[ev.H_WRITE]) == 0:
-            sub.join_live()  # nothing published yet: an empty copy is the whole image
+        if int(sub.ring.hdr[ev.H_WRITE]) <= len(sub.ring.ring) // 2:
+            # the ring still holds every event since the consumer created it (with an empty
+            # book): an empty copy that reads them all from event 0 is the whole image, and
+            # the window starts at 0 (half the ring's margin: the consumer keeps writing)
+            sub.join_live()
+            sub.cursor[0] = 0
         else:
             sub.snapshot()
         if self.sub is not None:
@@ -220,7 +236,7 @@ class Client(WSListener):
         self.follow, self.wanted = pump.resolve(sub.symbols)
 
     # --- connection -----------------------------------------------------------------------
-    def on_ws_connected(self, transport: WSTransport) -> None:
+    def _setup(self, transport: WSTransport) -> None:
         self.t = transport
         tr = transport.underlying_transport
         sock = tr.get_extra_info("socket")
@@ -228,6 +244,9 @@ class Client(WSListener):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tr.set_write_buffer_limits(high=WRITE_HIGH)
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._setup(transport)
         p = self.pump
         if p.sub is None:  # the ring went away between the upgrade and now
             self.fail(fw.E_RESTARTED, f"{p.name}: {p.error}")
@@ -414,15 +433,146 @@ class Client(WSListener):
             self.send(fw.heartbeat(self.covered, self.pump.pos, time.monotonic_ns()))
 
 
+class WorldPump:
+    """The ``world`` channel: the world view's quotes from ``address`` (gRPC ``WatchBBO``),
+    each symbol's latest, and the clients following them."""
+
+    name = fw.WORLD
+    oldest = 0
+
+    def __init__(self, server: FeedServer, address: str, retry_s: float = 0.5):
+        self.server, self.address, self.retry_s = server, address, retry_s
+        self.quotes: dict = {}  # symbol -> worldview.Quote
+        self.venues: list[str] = []
+        self.seq = 0  # the highest world view seq received
+        self.applied = 0  # quotes received on this connection (a client's join point)
+        self.generation = 0
+        self.ready = False
+        self.error = f"not connected to the world view at {address} yet"
+        self.clients: set[WorldClient] = set()
+        self.frames = self.bytes = 0
+        self.evictions = {fw.ERROR_NAMES[c]: 0 for c in fw.EVICTIONS}
+        self.task: asyncio.Task | None = None
+        self._pending: list[tuple[int, object]] = []  # (applied index, quote) not yet sent
+        self._flush_at: asyncio.Handle | None = None
+
+    @property
+    def pos(self) -> int:
+        return self.seq
+
+    head = pos
+
+    def resolve(self, symbols: tuple[str, ...]) -> tuple[None, np.ndarray]:
+        return None, np.zeros(0, np.uint64)  # a world client filters by ticker itself
+
+    async def run(self) -> None:
+        import grpc
+
+        from host.appliance import worldview as wv
+        from host.appliance import worldview_pb2 as pb
+        from host.appliance import worldview_pb2_grpc as pbg
+
+        loop = asyncio.get_running_loop()
+        while True:
+            why = "the world view ended its stream"
+            try:
+                async with grpc.aio.insecure_channel(self.address) as ch:
+                    stub = pbg.WorldViewStub(ch)
+                    got = await stub.GetVenues(pb.VenuesRequest(), timeout=5)
+                    stream = stub.WatchBBO(pb.WatchRequest())
+                    self.venues = [v.name for v in got.venues]
+                    self.quotes.clear()
+                    self.seq = self.applied = 0
+                    self.generation = time.monotonic_ns()
+                    self.ready, self.error = True, ""
+                    log.info("world: following the world view at %s", self.address)
+                    async for m in stream:
+                        q = wv.from_pb(m)
+                        self.quotes[q.symbol] = q
+                        self.seq = max(self.seq, q.seq)
+                        self.applied += 1
+                        self._pending.append((self.applied, q))
+                        if self._flush_at is None:  # one frame for what came in this step
+                            self._flush_at = loop.call_soon(self.flush)
+            except grpc.aio.AioRpcError as e:
+                why = f"the world view at {self.address}: {e.code().name}: {e.details()}"
+            except (OSError, RuntimeError, ValueError) as e:  # not a world view, say
+                why = f"the world view at {self.address}: {e}"
+            was = self.ready
+            self.ready, self.error = False, why
+            self.flush()
+            for c in list(self.clients):
+                c.fail(fw.E_WORLD, f"{why}: join again with snapshot=1")
+            if was:
+                log.warning("world: %s", why)
+            await asyncio.sleep(self.retry_s)
+
+    def flush(self) -> None:
+        self._flush_at = None
+        batch, self._pending = self._pending, []
+        if batch:
+            for c in list(self.clients):
+                c.deliver_quotes(batch)
+
+
+class WorldClient(Client):
+    """A connection to the ``world`` channel."""
+
+    def __init__(self, pump: WorldPump, sub: fw.Subscription, peer: str):
+        super().__init__(pump, sub, peer)
+        self.symbols = frozenset(sub.symbols) or None
+        self.after = 0  # the pump's applied count when it joined: later quotes are its
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._setup(transport)
+        p = self.pump
+        if not p.ready:
+            self.fail(fw.E_WORLD, p.error)
+            return
+        p.clients.add(self)
+        self.after, self.covered = p.applied, p.seq
+        hb = int(p.server.cfg.heartbeat_s * 1000)
+        self.send(fw.hello(p.seq, p.seq, p.generation, 0, hb, 0, p.name))
+        self.send(fw.venues(p.seq, p.venues))
+        if self.q.snapshot:
+            qs = [q for s, q in sorted(p.quotes.items()) if self._wants(s)]
+            for i in range(0, len(qs), SNAP_ROWS):
+                self.send(fw.quotes(p.seq, p.venues, qs[i : i + SNAP_ROWS], True), force=True)
+            self.send(fw.snap_end(p.seq, len(qs)), force=True)
+        self.live = True
+
+    def _wants(self, symbol: str) -> bool:
+        return self.symbols is None or symbol in self.symbols
+
+    def deliver_quotes(self, batch: list) -> None:
+        if self.closed:
+            return
+        mine = [q for i, q in batch if i > self.after and self._wants(q.symbol)]
+        if mine:
+            p = self.pump
+            for i in range(0, len(mine), SNAP_ROWS):
+                self.send(fw.quotes(p.seq, p.venues, mine[i : i + SNAP_ROWS]))
+            self.covered = p.seq
+
+    def catch_up(self) -> None:
+        pass  # a conflated stream: nothing to replay
+
+
 class FeedServer:
-    """``tickwire serve``: ``channels`` served per ``cfg`` ([feed_server])."""
+    """``tickwire serve``: ``channels`` served per ``cfg`` ([feed_server]), and the world
+    view's quotes as the channel ``world`` when ``cfg.world`` names it."""
 
     def __init__(self, cfg: hc.FeedServerConfig, channels: list[str], root=None):
-        if not channels:
+        if not channels and not cfg.world:
             raise hc.ConfigError("feed_server.channels: no channel to serve")
+        if fw.WORLD in channels and cfg.world:
+            raise hc.ConfigError(
+                "feed_server.channels: 'world' is the world view's channel (feed_server.world)"
+            )
         self.cfg, self.root = cfg, root
         self.tokens = hc.feed_server_tokens(cfg)
         self.pumps = {name: Pump(self, name) for name in channels}
+        self.world = WorldPump(self, cfg.world) if cfg.world else None
         self.conns: set[Client] = set()
         self.refused: dict[str, int] = {}
         self.server: asyncio.Server | None = None
@@ -461,15 +611,16 @@ class FeedServer:
             return self._refuse(
                 HTTPStatus.UNAUTHORIZED, "token", "no or wrong token (Authorization: Bearer)"
             )
-        name = q.channel or next(iter(self.pumps))
-        pump = self.pumps.get(name)
+        name = q.channel or next(iter(self.pumps), fw.WORLD)
+        pump = self.world if name == fw.WORLD else self.pumps.get(name)
         if pump is None:
+            served = [*self.pumps, *([fw.WORLD] if self.world else [])]
             return self._refuse(
                 HTTPStatus.NOT_FOUND,
                 "channel",
-                f"channel {name!r} is not served (served: {', '.join(self.pumps)})",
+                f"channel {name!r} is not served (served: {', '.join(served)})",
             )
-        if pump.sub is None:
+        if not (pump.ready if pump is self.world else pump.sub is not None):
             return self._refuse(
                 HTTPStatus.SERVICE_UNAVAILABLE, "channel", f"channel {name}: {pump.error}"
             )
@@ -479,7 +630,8 @@ class FeedServer:
                 "max_clients",
                 f"too many clients ({self.cfg.max_clients}, feed_server.max_clients)",
             )
-        c = Client(pump, q, request.headers.get("Host", ""))
+        kind = WorldClient if pump is self.world else Client
+        c = kind(pump, q, request.headers.get("Host", ""))
         self.conns.add(c)
         return c
 
@@ -489,6 +641,8 @@ class FeedServer:
             with contextlib.suppress(OSError, RuntimeError, TimeoutError, ValueError):
                 p.attach()  # now when the ring is there, so the first clients find it
             p.task = asyncio.create_task(p.run())
+        if self.world is not None:
+            self.world.task = asyncio.create_task(self.world.run())
         self.server = await ws_create_server(
             self.listener,
             self.cfg.listen,
@@ -505,12 +659,16 @@ class FeedServer:
         while True:
             await asyncio.sleep(step)
             now = time.monotonic()
-            for p in self.pumps.values():
+            for p in self._all():
                 for c in list(p.clients):
                     c.tick(now)
 
+    def _all(self) -> list:
+        """The pumps, the world's last."""
+        return [*self.pumps.values(), *([self.world] if self.world else [])]
+
     async def stop(self) -> None:
-        for p in self.pumps.values():
+        for p in self._all():
             for c in list(p.clients):
                 c.fail(fw.E_SHUTDOWN, "the server is stopping")
             if p.task:
@@ -526,8 +684,8 @@ class FeedServer:
     def stats(self) -> dict:
         """What the metrics show, per channel."""
         out = {}
-        for name, p in self.pumps.items():
-            head = p.head
+        for p in self._all():
+            name, head = p.name, p.head
             out[name] = {
                 "clients": len(p.clients),
                 "frames": p.frames + sum(c.frames for c in p.clients),
@@ -602,7 +760,11 @@ def served_channels(cfg: hc.Config) -> list[str]:
     return list(cfg.feed_server.channels) or [c.run.channel for c in hc.channel_configs(cfg)]
 
 
-def serve(cfg: hc.Config, say=print) -> int:
+def _say(text: str) -> None:
+    print(text, flush=True)  # a line a supervisor (or a test) waits on, even through a pipe
+
+
+def serve(cfg: hc.Config, say=_say) -> int:
     """Run the server until SIGTERM or SIGINT (the CLI's ``tickwire serve``)."""
     import uvloop
 
@@ -624,7 +786,7 @@ def serve(cfg: hc.Config, say=print) -> int:
         scheme = "wss" if fs.tls_cert else "ws"
         say(
             f"tickwire serve: {scheme}://{fs.listen}:{port}{fw.PATH} serving "
-            f"{', '.join(server.pumps)}"
+            f"{', '.join(p.name for p in server._all())}"
             + (f"; metrics on http://{fs.metrics}/metrics" if fs.metrics else ""),
         )
         await stop.wait()

@@ -8,6 +8,11 @@ frame that starts later is a gap, one that starts earlier a duplicate -- both ra
 ``StreamError``, never pass silently. When the connection drops (or the server evicts it for
 being slow) it reconnects with ``from_seq`` = the next event it expects (``last + 1``) and
 checks the server resumed exactly there, in the same generation of the ring.
+
+On the ``world`` channel (``channel=world``) it keeps the consolidated quotes instead
+(``quotes``: symbol -> ``worldview.Quote``, ``on_quote`` for each one received); a symbol's
+``update`` must grow from one quote to the next (a repeat raises ``StreamError``). That
+stream is conflated and has no cursor: after a drop it joins again as it first did.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ class _Listener(WSListener):
     def __init__(self, client: FeedClient):
         self.client = client
 
+    def on_ws_connected(self, transport) -> None:
+        # known before any frame is handled: frames that came with the upgrade's answer are
+        # handled before ws_connect returns, and one of them may stop or fail the client
+        self.client._transport = transport
+
     def on_ws_frame(self, transport, frame) -> None:
         if frame.msg_type == WSMsgType.BINARY:
             self.client._frame(frame.get_payload_as_bytes())
@@ -66,6 +76,7 @@ class FeedClient:
         reconnect: bool = True,
         retry_s: float = 0.2,
         on_event=None,
+        on_quote=None,
     ):
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss"):
@@ -76,6 +87,7 @@ class FeedClient:
             sub = sub._replace(snapshot=bool(snapshot), from_seq=from_seq)
         if sub.snapshot and sub.from_seq is not None:
             raise ValueError("--snapshot and --from-seq exclude each other")
+        fw.parse_query(fw.query(sub))  # what the server would refuse (the world's from_seq)
         self.sub = sub
         self.base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
         self.token = token
@@ -83,11 +95,17 @@ class FeedClient:
         if parts.scheme == "wss":
             self.ssl = ssl.create_default_context(cafile=cafile)
         self.reconnect, self.retry_s, self.on_event = reconnect, retry_s, on_event
+        self.world = sub.channel == fw.WORLD
+        self.on_quote = on_quote
+        self.venues: list[str] = []  # the world channel's venues (its VENUES frame)
+        self.quotes: dict = {}  # the world channel: symbol -> its latest worldview.Quote
+        self.image_quotes = 0  # quotes received in snapshot images
         self.expected: int | None = None  # the next event number
         self.generation = 0
         self.joined = False  # has a whole image or a cursor to resume from
         self.done = False  # END seen (or the image is past the end of session)
         self.next_seq = 0  # END's: the session's announced end
+        self.snapshot_seq = 0  # the last MoldUDP64 sequence in the image (0: no snapshot)
         self.frames = self.events = self.reconnects = self.heartbeats = 0
         self.evicted: list[str] = []  # eviction reasons received
         self.error: Exception | None = None
@@ -102,6 +120,7 @@ class FeedClient:
         self._clear(1 << 12)
         self._transport = None
         self._ended = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # run's
 
     # --- the copy -------------------------------------------------------------------------
     def _clear(self, cap: int) -> None:
@@ -143,13 +162,15 @@ class FeedClient:
 
     def _frame(self, payload: bytes) -> None:
         try:
-            self._handle(fw.decode(payload))
+            self._handle(fw.decode(payload, len(self.venues)))
         except (fw.WireError, StreamError, FeedError) as e:
             self._fail(e)
 
     def _handle(self, f: fw.Frame) -> None:
         self.frames += 1
-        if f.type == fw.HELLO:
+        if self.world and f.type in (fw.HELLO, fw.VENUES, fw.QUOTES, fw.SNAP_END):
+            self._world(f)
+        elif f.type == fw.HELLO:
             self.hello = f.body
             if self.joined:
                 if f.body["generation"] != self.generation:
@@ -164,6 +185,7 @@ class FeedClient:
                 self.joined = True
         elif f.type == fw.SNAP_BEGIN:
             self._snap = f.body
+            self.snapshot_seq = f.body["last_seq"]
             self._snap_rows = []
             self.stocks[:] = 0
         elif f.type == fw.SNAP_STOCKS:
@@ -217,6 +239,37 @@ class FeedClient:
             self.done = True
             self.next_seq = f.body["next_seq"]
             self._ended.set()
+
+    def _world(self, f: fw.Frame) -> None:
+        """The world channel's frames: its venues, then quotes."""
+        if f.type == fw.HELLO:
+            self.hello = f.body
+            if f.body["generation"] != self.generation:  # the server's link to the world view
+                self.quotes.clear()
+            self.generation = f.body["generation"]
+            self.expected = f.seq
+            self.venues = []
+            self.joined = not self.sub.snapshot
+        elif f.type == fw.VENUES:
+            self.venues = f.body
+        elif f.type == fw.QUOTES:
+            if f.seq < self.expected:
+                raise StreamError(f"world seq went back from {self.expected} to {f.seq}")
+            self.expected = f.seq
+            for q in fw.to_quotes(f.body, self.venues):
+                old = self.quotes.get(q.symbol)
+                if old is not None and q.update <= old.update and not f.flags & fw.F_IMAGE:
+                    raise StreamError(
+                        f"duplicate: {q.symbol} update {q.update} after update {old.update}"
+                    )
+                self.quotes[q.symbol] = q
+                self.events += 1
+                if self.on_quote is not None:
+                    self.on_quote(q)
+            if f.flags & fw.F_IMAGE:
+                self.image_quotes += f.count
+        elif f.type == fw.SNAP_END:
+            self.joined = True
 
     def _apply(self, recs: np.ndarray) -> None:
         n = len(recs)
@@ -280,7 +333,7 @@ class FeedClient:
     def url(self) -> str:
         """The URL of the next connection: the cursor once joined, else the subscription."""
         sub = self.sub
-        if self.joined and self.expected is not None:
+        if self.joined and self.expected is not None and not self.world:
             sub = sub._replace(snapshot=False, from_seq=self.expected)
         return self.base + fw.query(sub)
 
@@ -301,6 +354,8 @@ class FeedClient:
             why = f"refused ({int(status)}): {why}" if status else why
             raise FeedError(why) from None
         self._transport = t
+        if self.done or self.error is not None:  # stopped or failed during the upgrade
+            t.disconnect(False)
         sock = t.underlying_transport.get_extra_info("socket")
         if sock is not None:
             import socket
@@ -313,6 +368,7 @@ class FeedClient:
         """Follow until the end of session (``until_eos``), an error, or ``timeout``;
         reconnecting with the cursor after a drop. Raises the error that stopped it."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._loop = asyncio.get_running_loop()
         while True:
             try:
                 await self._connect_once()
@@ -332,6 +388,22 @@ class FeedClient:
             await asyncio.sleep(self.retry_s)
             self.reconnects += 1
 
+    def stop(self) -> None:
+        """End ``run`` now (as done: no reconnect); from any thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                mine = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                mine = False
+            if not mine:
+                loop.call_soon_threadsafe(self.stop)
+                return
+        self.done = True
+        self._ended.set()
+        if self._transport is not None:
+            self._transport.disconnect(False)
+
     def drop(self) -> bool:
         """Cut the connection now (the client reconnects with its cursor); False when there
         was none to cut."""
@@ -350,12 +422,6 @@ def run(client: FeedClient, until_eos: bool = True, timeout: float | None = None
     return client
 
 
-def _line(e: sb.Event) -> str:
-    d = e.as_dict()
-    d.pop("stamps_ns", None)
-    return " ".join(f"{k}={v}" for k, v in d.items())
-
-
 def main(args) -> int:
     """``tickwire client``."""
     out = sys.stdout
@@ -363,8 +429,24 @@ def main(args) -> int:
         print("tickwire client: --digest needs --until-eos", file=sys.stderr)
         return 2
 
-    def show(e: sb.Event) -> None:
-        out.write((json.dumps(e.as_dict()) if args.json else _line(e)) + "\n")
+    count = getattr(args, "count", None)
+    if count is not None and count < 1:
+        print(f"tickwire client: --count {count}: must be 1 or more", file=sys.stderr)
+        return 2
+    shown = 0
+
+    def show(e) -> None:
+        nonlocal shown
+        d = e.as_dict()
+        if args.json:
+            text = json.dumps(d)
+        else:
+            d.pop("stamps_ns", None)
+            text = " ".join(f"{k}={v}" for k, v in d.items())
+        out.write(text + "\n")
+        shown += 1
+        if count is not None and shown >= count:
+            c.stop()
 
     try:
         c = FeedClient(
@@ -374,9 +456,17 @@ def main(args) -> int:
             from_seq=args.from_seq,
             cafile=args.cafile,
             on_event=None if args.digest else show,
+            on_quote=show,
         )
     except (ValueError, fw.WireError) as e:
         print(f"tickwire client: {e}", file=sys.stderr)
+        return 2
+    if c.world and (args.until_eos or args.digest):
+        print(
+            "tickwire client: the world channel has no end of session and no levels "
+            "(--until-eos, --digest)",
+            file=sys.stderr,
+        )
         return 2
     try:
         run(c, until_eos=args.until_eos)
@@ -389,6 +479,7 @@ def main(args) -> int:
         rep = {
             "digest": c.digest(),
             "last_seq": c.last_seq,
+            "snapshot_seq": c.snapshot_seq,
             "next_event": c.expected,
             "events": c.events,
             "frames": c.frames,
@@ -397,4 +488,6 @@ def main(args) -> int:
             "ended": c.done,
         }
         print(json.dumps(rep) if args.json else " ".join(f"{k}={v}" for k, v in rep.items()))
+    if count is not None and shown < count:
+        return 1
     return 0 if c.done or not args.until_eos else 1

@@ -38,7 +38,7 @@ header      bytes   field
 ==========  ======  ========================================================================
 version     u8      ``VERSION`` (1): a frame of another version is refused by the decoder
 type        u8      one of the frame types below
-flags       u16     0 (reserved)
+flags       u16     ``F_IMAGE`` (1) on the ``QUOTES`` frames of a ``world`` image, else 0
 count       u32     records in the body (``EVENTS``, ``SNAP_*``), else 0
 seq         i64     the channel's event number at this frame (per type, below)
 end         i64     a second event number (per type, below), else 0
@@ -90,6 +90,42 @@ Frame types, in the order a connection sees them:
     the session ended (after the ``EVENTS`` frame holding the end-of-session channel event);
     the server then closes normally. ``seq``: the next event number. Body: ``next_seq`` i64,
     the MoldUDP64 sequence the exchange announced as the session's end.
+
+The ``world`` channel (``channel=world``, when the server is given a world view:
+``feed_server.world``) is the cross-venue consolidated quote of ``host.appliance.worldview``,
+one quote per symbol, as the world view's ``WatchBBO`` streams it to the server over gRPC.
+Its sequence is the world view's ``seq`` (its count of quote changes, every symbol), not an
+event number. The stream is **conflated**: a symbol's quote is its latest, changes in
+between may be skipped (``update`` shows how many), so there is nothing to replay:
+``from_seq`` and ``kinds`` are refused (400); ``symbols`` (tickers) filters;
+``snapshot=1`` sends every followed symbol's current quote first (the quotes the server
+holds: in the moment after it connected to the world view, the rest of the world view's
+own image may still be on its way, and comes as live quotes). A connection sees:
+
+``HELLO`` (1)
+    ``seq`` and ``end``: the world view's ``seq`` when the client joined; ``generation``: the
+    server's connection to the world view (a new value after it reconnected: the world
+    view's ``seq`` may have started again); ``oldest`` 0; ``kinds`` 0; channel ``world``.
+``VENUES`` (10)
+    ``count`` venues, the body their names (UTF-8, one a line, ``\n`` between): the world
+    view's venue order, which the ``QUOTES`` records' per-venue arrays follow.
+``QUOTES`` (11)
+    ``count`` ``quote_dtype(venues)`` records (72 + 17 x venues bytes): ``symbol`` 8 ASCII
+    bytes (space padded), ``bid_px`` u32, ``ask_px`` u32 (ITCH Price(4); 0: empty side),
+    ``bid_qty`` i64, ``ask_qty`` i64 (the shares at the best price, every venue at it),
+    ``update`` u64 (this symbol's changes so far), ``seq`` u64 (the world view's ``seq`` at
+    this change), ``itch_ns`` i64, ``rx_ns`` i64, ``world_ns`` i64 (the stamps of
+    ``worldview.Quote``), then per venue, in ``VENUES`` order: ``bid`` i64 x venues (its size at
+    the best bid; 0: not at it), ``ask`` i64 x venues, ``out`` u8 x venues (0: in, or it does
+    not list the symbol; else why it is out of the quote: 1 halted, 2 paused, 3
+    quotation_only, 4 stale, 5 lines_down, another value: the trading state's ASCII letter).
+    ``seq``: the highest world ``seq`` the server has seen; a symbol's ``update`` only grows.
+    ``flags`` ``F_IMAGE``: the quotes of the ``snapshot=1`` image (then ``SNAP_END``, ``seq``
+    the image's world ``seq``, ``count`` the quotes in it); live changes follow, each newer
+    than the image.
+``HEARTBEAT`` (7), ``ERROR`` (8)
+    as above, ``seq`` the world ``seq`` last sent. ``E_WORLD``: the server lost the world
+    view (or reconnected to it): join again with ``snapshot=1``.
 """
 
 from __future__ import annotations
@@ -114,6 +150,8 @@ EVENTS = 6
 HEARTBEAT = 7
 ERROR = 8
 END = 9
+VENUES = 10
+QUOTES = 11
 TYPE_NAMES = {
     HELLO: "hello",
     SNAP_BEGIN: "snap_begin",
@@ -124,7 +162,10 @@ TYPE_NAMES = {
     HEARTBEAT: "heartbeat",
     ERROR: "error",
     END: "end",
+    VENUES: "venues",
+    QUOTES: "quotes",
 }
+F_IMAGE = 1  # header flag: QUOTES of a snapshot image
 
 # error codes
 E_BAD_QUERY = 1
@@ -136,6 +177,7 @@ E_RESTARTED = 6  # the consumer restarted (a new ring): cursors of the old one a
 E_LAPPED = 7  # the server's own reader was lapped by the ring: its stream has a hole
 E_SHUTDOWN = 8  # the server is stopping
 E_SNAPSHOT = 9  # the consumer did not answer the snapshot request
+E_WORLD = 10  # the server lost (or reconnected to) the world view
 ERROR_NAMES = {
     E_BAD_QUERY: "bad_query",
     E_CURSOR_OLD: "cursor_old",
@@ -146,6 +188,7 @@ ERROR_NAMES = {
     E_LAPPED: "lapped",
     E_SHUTDOWN: "shutdown",
     E_SNAPSHOT: "snapshot",
+    E_WORLD: "world",
 }
 EVICTIONS = (E_QUEUE_FULL, E_STALLED)
 
@@ -203,17 +246,22 @@ class WireError(ValueError):
 class Frame(NamedTuple):
     """A decoded frame: ``type`` (a frame type), the header's ``count``, ``seq``, ``end``,
     and ``body``: the type's fields as a dict, or a record array (``EVENTS``: ``EVENT``
-    records with version 0; ``SNAP_STOCKS``: ``STOCK_REC``; ``SNAP_LEVELS``: ``LEVEL_REC``)."""
+    records with version 0; ``SNAP_STOCKS``: ``STOCK_REC``; ``SNAP_LEVELS``: ``LEVEL_REC``;
+    ``VENUES``: a list of names; ``QUOTES``: ``quote_dtype`` records), and the header's
+    ``flags``."""
 
     type: int
     count: int
     seq: int
     end: int
     body: object
+    flags: int = 0
 
 
-def _frame(t: int, seq: int, end: int = 0, count: int = 0, body: bytes = b"") -> bytes:
-    return HEADER.pack(VERSION, t, 0, count, seq, end) + body
+def _frame(
+    t: int, seq: int, end: int = 0, count: int = 0, body: bytes = b"", flags: int = 0
+) -> bytes:
+    return HEADER.pack(VERSION, t, flags, count, seq, end) + body
 
 
 def hello(
@@ -290,13 +338,14 @@ def to_events(wire: np.ndarray) -> np.ndarray:
     return out
 
 
-def decode(buf) -> Frame:
-    """One frame. Raises ``WireError`` on a short frame, another version, an unknown type or
-    a body that does not match its header."""
+def decode(buf, venues: int = 0) -> Frame:
+    """One frame (``venues``: the ``world`` stream's venue count, from its ``VENUES``
+    frame, which ``QUOTES`` records need). Raises ``WireError`` on a short frame, another
+    version, an unknown type or a body that does not match its header."""
     buf = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
     if len(buf) < HEADER.size:
         raise WireError(f"frame of {len(buf)} bytes: shorter than the {HEADER.size}-byte header")
-    version, t, _flags, count, seq, end_ = HEADER.unpack_from(buf, 0)
+    version, t, flags, count, seq, end_ = HEADER.unpack_from(buf, 0)
     if version != VERSION:
         raise WireError(f"frame version {version}: this client speaks {NAME} (version {VERSION})")
     body_len = len(buf) - HEADER.size
@@ -339,11 +388,20 @@ def decode(buf) -> Frame:
             body = {"code": code, "reason": bytes(buf[o + 2 :]).decode(errors="replace")}
         elif t == END:
             body = {"next_seq": _I64.unpack_from(buf, o)[0]}
+        elif t == VENUES:
+            text = bytes(buf[o:]).decode()
+            body = text.split("\n") if count else []
+            if len(body) != count:
+                raise WireError(f"venues frame of {count} venues names {len(body)}")
+        elif t == QUOTES:
+            if not venues:
+                raise WireError("a quotes frame before the venues frame")
+            body = _records(buf, quote_dtype(venues), count)
         else:
             raise WireError(f"unknown frame type {t}")
     except struct.error as e:
         raise WireError(f"{TYPE_NAMES.get(t, t)} frame: {e}") from None
-    return Frame(t, count, seq, end_, body)
+    return Frame(t, count, seq, end_, body, flags)
 
 
 def level_rows(recs: np.ndarray) -> np.ndarray:
@@ -351,6 +409,97 @@ def level_rows(recs: np.ndarray) -> np.ndarray:
     out = np.zeros((len(recs), 5), np.int64)
     for i, name in enumerate(("locate", "side", "price", "shares", "orders")):
         out[:, i] = recs[name]
+    return out
+
+
+# --- the world channel ------------------------------------------------------------------------
+WORLD = "world"  # the channel name of the consolidated quotes
+OUT_CODES = {"halted": 1, "paused": 2, "quotation_only": 3, "stale": 4, "lines_down": 5}
+OUT_NAMES = {v: k for k, v in OUT_CODES.items()}
+
+
+def quote_dtype(venues: int) -> np.dtype:
+    """The ``QUOTES`` record of a world view of ``venues`` venues (72 + 17 x venues bytes)."""
+    return np.dtype(
+        [
+            ("symbol", "S8"),
+            ("bid_px", "<u4"),
+            ("ask_px", "<u4"),
+            ("bid_qty", "<i8"),
+            ("ask_qty", "<i8"),
+            ("update", "<u8"),
+            ("seq", "<u8"),
+            ("itch_ns", "<i8"),
+            ("rx_ns", "<i8"),
+            ("world_ns", "<i8"),
+            ("bid", "<i8", (venues,)),
+            ("ask", "<i8", (venues,)),
+            ("out", "u1", (venues,)),
+        ]
+    )
+
+
+def venues(seq: int, names: list[str]) -> bytes:
+    for n in names:
+        if not n or "\n" in n:
+            raise WireError(f"venue name {n!r}: empty or with a newline")
+    return _frame(VENUES, seq, 0, len(names), "\n".join(names).encode())
+
+
+def _out_code(reason: str) -> int:
+    if reason in OUT_CODES:
+        return OUT_CODES[reason]
+    if reason.startswith("state_") and len(reason) == 7 and " " < reason[6] <= "~":
+        return ord(reason[6])
+    raise WireError(f"exclusion reason {reason!r} has no code")
+
+
+def quotes(seq: int, names: list[str], qs, image: bool = False) -> bytes:
+    """A ``QUOTES`` frame of ``worldview.Quote``s; ``names``: the venues, in ``VENUES``
+    order; ``image``: the frame belongs to a ``snapshot=1`` image."""
+    index = {n: i for i, n in enumerate(names)}
+    recs = np.zeros(len(qs), quote_dtype(len(names)))
+    for r, q in zip(recs, qs, strict=True):
+        r["symbol"] = q.symbol.encode("ascii").ljust(8)
+        for k in ("bid_px", "ask_px", "bid_qty", "ask_qty", "update", "seq"):
+            r[k] = getattr(q, k)
+        r["itch_ns"], r["rx_ns"], r["world_ns"] = q.itch_ns, q.rx_ns, q.world_ns
+        for v, n in q.bids:
+            r["bid"][index[v]] = n
+        for v, n in q.asks:
+            r["ask"][index[v]] = n
+        for v, why in q.excluded:
+            r["out"][index[v]] = _out_code(why)
+    return _frame(QUOTES, seq, 0, len(recs), recs.tobytes(), F_IMAGE if image else 0)
+
+
+def to_quotes(recs: np.ndarray, names: list[str]) -> list:
+    """``QUOTES`` records as ``worldview.Quote``s (``names``: the ``VENUES`` frame's)."""
+    from host.appliance.worldview import Quote
+
+    out = []
+    for r in recs:
+        bid, ask, why = r["bid"], r["ask"], r["out"]
+        out.append(
+            Quote(
+                r["symbol"].decode("ascii").rstrip(" "),
+                int(r["bid_px"]),
+                int(r["bid_qty"]),
+                int(r["ask_px"]),
+                int(r["ask_qty"]),
+                tuple((names[i], int(bid[i])) for i in np.nonzero(bid)[0]),
+                tuple((names[i], int(ask[i])) for i in np.nonzero(ask)[0]),
+                tuple(
+                    (names[i], OUT_NAMES.get(int(why[i]), f"state_{chr(why[i])}"))
+                    for i in np.nonzero(why)[0]
+                ),
+                int(r["update"]),
+                int(r["seq"]),
+                int(r["itch_ns"]),
+                int(r["rx_ns"]),
+                int(r["world_ns"]),
+            )
+        )
     return out
 
 
@@ -414,6 +563,17 @@ def parse_query(target: str) -> Subscription:
         from_seq = int(v)
     if snapshot and from_seq is not None:
         raise WireError("snapshot=1 and from_seq exclude each other: a snapshot or a cursor")
+    if channel == WORLD:
+        if from_seq is not None:
+            raise WireError(
+                "from_seq: the world channel is conflated (each symbol's latest quote), "
+                "it has no replay: snapshot=1 to join"
+            )
+        if "kinds" in seen:
+            raise WireError("kinds: the world channel carries consolidated quotes only")
+        for s in symbols:
+            if s.isdigit():
+                raise WireError(f"symbols: {s!r}: the world channel takes tickers, not locates")
     return Subscription(channel, symbols, kinds, snapshot, from_seq)
 
 
