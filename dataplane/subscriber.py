@@ -263,6 +263,35 @@ class Event(NamedTuple):
         return d
 
 
+def decode_event(e, symbol_of) -> Event:
+    """An ``EVENT`` record (ring or wire) as an ``Event``; ``symbol_of(locate)`` names a
+    locate (a ``Subscriber``'s or a feed client's stock directory)."""
+    kind = int(e["kind"])
+    side, code, loc = int(e["side"]), int(e["code"]), int(e["locate"])
+    code_s = ev.CHANNEL_NAMES.get(code, str(code)) if kind == ev.CHANNEL else chr(code) * bool(code)
+    symbol = symbol_of(loc) if kind != ev.CHANNEL else ""
+    if kind == ev.INSTRUMENT and code == 82:
+        symbol = ev.symbol_text(int(e["value"]))
+    rx = int(e["rx_ns"])
+    apply_ns = rx + int(e["apply_dt"]) if rx else 0
+    return Event(
+        ev.KIND_NAMES.get(kind, str(kind)),
+        int(e["seq"]),
+        int(e["itch_ns"]),
+        loc,
+        symbol,
+        ("AB" if kind == ev.CHANNEL else "BS")[side] if side in (0, 1) else None,
+        int(e["price"]),
+        int(e["n"]),
+        int(e["value"]),
+        code_s,
+        int(e["flags"]),
+        rx,
+        apply_ns,
+        (apply_ns + int(e["pub_dt"])) if apply_ns else 0,
+    )
+
+
 class Snapshot(NamedTuple):
     rows: np.ndarray  # (locate, side, price, shares, orders) of the followed locates
     stocks: np.ndarray  # bk.STOCK per locate
@@ -536,36 +565,7 @@ class Subscriber:
         return got
 
     def decode(self, e) -> Event:
-        kind = int(e["kind"])
-        name = ev.KIND_NAMES.get(kind, str(kind))
-        side = int(e["side"])
-        code = int(e["code"])
-        if kind == ev.CHANNEL:
-            code_s = ev.CHANNEL_NAMES.get(code, str(code))
-        else:
-            code_s = chr(code) if code else ""
-        loc = int(e["locate"])
-        rx = int(e["rx_ns"])
-        apply_ns = rx + int(e["apply_dt"]) if rx else 0
-        symbol = self.symbol(loc) if kind != ev.CHANNEL else ""
-        if kind == ev.INSTRUMENT and code == 82:
-            symbol = ev.symbol_text(int(e["value"]))
-        return Event(
-            name,
-            int(e["seq"]),
-            int(e["itch_ns"]),
-            loc,
-            symbol,
-            ("AB" if kind == ev.CHANNEL else "BS")[side] if side in (0, 1) else None,
-            int(e["price"]),
-            int(e["n"]),
-            int(e["value"]),
-            code_s,
-            int(e["flags"]),
-            rx,
-            apply_ns,
-            (apply_ns + int(e["pub_dt"])) if apply_ns else 0,
-        )
+        return decode_event(e, self.symbol)
 
     def events(self, idle: float = 0.0005, until=None):
         """Yield ``Event``s of the followed symbols (and every channel event) as they come;

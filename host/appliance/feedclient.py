@@ -302,32 +302,7 @@ class FeedClient:
 
     def decode(self, e) -> sb.Event:
         """An ``EVENT`` record as ``Subscriber.decode`` gives it."""
-        kind = int(e["kind"])
-        side, code, loc = int(e["side"]), int(e["code"]), int(e["locate"])
-        code_s = (
-            ev.CHANNEL_NAMES.get(code, str(code)) if kind == ev.CHANNEL else chr(code) * bool(code)
-        )
-        symbol = self.symbol(loc) if kind != ev.CHANNEL else ""
-        if kind == ev.INSTRUMENT and code == 82:
-            symbol = ev.symbol_text(int(e["value"]))
-        rx = int(e["rx_ns"])
-        apply_ns = rx + int(e["apply_dt"]) if rx else 0
-        return sb.Event(
-            ev.KIND_NAMES.get(kind, str(kind)),
-            int(e["seq"]),
-            int(e["itch_ns"]),
-            loc,
-            symbol,
-            ("AB" if kind == ev.CHANNEL else "BS")[side] if side in (0, 1) else None,
-            int(e["price"]),
-            int(e["n"]),
-            int(e["value"]),
-            code_s,
-            int(e["flags"]),
-            rx,
-            apply_ns,
-            (apply_ns + int(e["pub_dt"])) if apply_ns else 0,
-        )
+        return sb.decode_event(e, self.symbol)
 
     # --- connecting -----------------------------------------------------------------------
     def url(self) -> str:

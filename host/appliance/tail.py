@@ -175,11 +175,8 @@ def line_text(itch_ns: int | str, seq: int, symbol: str, kind: str, details: str
     return f"{when:<18} {seq:>10} {symbol:<8} {kind:<7} {details}"
 
 
-def event_json(e, line: int = ev.NO_SIDE) -> str:
-    d = e.as_dict()
-    if e.kind == "channel" and e.code.startswith("line_") and line in (0, 1):
-        d["line"] = "AB"[line]  # Event carries no side for channel events
-    return json.dumps(d, separators=(",", ":"))
+def event_json(e) -> str:
+    return json.dumps(e.as_dict(), separators=(",", ":"))
 
 
 def snapshot_json(snap, sub) -> str:
@@ -299,7 +296,7 @@ class Stream:
 
     def jsons(self, got: np.ndarray) -> list[str]:
         sub = self.sub
-        return [event_json(sub.decode(rec), int(rec["side"])) for rec in self.wanted(got)]
+        return [event_json(sub.decode(rec)) for rec in self.wanted(got)]
 
 
 class Stopped(RuntimeError):
