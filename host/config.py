@@ -306,8 +306,11 @@ class WorldViewConfig:
     channels: tuple[str, ...] = ()
     # tickers it keeps (1-8 characters); [] = every symbol of every venue
     symbols: tuple[str, ...] = ()
-    # WatchBBO streams served at once (each holds a server thread)
+    # WatchBBO streams served at once (each holds a server thread); one more is refused
     max_watchers: int = 64
+    # Prometheus endpoint "host:port" of the tickwire_world_* metrics ("" = none), e.g.
+    # "127.0.0.1:9466"
+    metrics: str = ""
 
 
 @dataclass(frozen=True)
@@ -638,7 +641,7 @@ def validate(cfg: Config) -> Config:
 
 
 def _validate_world_view(wv: WorldViewConfig) -> None:
-    host = host_port(wv.listen, "world_view.listen")[0]
+    host, port = host_port(wv.listen, "world_view.listen")
     try:  # 0.0.0.0: every interface
         if ipaddress.IPv4Address(host).is_multicast:
             raise ValueError
@@ -660,6 +663,8 @@ def _validate_world_view(wv: WorldViewConfig) -> None:
             raise ConfigError(f"world_view.symbols: {sym!r} is not a ticker (1-8 characters)")
     if not 1 <= wv.max_watchers <= 4096:
         raise ConfigError(f"world_view.max_watchers: {wv.max_watchers} is outside 1..4096")
+    if wv.metrics and host_port(wv.metrics, "world_view.metrics")[1] == port:
+        raise ConfigError(f"world_view.metrics: port {port} is world_view.listen's")
 
 
 def world_view_channels(cfg: Config) -> list[str]:

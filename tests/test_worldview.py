@@ -344,6 +344,240 @@ def test_watch_bbo_streams_the_image_then_the_changes_over_grpc(served):
     assert seen[0].update > first.update
 
 
+def test_watch_bbo_marks_the_end_of_the_image_after_exactly_its_quotes(served):
+    """``on_image_end`` comes after the image's quotes -- every watched symbol's, no more --
+    and before the first change; an empty image is the marker alone (on the wire: a Quote
+    with ``image_end`` and no symbol, ``seq`` the view's); a reader that does not ask for
+    it (``tickwire world --watch``) never sees it."""
+    import queue
+    import threading
+
+    from host.appliance import worldview_pb2 as pb
+
+    view, client = served
+    for venue, loc in (("nq", 6), ("bx", 18)):
+        view.apply(venue, np.concatenate([directory(loc, "MSFT"), bbo(loc, "S", 2000, 3)]))
+    view.apply("nq", np.concatenate([directory(7, "AMZN"), bbo(7, "B", 3000, 1)]))
+    image = dict(view.quotes)
+    assert len(image) == 3
+    got: queue.Queue = queue.Queue()
+
+    def reader():
+        for q in client.watch(on_image_end=lambda: got.put("end")):
+            got.put(q)
+            if q.bid_px == 1005:
+                return
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    first = [got.get(timeout=30) for _ in range(4)]
+    assert first[-1] == "end" and {q.symbol: q for q in first[:-1]} == image
+    view.apply("nq", bbo(5, "B", 1005, 2))
+    change = got.get(timeout=30)
+    t.join(timeout=30)
+    assert change == view.quote("AAPL") and change.seq > max(q.seq for q in image.values())
+    # the wire: an empty image is the marker alone; without asking, no marker at all
+    stream = client.stub.WatchBBO(pb.WatchRequest(symbols=["ZZZZ"], image_end=True))
+    try:
+        m = next(stream)
+        assert m.image_end and m.symbol == "" and m.seq == view.seq and m.world_ns > 0
+    finally:
+        stream.cancel()
+    stream = client.stub.WatchBBO(pb.WatchRequest(symbols=["AAPL"]))
+    try:
+        assert wv.from_pb(next(stream)) == view.quote("AAPL")
+        view.apply("bx", bbo(17, "B", 1006, 1))
+        m = next(stream)
+        assert not m.image_end and wv.from_pb(m) == view.quote("AAPL")
+    finally:
+        stream.cancel()
+
+
+def test_a_watch_never_gives_a_quote_twice():
+    """A change the image already holds (the view had it before its offer came: the
+    aggregator sets a quote, then offers it) is dropped, not sent again; a newer one of
+    the same symbol replaces the image's own until the image is taken."""
+    v = view3()
+    v.apply("nq", bbo(5, "B", 1000, 1))
+    with v.watch(["AAPL"]) as w:
+        q = v.quote("AAPL")
+        assert w.image_seq == v.seq == q.seq
+        w.offer(q)  # the late offer of what the image holds
+        assert w.image() == [q] and w.get(timeout=0) == [] and w.image() == []
+        newer = v.apply("nq", bbo(5, "B", 1000, 2))
+        w.offer(newer[0])  # offered twice: given once
+        assert w.get(timeout=0) == newer and w.conflated == 0
+    with v.watch(["AAPL"]) as w:
+        newer = v.apply("nq", bbo(5, "B", 1000, 3))
+        assert w.image() == newer and w.conflated == 1  # the image holds the latest
+
+
+# --- metrics ------------------------------------------------------------------------------
+def _scrape(port: int) -> dict[str, float]:
+    """The metrics page at ``port`` over HTTP, as {'name{labels}': value}, the labels
+    sorted by name."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for ln in text.splitlines():
+        if ln and not ln.startswith("#"):
+            key, value = ln.rsplit(" ", 1)
+            name, _, labels = key.partition("{")
+            pairs = sorted(re.findall(r'(\w+)="([^"]*)"', labels))
+            if pairs:
+                name += "{" + ",".join(f'{k}="{x}"' for k, x in pairs) + "}"
+            out[name] = float(value)
+    return out
+
+
+def _snapshot(loc: int, sym: str):
+    tab = np.zeros((bk.N_LOCATES, 2, 2), np.int64)
+    stocks = np.zeros(bk.N_LOCATES, bk.STOCK)
+    stocks[loc] = (pack_symbol(sym), 1, ord("T"), 0)
+    return tab, stocks
+
+
+def test_the_metrics_endpoint_shows_the_venues_quotes_exclusions_and_watchers():
+    """``tickwire_world_*`` scraped over HTTP: what was fed in, counted -- events read and
+    snapshots per venue, quote changes, symbols, a halted venue excluded with reason
+    ``halted``, a stale venue out of every quote, a line down -- and the ``WatchBBO``
+    streams served and the one refused past ``max_watchers``."""
+    from host.appliance import worldview_pb2 as pb
+    from tests.helpers import free_port, wait_for
+
+    v = wv.WorldView(["nq", "bx", "px"])
+    up = {"A": "up", "B": "up"}
+    for venue, loc in (("nq", 5), ("bx", 17), ("px", 300)):
+        v.load(venue, *_snapshot(loc, "AAPL"), lines=up)
+    fed = {
+        "nq": [directory(6, "MSFT"), bbo(5, "B", 1000, 10), bbo(6, "S", 2000, 5)],
+        "bx": [bbo(17, "B", 1001, 4), rec(ev.LEVEL, 17, 0, price=1001, n=1, value=4)],
+        "px": [action(300, "H"), channel(ev.CH_LINE_DOWN, 0)],
+    }
+    for venue, recs in fed.items():
+        v.apply(venue, np.concatenate(recs[:1]))
+        v.apply(venue, np.concatenate(recs[1:]))
+    server, service, port = wv.start_server(v, "127.0.0.1:0", max_watchers=1)
+    httpd, mport = wv.start_metrics(f"127.0.0.1:{free_port()}", v, service)
+    try:
+        m = _scrape(mport)
+        assert m["tickwire_world_venues"] == 3
+        for venue, recs in fed.items():
+            assert m[f'tickwire_world_events_total{{venue="{venue}"}}'] == len(recs)
+            assert m[f'tickwire_world_snapshots_total{{venue="{venue}"}}'] == 1
+            assert m[f'tickwire_world_venue_joined{{venue="{venue}"}}'] == 1
+            assert m[f'tickwire_world_venue_in{{venue="{venue}"}}'] == 1
+            assert m[f'tickwire_world_venue_stale{{venue="{venue}"}}'] == 0
+        assert m['tickwire_world_venue_symbols{venue="nq"}'] == 2
+        assert m['tickwire_world_venue_line_state{line="A",venue="px"}'] == 2  # down
+        assert m['tickwire_world_venue_line_state{line="B",venue="px"}'] == 0  # up
+        assert m["tickwire_world_quote_changes_total"] == v.seq > 0
+        assert m["tickwire_world_symbols"] == 2
+        assert m['tickwire_world_exclusions{reason="halted"}'] == 1  # px out of AAPL
+        assert v.quote("AAPL").excluded == (("px", "halted"),)
+        for why in ("paused", "quotation_only", "stale", "lines_down"):
+            assert m[f'tickwire_world_exclusions{{reason="{why}"}}'] == 0
+        assert m["tickwire_world_watchers"] == m["tickwire_world_watchers_refused_total"] == 0
+        # nq's books go stale: out of both its symbols
+        v.apply("nq", channel(ev.CH_BOOKS_STALE))
+        m = _scrape(mport)
+        assert m['tickwire_world_venue_in{venue="nq"}'] == 0
+        assert m['tickwire_world_venue_stale{venue="nq"}'] == 1
+        assert m['tickwire_world_exclusions{reason="stale"}'] == 2
+        assert m['tickwire_world_events_total{venue="nq"}'] == len(fed["nq"]) + 1
+        # one watcher served; a second is one past max_watchers
+        with wv.Client(f"127.0.0.1:{port}") as client:
+            stream = client.stub.WatchBBO(pb.WatchRequest(symbols=["AAPL"]))
+            try:
+                next(stream)  # its image: the stream is being served
+                assert _scrape(mport)["tickwire_world_watchers"] == 1
+                with pytest.raises(ConnectionError, match="RESOURCE_EXHAUSTED: too many watch"):
+                    next(client.watch(["MSFT"]))
+            finally:
+                stream.cancel()
+            m = wait_for(
+                lambda: (m := _scrape(mport))["tickwire_world_watchers"] == 0 and m,
+                30,
+                "the cancelled watcher to leave",
+            )
+            assert m["tickwire_world_watchers_refused_total"] == 1
+            # a place is free again
+            stream = client.stub.WatchBBO(pb.WatchRequest(symbols=["AAPL"]))
+            try:
+                assert next(stream).symbol == "AAPL"
+            finally:
+                stream.cancel()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        wv.stop_server(server, service)
+
+
+def test_serve_starts_its_metrics_endpoint_and_closes_it_at_the_end():
+    """``serve(metrics=...)`` (``tickwire world``): its endpoint answers while it runs
+    (venues it cannot follow yet: not joined), and is gone once ``stop`` ends it."""
+    import os
+    import threading
+
+    from tests.helpers import free_port, wait_for
+
+    names = [f"wm{os.getpid()}a", f"wm{os.getpid()}b"]
+    rpc, mport = free_port(), free_port()
+    stop = threading.Event()
+    said: list[str] = []
+    out: dict = {}
+
+    def run():
+        out["status"] = wv.serve(
+            names, f"127.0.0.1:{rpc}", stop=stop, log=said.append, metrics=f"127.0.0.1:{mport}"
+        )
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+
+        def scraped():
+            try:
+                return _scrape(mport)
+            except OSError:
+                assert t.is_alive(), said
+                return None
+
+        m = wait_for(scraped, 30, "the metrics endpoint", lambda: said)
+        assert m["tickwire_world_venues"] == 2 and m["tickwire_world_watchers"] == 0
+        for name in names:
+            assert m[f'tickwire_world_venue_joined{{venue="{name}"}}'] == 0
+            assert m[f'tickwire_world_events_total{{venue="{name}"}}'] == 0
+        assert f"; metrics on http://127.0.0.1:{mport}/metrics" in said[0]
+    finally:
+        stop.set()
+        t.join(30)
+    assert not t.is_alive() and [v["name"] for v in out["status"]["venues"]] == names
+    with pytest.raises(OSError):
+        _scrape(mport)
+
+
+@pytest.mark.parametrize(
+    ("table", "why"),
+    [
+        ({"metrics": "nope"}, r"^world_view\.metrics: 'nope' must be host:port"),
+        ({"metrics": "127.0.0.1:0"}, r"^world_view\.metrics: port 0 is outside"),
+        ({"metrics": "127.0.0.1:50551"}, r"^world_view\.metrics: port 50551 is world_view\.listen"),
+    ],
+)
+def test_the_metrics_key_is_checked_naming_it(table, why):
+    from host import config as hc
+
+    assert hc.from_dict({}).world_view.metrics == ""  # none unless asked for
+    cfg = hc.from_dict({"world_view": {"metrics": "127.0.0.1:9466"}})
+    assert cfg.world_view.metrics == "127.0.0.1:9466"
+    with pytest.raises(hc.ConfigError, match=why):
+        hc.from_dict({"world_view": table})
+
+
 def test_the_generated_modules_are_what_the_proto_generates(tmp_path):
     """The committed ``worldview_pb2*.py`` match ``worldview.proto`` (grpcio-tools, the
     dev extra, regenerates them)."""

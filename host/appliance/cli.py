@@ -269,8 +269,9 @@ SIGTERM or SIGINT. Clients: tickwire client ws://HOST:PORT/feed?channel=C&snapsh
 
 It reconnects after a drop with from_seq = the next event it expects, and stops with an
 error on any gap or duplicate (the world channel is conflated: it joins again, and a
-symbol's update must grow). Exit status: 0 done, 1 the stream failed or stopped short,
-2 usage error.
+symbol's update must grow). A reconnect refused with 503 (the server restarting) or finding
+no server is tried again for --reconnect-timeout seconds. Exit status: 0 done, 1 the stream
+failed or stopped short, 2 usage error.
 """,
     )
     cl.add_argument("url", metavar="URL", help="ws[s]://HOST:PORT/feed[?channel=&symbols=&kinds=]")
@@ -290,6 +291,13 @@ symbol's update must grow). Exit status: 0 done, 1 the stream failed or stopped 
     )
     cl.add_argument("--token", help="the server's token (Authorization: Bearer)")
     cl.add_argument("--cafile", metavar="PEM", help="trust this CA (wss:// with a private CA)")
+    cl.add_argument(
+        "--reconnect-timeout",
+        type=positive_float,
+        default=30.0,
+        metavar="S",
+        help="after a drop, keep reconnecting (503, no server) this long (30)",
+    )
     cl.set_defaults(func=_client)
 
     wo = verb(
@@ -504,7 +512,9 @@ def _world(args: argparse.Namespace) -> int:
         listen = args.listen or wcfg.listen
         config.host_port(listen, "--listen")
         venues = args.channel or config.world_view_channels(cfg)
-        st = worldview.serve(venues, listen, wcfg.symbols or None, wcfg.max_watchers)
+        st = worldview.serve(
+            venues, listen, wcfg.symbols or None, wcfg.max_watchers, metrics=wcfg.metrics
+        )
         print(json.dumps(st), flush=True)
         return 0
     address = args.connect or args.listen or wcfg.listen

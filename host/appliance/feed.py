@@ -98,6 +98,7 @@ class Pump:
         self.evictions = {fw.ERROR_NAMES[c]: 0 for c in fw.EVICTIONS}
         self.task: asyncio.Task | None = None
         self.error = "not started"
+        self._whole: tuple[int, int, bytes] | None = None  # this batch's whole frame
 
     # --- the ring -------------------------------------------------------------------------
     def attach(self) -> None:
@@ -168,11 +169,20 @@ class Pump:
                     self.ret[: n - k] = got[k:]
                 self.pos = a + n
                 recs = self.window(a, self.pos)
+                self._whole = None
                 for c in list(self.clients):
                     if c.live:
                         c.deliver(a, self.pos, recs)
             if n < CHUNK:
                 await asyncio.sleep(POLL_IDLE_S if not n else 0)
+
+    def whole_frame(self, a: int, b: int, recs: np.ndarray) -> bytes:
+        """Events ``[a, b)`` unfiltered, as one ``EVENTS`` frame: encoded once a batch for
+        every client that takes the whole channel."""
+        w = self._whole
+        if w is None or w[0] != a or w[1] != b:
+            w = self._whole = (a, b, fw.events(a, b, recs))
+        return w[2]
 
     # --- the image ------------------------------------------------------------------------
     def image(self, follow: np.ndarray | None) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -234,6 +244,7 @@ class Client(WSListener):
         self.frames = self.bytes = 0
         self.kind_ok = (fw.KIND_NEEDS == 0) | ((fw.KIND_NEEDS & sub.kinds) != 0)
         self.follow, self.wanted = pump.resolve(sub.symbols)
+        self.whole = self.follow is None and bool(self.kind_ok.all())  # every event
 
     # --- connection -----------------------------------------------------------------------
     def _setup(self, transport: WSTransport) -> None:
@@ -362,12 +373,21 @@ class Client(WSListener):
         lo = max(a, self.cursor)
         if lo >= b or self.closed:
             return
+        if self.whole and lo == a == self.covered and self.live:
+            self.cursor = self.covered = b
+            self.send(self.pump.whole_frame(a, b, recs))
+            self._check_end(recs)
+            return
         mine = self._filter(recs[lo - a :])
         self.cursor = b
         if not len(mine):
             return
         self.send(fw.events(self.covered, b, mine))
         self.covered = b
+        self._check_end(mine)
+
+    def _check_end(self, mine: np.ndarray) -> None:
+        """After the frame holding the end of session: ``END``, then close."""
         eos = mine[(mine["kind"] == ev.CHANNEL) & (mine["code"] == ev.CH_END_OF_SESSION)]
         if len(eos) and not self.closed:
             self.send(fw.end(self.covered, int(eos[-1]["value"])))
@@ -435,7 +455,9 @@ class Client(WSListener):
 
 class WorldPump:
     """The ``world`` channel: the world view's quotes from ``address`` (gRPC ``WatchBBO``),
-    each symbol's latest, and the clients following them."""
+    each symbol's latest, and the clients following them. It is ``ready`` (connections are
+    served, not refused with 503) once the stream's image is whole: at ``WatchBBO``'s
+    image-end marker, so a ``snapshot=1`` client never gets a part of the image."""
 
     name = fw.WORLD
     oldest = 0
@@ -479,18 +501,28 @@ class WorldPump:
                 async with grpc.aio.insecure_channel(self.address) as ch:
                     stub = pbg.WorldViewStub(ch)
                     got = await stub.GetVenues(pb.VenuesRequest(), timeout=5)
-                    stream = stub.WatchBBO(pb.WatchRequest())
+                    stream = stub.WatchBBO(pb.WatchRequest(image_end=True))
                     self.venues = [v.name for v in got.venues]
                     self.quotes.clear()
                     self.seq = self.applied = 0
                     self.generation = time.monotonic_ns()
-                    self.ready, self.error = True, ""
-                    log.info("world: following the world view at %s", self.address)
+                    self.error = f"the world view at {self.address}: its image is not whole yet"
                     async for m in stream:
+                        if m.image_end:  # the image is whole: clients may join
+                            self.seq = max(self.seq, m.seq)
+                            self.ready, self.error = True, ""
+                            log.info(
+                                "world: following the world view at %s (%d quotes)",
+                                self.address,
+                                len(self.quotes),
+                            )
+                            continue
                         q = wv.from_pb(m)
                         self.quotes[q.symbol] = q
                         self.seq = max(self.seq, q.seq)
                         self.applied += 1
+                        if not self.ready:  # the image: no client yet
+                            continue
                         self._pending.append((self.applied, q))
                         if self._flush_at is None:  # one frame for what came in this step
                             self._flush_at = loop.call_soon(self.flush)

@@ -7,7 +7,13 @@ rebuilt. Every ``EVENTS`` frame must start where the previous one ended (``feedw
 frame that starts later is a gap, one that starts earlier a duplicate -- both raise
 ``StreamError``, never pass silently. When the connection drops (or the server evicts it for
 being slow) it reconnects with ``from_seq`` = the next event it expects (``last + 1``) and
-checks the server resumed exactly there, in the same generation of the ring.
+checks the server resumed exactly there, in the same generation of the ring. A reconnect the
+server refuses with 503 (the channel not ready yet -- the server restarted and has not
+attached to the ring or the world view -- or ``max_clients`` reached for a moment), or that
+finds no server, is tried again with a backoff (``retry_s`` doubling up to 2 s) for
+``reconnect_timeout`` seconds from the loss, then fails naming the last refusal; any other
+refusal (400, 401, 404) fails at once, and so does a first connection refused with 503 (the
+subscription was never served: say so now).
 
 On the ``world`` channel (``channel=world``) it keeps the consolidated quotes instead
 (``quotes``: symbol -> ``worldview.Quote``, ``on_quote`` for each one received); a symbol's
@@ -18,6 +24,7 @@ stream is conflated and has no cursor: after a drop it joins again as it first d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import sys
@@ -35,10 +42,20 @@ from host.appliance import feedwire as fw
 # errors after which reconnecting with the cursor cannot help
 FATAL = (fw.E_BAD_QUERY, fw.E_CURSOR_OLD, fw.E_CURSOR_AHEAD, fw.E_RESTARTED, fw.E_LAPPED)
 LINE_NAMES = {0: "unknown", 1: "up", 2: "stale", 3: "down"}
+RETRY_MAX_S = 2.0  # the reconnect backoff's ceiling
+UNAVAILABLE = 503  # a refusal a reconnect waits out (the channel not ready, the cap reached)
 
 
 class FeedError(RuntimeError):
     """The server refused the subscription or ended it with an error frame."""
+
+
+class Refused(FeedError):
+    """The server refused the upgrade: ``status`` (HTTP; None: no answer) and its reason."""
+
+    def __init__(self, why: str, status: int | None = None):
+        super().__init__(why)
+        self.status = status
 
 
 class StreamError(RuntimeError):
@@ -77,7 +94,10 @@ class FeedClient:
         retry_s: float = 0.2,
         on_event=None,
         on_quote=None,
+        reconnect_timeout: float = 30.0,
     ):
+        if not reconnect_timeout >= 0:
+            raise ValueError(f"reconnect_timeout {reconnect_timeout}: must be 0 or more")
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss"):
             raise ValueError(f"{url}: not a ws:// or wss:// URL")
@@ -95,6 +115,8 @@ class FeedClient:
         if parts.scheme == "wss":
             self.ssl = ssl.create_default_context(cafile=cafile)
         self.reconnect, self.retry_s, self.on_event = reconnect, retry_s, on_event
+        # how long a joined client keeps trying to reconnect (503, no server) after a loss
+        self.reconnect_timeout = reconnect_timeout
         self.world = sub.channel == fw.WORLD
         self.on_quote = on_quote
         self.venues: list[str] = []  # the world channel's venues (its VENUES frame)
@@ -326,8 +348,8 @@ class FeedClient:
             body = getattr(e, "raw_body", None)
             why = body.decode(errors="replace").strip() if body else str(e)
             status = getattr(getattr(e, "response", None), "status", None)
-            why = f"refused ({int(status)}): {why}" if status else why
-            raise FeedError(why) from None
+            status = int(status) if status else None
+            raise Refused(f"refused ({status}): {why}" if status else why, status) from None
         self._transport = t
         if self.done or self.error is not None:  # stopped or failed during the upgrade
             t.disconnect(False)
@@ -341,26 +363,54 @@ class FeedClient:
 
     async def run(self, until_eos: bool = True, timeout: float | None = None) -> None:
         """Follow until the end of session (``until_eos``), an error, or ``timeout``;
-        reconnecting with the cursor after a drop. Raises the error that stopped it."""
+        reconnecting with the cursor after a drop (a 503 or no server: again, with a
+        backoff, for ``reconnect_timeout``). Raises the error that stopped it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._loop = asyncio.get_running_loop()
+        pause = self.retry_s
+        lost_at = time.monotonic()  # when the last connection ended
         while True:
+            failed: Exception | None = None  # this reconnect's refusal, to wait out
             try:
                 await self._connect_once()
-            except FeedError as e:  # refused at the upgrade: the HTTP answer's reason
+            except Refused as e:  # refused at the upgrade: the HTTP answer's reason
+                if e.status == UNAVAILABLE and self.joined and self.reconnect:
+                    failed = e
+                else:
+                    self.error = self.error or e
+            except FeedError as e:
                 self.error = self.error or e
             except OSError as e:
-                if not (self.joined and self.reconnect):
-                    self.error = self.error or FeedError(f"{self.base}: {e}")
+                e = FeedError(f"{self.base}: {e}")
+                if self.joined and self.reconnect:
+                    failed = e
+                else:
+                    self.error = self.error or e
             if self.error is not None:
                 raise self.error
             if self.done or not (until_eos or self.reconnect):
                 return
             if not self.reconnect:
                 raise FeedError("the server closed the connection before the end of session")
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 raise TimeoutError("no end of session before the deadline")
-            await asyncio.sleep(self.retry_s)
+            if failed is None:  # it was connected: try again soon
+                pause, lost_at = self.retry_s, now
+            else:
+                left = lost_at + self.reconnect_timeout - now
+                if left <= 0:
+                    raise FeedError(
+                        f"not reconnected within {self.reconnect_timeout:g} s "
+                        f"(reconnect_timeout); the last try: {failed}"
+                    )
+                pause = min(max(pause * 2, self.retry_s), max(RETRY_MAX_S, self.retry_s), left)
+            with contextlib.suppress(TimeoutError):  # stop() ends the wait
+                await asyncio.wait_for(self._ended.wait(), pause)
+            if self.error is not None:
+                raise self.error
+            if self.done:
+                return
             self.reconnects += 1
 
     def stop(self) -> None:
@@ -432,6 +482,7 @@ def main(args) -> int:
             cafile=args.cafile,
             on_event=None if args.digest else show,
             on_quote=show,
+            reconnect_timeout=args.reconnect_timeout,
         )
     except (ValueError, fw.WireError) as e:
         print(f"tickwire client: {e}", file=sys.stderr)

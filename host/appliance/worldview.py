@@ -42,7 +42,16 @@ Served by ``tickwire world`` over gRPC (``worldview.proto``; ``Service``, ``serv
 ``WorldView.watch``: a thread-safe, conflating subscription (a slow watcher gets each
 symbol's latest quote, never a backlog, and never slows the aggregator; ``update`` shows
 what it skipped); one in another process uses ``aio_watch`` (asyncio) or ``Client.watch``
-(the gRPC stream), which yield the same ``Quote``s.
+(the gRPC stream), which yield the same ``Quote``s. A watch starts with the image (each
+watched symbol's quote when it began, or a newer one) and then the changes; a reader that
+must know where the image ends (the feed server, before it serves a snapshot) passes
+``on_image_end``: called once the image is out, also when it is empty (``WatchBBO``'s
+image-end marker). No quote comes twice: a change the image already holds is not sent again.
+
+Metrics (``tickwire_world_*``, ``[world_view] metrics``): a collector (``WorldCollector``)
+reads the view and the service at scrape time -- venues and each one's state, events and
+snapshots read per venue, quote changes, symbols quoted, watchers served and refused
+(``max_watchers``), and the venue exclusions in force by reason.
 """
 
 from __future__ import annotations
@@ -57,12 +66,14 @@ from pathlib import Path
 import numpy as np
 
 from dataplane import events as ev
+from host.appliance import linehealth
 
 N_LOCATES = 1 << 16
 TRADING = ord("T")
 STATE_REASONS = {ord("H"): "halted", ord("P"): "paused", ord("Q"): "quotation_only"}
 STALE = "stale"
 LINES_DOWN = "lines_down"
+REASONS = (*STATE_REASONS.values(), STALE, LINES_DOWN)  # Quote.excluded's reasons
 KINDS = np.array([ev.BBO, ev.INSTRUMENT, ev.CHANNEL], np.uint8)  # what the world view reads
 # EVENT fields by position (records as tuples: ``tolist`` is the fast way through a batch)
 _F = {name: i for i, name in enumerate(ev.EVENT.names)}
@@ -145,12 +156,19 @@ class Venue:
     events: int = 0  # events read (all kinds)
     snapshots: int = 0
 
-    def out(self, loc: int) -> str | None:
-        """Why this venue is out of ``loc``'s consolidated quote, or None when it is in."""
+    def venue_out(self) -> str | None:
+        """Why this venue is out of every quote (``stale``, ``lines_down``), or None."""
         if self.stale:
             return STALE
         if not self.ended and self.lines["A"] == "down" and self.lines["B"] == "down":
             return LINES_DOWN
+        return None
+
+    def out(self, loc: int) -> str | None:
+        """Why this venue is out of ``loc``'s consolidated quote, or None when it is in."""
+        why = self.venue_out()
+        if why is not None:
+            return why
         st = int(self.state[loc])
         if st and st != TRADING:
             return STATE_REASONS.get(st, f"state_{chr(st)}")
@@ -172,32 +190,62 @@ class Venue:
 
 class Watch:
     """A subscription to quote changes (``WorldView.watch``): conflating, thread-safe.
-    ``get`` returns the changed quotes pending (each symbol's latest, in the order the
-    symbols first changed since the last ``get``)."""
+    ``image`` returns the image (the quotes when the watch began; a symbol that changed
+    since: its latest), once; ``get`` returns the changed quotes pending (each symbol's
+    latest, in the order the symbols first changed since the last ``get``), the image
+    first if ``image`` was not called. A quote is given once: a change offered after the
+    image already held it is dropped (``seq`` tells)."""
 
     def __init__(self, view: WorldView, symbols: frozenset[str] | None):
         self.view, self.symbols = view, symbols
         self._cond = threading.Condition()
+        self._image: dict[str, Quote] | None = None  # the image, until taken
         self._pending: dict[str, Quote] = {}
+        self._seen: dict[str, int] = {}  # symbol -> seq of the latest quote image or pending
+        self.image_seq = 0  # the world view's seq when the image was taken
         self.closed = False
         self.conflated = 0  # quotes replaced by a newer one before they were taken
+
+    def _start(self, image: Iterable[Quote], seq: int) -> None:
+        """The image (``WorldView.watch``, under the view's lock)."""
+        with self._cond:
+            self._image = {}
+            self.image_seq = seq
+            for q in image:
+                self._image[q.symbol] = q
+                self._seen[q.symbol] = q.seq
 
     def offer(self, q: Quote) -> None:
         if self.symbols is not None and q.symbol not in self.symbols:
             return
         with self._cond:
-            if q.symbol in self._pending:
+            if q.seq <= self._seen.get(q.symbol, 0):
+                return  # the image took it from the view before its offer came
+            self._seen[q.symbol] = q.seq
+            into = self._image if self._image is not None and q.symbol in self._image else None
+            if into is None:
+                into = self._pending
+            if q.symbol in into:
                 self.conflated += 1
-            self._pending[q.symbol] = q
+            into[q.symbol] = q
             self._cond.notify_all()
 
-    def get(self, timeout: float | None = None) -> list[Quote]:
-        """The quotes pending; waits up to ``timeout`` for one (an empty list: none came,
-        or the watch was closed)."""
+    def image(self) -> list[Quote]:
+        """The image (empty: no watched symbol had a quote), once; later calls: []."""
         with self._cond:
-            if not self._pending and not self.closed:
+            out = list(self._image.values()) if self._image else []
+            self._image = None
+            return out
+
+    def get(self, timeout: float | None = None) -> list[Quote]:
+        """The quotes pending (the image first, if ``image`` did not take it); waits up to
+        ``timeout`` for one (an empty list: none came, or the watch was closed)."""
+        with self._cond:
+            if not self._image and not self._pending and not self.closed:
                 self._cond.wait(timeout)
-            out = list(self._pending.values())
+            out = list(self._image.values()) if self._image else []
+            out += self._pending.values()
+            self._image = None
             self._pending.clear()
             return out
 
@@ -250,10 +298,8 @@ class WorldView:
         with self._lock:
             self._watches.append(w)
             if image:
-                for s in sorted(syms) if syms is not None else self.known():
-                    q = self.quotes.get(s)
-                    if q is not None:
-                        w.offer(q)
+                names = sorted(syms) if syms is not None else self.known()
+                w._start((q for q in map(self.quotes.get, names) if q is not None), self.seq)
         return w
 
     def _unwatch(self, w: Watch) -> None:
@@ -563,11 +609,28 @@ def _servicer_base():
 
 class Service(_servicer_base()):
     """The ``WorldView`` service over a ``WorldView`` (its methods run in gRPC's threads;
-    the aggregator's thread changes the view: quotes are immutable, read whole)."""
+    the aggregator's thread changes the view: quotes are immutable, read whole). At most
+    ``max_watchers`` ``WatchBBO`` streams at once; one more is refused (RESOURCE_EXHAUSTED)
+    and counted."""
 
-    def __init__(self, view: WorldView, poll_s: float = 0.2):
-        self.view, self.poll_s = view, poll_s
+    def __init__(self, view: WorldView, poll_s: float = 0.2, max_watchers: int = 64):
+        self.view, self.poll_s, self.max_watchers = view, poll_s, max_watchers
         self.stopping = threading.Event()
+        self._count_lock = threading.Lock()
+        self.watchers = 0  # WatchBBO streams being served
+        self.refused = 0  # WatchBBO streams refused (max_watchers)
+
+    def _admit(self) -> bool:
+        with self._count_lock:
+            if self.watchers >= self.max_watchers:
+                self.refused += 1
+                return False
+            self.watchers += 1
+            return True
+
+    def _left(self) -> None:
+        with self._count_lock:
+            self.watchers -= 1
 
     def _symbol(self, text: str, context) -> str:
         import grpc
@@ -587,12 +650,37 @@ class Service(_servicer_base()):
         return to_pb(q)
 
     def WatchBBO(self, request, context):  # noqa: N802
+        import grpc
+
+        from host.appliance import worldview_pb2 as pb
+
         syms = [self._symbol(s, context) for s in request.symbols] or None
-        with self.view.watch(syms) as w:
-            context.add_callback(w.close)
-            while context.is_active() and not self.stopping.is_set():
-                for q in w.get(self.poll_s):
+        if not self._admit():
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many watchers ({self.max_watchers}, world_view.max_watchers)",
+            )
+        once = threading.Lock()  # the RPC's end and the generator's may both come
+
+        def left() -> None:
+            if once.acquire(blocking=False):
+                self._left()
+
+        if not context.add_callback(left):  # already over
+            left()
+            return
+        try:
+            with self.view.watch(syms) as w:
+                context.add_callback(w.close)
+                for q in w.image():
                     yield to_pb(q)
+                if request.image_end:
+                    yield pb.Quote(image_end=True, seq=w.image_seq, world_ns=time.monotonic_ns())
+                while context.is_active() and not self.stopping.is_set():
+                    for q in w.get(self.poll_s):
+                        yield to_pb(q)
+        finally:
+            left()
 
     def GetVenues(self, request, context):  # noqa: N802
         from host.appliance import worldview_pb2 as pb
@@ -627,7 +715,7 @@ def start_server(view: WorldView, listen: str, max_watchers: int = 64):
 
     from host.appliance import worldview_pb2_grpc as pbg
 
-    service = Service(view)
+    service = Service(view, max_watchers=max_watchers)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_watchers + 4, thread_name_prefix="world-rpc"),
         maximum_concurrent_rpcs=max_watchers + 4,
@@ -689,14 +777,20 @@ class Client:
             got = self.stub.GetVenues(pb.VenuesRequest(), timeout=self.timeout)
         return MessageToDict(got, always_print_fields_with_no_presence=True)
 
-    def watch(self, symbols: Iterable[str] | None = None):
-        """Yield ``Quote``s: the current ones, then every change (conflated)."""
+    def watch(self, symbols: Iterable[str] | None = None, on_image_end=None):
+        """Yield ``Quote``s: the current ones (the image), then every change (conflated);
+        ``on_image_end()`` is called once the image is out (before the first change)."""
         from host.appliance import worldview_pb2 as pb
 
-        stream = self.stub.WatchBBO(pb.WatchRequest(symbols=list(symbols or ())))
+        req = pb.WatchRequest(symbols=list(symbols or ()), image_end=on_image_end is not None)
+        stream = self.stub.WatchBBO(req)
         try:
             with self._errors():
                 for m in stream:
+                    if m.image_end:
+                        if on_image_end is not None:
+                            on_image_end()
+                        continue
                     yield from_pb(m)
         finally:
             stream.cancel()
@@ -711,19 +805,154 @@ class Client:
         self.close()
 
 
-async def aio_watch(address: str, symbols: Iterable[str] | None = None):
+async def aio_watch(address: str, symbols: Iterable[str] | None = None, on_image_end=None):
     """An asyncio stream of ``Quote``s from the world view at ``address`` (the current
     ones, then every change, conflated): what an asyncio server -- the WebSocket feed --
-    forwards as a channel of its own (``Quote.seq`` is that channel's sequence)."""
+    forwards as a channel of its own (``Quote.seq`` is that channel's sequence).
+    ``on_image_end()`` is called once the current ones are out (as ``Client.watch``)."""
     import grpc
 
     from host.appliance import worldview_pb2 as pb
     from host.appliance import worldview_pb2_grpc as pbg
 
+    req = pb.WatchRequest(symbols=list(symbols or ()), image_end=on_image_end is not None)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pbg.WorldViewStub(channel)
-        async for m in stub.WatchBBO(pb.WatchRequest(symbols=list(symbols or ()))):
+        async for m in stub.WatchBBO(req):
+            if m.image_end:
+                if on_image_end is not None:
+                    on_image_end()
+                continue
             yield from_pb(m)
+
+
+# --- metrics ------------------------------------------------------------------------------------
+class WorldCollector:
+    """``tickwire_world_*`` from the view's and the service's counters at scrape time."""
+
+    def __init__(self, view: WorldView, service: Service | None = None):
+        self.view, self.service = view, service
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        view = self.view
+        venues = [view.venues[name] for name in view.order]
+        n = GaugeMetricFamily("tickwire_world_venues", "Venues (channels) the world view follows")
+        n.add_metric([], len(venues))
+        yield n
+
+        def per_venue(kind, name: str, doc: str, value):
+            m = kind(name, doc, labels=["venue"])
+            for v in venues:
+                m.add_metric([v.name], value(v))
+            return m
+
+        yield per_venue(
+            GaugeMetricFamily,
+            "tickwire_world_venue_joined",
+            "1: the venue is followed (a snapshot taken), 0: not (yet, or no longer)",
+            lambda v: int(v.joined),
+        )
+        yield per_venue(
+            GaugeMetricFamily,
+            "tickwire_world_venue_in",
+            "1: the venue counts in the quotes (followed, books whole, a line up or its "
+            "session ended; a symbol's halt aside), 0: out of every quote",
+            lambda v: int(v.joined and v.venue_out() is None),
+        )
+        yield per_venue(
+            GaugeMetricFamily,
+            "tickwire_world_venue_stale",
+            "1: the venue's books are not whole (out of every quote)",
+            lambda v: int(v.stale),
+        )
+        yield per_venue(
+            GaugeMetricFamily,
+            "tickwire_world_venue_ended",
+            "1: the venue's end of session was announced",
+            lambda v: int(v.ended),
+        )
+        lines = GaugeMetricFamily(
+            "tickwire_world_venue_line_state",
+            "The venue's lines as its events say: 0 up, 1 stale, 2 down, -1 unknown",
+            labels=["venue", "line"],
+        )
+        for v in venues:
+            for letter, state in dict(v.lines).items():
+                lines.add_metric([v.name, letter], linehealth.STATE_CODE.get(state, -1))
+        yield lines
+        yield per_venue(
+            CounterMetricFamily,
+            "tickwire_world_events",
+            "Events read from the venue's ring",
+            lambda v: v.events,
+        )
+        yield per_venue(
+            CounterMetricFamily,
+            "tickwire_world_snapshots",
+            "Snapshots of the venue taken (more than one: lapped, or its consumer restarted)",
+            lambda v: v.snapshots,
+        )
+        yield per_venue(
+            GaugeMetricFamily,
+            "tickwire_world_venue_symbols",
+            "Tickers in the venue's directory (those the world view keeps)",
+            lambda v: len(v.locate),
+        )
+        seq = CounterMetricFamily(
+            "tickwire_world_quote_changes",
+            "Consolidated quote changes, every symbol (the world view's seq)",
+        )
+        seq.add_metric([], view.seq)
+        yield seq
+        quotes = list(view.quotes.copy().values())  # the aggregator's thread changes it
+        syms = GaugeMetricFamily("tickwire_world_symbols", "Symbols with a consolidated quote")
+        syms.add_metric([], len(quotes))
+        yield syms
+        out = dict.fromkeys(REASONS, 0)
+        for q in quotes:
+            for _, why in q.excluded:
+                out[why] = out.get(why, 0) + 1
+        excl = GaugeMetricFamily(
+            "tickwire_world_exclusions",
+            "Venues out of a symbol's quote now ((symbol, venue) pairs), by reason",
+            labels=["reason"],
+        )
+        for why, k in out.items():
+            excl.add_metric([why], k)
+        yield excl
+        if self.service is not None:
+            w = GaugeMetricFamily("tickwire_world_watchers", "WatchBBO streams being served")
+            w.add_metric([], self.service.watchers)
+            yield w
+            r = CounterMetricFamily(
+                "tickwire_world_watchers_refused",
+                "WatchBBO streams refused: world_view.max_watchers were being served",
+            )
+            r.add_metric([], self.service.refused)
+            yield r
+
+
+def registry(view: WorldView, service: Service | None = None):
+    """A registry of its own holding the world view's collector (nothing process-wide)."""
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry()
+    reg.register(WorldCollector(view, service))
+    return reg
+
+
+def start_metrics(address: str, view: WorldView, service: Service | None = None):
+    """The ``tickwire_world_*`` endpoint on ``address`` ("host:port"), started in a
+    thread. Returns ``(httpd, port)``; ``httpd.shutdown()`` ends it."""
+    from prometheus_client import start_http_server
+
+    from host import config as hc
+
+    host, port = hc.host_port(address, "world_view.metrics")
+    httpd, _thread = start_http_server(port, host, registry(view, service))
+    return httpd, port
 
 
 # --- the process --------------------------------------------------------------------------------
@@ -734,9 +963,11 @@ def serve(
     max_watchers: int = 64,
     stop: threading.Event | None = None,
     log=None,
+    metrics: str = "",
 ) -> dict:
     """``tickwire world``: follow ``venues`` and serve their world view on ``listen`` until
-    ``stop`` is set (SIGTERM and SIGINT set it). Returns the venues' final state."""
+    ``stop`` is set (SIGTERM and SIGINT set it), and its metrics on ``metrics`` ("host:port";
+    "" none). Returns the venues' final state."""
     import signal
     import sys
 
@@ -748,17 +979,30 @@ def serve(
     view = WorldView(list(venues), symbols)
     agg = Aggregator(view, log=log)
     server, service, port = start_server(view, listen, max_watchers)
+    httpd = None
+    if metrics:
+        try:
+            httpd = start_metrics(metrics, view, service)[0]
+        except BaseException:
+            stop_server(server, service)
+            raise
     old = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             old[sig] = signal.signal(sig, lambda *_: stop.set())
     host = listen.rpartition(":")[0]
-    log(f"serving the world view of {', '.join(view.order)} on {host}:{port}")
+    log(
+        f"serving the world view of {', '.join(view.order)} on {host}:{port}"
+        + (f"; metrics on http://{metrics}/metrics" if httpd else "")
+    )
     try:
         agg.run(stop)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
         stop_server(server, service)
         agg.close()
     return view.status()

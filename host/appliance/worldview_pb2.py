@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehost/appliance/worldview.proto\x12\x15tickwire.worldview.v1\"\x1c\n\nGetRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\"\x1f\n\x0cWatchRequest\x12\x0f\n\x07symbols\x18\x01 \x03(\t\"(\n\tVenueSize\x12\r\n\x05venue\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"*\n\tExclusion\x12\r\n\x05venue\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc4\x02\n\x05Quote\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\tbid_price\x18\x02 \x01(\r\x12\x10\n\x08\x62id_size\x18\x03 \x01(\x04\x12\x11\n\task_price\x18\x04 \x01(\r\x12\x10\n\x08\x61sk_size\x18\x05 \x01(\x04\x12.\n\x04\x62ids\x18\x06 \x03(\x0b\x32 .tickwire.worldview.v1.VenueSize\x12.\n\x04\x61sks\x18\x07 \x03(\x0b\x32 .tickwire.worldview.v1.VenueSize\x12\x32\n\x08\x65xcluded\x18\x08 \x03(\x0b\x32 .tickwire.worldview.v1.Exclusion\x12\x0e\n\x06update\x18\t \x01(\x04\x12\x0b\n\x03seq\x18\n \x01(\x04\x12\x0f\n\x07itch_ns\x18\x0b \x01(\x03\x12\r\n\x05rx_ns\x18\x0c \x01(\x03\x12\x10\n\x08world_ns\x18\r \x01(\x03\"\x0f\n\rVenuesRequest\"\xa9\x01\n\x05Venue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06joined\x18\x02 \x01(\x08\x12\r\n\x05stale\x18\x03 \x01(\x08\x12\r\n\x05\x65nded\x18\x04 \x01(\x08\x12\x0e\n\x06line_a\x18\x05 \x01(\t\x12\x0e\n\x06line_b\x18\x06 \x01(\t\x12\x10\n\x08last_seq\x18\x07 \x01(\x04\x12\x0e\n\x06\x65vents\x18\x08 \x01(\x04\x12\x11\n\tsnapshots\x18\t \x01(\x04\x12\x0f\n\x07symbols\x18\n \x01(\x04\"C\n\x06Venues\x12,\n\x06venues\x18\x01 \x03(\x0b\x32\x1c.tickwire.worldview.v1.Venue\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x32\xf9\x01\n\tWorldView\x12I\n\x06GetBBO\x12!.tickwire.worldview.v1.GetRequest\x1a\x1c.tickwire.worldview.v1.Quote\x12O\n\x08WatchBBO\x12#.tickwire.worldview.v1.WatchRequest\x1a\x1c.tickwire.worldview.v1.Quote0\x01\x12P\n\tGetVenues\x12$.tickwire.worldview.v1.VenuesRequest\x1a\x1d.tickwire.worldview.v1.Venuesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehost/appliance/worldview.proto\x12\x15tickwire.worldview.v1\"\x1c\n\nGetRequest\x12\x0e\n\x06symbol\x18\x01 \x01(\t\"2\n\x0cWatchRequest\x12\x0f\n\x07symbols\x18\x01 \x03(\t\x12\x11\n\timage_end\x18\x02 \x01(\x08\"(\n\tVenueSize\x12\r\n\x05venue\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"*\n\tExclusion\x12\r\n\x05venue\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd7\x02\n\x05Quote\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\tbid_price\x18\x02 \x01(\r\x12\x10\n\x08\x62id_size\x18\x03 \x01(\x04\x12\x11\n\task_price\x18\x04 \x01(\r\x12\x10\n\x08\x61sk_size\x18\x05 \x01(\x04\x12.\n\x04\x62ids\x18\x06 \x03(\x0b\x32 .tickwire.worldview.v1.VenueSize\x12.\n\x04\x61sks\x18\x07 \x03(\x0b\x32 .tickwire.worldview.v1.VenueSize\x12\x32\n\x08\x65xcluded\x18\x08 \x03(\x0b\x32 .tickwire.worldview.v1.Exclusion\x12\x0e\n\x06update\x18\t \x01(\x04\x12\x0b\n\x03seq\x18\n \x01(\x04\x12\x0f\n\x07itch_ns\x18\x0b \x01(\x03\x12\r\n\x05rx_ns\x18\x0c \x01(\x03\x12\x10\n\x08world_ns\x18\r \x01(\x03\x12\x11\n\timage_end\x18\x0e \x01(\x08\"\x0f\n\rVenuesRequest\"\xa9\x01\n\x05Venue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06joined\x18\x02 \x01(\x08\x12\r\n\x05stale\x18\x03 \x01(\x08\x12\r\n\x05\x65nded\x18\x04 \x01(\x08\x12\x0e\n\x06line_a\x18\x05 \x01(\t\x12\x0e\n\x06line_b\x18\x06 \x01(\t\x12\x10\n\x08last_seq\x18\x07 \x01(\x04\x12\x0e\n\x06\x65vents\x18\x08 \x01(\x04\x12\x11\n\tsnapshots\x18\t \x01(\x04\x12\x0f\n\x07symbols\x18\n \x01(\x04\"C\n\x06Venues\x12,\n\x06venues\x18\x01 \x03(\x0b\x32\x1c.tickwire.worldview.v1.Venue\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x32\xf9\x01\n\tWorldView\x12I\n\x06GetBBO\x12!.tickwire.worldview.v1.GetRequest\x1a\x1c.tickwire.worldview.v1.Quote\x12O\n\x08WatchBBO\x12#.tickwire.worldview.v1.WatchRequest\x1a\x1c.tickwire.worldview.v1.Quote0\x01\x12P\n\tGetVenues\x12$.tickwire.worldview.v1.VenuesRequest\x1a\x1d.tickwire.worldview.v1.Venuesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETREQUEST']._serialized_start=57
   _globals['_GETREQUEST']._serialized_end=85
   _globals['_WATCHREQUEST']._serialized_start=87
-  _globals['_WATCHREQUEST']._serialized_end=118
-  _globals['_VENUESIZE']._serialized_start=120
-  _globals['_VENUESIZE']._serialized_end=160
-  _globals['_EXCLUSION']._serialized_start=162
-  _globals['_EXCLUSION']._serialized_end=204
-  _globals['_QUOTE']._serialized_start=207
-  _globals['_QUOTE']._serialized_end=531
-  _globals['_VENUESREQUEST']._serialized_start=533
-  _globals['_VENUESREQUEST']._serialized_end=548
-  _globals['_VENUE']._serialized_start=551
-  _globals['_VENUE']._serialized_end=720
-  _globals['_VENUES']._serialized_start=722
-  _globals['_VENUES']._serialized_end=789
-  _globals['_WORLDVIEW']._serialized_start=792
-  _globals['_WORLDVIEW']._serialized_end=1041
+  _globals['_WATCHREQUEST']._serialized_end=137
+  _globals['_VENUESIZE']._serialized_start=139
+  _globals['_VENUESIZE']._serialized_end=179
+  _globals['_EXCLUSION']._serialized_start=181
+  _globals['_EXCLUSION']._serialized_end=223
+  _globals['_QUOTE']._serialized_start=226
+  _globals['_QUOTE']._serialized_end=569
+  _globals['_VENUESREQUEST']._serialized_start=571
+  _globals['_VENUESREQUEST']._serialized_end=586
+  _globals['_VENUE']._serialized_start=589
+  _globals['_VENUE']._serialized_end=758
+  _globals['_VENUES']._serialized_start=760
+  _globals['_VENUES']._serialized_end=827
+  _globals['_WORLDVIEW']._serialized_start=830
+  _globals['_WORLDVIEW']._serialized_end=1079
 # @@protoc_insertion_point(module_scope)

@@ -62,8 +62,11 @@ class WorldViewServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchBBO(self, request, context):
-        """The current quote of each symbol asked for (none: every symbol), then every change,
-        conflated: a slow reader gets each symbol's latest quote (update shows what it skipped).
+        """The current quote of each symbol asked for (none: every symbol) -- the image --, then
+        every change, conflated: a slow reader gets each symbol's latest quote (update shows
+        what it skipped). With WatchRequest.image_end, a marker (a Quote with image_end set and
+        no symbol) separates the two, also when the image is empty. RESOURCE_EXHAUSTED: the
+        world view already serves max_watchers streams.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

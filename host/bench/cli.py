@@ -1,4 +1,4 @@
-"""``tickwire bench book|sim|rx|failover|publish``: ``add_parsers`` declares the verb and its
+"""``tickwire bench book|sim|rx|failover|publish|feed``: ``add_parsers`` declares the verb and its
 sub-verbs on ``tickwire``'s verb list; each sub-verb calls its benchmark's typed function
 and prints the report (``--json``: the result as JSON)."""
 
@@ -17,6 +17,7 @@ EPILOG = """examples:
                                                  event ring on vs off
   tickwire bench failover                        line cut -> other line; gap-fill latency
   tickwire bench publish                         event ring on vs off; publish-to-reader latency
+  tickwire bench feed                            the network feed: 1, 10, 100 clients (root)
 """
 EPILOG_BOOK = """examples:
   tickwire bench book                            5M messages on 100 and on 9,000 stocks
@@ -41,6 +42,11 @@ EPILOG_PUBLISH = """examples:
   tickwire bench publish --messages 100000 --repeat 1 --json
   tickwire bench publish --pace 2000000 --reader-core 1
   tickwire bench publish --lab                   also the appliance, events off vs on (root)
+"""
+EPILOG_FEED = """examples:
+  tickwire bench feed                            200k messages at 50k/s; 1, 10, 100 clients
+  tickwire bench feed --clients 1,10 --no-libraries --json
+  tickwire bench feed --rate 20000 --mode socket
 """
 
 
@@ -191,6 +197,40 @@ def add_parsers(sub) -> None:
     bp.add_argument("--json", action="store_true", help="machine-readable output")
     bp.set_defaults(func=_publish)
 
+    from host.bench.feed import FeedBenchOptions
+
+    f = FeedBenchOptions()
+    bf = verb(
+        what,
+        "feed",
+        "tickwire serve under 1, 10, 100 clients: events/s out, ring-to-client latency",
+        EPILOG_FEED,
+    )
+    bf.add_argument("--messages", type=positive, default=f.messages, help="session size (200k)")
+    bf.add_argument("--stocks", type=positive, default=f.stocks, help="stocks (100)")
+    bf.add_argument("--seed", type=int, default=f.seed, help="generator seed (1)")
+    bf.add_argument("--session", metavar="FILE", help="use this ITCH file instead")
+    bf.add_argument("--rate", type=positive, default=f.rate, help="sim msgs/s (50000)")
+    bf.add_argument(
+        "--clients", type=_counts, default=f.clients, help="client counts, one run each (1,10,100)"
+    )
+    bf.add_argument(
+        "--stall-with", type=positive, default=f.stall_with, help="clients beside the stalled (10)"
+    )
+    bf.add_argument("--mode", choices=["xdp", "socket"], default=f.mode, help="receive path")
+    bf.add_argument(
+        "--consumer-core", type=int, default=f.consumer_core, help="consumer's CPU (-1: last)"
+    )
+    bf.add_argument(
+        "--no-libraries", action="store_true", help="skip the picows vs websockets fan-out"
+    )
+    bf.add_argument(
+        "--lib-rate", type=positive, default=f.lib_rate, help="fan-out events/s a client (20000)"
+    )
+    bf.add_argument("--prefix", help="lab prefix (tbf<pid>)")
+    bf.add_argument("--json", action="store_true", help="machine-readable output")
+    bf.set_defaults(func=_feed)
+
 
 def _book(args: argparse.Namespace) -> int:
     from host.bench import book
@@ -272,6 +312,32 @@ def _publish(args: argparse.Namespace) -> int:
         json.dumps({"bench": "publish", "result": r}, indent=2)
         if args.json
         else publish.publish_text(r),
+        flush=True,
+    )
+    return 0
+
+
+def _feed(args: argparse.Namespace) -> int:
+    from host.bench import feed
+
+    r = feed.bench_feed(
+        feed.FeedBenchOptions(
+            messages=args.messages,
+            stocks=args.stocks,
+            seed=args.seed,
+            session=args.session,
+            rate=args.rate,
+            clients=args.clients,
+            stall_with=args.stall_with,
+            mode=args.mode,
+            consumer_core=args.consumer_core,
+            libraries=not args.no_libraries,
+            lib_rate=args.lib_rate,
+            prefix=args.prefix,
+        )
+    )
+    print(
+        json.dumps({"bench": "feed", "result": r}, indent=2) if args.json else feed.feed_text(r),
         flush=True,
     )
     return 0

@@ -427,6 +427,24 @@ def latency(
 
 
 # --- the lab ----------------------------------------------------------------------------------
+def follow_taken(reader: shm.Reader, run: subprocess.Popen, n: int, timeout: float = 600):
+    """Poll the consumer's messages taken every millisecond until ``n`` (or ``run`` exits,
+    or ``timeout``): ``(first, last)``, each ``(time, taken)`` -- the first reading with
+    messages and the last change (None: none seen)."""
+    c = reader.m["counters"]
+    first = last = None
+    deadline = time.monotonic() + timeout
+    while True:
+        taken, now = int(c[shm.A_TAKEN]), time.monotonic()
+        if taken > 0 and first is None:
+            first = (now, taken)
+        if taken > 0 and (last is None or taken != last[1]):
+            last = (now, taken)
+        if taken >= n or run.poll() is not None or now > deadline:
+            return first, last
+        time.sleep(0.001)
+
+
 def _lab_run(prefix: str, session: Path, n: int, events: bool, o: PublishOptions, tmp: Path):
     """One ``tickwire run --lab --until-eos`` with ``[run] events = events`` taking the
     session from ``tickwire sim``: the consumer's messages/s from its first message taken
@@ -464,18 +482,7 @@ def _lab_run(prefix: str, session: Path, n: int, events: bool, o: PublishOptions
             text=True,
             preexec_fn=lambda: os.sched_setaffinity(0, {o.producer_core}),
         )
-        c = reader.m["counters"]
-        first = last = None  # (time, taken): the first reading with messages, the last change
-        deadline = time.monotonic() + 600
-        while True:
-            taken, now = int(c[shm.A_TAKEN]), time.monotonic()
-            if taken > 0 and first is None:
-                first = (now, taken)
-            if taken > 0 and (last is None or taken != last[1]):
-                last = (now, taken)
-            if taken >= n or run.poll() is not None or now > deadline:
-                break
-            time.sleep(0.001)
+        first, last = follow_taken(reader, run, n)
         sim_out, sim_err = sim.communicate(timeout=600)
         if sim.returncode != 0:
             raise BenchError(f"tickwire sim failed: {sim_err.strip()[-300:]}")
