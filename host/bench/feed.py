@@ -168,7 +168,7 @@ def _run(name: str, n_clients: int, stalled: int, ctx: dict) -> dict:
         f'[run]\nchannel = "{channel}"\nmetrics = ""\ncore = {ctx["consumer_core"]}\n'
         "events = true\n"
         f'[feed_server]\nport = {port}\nmetrics = "127.0.0.1:{mport}"\n'
-        f"stall_timeout_s = {STALL_TIMEOUT_S}\n"
+        f"stall_timeout_s = {STALL_TIMEOUT_S}\nmax_clients = {max(64, n_clients + stalled)}\n"
     )
     shm.remove(channel)
     others = ctx["others"]
@@ -451,7 +451,8 @@ def _run_line(x: dict) -> str:
     c = x["consumer_msgs_per_s"]
     line = (
         f"consumer {'n/a' if c is None else f'{c / 1e3:,.0f} k'} msgs/s "
-        f"(sim {x['sim_msgs_per_s'] / 1e3:,.0f} k), {x['gaps_declared']} gaps"
+        f"(sim {x['sim_msgs_per_s'] / 1e3:,.0f} k), rx->book p99 {_t(x['consumer_p99_ns'])}, "
+        f"{x['gaps_declared']} gaps"
     )
     if "events_per_s" in x:
         lat = x["latency_ns"]

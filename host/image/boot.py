@@ -451,7 +451,7 @@ def boot(opts: BootOptions, say=lambda msg: None) -> dict:
             st = _wait_ready(opts, proc, agent, console, t0, say, last_state)
             result.update(ready_s=st["ready_s"], firstboot=st.get("firstboot"), xdp=st.get("xdp"))
             say(f"ready in {st['ready_s']} s: tickwire.service active, consumer running")
-            pf = agent.ask("preflight", timeout=PREFLIGHT_TIMEOUT) or {}
+            pf = _preflight(agent, say)
             result["preflight"] = {
                 "ready": pf.get("ready"),
                 "exit": pf.get("exit"),
@@ -491,6 +491,27 @@ def _stop_qemu(proc) -> None:
 # the guest runs ``tickwire preflight`` in a fresh interpreter while its consumer warms up;
 # under TCG on a loaded host that has taken minutes
 PREFLIGHT_TIMEOUT = 300.0
+
+
+def _preflight(agent: Agent, say) -> dict:
+    """The guest's preflight once it is ready, or its last answer after three tries (a
+    stage may read a state the service is still settling into right after it came up)."""
+    pf: dict = {}
+    for attempt in range(3):
+        if attempt:
+            say(f"preflight not ready yet: {_not_ok(pf)}; asking again")
+            time.sleep(10)
+        pf = agent.ask("preflight", timeout=PREFLIGHT_TIMEOUT) or {}
+        if pf.get("ready"):
+            break
+    return pf
+
+
+def _not_ok(pf: dict) -> str:
+    if not pf:
+        return "no answer"
+    bad = [f"{s['stage']} {s['status']}" for s in pf.get("stages", []) if s["status"] != "OK"]
+    return ", ".join(bad) or pf.get("error", "not ready")
 
 
 def _require_ready(pf: dict) -> None:
