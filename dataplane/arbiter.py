@@ -37,7 +37,7 @@ import numpy as np
 from numba import njit
 
 from dataplane import book as bk
-from dataplane import events, itch, shm
+from dataplane import events, itch, msgring, shm
 from dataplane import moldudp64 as mold
 from dataplane.itch import rd_u16
 
@@ -119,6 +119,8 @@ def take(
     rhdr,
     clk,
     rts,
+    mbuf,
+    mhdr,
 ):
     """Apply the messages of the validated data packet ``b[pos:end]`` (sequences
     ``seq..seq+count-1``, ``seq <= A_NEXT``) that were not taken yet, publishing their
@@ -172,6 +174,8 @@ def take(
         while q < stop:
             q += 2 + rd_u16(b, q)
             applied += 1
+    # the journal's copy: the blocks just applied, one record
+    msgring.put(mbuf, mhdr, b, p, end if st == itch.OK else stop, s, applied)
     ctr[shm.A_NEXT] = s + applied
     ctr[shm.A_TAKEN] += applied
     ctr[lb + shm.L_FIRST_TAKEN] += applied
@@ -289,6 +293,8 @@ def drain(
     rhdr,
     clk,
     rts,
+    mbuf,
+    mhdr,
 ):
     """Release held packets in order while the lowest starts at or before ``A_NEXT``."""
     while ctr[shm.A_HELD_NOW] > 0:
@@ -329,6 +335,8 @@ def drain(
             rhdr,
             clk,
             rts,
+            mbuf,
+            mhdr,
         )
         if st != 0:
             return st
@@ -409,9 +417,10 @@ def hole_check(t, ctr, hold_meta, gaps, control):
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def lost(first, count, ctr, control):
+def lost(first, count, ctr, control, mbuf, mhdr):
     """Apply an unrecoverable range: 1 when skipped (or already filled), 0 when it lies
-    ahead of ``A_NEXT`` (try again once the sequence reaches it)."""
+    ahead of ``A_NEXT`` (try again once the sequence reaches it). A skip is recorded in
+    the message ring (``mbuf``, ``mhdr``) as a hole."""
     nxt = ctr[shm.A_NEXT]
     end = first + count
     if end <= nxt:
@@ -424,12 +433,13 @@ def lost(first, count, ctr, control):
     if control[shm.C_POLICY] == shm.POLICY_HALT:
         control[shm.C_HALTED] = 1  # the books stop before the gap; nothing more applies
         return 1
+    msgring.hole(mbuf, mhdr, nxt, end - nxt)
     ctr[shm.A_NEXT] = end
     ctr[shm.A_HOLE_SINCE] = 0
     return 1
 
 
-# Why 21 positional arguments: a numba record holds only fixed-size fields, not the book's
+# Why 23 positional arguments: a numba record holds only fixed-size fields, not the book's
 # arrays (they grow); a structref is reference-counted, which code compiled with _nrt=False
 # cannot be (tests/test_nrt.py). A namedtuple would cost nothing (numba flattens tuple
 # arguments), but it would change every caller -- the consumer's arb/bk_ tuples, the
@@ -462,6 +472,8 @@ def on_packet(
     rhdr,
     clk,
     rts,
+    mbuf,
+    mhdr,
 ):
     """Handle one MoldUDP64 packet ``b[pos:end]`` from ``line`` (0 A, 1 B, 2 recovery)
     received at ``rx_ns``: drop it as a duplicate, hold it, or take it. Returns 0, or a
@@ -522,6 +534,8 @@ def on_packet(
                 rhdr,
                 clk,
                 rts,
+                mbuf,
+                mhdr,
             )
             if st != 0:
                 return st

@@ -10,9 +10,10 @@ from the re-request server, ``service_recovery``) all call it.
 Both loops take two tuples: ``arb = (ctr, hold_buf, hold_meta, gaps, control, recov,
 recov_meta)`` -- counters, hold slots, the recovery rings and control, all shared memory
 but the hold slots -- and ``bk_ = (orders, levels, sides, ladder, htab, stocks, meta,
-bctr, bbo, touched, lat, ring, rhdr, clk, rts)``: the book's arrays, the BBO table,
-scratch, latency histogram, and the event ring (``dataplane.events``: records, header,
-clock, clock scratch; a ring that is off has ``H_ON`` 0 and costs one compare a packet).
+bctr, bbo, touched, lat, ring, rhdr, clk, rts, mbuf, mhdr)``: the book's arrays, the BBO
+table, scratch, latency histogram, the event ring (``dataplane.events``: records, header,
+clock, clock scratch; a ring that is off has ``H_ON`` 0 and costs one compare a packet) and
+the message ring of the journal (``dataplane.msgring``: bytes, header; off likewise).
 
 When the book needs room (a ``NEED_*`` status) the loop returns with the packet kept
 pending; the caller grows the book off the hot path (rebuilding ``bk_``) and calls the
@@ -94,6 +95,8 @@ def _packet(b, pos, end, line, rx_ns, t, session, arb, bk_):
         rhdr,
         clk,
         rts,
+        mbuf,
+        mhdr,
     ) = bk_
     need = arbiter.on_packet(
         b,
@@ -121,6 +124,8 @@ def _packet(b, pos, end, line, rx_ns, t, session, arb, bk_):
         rhdr,
         clk,
         rts,
+        mbuf,
+        mhdr,
     )
     if need != 0:
         return need, 0
@@ -146,7 +151,7 @@ def service_recovery(t, session, arb, bk_):
                 return need  # not done: the entry stays for the retry
             continue
         lost_before = ctr[shm.A_UNRECOVERABLE_MSGS]
-        if arbiter.lost(recov_meta[i, 2], recov_meta[i, 3], ctr, control) == 0:
+        if arbiter.lost(recov_meta[i, 2], recov_meta[i, 3], ctr, control, bk_[15], bk_[16]) == 0:
             return 0  # ahead of the sequence: once it gets there
         ring, rhdr, clk, rts = bk_[11], bk_[12], bk_[13], bk_[14]
         if ctr[shm.A_UNRECOVERABLE_MSGS] != lost_before and rhdr[events.H_ON] != 0:
@@ -190,6 +195,8 @@ def _idle(t, arb, bk_):
         rhdr,
         clk,
         rts,
+        mbuf,
+        mhdr,
     ) = bk_
     if ctr[shm.A_HELD_NOW] > 0:
         need = arbiter.drain(
@@ -212,6 +219,8 @@ def _idle(t, arb, bk_):
             rhdr,
             clk,
             rts,
+            mbuf,
+            mhdr,
         )
         if need != 0:
             return need

@@ -82,6 +82,7 @@ S_RING_FULL = S_BASE + 7  # fill ring had no room (frames held back)
 S_WAKEUPS = S_BASE + 8
 S_START_NS = S_BASE + 9  # how long the consumer loop took to come up (compile or cache load)
 S_START_HOW = S_BASE + 10  # 1: compiled now (cold numba cache), 2: loaded from the cache
+S_DIED = S_BASE + 11  # its wait status + 1 when it died with no report (the supervisor's)
 START_COMPILED = 1
 START_CACHED = 2
 
@@ -224,6 +225,33 @@ def remove(channel: str, root: Path | None = None) -> None:
         pass
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a consumer killed outright leaves S_RUNNING set)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def died_how(status: int) -> str:
+    """A wait status in words: "killed by signal 9 (SIGKILL)", "exit status 3"."""
+    import signal
+
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {sig} ({name})"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
 def lat_bucket(ns):
     """Histogram bucket of ``ns`` nanoseconds: exact below ``LAT_SUB``, then ``LAT_SUB``
@@ -327,7 +355,8 @@ class Reader:
             "next_seq": int(c[A_NEXT]),
             "taken": int(c[A_TAKEN]),
             "end_seq": int(c[A_END_SEQ]),
-            "running": bool(c[S_RUNNING]),
+            "running": bool(c[S_RUNNING]) and not c[S_DIED] and alive(int(c[S_PID])),
+            "died": died_how(int(c[S_DIED]) - 1) if c[S_DIED] else None,
             "gaps_declared": int(c[A_GAPS_DECLARED]),
             "gap_declared_messages": int(c[A_GAP_DECLARED_MSGS]),
             "unrecoverable_gaps": int(c[A_UNRECOVERABLE_GAPS]),

@@ -348,6 +348,31 @@ class FeedServerConfig:
 
 
 @dataclass(frozen=True)
+class JournalConfig:
+    """The message journal (host/appliance/journal.py): every message taken, in sequence,
+    in segment files on local disk, written by a process of its own, never the consumer."""
+
+    # journal the messages taken
+    enabled: bool = False
+    # the journals' directory (an absolute path)
+    dir: str = "/var/lib/tickwire/journal"
+    # "none" (the kernel writes back when it likes), "interval" (fdatasync at most every
+    # sync_interval_s), "every" (fdatasync after each batch written)
+    sync: str = "interval"
+    sync_interval_s: float = 1.0
+    # a segment file rolls at this size, MiB (1..65536)
+    segment_mb: int = 256
+    # retention, whole oldest segments, never the one being written: past this total size,
+    # GiB (0 = no limit; else at least one segment), or once a segment's newest record is
+    # older than this many days (0 = keep)
+    retain_gb: float = 0.0
+    retain_days: float = 0.0
+    # the message ring between the consumer and the journal writer, MiB (a power of two,
+    # 1..4096): the writer may fall this far behind before the journal gets a hole
+    ring_mb: int = 64
+
+
+@dataclass(frozen=True)
 class Config:
     lab: LabConfig = field(default_factory=LabConfig)
     feed: FeedConfig = field(default_factory=FeedConfig)
@@ -356,6 +381,7 @@ class Config:
     image: ImageConfig = field(default_factory=ImageConfig)
     feed_server: FeedServerConfig = field(default_factory=FeedServerConfig)
     world_view: WorldViewConfig = field(default_factory=WorldViewConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
     # [[channel]] tables; none: one channel, [run] itself (channel_configs)
     channel: tuple[ChannelConfig, ...] = ()
 
@@ -636,8 +662,31 @@ def validate(cfg: Config) -> Config:
     _validate_image(cfg.image)
     _validate_feed_server(cfg.feed_server)
     _validate_world_view(cfg.world_view)
+    _validate_journal(cfg.journal)
     _check_session("feed.session", cfg.feed.session)
     return cfg
+
+
+def _validate_journal(j: JournalConfig) -> None:
+    if not j.dir.startswith("/"):
+        raise ConfigError(f"journal.dir: {j.dir!r} is not an absolute path")
+    if j.sync not in ("none", "interval", "every"):
+        raise ConfigError(f"journal.sync: {j.sync!r} is not one of none, interval, every")
+    if not 0 < j.sync_interval_s <= 3600:
+        raise ConfigError(f"journal.sync_interval_s: {j.sync_interval_s} is outside (0, 3600]")
+    if not (1 <= j.ring_mb <= 4096 and j.ring_mb & (j.ring_mb - 1) == 0):
+        raise ConfigError(f"journal.ring_mb: {j.ring_mb} is not a power of two in 1..4096")
+    if not 1 <= j.segment_mb <= 1 << 16:
+        raise ConfigError(f"journal.segment_mb: {j.segment_mb} is outside 1..65536")
+    for key, what in (("retain_gb", "no limit"), ("retain_days", "keep")):
+        v = getattr(j, key)
+        if not 0 <= v < float("inf"):  # NaN too
+            raise ConfigError(f"journal.{key}: {v} must be a number, 0 or more (0 = {what})")
+    if 0 < j.retain_gb * 1024 < j.segment_mb:
+        raise ConfigError(
+            f"journal.retain_gb: {j.retain_gb} GiB is less than one segment "
+            f"(journal.segment_mb = {j.segment_mb} MiB)"
+        )
 
 
 def _validate_world_view(wv: WorldViewConfig) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane import arbiter, consumer, shm
+from dataplane import arbiter, consumer, msgring, shm
 from dataplane import events as ev
 from dataplane import moldudp64 as mold
 from dataplane.book import B_DUP_ADD, BID, Book
@@ -59,6 +59,7 @@ class Rig:
             self.m["recov_meta"],
         )
         self.touched = np.zeros(256, np.int64)
+        self.msgs = msgring.private(1 << 22)  # the journal's copy of what was taken
         self.ring = ev.Ring.private(1 << 16).arrays()
         self.session = np.frombuffer(SESSION, np.uint8).copy()
         self.lost: list[tuple[int, int]] = []
@@ -66,7 +67,14 @@ class Rig:
         self.t = 1_000
 
     def bk(self):
-        return (*self.book.arrays(), self.m["bbo"], self.touched, self.m["latency"], *self.ring)
+        return (
+            *self.book.arrays(),
+            self.m["bbo"],
+            self.touched,
+            self.m["latency"],
+            *self.ring,
+            *self.msgs,
+        )
 
     def events(self) -> np.ndarray:
         """Every event published so far (the ring is big enough never to lap here)."""
@@ -194,6 +202,22 @@ def test_output_is_the_sequence_minus_declared_gaps(n, seed, loss, dup, reorder,
     assert sorted(zip(unrec["value"], unrec["n"], strict=True)) == sorted(rig.lost)
     assert (chan["code"] == ev.CH_BOOKS_STALE).sum() == (1 if rig.lost else 0)
     assert (chan["code"] == ev.CH_GAP_FILLED).sum() == 0  # nothing was recovered
+    # the journal's copy (the message ring) says it once more: every message taken, once,
+    # in order, byte for byte, and every sequence skipped as unrecoverable in a hole
+    reader = msgring.Reader(*rig.msgs, cursor=0)
+    chunk = reader.poll()
+    seqs, buf, offs, holes = msgring.Split(len(rig.msgs[0])).messages(chunk, reader.start)
+    assert list(seqs) == out
+    want = {}
+    for seq, k, pkt in packets:
+        blocks, p = pkt[mold.HEADER_LEN :], 0
+        for i in range(k):
+            ln = int.from_bytes(blocks[p : p + 2], "big")
+            want[seq + i] = blocks[p + 2 : p + 2 + ln]
+            p += 2 + ln
+    assert all(bytes(buf[offs[i] : offs[i + 1]]) == want[s] for i, s in enumerate(out))
+    assert {s for a, c, _ in holes for s in range(a, a + c)} == lost
+    assert int(rig.msgs[1][msgring.M_NEXT_SEQ]) == (n + 1 if out or lost else 0)
 
 
 def test_a_hole_waits_for_the_other_line_within_the_window():

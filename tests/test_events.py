@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane import arbiter, consumer, shm
+from dataplane import arbiter, consumer, msgring, shm
 from dataplane import book as bk
 from dataplane import events as ev
 from dataplane import moldudp64 as mold
@@ -57,10 +57,18 @@ class Consumer:
         )
         self.ring = ring
         self.touched = np.zeros(256, np.int64)
+        self.msgs = msgring.private(1 << 22)  # the journal's copy of what was taken
         self.session = np.frombuffer(SESSION, np.uint8).copy()
 
     def bk(self):
-        return (*self.book.arrays(), self.m["bbo"], self.touched, self.m["latency"], *self.ring)
+        return (
+            *self.book.arrays(),
+            self.m["bbo"],
+            self.touched,
+            self.m["latency"],
+            *self.ring,
+            *self.msgs,
+        )
 
     def packet(self, b, start, end, rx=1000):
         while True:

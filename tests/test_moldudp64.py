@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane import arbiter, consumer, shm
+from dataplane import arbiter, consumer, msgring, shm
 from dataplane import events as ev
 from dataplane import moldudp64 as mold
 from dataplane.book import Book
@@ -208,7 +208,14 @@ def test_the_hot_path_counts_bad_packets_as_drops():
     ctr[shm.A_NEXT] = 1
     book = Book(orders=16, levels=16, ladder=16, counters=ctr[shm.BOOK_BASE :])
     arb = (ctr, *arbiter.new_hold(4), m["gaps"], m["control"], m["recov"], m["recov_meta"])
-    bk_ = (*book.arrays(), m["bbo"], np.zeros(256, np.int64), m["latency"], *ev.Ring.off())
+    bk_ = (
+        *book.arrays(),
+        m["bbo"],
+        np.zeros(256, np.int64),
+        m["latency"],
+        *ev.Ring.off(),
+        *msgring.off(),
+    )
     session = np.frombuffer(SESSION, np.uint8).copy()
     good = mold.packet(SESSION, 1, [b"S" + bytes(10) + b"O"])
     bad = [good[:k] for k in range(len(good))] + [good + b"x", mold.heartbeat(SESSION, 1) + b"x"]

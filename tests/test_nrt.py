@@ -33,11 +33,12 @@ SCRIPT = textwrap.dedent(
     import numba
     from dataplane import consumer, shm, xsk
     from dataplane import events as ev
-    from dataplane import arbiter
+    from dataplane import arbiter, msgring
     m = {n: np.zeros(shape, dt) for n, (dt, shape) in shm.REGIONS.items() if n != "levels"}
     arb = (m["counters"], *arbiter.new_hold(4), m["gaps"], m["control"], m["recov"],
            m["recov_meta"])
-    bk_ = (*b.arrays(), m["bbo"], np.zeros(256, np.int64), m["latency"], *ev.Ring.off())
+    bk_ = (*b.arrays(), m["bbo"], np.zeros(256, np.int64), m["latency"], *ev.Ring.off(),
+           *msgring.off())
     session, ts = np.zeros(10, np.uint8), np.zeros(2, np.int64)
     rbuf, _iov, mm = consumer.socket_buffers(4)
     sock_args = (np.zeros(2, np.int64), mm, rbuf, np.zeros(8, np.int64), 0, session, arb, bk_,

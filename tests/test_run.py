@@ -5,6 +5,7 @@ exactly where ``tickwire book`` ends on the same file."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -393,3 +394,41 @@ def test_warm_fills_the_cache_each_receive_path_starts_from(labcfg, session_file
         assert s["digest"] == digest and s["start"]["how"] == "cache", s["start"]
     again = warm()
     assert {m: v["how"] for m, v in again["modes"].items()} == {"xdp": "cache", "socket": "cache"}
+
+
+@pytest.mark.lab
+def test_a_consumer_killed_outright_is_an_error_and_its_books_show_stale(
+    labcfg, session_file, tmp_path
+):
+    """SIGKILL the consumer a quarter of the way in: ``tickwire run`` fails saying how it
+    died and where; its shared memory, read by ``tickwire status`` and the metrics
+    collector, says the consumer is not running, died, and the books are stale."""
+    from host.appliance import metrics, status
+    from tests.labnet import SimProcess
+
+    path, _ = session_file
+    app = Appliance(labcfg, tmp_path, "socket")
+    sim = SimProcess(
+        _sim_cfg(labcfg, tmp_path),
+        *("--session", str(path), "--rate", "20000", "--eos-for", "1", "--no-rerequest"),
+    )
+    try:
+        c = app.wait_taken(N_MSGS // 4)
+        assert c["running"] and not c["died"] and not c["stale"]
+        os.kill(c["pid"], signal.SIGKILL)
+        out, err = app.proc.communicate(timeout=120)
+        assert app.proc.returncode == 1 and not out
+        assert "the consumer died (killed by signal 9 (SIGKILL)) with no report" in err
+        assert "books are stale until rebuilt" in err and len(err.strip().splitlines()) == 1
+        st = status.collect(app.channel)
+        cs = st["consumer"]
+        assert cs["died"] == "killed by signal 9 (SIGKILL)"
+        assert not cs["running"] and cs["stale"] and cs["taken"] >= N_MSGS // 4
+        assert "DIED (killed by signal 9 (SIGKILL), no report)" in status.text(st)
+        assert "BOOKS STALE: the consumer died" in status.text(st)
+        fams = {f.name: f for f in metrics.ChannelCollector(app.channel).collect()}
+        for name, want in (("consumer_up", 0), ("consumer_died", 1), ("books_stale", 1)):
+            assert fams[f"tickwire_{name}"].samples[0].value == want, name
+    finally:
+        sim.kill()
+        app.kill()

@@ -1,6 +1,7 @@
 """The appliance's verbs: ``book``, ``run``, ``warm``, ``status``, ``preflight``,
-``calibrate``. ``add_parsers`` declares them on ``tickwire``'s verb list; each verb's
-function turns its arguments into calls of the typed functions of this room."""
+``calibrate``, ``journal verify``, and the others below. ``add_parsers`` declares them on
+``tickwire``'s verb list; each verb's function turns its arguments into calls of the typed
+functions of this room."""
 
 from __future__ import annotations
 
@@ -68,6 +69,19 @@ EPILOG_AGENT = """examples:
   tickwire agent                                 serve org.tickwire.agent (tickwire-agent.service)
 
 requests: state, preflight, digest (image/README.md)
+"""
+EPILOG_JOURNAL = """examples:
+  tickwire journal verify /var/lib/tickwire/journal/totalview    every segment of a journal
+"""
+EPILOG_JOURNAL_VERIFY = """examples:
+  tickwire journal verify /var/lib/tickwire/journal/totalview    every segment, in order
+  tickwire journal verify 00000000000000000001.twj --json        one segment, JSON
+
+Checks each segment's header, record framing, CRCs and sequence continuity (within it and
+from segment to segment); one line per file, then a summary. Holes (messages the journal
+says it lacks: a gap, a full disk) are listed and are not corruption. Exit status: 0
+clean, 1 corruption or a torn tail (a crash mid-write; the writer cuts it on open),
+2 bad arguments.
 """
 LINE_KEYS = ("interface", "group", "port")  # what receiving a line needs
 LINE_STAGES = ("runtime", "irq_affinity", "nic")  # the preflight stages that look at lines
@@ -333,6 +347,20 @@ Exit status: 0 done, 1 no such symbol or the world view cannot be reached, 2 usa
     wo.add_argument("--count", type=positive, metavar="N", help="--watch: exit after N quotes")
     wo.set_defaults(func=_world)
 
+    jo = verb(sub, "journal", "check the message journal's files", EPILOG_JOURNAL)
+    jactions = jo.add_subparsers(dest="action", metavar="ACTION", required=True)
+    jv = verb(
+        jactions,
+        "verify",
+        "check journal segments: framing, CRCs, sequence continuity",
+        EPILOG_JOURNAL_VERIFY,
+    )
+    jv.add_argument(
+        "paths", nargs="+", metavar="FILE", help="segment files (.twj) or journal directories"
+    )
+    jv.add_argument("--json", action="store_true", help="machine-readable report")
+    jv.set_defaults(func=_journal_verify)
+
 
 def _config_options(p: argparse.ArgumentParser, tables: str, lab_help: str) -> None:
     p.add_argument("--config", metavar="FILE", help=f"TOML configuration ({tables})")
@@ -536,6 +564,18 @@ def _world(args: argparse.Namespace) -> int:
             print(f"tickwire world: {address}: {e}", file=sys.stderr)
             return 1
     return 0
+
+
+def _journal_verify(args: argparse.Namespace) -> int:
+    from host.appliance import journal
+
+    try:
+        report = journal.verify(args.paths)
+    except journal.NotAJournal as e:
+        print(f"tickwire journal verify: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else journal.verify_text(report))
+    return 0 if report["clean"] else 1
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -165,8 +165,17 @@ class ConsumerCollector:
             yield f
         ctl = self.m["control"]
         for name, value, doc in (
-            ("consumer_up", c[shm.S_RUNNING], "1 while the consumer loop runs"),
-            ("books_stale", ctl[shm.C_STALE], "1 once a gap was unrecoverable: books not whole"),
+            (
+                "consumer_up",
+                c[shm.S_RUNNING] and not c[shm.S_DIED] and shm.alive(int(c[shm.S_PID])),
+                "1 while the consumer loop runs",
+            ),
+            ("consumer_died", c[shm.S_DIED] != 0, "1 when the consumer died with no report"),
+            (
+                "books_stale",
+                ctl[shm.C_STALE],
+                "1 once the books are not whole: a gap was unrecoverable, or the consumer died",
+            ),
             ("consumer_halted", ctl[shm.C_HALTED], "1 when halted by the unrecoverable policy"),
             ("held_packets", c[shm.A_HELD_NOW], "Packets held ahead of a hole right now"),
         ):
@@ -271,6 +280,43 @@ class ConsumerCollector:
         for reason, v in st.get("passed", {}).items():
             f.add_metric([ch, reason], float(v))
         yield f
+
+
+class JournalCollector:
+    """A channel's journal writer, from the ``journal.json`` it keeps up to date
+    (``host.appliance.journalwriter``); nothing when the channel has no journal."""
+
+    def __init__(self, channel: str, root=None):
+        self.channel, self.root = channel, root
+
+    def collect(self):
+        from host.appliance import journalwriter
+
+        st = journalwriter.read_stats(self.channel, self.root)
+        if st is None:
+            return
+        ch = [self.channel]
+        for name, key, doc in (
+            ("journal_messages", "messages", "Messages written to the journal"),
+            ("journal_bytes_written", "bytes", "Bytes written to the journal"),
+            ("journal_syncs", "syncs", "fdatasync calls of the journal writer"),
+            ("journal_lost_messages", "lost", "Messages not written: the disk was full"),
+            ("journal_already_messages", "already", "Messages the journal held already"),
+            ("journal_lapped", "lapped", "Times the writer fell a whole message ring behind"),
+        ):
+            f = CounterMetricFamily(f"tickwire_{name}", doc, labels=["channel"])
+            f.add_metric(ch, float(st.get(key) or 0))
+            yield f
+        for name, value, doc in (
+            ("journal_up", bool(st.get("running")), "1 while the journal writer runs"),
+            ("journal_disk_full", bool(st.get("disk_full")), "1 while the disk is full"),
+            ("journal_holes", len(st.get("holes") or []), "Holes the journal records"),
+            ("journal_last_seq", st.get("last_seq") or 0, "The journal's last sequence"),
+            ("journal_segments", st.get("segments") or 0, "Segment files of the journal"),
+        ):
+            g = GaugeMetricFamily(f"tickwire_{name}", doc, labels=["channel"])
+            g.add_metric(ch, float(value))
+            yield g
 
 
 class Merged:

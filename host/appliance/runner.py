@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataplane import events, shm, sysabi
+from dataplane import events, msgring, shm, sysabi
 from host import netns, signals
 from host.config import (
     Config,
@@ -122,13 +122,14 @@ def _loop_state(cfg: Config, maps: dict, book):
     )
     touched = np.zeros(256, np.int64)
     ring = maps["ring"] if "ring" in maps else events.Ring.off()
+    msgs = maps["msgs"] if "msgs" in maps else msgring.off()
     # map the ring's pages into this process now (a fork inherits the mapping, not its page
     # table entries): the first lap must not take a fault per page; nothing reads it yet
     pages = ring[0].view(np.uint8)[::4096]
     pages[:] = pages.copy()
 
     def bk_():
-        return (*book.arrays(), maps["bbo"], touched, maps["latency"], *ring)
+        return (*book.arrays(), maps["bbo"], touched, maps["latency"], *ring, *msgs)
 
     return arb, bk_
 
@@ -449,6 +450,8 @@ def _create_channel(cfg: Config) -> dict:
         order_events=run.order_events,
         on=run.events,
     ).arrays()
+    j = cfg.journal
+    maps["msgs"] = msgring.create(run.channel, j.ring_mb << 20, on=j.enabled)
     return maps
 
 
@@ -468,6 +471,7 @@ class _Channel:
         self.recovery = None
         self.xdp_stats: dict | None = None
         self.eos_at: float | None = None
+        self.journal = None  # the journal writer's process
 
     @property
     def cdir(self) -> Path:
@@ -541,6 +545,8 @@ class Appliance:
             for ch in self.channels:
                 self._wait_running(ch)
             for ch in self.channels:
+                self._start_journal(stack, ch)
+            for ch in self.channels:
                 ch.recovery = start_recovery(ch.cfg, ch.maps, ch.log)
                 stack.callback(ch.recovery.stop)
             if ready is not None:
@@ -553,6 +559,31 @@ class Appliance:
         seconds = time.monotonic() - t0
         out = {ch.name: self._summary(ch, seconds) for ch in self.channels}
         return {"channels": out} if self.several else out[self.channels[0].name]
+
+    def _start_journal(self, stack: contextlib.ExitStack, ch: _Channel) -> None:
+        """The channel's journal writer (``[journal] enabled``), stopped -- after the
+        consumer, which the stack stops first -- when the run ends: it drains the message
+        ring and closes the journal."""
+        from host.appliance import journalwriter
+
+        j = ch.cfg.journal
+        if not j.enabled:
+            return
+        session = ch.cfg.feed.session
+        ch.journal = journalwriter.start(ch.name, j, session)
+        where = journalwriter.journal_dir(j, ch.name, session)
+        ch.log(f"journal: {where} (sync {j.sync}), writer pid {ch.journal.pid}")
+
+        def end(ch=ch) -> None:
+            code = journalwriter.stop(ch.journal)
+            if code != 0:
+                st = journalwriter.read_stats(ch.name) or {}
+                ch.log(
+                    f"journal writer ended badly ({'killed' if code is None else code}): "
+                    f"{st.get('error', 'no report')}"
+                )
+
+        stack.callback(end)
 
     def _attach(self, stack: contextlib.ExitStack) -> str:
         """The receive path: "xdp" with the steering program attached to every channel's
@@ -653,6 +684,8 @@ class Appliance:
                 return r.status() if r is not None and hasattr(r, "status") else None
 
             collectors.append(metrics.ConsumerCollector(ch.name, ch.maps, stats, recovery=rec))
+            if ch.cfg.journal.enabled:
+                collectors.append(metrics.JournalCollector(ch.name))
         server = metrics.serve(run.metrics, *collectors)
         stack.callback(server.shutdown)
         self.log(
@@ -760,20 +793,33 @@ class Appliance:
             out.update(json.loads(final.read_text()))
         elif ch.consumer.status is not None and ch.consumer.status != 0:
             st = ch.consumer.status
-            how = (
-                f"killed by signal {os.WTERMSIG(st)}"
-                if os.WIFSIGNALED(st)
-                else f"exit status {os.WEXITSTATUS(st)}"
-            )
+            _mark_dead(ch, st)
             raise RunError(
-                errno.EIO, f"channel {ch.name}: the consumer died ({how}) with no report"
+                errno.EIO,
+                f"channel {ch.name}: the consumer died ({shm.died_how(st)}) with no report, "
+                f"after {out['taken']:,} messages (next sequence {out['next_seq']:,}); its "
+                "books are stale until rebuilt",
             )
+        if ch.journal is not None:
+            from host.appliance import journalwriter
+
+            out["journal"] = journalwriter.read_stats(ch.name)
         if ch.xdp_stats:
             out["xdp"] = ch.xdp_stats
         if ch.recovery is not None:
             out["recovery"] = ch.recovery.counters()
             out["recovery_latency_ns"] = ch.recovery.latency()
         return out
+
+
+def _mark_dead(ch: _Channel, status: int) -> None:
+    """Say in the channel's shared memory that its consumer died (``status``: its wait
+    status) and its books are stale: what ``tickwire status`` and the metrics show until a
+    consumer rebuilds them."""
+    ctr, ctl = ch.maps["counters"], ch.maps["control"]
+    ctr[shm.S_DIED] = status + 1
+    ctr[shm.S_RUNNING] = 0
+    ctl[shm.C_STALE] = 1
 
 
 def summary_text(s: dict) -> str:

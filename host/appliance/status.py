@@ -30,6 +30,9 @@ def collect(channel: str, netns: str | None = None, now_ns: int | None = None) -
     from dataplane import events
 
     out["events"] = events.ring_status(channel)
+    from host.appliance import journalwriter
+
+    out["journal"] = journalwriter.read_stats(channel)
     try:
         from host.appliance import clock
 
@@ -86,12 +89,19 @@ def text(st: dict, show_xdp: bool = True, channel: bool = True) -> str:
         state = "running" if c["running"] else "stopped"
         if not c["running"] and c["start"]["how"] == "starting" and c["pid"]:
             state = "starting (compiling, or loading from numba's cache)"
+        if c["died"]:
+            state = f"DIED ({c['died']}, no report)"
         lines.append(
             f"channel {st['channel']}: consumer {state} (pid {c['pid']}, {c['mode']}"
             f" mode), next sequence {c['next_seq']:,}, taken {c['taken']:,}, "
             f"unrecoverable {c['unrecoverable_messages']:,}"
         )
-        if c["stale"] or c["halted"]:
+        if c["died"]:
+            lines.append(
+                f"  BOOKS STALE: the consumer died at sequence {c['next_seq']:,}; nothing "
+                "is applied until a consumer rebuilds them"
+            )
+        elif c["stale"] or c["halted"]:
             lines.append(
                 f"  BOOKS STALE: {c['unrecoverable_gaps']} unrecoverable gap(s), "
                 f"{c['unrecoverable_messages']:,} messages missing"
@@ -135,6 +145,23 @@ def text(st: dict, show_xdp: bool = True, channel: bool = True) -> str:
         )
     elif evr:
         lines.append("events: off ([run] events = false)")
+    j = st.get("journal")
+    if j:
+        if j.get("error"):
+            lines.append(f"journal: writer FAILED: {j['error']}")
+        else:
+            holes = j.get("holes") or []
+            lines.append(
+                f"journal: {'writing' if j.get('running') else 'stopped'}, "
+                f"{j.get('messages', 0):,} messages written, last seq {j.get('last_seq')}, "
+                f"{len(holes)} hole(s), {j.get('segments', 0)} segment(s)"
+                + (
+                    " -- DISK FULL, messages lost: " + f"{j.get('lost', 0):,}"
+                    if j.get("disk_full")
+                    else ""
+                )
+                + (f", lapped {j['lapped']}" if j.get("lapped") else "")
+            )
     if st.get("clock"):
         from host.appliance import clock
 

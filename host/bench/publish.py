@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from dataplane import arbiter, consumer, shm
+from dataplane import arbiter, consumer, msgring, shm
 from dataplane import events as ev
 from dataplane import moldudp64 as mold
 from dataplane.book import Book
@@ -182,12 +182,20 @@ class _Consumer:
             self.m["recov_meta"],
         )
         self.ring = ring.arrays()
+        self.msgs = msgring.off()  # the journal is another process's cost
         self.touched = np.zeros(256, np.int64)
         self.session = np.frombuffer(session, np.uint8).copy()
         self.ts = np.zeros(2, np.int64)
 
     def bk(self) -> tuple:
-        return (*self.book.arrays(), self.m["bbo"], self.touched, self.m["latency"], *self.ring)
+        return (
+            *self.book.arrays(),
+            self.m["bbo"],
+            self.touched,
+            self.m["latency"],
+            *self.ring,
+            *self.msgs,
+        )
 
     def run(self, pk: np.ndarray, bounds: np.ndarray, ns_per_msg: float = 0.0) -> float:
         """Every packet through the consumer; the seconds it took (growth included, none
