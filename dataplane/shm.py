@@ -141,6 +141,8 @@ C_SNAP_SEQ = 17  # the last sequence the snapshot's book state includes
 C_SNAP_EOS = 18  # the end of session's next sequence when the snapshot is past it, else 0
 C_SNAP_STATE = 19  # the channel state announced on the ring by then: line A's state (bits
 #   0-7), line B's (8-15), books stale (bit 16)
+C_BOOKSNAP_REQ = 20  # a requester bumps this to ask for a book snapshot (host.appliance.snapshot)
+C_BOOKSNAP_DONE = 21  # the consumer sets it to the request number it answered
 CONTROL_LEN = 32
 GAP_SLOTS = 1024
 REC_SLOTS = 4096

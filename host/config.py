@@ -373,6 +373,21 @@ class JournalConfig:
 
 
 @dataclass(frozen=True)
+class SnapshotConfig:
+    """Book snapshots (host/appliance/snapshot.py): the consumer's whole book at a message
+    boundary, with its sequence and digest, taken by a fork of the consumer."""
+
+    # take snapshots (on demand with `tickwire snapshot`, and every interval_s)
+    enabled: bool = False
+    # the snapshots' directory (an absolute path): <dir>/<channel>/<session>/
+    dir: str = "/var/lib/tickwire/snapshots"
+    # seconds between timed snapshots; 0 = on demand only
+    interval_s: float = 0.0
+    # snapshots kept per channel and session, newest first (older ones are deleted)
+    keep: int = 3
+
+
+@dataclass(frozen=True)
 class Config:
     lab: LabConfig = field(default_factory=LabConfig)
     feed: FeedConfig = field(default_factory=FeedConfig)
@@ -382,6 +397,7 @@ class Config:
     feed_server: FeedServerConfig = field(default_factory=FeedServerConfig)
     world_view: WorldViewConfig = field(default_factory=WorldViewConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     # [[channel]] tables; none: one channel, [run] itself (channel_configs)
     channel: tuple[ChannelConfig, ...] = ()
 
@@ -663,8 +679,18 @@ def validate(cfg: Config) -> Config:
     _validate_feed_server(cfg.feed_server)
     _validate_world_view(cfg.world_view)
     _validate_journal(cfg.journal)
+    _validate_snapshot(cfg.snapshot)
     _check_session("feed.session", cfg.feed.session)
     return cfg
+
+
+def _validate_snapshot(sn: SnapshotConfig) -> None:
+    if not os.path.isabs(sn.dir):
+        raise ConfigError(f"snapshot.dir: {sn.dir!r} is not an absolute path")
+    if not 0 <= sn.interval_s <= 86400:
+        raise ConfigError(f"snapshot.interval_s: {sn.interval_s} is outside 0..86400")
+    if not 1 <= sn.keep <= 1000:
+        raise ConfigError(f"snapshot.keep: {sn.keep} is outside 1..1000")
 
 
 def _validate_journal(j: JournalConfig) -> None:

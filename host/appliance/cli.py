@@ -70,6 +70,21 @@ EPILOG_AGENT = """examples:
 
 requests: state, preflight, digest (image/README.md)
 """
+EPILOG_SNAPSHOT = """examples:
+  tickwire snapshot                              the totalview consumer's book, now
+  tickwire snapshot --channel feed2 --json
+
+The consumer forks between packets; the child writes <snapshot.dir>/<channel>/<session>/
+<seq>.twsnap.npz with the sequence and the book's digest. Needs [snapshot] enabled.
+"""
+EPILOG_REPLAY = """examples:
+  tickwire replay --snapshot /var/lib/tickwire/snapshots/totalview/S/...twsnap.npz \
+      --journal /var/lib/tickwire/journal/totalview/S
+
+Loads the snapshot (its digest checked), applies the journal's messages after its
+sequence (holes skipped, as the live books skipped them) and prints the digest, the same
+definition as tickwire book.
+"""
 EPILOG_JOURNAL = """examples:
   tickwire journal verify /var/lib/tickwire/journal/totalview    every segment of a journal
 """
@@ -361,6 +376,31 @@ Exit status: 0 done, 1 no such symbol or the world view cannot be reached, 2 usa
     jv.add_argument("--json", action="store_true", help="machine-readable report")
     jv.set_defaults(func=_journal_verify)
 
+    sn = verb(
+        sub,
+        "snapshot",
+        "ask the running consumer for a book snapshot ([snapshot] enabled)",
+        EPILOG_SNAPSHOT,
+    )
+    sn.add_argument("--channel", default="totalview", help="the channel (totalview)")
+    sn.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
+    sn.add_argument("--json", action="store_true", help="machine-readable output")
+    sn.set_defaults(func=_snapshot)
+
+    rp = verb(
+        sub,
+        "replay",
+        "rebuild the books from a snapshot and the journal after it; print the digest",
+        EPILOG_REPLAY,
+    )
+    rp.add_argument("--snapshot", required=True, metavar="FILE", help="a .twsnap.npz file")
+    rp.add_argument(
+        "--journal", nargs="+", required=True, metavar="DIR", help="the journal's directory"
+    )
+    rp.add_argument("--until", type=int, metavar="SEQ", help="stop after this sequence")
+    rp.add_argument("--json", action="store_true", help="machine-readable output")
+    rp.set_defaults(func=_replay)
+
 
 def _config_options(p: argparse.ArgumentParser, tables: str, lab_help: str) -> None:
     p.add_argument("--config", metavar="FILE", help=f"TOML configuration ({tables})")
@@ -576,6 +616,42 @@ def _journal_verify(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(report) if args.json else journal.verify_text(report))
     return 0 if report["clean"] else 1
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    from host.appliance import snapshot
+
+    try:
+        info = snapshot.request(args.channel, args.timeout)
+    except (FileNotFoundError, RuntimeError, TimeoutError) as e:
+        print(f"tickwire snapshot: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(
+            f"{info['path']}: seq {info['seq']:,}, digest {info['digest']}, "
+            f"fork {info['fork_us']:.0f} us"
+        )
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from host.appliance import replay
+
+    try:
+        r = replay.snapshot_and_journal(args.snapshot, args.journal, args.until)
+    except (OSError, ValueError) as e:
+        print(f"tickwire replay: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(
+            f"snapshot at seq {r['snapshot_seq']:,} + {r['messages']:,} journal messages "
+            f"({len(r['holes'])} hole(s)): seq {r['seq']:,}, digest {r['digest']}"
+        )
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

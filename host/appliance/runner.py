@@ -51,6 +51,9 @@ from host.config import (
 class RunError(OSError):
     """The appliance cannot start or run; the message says why and what to do."""
 
+    def __str__(self) -> str:  # the message, without "[Errno N]" before it
+        return self.strerror if self.errno is not None and self.strerror else super().__str__()
+
 
 def log(msg: str) -> None:
     """The appliance's log line (stderr, ``tickwire run: ...``)."""
@@ -137,11 +140,25 @@ def _loop_state(cfg: Config, maps: dict, book):
 def _drive(cfg: Config, maps: dict, book, loop, dispatcher) -> str:
     """Run ``loop(arb, bk_, budget_ns)`` (a consumer loop bound to its receive path, which
     calls the numba ``dispatcher``) until it stops: grow the book when it asks, answer
-    snapshots, keep the liveness stamp. Returns "stopped" or "halted"."""
+    snapshots (the levels for readers; the whole book, forked, with ``[snapshot]``), keep
+    the liveness stamp. Returns "stopped" or "halted"."""
+    arb, bk_ = _loop_state(cfg, maps, book)
+    taker = None
+    if cfg.snapshot.enabled:
+        from host.appliance import snapshot
+
+        taker = snapshot.Taker(cfg.run.channel, cfg.feed.session, cfg.snapshot, maps)
+    try:
+        return _drive_loop(maps, book, loop, dispatcher, arb, bk_, taker)
+    finally:
+        if taker is not None:
+            taker.finish()
+
+
+def _drive_loop(maps: dict, book, loop, dispatcher, arb, bk_, taker) -> str:
     from dataplane import consumer as cs
 
     ctr, control = maps["counters"], maps["control"]
-    arb, bk_ = _loop_state(cfg, maps, book)
     first, t0 = True, time.monotonic_ns()
     while True:
         status, need = loop(arb, bk_(), 0 if first else 50_000_000)
@@ -169,6 +186,8 @@ def _drive(cfg: Config, maps: dict, book, loop, dispatcher) -> str:
                 ctr,
                 bk_()[12],
             )
+        if taker is not None and not need:
+            taker.poll(book)  # between packets: every message up to A_NEXT - 1 is in
         ctr[shm.S_ALIVE_NS] = time.monotonic_ns()
 
 
@@ -295,7 +314,12 @@ def _child(cfg: Config, mode: str, map_fd: int, maps: dict, slots: list[int]) ->
             os.sched_setaffinity(0, {run.core})
         maps["counters"][shm.S_PID] = os.getpid()
         maps["counters"][shm.S_CPU] = run.core
-        book = Book.for_capacity(run.orders, counters=maps["counters"][shm.BOOK_BASE :])
+        if cfg.snapshot.enabled or cfg.journal.enabled:
+            from host.appliance import restart
+
+            book, _ = restart.restore(cfg, maps, log)
+        else:
+            book = Book.for_capacity(run.orders, counters=maps["counters"][shm.BOOK_BASE :])
         session = np.frombuffer(mold.session_bytes(cfg.feed.session), np.uint8).copy()
         if mode == "xdp":
             how = _consumer_xdp(cfg, maps, book, session, map_fd, slots)
@@ -436,7 +460,7 @@ def _create_channel(cfg: Config) -> dict:
     next sequence 1, the arbitration window and the gap policy in the control block."""
     run = cfg.run
     maps = shm.create(run.channel)
-    for name in ("final.json", "error.txt"):
+    for name in ("final.json", "error.txt", "restored.json"):
         (shm.channel_dir(run.channel) / name).unlink(missing_ok=True)
     maps["counters"][shm.A_NEXT] = 1
     ctl = maps["control"]
@@ -800,6 +824,10 @@ class Appliance:
                 f"after {out['taken']:,} messages (next sequence {out['next_seq']:,}); its "
                 "books are stale until rebuilt",
             )
+        from host.appliance import restart
+
+        if restart.restored(ch.name):
+            out["restored"] = restart.restored(ch.name)
         if ch.journal is not None:
             from host.appliance import journalwriter
 
