@@ -686,7 +686,9 @@ def _hugetlbfs() -> Path | None:
     return None
 
 
-def _map(path: Path, size: int, create: bool) -> mmap.mmap:
+def map_file(path: Path, size: int, create: bool) -> mmap.mmap:
+    """``path`` mapped shared (created at ``size`` and writable when ``create``), its pages
+    populated."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC if create else os.O_RDONLY, 0o644)
     try:
         if create:
@@ -758,13 +760,13 @@ class Ring:
         if huge is not None:
             target = huge / f"tickwire-{channel}-events"
             try:
-                m = _map(target, -(-size // (2 << 20)) * (2 << 20), True)
+                m = map_file(target, -(-size // (2 << 20)) * (2 << 20), True)
                 link.symlink_to(target)
             except OSError:
                 m = None
                 target.unlink(missing_ok=True)
         if m is None:
-            m = _map(link, size, True)
+            m = map_file(link, size, True)
             huge = None
         ring = np.frombuffer(m, EVENT, count=slots)
         hdr = np.memmap(d / "events.hdr", np.int64, "w+", shape=(HDR_LEN,)).view(np.ndarray)
@@ -801,7 +803,7 @@ class Ring:
         if int(hdr[H_MAGIC]) != MAGIC or int(hdr[H_LAYOUT]) != LAYOUT:
             raise ValueError(f"{d / 'events.hdr'}: not an event ring of layout {LAYOUT}")
         slots = int(hdr[H_SLOTS])
-        m = _map(d / "events", slots * EVENT.itemsize, False)
+        m = map_file(d / "events", slots * EVENT.itemsize, False)
         ring = np.frombuffer(m, EVENT, count=slots)
         clk = np.zeros(1, np.float64)
         if int(hdr[H_CLOCK]) == CLOCK_TSC:

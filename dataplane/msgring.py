@@ -30,7 +30,6 @@ consumer checks that word once a packet.
 
 from __future__ import annotations
 
-import mmap
 import os
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from dataplane import shm
+from dataplane import events, shm
 from dataplane.events import compiler_fence
 
 HDR_LEN = 16
@@ -98,6 +97,15 @@ def _put_i32(buf, off, v):
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _publish(hdr, next_seq):
+    """The record reserved is whole: move the write position to its end."""
+    compiler_fence()
+    hdr[M_WRITE] = hdr[M_RESERVE]
+    hdr[M_RECORDS] += 1
+    hdr[M_NEXT_SEQ] = next_seq
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
 def put(buf, hdr, b, p, q, seq, count):
     """Record the ``count`` message blocks ``b[p:q]`` (sequences from ``seq``)."""
     if hdr[M_ON] == 0 or count <= 0:
@@ -112,10 +120,7 @@ def put(buf, hdr, b, p, q, seq, count):
     _put_i32(buf, off + 12, n)
     for i in range(n):
         buf[off + REC_HDR + i] = b[p + i]
-    compiler_fence()
-    hdr[M_WRITE] = hdr[M_RESERVE]
-    hdr[M_RECORDS] += 1
-    hdr[M_NEXT_SEQ] = seq + count
+    _publish(hdr, seq + count)
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
@@ -129,21 +134,7 @@ def hole(buf, hdr, seq, count):
     _put_i64(buf, off, seq)
     _put_i32(buf, off + 8, count)
     _put_i32(buf, off + 12, HOLE)
-    compiler_fence()
-    hdr[M_WRITE] = hdr[M_RESERVE]
-    hdr[M_RECORDS] += 1
-    hdr[M_NEXT_SEQ] = seq + count
-
-
-def _map(path: Path, size: int, create: bool) -> mmap.mmap:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC if create else os.O_RDONLY, 0o644)
-    try:
-        if create:
-            os.ftruncate(fd, size)
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if create else 0)
-        return mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, prot)
-    finally:
-        os.close(fd)
+    _publish(hdr, seq + count)
 
 
 def create(channel: str, size: int, on: bool = True, root: Path | None = None):
@@ -153,7 +144,7 @@ def create(channel: str, size: int, on: bool = True, root: Path | None = None):
         raise ValueError(f"message ring size {size}: not a power of two >= {MIN_SIZE}")
     size = size if on else OFF_SIZE
     d = shm.make_channel_dir(channel, root)
-    m = _map(d / "messages", size, True)
+    m = events.map_file(d / "messages", size, True)
     buf = np.frombuffer(m, np.uint8)
     hdr = np.memmap(d / "messages.hdr", np.int64, "w+", shape=(HDR_LEN,)).view(np.ndarray)
     hdr[M_SIZE] = size
@@ -205,7 +196,7 @@ class Reader:
             ) from None
         if int(hdr[M_MAGIC]) != MAGIC:
             raise ValueError(f"{d / 'messages.hdr'}: not a message ring")
-        buf = np.frombuffer(_map(d / "messages", int(hdr[M_SIZE]), False), np.uint8)
+        buf = np.frombuffer(events.map_file(d / "messages", int(hdr[M_SIZE]), False), np.uint8)
         return cls(buf, hdr, cursor)
 
     @property

@@ -55,7 +55,7 @@ import numpy as np
 from dataplane import moldudp64 as mold
 from dataplane import shm
 from dataplane.book import Book
-from host.bench.publish import follow_taken
+from host.bench.publish import BenchError, finish_runs, follow_taken
 
 ROOT = Path(__file__).resolve().parents[2]
 STALL_BUDGET = 2.0  # the others' p99 with a stalled client / without it
@@ -81,10 +81,6 @@ class FeedBenchOptions:
     lib_rate: int = 20_000  # events/s to each connection in the library comparison
     lib_seconds: float = 3.0
     prefix: str | None = None
-
-
-class BenchError(OSError):
-    """A part of the benchmark could not run: the message says which and why."""
 
 
 def say(msg: str) -> None:
@@ -217,13 +213,7 @@ def _run(name: str, n_clients: int, stalled: int, ctx: dict) -> dict:
             stderr=subprocess.PIPE,
         )
         first, last = follow_taken(reader, run, ctx["messages"])
-        sim_out, sim_err = sim.communicate(timeout=600)
-        if sim.returncode != 0:
-            raise BenchError(f"tickwire sim failed: {sim_err.strip()[-300:]}")
-        out, _ = run.communicate(timeout=300)
-        if run.returncode != 0:
-            err.seek(0)
-            raise BenchError(f"tickwire run failed: {err.read().strip()[-300:]}")
+        sim_out, out = finish_runs(sim, run, err)
         clients = None
         if load is not None:
             lout, lerr = load.communicate(timeout=660)

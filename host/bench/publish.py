@@ -453,6 +453,19 @@ def follow_taken(reader: shm.Reader, run: subprocess.Popen, n: int, timeout: flo
         time.sleep(0.001)
 
 
+def finish_runs(sim: subprocess.Popen, run: subprocess.Popen, err) -> tuple[str, str]:
+    """Wait for ``tickwire sim`` and then ``tickwire run --until-eos`` (its stderr in the
+    file ``err``) to end; their outputs, or ``BenchError`` saying which failed and why."""
+    sim_out, sim_err = sim.communicate(timeout=600)
+    if sim.returncode != 0:
+        raise BenchError(f"tickwire sim failed: {sim_err.strip()[-300:]}")
+    out, _ = run.communicate(timeout=300)
+    if run.returncode != 0:
+        err.seek(0)
+        raise BenchError(f"tickwire run failed: {err.read().strip()[-300:]}")
+    return sim_out, out
+
+
 def _lab_run(prefix: str, session: Path, n: int, events: bool, o: PublishOptions, tmp: Path):
     """One ``tickwire run --lab --until-eos`` with ``[run] events = events`` taking the
     session from ``tickwire sim``: the consumer's messages/s from its first message taken
@@ -491,13 +504,7 @@ def _lab_run(prefix: str, session: Path, n: int, events: bool, o: PublishOptions
             preexec_fn=lambda: os.sched_setaffinity(0, {o.producer_core}),
         )
         first, last = follow_taken(reader, run, n)
-        sim_out, sim_err = sim.communicate(timeout=600)
-        if sim.returncode != 0:
-            raise BenchError(f"tickwire sim failed: {sim_err.strip()[-300:]}")
-        out, _ = run.communicate(timeout=300)
-        if run.returncode != 0:
-            err.seek(0)
-            raise BenchError(f"tickwire run failed: {err.read().strip()[-300:]}")
+        sim_out, out = finish_runs(sim, run, err)
     finally:
         for p in (sim, run):
             if p is not None and p.poll() is None:
