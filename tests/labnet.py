@@ -237,9 +237,8 @@ class Appliance:
         run_extra: str = "",
         wrap: tuple[str, ...] = (),
         owner: int | None = None,
-        channel: str | None = None,
     ):
-        self.channel = channel or f"test{os.getpid()}{mode}{next(_channels)}"
+        self.channel = f"test{os.getpid()}{mode}{next(_channels)}"
         self.port = free_port()
         self.cfg_path = tmp_path / "run.toml"
         write_config(cfg, self.cfg_path)

@@ -314,12 +314,7 @@ def _child(cfg: Config, mode: str, map_fd: int, maps: dict, slots: list[int]) ->
             os.sched_setaffinity(0, {run.core})
         maps["counters"][shm.S_PID] = os.getpid()
         maps["counters"][shm.S_CPU] = run.core
-        if cfg.snapshot.enabled or cfg.journal.enabled:
-            from host.appliance import restart
-
-            book, _ = restart.restore(cfg, maps, log)
-        else:
-            book = Book.for_capacity(run.orders, counters=maps["counters"][shm.BOOK_BASE :])
+        book = Book.for_capacity(run.orders, counters=maps["counters"][shm.BOOK_BASE :])
         session = np.frombuffer(mold.session_bytes(cfg.feed.session), np.uint8).copy()
         if mode == "xdp":
             how = _consumer_xdp(cfg, maps, book, session, map_fd, slots)
@@ -460,7 +455,7 @@ def _create_channel(cfg: Config) -> dict:
     next sequence 1, the arbitration window and the gap policy in the control block."""
     run = cfg.run
     maps = shm.create(run.channel)
-    for name in ("final.json", "error.txt", "restored.json"):
+    for name in ("final.json", "error.txt"):
         (shm.channel_dir(run.channel) / name).unlink(missing_ok=True)
     maps["counters"][shm.A_NEXT] = 1
     ctl = maps["control"]
@@ -824,10 +819,6 @@ class Appliance:
                 f"after {out['taken']:,} messages (next sequence {out['next_seq']:,}); its "
                 "books are stale until rebuilt",
             )
-        from host.appliance import restart
-
-        if restart.restored(ch.name):
-            out["restored"] = restart.restored(ch.name)
         if ch.journal is not None:
             from host.appliance import journalwriter
 
