@@ -668,6 +668,91 @@ def test_a_joined_client_waits_out_503s_while_a_restarted_server_attaches(
         srv.close()
 
 
+def test_a_silent_connection_is_cut_and_the_client_resumes_with_its_cursor(chan, session_buf):
+    """A server that sends nothing -- no events, no heartbeat (``heartbeat_s`` 60) -- for
+    longer than the client's ``silence_s``: the client counts the silence, cuts, reconnects
+    with its cursor, and still ends with the book's digest. Without ``silence_s`` the limit
+    comes from HELLO's heartbeat interval."""
+    prod, name, root = chan
+    srv = Server(root, [name], heartbeat_s=60.0)
+    try:
+        prod.publish(prod.total // 3)
+        t = ClientThread(fc.FeedClient(srv.url(f"?channel={name}"), from_seq=0, silence_s=0.3))
+        _wait(lambda: t.client.expected == prod.ring.write_pos, "the client level with the ring")
+        _wait(lambda: t.client.silences >= 2, "two silent connections cut")
+        prod.publish(prod.total)
+        prod.end_of_session()
+        c = t.result()
+        assert c.digest() == session_buf[1] and c.done and c.last_seq == N_MSGS
+        assert c.reconnects >= c.silences >= 2 and c.snapshot_seq == 0
+        plain = fc.FeedClient(srv.url(f"?channel={name}"), from_seq=0)
+        assert plain.silence_limit() == fc.SILENT_PRE_HELLO_S
+        plain.hello = {"heartbeat_ms": 1000}
+        assert plain.silence_limit() == fc.SILENT_BEATS * 1.0
+        plain.hello = {"heartbeat_ms": 100}
+        assert plain.silence_limit() == fc.SILENT_MIN_S
+    finally:
+        srv.close()
+
+
+def test_an_error_serving_one_client_drops_it_and_the_pump_serves_the_rest(chan, session_buf):
+    """Whatever the server raises while serving one connection (here injected into one
+    client's ``deliver``) ends that connection only -- logged and counted in
+    ``tickwire_feed_client_errors_total`` -- and the pump goes on: the other client is not
+    disturbed, and the dropped one resumes with its cursor; both end with the digest."""
+    prod, name, root = chan
+    srv = Server(root, [name])
+    try:
+        pump = srv.server.pumps[name]
+        victim = ClientThread(fc.FeedClient(srv.url(f"?channel={name}"), from_seq=0))
+        _wait(lambda: len(pump.clients) == 1, "the first client")
+        (served,) = pump.clients
+
+        def boom(*args):
+            del served.deliver  # once
+            raise RuntimeError("injected: the transport broke")
+
+        srv.loop.call_soon_threadsafe(setattr, served, "deliver", boom)
+        other = ClientThread(fc.FeedClient(srv.url(f"?channel={name}"), from_seq=0))
+        _wait(lambda: len(pump.clients) == 2, "the second client")
+        prod.publish(prod.total)
+        prod.end_of_session()
+        a, b = victim.result(), other.result()
+        assert a.digest() == b.digest() == session_buf[1] and a.done and b.done
+        assert a.reconnects == 1 and b.reconnects == 0
+        assert srv.server.client_errors == 1 and not srv.server.crashed
+        assert _metric(srv.metrics(), "tickwire_feed_client_errors_total") == 1
+    finally:
+        srv.close()
+
+
+def test_a_pump_that_ends_stops_the_server_saying_why():
+    """A pump or the timer is never meant to end: one that does (an error outside any one
+    client) makes the server say what ended and why, and call ``on_crash`` (``tickwire
+    serve`` then exits 1 for its supervisor to restart it)."""
+    server = feed.FeedServer(hc.FeedServerConfig(), ["x"])
+    called = []
+    server.on_crash = lambda: called.append(1)
+
+    async def main():
+        async def broken():
+            raise ValueError("bad ring")
+
+        async def forever():
+            await asyncio.sleep(3600)
+
+        t = server._watch(broken(), "channel x's pump")
+        quiet = server._watch(forever(), "the heartbeat timer")
+        with pytest.raises(ValueError):
+            await t
+        quiet.cancel()
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert server.crashed == "channel x's pump ended: ValueError: bad ring"
+    assert called == [1]
+
+
 def test_tickwire_client_prints_the_digest_of_its_levels(chan, session_buf):
     prod, name, root = chan
     srv = Server(root, [name])
@@ -1113,7 +1198,16 @@ def test_in_the_lab_a_snapshot_joiner_and_a_cut_client_end_with_the_books_digest
         joiner = start(*client, "--snapshot")
         reps = []
         for p in (cut, joiner):
-            out, err = p.communicate(timeout=300)
+            try:
+                out, err = p.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                for q in (cut, joiner, serve):
+                    q.kill()
+                said = {
+                    n: q.communicate()[1][-2000:]
+                    for n, q in (("cut", cut), ("joiner", joiner), ("serve", serve))
+                }
+                raise AssertionError(f"a client did not end: stderr {said}") from None
             assert p.returncode == 0, err
             reps.append(json.loads(out))
         a, b = reps

@@ -299,7 +299,8 @@ SIGTERM or SIGINT. Clients: tickwire client ws://HOST:PORT/feed?channel=C&snapsh
 It reconnects after a drop with from_seq = the next event it expects, and stops with an
 error on any gap or duplicate (the world channel is conflated: it joins again, and a
 symbol's update must grow). A reconnect refused with 503 (the server restarting) or finding
-no server is tried again for --reconnect-timeout seconds. Exit status: 0 done, 1 the stream
+no server is tried again for --reconnect-timeout seconds; a connection silent for --silence
+seconds (not even a heartbeat) is cut and reconnected. Exit status: 0 done, 1 the stream
 failed or stopped short, 2 usage error.
 """,
     )
@@ -326,6 +327,13 @@ failed or stopped short, 2 usage error.
         default=30.0,
         metavar="S",
         help="after a drop, keep reconnecting (503, no server) this long (30)",
+    )
+    cl.add_argument(
+        "--silence",
+        type=positive_float,
+        metavar="S",
+        help="a connection with no frame for S seconds is dead: reconnect "
+        "(default: five of the server's heartbeat intervals, at least 3)",
     )
     cl.set_defaults(func=_client)
 

@@ -55,6 +55,7 @@ import logging
 import signal
 import socket
 import ssl
+import sys
 import time
 from http import HTTPStatus
 
@@ -172,7 +173,7 @@ class Pump:
                 self._whole = None
                 for c in list(self.clients):
                     if c.live:
-                        c.deliver(a, self.pos, recs)
+                        c.guarded(c.deliver, a, self.pos, recs)
             if n < CHUNK:
                 await asyncio.sleep(POLL_IDLE_S if not n else 0)
 
@@ -314,6 +315,25 @@ class Client(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._gone()
+
+    def guarded(self, step, *args) -> None:
+        """``step(*args)`` for this client from the pump or the timer: whatever it raises
+        ends this connection (logged, counted in ``server.client_errors``), never the pump
+        that serves the others."""
+        try:
+            step(*args)
+        except Exception:
+            srv = self.pump.server
+            srv.client_errors += 1
+            log.exception(
+                "%s: client %d (%s) dropped after an error", self.pump.name, self.id, self.peer
+            )
+            self.closed, self.live = True, False
+            self.queue.clear()
+            self._gone()
+            if self.t is not None:
+                with contextlib.suppress(Exception):
+                    self.t.disconnect(False)
 
     def _gone(self) -> None:
         if not self.closed:
@@ -609,6 +629,9 @@ class FeedServer:
         self.refused: dict[str, int] = {}
         self.server: asyncio.Server | None = None
         self._timer: asyncio.Task | None = None
+        self.client_errors = 0  # connections dropped after an error serving them
+        self.crashed = ""  # why a pump or the timer ended (serve exits 1 with it)
+        self.on_crash = None  # called once when one does
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.cfg.tls_cert:
@@ -672,9 +695,9 @@ class FeedServer:
         for p in self.pumps.values():
             with contextlib.suppress(OSError, RuntimeError, TimeoutError, ValueError):
                 p.attach()  # now when the ring is there, so the first clients find it
-            p.task = asyncio.create_task(p.run())
+            p.task = self._watch(p.run(), f"channel {p.name}'s pump")
         if self.world is not None:
-            self.world.task = asyncio.create_task(self.world.run())
+            self.world.task = self._watch(self.world.run(), "the world channel's pump")
         self.server = await ws_create_server(
             self.listener,
             self.cfg.listen,
@@ -683,8 +706,28 @@ class FeedServer:
             max_frame_size=1 << 16,
             logger_name="feed",
         )
-        self._timer = asyncio.create_task(self._ticks())
+        self._timer = self._watch(self._ticks(), "the heartbeat timer")
         return self.server.sockets[0].getsockname()[1]
+
+    def _watch(self, coro, what: str) -> asyncio.Task:
+        """A task that never ends on its own: if it does, the server cannot serve (its
+        clients would get heartbeats and no events): say why and stop."""
+        task = asyncio.create_task(coro)
+
+        def done(t: asyncio.Task) -> None:
+            if t.cancelled():
+                return
+            e = t.exception()
+            why = f"{what} ended: {type(e).__name__}: {e}" if e else f"{what} ended"
+            if e is not None:
+                log.error("%s", why, exc_info=e)
+            if not self.crashed:
+                self.crashed = why
+                if self.on_crash is not None:
+                    self.on_crash()
+
+        task.add_done_callback(done)
+        return task
 
     async def _ticks(self) -> None:
         step = min(self.cfg.heartbeat_s, self.cfg.stall_timeout_s) / 4
@@ -693,7 +736,7 @@ class FeedServer:
             now = time.monotonic()
             for p in self._all():
                 for c in list(p.clients):
-                    c.tick(now)
+                    c.guarded(c.tick, now)
 
     def _all(self) -> list:
         """The pumps, the world's last."""
@@ -776,7 +819,12 @@ class FeedCollector:
         )
         for reason in ("bad_query", "token", "channel", "max_clients"):
             refused.add_metric([reason], self.server.refused.get(reason, 0))
-        yield from (clients, frames, nbytes, ev_, lag, pos, refused)
+        errors = CounterMetricFamily(
+            "tickwire_feed_client_errors",
+            "Connections dropped after an error in serving them (the log has each)",
+        )
+        errors.add_metric([], self.server.client_errors)
+        yield from (clients, frames, nbytes, ev_, lag, pos, refused, errors)
 
 
 def registry(server: FeedServer):
@@ -809,6 +857,7 @@ def serve(cfg: hc.Config, say=_say) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        server.on_crash = stop.set
         port = await server.start()
         if fs.metrics:
             from prometheus_client import start_http_server
@@ -825,4 +874,7 @@ def serve(cfg: hc.Config, say=_say) -> int:
         await server.stop()
 
     uvloop.run(main())
+    if server.crashed:
+        print(f"tickwire serve: {server.crashed}", file=sys.stderr)
+        return 1
     return 0

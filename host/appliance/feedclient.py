@@ -13,7 +13,11 @@ attached to the ring or the world view -- or ``max_clients`` reached for a momen
 finds no server, is tried again with a backoff (``retry_s`` doubling up to 2 s) for
 ``reconnect_timeout`` seconds from the loss, then fails naming the last refusal; any other
 refusal (400, 401, 404) fails at once, and so does a first connection refused with 503 (the
-subscription was never served: say so now).
+subscription was never served: say so now). A connection that goes silent -- no frame, not
+even the server's heartbeat, for ``silence_s`` (default: five heartbeat intervals as ``HELLO``
+gives them, at least 3 s) -- is dead whatever TCP thinks (a peer gone without a reset, a
+stuck server): it is cut and counted in ``silences``, and the client reconnects as after any
+drop.
 
 On the ``world`` channel (``channel=world``) it keeps the consolidated quotes instead
 (``quotes``: symbol -> ``worldview.Quote``, ``on_quote`` for each one received); a symbol's
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import ssl
 import sys
 import time
@@ -39,10 +44,15 @@ from dataplane import events as ev
 from dataplane import subscriber as sb
 from host.appliance import feedwire as fw
 
+log = logging.getLogger("tickwire.client")
+
 # errors after which reconnecting with the cursor cannot help
 FATAL = (fw.E_BAD_QUERY, fw.E_CURSOR_OLD, fw.E_CURSOR_AHEAD, fw.E_RESTARTED, fw.E_LAPPED)
 LINE_NAMES = {0: "unknown", 1: "up", 2: "stale", 3: "down"}
 RETRY_MAX_S = 2.0  # the reconnect backoff's ceiling
+SILENT_BEATS = 5  # heartbeat intervals without a frame after which a connection is dead
+SILENT_MIN_S = 3.0  # ... but never less than this
+SILENT_PRE_HELLO_S = 10.0  # the limit before HELLO has said the heartbeat interval
 UNAVAILABLE = 503  # a refusal a reconnect waits out (the channel not ready, the cap reached)
 
 
@@ -95,9 +105,12 @@ class FeedClient:
         on_event=None,
         on_quote=None,
         reconnect_timeout: float = 30.0,
+        silence_s: float | None = None,
     ):
         if not reconnect_timeout >= 0:
             raise ValueError(f"reconnect_timeout {reconnect_timeout}: must be 0 or more")
+        if silence_s is not None and not silence_s > 0:
+            raise ValueError(f"silence_s {silence_s}: must be more than 0")
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss"):
             raise ValueError(f"{url}: not a ws:// or wss:// URL")
@@ -117,6 +130,7 @@ class FeedClient:
         self.reconnect, self.retry_s, self.on_event = reconnect, retry_s, on_event
         # how long a joined client keeps trying to reconnect (503, no server) after a loss
         self.reconnect_timeout = reconnect_timeout
+        self.silence_s = silence_s  # None: from HELLO's heartbeat interval
         self.world = sub.channel == fw.WORLD
         self.on_quote = on_quote
         self.venues: list[str] = []  # the world channel's venues (its VENUES frame)
@@ -129,6 +143,8 @@ class FeedClient:
         self.next_seq = 0  # END's: the session's announced end
         self.snapshot_seq = 0  # the last MoldUDP64 sequence in the image (0: no snapshot)
         self.frames = self.events = self.reconnects = self.heartbeats = 0
+        self.silences = 0  # connections cut for saying nothing (see silence_limit)
+        self._heard = 0.0  # monotonic time of the last frame on this connection
         self.evicted: list[str] = []  # eviction reasons received
         self.error: Exception | None = None
         self.hello: dict = {}
@@ -182,7 +198,17 @@ class FeedClient:
         if self._transport is not None:
             self._transport.disconnect(False)
 
+    def silence_limit(self) -> float:
+        """Seconds without a frame after which this connection counts as dead."""
+        if self.silence_s is not None:
+            return self.silence_s
+        hb_ms = self.hello.get("heartbeat_ms") if self.hello else None
+        if not hb_ms:
+            return SILENT_PRE_HELLO_S
+        return max(SILENT_BEATS * hb_ms / 1000, SILENT_MIN_S)
+
     def _frame(self, payload: bytes) -> None:
+        self._heard = time.monotonic()
         try:
             self._handle(fw.decode(payload, len(self.venues)))
         except (fw.WireError, StreamError, FeedError) as e:
@@ -335,6 +361,8 @@ class FeedClient:
         return self.base + fw.query(sub)
 
     async def _connect_once(self) -> None:
+        self.hello = {}
+        self._heard = time.monotonic()
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         try:
             t, _ = await ws_connect(
@@ -358,8 +386,28 @@ class FeedClient:
             import socket
 
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await t.wait_disconnected()
-        self._transport = None
+        gone = asyncio.ensure_future(t.wait_disconnected())
+        try:
+            while not gone.done():
+                limit = self.silence_limit()
+                left = self._heard + limit - time.monotonic()
+                if left > 0:
+                    await asyncio.wait((gone,), timeout=min(left, 1.0))
+                    continue
+                # a process stalled past the limit wakes with its timers before its socket:
+                # let the loop read what is waiting before deciding
+                await asyncio.wait((gone,), timeout=0.05)
+                if gone.done() or time.monotonic() - self._heard < limit:
+                    continue
+                # nothing, not even a heartbeat: dead whatever TCP says; reconnect
+                self.silences += 1
+                log.warning("%s: no frame for %g s: reconnecting", self.base, limit)
+                t.disconnect(False)
+                await gone
+            gone.result()
+        finally:
+            gone.cancel()
+            self._transport = None
 
     async def run(self, until_eos: bool = True, timeout: float | None = None) -> None:
         """Follow until the end of session (``until_eos``), an error, or ``timeout``;
@@ -483,6 +531,7 @@ def main(args) -> int:
             on_event=None if args.digest else show,
             on_quote=show,
             reconnect_timeout=args.reconnect_timeout,
+            silence_s=getattr(args, "silence", None),
         )
     except (ValueError, fw.WireError) as e:
         print(f"tickwire client: {e}", file=sys.stderr)
@@ -510,6 +559,7 @@ def main(args) -> int:
             "events": c.events,
             "frames": c.frames,
             "reconnects": c.reconnects,
+            "silences": c.silences,
             "evicted": c.evicted,
             "ended": c.done,
         }
