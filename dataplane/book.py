@@ -1224,6 +1224,14 @@ class Book:
             max_orders=other.max_orders,
         )
 
+    def take(self, other: Book) -> None:
+        """Become ``other`` (its arrays and limits), keeping this book's counters: a
+        consumer that restored or joined its books mid-session keeps the object its loop
+        and its final report hold."""
+        counters = self.counters
+        self.__dict__.update(other.__dict__)
+        self.counters = counters
+
     @classmethod
     def for_capacity(cls, orders: int, counters: np.ndarray | None = None) -> Book:
         """The book ``tickwire run`` allocates for ``run.orders`` initial orders."""

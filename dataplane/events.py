@@ -190,6 +190,10 @@ H_ORDER_EVENTS = 11  # 1: per-order events are published
 H_HUGEPAGES = 12  # 1: the ring is in hugepages
 H_CREATED_NS = 13  # CLOCK_MONOTONIC when the ring was created (a new ring: a new run)
 H_ON = 14  # 1: the consumer publishes (0: the ring is off, nothing will come)
+# the last sequence in the book when the first event was published: 0 an empty book (every
+# event since is the whole story), S a book restored or joined at S (only a snapshot gives
+# its state), -1 not said yet (the producer says it before its first event)
+H_BASE_SEQ = 15
 # the producer's private state (readers ignore it)
 P_BATCH = 32  # first position of the packet being published
 P_GAP_SEEN = 33  # gaps-ring rows announced as declared
@@ -747,6 +751,7 @@ class Ring:
         on: bool = True,
         tsc_hz: int | None = None,
         root: Path | None = None,
+        base_seq: int = 0,
     ) -> Ring:
         if slots < MIN_SLOTS or slots & (slots - 1):
             raise ValueError(f"event ring slots: {slots} is not a power of two >= {MIN_SLOTS}")
@@ -779,6 +784,7 @@ class Ring:
         hdr[H_HUGEPAGES] = int(huge is not None)
         hdr[H_CREATED_NS] = time.monotonic_ns()
         hdr[H_ON] = int(on)
+        hdr[H_BASE_SEQ] = base_seq
         hdr[H_PID] = os.getpid()
         if hz > 0:
             clk[0] = 1e9 / hz

@@ -83,6 +83,23 @@ S_WAKEUPS = S_BASE + 8
 S_START_NS = S_BASE + 9  # how long the consumer loop took to come up (compile or cache load)
 S_START_HOW = S_BASE + 10  # 1: compiled now (cold numba cache), 2: loaded from the cache
 S_DIED = S_BASE + 11  # its wait status + 1 when it died with no report (the supervisor's)
+S_BEGIN = S_BASE + 12  # how its books began: a BEGIN_* state (host.appliance.restart)
+S_JOIN_TRIES = S_BASE + 13  # snapshot service logins tried (the late join's attempts)
+S_BEGIN_SEQ = S_BASE + 14  # the last sequence in the books it began with (0: empty)
+# S_BEGIN: how the consumer's books began (0: not decided yet, the consumer is starting)
+BEGIN_EMPTY = 1  # empty, from the session's first message
+BEGIN_RESTORED = 2  # the newest snapshot and the journal past it (a restart)
+BEGIN_JOINING = 3  # logging in to the snapshot service / taking its spin, or retrying
+BEGIN_JOINED = 4  # the snapshot service's spin (a late join)
+BEGIN_JOIN_FAILED = 5  # the snapshot service failed every try: the rest is asked for again
+BEGIN_NAMES = {
+    0: "starting",
+    BEGIN_EMPTY: "empty",
+    BEGIN_RESTORED: "restored",
+    BEGIN_JOINING: "joining",
+    BEGIN_JOINED: "joined",
+    BEGIN_JOIN_FAILED: "join failed",
+}
 START_COMPILED = 1
 START_CACHED = 2
 
@@ -366,7 +383,11 @@ class Reader:
             "held_now": int(c[A_HELD_NOW]),
             "held_max": int(c[A_HELD_MAX]),
             "hold_overflow": int(c[A_HOLD_OVERFLOW]),
-            "stale": bool(self.m["control"][C_STALE]),
+            # joining: the books wait for the snapshot service's spin (not whole yet)
+            "stale": bool(self.m["control"][C_STALE]) or int(c[S_BEGIN]) == BEGIN_JOINING,
+            "began": BEGIN_NAMES.get(int(c[S_BEGIN]), "starting"),
+            "began_seq": int(c[S_BEGIN_SEQ]),
+            "join_tries": int(c[S_JOIN_TRIES]),
             "halted": bool(self.m["control"][C_HALTED]),
             "mode": {MODE_XDP: "xdp", MODE_SOCKET: "socket"}.get(int(c[S_MODE]), "none"),
             "pid": int(c[S_PID]),

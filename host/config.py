@@ -388,6 +388,25 @@ class SnapshotConfig:
 
 
 @dataclass(frozen=True)
+class GlimpseConfig:
+    """The exchange's snapshot service (GLIMPSE 5.0 over SoupBinTCP 4.0) a consumer logs in
+    to when it starts mid-session (host/appliance/restart.py)."""
+
+    # host:port of the service; "" = none (a late start asks the re-request server for all)
+    address: str = ""
+    user: str = ""  # SoupBinTCP login: up to 6 characters
+    password: str = ""  # up to 10 characters
+    # logins tried (a refusal, a drop mid-spin, no answer), with a doubling backoff
+    attempts: int = 5
+    backoff_s: float = 0.5
+    # one try's limit: the login's answer, then each packet of the spin
+    timeout_s: float = 30.0
+    # a restart's restored books more than this many messages behind the spin take the
+    # spin instead; closer, the re-request server fills the difference
+    prefer_over: int = 50_000
+
+
+@dataclass(frozen=True)
 class Config:
     lab: LabConfig = field(default_factory=LabConfig)
     feed: FeedConfig = field(default_factory=FeedConfig)
@@ -398,6 +417,7 @@ class Config:
     world_view: WorldViewConfig = field(default_factory=WorldViewConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    glimpse: GlimpseConfig = field(default_factory=GlimpseConfig)
     # [[channel]] tables; none: one channel, [run] itself (channel_configs)
     channel: tuple[ChannelConfig, ...] = ()
 
@@ -680,8 +700,25 @@ def validate(cfg: Config) -> Config:
     _validate_world_view(cfg.world_view)
     _validate_journal(cfg.journal)
     _validate_snapshot(cfg.snapshot)
+    _validate_glimpse(cfg.glimpse)
     _check_session("feed.session", cfg.feed.session)
     return cfg
+
+
+def _validate_glimpse(g: GlimpseConfig) -> None:
+    if g.address:
+        host_port(g.address, "glimpse.address")
+    if len(g.user) > 6 or not g.user.isascii():
+        raise ConfigError(f"glimpse.user: {g.user!r} is not up to 6 ASCII characters")
+    if len(g.password) > 10 or not g.password.isascii():
+        raise ConfigError("glimpse.password: not up to 10 ASCII characters")
+    if not 1 <= g.attempts <= 1000:
+        raise ConfigError(f"glimpse.attempts: {g.attempts} is outside 1..1000")
+    for key in ("backoff_s", "timeout_s"):
+        if not 0 < getattr(g, key) <= 3600:
+            raise ConfigError(f"glimpse.{key}: {getattr(g, key)} is outside (0, 3600]")
+    if g.prefer_over < 0:
+        raise ConfigError(f"glimpse.prefer_over: {g.prefer_over} is negative")
 
 
 def _validate_snapshot(sn: SnapshotConfig) -> None:

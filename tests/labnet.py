@@ -237,8 +237,10 @@ class Appliance:
         run_extra: str = "",
         wrap: tuple[str, ...] = (),
         owner: int | None = None,
+        channel: str | None = None,
+        wait: bool = True,
     ):
-        self.channel = f"test{os.getpid()}{mode}{next(_channels)}"
+        self.channel = channel or f"test{os.getpid()}{mode}{next(_channels)}"
         self.port = free_port()
         self.cfg_path = tmp_path / "run.toml"
         write_config(cfg, self.cfg_path)
@@ -270,6 +272,11 @@ class Appliance:
         self.proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+        self.reader = None
+        if wait:
+            self.wait_running()
+
+    def wait_running(self) -> None:
         try:
             # a run with an empty numba cache compiles the whole consumer first: about a
             # minute, more on a slow moment of this VM; the run gives up at its own

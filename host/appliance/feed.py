@@ -106,10 +106,12 @@ class Pump:
         """Join the ring: from event 0 while the ring holds all of it, else by a snapshot of
         every stock; the window starts there."""
         sub = sb.Subscriber(self.name, root=self.server.root, batch=CHUNK)
-        if int(sub.ring.hdr[ev.H_WRITE]) <= len(sub.ring.ring) // 2:
-            # the ring still holds every event since the consumer created it (with an empty
-            # book): an empty copy that reads them all from event 0 is the whole image, and
-            # the window starts at 0 (half the ring's margin: the consumer keeps writing)
+        hdr = sub.ring.hdr
+        if int(hdr[ev.H_BASE_SEQ]) == 0 and int(hdr[ev.H_WRITE]) <= len(sub.ring.ring) // 2:
+            # the ring still holds every event since the consumer began with an empty book:
+            # an empty copy that reads them all from event 0 is the whole image, and the
+            # window starts at 0 (half the ring's margin: the consumer keeps writing); books
+            # restored or joined mid-session (H_BASE_SEQ not 0) need the snapshot
             sub.join_live()
             sub.cursor[0] = 0
         else:

@@ -36,6 +36,7 @@ import numpy as np
 
 from dataplane import msgring, shm
 
+JOINED = "joined past it"  # a hole's reason: the books began from a spin beyond the journal
 STATS_S = 0.5
 IDLE_S = 0.001
 
@@ -140,6 +141,10 @@ def _messages(w, seqs, buf, offs, a: int, b: int, extra: dict, lapped: bool):
             nxt = 1 if nxt is None else nxt  # an empty journal: the consumer began at 1
             if first > nxt:
                 w.hole(nxt, first - nxt, "journal writer lapped")
+        elif nxt is not None and first > nxt:
+            # the consumer began past the journal's end: its books were joined by the
+            # snapshot service (host.appliance.restart), which held these
+            w.hole(nxt, first - nxt, JOINED)
         w.append_many(seqs[a:b], buf, offs[a : b + 1])
         lapped = False
     return b, lapped

@@ -159,6 +159,11 @@ class ConsumerCollector:
                 shm.A_HOLD_OVERFLOW,
                 "Packets ahead of a hole not held for want of a slot (left to recovery)",
             ),
+            (
+                "join_attempts",
+                shm.S_JOIN_TRIES,
+                "Logins to the snapshot service tried by the consumer's late join",
+            ),
         ):
             f = CounterMetricFamily(f"tickwire_{name}", doc, labels=["channel"])
             f.add_metric([ch], float(c[idx]))
@@ -173,11 +178,23 @@ class ConsumerCollector:
             ("consumer_died", c[shm.S_DIED] != 0, "1 when the consumer died with no report"),
             (
                 "books_stale",
-                ctl[shm.C_STALE],
-                "1 once the books are not whole: a gap was unrecoverable, or the consumer died",
+                ctl[shm.C_STALE] or c[shm.S_BEGIN] == shm.BEGIN_JOINING,
+                "1 while the books are not whole: a gap was unrecoverable, the consumer died, "
+                "or it is joining by the snapshot service",
+            ),
+            (
+                "consumer_joining",
+                c[shm.S_BEGIN] == shm.BEGIN_JOINING,
+                "1 while the consumer logs in to the snapshot service or takes its spin",
             ),
             ("consumer_halted", ctl[shm.C_HALTED], "1 when halted by the unrecoverable policy"),
             ("held_packets", c[shm.A_HELD_NOW], "Packets held ahead of a hole right now"),
+            (
+                "books_began_seq",
+                c[shm.S_BEGIN_SEQ],
+                "The last sequence in the books the consumer began with (0: empty; else "
+                "restored or joined there)",
+            ),
         ):
             g = GaugeMetricFamily(f"tickwire_{name}", doc, labels=["channel"])
             g.add_metric([ch], float(value))

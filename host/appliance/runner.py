@@ -141,7 +141,12 @@ def _drive(cfg: Config, maps: dict, book, loop, dispatcher) -> str:
     """Run ``loop(arb, bk_, budget_ns)`` (a consumer loop bound to its receive path, which
     calls the numba ``dispatcher``) until it stops: grow the book when it asks, answer
     snapshots (the levels for readers; the whole book, forked, with ``[snapshot]``), keep
-    the liveness stamp. Returns "stopped" or "halted"."""
+    the liveness stamp. Returns "stopped" or "halted". First the books begin: empty,
+    restored or joined (``restart.begin``; the sockets are open, so what the feed sends
+    meanwhile waits in their receive rings)."""
+    from host.appliance import restart
+
+    restart.begin(cfg, maps, book, log)
     arb, bk_ = _loop_state(cfg, maps, book)
     taker = None
     if cfg.snapshot.enabled:
@@ -455,7 +460,7 @@ def _create_channel(cfg: Config) -> dict:
     next sequence 1, the arbitration window and the gap policy in the control block."""
     run = cfg.run
     maps = shm.create(run.channel)
-    for name in ("final.json", "error.txt"):
+    for name in ("final.json", "error.txt", "start.json"):
         (shm.channel_dir(run.channel) / name).unlink(missing_ok=True)
     maps["counters"][shm.A_NEXT] = 1
     ctl = maps["control"]
@@ -468,6 +473,7 @@ def _create_channel(cfg: Config) -> dict:
         run.event_slots if run.events else events.MIN_SLOTS,
         order_events=run.order_events,
         on=run.events,
+        base_seq=-1,  # the consumer says where its books begin (host.appliance.restart)
     ).arrays()
     j = cfg.journal
     maps["msgs"] = msgring.create(run.channel, j.ring_mb << 20, on=j.enabled)
@@ -819,6 +825,11 @@ class Appliance:
                 f"after {out['taken']:,} messages (next sequence {out['next_seq']:,}); its "
                 "books are stale until rebuilt",
             )
+        from host.appliance import restart
+
+        start = restart.started(ch.name)
+        if start is not None and start.get("began") not in (None, "empty"):
+            out["start"] = start
         if ch.journal is not None:
             from host.appliance import journalwriter
 
@@ -860,6 +871,13 @@ def _channel_text(s: dict) -> str:
         f"{'; BOOKS STALE' if s['stale'] else ''}"
         f"{'; HALTED' if s['halted'] else ''}"
     )
+    st = s.get("start")
+    if st:
+        j = st.get("join") or {}
+        tries = f", {j['attempts']} login(s) to the snapshot service" if j else ""
+        lines.append(
+            f"  books began {st['began']} at sequence {st['seq']:,} in {st['seconds']:.2f} s{tries}"
+        )
     for letter, ln in s["lines"].items():
         if letter == "recovery" and not ln["packets"]:
             continue

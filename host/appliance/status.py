@@ -33,6 +33,9 @@ def collect(channel: str, netns: str | None = None, now_ns: int | None = None) -
     from host.appliance import journalwriter
 
     out["journal"] = journalwriter.read_stats(channel)
+    from host.appliance import restart
+
+    out["start"] = restart.started(channel)
     try:
         from host.appliance import clock
 
@@ -101,12 +104,23 @@ def text(st: dict, show_xdp: bool = True, channel: bool = True) -> str:
                 f"  BOOKS STALE: the consumer died at sequence {c['next_seq']:,}; nothing "
                 "is applied until a consumer rebuilds them"
             )
+        elif c["began"] == "joining":
+            why = ""
+            st_ = st.get("start") or {}
+            errs = (st_.get("join") or {}).get("errors") or []
+            if errs:
+                why = f" (last try: {errs[-1]})"
+            lines.append(
+                f"  BOOKS STALE: joining by the snapshot service, try {c['join_tries']}{why}"
+            )
         elif c["stale"] or c["halted"]:
             lines.append(
                 f"  BOOKS STALE: {c['unrecoverable_gaps']} unrecoverable gap(s), "
                 f"{c['unrecoverable_messages']:,} messages missing"
                 + (" -- consumer HALTED by policy" if c["halted"] else "")
             )
+        if c["began"] in ("restored", "joined", "join failed"):
+            lines.append(f"  books began {c['began']} at sequence {c['began_seq']:,}")
         lines.append(
             f"  gaps declared {c['gaps_declared']:,} ({c['gap_declared_messages']:,} "
             f"messages), held now {c['held_now']}"
