@@ -78,6 +78,14 @@ class LabConfig:
     line_b: LineConfig = field(default_factory=lambda: _line("b", 2))
     # the re-request server's UDP port (it listens on every exchange-side address)
     rerequest_port: int = 26500
+    # the GLIMPSE-style snapshot service's TCP port (tickwire sim; 0 = no service, the
+    # default; --glimpse-port overrides it); it listens on every exchange-side address,
+    # reached on line A's exchange address; channel k's on glimpse_port + k
+    glimpse_port: int = 0
+    # the SoupBinTCP login the snapshot service accepts: username (1-6 characters) and
+    # password (1-10), printable ASCII without spaces
+    glimpse_user: str = "tw"
+    glimpse_password: str = "tickwire"
 
     @property
     def exchange_ns(self) -> str:
@@ -691,6 +699,7 @@ def validate(cfg: Config) -> Config:
     if na.overlaps(nb):
         raise ConfigError("lab.line_b: lines A and B must be on separate networks")
     _check_port("lab.rerequest_port", lab.rerequest_port)
+    _validate_lab_glimpse(lab)
     _validate_lab_channels(lab)
     _validate_run(cfg.run)
     _validate_channels(cfg)
@@ -842,6 +851,22 @@ def feed_server_tokens(fs: FeedServerConfig) -> frozenset[str]:
             if line:
                 tokens.add(line)
     return frozenset(tokens)
+
+
+def _validate_lab_glimpse(lab: LabConfig) -> None:
+    if lab.glimpse_port != 0:  # 0: no service
+        _check_port("lab.glimpse_port", lab.glimpse_port)
+        if lab.glimpse_port + lab.channels - 1 > 65535:
+            raise ConfigError(
+                f"lab.glimpse_port: channel {lab.channels - 1}'s snapshot service would "
+                f"listen on {lab.glimpse_port + lab.channels - 1}, outside 1..65535"
+            )
+    for key, most in (("glimpse_user", 6), ("glimpse_password", 10)):
+        text = getattr(lab, key)
+        if not (1 <= len(text) <= most and text.isascii() and text.isprintable()) or " " in text:
+            raise ConfigError(
+                f"lab.{key}: {text!r} must be 1-{most} printable ASCII characters, no spaces"
+            )
 
 
 def _validate_lab_channels(lab: LabConfig) -> None:
@@ -1150,7 +1175,15 @@ def for_lab(cfg: Config) -> Config:
     recovery = cfg.run.recovery or f"{cfg.lab.line_a.exchange_ip}:{cfg.lab.rerequest_port}"
     run = dataclasses.replace(cfg.run, netns=cfg.lab.appliance_ns, recovery=recovery, **lines)
     if cfg.lab.channels == 1 and not cfg.channel:
-        return validate(dataclasses.replace(cfg, run=run))
+        glimpse = cfg.glimpse
+        if cfg.lab.glimpse_port and not glimpse.address:  # the simulator's snapshot service
+            glimpse = dataclasses.replace(
+                glimpse,
+                address=f"{cfg.lab.line_a.exchange_ip}:{cfg.lab.glimpse_port}",
+                user=cfg.lab.glimpse_user,
+                password=cfg.lab.glimpse_password,
+            )
+        return validate(dataclasses.replace(cfg, run=run, glimpse=glimpse))
     # several channels (or [[channel]] tables): one table per lab channel, each on its
     # groups, its queue and its re-request server; a table's own keys stay
     n = cfg.lab.channels

@@ -178,6 +178,7 @@ def write_config(cfg: config.Config, path) -> str:
     text = (
         f'[lab]\nprefix = "{lc.prefix}"\nmtu = {lc.mtu}\nqueues = {lc.queues}\n'
         + (f"channels = {lc.channels}\n" if lc.channels != 1 else "")
+        + (f"glimpse_port = {lc.glimpse_port}\n" if lc.glimpse_port else "")
         + f'[feed]\nsession = "{cfg.feed.session}"\n'
     )
     path.write_text(text)
@@ -242,6 +243,7 @@ class Appliance:
     ):
         self.channel = channel or f"test{os.getpid()}{mode}{next(_channels)}"
         self.port = free_port()
+        self.netns = cfg.lab.appliance_ns
         self.cfg_path = tmp_path / "run.toml"
         write_config(cfg, self.cfg_path)
         with open(self.cfg_path, "a") as f:
@@ -275,6 +277,21 @@ class Appliance:
         self.reader = None
         if wait:
             self.wait_running()
+
+    def scrape(self, timeout: float = 60.0) -> str:
+        """The run's metrics page (waiting for its endpoint to come up)."""
+        import urllib.error
+        import urllib.request
+
+        def get():
+            try:
+                url = f"http://127.0.0.1:{self.port}/metrics"  # in the run's namespace
+                with netns.entered(self.netns), urllib.request.urlopen(url, timeout=10) as r:
+                    return r.read().decode()
+            except (urllib.error.URLError, ConnectionError):
+                return None
+
+        return wait_for(get, timeout, "the run's metrics endpoint")
 
     def wait_running(self) -> None:
         try:

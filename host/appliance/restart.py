@@ -117,26 +117,35 @@ def join(cfg, maps: dict, out: dict, log):
 
     g, ctr = cfg.glimpse, maps["counters"]
     host, _, port = g.address.rpartition(":")
-    tries = out["join"] = {"address": g.address, "attempts": 0, "errors": []}
-    pause = g.backoff_s
-    for attempt in range(1, g.attempts + 1):
-        ctr[shm.S_JOIN_TRIES] = attempt
-        tries["attempts"] = attempt
-        try:
-            spin = glimpse.fetch(
-                host, int(port), g.user, g.password, cfg.feed.session, timeout=g.timeout_s
-            )
-        except glimpse.GlimpseError as e:
-            tries["errors"].append(str(e))
-            log(f"snapshot service {g.address}: {e} (try {attempt} of {g.attempts})")
-            _say(cfg.run.channel, out)
-            if attempt < g.attempts:
-                time.sleep(pause)
-                pause = min(pause * 2, BACKOFF_MAX_S)
-            continue
-        tries.update(seq=spin.seq, messages=spin.count, spin_seconds=spin.seconds)
-        return spin
-    return None
+    tries = out["join"] = {"address": g.address, "attempts": 1, "errors": []}
+    ctr[shm.S_JOIN_TRIES] = 1
+
+    def failed(attempt: int, e: Exception, last: bool = False) -> None:
+        tries["errors"].append(str(e))
+        log(f"snapshot service {g.address}: {e} (try {attempt} of {g.attempts})")
+        if not last:
+            tries["attempts"] = attempt + 1
+            ctr[shm.S_JOIN_TRIES] = attempt + 1
+        _say(cfg.run.channel, out)
+
+    try:
+        spin = glimpse.fetch_retrying(
+            host,
+            int(port),
+            g.user,
+            g.password,
+            cfg.feed.session,
+            timeout=g.timeout_s,
+            attempts=g.attempts,
+            backoff_s=g.backoff_s,
+            max_backoff_s=BACKOFF_MAX_S,
+            on_retry=failed,
+        )
+    except glimpse.GlimpseError as e:  # the last try, or one retrying cannot mend
+        failed(tries["attempts"], e, last=True)
+        return None
+    tries.update(seq=spin.seq, messages=spin.count, spin_seconds=spin.seconds)
+    return spin
 
 
 def begin(cfg, maps: dict, book: Book, log) -> dict:

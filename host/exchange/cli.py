@@ -1,6 +1,6 @@
 """The exchange in a box's verbs: ``gen`` (a session file), ``lab up|down|status|fault``
-(the namespaces and their wire faults) and ``sim`` (the publisher and the re-request
-server). ``add_parsers`` declares them on ``tickwire``'s verb list."""
+(the namespaces and their wire faults) and ``sim`` (the publisher, the re-request
+server and the snapshot service). ``add_parsers`` declares them on ``tickwire``'s verb list."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ EPILOG_SIM = """examples:
   tickwire sim --generate 2000000 --max --json           as fast as possible, JSON summary
   tickwire sim --session s.itch --speed 100 --start-phase Q
   tickwire sim --session s.itch --fault A:drop=1000-1999 --fault B:cut=50@200 --record r.json
+  tickwire sim --session s.itch --glimpse-port 26600 --glimpse-refuse 2   snapshot service
 """
 
 
@@ -171,11 +172,87 @@ def add_parsers(sub) -> None:
     )
     rr.add_argument("--rr-workers", type=positive, default=2, help="server threads (2)")
     rr.add_argument("--no-rerequest", action="store_true", help="do not serve re-requests")
+    gl = si.add_argument_group(
+        "snapshot service (GLIMPSE 5.0-style over SoupBinTCP; login: lab.glimpse_user, "
+        "lab.glimpse_password)"
+    )
+    gl.add_argument(
+        "--glimpse-port",
+        type=_port_or_zero,
+        metavar="PORT",
+        help="serve snapshots on this TCP port, channel k on PORT + k (default "
+        "lab.glimpse_port; 0: no service)",
+    )
+    gl.add_argument(
+        "--glimpse-refuse",
+        type=_count,
+        default=0,
+        metavar="K",
+        help="fault: refuse the first K logins (Login Rejected S) (0)",
+    )
+    gl.add_argument(
+        "--glimpse-drop-after",
+        type=_count,
+        metavar="M",
+        help="fault: cut the first accepted connection after M messages of its spin",
+    )
     si.add_argument("--config", metavar="FILE", help="TOML configuration ([lab], [feed])")
     si.add_argument("--prefix", help="lab prefix, overrides the config (tw)")
     si.add_argument("--no-netns", action="store_true", help="stay in the current network namespace")
     si.add_argument("--json", action="store_true", help="machine-readable summary")
     si.set_defaults(func=_sim)
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number, zero or more."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+def _port_or_zero(text: str) -> int:
+    value = _count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 1..65535 (0: no service)")
+    return value
+
+
+def glimpse_configs(args: argparse.Namespace, cfg: config.Config, channels: int) -> list:
+    """Each channel's snapshot service (``glimpse.ServerConfig``, channel k on port + k),
+    or ``None`` for each when there is none; checks the ``--glimpse-*`` options."""
+    from host.exchange import faultplan, glimpse
+
+    port = cfg.lab.glimpse_port if args.glimpse_port is None else args.glimpse_port
+    if not port:
+        used = ["--glimpse-refuse"] if args.glimpse_refuse else []
+        if args.glimpse_drop_after is not None:
+            used.append("--glimpse-drop-after")
+        if used:
+            raise faultplan.SimError(
+                f"{' and '.join(used)}: there is no snapshot service to apply "
+                f"{'them' if len(used) > 1 else 'it'} to (give --glimpse-port PORT, or "
+                "lab.glimpse_port in --config)"
+            )
+        return [None] * channels
+    if port + channels - 1 > 65535:
+        raise faultplan.SimError(
+            f"--glimpse-port {port}: channel {channels - 1}'s snapshot service would listen "
+            f"on {port + channels - 1}, outside 1..65535"
+        )
+    return [
+        glimpse.ServerConfig(
+            port=port + k,
+            user=cfg.lab.glimpse_user,
+            password=cfg.lab.glimpse_password,
+            refuse=args.glimpse_refuse,
+            drop_after=-1 if args.glimpse_drop_after is None else args.glimpse_drop_after,
+        )
+        for k in range(channels)
+    ]
 
 
 def _gen(args: argparse.Namespace) -> int:
@@ -275,6 +352,7 @@ def _sim(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, prefix=args.prefix)
     channels = _sim_channels(args, cfg)
+    glimpses = glimpse_configs(args, cfg, len(channels))
     sessions = []
     for k in range(len(channels)):
         if k < len(args.session):
@@ -324,6 +402,7 @@ def _sim(args: argparse.Namespace) -> int:
                 rate=args.rr_rate,
                 workers=args.rr_workers,
             ),
+            glimpse=glimpses[k],
         )
         sim.validate_options(opts)
         simulators.append(sim.Simulator(session, cfg.lab, opts, lines=ch.lines))
