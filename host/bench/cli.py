@@ -18,6 +18,7 @@ EPILOG = """examples:
   tickwire bench failover                        line cut -> other line; gap-fill latency
   tickwire bench publish                         event ring on vs off; publish-to-reader latency
   tickwire bench feed                            the network feed: 1, 10, 100 clients (root)
+  tickwire bench recovery                        kill, restart: time to live again (root)
 """
 EPILOG_BOOK = """examples:
   tickwire bench book                            5M messages on 100 and on 9,000 stocks
@@ -48,6 +49,24 @@ EPILOG_FEED = """examples:
   tickwire bench feed --clients 1,10 --no-libraries --json
   tickwire bench feed --rate 20000 --mode socket
 """
+
+
+EPILOG_RECOVERY = """examples:
+  tickwire bench recovery                        3 positions x 2 intervals, a baseline
+                                                 and a join by the snapshot service
+  tickwire bench recovery --positions 0.5 --intervals 1 --json
+"""
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated positive numbers ("0.25,0.5")."""
+    try:
+        out = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers: {text!r}") from None
+    if not out or min(out) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers: {text!r}")
+    return out
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -231,6 +250,39 @@ def add_parsers(sub) -> None:
     bf.add_argument("--json", action="store_true", help="machine-readable output")
     bf.set_defaults(func=_feed)
 
+    from host.bench.recovery import RecoveryBenchOptions
+
+    r = RecoveryBenchOptions()
+    br = verb(
+        what,
+        "recovery",
+        "SIGKILL the consumer, restart: time to live against session position and snapshots",
+        EPILOG_RECOVERY,
+    )
+    br.add_argument("--messages", type=positive, default=r.messages, help="session (300k)")
+    br.add_argument("--session", metavar="FILE", help="use this ITCH file instead")
+    br.add_argument("--rate", type=positive, default=r.rate, help="sim msgs/s (50000)")
+    br.add_argument(
+        "--positions",
+        type=_fractions,
+        default=r.positions,
+        help="where to kill, fractions of the session (0.25,0.5,0.75)",
+    )
+    br.add_argument(
+        "--intervals",
+        type=_fractions,
+        default=r.intervals,
+        help="snapshot intervals, s (0.5,2)",
+    )
+    br.add_argument("--no-baseline", action="store_true", help="skip the restart from nothing")
+    br.add_argument(
+        "--no-glimpse", action="store_true", help="skip the restart that joins by the spin"
+    )
+    br.add_argument("--mode", choices=["xdp", "socket"], default=r.mode, help="receive path")
+    br.add_argument("--prefix", help="lab prefix (tbr<pid>)")
+    br.add_argument("--json", action="store_true", help="machine-readable output")
+    br.set_defaults(func=_recovery)
+
 
 def _book(args: argparse.Namespace) -> int:
     from host.bench import book
@@ -338,6 +390,31 @@ def _feed(args: argparse.Namespace) -> int:
     )
     print(
         json.dumps({"bench": "feed", "result": r}, indent=2) if args.json else feed.feed_text(r),
+        flush=True,
+    )
+    return 0
+
+
+def _recovery(args: argparse.Namespace) -> int:
+    from host.bench import recovery
+
+    r = recovery.bench_recovery(
+        recovery.RecoveryBenchOptions(
+            messages=args.messages,
+            session=args.session,
+            rate=args.rate,
+            positions=args.positions,
+            intervals=args.intervals,
+            baseline=not args.no_baseline,
+            glimpse=not args.no_glimpse,
+            mode=args.mode,
+            prefix=args.prefix,
+        )
+    )
+    print(
+        json.dumps({"bench": "recovery", "result": r}, indent=2)
+        if args.json
+        else recovery.recovery_text(r),
         flush=True,
     )
     return 0
