@@ -453,6 +453,18 @@ def follow_taken(reader: shm.Reader, run: subprocess.Popen, n: int, timeout: flo
         time.sleep(0.001)
 
 
+def stop_procs(*procs) -> None:
+    """End each process still running (``None``: skipped): SIGTERM, then SIGKILL after 20 s."""
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=20)
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def finish_runs(sim: subprocess.Popen, run: subprocess.Popen, err) -> tuple[str, str]:
     """Wait for ``tickwire sim`` and then ``tickwire run --until-eos`` (its stderr in the
     file ``err``) to end; their outputs, or ``BenchError`` saying which failed and why."""
@@ -506,14 +518,7 @@ def _lab_run(prefix: str, session: Path, n: int, events: bool, o: PublishOptions
         first, last = follow_taken(reader, run, n)
         sim_out, out = finish_runs(sim, run, err)
     finally:
-        for p in (sim, run):
-            if p is not None and p.poll() is None:
-                p.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=20)
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+        stop_procs(sim, run)
         err.close()
         shm.remove(channel)
     summary = json.loads(out)

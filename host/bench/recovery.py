@@ -27,7 +27,6 @@ so the re-request server's answers are measured, not cut off by the default 2 s 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -42,7 +41,7 @@ import numpy as np
 
 from dataplane import shm
 from dataplane.book import Book
-from host.bench.publish import BenchError
+from host.bench.publish import BenchError, stop_procs
 
 ROOT = Path(__file__).resolve().parents[2]
 GLIMPSE_PORT = 26600  # the snapshot service's, in the bench's own lab namespaces
@@ -79,17 +78,6 @@ def _run(cfg: Path, mode: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def _stop(*procs) -> None:
-    for p in procs:
-        if p is not None and p.poll() is None:
-            p.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=20)
-            if p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 def _one(
@@ -147,7 +135,7 @@ def _one(
         if second.returncode != 0:
             raise BenchError(f"the restarted run failed: {err.strip()[-300:]}")
     finally:
-        _stop(sim, second, first)
+        stop_procs(sim, second, first)
         shm.remove(channel)
     s = json.loads(out)
     start = s.get("start") or {}
