@@ -38,7 +38,6 @@ and the clients' latency from the frame's build to its arrival.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -55,7 +54,7 @@ import numpy as np
 from dataplane import moldudp64 as mold
 from dataplane import shm
 from dataplane.book import Book
-from host.bench.publish import BenchError, finish_runs, follow_taken
+from host.bench.publish import BenchError, finish_runs, follow_taken, stop_procs
 
 ROOT = Path(__file__).resolve().parents[2]
 STALL_BUDGET = 2.0  # the others' p99 with a stalled client / without it
@@ -121,17 +120,6 @@ def _scrape(ns: str, address: str) -> dict[str, float]:
             if s.name.startswith("tickwire_feed_evictions") and s.name.endswith("_total"):
                 out[s.labels["reason"]] = out.get(s.labels["reason"], 0) + s.value
     return out
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=20)
-            if p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 def _line(p: subprocess.Popen, stream, what: str, timeout: float = 300) -> str:
@@ -222,7 +210,7 @@ def _run(name: str, n_clients: int, stalled: int, ctx: dict) -> dict:
             clients = json.loads(lout.strip().splitlines()[-1])
         evictions = _scrape(lc.appliance_ns, f"127.0.0.1:{mport}")
     finally:
-        _stop(procs)
+        stop_procs(*procs)
         err.close()
         shm.remove(channel)
     summary, s = json.loads(out), json.loads(sim_out)
@@ -296,7 +284,7 @@ def _libraries(ctx: dict) -> list[dict]:
                 if load.returncode or srv.returncode:
                     raise BenchError(f"{lib} fan-out failed: {(lerr + serr).strip()[-400:]}")
             finally:
-                _stop(procs)
+                stop_procs(*procs)
             c = json.loads(lout.strip().splitlines()[-1])
             s = json.loads(sout.strip().splitlines()[-1])
             sent = s["frames"] * n
