@@ -657,6 +657,9 @@ def test_a_process_holding_steering_leaves_nothing_when_it_ends(cfg, appl, how):
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLDER, appl, *_ifaces(cfg), la.group, str(la.port)],
         cwd=ROOT,
+        # a shell that started the tests in the background left SIGINT ignored, and a
+        # process inherits that: give the holder the default a service starts with
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -91,6 +91,9 @@ def _one(
     channel = f"{lab_prefix}r{tag}{int(pos * 100)}"
     cfg = tmp / f"{channel}.toml"
     text = f'[lab]\nprefix = "{lab_prefix}"\n'
+    # the first run begins with the session, before the simulator and its service are up:
+    # only the simulator and the restart are told of the snapshot service
+    first_cfg = tmp / f"{channel}-first.toml"
     if interval == "spin":
         text += f"glimpse_port = {GLIMPSE_PORT}\n"
     text += f'[run]\nchannel = "{channel}"\nmetrics = ""\nrecovery_slo_ms = 60000\n'
@@ -98,10 +101,11 @@ def _one(
         text += f'[journal]\nenabled = true\ndir = "{tmp / "j"}"\nsync = "none"\n'
         text += f'[snapshot]\nenabled = true\ndir = "{tmp / "s"}"\ninterval_s = {interval}\n'
     cfg.write_text(text)
+    first_cfg.write_text(text.replace(f"glimpse_port = {GLIMPSE_PORT}\n", ""))
     shm.remove(channel)
     first = second = sim = None
     try:
-        first = _run(cfg, o.mode)
+        first = _run(first_cfg, o.mode)
         reader = runner.wait_consumer(channel, first, timeout=620)
         sim = subprocess.Popen(
             _cli("sim", "--config", str(cfg), "--session", str(session))
