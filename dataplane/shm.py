@@ -24,6 +24,7 @@ both sides; the consumer is the only writer of all but ``control``:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -187,6 +188,28 @@ REGIONS = {
 
 def channel_dir(channel: str, root: Path | None = None) -> Path:
     return (root or SHM_ROOT) / channel
+
+
+def write_json(path: Path, obj) -> None:
+    """A small JSON file beside a channel's regions (its state for other processes),
+    written under a temporary name and renamed: whole or absent, never half."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    """What ``write_json`` wrote (None: nothing there, or not JSON)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def books_stale(counters: np.ndarray, control: np.ndarray) -> bool:
+    """The books are not whole: a gap was unrecoverable (or the consumer died), or the
+    consumer is still joining by the snapshot service."""
+    return bool(control[C_STALE]) or int(counters[S_BEGIN]) == BEGIN_JOINING
 
 
 def make_channel_dir(channel: str, root: Path | None = None) -> Path:
@@ -383,8 +406,7 @@ class Reader:
             "held_now": int(c[A_HELD_NOW]),
             "held_max": int(c[A_HELD_MAX]),
             "hold_overflow": int(c[A_HOLD_OVERFLOW]),
-            # joining: the books wait for the snapshot service's spin (not whole yet)
-            "stale": bool(self.m["control"][C_STALE]) or int(c[S_BEGIN]) == BEGIN_JOINING,
+            "stale": books_stale(c, self.m["control"]),
             "began": BEGIN_NAMES.get(int(c[S_BEGIN]), "starting"),
             "began_seq": int(c[S_BEGIN_SEQ]),
             "join_tries": int(c[S_JOIN_TRIES]),

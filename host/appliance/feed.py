@@ -330,7 +330,6 @@ class Client(WSListener):
             log.exception(
                 "%s: client %d (%s) dropped after an error", self.pump.name, self.id, self.peer
             )
-            self.closed, self.live = True, False
             self.queue.clear()
             self._gone()
             if self.t is not None:

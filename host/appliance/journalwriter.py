@@ -25,9 +25,7 @@ where ``tickwire status`` and the metrics read them, and once more at exit.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
-import os
 import signal
 import time
 from pathlib import Path
@@ -44,12 +42,6 @@ IDLE_S = 0.001
 def journal_dir(jcfg, channel: str, session: str) -> Path:
     """Where ``channel``'s journal of ``session`` lives."""
     return Path(jcfg.dir) / channel / session.strip()
-
-
-def _write_stats(path: Path, st: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(st))
-    os.replace(tmp, path)
 
 
 def run(channel: str, jcfg, session: str, root: Path | None = None, stop=None) -> dict:
@@ -92,7 +84,7 @@ def run(channel: str, jcfg, session: str, root: Path | None = None, stop=None) -
             now = time.monotonic()
             if now >= next_stats:
                 next_stats = now + STATS_S
-                _write_stats(out, {**w.stats(), **extra})
+                shm.write_json(out, {**w.stats(), **extra})
             if done and not len(chunk):
                 break
             if not len(chunk):
@@ -101,7 +93,7 @@ def run(channel: str, jcfg, session: str, root: Path | None = None, stop=None) -
         w.close()
         extra["running"] = False
         st = {**w.stats(), **extra}
-        _write_stats(out, st)
+        shm.write_json(out, st)
     return st
 
 
@@ -155,7 +147,7 @@ def _main(channel: str, jcfg, session: str) -> None:
         run(channel, jcfg, session)
     except BaseException as e:  # noqa: BLE001 - said in the file the supervisor reads
         out = shm.channel_dir(channel) / "journal.json"
-        _write_stats(out, {"running": False, "error": f"{type(e).__name__}: {e}"})
+        shm.write_json(out, {"running": False, "error": f"{type(e).__name__}: {e}"})
         raise SystemExit(1) from None
 
 
@@ -184,7 +176,4 @@ def stop(proc, timeout: float = 60.0) -> int | None:
 
 def read_stats(channel: str, root: Path | None = None) -> dict | None:
     """The writer's last ``journal.json`` (None: no journal writer on this channel)."""
-    try:
-        return json.loads((shm.channel_dir(channel, root) / "journal.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return shm.read_json(shm.channel_dir(channel, root) / "journal.json")

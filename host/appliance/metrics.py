@@ -178,7 +178,7 @@ class ConsumerCollector:
             ("consumer_died", c[shm.S_DIED] != 0, "1 when the consumer died with no report"),
             (
                 "books_stale",
-                ctl[shm.C_STALE] or c[shm.S_BEGIN] == shm.BEGIN_JOINING,
+                shm.books_stale(c, ctl),
                 "1 while the books are not whole: a gap was unrecoverable, the consumer died, "
                 "or it is joining by the snapshot service",
             ),

@@ -37,7 +37,6 @@ summary as ``began``.
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -54,17 +53,11 @@ def start_file(channel: str):
 
 def started(channel: str) -> dict | None:
     """What ``start.json`` says (None: nothing yet)."""
-    try:
-        return json.loads(start_file(channel).read_text())
-    except (OSError, ValueError):
-        return None
+    return shm.read_json(start_file(channel))
 
 
 def _say(channel: str, out: dict) -> None:
-    f = start_file(channel)
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out))
-    tmp.replace(f)
+    shm.write_json(start_file(channel), out)
 
 
 def restore(cfg, log) -> tuple[Book, dict] | None:
@@ -114,9 +107,10 @@ def join(cfg, maps: dict, out: dict, log):
     """The snapshot service's spin (``glimpse.Spin``), tried ``attempts`` times with a
     doubling backoff; None when every try failed (each error is in ``out``)."""
     from host.appliance import glimpse
+    from host.config import host_port
 
     g, ctr = cfg.glimpse, maps["counters"]
-    host, _, port = g.address.rpartition(":")
+    host, port = host_port(g.address, "glimpse.address")
     tries = out["join"] = {"address": g.address, "attempts": 1, "errors": []}
     ctr[shm.S_JOIN_TRIES] = 1
 
@@ -131,7 +125,7 @@ def join(cfg, maps: dict, out: dict, log):
     try:
         spin = glimpse.fetch_retrying(
             host,
-            int(port),
+            port,
             g.user,
             g.password,
             cfg.feed.session,
@@ -157,7 +151,7 @@ def begin(cfg, maps: dict, book: Book, log) -> dict:
     t0 = time.monotonic()
     out: dict = {"began": "starting", "seq": 0}
     _say(run.channel, out)
-    restored = restore(cfg, log) if (cfg.snapshot.enabled or cfg.journal.enabled) else None
+    restored = restore(cfg, log)
     seq, how, holes = 0, shm.BEGIN_EMPTY, []
     if restored is not None:
         out["restored"] = restored[1]
